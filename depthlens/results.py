@@ -1,0 +1,150 @@
+"""Run records: one ``results.json`` per analysis run, written atomically.
+
+A record holds everything needed to trust and reproduce a number: the config, the model
+spec and provenance, the seed, timings, package versions, the git commit, scalar metrics and
+tables (lists of row dicts). It lives at ``<out>/<analysis>/<model-tag>/<run-id>/results.json``;
+``read_run`` refuses a file of another schema version with one clear sentence.
+
+    >>> rec = RunRecord(analysis="evaluate", model="tiny-llama", config={"n": 8}, seed=0)
+    >>> path = write_run(rec, out="results")     # results/evaluate/tiny-llama/<run-id>/results.json
+    >>> read_run(path).metrics
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+_PACKAGES = ("depthlens", "torch", "transformer-lens", "transformers", "numpy", "scikit-learn", "plotly")
+
+
+@dataclass
+class RunRecord:
+    """Everything one analysis run produced (see the module docstring)."""
+
+    analysis: str
+    model: str
+    config: dict = field(default_factory=dict)
+    seed: int = 0
+    provenance: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    tables: dict[str, list[dict]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    run_id: str = ""
+    created: str = ""
+    versions: dict = field(default_factory=dict)
+    git_commit: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def model_tag(self) -> str:
+        return self.model.rstrip("/").replace("/", "_").replace(":", "-")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        res = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return res.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _jsonable(obj: Any) -> Any:
+    """Convert tensors, numpy values, paths, dataclasses and NaN to plain JSON values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else obj
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # numpy / torch
+        return _jsonable(obj.tolist())
+    if hasattr(obj, "item"):
+        return obj.item()
+    return obj
+
+
+def write_run(record: RunRecord, out: str | Path = "results") -> Path:
+    """Fill run id, time, versions and commit, then write ``results.json`` atomically; return its path."""
+    now = _dt.datetime.now(_dt.timezone.utc)
+    record.created = record.created or now.isoformat(timespec="seconds")
+    record.versions = record.versions or package_versions()
+    record.git_commit = record.git_commit or git_commit()
+    if not record.run_id:
+        digest = hashlib.sha256(json.dumps(_jsonable(record.config), sort_keys=True).encode()).hexdigest()[:8]
+        record.run_id = f"{now.strftime('%Y%m%d-%H%M%S')}-{digest}-s{record.seed}"
+    run_dir = Path(out) / record.analysis / record.model_tag / record.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "results.json"
+    atomic_write_json(path, _jsonable(record.to_dict()))
+    return path
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temp file and a rename: never half-written."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_run(path: str | Path) -> RunRecord:
+    """Read a ``results.json`` (or its directory) back into a ``RunRecord``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"No results file at {str(path)!r}.")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"Results file {str(path)!r} is not valid JSON ({err.msg} at line {err.lineno}).") from err
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ValueError(
+            f"Results file {str(path)!r} has schema version {version!r}; this depthlens reads version {SCHEMA_VERSION} only."
+        )
+    known = {f.name for f in dataclasses.fields(RunRecord)}
+    return RunRecord(**{k: v for k, v in data.items() if k in known})
+
+
+def latest_run(out: str | Path, analysis: str, model_tag: str | None = None) -> Path | None:
+    """Path of the newest ``results.json`` of ``analysis`` (optionally for one model tag), or None."""
+    root = Path(out) / analysis
+    pattern = f"{model_tag}/*/results.json" if model_tag else "*/*/results.json"
+    runs = sorted(root.glob(pattern), key=lambda p: p.parent.name)
+    return runs[-1] if runs else None
