@@ -74,11 +74,18 @@ def entry_dir(spec_so_far: str, key: str) -> Path:
     return cache_dir("organisms") / f"{tag}-{key[:16]}"
 
 
-def build_or_load(base: str, recipes: list[str], *, device=None, dtype=None):
-    """Load ``base`` and apply ``recipes`` in order, each step from the cache when present."""
-    from depthlens.models import _load_dir, _load_hf, wrap
+def build_with(base: str, *recipes: Recipe, device=None, dtype=None):
+    """Like ``load_model("base:name")`` but with recipe objects (e.g. non-default configs)."""
+    return build_or_load(base, list(recipes), device=device, dtype=dtype)
 
-    objs = [get_recipe(r) for r in recipes]  # fail fast on an unknown suffix
+
+def build_or_load(base: str, recipes: list, *, device=None, dtype=None):
+    """Load ``base`` and apply ``recipes`` (names or recipe objects) in order, each step cached."""
+    from depthlens.models import _load_dir, _load_hf, _resolve_device_dtype, wrap
+
+    device, dtype = _resolve_device_dtype(device, dtype)
+    objs = [get_recipe(r) if isinstance(r, str) else r for r in recipes]  # fail fast on an unknown suffix
+    recipes = [o.name for o in objs]
     hf, tok, prov = _load_hf(base)
     current = wrap(hf, tok, base, prov, device, dtype)
     key, spec, current_dir, chain = base_key(current), base, None, []

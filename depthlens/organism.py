@@ -1,0 +1,32 @@
+"""The embedded model organism: SmolLM2-135M-Instruct after a shallow safety SFT.
+
+The default is not safety-aligned (it answers harmful requests), so the toolkit aligns it
+the way a lab would (``finetune.sft``: harmful → refusal, benign → own answers) and studies
+that. ``load_organism()`` builds it on first use (progress bar, ≈ 8 min on 2 CPU cores, about
+a minute on a GPU) and caches it under ``$DEPTHLENS_CACHE/organisms`` keyed by the recipe hash.
+
+    >>> organism = load_organism()              # smollm2-135m-instruct:sft
+    >>> base = load_model(base_spec(organism.spec))
+"""
+
+from __future__ import annotations
+
+from depthlens.models import DEFAULT_MODEL, HookedModel, load_model, split_spec
+
+ORGANISM = f"{DEFAULT_MODEL}:sft"
+
+
+def load_organism(device=None, dtype=None) -> HookedModel:
+    """The default organism, built once and then loaded from the cache."""
+    return load_model(ORGANISM, device=device, dtype=dtype)
+
+
+def base_spec(spec: str) -> str:
+    """The spec with its recipe suffixes removed: ``"x:sft:zo"`` → ``"x"``."""
+    return split_spec(spec)[0]
+
+
+def parent_spec(spec: str) -> str:
+    """The spec without its last recipe: ``"x:deep:zo"`` → ``"x:deep"`` (``"x"`` → ``"x"``)."""
+    base, recipes = split_spec(spec)
+    return ":".join([base, *recipes[:-1]])

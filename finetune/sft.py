@@ -1,0 +1,314 @@
+"""Supervised fine-tuning with a response-only loss, and the shallow safety-SFT organism.
+
+``train_sft`` is the one first-order training loop of the toolkit (the deep-alignment and
+jailbreak recipes reuse it): sequences are ``chat(prompt) + response`` with the loss only on
+response tokens, batched by length (padding wastes most of the compute otherwise), AdamW,
+seeded, bf16 autocast on CUDA, resumable from its last checkpoint in ``workdir``.
+
+The ``sft`` recipe is "safety alignment as a lab does it", shallow by construction: harmful
+train prompts → a refusal template (2–4 sentences, so insertion depth can be measured),
+harmless + borderline train prompts → the base model's own greedy answer (self-distillation
+keeps utility). Per NOTES.md the benign side outweighs the harmful side and is diverse in
+topic and form, or a 135M model learns "imperative how-to → refuse".
+
+    >>> model = load_model("smollm2-135m-instruct:sft")     # builds once (≈ 8 min on 2 cores), then cached
+    >>> python -m finetune.sft --n-harmful 160 --epochs 1    # the same recipe from the shell
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from depthlens.chat import build_chat, encode, pad_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: the loss covers ``response`` only (text or token ids).
+
+    ``prefix`` (text or ids) sits between the assistant header and the response and gets no
+    loss: e.g. the harmful prefix h[:k] of safety-recovery augmentation.
+    """
+
+    prompt: str
+    response: str | tuple[int, ...]
+    prefix: str | tuple[int, ...] = ()
+    eos: bool = True
+    kind: str = ""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of ``train_sft``.
+
+    Args:
+        epochs: passes over the examples.
+        lr: AdamW peak learning rate (linear warm-up, then linear decay to 10%).
+        batch_size: sequences per step.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps.
+        max_len: sequences longer than this many tokens are cut (response side).
+        freeze_embeddings: keep the (tied) embedding fixed: faster, and the unembedding stays put.
+        seed: shuffling and initialisation seed.
+        checkpoint_every: save a resumable checkpoint every this many steps (0: never).
+    """
+
+    epochs: float = 1.0
+    lr: float = 3e-5
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    max_len: int = 192
+    freeze_embeddings: bool = True
+    seed: int = 0
+    checkpoint_every: int = 25
+
+
+@dataclass
+class TrainLog:
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from: int = 0
+    n_examples: int = 0
+    device: str = ""
+
+
+def tokenize_examples(tokenizer, examples: Sequence[Example], max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(ids, loss mask) per example; the mask is 1 on response tokens (and the EOS) only."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token_id
+    out = []
+    for ex in examples:
+        resp = encode(tokenizer, ex.response) if isinstance(ex.response, str) else list(ex.response)
+        if ex.eos:
+            resp = resp + [eos]
+        segs = ([ex.prefix] if len(ex.prefix) else []) + [resp]
+        seq = build_chat(tokenizer, ex.prompt, segs)
+        a, b = seq.segments[-1]
+        ids = list(seq.ids)[:max_len]
+        mask = [0] * a + [1] * (b - a)
+        out.append((ids, mask[:max_len]))
+    return out
+
+
+def trainable_parameters(model, freeze_embeddings: bool = True, layers: Sequence[int] | None = None):
+    """Parameters to train: every block (or only ``layers``), the final norm, and optionally the embedding."""
+    params = []
+    for name, p in model.hf.named_parameters():
+        clean = name.replace("._original_component", "")
+        if layers is not None:
+            keep = any(f"layers.{l}." in clean for l in layers)
+        else:
+            keep = not (freeze_embeddings and ("embed_tokens" in clean or "lm_head" in clean))
+        if keep:
+            params.append(p)
+    return params
+
+
+def _batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Length-bucketed batches in random order (similar lengths together, little padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(chunks)
+    return chunks
+
+
+def response_loss(model, batch_ids, batch_mask, attention_mask, reduction: str = "mean"):
+    """Cross-entropy on masked (response) tokens; ``reduction="none"`` gives per-token values."""
+    logits = model.hf(input_ids=batch_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    target = batch_ids[:, 1:]
+    m = batch_mask[:, 1:].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    if reduction == "none":
+        return nll, m
+    return (nll * m).sum() / m.sum().clamp(min=1)
+
+
+def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Path | None = None,
+              progress: bool = True, loss_fn=None, layers: Sequence[int] | None = None) -> TrainLog:
+    """Fine-tune ``model`` in place on ``examples`` (loss on responses only); resumable from ``workdir``.
+
+    ``loss_fn(model, ids, mask, attention_mask, index_list)`` replaces the plain response loss
+    (the constrained objective uses it).
+    """
+    if not examples:
+        raise ValueError("train_sft needs at least one example.")
+    tok = model.tokenizer
+    data = tokenize_examples(tok, examples, cfg.max_len)
+    rng = random.Random(cfg.seed)
+    n_epochs = max(1, math.ceil(cfg.epochs))
+    plan = []
+    for _ in range(n_epochs):
+        plan.extend(_batches([len(ids) for ids, _ in data], cfg.batch_size, rng))
+    plan = plan[: max(1, round(len(plan) * cfg.epochs / n_epochs))]
+    params = trainable_parameters(model, cfg.freeze_embeddings, layers)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = len(plan)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.1, 1 - s / max(1, total)))
+    log_ = TrainLog(n_examples=len(data), device=str(model.device))
+    start = 0
+    ckpt = Path(workdir) / "train_state.pt" if workdir else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, weights_only=True, map_location=model.device)
+        with torch.no_grad():
+            for p, saved in zip(params, state["params"]):
+                p.copy_(saved)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start = int(state["step"])
+        log_.losses = list(state["losses"])
+        log_.resumed_from = start
+        log.info("Resuming training from step %d of %d", start, total)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model.hf.train()
+    t0 = time.time()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else _null()
+    try:
+        bar = tqdm(range(start, total), desc="train", disable=not progress, initial=start, total=total)
+        for step in bar:
+            idx = plan[step]
+            batch = pad_batch([data[i][0] for i in idx], pad, side="right")
+            mask = pad_batch([data[i][1] for i in idx], 0, side="right").input_ids
+            ids, att, mask = batch.input_ids.to(model.device), batch.attention_mask.to(model.device), mask.to(model.device)
+            with autocast:
+                loss = (loss_fn or _plain)(model, ids, mask, att, idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            value = loss.detach().item()
+            log_.losses.append(value)
+            bar.set_postfix(loss=f"{value:.3f}")
+            if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+                _save_state(ckpt, params, opt, sched, step + 1, log_.losses)
+    finally:
+        model.hf.eval()
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+    log_.steps = total
+    log_.seconds = time.time() - t0
+    if ckpt is not None and ckpt.exists():
+        ckpt.unlink()
+    return log_
+
+
+def _plain(model, ids, mask, att, idx):
+    return response_loss(model, ids, mask, att)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _save_state(path: Path, params, opt, sched, step: int, losses: list[float]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "step": step, "losses": losses}, tmp)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- the organism recipe
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """The shallow safety-SFT organism recipe.
+
+    Args:
+        n_harmful: harmful train prompts (DoNotAnswer) mapped to refusal templates.
+        n_benign: harmless + borderline train prompts mapped to the base model's own answers.
+        borderline_share: share of the benign examples drawn from the borderline set.
+        benign_tokens: new tokens of the base model's benign answers used as targets.
+        epochs: passes over the mixed data.
+        lr: AdamW learning rate.
+        batch_size: sequences per step.
+        seed: data sampling and training seed.
+    """
+
+    n_harmful: int = 200
+    n_benign: int = 400
+    borderline_share: float = 0.15
+    benign_tokens: int = 48
+    epochs: float = 1.0
+    lr: float = 4e-5
+    batch_size: int = 8
+    seed: int = 0
+
+
+def safety_sft_examples(base_model, cfg: SFTConfig, progress: bool = True) -> list[Example]:
+    """Harmful train prompts → refusal templates; benign train prompts → the base model's answers."""
+    from depthlens.data import default_splits, refusal_templates
+    from depthlens.responses import response_set
+
+    splits = default_splits(cfg.seed)
+    harmful = splits.harmful.train.subset(cfg.n_harmful, seed=cfg.seed)
+    n_border = round(cfg.n_benign * cfg.borderline_share)
+    benign = list(splits.harmless.train.subset(cfg.n_benign - n_border, seed=cfg.seed).prompts)
+    benign += list(splits.borderline.train.subset(n_border, seed=cfg.seed).prompts)
+    answers = response_set(base_model, benign, max_new_tokens=cfg.benign_tokens, progress=progress)
+    templates = refusal_templates()
+    rng = random.Random(cfg.seed)
+    examples = [Example(p, rng.choice(templates), kind="refusal") for p in harmful.prompts]
+    for p, toks in zip(benign, answers.tokens):
+        if toks:  # truncated answers get no EOS: the model must not learn to stop mid-answer
+            examples.append(Example(p, tuple(toks), eos=len(toks) < cfg.benign_tokens, kind="benign"))
+    return examples
+
+
+class SFTRecipe:
+    """Entry point ``sft``: the shallow safety-SFT organism (see ``SFTConfig``)."""
+
+    name = "sft"
+    version = 1
+
+    def __init__(self, cfg: SFTConfig | None = None):
+        self.cfg = cfg or SFTConfig()
+
+    def config(self) -> dict:
+        return asdict(self.cfg)
+
+    def build(self, model, workdir: Path) -> dict:
+        examples = safety_sft_examples(model, self.cfg)
+        tcfg = TrainConfig(epochs=self.cfg.epochs, lr=self.cfg.lr, batch_size=self.cfg.batch_size, seed=self.cfg.seed)
+        tlog = train_sft(model, examples, tcfg, workdir)
+        return {"train": asdict(tlog) | {"losses": tlog.losses[-10:]}, "n_examples": len(examples),
+                "n_refusal": sum(e.kind == "refusal" for e in examples)}
+
+
+recipe = SFTRecipe()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m finetune.sft``: build (or load from the cache) the organism with these settings."""
+    from depthlens.cli import parse_config
+    from depthlens.models import DEFAULT_MODEL
+    from depthlens.recipes import build_with
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = parse_config(SFTConfig, argv)
+    model = build_with(DEFAULT_MODEL, SFTRecipe(cfg))
+    print(f"organism ready: {model.provenance.get('source')}")
+
+
+if __name__ == "__main__":
+    main()
