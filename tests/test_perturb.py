@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from depthlens.chat import build_chat, pad_batch
+from depthlens.generate import generate
+from depthlens.models import load_model
+from depthlens.perturb import KINDS, perturb, rtn_quantize
+
+
+@pytest.fixture()
+def fresh():
+    return load_model("tiny-llama")
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.hf.state_dict().items()}
+
+
+def _logits(model):
+    b = pad_batch([build_chat(model.tokenizer, t).ids for t in ["hello there", "the quick fox"]], model.tokenizer.pad_token_id)
+    with torch.inference_mode():
+        return model.bridge(b.input_ids, attention_mask=b.attention_mask)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layer", [0, None])
+def test_every_perturbation_changes_then_restores_bit_for_bit(fresh, kind, layer):
+    before, clean = _snapshot(fresh), _logits(fresh)
+    with perturb(fresh, kind, layer, sigma=0.3, seed=1):
+        assert not torch.equal(_logits(fresh), clean)
+    after = _snapshot(fresh)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(_logits(fresh), clean), "no hook is left behind either"
+
+
+def test_restores_on_exception(fresh):
+    before = _snapshot(fresh)
+    with pytest.raises(RuntimeError):
+        with perturb(fresh, "param_noise", 1, sigma=0.5, seed=0):
+            raise RuntimeError("boom")
+    assert all(torch.equal(v, fresh.hf.state_dict()[k]) for k, v in before.items())
+
+
+def test_param_noise_touches_only_its_layer_with_relative_size_sigma(fresh):
+    before = {n: p.clone() for n, p in fresh.layer_parameters(0).items()}
+    other = {n: p.clone() for n, p in fresh.layer_parameters(1).items()}
+    with perturb(fresh, "param_noise", 0, sigma=0.2, seed=3):
+        for n, p in fresh.layer_parameters(0).items():
+            if p.ndim == 2:
+                rel = (p - before[n]).norm() / before[n].norm()
+                assert 0.17 < rel < 0.23, (n, float(rel))
+            else:
+                assert torch.equal(p, before[n]), "norm weights are left alone"
+        assert all(torch.equal(p, other[n]) for n, p in fresh.layer_parameters(1).items())
+
+
+def test_noise_is_seeded(fresh):
+    def perturbed(seed):
+        with perturb(fresh, "param_noise", 1, sigma=0.2, seed=seed):
+            return {n: p.clone() for n, p in fresh.layer_parameters(1).items()}
+
+    a, b, c = perturbed(5), perturbed(5), perturbed(6)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+    with perturb(fresh, "act_noise", 0, sigma=0.3, seed=2):
+        x = _logits(fresh)
+    with perturb(fresh, "act_noise", 0, sigma=0.3, seed=2):
+        y = _logits(fresh)
+    assert torch.equal(x, y)
+
+
+def test_rtn_error_is_at_most_half_a_step():
+    w = torch.randn(16, 64)
+    for bits in (8, 4):
+        q = rtn_quantize(w, bits)
+        step = w.abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)
+        assert torch.all((q - w).abs() <= step / 2 + 1e-6)
+    assert (rtn_quantize(w, 4) - w).abs().mean() > (rtn_quantize(w, 8) - w).abs().mean()
+
+
+def test_activation_noise_is_active_during_generation(fresh):
+    prompts = ["How do I bake bread?", "What is the capital of France?"]
+    clean = generate(fresh, prompts, 8, progress=False).tokens
+    with perturb(fresh, "act_noise", 0, sigma=2.0, seed=0):
+        noisy = generate(fresh, prompts, 8, progress=False).tokens
+    assert noisy != clean
+    assert generate(fresh, prompts, 8, progress=False).tokens == clean
+
+
+@pytest.mark.parametrize("kind, layer, sigma, match", [
+    ("blur", 0, 0.1, "Unknown perturbation kind 'blur'"),
+    ("param_noise", 7, 0.1, "Layer 7 is out of range"),
+    ("param_noise", 0, -1.0, "sigma must be >= 0"),
+])
+def test_bad_arguments(fresh, kind, layer, sigma, match):
+    with pytest.raises(ValueError, match=match):
+        with perturb(fresh, kind, layer, sigma):
+            pass
