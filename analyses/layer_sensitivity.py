@@ -1,0 +1,297 @@
+"""Rank the robustness-critical layers: which layer's perturbation breaks safety most?
+
+For every layer l, perturbation kind k (parameter noise, activation noise, int8/int4
+round-to-nearest weights; ``depthlens.perturb``) and seed, the drop in mean refusal score on
+harmful *validation* prompts and the rise in harmless cross-entropy (utility):
+
+    S_{l,k} = E_seeds E_x [ score(x; θ) − score(x; θ + δ_{l,k}) ]         (METHODS §5)
+
+with a 95% interval from a paired bootstrap over prompts (seeds averaged per prompt), the
+whole-model perturbation at the same σ as reference, a ranking by the mean of S over kinds,
+``critical_layers`` (top-k) for the zeroth-order recipe, and the cheap ZO-probe estimator
+``c_l = |L(θ+εz_l) − L(θ−εz_l)| / 2ε`` with its Spearman correlation to the ranking.
+
+Fast by construction: the residual stream entering every layer is cached once (clean run,
+only ``hook_resid_pre``), a perturbation of layer l re-runs the model from layer l only
+(``start_at_layer``), the unembedding runs on the positions that are scored only, and the
+model is never reloaded.
+
+    $ python -m analyses.layer_sensitivity                      # the organism, defaults below
+    $ python -m analyses.layer_sensitivity --quick --model tiny-llama
+    >>> rec = run(SensitivityConfig(model="tiny-llama", quick=True)); rec.metrics["critical_layers"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from analyses.common import Timer, finish, setup_logging
+from depthlens.chat import ChatSequence, build_chat
+from depthlens.cli import parse_config
+from depthlens.data import default_splits
+from depthlens.forward import iter_batches
+from depthlens.generate import generate
+from depthlens.judge import JUDGE_ID, refusal_rate, refusal_token_ids, score_from_logprobs
+from depthlens.models import hook_name, load_model
+from depthlens.organism import ORGANISM
+from depthlens.perturb import perturb
+from depthlens.responses import response_set
+from depthlens.results import RunRecord
+
+KIND_SIGMA = {"param_noise": "param_sigma", "act_noise": "act_sigma"}
+
+
+@dataclass(frozen=True)
+class SensitivityConfig:
+    """Per-layer sensitivity of safety to parameter noise, activation noise and quantization.
+
+    Args:
+        model: model spec (default: the organism, built on first use).
+        kinds: perturbation kinds: param_noise, act_noise, int8, int4.
+        param_sigma: parameter noise, relative to each matrix's Frobenius RMS. 0.2 because on
+            the organism 0.1 moves the refusal score less than its estimation noise and 0.3
+            breaks most early layers alike (NOTES.md calibration), which flattens the ranking.
+        act_sigma: activation noise on a layer's output, relative to the per-token RMS of the
+            residual stream. 0.5: a perturbation of half the signal's RMS on one layer, large
+            enough to separate layers, small enough that the clean model is not destroyed.
+        seeds: noise seeds per layer and kind (quantization is deterministic: one run).
+        n_harmful: harmful validation prompts (DoNotAnswer val) scored by the refusal score.
+        n_harmless: harmless validation prompts whose own greedy answers give the utility CE.
+        utility_tokens: length of those answers.
+        layers: layers to sweep (default: all).
+        top_k: how many critical layers to report for the zeroth-order recipe.
+        zo_probe: also compute the cheap ZO-probe estimator and its rank correlation.
+        zo_eps: ZO-probe step ε (absolute, z ~ N(0, I), as MeZO).
+        zo_seeds: ZO-probe seeds per layer.
+        generate: add refusal rates from generation under the perturbation of the top layers.
+        n_boot: bootstrap resamples for the intervals.
+        batch_size: prompts per forward batch.
+        seed: split and noise seed offset.
+        device: cpu / cuda (default: automatic).
+        out: results root directory.
+        quick: small run for smoke tests (few prompts, one seed).
+    """
+
+    model: str = ORGANISM
+    kinds: tuple[str, ...] = ("param_noise", "act_noise", "int4")
+    param_sigma: float = 0.2
+    act_sigma: float = 0.5
+    seeds: int = 2
+    n_harmful: int = 32
+    n_harmless: int = 16
+    utility_tokens: int = 32
+    layers: tuple[int, ...] | None = None
+    top_k: int = 5
+    zo_probe: bool = True
+    zo_eps: float = 1e-3
+    zo_seeds: int = 1
+    generate: bool = False
+    n_boot: int = 1000
+    batch_size: int = 32
+    seed: int = 0
+    device: str | None = None
+    out: str = "results"
+    quick: bool = False
+
+
+class LayerEvaluator:
+    """Refusal scores and utility NLL of a fixed prompt set, re-run from any layer.
+
+    The clean ``hook_resid_pre`` of every layer is cached once per batch; ``evaluate(l)`` runs
+    blocks l… only and unembeds just the scored positions (the last one for the refusal score,
+    the answer tokens for the utility NLL). Perturbations are applied by the caller around it.
+    """
+
+    def __init__(self, model, harmful: Sequence[ChatSequence], utility: Sequence[ChatSequence], batch_size: int):
+        self.model = model
+        self.refusal_ids = refusal_token_ids(model.tokenizer)
+        self.parts = []  # (kind, indices, batch, resid_pre per layer, n_keep, targets)
+        names = {hook_name("resid_pre", l) for l in range(model.n_layers)}
+        for kind, seqs in (("harmful", harmful), ("utility", utility)):
+            for idx, batch in iter_batches(model, seqs, batch_size):
+                with torch.inference_mode():
+                    _, cache = model.bridge.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
+                                                           names_filter=lambda n: n in names)
+                resid = [cache[hook_name("resid_pre", l)].clone() for l in range(model.n_layers)]
+                keep = 1 if kind == "harmful" else 1 + max(seqs[i].response_len for i in idx)
+                self.parts.append((kind, idx, batch, resid, keep))
+        self.n_harmful, self.n_utility = len(harmful), len(utility)
+        self.resp_len = [s.response_len for s in utility]
+
+    @torch.inference_mode()
+    def evaluate(self, start_layer: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(refusal score per harmful prompt, mean answer NLL per utility prompt)."""
+        model = self.model
+        scores = np.empty(self.n_harmful)
+        nll = np.empty(self.n_utility)
+        last = hook_name("resid_post", model.n_layers - 1)
+        for kind, idx, batch, resid, keep in self.parts:
+            def trim(x, hook, keep=keep):
+                return x[:, -keep:]
+
+            with model.bridge.hooks(fwd_hooks=[(last, trim)]):
+                logits = model.bridge(resid[start_layer], start_at_layer=start_layer,
+                                      attention_mask=batch.attention_mask)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            if kind == "harmful":
+                scores[idx] = score_from_logprobs(logp[:, -1].cpu(), self.refusal_ids).numpy()
+            else:
+                targets = batch.input_ids[:, -keep + 1:]
+                tok_lp = logp[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+                for row, i in enumerate(idx):
+                    r = self.resp_len[i]
+                    nll[i] = float(-tok_lp[row, -r:].mean())
+        return scores, nll
+
+
+def bootstrap_mean(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
+    """Mean with a 95% percentile bootstrap interval over the first axis."""
+    values = np.asarray(values, float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
+    boots = values[idx].mean(axis=1)
+    return float(values.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic) if len(a) > 2 else float("nan")
+
+
+def _sigma(cfg: SensitivityConfig, kind: str) -> float:
+    return getattr(cfg, KIND_SIGMA[kind]) if kind in KIND_SIGMA else 0.0
+
+
+def _effective(cfg: SensitivityConfig) -> SensitivityConfig:
+    if not cfg.quick:
+        return cfg
+    from dataclasses import replace
+
+    return replace(cfg, seeds=1, n_harmful=min(cfg.n_harmful, 8), n_harmless=min(cfg.n_harmless, 4),
+                   utility_tokens=min(cfg.utility_tokens, 16), n_boot=min(cfg.n_boot, 200))
+
+
+def run(cfg: SensitivityConfig, model=None) -> RunRecord:
+    """The sweep of the module docstring; ``model`` (already loaded) overrides ``cfg.model``."""
+    cfg = _effective(cfg)
+    timer = Timer()
+    with timer("load"):
+        model = model if model is not None else load_model(cfg.model, device=cfg.device)
+    layers = list(range(model.n_layers)) if cfg.layers is None else [model.check_layer(l) for l in cfg.layers]
+    splits = default_splits(cfg.seed)
+    harmful = splits.harmful.val.subset(cfg.n_harmful, seed=cfg.seed)
+    harmless = splits.harmless.val.subset(cfg.n_harmless, seed=cfg.seed)
+    with timer("prepare"):
+        answers = response_set(model, harmless.prompts, max_new_tokens=cfg.utility_tokens, batch_size=cfg.batch_size)
+        util = [build_chat(model.tokenizer, p, [t]) for p, t in zip(harmless.prompts, answers.tokens) if t]
+        harm = [build_chat(model.tokenizer, p) for p in harmful.prompts]
+        ev = LayerEvaluator(model, harm, util, cfg.batch_size)
+        clean_scores, clean_nll = ev.evaluate(0)
+
+    jobs = [(l, k, s) for l in [*layers, None] for k in cfg.kinds
+            for s in range(1 if k in ("int8", "int4") else cfg.seeds)]
+    drops: dict[tuple, list[np.ndarray]] = {}
+    rises: dict[tuple, list[np.ndarray]] = {}
+    with timer("sweep"):
+        for layer, kind, s in tqdm(jobs, desc="layer × kind × seed"):
+            with perturb(model, kind, layer, _sigma(cfg, kind), seed=cfg.seed * 1000 + s):
+                sc, nl = ev.evaluate(0 if layer is None else layer)
+            drops.setdefault((layer, kind), []).append(clean_scores - sc)
+            rises.setdefault((layer, kind), []).append(nl - clean_nll)
+
+    rows, whole = [], []
+    for (layer, kind), d in drops.items():
+        per_prompt = np.mean(d, axis=0)
+        s_mean, s_lo, s_hi = bootstrap_mean(per_prompt, cfg.n_boot, cfg.seed)
+        u_mean, u_lo, u_hi = bootstrap_mean(np.mean(rises[(layer, kind)], axis=0), cfg.n_boot, cfg.seed)
+        row = {"layer": "all" if layer is None else layer, "kind": kind, "sigma": _sigma(cfg, kind),
+               "sensitivity": s_mean, "lo": s_lo, "hi": s_hi, "seed_sd": float(np.std([x.mean() for x in d])),
+               "utility_ce_rise": u_mean, "utility_lo": u_lo, "utility_hi": u_hi, "n_seeds": len(d)}
+        (whole if layer is None else rows).append(row)
+
+    ranking = []
+    for l in layers:
+        per_kind = {r["kind"]: r["sensitivity"] for r in rows if r["layer"] == l}
+        ranking.append({"layer": l, "mean_sensitivity": float(np.mean(list(per_kind.values()))), **per_kind})
+    ranking.sort(key=lambda r: -r["mean_sensitivity"])
+    for rank, r in enumerate(ranking, 1):
+        r["rank"] = rank
+    critical = [{"layer": r["layer"], "score": r["mean_sensitivity"]} for r in ranking[: cfg.top_k]]
+
+    metrics = {"judge": "refusal score (METHODS §1) on harmful val; utility = NLL of own answers on harmless val",
+               "clean_mean_refusal_score": float(clean_scores.mean()), "clean_utility_nll": float(clean_nll.mean()),
+               "critical_layers": critical, "n_harmful": len(harm), "n_utility": len(util),
+               "n_evaluations": len(jobs)}
+
+    if cfg.zo_probe:
+        with timer("zo_probe"):
+            zo = zo_probe_scores(model, ev, layers, cfg.zo_eps, cfg.zo_seeds, cfg.seed)
+        for r in ranking:
+            r["zo_probe"] = zo[r["layer"]]
+        metrics["zo_probe_spearman"] = spearman([r["mean_sensitivity"] for r in ranking], [r["zo_probe"] for r in ranking])
+        if "param_noise" in cfg.kinds:
+            metrics["zo_probe_spearman_vs_param_noise"] = spearman(
+                [r["param_noise"] for r in ranking], [r["zo_probe"] for r in ranking])
+
+    gen_rows = []
+    if cfg.generate:
+        with timer("generate"):
+            gen_rows = generation_check(model, harmful.prompts, [c["layer"] for c in critical[:3]], cfg)
+        metrics["generation"] = gen_rows
+
+    # one forward over the same prompts, for the cost ratio quoted in benchmarks/
+    with timer("one_clean_forward"):
+        ev.evaluate(0)
+    t = timer.total()
+    metrics["cost_per_evaluation_in_forwards"] = t["sweep"] / max(1, len(jobs)) / max(1e-9, t["one_clean_forward"])
+    return RunRecord(analysis="layer_sensitivity", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
+                     provenance=model.provenance, metrics=metrics, timings=t,
+                     tables={"sensitivity": rows, "whole_model": whole, "ranking": ranking, "generation": gen_rows})
+
+
+def zo_probe_scores(model, ev: LayerEvaluator, layers: Sequence[int], eps: float, n_seeds: int, seed: int) -> dict[int, float]:
+    """c_l = |L(θ+εz_l) − L(θ−εz_l)| / 2ε with only layer l perturbed; L = −mean refusal score.
+
+    ``finetune.zeroth_order.zo_layer_probes`` does the exact-restore perturbation; the loss
+    re-runs the model from layer l only.
+    """
+    from finetune.zeroth_order import zo_layer_probes
+
+    return zo_layer_probes(model, list(layers), lambda l: -float(ev.evaluate(l)[0].mean()),
+                           eps=eps, seed=seed, n_samples=n_seeds)
+
+
+def generation_check(model, prompts: Sequence[str], layers: Sequence[int], cfg: SensitivityConfig) -> list[dict]:
+    """Refusal rate (substring judge) of greedy answers, clean and under each kind at each top layer."""
+    rows = [{"layer": "clean", "kind": "none", "refusal_rate": refusal_rate(generate(model, list(prompts), 48).texts).rate,
+             "judge": JUDGE_ID}]
+    for l in layers:
+        for kind in cfg.kinds:
+            with perturb(model, kind, l, _sigma(cfg, kind), seed=cfg.seed * 1000):
+                texts = generate(model, list(prompts), 48, progress=False).texts
+            rows.append({"layer": l, "kind": kind, "refusal_rate": refusal_rate(texts).rate, "judge": JUDGE_ID})
+    return rows
+
+
+def main(argv: Sequence[str] | None = None):
+    setup_logging()
+    cfg = parse_config(SensitivityConfig, argv)
+    rec = run(cfg)
+    m = rec.metrics
+    cols = ["rank", "layer", "mean_sensitivity", *[k for k in cfg.kinds], *(["zo_probe"] if cfg.zo_probe else [])]
+    title = (f"layer sensitivity of {cfg.model}: clean mean refusal score {m['clean_mean_refusal_score']:.2f} "
+             f"on {m['n_harmful']} harmful val prompts; critical layers "
+             f"{[c['layer'] for c in m['critical_layers']]}"
+             + (f"; ZO-probe Spearman {m['zo_probe_spearman']:.2f}" if "zo_probe_spearman" in m else "")
+             + f"; sweep {rec.timings['sweep']:.0f} s")
+    return finish(rec, cfg.out, rec.tables["ranking"], cols, title=title)
+
+
+if __name__ == "__main__":
+    main()

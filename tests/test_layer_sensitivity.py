@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analyses.layer_sensitivity import SensitivityConfig, bootstrap_mean, run, spearman
+from depthlens.judge import refusal_token_ids
+from depthlens.models import load_model
+
+
+def fragile_tiny():
+    """tiny-llama whose layer 1 alone writes the refusal (through one MLP unit) and whose
+    layer 0 is drowned out: perturbing layer 1 must hurt the refusal score, layer 0 must not."""
+    m = load_model("tiny-llama")
+    hf = m.hf
+    r0 = refusal_token_ids(m.tokenizer)[0]
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        e = torch.randn(m.d_model, generator=g)
+        e = e / e.norm()
+        hf.lm_head.weight = torch.nn.Parameter(hf.lm_head.weight.detach().clone() * 4, requires_grad=False)
+        hf.model.embed_tokens.weight += 20 * e          # every token's stream ≈ the same big vector
+        u = hf.lm_head.weight[r0] / hf.lm_head.weight[r0].norm()
+        mlp = hf.model.layers[1].mlp
+        n_ff = mlp.gate_proj.weight.shape[0]
+        mlp.gate_proj.weight.copy_(torch.outer(torch.ones(n_ff), e) * 3)
+        mlp.up_proj.weight.copy_(torch.outer(torch.ones(n_ff), e) * 3)
+        mlp.down_proj.weight.copy_(torch.outer(u, torch.ones(n_ff)) * 2.0)
+    return m
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_fragile_layer_ranks_first_and_a_drowned_layer_scores_zero(tmp_path, seed):
+    cfg = SensitivityConfig(model="tiny-llama", kinds=("param_noise", "act_noise"), param_sigma=0.3,
+                            act_sigma=0.5, seeds=2, n_harmful=6, n_harmless=3, utility_tokens=8, top_k=1,
+                            zo_probe=False, n_boot=100, seed=seed, out=str(tmp_path))
+    rec = run(cfg, model=fragile_tiny())
+    ranking = rec.tables["ranking"]
+    assert ranking[0]["layer"] == 1 and rec.metrics["critical_layers"][0]["layer"] == 1
+    layer0 = next(r for r in ranking if r["layer"] == 0)
+    assert abs(layer0["param_noise"]) < 1e-6
+    assert ranking[0]["param_noise"] > 0 and ranking[0]["act_noise"] > 0
+
+
+def test_weights_are_untouched_by_the_sweep(tmp_path):
+    m = load_model("tiny-llama")
+    before = {k: v.clone() for k, v in m.hf.state_dict().items()}
+    rec = run(SensitivityConfig(model="tiny-llama", quick=True, out=str(tmp_path), kinds=("param_noise", "int4", "act_noise")), model=m)
+    assert all(torch.equal(v, m.hf.state_dict()[k]) for k, v in before.items())
+    assert {r["kind"] for r in rec.tables["sensitivity"]} == {"param_noise", "int4", "act_noise"}
+    assert {r["layer"] for r in rec.tables["whole_model"]} == {"all"}
+    assert set(rec.tables["ranking"][0]) >= {"rank", "layer", "mean_sensitivity", "zo_probe"}
+
+
+def test_helpers():
+    mean, lo, hi = bootstrap_mean([1.0, 2.0, 3.0, 4.0], 500, 0)
+    assert mean == 2.5 and lo < mean < hi
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
