@@ -11,7 +11,13 @@ whole-model reference).
 - ``quantize``: round-to-nearest, symmetric, per output channel, int8 or int4 (simulated).
 
 Weights are restored from copies of exactly the touched tensors (one layer is small), never by
-subtracting the noise again, which is not exact in floating point.
+subtracting the noise again, which is not exact in floating point. ``PERTURBATIONS`` names the
+kinds for a uniform sweep (``perturb(model, kind, layer, sigma, seed)``); quantization is
+deterministic and ignores ``sigma`` and ``seed``.
+
+Cost: a perturbation of layer l leaves every earlier layer unchanged, so a sweep can cache
+``blocks.{l}.hook_resid_pre`` once and re-run the model from layer l only
+(``bridge.forward(resid, start_at_layer=l)``, NOTES.md), and one seed suffices for int8/int4.
 
     >>> with perturb(model, "param_noise", layer=3, sigma=0.2, seed=0):
     ...     scores = refusal_score(model, prompts).scores
@@ -21,17 +27,16 @@ subtracting the noise again, which is not exact in floating point.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from depthlens.models import hook_name
-
-KINDS = ("param_noise", "act_noise", "int8", "int4")
-
 
 def _layers(model, layer: int | None) -> list[int]:
     return list(range(model.n_layers)) if layer is None else [model.check_layer(layer)]
@@ -61,8 +66,8 @@ def _restoring(params: list[tuple[str, torch.nn.Parameter]]) -> Iterator[None]:
 
 
 def _check_sigma(sigma: float) -> None:
-    if not sigma >= 0:
-        raise ValueError(f"Noise scale sigma must be >= 0, got {sigma}.")
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"Noise scale sigma must be >= 0 and finite, got {sigma!r}.")
 
 
 @contextmanager
@@ -82,6 +87,8 @@ def rtn_quantize(weight: Float[Tensor, "out inp"], bits: int) -> Float[Tensor, "
     """Round-to-nearest symmetric quantization per output channel (row), de-quantized back."""
     if bits not in (4, 8):
         raise ValueError(f"Quantization supports 4 or 8 bits, got {bits}.")
+    if weight.ndim != 2:
+        raise ValueError(f"rtn_quantize expects a 2-D [out, in] weight matrix, got shape {tuple(weight.shape)}.")
     qmax = 2 ** (bits - 1) - 1
     w = weight.float()
     scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / qmax
@@ -123,16 +130,41 @@ def activation_noise(model, layer: int | None, sigma: float, seed: int = 0) -> I
         yield
 
 
+@dataclass(frozen=True)
+class PerturbationKind:
+    """One entry of ``PERTURBATIONS``.
+
+    Attributes:
+        name: the registry key.
+        apply: ``apply(model, layer, sigma, seed)`` → a context manager that perturbs and restores.
+        target: "weights" or "activations" (what is changed).
+        stochastic: whether the seed matters (int8/int4 are deterministic: one seed suffices).
+        uses_sigma: whether ``sigma`` sets the strength.
+    """
+
+    name: str
+    apply: Callable[..., AbstractContextManager]
+    target: str
+    stochastic: bool
+    uses_sigma: bool
+
+
+PERTURBATIONS: dict[str, PerturbationKind] = {
+    "param_noise": PerturbationKind("param_noise", param_noise, "weights", True, True),
+    "act_noise": PerturbationKind("act_noise", activation_noise, "activations", True, True),
+    "int8": PerturbationKind("int8", lambda model, layer, sigma, seed: quantize(model, layer, 8), "weights", False, False),
+    "int4": PerturbationKind("int4", lambda model, layer, sigma, seed: quantize(model, layer, 4), "weights", False, False),
+}
+KINDS = tuple(PERTURBATIONS)
+
+
 @contextmanager
 def perturb(model, kind: str, layer: int | None, sigma: float = 0.0, seed: int = 0) -> Iterator[None]:
     """Dispatch to one perturbation by name: ``param_noise``, ``act_noise``, ``int8``, ``int4``."""
-    if kind == "param_noise":
-        ctx = param_noise(model, layer, sigma, seed)
-    elif kind == "act_noise":
-        ctx = activation_noise(model, layer, sigma, seed)
-    elif kind in ("int8", "int4"):
-        ctx = quantize(model, layer, int(kind[3:]))
-    else:
+    if kind not in PERTURBATIONS:
         raise ValueError(f"Unknown perturbation kind {kind!r}; use one of {', '.join(KINDS)}.")
-    with ctx:
+    _check_sigma(sigma)
+    if layer is not None:
+        model.check_layer(layer)
+    with PERTURBATIONS[kind].apply(model, layer, sigma, seed):
         yield
