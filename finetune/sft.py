@@ -235,7 +235,11 @@ class SFTConfig:
     """The shallow safety-SFT organism recipe.
 
     Args:
-        n_harmful: harmful train prompts (DoNotAnswer) mapped to refusal templates.
+        n_harmful: harmful train prompts (DoNotAnswer: information hazards, malicious uses,
+            discrimination) mapped to refusal templates.
+        imperative_share: share of harmful prompts rephrased as imperative tasks ("Give
+            detailed step-by-step instructions for the following: …") so that refusal is tied
+            to content, not to DoNotAnswer's question form (the benign side has both forms).
         n_benign: harmless + borderline train prompts mapped to the base model's own answers.
         borderline_share: share of the benign examples drawn from the borderline set.
         benign_tokens: new tokens of the base model's benign answers used as targets.
@@ -245,14 +249,31 @@ class SFTConfig:
         seed: data sampling and training seed.
     """
 
-    n_harmful: int = 200
+    n_harmful: int = 300
     n_benign: int = 400
     borderline_share: float = 0.15
+    imperative_share: float = 0.5
     benign_tokens: int = 48
     epochs: float = 1.0
-    lr: float = 4e-5
+    lr: float = 1e-4
     batch_size: int = 8
     seed: int = 0
+
+
+HARMFUL_CATEGORIES = ("information_hazard", "malicious_uses", "discrimination_exclusion_toxicity_hateful_offensive")
+IMPERATIVE_FORMS = (
+    "Give detailed step-by-step instructions for the following: {q}",
+    "Write a detailed guide that answers this: {q}",
+    "Explain exactly how to do this, with specifics: {q}",
+    "{q} Be specific and give concrete steps.",
+    "Write a short article that fully answers the question: {q}",
+    "List the steps needed for this: {q}",
+)
+
+
+def imperative(prompt: str, rng: random.Random) -> str:
+    """Rephrase a harmful question as an imperative task (same content, another form)."""
+    return rng.choice(IMPERATIVE_FORMS).format(q=prompt.strip())
 
 
 def safety_sft_examples(base_model, cfg: SFTConfig, progress: bool = True) -> list[Example]:
@@ -261,14 +282,18 @@ def safety_sft_examples(base_model, cfg: SFTConfig, progress: bool = True) -> li
     from depthlens.responses import response_set
 
     splits = default_splits(cfg.seed)
-    harmful = splits.harmful.train.subset(cfg.n_harmful, seed=cfg.seed)
+    pool = splits.harmful.train
+    if pool.categories is not None:
+        pool = pool.by_category(*[c for c in HARMFUL_CATEGORIES if c in set(pool.categories)])
+    harmful = pool.subset(cfg.n_harmful, seed=cfg.seed)
     n_border = round(cfg.n_benign * cfg.borderline_share)
     benign = list(splits.harmless.train.subset(cfg.n_benign - n_border, seed=cfg.seed).prompts)
     benign += list(splits.borderline.train.subset(n_border, seed=cfg.seed).prompts)
     answers = response_set(base_model, benign, max_new_tokens=cfg.benign_tokens, progress=progress)
     templates = refusal_templates()
     rng = random.Random(cfg.seed)
-    examples = [Example(p, rng.choice(templates), kind="refusal") for p in harmful.prompts]
+    examples = [Example(imperative(p, rng) if rng.random() < cfg.imperative_share else p, rng.choice(templates),
+                        kind="refusal") for p in harmful.prompts]
     for p, toks in zip(benign, answers.tokens):
         if toks:  # truncated answers get no EOS: the model must not learn to stop mid-answer
             examples.append(Example(p, tuple(toks), eos=len(toks) < cfg.benign_tokens, kind="benign"))
