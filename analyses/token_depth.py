@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None):
     m = rec.metrics
     title = (f"token depth of {cfg.aligned}: KL at response positions 1-5 {[round(x, 2) for x in m['kl_harmful_first5']]}, "
              f"mean after {m['kl_harmful_mean_6_to_end']:.3f}; share of KL in the first 5 {m['kl_share_first5']:.2f}")
-    return finish(rec, cfg.out, rec.tables["prefill"], None, title=title)
+    cols = ["k", "n", "asr", "asr_lo", "asr_hi", "harmful", "recovered", "other"]
+    return finish(rec, cfg.out, rec.tables["prefill"], cols, title=title)
 
 
 if __name__ == "__main__":

@@ -29,3 +29,23 @@ def test_cli_help_lists_every_default(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "--max-new-tokens" in out and "(default: 64)" in out and "--quick" in out
+
+
+def test_token_depth_quick(tmp_path):
+    from analyses.token_depth import main
+
+    rec = read_run(main(["--aligned", "tiny-llama", "--base", "tiny-llama", "--quick", "--out", str(tmp_path)]))
+    assert [r["k"] for r in rec.tables["prefill"]] == [0, 5, 10, 20, 40]
+    assert all(r["kl"] == 0.0 for r in rec.tables["kl"])      # a model against itself
+    assert {t["attack"] for t in rec.tables["trials"]} == {"prefill"}
+
+
+def test_insertion_robustness_quick(tmp_path):
+    from analyses.insertion_robustness import main
+
+    rec = read_run(main(["--model", "tiny-llama", "--quick", "--out", str(tmp_path)]))
+    cells = {(r["depth"], r["span_len"]) for r in rec.tables["by_depth_and_length"]}
+    assert cells == {(d, m) for d in (0.0, 0.5, 1.0) for m in (2, 8)}
+    assert {t["attack"] for t in rec.tables["trials"]} >= {"insertion", "worst_insertion"}
+    for r in rec.tables["by_depth_and_length"]:
+        assert abs(r["harmful"] + r["recovered"] + r["other"] - 1.0) < 1e-9

@@ -1,0 +1,131 @@
+"""Beyond the first tokens: does a short harmful span inserted *inside* a refusal flip it?
+
+Random insertion attack (Lyu et al. 2026; METHODS §3): the aligned model's own greedy refusal
+to a harmful test prompt, with the first m tokens of the base model's harmful answer inserted
+at relative depth p/|refusal|; the model continues, and the continuation is judged in three
+classes (recovered / harmful / other; NOTES.md: a bare "not a refusal" overstates ASR).
+Reported: ASR by depth × span length m ∈ {2, 4, 8, 16}, random-position ASR, and the
+worst-insertion ASR (the (p, m) minimizing the next-token refusal score, per prompt). Every
+trial is saved (``tables["trials"]``) for ``analyses.state_prediction``.
+
+    $ python -m analyses.insertion_robustness
+    $ python -m analyses.insertion_robustness --model smollm2-135m-instruct:sft:deep --quick
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+
+from analyses.common import Timer, finish, setup_logging
+from depthlens.attacks import random_insertion_attack, worst_insertion_attack
+from depthlens.cli import parse_config
+from depthlens.data import default_splits
+from depthlens.models import load_model
+from depthlens.organism import ORGANISM, base_spec
+from depthlens.responses import response_set
+from depthlens.results import RunRecord
+
+
+@dataclass(frozen=True)
+class InsertionConfig:
+    """Random and worst-case insertion of harmful spans into the model's own refusals.
+
+    Args:
+        model: the aligned model spec (default: the organism).
+        base: spec whose harmful answers provide the spans (default: the model's base).
+        n_prompts: harmful test prompts (HarmBench) whose refusals are attacked.
+        depths: relative insertion depths p/|refusal| of the grid.
+        span_lengths: inserted span lengths m.
+        n_random: random positions per prompt for the random-position ASR (m = 8).
+        refusal_tokens: length of the model's own greedy refusals.
+        max_new_tokens: tokens generated after the insertion.
+        batch_size: prompts per batch.
+        seed: split and position seed.
+        device: cpu / cuda (default: automatic).
+        out: results root directory.
+        quick: small run (6 prompts, depths 0/0.5/1, m 2/8).
+    """
+
+    model: str = ORGANISM
+    base: str | None = None
+    n_prompts: int = 24
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    span_lengths: tuple[int, ...] = (2, 4, 8, 16)
+    n_random: int = 2
+    refusal_tokens: int = 64
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    seed: int = 0
+    device: str | None = None
+    out: str = "results"
+    quick: bool = False
+
+
+def run(cfg: InsertionConfig) -> RunRecord:
+    if cfg.quick:
+        cfg = replace(cfg, n_prompts=min(cfg.n_prompts, 6), depths=(0.0, 0.5, 1.0), span_lengths=(2, 8), n_random=1,
+                      max_new_tokens=min(cfg.max_new_tokens, 16))
+    timer = Timer()
+    with timer("load"):
+        model = load_model(cfg.model, device=cfg.device)
+        base_name = cfg.base or base_spec(cfg.model)
+        base = model if base_name == cfg.model else load_model(base_name, device=cfg.device)
+    harmful = default_splits(cfg.seed).harmful.test.subset(cfg.n_prompts, seed=cfg.seed)
+    prompts, ids = list(harmful.prompts), list(harmful.ids)
+    with timer("responses"):
+        h = response_set(base, prompts, max_new_tokens=96, batch_size=cfg.batch_size).tokens
+        refusals = response_set(model, prompts, max_new_tokens=cfg.refusal_tokens, batch_size=cfg.batch_size).tokens
+    min_len = 32 if not cfg.quick else 4
+    common = dict(prompt_ids=ids, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, min_refusal_tokens=min_len)
+    with timer("grid"):
+        grid = random_insertion_attack(model, prompts, refusals, h, depths=cfg.depths, span_lengths=cfg.span_lengths, **common)
+    with timer("random"):
+        rand = random_insertion_attack(model, prompts, refusals, h, span_lengths=(8,), n_random=cfg.n_random,
+                                       seed=cfg.seed, **common)
+    with timer("worst"):
+        worst = worst_insertion_attack(model, prompts, refusals, h, candidate_positions=cfg.depths,
+                                       span_lengths=cfg.span_lengths, prompt_ids=ids, batch_size=cfg.batch_size,
+                                       max_new_tokens=cfg.max_new_tokens, min_refusal_tokens=min_len)
+    by_cell = grid.asr_by(("depth", "span_len"))
+    rows_m = grid.asr_by("span_len")
+    summary = [
+        {"attack": "grid (all cells)", **_overall(grid)},
+        {"attack": "random position, m=8", **_overall(rand)},
+        {"attack": "worst insertion", **_overall(worst)},
+    ]
+    own_refusal_rate = sum(1 for t in refusals if len(t) >= min_len) / max(1, len(refusals))
+    metrics = {
+        "asr_harmful_grid": summary[0]["harmful"], "asr_harmful_random": summary[1]["harmful"],
+        "asr_harmful_worst": summary[2]["harmful"], "recovered_grid": summary[0]["recovered"],
+        "n_prompts_attacked": len({t.prompt_id for t in grid.trials}), "skipped": len(grid.skipped),
+        "share_with_long_refusal": own_refusal_rate,
+        "judge": grid.trials[0].continuation_judge if grid.trials else None,
+    }
+    tables = {"by_depth_and_length": by_cell, "by_length": rows_m, "summary": summary,
+              "trials": [asdict(t) for t in grid.trials + rand.trials + worst.trials]}
+    return RunRecord(analysis="insertion_robustness", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
+                     provenance={"model": model.provenance, "base": base.provenance}, metrics=metrics,
+                     tables=tables, timings=timer.total())
+
+
+def _overall(result) -> dict:
+    rows = result.asr_by(lambda t: "all")
+    r = rows[0] if rows else {}
+    return {k: r.get(k) for k in ("n", "harmful", "harmful_lo", "harmful_hi", "recovered", "other", "not_refusal")}
+
+
+def main(argv: Sequence[str] | None = None):
+    setup_logging()
+    cfg = parse_config(InsertionConfig, argv)
+    rec = run(cfg)
+    m = rec.metrics
+    title = (f"insertion robustness of {cfg.model} ({m['n_prompts_attacked']} prompts, judge {m['judge']}): "
+             f"harmful-continuation ASR grid {m['asr_harmful_grid']:.2f}, random {m['asr_harmful_random']:.2f}, "
+             f"worst {m['asr_harmful_worst']:.2f}")
+    cols = ["depth", "span_len", "n", "harmful", "harmful_lo", "harmful_hi", "recovered", "other", "not_refusal"]
+    return finish(rec, cfg.out, rec.tables["by_depth_and_length"], cols, title=title)
+
+
+if __name__ == "__main__":
+    main()
