@@ -1,0 +1,165 @@
+"""Rebuild every paper figure from results files alone: ``python -m figures``.
+
+Walks ``--results`` (default ``results/``) for ``<analysis>/<model-tag>/<run-id>/results.json``,
+keeps the newest run per (analysis, model tag) unless ``--all``, and writes each record's
+figures to ``<out>/<model-tag>/<analysis>_<figure>.*`` (``<out>/<model-tag>/<run-id>/`` with
+``--all``) and cross-model figures to ``<out>/<analysis>_<figure>.*``; then prints a table of
+what it wrote and what it skipped. Exit status 1 when a file or builder failed.
+
+    $ python -m figures                                  # results/ -> figures/out/
+    $ python -m figures --results results --formats png   # PNG only (HTML + JSON always)
+    $ python -m figures --formats none                    # HTML + JSON only, no Chromium
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .registry import (
+    build_combined_figures,
+    build_figures,
+    has_builders,
+    load_builders,
+    load_record,
+    model_tag,
+)
+from .save import STATIC_FORMATS, SavedFigure
+
+log = logging.getLogger("figures")
+
+
+@dataclass
+class _Run:
+    path: Path
+    record: dict
+    analysis: str
+    tag: str
+    run_id: str
+
+
+def _parse_formats(text: str) -> list[str]:
+    if text.strip().lower() in {"", "none", "html"}:
+        return []
+    fmts = [f.strip().lower() for f in text.split(",") if f.strip()]
+    bad = [f for f in fmts if f not in STATIC_FORMATS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown format(s) {bad}; choose from {','.join(STATIC_FORMATS)} or 'none'")
+    return fmts
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m figures", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--results", type=Path, default=Path("results"), help="folder searched for results.json files")
+    p.add_argument("--out", type=Path, default=Path("figures/out"), help="folder the figures are written to")
+    p.add_argument("--formats", type=_parse_formats, default=list(STATIC_FORMATS),
+                   help="static formats (png,pdf,svg or 'none'); HTML and JSON are always written")
+    p.add_argument("--all", action="store_true", help="every run, not only the newest per (analysis, model)")
+    p.add_argument("--html-js", choices=["embed", "directory"], default="embed",
+                   help="embed plotly.js in each HTML, or write one plotly.min.js beside them")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _tag_from_path(path: Path, record: dict) -> str:
+    parts = path.parts
+    if len(parts) >= 4 and parts[-4] == record["analysis"]:
+        return parts[-3]
+    return model_tag(record)
+
+
+def _find_runs(root: Path) -> tuple[list[_Run], list[tuple[Path, str]]]:
+    runs, bad = [], []
+    for path in sorted(root.rglob("results.json")):
+        try:
+            rec = load_record(path)
+        except (ValueError, OSError) as e:
+            bad.append((path, str(e)))
+            continue
+        runs.append(_Run(path, rec, rec["analysis"], _tag_from_path(path, rec), str(rec["run_id"])))
+    return runs, bad
+
+
+def _newest(runs: list[_Run]) -> list[_Run]:
+    best: dict[tuple[str, str], _Run] = {}
+    for r in runs:
+        key = (r.analysis, r.tag)
+        cur = best.get(key)
+        if cur is None or (r.run_id, str(r.record.get("created", ""))) > (cur.run_id, str(cur.record.get("created", ""))):
+            best[key] = r
+    return sorted(best.values(), key=lambda r: (r.analysis, r.tag, r.run_id))
+
+
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.results.is_dir():
+        print(f"No results folder at {args.results}; pass --results DIR pointing at analysis outputs.", file=sys.stderr)
+        return 2
+    report = load_builders()
+    runs, bad = _find_runs(args.results)
+    chosen = runs if args.all else _newest(runs)
+
+    rows: list[tuple[str, ...]] = []
+    skipped: list[str] = [f"{p}: {why}" for p, why in bad]
+    skipped += [f"builder module {m}: {why}" for m, why in report.failed.items()]
+    failed = bool(bad or report.failed)
+
+    static_warnings: set[str] = set()
+
+    def add_rows(analysis: str, tag: str, run_id: str, saved: list[SavedFigure]) -> None:
+        for s in saved:
+            if s.warning:
+                static_warnings.add(s.warning)
+            rows.append((analysis, tag, run_id, s.stem.name, ",".join(s.formats), str(s.stem.parent)))
+
+    kw = dict(formats=args.formats, html_js=args.html_js)
+    unknown: dict[str, int] = {}
+    for run in chosen:
+        if not has_builders(run.analysis):
+            unknown[run.analysis] = unknown.get(run.analysis, 0) + 1
+            continue
+        out = args.out / run.tag / (run.run_id if args.all else "")
+        try:
+            add_rows(run.analysis, run.tag, run.run_id, build_figures(run.record, out, **kw))
+        except Exception as e:  # noqa: BLE001 - one broken builder must not stop the others
+            log.exception("Building figures for %s failed", run.path)
+            skipped.append(f"{run.path}: builder failed ({type(e).__name__}: {e})")
+            failed = True
+    for analysis in sorted({r.analysis for r in chosen}):
+        if not has_builders(analysis, combine=True):
+            continue
+        recs = [r.record for r in _newest([r for r in runs if r.analysis == analysis])]
+        try:
+            add_rows(analysis, "(all models)", "-", build_combined_figures(analysis, recs, args.out, **kw))
+        except Exception as e:  # noqa: BLE001
+            log.exception("Building combined figures for %s failed", analysis)
+            skipped.append(f"{analysis} (all models): builder failed ({type(e).__name__}: {e})")
+            failed = True
+    skipped += [f"analysis {a!r} ({n} run{'s' * (n > 1)}): no figure builder registered"
+                for a, n in sorted(unknown.items())]
+
+    print(f"{len(chosen)} run(s) read from {args.results}; {len(rows)} figure(s) written to {args.out}")
+    if rows:
+        print(_table(rows, ("analysis", "model", "run", "figure", "formats", "folder")))
+    for w in sorted(static_warnings):
+        print(f"static formats not written: {w}")
+    if skipped:
+        print("skipped:")
+        for s in skipped:
+            print(f"  {s}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
