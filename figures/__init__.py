@@ -11,7 +11,7 @@ analysis builders register per results ``analysis`` and ``python -m figures`` re
 
 from .plots import grouped_bars, heatmap, line_with_band, lines, multi_panel, ranked_bars, small_multiples
 from .registry import build_combined_figures, build_figures, load_builders, load_record, register
-from .save import SavedFigure, figure_data, save_figure, save_figures, static_export_unavailable
+from .save import SavedFigure, export_session, figure_data, save_figure, save_figures, static_export_unavailable
 from .theme import PALETTE, apply_theme, figure_size, set_default
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "apply_theme",
     "build_combined_figures",
     "build_figures",
+    "export_session",
     "figure_data",
     "figure_size",
     "grouped_bars",

@@ -14,9 +14,11 @@ what it wrote and what it skipped. Exit status 1 when a file or builder failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .registry import (
@@ -27,7 +29,7 @@ from .registry import (
     load_record,
     model_tag,
 )
-from .save import STATIC_FORMATS, SavedFigure
+from .save import STATIC_FORMATS, SavedFigure, export_session
 
 log = logging.getLogger("figures")
 
@@ -56,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--results", type=Path, default=Path("results"), help="folder searched for results.json files")
     p.add_argument("--out", type=Path, default=Path("figures/out"), help="folder the figures are written to")
-    p.add_argument("--formats", type=_parse_formats, default=list(STATIC_FORMATS),
+    p.add_argument("--formats", type=_parse_formats, default=",".join(STATIC_FORMATS),
                    help="static formats (png,pdf,svg or 'none'); HTML and JSON are always written")
     p.add_argument("--all", action="store_true", help="every run, not only the newest per (analysis, model)")
     p.add_argument("--html-js", choices=["embed", "directory"], default="embed",
@@ -100,65 +102,80 @@ def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
 
 
+@dataclass
+class _Summary:
+    rows: list[tuple[str, ...]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    static_warnings: set[str] = field(default_factory=set)
+    failed: bool = False
+
+    def add(self, analysis: str, tag: str, run_id: str, saved: list[SavedFigure]) -> None:
+        for s in saved:
+            if s.warning:
+                self.static_warnings.add(s.warning)
+            self.rows.append((analysis, tag, run_id, s.stem.name, ",".join(s.formats), str(s.stem.parent)))
+
+    def fail(self, what: str, exc: Exception) -> None:
+        log.error("Building figures for %s failed", what, exc_info=exc)
+        self.skipped.append(f"{what}: builder failed ({type(exc).__name__}: {exc})")
+        self.failed = True
+
+
+def _build_all(args: argparse.Namespace, runs: list[_Run], chosen: list[_Run], summary: _Summary) -> None:
+    """Per-run figures, then cross-model (``combine=True``) figures of each analysis."""
+    kw = dict(formats=args.formats, html_js=args.html_js)
+    for run in chosen:
+        if not has_builders(run.analysis, combine=False):
+            continue
+        out = args.out / run.tag / (run.run_id if args.all else "")
+        try:
+            summary.add(run.analysis, run.tag, run.run_id, build_figures(run.record, out, **kw))
+        except Exception as e:  # noqa: BLE001 - one broken builder must not stop the others
+            summary.fail(str(run.path), e)
+    for analysis in sorted({r.analysis for r in chosen if has_builders(r.analysis, combine=True)}):
+        recs = [r.record for r in _newest([r for r in runs if r.analysis == analysis])]
+        try:
+            summary.add(analysis, "(all models)", "-", build_combined_figures(analysis, recs, args.out, **kw))
+        except Exception as e:  # noqa: BLE001
+            summary.fail(f"{analysis} (all models)", e)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # kaleido/choreographer narrate every browser start at INFO
+        for name in ("kaleido", "choreographer", "logistro"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if not args.results.is_dir():
-        print(f"No results folder at {args.results}; pass --results DIR pointing at analysis outputs.", file=sys.stderr)
+        print(f"No results folder at {args.results}; pass --results DIR pointing at analysis outputs.",
+              file=sys.stderr)
         return 2
     report = load_builders()
     runs, bad = _find_runs(args.results)
     chosen = runs if args.all else _newest(runs)
 
-    rows: list[tuple[str, ...]] = []
-    skipped: list[str] = [f"{p}: {why}" for p, why in bad]
-    skipped += [f"builder module {m}: {why}" for m, why in report.failed.items()]
-    failed = bool(bad or report.failed)
+    summary = _Summary(failed=bool(bad or report.failed))
+    summary.skipped += [f"{p}: {why}" for p, why in bad]
+    summary.skipped += [f"builder module {m}: {why}" for m, why in report.failed.items()]
+    buildable = [r for r in chosen if has_builders(r.analysis)]
+    # One browser for the whole rebuild (~3 s saved per figure set), only when it is needed.
+    with export_session() if (args.formats and buildable) else contextlib.nullcontext():
+        _build_all(args, runs, buildable, summary)
+    unknown = Counter(r.analysis for r in chosen if not has_builders(r.analysis))
+    summary.skipped += [f"analysis {a!r} ({n} run{'s' * (n > 1)}): no figure builder registered"
+                        for a, n in sorted(unknown.items())]
 
-    static_warnings: set[str] = set()
-
-    def add_rows(analysis: str, tag: str, run_id: str, saved: list[SavedFigure]) -> None:
-        for s in saved:
-            if s.warning:
-                static_warnings.add(s.warning)
-            rows.append((analysis, tag, run_id, s.stem.name, ",".join(s.formats), str(s.stem.parent)))
-
-    kw = dict(formats=args.formats, html_js=args.html_js)
-    unknown: dict[str, int] = {}
-    for run in chosen:
-        if not has_builders(run.analysis):
-            unknown[run.analysis] = unknown.get(run.analysis, 0) + 1
-            continue
-        out = args.out / run.tag / (run.run_id if args.all else "")
-        try:
-            add_rows(run.analysis, run.tag, run.run_id, build_figures(run.record, out, **kw))
-        except Exception as e:  # noqa: BLE001 - one broken builder must not stop the others
-            log.exception("Building figures for %s failed", run.path)
-            skipped.append(f"{run.path}: builder failed ({type(e).__name__}: {e})")
-            failed = True
-    for analysis in sorted({r.analysis for r in chosen}):
-        if not has_builders(analysis, combine=True):
-            continue
-        recs = [r.record for r in _newest([r for r in runs if r.analysis == analysis])]
-        try:
-            add_rows(analysis, "(all models)", "-", build_combined_figures(analysis, recs, args.out, **kw))
-        except Exception as e:  # noqa: BLE001
-            log.exception("Building combined figures for %s failed", analysis)
-            skipped.append(f"{analysis} (all models): builder failed ({type(e).__name__}: {e})")
-            failed = True
-    skipped += [f"analysis {a!r} ({n} run{'s' * (n > 1)}): no figure builder registered"
-                for a, n in sorted(unknown.items())]
-
-    print(f"{len(chosen)} run(s) read from {args.results}; {len(rows)} figure(s) written to {args.out}")
-    if rows:
-        print(_table(rows, ("analysis", "model", "run", "figure", "formats", "folder")))
-    for w in sorted(static_warnings):
+    print(f"{len(chosen)} run(s) read from {args.results}; {len(summary.rows)} figure(s) written to {args.out}")
+    if summary.rows:
+        print(_table(summary.rows, ("analysis", "model", "run", "figure", "formats", "folder")))
+    for w in sorted(summary.static_warnings):
         print(f"static formats not written: {w}")
-    if skipped:
+    if summary.skipped:
         print("skipped:")
-        for s in skipped:
-            print(f"  {s}")
-    return 1 if failed else 0
+        for line in summary.skipped:
+            print(f"  {line}")
+    return 1 if summary.failed else 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -25,6 +24,7 @@ from .theme import (
     DIVERGING,
     SEQUENTIAL,
     SMALL_PT,
+    TITLE_PT,
     Width,
     apply_theme,
     color,
@@ -301,7 +301,9 @@ def small_multiples(
         height_in = 2.2 * rows
     _finish(fig, title, None, None, width, height_in)
     # Legend on the right: above the panels it would collide with the subplot titles.
-    fig.update_layout(showlegend=len(colours) > 1,
+    # Subplot titles are annotations, which do not push the margin: leave room for them.
+    fig.update_layout(showlegend=len(colours) > 1, 
+                      margin_t=round(pt(SMALL_PT + 1) * 1.8 + (pt(TITLE_PT) * 1.8 if title else 0)),
                       legend=dict(orientation="v", x=1.01, y=1, xanchor="left", yanchor="top"))
     for p in range(n):
         if p + cols >= n:  # the lowest panel in its column

@@ -4,7 +4,8 @@ Static export goes through kaleido 1.x, which drives a headless Chromium. Starti
 browser costs ~3–4 s and each format ~0.3 s once it runs, so all formats of a figure (and,
 with ``save_figures``, all figures of a batch) are rendered with one browser start. Where
 kaleido or a Chromium is missing, or the export fails, one warning per process says how to
-enable it, and HTML + JSON are still written. Every file is written atomically (temp file in
+enable it, and HTML + JSON are still written; ``export_session()`` keeps one browser open
+across many ``save_figure`` calls (~1 s per figure set instead of ~4 s). Every file is written atomically (temp file in
 the same folder, then ``os.replace``), so an interrupted run leaves no half-written file.
 
     >>> from figures.plots import lines
@@ -15,15 +16,18 @@ the same folder, then ``os.replace``), so an interrupted run leaves no half-writ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import shutil
+import struct
 import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 import plotly.graph_objects as go
 
-from .theme import PNG_SCALE, inches, DOUBLE_COLUMN_IN, DEFAULT_HEIGHT_IN
+from .theme import DEFAULT_HEIGHT_IN, DOUBLE_COLUMN_IN, PNG_SCALE, PRINT_DPI, inches
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ class SavedFigure:
 
     Attributes:
         stem: the path stem given (no suffix).
-        files: every file written, HTML and JSON first.
+        files: every file written: HTML (and a shared plotly.min.js), JSON, then static ones.
         skipped_formats: requested static formats that were not written.
         warning: why they were not (None when every requested format was written).
     """
@@ -60,10 +64,14 @@ class SavedFigure:
 
     @property
     def formats(self) -> list[str]:
-        return [p.suffix.lstrip(".") for p in self.files]
+        return [p.suffix.lstrip(".") for p in self.files if p.name != "plotly.min.js"]
 
 
 # --- Atomic writes. ---------------------------------------------------------------------
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic_write(path: Path, payload: bytes | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = payload.encode("utf-8") if isinstance(payload, str) else payload
@@ -71,6 +79,7 @@ def _atomic_write(path: Path, payload: bytes | str) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -170,6 +179,9 @@ def _render_static(jobs: Sequence[tuple[go.Figure, str]]) -> list[bytes]:
     """
     import kaleido
 
+    if kaleido._global_server.is_running():  # inside export_session(): reuse its browser
+        return [kaleido.calc_fig_sync(fig, opts=_opts(fig, fmt)) for fig, fmt in jobs]
+
     async def run() -> list[bytes]:
         out = []
         async with kaleido.Kaleido(mathjax=False, timeout=RENDER_TIMEOUT_S) as k:
@@ -191,6 +203,38 @@ def _render_static(jobs: Sequence[tuple[go.Figure, str]]) -> list[bytes]:
     if "error" in result:
         raise result["error"]
     return result["value"]
+
+
+@contextlib.contextmanager
+def export_session() -> Iterator[None]:
+    """Keep one browser open for every static export inside the block (saves ~3 s a call).
+
+        >>> with export_session():
+        ...     for name, fig in figs.items(): save_figure(fig, f"out/{name}")
+    """
+    if static_export_unavailable() is not None:
+        yield
+        return
+    import kaleido
+
+    if kaleido._global_server.is_running():
+        yield
+        return
+    kaleido.start_sync_server(mathjax=False, timeout=RENDER_TIMEOUT_S, silence_warnings=True)
+    try:
+        yield
+    finally:
+        kaleido.stop_sync_server(silence_warnings=True)
+
+
+def _with_dpi(png: bytes, dpi: float = PRINT_DPI) -> bytes:
+    """Add a pHYs chunk so LaTeX/Office place the PNG at print size (Chromium writes none)."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR" or b"pHYs" in png[:64]:
+        return png
+    ppm = round(dpi / 0.0254)
+    body = b"pHYs" + struct.pack(">IIB", ppm, ppm, 1)
+    chunk = struct.pack(">I", 9) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+    return png[:33] + chunk + png[33:]
 
 
 def _warn_once(message: str) -> None:
@@ -250,7 +294,7 @@ def save_figures(
         rec.files += _write_html(fig, stem.with_name(stem.name + ".html"), html_js)
         payload = _jsonable(data) if data is not None else figure_data(fig)
         rec.files.append(_atomic_write(stem.with_name(stem.name + ".json"),
-                                       json.dumps(payload, indent=1, allow_nan=False)))
+                                       json.dumps(payload, allow_nan=False)))
         saved.append(rec)
     if not fmts or not saved:
         return saved
@@ -268,7 +312,10 @@ def save_figures(
             it = iter(blobs)
             for rec in saved:
                 for fmt in fmts:
-                    rec.files.append(_atomic_write(rec.stem.with_name(f"{rec.stem.name}.{fmt}"), next(it)))
+                    blob = next(it)
+                    if fmt == "png":
+                        blob = _with_dpi(blob)
+                    rec.files.append(_atomic_write(rec.stem.with_name(f"{rec.stem.name}.{fmt}"), blob))
             return saved
     _warn_once(reason)
     for rec in saved:
