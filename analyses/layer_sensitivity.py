@@ -11,10 +11,14 @@ whole-model perturbation at the same σ as reference, a ranking by the mean of S
 ``critical_layers`` (top-k) for the zeroth-order recipe, and the cheap ZO-probe estimator
 ``c_l = |L(θ+εz_l) − L(θ−εz_l)| / 2ε`` with its Spearman correlation to the ranking.
 
-Fast by construction: the residual stream entering every layer is cached once (clean run,
-only ``hook_resid_pre``), a perturbation of layer l re-runs the model from layer l only
-(``start_at_layer``), the unembedding runs on the positions that are scored only, and the
-model is never reloaded.
+Cost: prompts are batched, the clean baseline is computed once, only the perturbed layer is
+touched (restored bit for bit), the unembedding runs on the scored positions only, and the
+model is never reloaded. The clean ``hook_resid_pre`` of every layer is cached and each
+evaluation restarts at layer l with ``start_at_layer`` — but transformer-lens 4.3's bridge
+implements ``start_at_layer`` by still running blocks 0..l−1 and discarding their output
+(``TransformerBridge._setup_start_at_layer``), so today an evaluation costs one full forward
+(``benchmarks/bench_layer_sensitivity.py`` measures it). Driving the HF decoder layers l…
+directly would halve the sweep; not done yet.
 
     $ python -m analyses.layer_sensitivity                      # the organism, defaults below
     $ python -m analyses.layer_sensitivity --quick --model tiny-llama
@@ -102,9 +106,10 @@ class SensitivityConfig:
 class LayerEvaluator:
     """Refusal scores and utility NLL of a fixed prompt set, re-run from any layer.
 
-    The clean ``hook_resid_pre`` of every layer is cached once per batch; ``evaluate(l)`` runs
-    blocks l… only and unembeds just the scored positions (the last one for the refusal score,
-    the answer tokens for the utility NLL). Perturbations are applied by the caller around it.
+    The clean ``hook_resid_pre`` of every layer is cached once per batch; ``evaluate(l)``
+    restarts at block l (see the module docstring for what the bridge still runs) and
+    unembeds just the scored positions (the last one for the refusal score, the answer tokens
+    for the utility NLL). Perturbations are applied by the caller around it.
     """
 
     def __init__(self, model, harmful: Sequence[ChatSequence], utility: Sequence[ChatSequence], batch_size: int):
