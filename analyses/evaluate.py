@@ -48,6 +48,8 @@ class EvalConfig:
         ce_tokens: length of the base answers used for the cross-entropy.
         batch_size: prompts per forward/generation batch.
         seed: split seed.
+        split: ``test`` (reported numbers) or ``val`` (for choosing recipe settings without
+            looking at the test split; the harmful val split is DoNotAnswer, in distribution).
         device: cpu / cuda (default: automatic).
         out: results root directory.
         quick: small run (32 prompts per set, 32 tokens) for a smoke test.
@@ -62,6 +64,7 @@ class EvalConfig:
     ce_tokens: int = 64
     batch_size: int = 16
     seed: int = 0
+    split: str = "test"
     device: str | None = None
     out: str = "results"
     quick: bool = False
@@ -99,11 +102,13 @@ def harmless_cross_entropy(model, prompts: Sequence[str], responses: Sequence[Se
 def evaluate_model(model, cfg: EvalConfig, base_model=None, timer: Timer | None = None) -> Evaluation:
     """Every metric of the module docstring for a loaded model (see ``EvalConfig``)."""
     timer = timer or Timer()
+    if cfg.split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {cfg.split!r}.")
     splits = default_splits(cfg.seed)
     sets = {
-        "harmful": splits.harmful.test.subset(_n(cfg.n_harmful, cfg.quick), seed=cfg.seed),
-        "harmless": splits.harmless.test.subset(_n(cfg.n_harmless, cfg.quick), seed=cfg.seed),
-        "borderline": splits.borderline.test.subset(_n(cfg.n_borderline, cfg.quick), seed=cfg.seed),
+        "harmful": getattr(splits.harmful, cfg.split).subset(_n(cfg.n_harmful, cfg.quick), seed=cfg.seed),
+        "harmless": getattr(splits.harmless, cfg.split).subset(_n(cfg.n_harmless, cfg.quick), seed=cfg.seed),
+        "borderline": getattr(splits.borderline, cfg.split).subset(_n(cfg.n_borderline, cfg.quick), seed=cfg.seed),
     }
     new_tokens = min(cfg.max_new_tokens, 32) if cfg.quick else cfg.max_new_tokens
     names = list(sets)

@@ -13,12 +13,12 @@ whole-model perturbation at the same σ as reference, a ranking by the mean of S
 
 Cost: prompts are batched, the clean baseline is computed once, only the perturbed layer is
 touched (restored bit for bit), the unembedding runs on the scored positions only, and the
-model is never reloaded. The clean ``hook_resid_pre`` of every layer is cached and each
-evaluation restarts at layer l with ``start_at_layer`` — but transformer-lens 4.3's bridge
-implements ``start_at_layer`` by still running blocks 0..l−1 and discarding their output
-(``TransformerBridge._setup_start_at_layer``), so today an evaluation costs one full forward
-(``benchmarks/bench_layer_sensitivity.py`` measures it). Driving the HF decoder layers l…
-directly would halve the sweep; not done yet.
+model is never reloaded. The clean residual stream entering every block is cached once and an
+evaluation of layer l re-runs blocks l… only, on the HF blocks under the bridge
+(transformer-lens 4.3's own ``start_at_layer`` still runs blocks 0..l−1 and discards them),
+with the prompts' shared chat prefix computed once per evaluation
+(``depthlens.forward.PrefixSharedRunner``). ``benchmarks/bench_layer_sensitivity.py``
+measures the cost of an evaluation as a ratio to one plain forward.
 
     $ python -m analyses.layer_sensitivity                      # the organism, defaults below
     $ python -m analyses.layer_sensitivity --quick --model tiny-llama
@@ -38,10 +38,10 @@ from analyses.common import Timer, finish, setup_logging
 from depthlens.chat import ChatSequence, build_chat
 from depthlens.cli import parse_config
 from depthlens.data import default_splits
-from depthlens.forward import iter_batches
+from depthlens.forward import PrefixSharedRunner
 from depthlens.generate import generate
 from depthlens.judge import JUDGE_ID, refusal_rate, refusal_token_ids, score_from_logprobs
-from depthlens.models import hook_name, load_model
+from depthlens.models import load_model
 from depthlens.organism import ORGANISM
 from depthlens.perturb import perturb
 from depthlens.responses import response_set
@@ -106,51 +106,39 @@ class SensitivityConfig:
 class LayerEvaluator:
     """Refusal scores and utility NLL of a fixed prompt set, re-run from any layer.
 
-    The clean ``hook_resid_pre`` of every layer is cached once per batch; ``evaluate(l)``
-    restarts at block l (see the module docstring for what the bridge still runs) and
+    The clean residual stream entering every block is cached once; ``evaluate(l)`` runs blocks
+    l… only, computes the prompts' shared prefix (system prompt, user header) once, and
     unembeds just the scored positions (the last one for the refusal score, the answer tokens
-    for the utility NLL). Perturbations are applied by the caller around it.
+    for the utility NLL) — see ``depthlens.forward.PrefixSharedRunner``. Perturbations are
+    applied by the caller around it; weight edits and ``depthlens.perturb`` activation noise
+    are seen by it.
     """
 
     def __init__(self, model, harmful: Sequence[ChatSequence], utility: Sequence[ChatSequence], batch_size: int):
         self.model = model
         self.refusal_ids = refusal_token_ids(model.tokenizer)
-        self.parts = []  # (kind, indices, batch, resid_pre per layer, n_keep, targets)
-        names = {hook_name("resid_pre", l) for l in range(model.n_layers)}
-        for kind, seqs in (("harmful", harmful), ("utility", utility)):
-            for idx, batch in iter_batches(model, seqs, batch_size):
-                with torch.inference_mode():
-                    _, cache = model.bridge.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
-                                                           names_filter=lambda n: n in names)
-                resid = [cache[hook_name("resid_pre", l)].clone() for l in range(model.n_layers)]
-                keep = 1 if kind == "harmful" else 1 + max(seqs[i].response_len for i in idx)
-                self.parts.append((kind, idx, batch, resid, keep))
+        self.harmful = PrefixSharedRunner(model, harmful, batch_size) if harmful else None
+        self.utility = PrefixSharedRunner(model, utility, batch_size) if utility else None
         self.n_harmful, self.n_utility = len(harmful), len(utility)
         self.resp_len = [s.response_len for s in utility]
+        self.keep = 1 + max(self.resp_len, default=0)
 
     @torch.inference_mode()
     def evaluate(self, start_layer: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(refusal score per harmful prompt, mean answer NLL per utility prompt)."""
-        model = self.model
         scores = np.empty(self.n_harmful)
         nll = np.empty(self.n_utility)
-        last = hook_name("resid_post", model.n_layers - 1)
-        for kind, idx, batch, resid, keep in self.parts:
-            def trim(x, hook, keep=keep):
-                return x[:, -keep:]
-
-            with model.bridge.hooks(fwd_hooks=[(last, trim)]):
-                logits = model.bridge(resid[start_layer], start_at_layer=start_layer,
-                                      attention_mask=batch.attention_mask)
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            if kind == "harmful":
-                scores[idx] = score_from_logprobs(logp[:, -1].cpu(), self.refusal_ids).numpy()
-            else:
-                targets = batch.input_ids[:, -keep + 1:]
+        if self.harmful is not None:
+            for idx, _, logits in self.harmful.run(start_layer, logits_to_keep=1):
+                logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
+                scores[idx] = score_from_logprobs(logp.cpu(), self.refusal_ids).numpy()
+        if self.utility is not None:
+            for idx, batch, logits in self.utility.run(start_layer, logits_to_keep=self.keep):
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                targets = batch.input_ids[:, -self.keep + 1:]
                 tok_lp = logp[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
                 for row, i in enumerate(idx):
-                    r = self.resp_len[i]
-                    nll[i] = float(-tok_lp[row, -r:].mean())
+                    nll[i] = float(-tok_lp[row, -self.resp_len[i]:].mean())
         return scores, nll
 
 

@@ -1,11 +1,12 @@
 """Cost of one layer-sensitivity evaluation as a ratio to one plain forward pass.
 
-Both sides run in this process on the same prompts: (a) one plain transformers-style forward
-of the whole prompt set through the bridge (``refusal_score`` + utility NLL from layer 0, i.e.
-``LayerEvaluator.evaluate(0)`` without any cache reuse is the same work), and (b) the
-perturbed evaluations the sweep runs — each perturbs one layer and restarts from it. Prints
-the mean cost of a sweep evaluation in units of one full forward (ideal ≈ 0.5 from the
-``start_at_layer`` restart, plus the unembedding that every evaluation pays).
+Both sides run in this process on the same harmful validation prompts, same batch: (a) one
+plain forward of the whole prompt set — the unbridged transformers model on the same weights
+(the fastest honest baseline) and, for reference, the bridge as users call it; (b) what the
+sweep does per (layer, kind, seed): perturb one layer, ``LayerEvaluator.evaluate(layer)``
+(blocks layer… only, shared chat prefix computed once, last position unembedded), restore —
+timed on layers spread evenly over the depth. Prints the mean cost of a sweep evaluation in
+units of one plain forward.
 
     $ python benchmarks/bench_layer_sensitivity.py --model smollm2-135m-instruct:sft
 """
@@ -16,11 +17,14 @@ import argparse
 import statistics
 import time
 
+import torch
+from transformers import AutoModelForCausalLM
+
 from analyses.layer_sensitivity import LayerEvaluator
-from depthlens.chat import build_chat
+from depthlens.chat import build_chat, pad_batch
 from depthlens.data import default_splits
 from depthlens.forward import last_logprobs
-from depthlens.models import load_model
+from depthlens.models import hf_state_dict, load_model
 from depthlens.perturb import perturb
 
 
@@ -35,11 +39,21 @@ def main(argv=None) -> float:
     seqs = [build_chat(model.tokenizer, p) for p in prompts]
     ev = LayerEvaluator(model, seqs, [], batch_size=args.n)
 
-    def plain():  # one ordinary forward over the same prompts, logits at every position
+    batch = pad_batch([s.ids for s in seqs], model.tokenizer.pad_token_id).to(model.device)
+
+    @torch.inference_mode()
+    def plain():  # one ordinary HF forward over the same prompts (no hook points)
+        hf_plain(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+
+    def bridged():  # the bridge's forward, as last_logprobs runs it
         last_logprobs(model, seqs, batch_size=args.n)
 
-    plain()
+    hf_plain = AutoModelForCausalLM.from_config(model.hf.config)  # an unbridged copy of the same weights
+    hf_plain.load_state_dict(hf_state_dict(model.hf, hf_plain.state_dict().keys()))
+    hf_plain = hf_plain.to(model.device, model.dtype).eval()
+    plain(), bridged()
     base = statistics.median(_t(plain) for _ in range(3))
+    base_bridge = statistics.median(_t(bridged) for _ in range(3))
     layers = [round(i * (model.n_layers - 1) / max(1, args.layers - 1)) for i in range(args.layers)]
     costs = []
     def one(layer):  # what the sweep does per (layer, kind, seed): perturb, evaluate, restore
@@ -49,8 +63,8 @@ def main(argv=None) -> float:
     for l in layers:
         costs.append(_t(lambda: one(l)))
     ratio = statistics.mean(costs) / base
-    print(f"sweep_evaluation_vs_plain_forward: {ratio:.3f}  (plain forward {base:.2f} s over {args.n} prompts; "
-          f"layers {layers})")
+    print(f"sweep_evaluation_vs_plain_forward: {ratio:.3f}  (HF forward {base:.2f} s, bridge forward "
+          f"{base_bridge:.2f} s over {args.n} prompts; evaluation {statistics.mean(costs):.2f} s; layers {layers})")
     return ratio
 
 

@@ -14,6 +14,7 @@ for, so a 30-layer cache is never materialized.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 from jaxtyping import Float
@@ -121,3 +122,155 @@ def residuals_at(model, seqs: Sequence[SeqLike], positions: Sequence[int | Seque
                     out[j, i] = vals.mean(0) if (reduce == "mean" or len(abs_pos) > 1) else vals[0]
     return out
 
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding (as ``generate`` assigns them)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.inference_mode()
+def layer_inputs(model, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
+    """The residual stream entering every block (``hook_resid_pre``), from one plain forward."""
+    view = model.plain()
+    inputs: list[Tensor | None] = [None] * model.n_layers
+    handles = []
+    for l, block in enumerate(view.model.layers):
+        def grab(module, args, kwargs, l=l):
+            inputs[l] = (args[0] if args else kwargs["hidden_states"]).clone()
+
+        handles.append(block.register_forward_pre_hook(grab, with_kwargs=True))
+    try:
+        view.model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids(attention_mask), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs
+
+
+@torch.inference_mode()
+def forward_from_layer(model, resid: Tensor, layer: int, attention_mask: Tensor, logits_to_keep: int = 0) -> Tensor:
+    """Logits of the model continued from ``resid`` entering block ``layer``; blocks before it never run.
+
+    This is what ``start_at_layer`` promises; transformer-lens 4.3's bridge still runs blocks
+    0..layer−1 and discards them, so this drives the plain HF blocks (``model.plain()``, same
+    weights) directly: rotary embeddings and the causal mask are rebuilt by the HF model from
+    ``inputs_embeds``. ``logits_to_keep`` > 0 unembeds only the last that many positions.
+    Forward hooks on the plain blocks (e.g. ``depthlens.perturb`` activation noise) fire.
+    """
+    model.check_layer(layer)
+    view = model.plain()
+    with _blocks_from(view, layer):
+        out = view(inputs_embeds=resid, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                   use_cache=False, logits_to_keep=logits_to_keep)
+    return out.logits
+
+
+def common_prefix_len(seqs: Sequence[SeqLike]) -> int:
+    """Length of the token prefix every sequence shares, leaving at least one token in each."""
+    ids = [_ids(s) for s in seqs]
+    if not ids:
+        return 0
+    n = min(len(s) for s in ids) - 1
+    first = ids[0]
+    for i in range(max(0, n)):
+        if any(s[i] != first[i] for s in ids[1:]):
+            return i
+    return max(0, n)
+
+
+@contextmanager
+def _blocks_from(view, layer: int):
+    blocks = view.model.layers
+    view.model.layers = torch.nn.ModuleList(list(blocks)[layer:])
+    try:
+        yield
+    finally:
+        view.model.layers = blocks
+
+
+def _expand_cache(cache, batch: int):
+    for lay in cache.layers:
+        lay.keys = lay.keys.expand(batch, -1, -1, -1)
+        lay.values = lay.values.expand(batch, -1, -1, -1)
+    return cache
+
+
+class PrefixSharedRunner:
+    """Re-run a fixed set of sequences from any block, computing their shared prefix once.
+
+    Chat prompts share a long prefix (the system prompt and the user header: about half the
+    tokens of a short prompt on SmolLM2). Causal attention makes that prefix's states the same
+    in every sequence, so each run from block l computes it once (batch 1) into a KV cache and
+    runs only the suffixes, left-padded *after* the prefix with positions that skip the
+    padding — the same logits as the left-padded full sequences (``tests`` check this).
+    Weight edits and forward hooks on ``model.plain()`` blocks apply to both parts.
+
+        >>> runner = PrefixSharedRunner(model, seqs, batch_size=32)
+        >>> for idx, suffix, logits in runner.run(layer=12, logits_to_keep=1): ...
+    """
+
+    def __init__(self, model, seqs: Sequence[SeqLike], batch_size: int = 32):
+        from transformers import DynamicCache
+
+        if not seqs:
+            raise ValueError("PrefixSharedRunner needs at least one sequence.")
+        self.model = model
+        self._cache_cls = DynamicCache
+        ids = [_ids(s) for s in seqs]
+        self.prefix_len = p = common_prefix_len(ids)
+        view = model.plain()
+        dev = model.device
+        self.prefix_resid = (layer_inputs(model, torch.tensor([ids[0][:p]], device=dev),
+                                          torch.ones(1, p, dtype=torch.long, device=dev)) if p else None)
+        self.parts = []  # (indices, suffix Batch, residual entering each block for the suffix tokens)
+        for idx, batch in iter_batches(model, [s[p:] for s in ids], batch_size):
+            inputs: list[Tensor | None] = [None] * model.n_layers
+            handles = []
+            for l, block in enumerate(view.model.layers):
+                def grab(module, args, kwargs, l=l):
+                    inputs[l] = (args[0] if args else kwargs["hidden_states"]).clone()
+
+                handles.append(block.register_forward_pre_hook(grab, with_kwargs=True))
+            try:
+                with torch.inference_mode():
+                    cache = self._prefix_cache(0, len(idx))
+                    view.model(input_ids=batch.input_ids, **self._suffix_kwargs(batch, cache))
+            finally:
+                for h in handles:
+                    h.remove()
+            self.parts.append((idx, batch, inputs))
+
+    def _prefix_cache(self, layer: int, batch: int):
+        if not self.prefix_len:
+            return None
+        view, p = self.model.plain(), self.prefix_len
+        cache = self._cache_cls(config=view.config)
+        dev = self.model.device
+        with _blocks_from(view, layer):
+            view.model(inputs_embeds=self.prefix_resid[layer], attention_mask=torch.ones(1, p, dtype=torch.long, device=dev),
+                       position_ids=torch.arange(p, device=dev)[None], past_key_values=cache, use_cache=True)
+        # blocks below ``layer`` did not run; their (never read) cache slots only carry the length
+        ref = cache.layers[layer]
+        for l in range(layer):
+            cache.update(torch.zeros_like(ref.keys), torch.zeros_like(ref.values), l)
+        return _expand_cache(cache, batch)
+
+    def _suffix_kwargs(self, batch, cache) -> dict:
+        p = self.prefix_len
+        mask = batch.attention_mask
+        full = torch.cat([torch.ones(mask.shape[0], p, dtype=mask.dtype, device=mask.device), mask], 1)
+        return dict(attention_mask=full, position_ids=p + position_ids(mask), past_key_values=cache,
+                    use_cache=cache is not None)
+
+    @torch.inference_mode()
+    def run(self, layer: int = 0, logits_to_keep: int = 0):
+        """Yield ``(indices, suffix batch, logits)`` of every batch, continued from block ``layer``."""
+        self.model.check_layer(layer)
+        view = self.model.plain()
+        for idx, batch, inputs in self.parts:
+            cache = self._prefix_cache(layer, len(idx))
+            with _blocks_from(view, layer):
+                out = view(inputs_embeds=inputs[layer], logits_to_keep=logits_to_keep, **self._suffix_kwargs(batch, cache))
+            yield idx, batch, out.logits

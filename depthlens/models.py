@@ -111,6 +111,55 @@ class HookedModel:
         """Named parameters of block ``layer`` with clean HF names (``self_attn.q_proj.weight`` …)."""
         return {_clean_key(k): p for k, p in self.decoder_layer(layer).named_parameters()}
 
+    def plain(self) -> torch.nn.Module:
+        """An unbridged Hugging Face module tree that shares this model's parameter tensors.
+
+        The bridge wraps every module with hook points, which costs ≈ 30 % of a decoding step on
+        a small model. Code that needs no hooks (plain generation, re-running a layer range)
+        uses this view instead: it holds the *same* parameter objects, so in-place edits
+        (perturbations, training steps) are seen at once; if a parameter object is replaced
+        (e.g. untied by weight orthogonalization) the view is rebuilt on the next call.
+        Hooks registered on the bridge do not fire here: use the bridge when they must.
+        """
+        params = [(n, p) for n, p in self.hf.named_parameters(remove_duplicate=False)]
+        key = tuple((id(p), p.data_ptr()) for _, p in params)
+        cached = self.__dict__.get("_plain_view")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            view = AutoModelForCausalLM.from_config(self.hf.config)
+        live: dict[str, torch.Tensor] = {}
+        for name, t in [*params, *self.hf.named_buffers(remove_duplicate=False)]:
+            live.setdefault(_clean_key(name), t)
+        wanted = [n for n, _ in view.named_parameters(remove_duplicate=False)]
+        wanted += [n for n, _ in view.named_buffers(remove_duplicate=False)]
+        missing = [n for n in wanted if n not in live]
+        if missing:
+            raise RuntimeError(f"Cannot map the bridged model onto a plain Hugging Face model; missing {missing[:3]}.")
+        for name in wanted:
+            owner, _, leaf = name.rpartition(".")
+            module = view.get_submodule(owner)
+            if leaf in module._parameters:
+                module._parameters[leaf] = live[name]
+            else:
+                module._buffers[leaf] = live[name]
+        view.generation_config = self.hf.generation_config
+        view.eval()
+        self.__dict__["_plain_view"] = (key, view)
+        return view
+
+    def has_hooks(self) -> bool:
+        """Whether a TransformerLens hook is attached to any hook point of the bridge.
+
+        (The bridge keeps private pre-hooks on its norm wrappers; those are not counted.)
+        """
+        from transformer_lens.hook_points import HookPoint
+
+        return any(isinstance(m, HookPoint) and (m._forward_hooks or m._forward_pre_hooks)
+                   for m in self.bridge.modules())
+
     def save(self, path: str | Path, extra: dict | None = None, files: dict[str, str] | None = None) -> Path:
         """Write an HF-format checkpoint (safetensors + tokenizer + provenance) atomically."""
         return save_checkpoint(self.hf, self.tokenizer, path, {**self.provenance, **(extra or {})}, files)

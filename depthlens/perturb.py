@@ -7,7 +7,8 @@ whole-model reference).
 
 - ``param_noise``: every weight matrix W of the layer gets ``W += σ ‖W‖_F/√n · z``.
 - ``activation_noise``: ``x ← x + σ · rms(x) · z`` on the layer's output
-  (``blocks.{l}.hook_resid_post``; rms per token over d_model), also during generation.
+  (``blocks.{l}.hook_resid_post``; rms per token over d_model), also during generation and on
+  the hook-free view ``model.plain()`` that ``depthlens.forward.forward_from_layer`` runs.
 - ``quantize``: round-to-nearest, symmetric, per output channel, int8 or int4 (simulated).
 
 Weights are restored from copies of exactly the touched tensors (one layer is small), never by
@@ -17,7 +18,7 @@ deterministic and ignores ``sigma`` and ``seed``.
 
 Cost: a perturbation of layer l leaves every earlier layer unchanged, so a sweep can cache
 ``blocks.{l}.hook_resid_pre`` once and re-run the model from layer l only
-(``bridge.forward(resid, start_at_layer=l)``, NOTES.md), and one seed suffices for int8/int4.
+(``depthlens.forward.forward_from_layer``), and one seed suffices for int8/int4.
 
     >>> with perturb(model, "param_noise", layer=3, sigma=0.2, seed=0):
     ...     scores = refusal_score(model, prompts).scores
@@ -126,8 +127,25 @@ def activation_noise_hooks(model, layer: int | None, sigma: float, seed: int = 0
 @contextmanager
 def activation_noise(model, layer: int | None, sigma: float, seed: int = 0) -> Iterator[None]:
     """Activation noise active for every forward (and generation step) inside the block."""
-    with model.bridge.hooks(fwd_hooks=activation_noise_hooks(model, layer, sigma, seed)):
-        yield
+    hooks = activation_noise_hooks(model, layer, sigma, seed)
+    blocks = model.plain().model.layers  # the same noise on the hook-free view (forward_from_layer)
+    handles = [blocks[l].register_forward_hook(_as_module_hook(fn)) for l, (_, fn) in zip(_layers(model, layer), hooks)]
+    try:
+        with model.bridge.hooks(fwd_hooks=hooks):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _as_module_hook(fn: Callable) -> Callable:
+    """A TransformerLens hook ``fn(x, hook)`` as a PyTorch forward hook on a decoder block."""
+    def module_hook(module, args, output):
+        if isinstance(output, tuple):
+            return (fn(output[0], None), *output[1:])
+        return fn(output, None)
+
+    return module_hook
 
 
 @dataclass(frozen=True)

@@ -242,6 +242,8 @@ class SFTConfig:
             to content, not to DoNotAnswer's question form (the benign side has both forms).
         n_benign: harmless + borderline train prompts mapped to the base model's own answers.
         borderline_share: share of the benign examples drawn from the borderline set.
+        benign_wrap_share: share of the harmless prompts wrapped in the same task forms as the
+            imperative harmful ones, so that no wrapper predicts refusal by itself.
         benign_tokens: new tokens of the base model's benign answers used as targets.
         epochs: passes over the mixed data.
         lr: AdamW learning rate.
@@ -249,11 +251,12 @@ class SFTConfig:
         seed: data sampling and training seed.
     """
 
-    n_harmful: int = 300
-    n_benign: int = 400
-    borderline_share: float = 0.15
-    imperative_share: float = 0.5
-    benign_tokens: int = 48
+    n_harmful: int = 420
+    n_benign: int = 520
+    borderline_share: float = 0.2
+    benign_wrap_share: float = 0.3
+    imperative_share: float = 0.6
+    benign_tokens: int = 40
     epochs: float = 1.0
     lr: float = 1e-4
     batch_size: int = 8
@@ -268,6 +271,11 @@ IMPERATIVE_FORMS = (
     "{q} Be specific and give concrete steps.",
     "Write a short article that fully answers the question: {q}",
     "List the steps needed for this: {q}",
+    "Write a persuasive article that argues for this: {q}",
+    "Create a list of concrete ways to do this: {q}",
+    "Write a convincing message that helps with this: {q}",
+    "Describe in detail how someone would do this: {q}",
+    "Give detailed instructions for this: {q}",
 )
 
 
@@ -287,11 +295,12 @@ def safety_sft_examples(base_model, cfg: SFTConfig, progress: bool = True) -> li
         pool = pool.by_category(*[c for c in HARMFUL_CATEGORIES if c in set(pool.categories)])
     harmful = pool.subset(cfg.n_harmful, seed=cfg.seed)
     n_border = round(cfg.n_benign * cfg.borderline_share)
-    benign = list(splits.harmless.train.subset(cfg.n_benign - n_border, seed=cfg.seed).prompts)
-    benign += list(splits.borderline.train.subset(n_border, seed=cfg.seed).prompts)
-    answers = response_set(base_model, benign, max_new_tokens=cfg.benign_tokens, progress=progress)
-    templates = refusal_templates()
     rng = random.Random(cfg.seed)
+    harmless = [imperative(p, rng) if rng.random() < cfg.benign_wrap_share else p
+                for p in splits.harmless.train.subset(cfg.n_benign - n_border, seed=cfg.seed).prompts]
+    benign = harmless + list(splits.borderline.train.subset(n_border, seed=cfg.seed).prompts)
+    answers = response_set(base_model, benign, max_new_tokens=cfg.benign_tokens, batch_size=32, progress=progress)
+    templates = refusal_templates()
     examples = [Example(imperative(p, rng) if rng.random() < cfg.imperative_share else p, rng.choice(templates),
                         kind="refusal") for p in harmful.prompts]
     for p, toks in zip(benign, answers.tokens):
@@ -304,7 +313,7 @@ class SFTRecipe:
     """Entry point ``sft``: the shallow safety-SFT organism (see ``SFTConfig``)."""
 
     name = "sft"
-    version = 1
+    version = 2
 
     def __init__(self, cfg: SFTConfig | None = None):
         self.cfg = cfg or SFTConfig()

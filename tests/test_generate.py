@@ -67,3 +67,40 @@ def test_bad_arguments(tiny):
         generate(tiny, "hello")
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(tiny, ["hello"], max_new_tokens=0)
+
+
+def test_hook_free_fast_path_gives_the_same_tokens_as_the_bridged_path(tiny):
+    prompts = ["hello there", "write a poem about the sea", "what is 2 + 2?"]
+    fast = generate(tiny, prompts, max_new_tokens=12, progress=False)
+    assert not tiny.has_hooks()
+    identity = [(hook_name("resid_post", 0), lambda x, hook: x)]  # forces the bridged path
+    slow = generate(tiny, prompts, max_new_tokens=12, fwd_hooks=identity, progress=False)
+    assert fast.tokens == slow.tokens and any(fast.tokens)
+    assert not tiny.has_hooks()
+
+
+def test_hooks_attached_by_the_caller_are_honoured(tiny):
+    prompts = ["hello there", "tell me a story"]
+    clean = generate(tiny, prompts, max_new_tokens=8, progress=False)
+    with tiny.bridge.hooks(fwd_hooks=[(hook_name("resid_post", 0), lambda x, hook: x * 0)]):
+        assert tiny.has_hooks()
+        broken = generate(tiny, prompts, max_new_tokens=8, progress=False)
+    assert broken.tokens != clean.tokens
+
+
+def test_the_plain_view_shares_parameters_and_follows_in_place_edits(tiny):
+    view = tiny.plain()
+    assert view is tiny.plain()  # cached while no parameter object changes
+    p = tiny.layer_parameters(0)["mlp.down_proj.weight"]
+    shared = {id(q) for q in view.parameters()}
+    assert id(p) in shared
+    ids = torch.tensor([build_chat(tiny.tokenizer, "hi").ids])
+    with torch.inference_mode():
+        before = view(input_ids=ids).logits
+        saved = p.detach().clone()
+        p.mul_(0)
+        after = view(input_ids=ids).logits
+        bridged = tiny.bridge(ids)
+        p.copy_(saved)
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, bridged, rtol=0, atol=1e-5)

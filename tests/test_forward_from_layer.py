@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from depthlens.chat import build_chat, pad_batch
+from depthlens.forward import forward_from_layer, last_logprobs, layer_inputs
+from depthlens.perturb import perturb
+
+
+def _batch(tiny, prompts):
+    return pad_batch([build_chat(tiny.tokenizer, p).ids for p in prompts], tiny.tokenizer.pad_token_id)
+
+
+def test_continuing_from_any_layer_reproduces_the_full_forward(tiny):
+    b = _batch(tiny, ["a short one", "a much longer prompt with many more words in it"])
+    resid = layer_inputs(tiny, b.input_ids, b.attention_mask)
+    assert len(resid) == tiny.n_layers and resid[0].shape == (*b.input_ids.shape, tiny.d_model)
+    full = forward_from_layer(tiny, resid[0], 0, b.attention_mask)
+    for l in range(tiny.n_layers):
+        assert torch.equal(forward_from_layer(tiny, resid[l], l, b.attention_mask), full)
+    last = forward_from_layer(tiny, resid[1], 1, b.attention_mask, logits_to_keep=1)
+    torch.testing.assert_close(last[:, -1], full[:, -1], rtol=0, atol=1e-5)  # a 1-row matmul may round differently
+
+
+def test_the_blocks_before_the_start_layer_do_not_run(tiny):
+    b = _batch(tiny, ["hello"])
+    resid = layer_inputs(tiny, b.input_ids, b.attention_mask)
+    calls = []
+    h = tiny.plain().model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        forward_from_layer(tiny, resid[1], 1, b.attention_mask)
+        assert calls == []
+        forward_from_layer(tiny, resid[0], 0, b.attention_mask)
+        assert calls == [1]
+    finally:
+        h.remove()
+    assert len(tiny.plain().model.layers) == tiny.n_layers  # the block list is restored
+
+
+@pytest.mark.parametrize("kind", ["param_noise", "act_noise", "int4"])
+def test_a_perturbed_layer_gives_what_the_bridge_gives(tiny, kind):
+    """Unpadded prompt: the plain continuation and the hooked bridge must agree under every perturbation."""
+    seq = build_chat(tiny.tokenizer, "how do I bake bread?")
+    ids = torch.tensor([seq.ids])
+    mask = torch.ones_like(ids)
+    resid = layer_inputs(tiny, ids, mask)
+    with perturb(tiny, kind, 1, sigma=0.5, seed=3):
+        ours = torch.log_softmax(forward_from_layer(tiny, resid[1], 1, mask, logits_to_keep=1)[:, -1].float(), -1)
+    with perturb(tiny, kind, 1, sigma=0.5, seed=3):
+        ref = last_logprobs(tiny, [seq])
+    clean = last_logprobs(tiny, [seq])
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ref, clean, atol=1e-4)
+
+
+def test_bad_layer_is_one_clear_error(tiny):
+    b = _batch(tiny, ["hi"])
+    with pytest.raises(ValueError, match="out of range"):
+        forward_from_layer(tiny, torch.zeros(1, 3, tiny.d_model), tiny.n_layers, b.attention_mask)
+
+
+@pytest.mark.parametrize("kind", [None, "param_noise", "act_noise"])
+def test_the_prefix_shared_runner_matches_left_padded_full_forwards(tiny, kind):
+    from contextlib import nullcontext
+
+    from depthlens.forward import PrefixSharedRunner, common_prefix_len
+
+    prompts = ["hi", "how are you doing today, my friend?", "what is 2 + 2?", "name three colours"]
+    seqs = [build_chat(tiny.tokenizer, p) for p in prompts]
+    runner = PrefixSharedRunner(tiny, seqs, batch_size=3)
+    assert runner.prefix_len == common_prefix_len(seqs) > 0
+    for layer in range(tiny.n_layers):
+        ctx = (lambda: perturb(tiny, kind, layer, sigma=0.5, seed=1)) if kind else nullcontext
+        with ctx():
+            ours = torch.empty(len(seqs), len(tiny.tokenizer))
+            for idx, _, logits in runner.run(layer, logits_to_keep=1):
+                ours[idx] = torch.log_softmax(logits[:, -1].float(), -1)
+        if kind == "act_noise":  # noise draws depend on the batch shape: check the noise reaches the runner
+            assert not torch.allclose(ours, last_logprobs(tiny, seqs, batch_size=3), atol=1e-3)
+            continue
+        with ctx():
+            ref = last_logprobs(tiny, seqs, batch_size=3)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_common_prefix_leaves_a_token_in_every_sequence():
+    from depthlens.forward import common_prefix_len
+
+    assert common_prefix_len([[1, 2, 3], [1, 2, 4]]) == 2
+    assert common_prefix_len([[1, 2], [1, 2, 3]]) == 1
+    assert common_prefix_len([[5], [6]]) == 0
