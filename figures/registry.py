@@ -162,6 +162,7 @@ def build_figures(
     An analysis nobody registered a builder for is logged and skipped (empty list).
     """
     analysis = record.get("analysis", "")
+    load_builders()  # idempotent: modules are imported once
     if not has_builders(analysis, combine=False):
         log.info("No figure builder registered for analysis %r; skipped.", analysis)
         return []
@@ -176,6 +177,7 @@ def build_combined_figures(
     html_js: HtmlJs = "embed",
 ) -> list[SavedFigure]:
     """Build and save the ``combine=True`` figures of ``analysis`` from all its ``records``."""
+    load_builders()
     if not records or not has_builders(analysis, combine=True):
         return []
     return _save(analysis, _collect(analysis, list(records), combine=True), out_dir, formats, html_js)

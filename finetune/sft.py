@@ -125,8 +125,12 @@ def _batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[li
 
 
 def response_loss(model, batch_ids, batch_mask, attention_mask, reduction: str = "mean"):
-    """Cross-entropy on masked (response) tokens; ``reduction="none"`` gives per-token values."""
-    logits = model.hf(input_ids=batch_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    """Cross-entropy on masked (response) tokens; ``reduction="none"`` gives per-token values.
+
+    Runs on ``model.plain()`` (the same parameters without hook points: same logits, less
+    overhead per step); use a custom ``loss_fn`` on ``model.bridge`` when hooks must fire.
+    """
+    logits = model.plain()(input_ids=batch_ids, attention_mask=attention_mask).logits[:, :-1].float()
     target = batch_ids[:, 1:]
     m = batch_mask[:, 1:].float()
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
@@ -175,6 +179,7 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
         log.info("Resuming training from step %d of %d", start, total)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     model.hf.train()
+    model.plain().train()
     t0 = time.time()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else _null()
     try:
@@ -198,6 +203,7 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
                 _save_state(ckpt, params, opt, sched, step + 1, log_.losses)
     finally:
         model.hf.eval()
+        model.plain().eval()
         for p in params:
             p.requires_grad_(False)
             p.grad = None

@@ -19,6 +19,8 @@ def test_evaluate_quick(tmp_path, capsys):
     assert m["judge"] == "substring-v1"
     assert {r["set"] for r in rec.tables["by_set"]} == {"harmful", "harmless", "borderline"}
     assert "results:" in capsys.readouterr().out
+    html = list(path.parent.glob("evaluate_*.html"))  # the run's figures sit beside its record
+    assert html and "plotly" in html[0].read_text()
     assert auroc([2, 3], [0, 1]) == 1.0 and auroc([0], [1]) == 0.0 and auroc([1], [1]) == 0.5
 
 
