@@ -66,7 +66,9 @@ class SensitivityConfig:
         seeds: noise seeds per layer and kind (quantization is deterministic: one run).
         n_harmful: harmful validation prompts (DoNotAnswer val) scored by the refusal score.
         n_harmless: harmless validation prompts whose own greedy answers give the utility CE.
-        utility_tokens: length of those answers.
+        utility_tokens: length of those answers. 12 × 16 tokens: utility is the secondary
+            measure and its unembedding (every answer position × 49k vocab) would otherwise
+            cost as much as the refusal score; this keeps the default run ≤ 5 min on 2 cores.
         layers: layers to sweep (default: all).
         top_k: how many critical layers to report for the zeroth-order recipe.
         zo_probe: also compute the cheap ZO-probe estimator and its rank correlation.
@@ -87,8 +89,8 @@ class SensitivityConfig:
     act_sigma: float = 0.5
     seeds: int = 2
     n_harmful: int = 32
-    n_harmless: int = 16
-    utility_tokens: int = 32
+    n_harmless: int = 12
+    utility_tokens: int = 16
     layers: tuple[int, ...] | None = None
     top_k: int = 5
     zo_probe: bool = True
@@ -124,15 +126,15 @@ class LayerEvaluator:
         self.keep = 1 + max(self.resp_len, default=0)
 
     @torch.inference_mode()
-    def evaluate(self, start_layer: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(refusal score per harmful prompt, mean answer NLL per utility prompt)."""
+    def evaluate(self, start_layer: int = 0, utility: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(refusal score per harmful prompt, mean answer NLL per utility prompt — NaN if not ``utility``)."""
         scores = np.empty(self.n_harmful)
-        nll = np.empty(self.n_utility)
+        nll = np.full(self.n_utility, np.nan)
         if self.harmful is not None:
             for idx, _, logits in self.harmful.run(start_layer, logits_to_keep=1):
                 logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
                 scores[idx] = score_from_logprobs(logp.cpu(), self.refusal_ids).numpy()
-        if self.utility is not None:
+        if utility and self.utility is not None:
             for idx, batch, logits in self.utility.run(start_layer, logits_to_keep=self.keep):
                 logp = torch.log_softmax(logits.float(), dim=-1)
                 targets = batch.input_ids[:, -self.keep + 1:]
@@ -256,7 +258,7 @@ def zo_probe_scores(model, ev: LayerEvaluator, layers: Sequence[int], eps: float
     """
     from finetune.zeroth_order import zo_layer_probes
 
-    return zo_layer_probes(model, list(layers), lambda l: -float(ev.evaluate(l)[0].mean()),
+    return zo_layer_probes(model, list(layers), lambda l: -float(ev.evaluate(l, utility=False)[0].mean()),
                            eps=eps, seed=seed, n_samples=n_seeds)
 
 
