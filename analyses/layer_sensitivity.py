@@ -66,8 +66,9 @@ class SensitivityConfig:
         seeds: noise seeds per layer and kind (quantization is deterministic: one run).
         n_harmful: harmful validation prompts (DoNotAnswer val) scored by the refusal score.
         n_harmless: harmless validation prompts whose own greedy answers give the utility CE.
-        utility_tokens: length of those answers. 12 × 16 tokens: utility is the secondary
-            measure and its unembedding (every answer position × 49k vocab) would otherwise
+        utility_tokens: length of those answers. 12 × 16 tokens, measured on the first seed of
+            each layer × kind only: utility is the secondary measure (its interval is over
+            prompts) and its unembedding (every answer position × 49k vocab) would otherwise
             cost as much as the refusal score; this keeps the default run ≤ 5 min on 2 cores.
         layers: layers to sweep (default: all).
         top_k: how many critical layers to report for the zeroth-order recipe.
@@ -196,9 +197,10 @@ def run(cfg: SensitivityConfig, model=None) -> RunRecord:
     with timer("sweep"):
         for layer, kind, s in tqdm(jobs, desc="layer × kind × seed"):
             with perturb(model, kind, layer, _sigma(cfg, kind), seed=cfg.seed * 1000 + s):
-                sc, nl = ev.evaluate(0 if layer is None else layer)
+                sc, nl = ev.evaluate(0 if layer is None else layer, utility=s == 0)
             drops.setdefault((layer, kind), []).append(clean_scores - sc)
-            rises.setdefault((layer, kind), []).append(nl - clean_nll)
+            if s == 0:
+                rises.setdefault((layer, kind), []).append(nl - clean_nll)
 
     rows, whole = [], []
     for (layer, kind), d in drops.items():
