@@ -47,7 +47,7 @@ class Timer:
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "transformer_lens", "transformers"):
+    for noisy in ("httpx", "urllib3", "transformer_lens", "transformers", "kaleido", "choreographer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

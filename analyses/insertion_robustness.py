@@ -34,12 +34,15 @@ class InsertionConfig:
     Args:
         model: the aligned model spec (default: the organism).
         base: spec whose harmful answers provide the spans (default: the model's base).
-        n_prompts: harmful test prompts (HarmBench) whose refusals are attacked.
+        n_prompts: harmful test prompts (HarmBench) whose refusals are attacked. 20: the
+            5 × 4 grid then holds 400 trials (± ≈ 0.2 per cell at 95%) and the default run stays
+            ≤ 5 min on 2 CPU cores (continuations dominate: ≈ 0.6 s per trial); raise it on a GPU.
         depths: relative insertion depths p/|refusal| of the grid.
         span_lengths: inserted span lengths m.
         n_random: random positions per prompt for the random-position ASR (m = 8).
         refusal_tokens: length of the model's own greedy refusals.
-        max_new_tokens: tokens generated after the insertion.
+        max_new_tokens: tokens generated after the insertion (32: long enough for the
+            model to return to a refusal sentence; shorter would bias ASR upward).
         batch_size: prompts per batch.
         seed: split and position seed.
         device: cpu / cuda (default: automatic).
@@ -49,7 +52,7 @@ class InsertionConfig:
 
     model: str = ORGANISM
     base: str | None = None
-    n_prompts: int = 24
+    n_prompts: int = 20
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     span_lengths: tuple[int, ...] = (2, 4, 8, 16)
     n_random: int = 2
