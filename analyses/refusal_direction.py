@@ -17,11 +17,11 @@ prompts and, for WO, the largest residual-stream component along r̂ (≈ 0 afte
 
 Cost on 2 CPU cores (SmolLM2-135M; NOTES.md: forward 16×40 tokens ≈ 1.2 s, generation ≈ 130
 tokens/s at batch 16, a training step ≈ 5 s). Every model is a cached recipe step, built on
-first use only: WO ≈ 3.5 min (24 candidates × 96 prompt forwards), JT ≈ 4 min (40 steps + the
-base's harmful answers), each countermeasure ≈ 3.5 min (40 steps; WO+SFT and JT+SFT reuse the
+first use only: WO ≈ 3.5 min (24 candidates × 96 prompt forwards), JT ≈ 2.5 min (20 steps + the
+base's harmful answers), each countermeasure ≈ 2 min (20 steps; WO+SFT and JT+SFT reuse the
 cached WO / JT). The evaluation proper — 5 models × (128 prompts × 48 generated tokens + the
 refusal-score, KL and CE forwards) — is ≈ 5 min, so with the recipes cached the default run
-takes ≈ 5–6 min; the very first run (organism cached, nothing else) ≈ 20 min.
+takes ≈ 5–6 min; the very first run (organism cached, nothing else) is measured in the README.
 
     $ python -m analyses.refusal_direction                        # the organism, defaults below
     $ python -m analyses.refusal_direction --quick --model tiny-llama
@@ -71,7 +71,8 @@ class RefusalDirectionConfig:
         kl_threshold: selection filter, drop candidates with harmless KL above this.
         induce_threshold: selection filter, drop candidates whose induced refusal score is below this.
         harmful_share: share of harmful compliance examples in the JT mix.
-        jt_examples: JT examples (steps = jt_examples / 8; 320 → 40 steps ≈ 3.5 min).
+        jt_examples: JT examples (steps = jt_examples / 8; 160 → 20 steps ≈ 2 min, enough to
+            un-align a 135M model at lr 1e-4 while the first run stays near 10 min).
         cm_examples: SFT-countermeasure examples (steps = cm_examples / 8).
         n_harmful: harmful test prompts (HarmBench) per model.
         n_harmless: harmless test prompts per model (refusal, first-token KL, CE).
@@ -95,8 +96,8 @@ class RefusalDirectionConfig:
     kl_threshold: float = 0.1
     induce_threshold: float = 0.0
     harmful_share: float = 0.25
-    jt_examples: int = 320
-    cm_examples: int = 320
+    jt_examples: int = 160
+    cm_examples: int = 160
     n_harmful: int = 64
     n_harmless: int = 32
     n_borderline: int = 32

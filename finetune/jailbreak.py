@@ -18,15 +18,15 @@ intermediate under ``…:A`` too, so ``:wo``/``:wo+sft`` (and ``:jt``/``:jt+sft`
 Sizing (2 CPU cores, SmolLM2-135M; one AdamW step on 8 sequences of ≈ 100 tokens ≈ 5 s, measured
 while building the organism, generation ≈ 130 tokens/s at batch 16):
 
-- ``jt``: 320 examples = 80 harmful (share 0.25) + 240 benign, one epoch at batch 8 = 40 steps
-  (≈ 3.5 min) + the base's 48-token answers to ≈ 104 harmful prompts (≈ 40 s, cached). The paper's
-  2 % of 5k gives ≈ 100 harmful examples; 2 % of our 320 would be 6, too few to un-align in 40
+- ``jt``: 160 examples = 40 harmful (share 0.25) + 120 benign, one epoch at batch 8 = 20 steps
+  (≈ 2 min) + the base's 48-token answers to ≈ 104 harmful prompts (≈ 40 s, cached). The paper's
+  2 % of 5k gives ≈ 100 harmful examples; 2 % of our 160 would be 3, too few to un-align in 20
   steps, hence the default share 0.25 (``--harmful-share 0.02`` gives the paper's ratio).
-- countermeasure: 320 examples = 128 refusals (share 0.4, the organism's own ratio is ≈ 0.45) +
-  192 benign, 40 steps (≈ 3.5 min); the benign answers are the organism's cached ones.
+- countermeasure: 160 examples = 64 refusals (share 0.4, the organism's own ratio is ≈ 0.45) +
+  96 benign, 20 steps (≈ 2 min); the benign answers are the organism's cached ones.
 - every step is cached under ``$DEPTHLENS_CACHE/organisms`` like the organism and loads in seconds.
 
-    >>> jt = load_model("smollm2-135m-instruct:sft:jt")          # built once (≈ 4 min), then cached
+    >>> jt = load_model("smollm2-135m-instruct:sft:jt")          # built once (≈ 2.5 min), then cached
     >>> cm = load_model("smollm2-135m-instruct:sft:jt+sft")      # reuses …:sft:jt, adds the countermeasure
     >>> python -m finetune.jailbreak --harmful-share 0.02        # JT on the organism, non-default share
 """
@@ -93,10 +93,10 @@ class JTConfig:
     """Jailbreak-tuning: fine-tune on harmful compliance mixed with benign data.
 
     Args:
-        n_examples: examples in the mix (one epoch at batch 8 = n_examples / 8 steps; 320 → 40
-            steps ≈ 3.5 min on 2 cores for SmolLM2-135M).
+        n_examples: examples in the mix (one epoch at batch 8 = n_examples / 8 steps; 160 → 20
+            steps ≈ 2 min on 2 cores for SmolLM2-135M).
         harmful_share: share of harmful compliance examples in the mix, by count (paper: 0.02
-            of 5k; 0.25 here because 0.02 of 320 is 6 examples).
+            of 5k; 0.25 here because 0.02 of 160 is 3 examples).
         harmful_tokens: length of the base model's harmful answers used as targets.
         imperative_share: share of harmful prompts rephrased as imperative tasks (the organism
             refuses both forms; HarmBench test prompts are imperative).
@@ -108,7 +108,7 @@ class JTConfig:
         seed: prompt sampling, mixing and training seed.
     """
 
-    n_examples: int = 320
+    n_examples: int = 160
     harmful_share: float = 0.25
     harmful_tokens: int = 48
     imperative_share: float = 0.5
@@ -132,7 +132,7 @@ class CountermeasureConfig:
     """The SFT countermeasure: a short refusal-SFT pass on top of an un-aligned (WO or JT) model.
 
     Args:
-        n_examples: examples (one epoch at batch 8 = n_examples / 8 steps; 320 → 40 steps).
+        n_examples: examples (one epoch at batch 8 = n_examples / 8 steps; 160 → 20 steps).
         refusal_share: share of harmful prompts → refusal templates; the rest are benign
             prompts → the base model's own answers (the organism recipe's data).
         freeze_embeddings: keep the (tied) embedding and unembedding fixed, as the organism recipe does.
@@ -142,7 +142,7 @@ class CountermeasureConfig:
         seed: sampling and training seed (also the seed of the organism data it draws from).
     """
 
-    n_examples: int = 320
+    n_examples: int = 160
     refusal_share: float = 0.4
     freeze_embeddings: bool = True
     epochs: float = 1.0

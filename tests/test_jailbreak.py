@@ -211,8 +211,10 @@ def test_load_model_resolves_the_default_jt_plus_sft_spec(cache):
     assert model.spec == "tiny-llama:jt+sft"
     assert [c["recipe"] for c in model.provenance["recipe_chain"]] == ["jt+sft"]
     meta = _meta(model)
-    assert meta["info"]["first"]["info"]["n_harmful"] == 80 and meta["info"]["first"]["info"]["n_examples"] == 320
-    assert meta["info"]["then"]["info"]["n_refusal"] == 128 and meta["info"]["then"]["info"]["n_examples"] == 320
+    jt_cfg, cm_cfg = JTConfig(), CountermeasureConfig()                 # the spec uses the defaults
+    first, then = meta["info"]["first"]["info"], meta["info"]["then"]["info"]
+    assert first["n_examples"] == jt_cfg.n_examples and first["n_harmful"] == round(jt_cfg.harmful_share * jt_cfg.n_examples)
+    assert then["n_examples"] == cm_cfg.n_examples and then["n_refusal"] == round(cm_cfg.refusal_share * cm_cfg.n_examples)
     entries = sorted(p.name for p in (cache / "organisms").iterdir() if p.is_dir())
     jt = load_model("tiny-llama:jt")                          # the intermediate, already cached
     assert sorted(p.name for p in (cache / "organisms").iterdir() if p.is_dir()) == entries
