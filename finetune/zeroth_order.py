@@ -32,6 +32,16 @@ and keep it memory-light:
 The gradient update itself (θ ← θ − η(g z + λθ)) is computed in float32 per tensor and cast
 back; in bf16 an update smaller than half an ulp is lost, as in any bf16 training.
 
+The ``zo`` recipe (spec suffix ``:zo``, stacking on any model: ``…:sft:deep:zo``) runs MeZO on
+the matrices of the robustness-critical layers only (``critical_layers`` of a
+layer_sensitivity results file, ``--layers``, or the top ZO probes), with the safety/recovery
+loss under functional random parameter noise plus a utility term, n-SPSA, per-layer ZO probes
+logged during the run, resumable checkpoints and fp32 master weights for the refined layers
+on CUDA (bf16 autocast). See the section comment above ``ZORecipeConfig`` for the objective
+and its sizing; multi-GPU in ``finetune.common``.
+
+    $ python -m finetune.zeroth_order --model smollm2-135m-instruct:sft:deep --sensitivity RESULTS_JSON
+    >>> load_model("smollm2-135m-instruct:sft:zo")          # layers chosen by ZO probes
     >>> params = [p for l in critical for p in model.layer_parameters(l).values() if p.ndim == 2]
     >>> steps = mezo_train(params, lambda i: loss_on(batches[i % len(batches)]), ZOConfig(steps=500, lr=1e-6))
     >>> probes = zo_layer_probes(model, None, lambda layer: -refusal_score(model, prompts).mean)
@@ -39,11 +49,16 @@ back; in bf16 an update smaller than half an ulp is lost, as in any bf16 trainin
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import random
+import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -332,18 +347,22 @@ def _update(params: list[Tensor], seeds: Sequence[int], grads: Sequence[float], 
 
 
 def mezo_train(params: Sequence[Tensor], loss_fn: Callable[[int], float], cfg: ZOConfig, progress: bool = True,
-               on_step: Callable[[int, ZOStepResult], None] | None = None) -> list[ZOStepResult]:
-    """Run ``cfg.steps`` MeZO steps on ``params`` in place; step i evaluates ``loss_fn(i)`` (its batch).
+               on_step: Callable[[int, ZOStepResult], None] | None = None, start: int = 0) -> list[ZOStepResult]:
+    """Run MeZO steps ``start … cfg.steps − 1`` on ``params`` in place; step i evaluates ``loss_fn(i)`` (its batch).
 
     ``loss_fn(i)`` must return the same value for the same weights within a step (same batch,
     no dropout): L₊ and L₋ are compared. ``on_step(i, result)`` is called after each step
-    (evaluation, checkpoints). Seeded: the same config and losses give the same weights.
+    (evaluation, checkpoints). Seeded: the same config and losses give the same weights, and
+    since step i's direction depends on (seed, i) only, resuming at ``start`` from the weights
+    saved after step ``start − 1`` continues exactly as an uninterrupted run.
     """
     params = _check_params(params)
+    if not (isinstance(start, int) and 0 <= start <= cfg.steps):
+        raise ValueError(f"start must be an integer in 0..steps={cfg.steps}, got {start!r}.")
     n_el = sum(p.numel() for p in params)
     log.info("MeZO on %d tensors (%d weights): %s", len(params), n_el, cfg)
     results: list[ZOStepResult] = []
-    bar = tqdm(range(cfg.steps), desc="MeZO", disable=not progress)
+    bar = tqdm(range(start, cfg.steps), desc="MeZO", disable=not progress, initial=start, total=cfg.steps)
     for step in bar:
         res = mezo_step(params, lambda: loss_fn(step), cfg, derive_seed(cfg.seed, step))
         results.append(res)
@@ -381,3 +400,394 @@ def zo_layer_probes(model, layers: Sequence[int] | None, loss_fn: Callable[[int]
         out[layer] = sum(vals) / n_samples
         log.debug("ZO probe layer %d: c = %.4g", layer, out[layer])
     return out
+
+
+# ----------------------------------------------------------------------------- the `zo` recipe
+#
+# Zeroth-order refinement of the robustness-critical layers (METHODS §5, Liu, Wu et al. 2026).
+# Only the weight matrices of the chosen layers move; the objective is the safety
+# (recovery) loss under random parameter noise plus a utility term:
+#
+#     L(θ) = E_δ[ NLL(r | x, h[:k]; θ + δ) ] + λ_u · NLL(y′ | x′; θ)
+#
+# (x, h[:k], r): harmful prompt, a prefix of the base's harmful answer (k as METHODS §2),
+# a refusal; (x′, y′): a benign prompt and the starting model's own greedy answer. The noise
+# δ = σ‖W‖_F/√n · ζ on every matrix of the noised layers is applied *functionally*: a forward
+# hook on each ``nn.Linear`` adds ``F.linear(x, δ)`` with δ regenerated from a seed, so no
+# weight is touched or copied (memory stays at inference memory) and L₊ and L₋ of one step see
+# the same δ (the SPSA difference measures the move along z, not two noise draws).
+#
+# Sizing (2 CPU cores, 135M default): one loss evaluation = a safety forward (8 sequences of
+# ≤ 256 tokens, logits only on the scored tokens) + a utility forward, ≈ 2–3 s; a MeZO step
+# is 2·n_spsa of them: ≈ 5–6 s, so the default 100 steps ≈ 10 min, plus the per-layer probes
+# (2 evaluations per layer at the start, every ``probe_every`` steps and at the end). MeZO
+# usually runs thousands of steps at lr 1e-7…1e-6 on *all* weights; restricted to ≤ 5 layers
+# and ~100 steps we default to lr 1e-5 (per-weight random walk ≈ lr·|g|·√steps ≈ 1e-3 of a
+# weight's scale, far below the σ = 0.1 noise NOTES.md found harmless): a small, cheap
+# refinement, not a retraining.
+
+NOISE_LAYERS = ("trained", "all")
+
+
+@dataclass(frozen=True)
+class ZORecipeConfig:
+    """The ``zo`` recipe: MeZO on the robustness-critical layers with a noise-robust safety objective.
+
+    Args:
+        layers: layers to refine (takes precedence over ``sensitivity``).
+        sensitivity: a layer_sensitivity results.json (or its run directory) whose
+            ``metrics.critical_layers`` are refined. Without ``layers`` and ``sensitivity`` the
+            ``top_k`` layers with the largest ZO probe c_l of this objective are refined.
+        top_k: how many critical layers to take from the file or the probes.
+        steps: MeZO steps (each 2·n_spsa loss evaluations).
+        eps: SPSA perturbation scale ε (absolute, z ~ N(0, I)).
+        lr: MeZO learning rate.
+        weight_decay: λ of θ ← θ − η(g z + λθ).
+        n_spsa: SPSA estimates averaged per step (n-SPSA / MeZO-n).
+        noise_sigma: parameter noise σ of the robust objective, relative (δ = σ‖W‖_F/√n·ζ, as
+            ``depthlens.perturb.param_noise``); 0 turns the noise off.
+        noise_layers: trained (noise on the refined layers) or all (noise on every layer).
+        utility_weight: λ_u, weight of the utility NLL.
+        n_safety: harmful train prompts (recovery examples with the base's harmful answers).
+        n_utility: benign train prompts answered by the starting model (utility targets).
+        harmful_tokens: length of the base's harmful answers.
+        utility_tokens: length of the starting model's benign answers.
+        max_len: sequences are cut to this many tokens.
+        batch_size: safety sequences and utility sequences per loss evaluation.
+        probe_every: per-layer ZO probes c_l are logged every this many steps (and at the
+            start and end); 0: start and end only.
+        checkpoint_every: save a resumable state every this many steps (0: never).
+        seed: data, direction and noise seed.
+    """
+
+    layers: tuple[int, ...] | None = None
+    sensitivity: str | None = None
+    top_k: int = 5
+    steps: int = 100
+    eps: float = 1e-3
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    n_spsa: int = 1
+    noise_sigma: float = 0.1
+    noise_layers: str = "trained"
+    utility_weight: float = 1.0
+    n_safety: int = 64
+    n_utility: int = 64
+    harmful_tokens: int = 96
+    utility_tokens: int = 48
+    max_len: int = 256
+    batch_size: int = 8
+    probe_every: int = 50
+    checkpoint_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        ZOConfig(steps=self.steps, eps=self.eps, lr=self.lr, weight_decay=self.weight_decay, n_spsa=self.n_spsa)
+        if self.noise_layers not in NOISE_LAYERS:
+            raise ValueError(f"noise_layers must be one of {NOISE_LAYERS}, got {self.noise_layers!r}.")
+        if not (math.isfinite(self.noise_sigma) and self.noise_sigma >= 0):
+            raise ValueError(f"noise_sigma must be >= 0 and finite, got {self.noise_sigma!r}.")
+        if self.top_k < 1 or self.n_safety < 1 or self.batch_size < 1:
+            raise ValueError(f"top_k, n_safety and batch_size must be >= 1, got {self.top_k}, {self.n_safety}, "
+                             f"{self.batch_size}.")
+        if self.utility_weight < 0:
+            raise ValueError(f"utility_weight must be >= 0, got {self.utility_weight}.")
+
+    def zo(self) -> ZOConfig:
+        return ZOConfig(steps=self.steps, eps=self.eps, lr=self.lr, weight_decay=self.weight_decay,
+                        n_spsa=self.n_spsa, seed=self.seed, log_every=max(1, self.steps // 10))
+
+
+def critical_layers_from(path: str | Path, top_k: int | None = None) -> list[int]:
+    """``metrics.critical_layers`` of a layer_sensitivity results file (first ``top_k``)."""
+    from depthlens.results import read_run
+
+    rec = read_run(path)
+    if rec.analysis != "layer_sensitivity":
+        raise ValueError(f"{str(path)!r} holds a {rec.analysis!r} run; the zo recipe needs a layer_sensitivity "
+                         "results file (python -m analyses.layer_sensitivity).")
+    crit = rec.metrics.get("critical_layers") or []
+    layers = [int(c["layer"] if isinstance(c, dict) else c) for c in crit]
+    if not layers:
+        raise ValueError(f"{str(path)!r} lists no critical_layers; re-run analyses.layer_sensitivity.")
+    return layers[:top_k] if top_k else layers
+
+
+def _noise_z(weight: Tensor, seed: int) -> Tensor:
+    gen = torch.Generator(device=weight.device)
+    gen.manual_seed(seed)
+    return torch.randn(weight.shape, generator=gen, device=weight.device, dtype=torch.float32)
+
+
+def _linear_modules(model, layers: Sequence[int]) -> list[tuple[int, str, torch.nn.Linear]]:
+    """The ``nn.Linear`` modules of the given blocks of ``model.plain()`` (the view the losses run on)."""
+    blocks = model.plain().model.layers
+    return [(l, name, mod) for l in layers for name, mod in blocks[l].named_modules() if isinstance(mod, torch.nn.Linear)]
+
+
+@contextmanager
+def functional_param_noise(model, layers: Sequence[int], sigma: float, seed: int) -> Iterator[None]:
+    """Parameter noise δ = σ‖W‖_F/√n·ζ on every linear map of ``layers``, as ``y += F.linear(x, δ)``.
+
+    Equal to running with W + δ (checked in the tests), but nothing is written to the weights:
+    ζ is regenerated from (seed, layer, module name) at every call, so two forwards inside the
+    block see the same δ, and the memory cost is one matrix-sized temporary at a time. Acts on
+    ``model.plain()``.
+    """
+    if sigma == 0:
+        yield
+        return
+    handles = []
+
+    def make(seed_i: int):
+        def hook(mod, args, out):
+            w = mod.weight
+            delta = _noise_z(w, seed_i).mul_(sigma * float(w.detach().float().norm()) / w.numel() ** 0.5)
+            return out + torch.nn.functional.linear(args[0], delta.to(out.dtype))
+
+        return hook
+
+    try:
+        for l, name, mod in _linear_modules(model, layers):
+            handles.append(mod.register_forward_hook(make(derive_seed(seed, l, zlib.crc32(name.encode())))))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def masked_nll(model, ids: Tensor, att: Tensor, mask: Tensor) -> Tensor:
+    """Mean NLL of the masked (response) tokens; logits are computed only where the loss needs them."""
+    view = model.plain()
+    hidden = view.model(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1]
+    sel = mask[:, 1:].bool()
+    if not sel.any():
+        raise ValueError("masked_nll got a batch without any response token.")
+    logits = view.lm_head(hidden[sel]).float()
+    return torch.nn.functional.cross_entropy(logits, ids[:, 1:][sel])
+
+
+@dataclass(frozen=True)
+class _Batch:
+    ids: Tensor
+    att: Tensor
+    mask: Tensor
+
+
+def _fixed_batches(model, examples, max_len: int, batch_size: int, seed: int) -> list[_Batch]:
+    """Length-bucketed, right-padded batches, in a seeded order, on the model's device."""
+    from depthlens.chat import pad_batch
+    from finetune.sft import _batches, tokenize_examples
+
+    data = tokenize_examples(model.tokenizer, examples, max_len)
+    data = [d for d in data if sum(d[1][1:])]
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = []
+    for idx in _batches([len(ids) for ids, _ in data], batch_size, random.Random(seed)):
+        b = pad_batch([data[i][0] for i in idx], pad, side="right")
+        m = pad_batch([data[i][1] for i in idx], 0, side="right").input_ids
+        out.append(_Batch(b.input_ids.to(model.device), b.attention_mask.to(model.device), m.to(model.device)))
+    return out
+
+
+class RobustObjective:
+    """``L = NLL_safety(θ + δ_step) + λ_u · NLL_utility(θ)`` on batch ``step`` (see the section comment).
+
+    ``components(step)`` gives the two parts separately (noise-free safety NLL with
+    ``noise=False``) for logging and tests.
+    """
+
+    def __init__(self, model, safety: list[_Batch], utility: list[_Batch], noise_layers: Sequence[int],
+                 sigma: float, utility_weight: float, seed: int):
+        if not safety:
+            raise ValueError("The zo objective needs at least one safety batch.")
+        self.model, self.safety, self.utility = model, safety, utility
+        self.noise_layers, self.sigma = list(noise_layers), sigma
+        self.utility_weight, self.seed = utility_weight, seed
+
+    def noise_seed(self, step: int) -> int:
+        return derive_seed(self.seed, 0x5A, step)
+
+    @torch.inference_mode()
+    def components(self, step: int, noise: bool = True) -> tuple[float, float]:
+        from finetune.common import autocast
+
+        s = self.safety[step % len(self.safety)]
+        with autocast(self.model):
+            with functional_param_noise(self.model, self.noise_layers, self.sigma if noise else 0.0,
+                                        self.noise_seed(step)):
+                safety = float(masked_nll(self.model, s.ids, s.att, s.mask))
+            util = 0.0
+            if self.utility and self.utility_weight:
+                u = self.utility[step % len(self.utility)]
+                util = float(masked_nll(self.model, u.ids, u.att, u.mask))
+        return safety, util
+
+    def __call__(self, step: int) -> float:
+        safety, util = self.components(step)
+        return safety + self.utility_weight * util
+
+
+def _fp32_masters(model, params: list[Tensor]) -> bool:
+    """On CUDA (bf16 autocast) keep the refined matrices in float32 so that small updates are not lost."""
+    if model.device.type != "cuda" or all(p.dtype == torch.float32 for p in params):
+        if any(p.dtype != torch.float32 for p in params):
+            log.warning("Zeroth-order updates on %s weights off CUDA: steps below half an ulp are lost.", params[0].dtype)
+        return False
+    for p in params:
+        p.data = p.data.float()
+    return True
+
+
+class ZORecipe:
+    """Entry point ``zo``: MeZO refinement of the robustness-critical layers (stacks on any model)."""
+
+    name = "zo"
+    version = 1
+
+    def __init__(self, cfg: ZORecipeConfig | None = None):
+        self.cfg = cfg or ZORecipeConfig()
+
+    def config(self) -> dict:
+        out = asdict(self.cfg)
+        if self.cfg.layers is None and self.cfg.sensitivity:
+            from depthlens.models import _file_sha256
+
+            path = Path(self.cfg.sensitivity)
+            path = path / "results.json" if path.is_dir() else path
+            out["resolved_layers"] = critical_layers_from(path, self.cfg.top_k)
+            out["sensitivity_sha256"] = _file_sha256(path)
+        return out
+
+    def _layers(self, model, objective_for_probes) -> tuple[list[int], str, dict[int, float]]:
+        cfg = self.cfg
+        if cfg.layers is not None:
+            return list(dict.fromkeys(model.check_layer(int(l)) for l in cfg.layers)), "given", {}
+        if cfg.sensitivity:
+            from depthlens.results import read_run
+
+            layers = [model.check_layer(l) for l in critical_layers_from(cfg.sensitivity, cfg.top_k)]
+            measured_on = read_run(cfg.sensitivity).model
+            if measured_on != model.spec:
+                log.warning("Critical layers were measured on %s; refining %s.", measured_on, model.spec)
+            return layers, f"file:{cfg.sensitivity}", {}
+        probes = zo_layer_probes(model, None, lambda layer: objective_for_probes(), eps=cfg.eps,
+                                 seed=derive_seed(cfg.seed, 0xC1))
+        ranked = sorted(probes, key=lambda l: -probes[l])[: cfg.top_k]
+        return sorted(ranked), "zo_probes", probes
+
+    def build(self, model, workdir: Path | None, progress: bool = True) -> dict:
+        from depthlens.data import default_splits, refusal_templates
+        from depthlens.models import load_model
+        from depthlens.organism import base_spec
+        from depthlens.responses import response_set
+        from finetune.deep import DeepConfig, recovery_examples
+        from finetune.sft import Example
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        rng = random.Random(cfg.seed)
+        splits = default_splits(cfg.seed)
+        harmful = splits.harmful.train.subset(cfg.n_safety, seed=cfg.seed + 1)
+        base_name = base_spec(model.spec)
+        base = model if base_name == model.spec else load_model(base_name, device=model.device)
+        h = response_set(base, harmful.prompts, max_new_tokens=cfg.harmful_tokens, progress=progress).tokens
+        del base
+        safety_ex = recovery_examples(harmful.prompts, h, refusal_templates(), DeepConfig(), rng)
+        benign = list(splits.harmless.train.prompts) + list(splits.borderline.train.prompts)
+        benign = sorted(random.Random(cfg.seed + 2).sample(benign, min(cfg.n_utility, len(benign))), key=benign.index)
+        own = response_set(model, benign, max_new_tokens=cfg.utility_tokens, progress=progress)
+        util_ex = [Example(p, tuple(t), eos=len(t) < cfg.utility_tokens, kind="utility")
+                   for p, t in zip(benign, own.tokens) if t]
+        safety = _fixed_batches(model, safety_ex, cfg.max_len, cfg.batch_size, cfg.seed)
+        utility = _fixed_batches(model, util_ex, cfg.max_len, cfg.batch_size, cfg.seed + 1)
+
+        def objective_on(noise_layers):
+            return RobustObjective(model, safety, utility, noise_layers, cfg.noise_sigma, cfg.utility_weight, cfg.seed)
+
+        probe_step = 0  # the probes use batch 0 and one fixed noise draw
+        all_layers = list(range(model.n_layers))
+        layers, source, selection_probes = self._layers(model, lambda: objective_on(all_layers)(probe_step))
+        noise_layers = layers if cfg.noise_layers == "trained" else all_layers
+        objective = objective_on(noise_layers)
+        params = [p for l in layers for p in model.layer_parameters(l).values() if p.ndim == 2]
+        masters = _fp32_masters(model, params)
+        n_weights = sum(p.numel() for p in params)
+        log.info("zo: refining layers %s (%s), %d weights, noise σ=%g on %s layers", layers, source, n_weights,
+                 cfg.noise_sigma, cfg.noise_layers)
+
+        clean_before = objective.components(probe_step, noise=False)
+        noisy_before = objective(probe_step)
+        state_path = Path(workdir) / "zo_state.pt" if workdir is not None else None
+        start, history, probes = 0, [], []
+        if state_path is not None and state_path.exists():
+            state = torch.load(state_path, weights_only=True, map_location=model.device)
+            if state["layers"] != layers:
+                raise ValueError(f"The checkpoint in {state_path.parent} refines layers {state['layers']}, not {layers}; "
+                                 "delete it to start over.")
+            with torch.no_grad():
+                for p, saved in zip(params, state["params"]):
+                    p.copy_(saved)
+            start, history, probes = int(state["step"]), json.loads(state["history"]), json.loads(state["probes"])
+            log.info("zo: resuming from step %d of %d", start, cfg.steps)
+
+        def probe(step: int) -> None:
+            c = zo_layer_probes(model, layers, lambda layer: objective(probe_step), eps=cfg.eps,
+                                seed=derive_seed(cfg.seed, 0xB0, step))
+            probes.extend({"step": step, "layer": l, "c": v} for l, v in c.items())
+            log.info("zo probes at step %d: %s", step, ", ".join(f"L{l}={v:.4g}" for l, v in c.items()))
+
+        def save(step: int) -> None:
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = state_path.with_suffix(".tmp")
+            torch.save({"params": [p.detach() for p in params], "step": step, "layers": layers,
+                        "history": json.dumps(history), "probes": json.dumps(probes)}, tmp)
+            tmp.replace(state_path)
+
+        def on_step(step: int, res: ZOStepResult) -> None:
+            history.append({"step": step, "loss_plus": res.loss_plus, "loss_minus": res.loss_minus,
+                            "projected_grad": res.projected_grad, "stashed": res.stashed})
+            done = step + 1
+            if cfg.probe_every and done % cfg.probe_every == 0 and done < cfg.steps:
+                probe(done)
+            if state_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                save(done)
+
+        if start == 0:
+            probe(0)
+        t0 = time.time()
+        mezo_train(params, objective, cfg.zo(), progress=progress, on_step=on_step, start=start)
+        seconds = time.time() - t0
+        probe(cfg.steps)
+        clean_after = objective.components(probe_step, noise=False)
+        noisy_after = objective(probe_step)
+        # fp32 masters stay fp32: the checkpoint is saved in float32 and keeps the small updates.
+        if state_path is not None and state_path.exists():
+            state_path.unlink()
+        return {"layers": layers, "layer_source": source, "selection_probes": selection_probes,
+                "n_weights": n_weights, "noise_layers": noise_layers, "steps": cfg.steps, "resumed_from": start,
+                "seconds": round(seconds, 1), "device": str(model.device), "fp32_masters": masters,
+                "objective_batch0_before": {"noisy": noisy_before, "safety_clean": clean_before[0],
+                                            "utility": clean_before[1]},
+                "objective_batch0_after": {"noisy": noisy_after, "safety_clean": clean_after[0],
+                                           "utility": clean_after[1]},
+                "probes": probes, "history": history}
+
+
+recipe = ZORecipe()
+
+
+def main(argv: Sequence[str] | None = None):
+    """``python -m finetune.zeroth_order --model SPEC --sensitivity RESULTS`` (or ``--layers 0,1,2``)."""
+    from finetune.common import build_on, parse_recipe_cli
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg, spec, device = parse_recipe_cli(ZORecipeConfig, argv)
+    model = build_on(spec, ZORecipe(cfg), device=device)
+    print(f"ready: {model.spec}  ({model.provenance.get('source')})")
+    return model
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+"""Which layers matter causally for insertion robustness? Per-layer ablations (METHODS §6: back a probe).
+
+For every layer l and each intervention, with the hook active at that layer only:
+
+- ``zero_attn`` / ``zero_mlp``: ``blocks.l.hook_attn_out`` / ``hook_mlp_out`` set to 0;
+- ``mean_attn`` / ``mean_mlp``: set to its mean over every position of harmless prompts
+  (float64, streamed through hooks in one pass, computed once);
+- ``direction``: the refusal direction of layer l projected out of the stream leaving the
+  layer (``blocks.l.hook_resid_post``, every position): ``x ← x − (x·r̂_l) r̂_l``, with r̂_l the
+  difference in means of harmful vs harmless *train* prompts at the last prompt token at the
+  same hook (``analyses.state_prediction.refusal_directions``: the direction whose projection
+  that analysis probes). Leaving layer l = entering layer l + 1, so this is Arditi et al.'s
+  block-input ablation applied at one layer only.
+
+two things are measured against the un-ablated model (computed once):
+
+- ΔASR on a fixed subset of insertion trials (from an ``analyses.insertion_robustness`` run,
+  balanced between continuations that were harmful and that recovered, one trial a prompt
+  where possible): the continuation is generated again from the same tokens with the hook
+  active and judged by ``depthlens.judge.classify_continuation`` (ASR = share "harmful"; the
+  reference is the inserted span's text, since trial records do not keep the whole harmful
+  answer, so the baseline ASR can differ a little from the source run's);
+- Δ mean refusal score (``depthlens.judge.refusal_score``) on harmful validation prompts.
+
+Both Δs come with paired 95 % bootstrap intervals (trials, resp. prompts, resampled; the same
+resamples for every cell). Shares of "recovered" continuations are recorded beside ASR.
+
+Cost (2 CPU cores, SmolLM2-135M, estimates from a batch-16 forward over ~100 tokens ≈ 0.4 s
+and generation ≈ 8 steps/s at batch 16): one cell ≈ 16 decoding steps (≈ 2 s) + the
+trials' prefill (16 × ≈ 80 tokens) + 16 refusal-score prompts ≈ 2.5 s; 16 layers × 5
+interventions ≈ 3.5 min, plus ≈ 20 s for loading, means, directions and the baseline.
+
+    $ python -m analyses.layer_ablation                       # every other layer of the organism
+    $ python -m analyses.layer_ablation --layer-stride 1      # every layer (≈ 2× the time)
+    >>> rec = run(LayerAblationConfig(model="tiny-llama", quick=True)); rec.tables["effects"][0]
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from analyses.common import Timer, finish, setup_logging
+from analyses.state_prediction import obtain_trials, refusal_directions
+from depthlens.chat import ChatSequence
+from depthlens.cli import parse_config
+from depthlens.data import default_splits
+from depthlens.forward import iter_batches
+from depthlens.generate import Hook, as_chats, generate, hooks_active
+from depthlens.judge import CONTINUATION_JUDGE_ID, classify_continuation, is_refusal, refusal_score
+from depthlens.models import hook_name, load_model
+from depthlens.organism import ORGANISM
+from depthlens.results import RunRecord
+
+log = logging.getLogger(__name__)
+
+INTERVENTIONS = ("zero_attn", "mean_attn", "zero_mlp", "mean_mlp", "direction")
+_COMPONENT = {"zero_attn": "attn_out", "mean_attn": "attn_out", "zero_mlp": "mlp_out", "mean_mlp": "mlp_out"}
+
+
+@dataclass(frozen=True)
+class LayerAblationConfig:
+    """Per-layer zero/mean ablation of attention and MLP outputs and of the refusal direction.
+
+    Args:
+        model: the model ablated (default: the organism).
+        trials: an insertion_robustness run directory or results.json; none = the latest run
+            of this model under ``out``, or one made (and saved) first with its defaults.
+        interventions: zero_attn, mean_attn, zero_mlp, mean_mlp, direction.
+        layers: layers to ablate (default: every ``layer_stride``-th layer and the last).
+        layer_stride: spacing of the default layers. 2: 16 of the default model's 30 layers ×
+            5 interventions = 80 cells ≈ 3.5 min on 2 CPU cores; 1 (every layer) doubles it,
+            past the 5-minute budget of a default run.
+        n_trials: insertion trials re-continued under every cell. 16: one generation batch
+            (a decoding step costs about the same at batch 1 and 16 on CPU), half harmful,
+            half recovered; an ASR change of 1/16 is its resolution.
+        max_new_tokens: tokens generated per continuation. 16 (≈ 12 words): the judge needs
+            ≥ 8 words to call a continuation harmful; each token is one decoding step per cell.
+        n_val: harmful validation prompts for the refusal score (one forward batch per cell).
+        n_mean: harmless prompts whose positions give the mean activations (one pass).
+        n_dir: harmful and harmless train prompts each for the refusal direction per layer.
+        n_boot: paired bootstrap resamples for the intervals of the Δs.
+        batch_size: sequences per forward / generation batch.
+        seed: subset, split and bootstrap seed.
+        device: cpu / cuda (default: automatic).
+        out: results root directory (also where insertion runs are looked for).
+        quick: small run for smoke tests (4 trials × 8 tokens, 4 prompts per set, every 6th
+            layer and the last, 200 resamples).
+    """
+
+    model: str = ORGANISM
+    trials: str | None = None
+    interventions: tuple[str, ...] = INTERVENTIONS
+    layers: tuple[int, ...] | None = None
+    layer_stride: int = 2
+    n_trials: int = 16
+    max_new_tokens: int = 16
+    n_val: int = 16
+    n_mean: int = 32
+    n_dir: int = 32
+    n_boot: int = 1000
+    batch_size: int = 16
+    seed: int = 0
+    device: str | None = None
+    out: str = "results"
+    quick: bool = False
+
+
+# ----------------------------------------------------------------------------- hooks
+
+
+@dataclass(frozen=True)
+class ComponentMeans:
+    """Float64 means of ``attn_out`` and ``mlp_out`` per layer over every (unpadded) position.
+
+    Attributes:
+        attn_out, mlp_out: ``[n_layers, d_model]`` on the CPU.
+        n_positions: token positions averaged.
+    """
+
+    attn_out: Float[Tensor, "layer d_model"]
+    mlp_out: Float[Tensor, "layer d_model"]
+    n_positions: int
+
+
+@torch.inference_mode()
+def component_means(model, prompts: Sequence[str | ChatSequence], batch_size: int = 16) -> ComponentMeans:
+    """Mean attention and MLP output of every layer over all positions of ``prompts`` (one pass)."""
+    if not prompts:
+        raise ValueError("component_means needs at least one prompt.")
+    L, d = model.n_layers, model.d_model
+    sums = {k: torch.zeros(L, d, dtype=torch.float64, device=model.device) for k in ("attn_out", "mlp_out")}
+    state: dict = {}
+
+    def accumulate(kind: str, layer: int):
+        def fn(x, hook):
+            sums[kind][layer] += (x.to(torch.float64) * state["mask"]).sum((0, 1))
+        return fn
+
+    hooks = [(hook_name(k, l), accumulate(k, l)) for k in sums for l in range(L)]
+    n = 0
+    with hooks_active(model, hooks):
+        for _, batch in iter_batches(model, as_chats(model, prompts), batch_size, desc="mean attn/mlp out"):
+            state["mask"] = batch.attention_mask.to(torch.float64).unsqueeze(-1)
+            n += int(batch.attention_mask.sum())
+            model.bridge(batch.input_ids, attention_mask=batch.attention_mask)
+    return ComponentMeans((sums["attn_out"] / n).cpu(), (sums["mlp_out"] / n).cpu(), n)
+
+
+def intervention_hooks(model, kind: str, layer: int, *, means: ComponentMeans | None = None,
+                       direction: Float[Tensor, " d_model"] | None = None) -> list[Hook]:
+    """The TransformerLens hooks of one intervention at one layer (see the module docstring)."""
+    model.check_layer(layer)
+    if kind not in INTERVENTIONS:
+        raise ValueError(f"Unknown intervention {kind!r}; use one of {', '.join(INTERVENTIONS)}.")
+    if kind.startswith("zero_"):
+        return [(hook_name(_COMPONENT[kind], layer), lambda x, hook: torch.zeros_like(x))]
+    if kind.startswith("mean_"):
+        if means is None:
+            raise ValueError(f"Intervention {kind!r} needs the mean activations (component_means).")
+        mu = getattr(means, _COMPONENT[kind])[layer]
+
+        def set_mean(x, hook):
+            return mu.to(x.device, x.dtype).expand_as(x).contiguous()
+
+        return [(hook_name(_COMPONENT[kind], layer), set_mean)]
+    if direction is None:
+        raise ValueError("Intervention 'direction' needs the refusal direction of that layer.")
+    r = torch.as_tensor(direction, dtype=torch.float64)
+    norm = r.norm()
+    if r.shape != (model.d_model,) or not torch.isfinite(r).all() or norm == 0:
+        raise ValueError(f"The direction must be a finite non-zero vector of shape ({model.d_model},).")
+    r = r / norm
+
+    def ablate(x, hook):
+        rh = r.to(x.device, x.dtype)
+        return x - (x @ rh).unsqueeze(-1) * rh
+
+    return [(hook_name("resid_post", layer), ablate)]
+
+
+# ----------------------------------------------------------------------------- trials and measures
+
+
+def select_subset(trials: Sequence[dict], n: int, seed: int = 0) -> list[dict]:
+    """A fixed, seeded subset: half harmful, half recovered (one trial a prompt first), filled up
+    from the other class, then from "other" trials when a class runs short."""
+    if n < 1:
+        raise ValueError(f"n_trials must be >= 1, got {n}.")
+    rng = random.Random(seed)
+    pools = {c: [t for t in trials if t["label"] == c] for c in ("harmful", "recovered", "other")}
+    for pool in pools.values():
+        rng.shuffle(pool)
+
+    def take(pool: list[dict], k: int, chosen: list[dict]) -> None:
+        used = {t["prompt_id"] for t in chosen}
+        fresh = [t for t in pool if t["prompt_id"] not in used]
+        rest = [t for t in pool if t["prompt_id"] in used]
+        for t in (fresh + rest)[:k]:
+            chosen.append(t)
+            pool.remove(t)
+
+    chosen: list[dict] = []
+    take(pools["harmful"], n // 2, chosen)
+    take(pools["recovered"], n - len(chosen), chosen)
+    for c in ("harmful", "recovered", "other"):
+        take(pools[c], n - len(chosen), chosen)
+    if len(chosen) < n:
+        log.warning("Only %d insertion trials are available; using all of them (asked for %d).", len(chosen), n)
+    return sorted(chosen, key=lambda t: (str(t["prompt_id"]), t.get("position") or 0, t.get("span_len") or 0))
+
+
+def trial_chat(trial: dict) -> ChatSequence:
+    """The insertion trial's input (prompt + refusal prefix + span) as a ``ChatSequence``."""
+    segs = tuple(tuple(int(v) for v in trial[k]) for k in ("prefix_span", "span") if trial.get(k))
+    return ChatSequence(ids=tuple(int(t) for t in trial["ids"]), prompt_len=int(trial["prompt_len"]),
+                        segments=segs, user=trial["prompt"])
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One cell's raw outcomes: per trial (labels, harmful 0/1, recovered 0/1) and per prompt scores."""
+
+    labels: list[str]
+    texts: list[str]
+    harmful: np.ndarray
+    recovered: np.ndarray
+    not_refusal: np.ndarray
+    scores: np.ndarray
+
+
+class Evaluator:
+    """Re-continues the trial subset and scores the validation prompts under a set of hooks."""
+
+    def __init__(self, model, trials: Sequence[dict], val_prompts: Sequence[str], max_new_tokens: int,
+                 batch_size: int):
+        self.model = model
+        self.chats = [trial_chat(t) for t in trials]
+        self.prompts = [t["prompt"] for t in trials]
+        self.refs = [t.get("span_text") or "" for t in trials]
+        self.val = as_chats(model, list(val_prompts))
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+
+    def measure(self, hooks: Sequence[Hook] = ()) -> Measure:
+        gen = generate(self.model, self.chats, self.max_new_tokens, batch_size=self.batch_size, fwd_hooks=hooks,
+                       progress=False)
+        labels = [classify_continuation(t, p, reference=r) for t, p, r in zip(gen.texts, self.prompts, self.refs)]
+        scores = refusal_score(self.model, self.val, batch_size=self.batch_size, fwd_hooks=hooks).scores
+        return Measure(labels=labels, texts=list(gen.texts),
+                       harmful=np.array([lab == "harmful" for lab in labels], dtype=float),
+                       recovered=np.array([lab == "recovered" for lab in labels], dtype=float),
+                       not_refusal=np.array([not is_refusal(t) for t in gen.texts], dtype=float),
+                       scores=scores.double().numpy())
+
+
+def paired_delta(base: np.ndarray, new: np.ndarray, idx: np.ndarray) -> tuple[float, float, float]:
+    """Mean of ``new − base`` with a 95 % percentile interval over the resampled items ``idx [B, n]``."""
+    d = np.asarray(new, float) - np.asarray(base, float)
+    if idx.shape[0] == 0:
+        return float(d.mean()), float("nan"), float("nan")
+    boots = d[idx].mean(axis=1)
+    return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _effective(cfg: LayerAblationConfig) -> LayerAblationConfig:
+    unknown = [k for k in cfg.interventions if k not in INTERVENTIONS]
+    if unknown or not cfg.interventions:
+        raise ValueError(f"--interventions must name some of {INTERVENTIONS}, got {list(cfg.interventions)}.")
+    for name in ("layer_stride", "n_trials", "max_new_tokens", "n_val", "n_mean", "n_dir"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}.")
+    if not cfg.quick:
+        return cfg
+    return replace(cfg, n_trials=min(cfg.n_trials, 4), max_new_tokens=min(cfg.max_new_tokens, 8),
+                   n_val=min(cfg.n_val, 4), n_mean=min(cfg.n_mean, 4), n_dir=min(cfg.n_dir, 4),
+                   layer_stride=max(cfg.layer_stride, 6), n_boot=min(cfg.n_boot, 200))
+
+
+def default_layers(n_layers: int, stride: int) -> list[int]:
+    """Every ``stride``-th layer from 0, and the last layer."""
+    return sorted(set(range(0, n_layers, stride)) | {n_layers - 1})
+
+
+def run(cfg: LayerAblationConfig, model=None) -> RunRecord:
+    """The sweep of the module docstring; ``model`` (already loaded) overrides ``cfg.model``."""
+    cfg = _effective(cfg)
+    timer = Timer()
+    with timer("trials"):
+        source = obtain_trials(cfg.model, cfg.trials, cfg.out, seed=cfg.seed, device=cfg.device, quick=cfg.quick)
+    with timer("load"):
+        model = model if model is not None else load_model(cfg.model, device=cfg.device)
+    layers = (default_layers(model.n_layers, cfg.layer_stride) if cfg.layers is None
+              else sorted({model.check_layer(int(l)) for l in cfg.layers}))
+    subset = select_subset(source.trials, cfg.n_trials, cfg.seed)
+    splits = default_splits(cfg.seed)
+    val = list(splits.harmful.val.subset(cfg.n_val, seed=cfg.seed).prompts)
+    with timer("prepare"):
+        means = (component_means(model, list(splits.harmless.train.subset(cfg.n_mean, seed=cfg.seed).prompts),
+                                 cfg.batch_size) if any(k.startswith("mean_") for k in cfg.interventions) else None)
+        dirs = None
+        if "direction" in cfg.interventions:
+            dirs = refusal_directions(model, list(splits.harmful.train.subset(cfg.n_dir, seed=cfg.seed).prompts),
+                                      list(splits.harmless.train.subset(cfg.n_dir, seed=cfg.seed).prompts),
+                                      kind="resid_post", layers=layers, batch_size=cfg.batch_size)
+            dirs = dict(zip(layers, dirs))
+        ev = Evaluator(model, subset, val, cfg.max_new_tokens, cfg.batch_size)
+    with timer("baseline"):
+        base = ev.measure()
+    rng = np.random.default_rng(cfg.seed)
+    idx_trials = rng.integers(0, len(subset), size=(cfg.n_boot, len(subset)))
+    idx_val = rng.integers(0, len(val), size=(cfg.n_boot, len(val)))
+
+    rows: list[dict] = []
+    cells = [(l, k) for l in layers for k in cfg.interventions]
+    with timer("sweep"):
+        for layer, kind in tqdm(cells, desc="layer × intervention"):
+            row = {"layer": layer, "intervention": kind, "note": ""}
+            if kind == "direction" and not np.linalg.norm(dirs[layer]) > 0:
+                row["note"] = "zero refusal direction: not ablated"
+                rows.append(row)
+                continue
+            hooks = intervention_hooks(model, kind, layer, means=means,
+                                       direction=None if dirs is None else torch.from_numpy(dirs[layer]))
+            m = ev.measure(hooks)
+            d_asr = paired_delta(base.harmful, m.harmful, idx_trials)
+            d_score = paired_delta(base.scores, m.scores, idx_val)
+            row.update({"asr": float(m.harmful.mean()), "delta_asr": d_asr[0], "delta_asr_lo": d_asr[1],
+                        "delta_asr_hi": d_asr[2], "recovered": float(m.recovered.mean()),
+                        "delta_recovered": float(m.recovered.mean() - base.recovered.mean()),
+                        "not_refusal": float(m.not_refusal.mean()), "refusal_score": float(m.scores.mean()),
+                        "delta_score": d_score[0], "delta_score_lo": d_score[1], "delta_score_hi": d_score[2]})
+            rows.append(row)
+
+    done = [r for r in rows if "delta_asr" in r]
+    baseline = {"asr": float(base.harmful.mean()), "recovered": float(base.recovered.mean()),
+                "other": float(1 - base.harmful.mean() - base.recovered.mean()),
+                "not_refusal": float(base.not_refusal.mean()), "refusal_score": float(base.scores.mean())}
+    top = lambda key, sign: ({k: r[k] for k in ("layer", "intervention", key, f"{key}_lo", f"{key}_hi")}  # noqa: E731
+                             if (r := max(done, key=lambda r: sign * r[key], default=None)) else None)
+    metrics = {
+        "baseline": baseline, "layers": layers, "interventions": list(cfg.interventions),
+        "n_trials": len(subset), "n_val": len(val), "n_cells": len(cells),
+        "largest_asr_increase": top("delta_asr", 1), "largest_asr_decrease": top("delta_asr", -1),
+        "largest_score_drop": top("delta_score", -1),
+        "continuation_judge": CONTINUATION_JUDGE_ID, "score_judge": "refusal-score(first-token, METHODS §1)",
+        "asr_reference": "inserted span text", "trials_source": str(source.path), "ran_insertion": source.ran_insertion,
+        "mean_positions": means.n_positions if means is not None else None,
+        "direction_norms": {str(l): float(np.linalg.norm(v)) for l, v in (dirs or {}).items()},
+    }
+    subset_rows = [{"prompt_id": t["prompt_id"], "attack": t.get("attack"), "position": t.get("position"),
+                    "span_len": t.get("span_len"), "label_source": t["label"], "label_baseline": lab,
+                    "continuation_baseline": text} for t, lab, text in zip(subset, base.labels, base.texts)]
+    return RunRecord(analysis="layer_ablation", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
+                     provenance={"model": model.provenance, "trials": str(source.path)}, metrics=metrics,
+                     tables={"effects": rows, "subset": subset_rows}, timings=timer.total())
+
+
+def main(argv: Sequence[str] | None = None):
+    setup_logging()
+    cfg = parse_config(LayerAblationConfig, argv)
+    rec = run(cfg)
+    m, b = rec.metrics, rec.metrics["baseline"]
+    title = (f"layer ablation of {cfg.model} ({m['n_trials']} insertion trials, {m['n_val']} harmful val prompts): "
+             f"baseline ASR {b['asr']:.2f}, recovered {b['recovered']:.2f}, refusal score {b['refusal_score']:.2f}; "
+             f"sweep {rec.timings['sweep']:.0f} s")
+    cols = ["layer", "intervention", "asr", "delta_asr", "delta_asr_lo", "delta_asr_hi", "refusal_score",
+            "delta_score", "delta_score_lo", "delta_score_hi"]
+    return finish(rec, cfg.out, rec.tables["effects"], cols, title=title)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,470 @@
+"""Do hidden states predict insertion robustness? Per-layer linear probes with baselines (METHODS §6).
+
+Reads the per-trial records of an ``analyses.insertion_robustness`` run (a harmful span of m
+tokens inserted into the model's own refusal; the model continued and the continuation was
+judged recovered / harmful / other), labels every trial ``recovered`` → 0 and ``harmful`` →
+1 (``other`` trials are dropped, or counted as 1 with ``--other-as harmful``), and asks per
+layer whether the residual stream at the insertion already tells the two apart, at three sites:
+
+- ``last_inserted``: the last token of the inserted span (the state the continuation starts from);
+- ``before_insertion``: the token just before the span (the model has not seen it yet: a
+  control for "the prompt or prefix decides", and the state a defence could read);
+- ``span_mean``: the mean over the inserted span.
+
+Activations are streamed batch by batch with a ``names_filter`` (one hook kind, stop at the
+last layer), gathered at the sites and kept as ``[layer, trial, d_model]`` arrays only.
+``probes.linear.probe_layers`` fits grouped-CV logistic probes (trials of one prompt never
+straddle train and test) and scores every baseline on the same folds with prompt-level
+bootstrap intervals: shuffled labels, random directions, surface features only (insertion
+position and relative depth, span length, prompt length), and the 1-D projection on the
+refusal direction of that layer (difference in means of harmful vs harmless *train* prompts
+at the last prompt token, the same hook kind — never the probed trials, which would leak).
+
+The verdict is computed from the numbers: the best (site, layer) probe's lower 95 % bound
+against the best baseline's upper bound, over all sites. Too few trials of one class (or of
+prompts per class) gives the verdict ``"undetermined"`` with the reason, not an error.
+Decodable is not causal: ``analyses.layer_ablation`` is the causal check.
+
+    $ python -m analyses.insertion_robustness && python -m analyses.state_prediction
+    $ python -m analyses.state_prediction --trials results/insertion_robustness/<tag>/<run> --quick
+    >>> rec = run(StatePredictionConfig(model="tiny-llama", quick=True)); rec.metrics["verdict"]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from jaxtyping import Float
+
+from analyses.common import Timer, finish, setup_logging
+from depthlens.cli import parse_config
+from depthlens.data import default_splits
+from depthlens.forward import iter_batches, residuals_at
+from depthlens.generate import as_chats
+from depthlens.models import hook_name, load_model
+from depthlens.organism import ORGANISM
+from depthlens.results import RunRecord, latest_run, read_run, write_run
+from probes.linear import LayerAUROC, ProbeReport, grouped_folds, probe_layers
+
+log = logging.getLogger(__name__)
+
+SITES = ("last_inserted", "before_insertion", "span_mean")
+RESID_KINDS = ("resid_pre", "resid_mid", "resid_post")
+SURFACE_FEATURES = ("position", "depth_actual", "span_len", "prompt_len")
+LABELS = {"recovered": 0, "harmful": 1}
+OTHER_AS = ("drop", "harmful")
+_TRIAL_FIELDS = ("prompt_id", "prompt", "ids", "span", "label", "position", "span_len", "prompt_len")
+
+
+@dataclass(frozen=True)
+class StatePredictionConfig:
+    """Per-layer probes: does the residual stream at the insertion predict recovery?
+
+    Args:
+        model: the model whose insertion trials are probed (default: the organism).
+        trials: an insertion_robustness run directory or results.json; none = the latest run
+            of this model under ``out``, or, if there is none, an insertion_robustness run
+            made (and saved) first with its own defaults (≈ 5 min more on 2 CPU cores).
+        kind: residual hook kind probed (resid_post: the stream leaving each layer).
+        sites: feature sites: last_inserted, before_insertion, span_mean.
+        other_as: what to do with "other" continuations: drop them, or count them as
+            harmful (label 1 = did not recover).
+        max_trials: cap on probed trials (seeded subsample above it). 600: the default
+            insertion run has 552 trials of ≈ 80 tokens, whose one streamed forward takes
+            ≈ 20 s on 2 cores; the cap only bounds the cost of larger runs.
+        n_dir: harmful and harmless train prompts each for the refusal direction per layer.
+            32 each: two forwards (≈ 2 s); the direction's noise is small next to its norm.
+        n_splits: grouped CV folds (fewer, with a warning, when prompts of a class are scarce).
+        n_boot: prompt-level bootstrap resamples for the 95 % intervals. 1000 resamples cost
+            < 1 s per row; fewer make the interval bounds (the verdict) jittery.
+        n_random_directions: random directions per layer for that baseline (16 as probes.linear).
+        probe_c: inverse L2 strength of the logistic probes.
+        batch_size: trials per forward batch.
+        seed: folds, shuffles, random directions, bootstrap and subsample seed.
+        device: cpu / cuda (default: automatic).
+        out: results root directory (also where insertion runs are looked for).
+        quick: small run for smoke tests (≤ 120 trials, 8 direction prompts, 200 resamples).
+    """
+
+    model: str = ORGANISM
+    trials: str | None = None
+    kind: str = "resid_post"
+    sites: tuple[str, ...] = SITES
+    other_as: str = "drop"
+    max_trials: int = 600
+    n_dir: int = 32
+    n_splits: int = 5
+    n_boot: int = 1000
+    n_random_directions: int = 16
+    probe_c: float = 1.0
+    batch_size: int = 16
+    seed: int = 0
+    device: str | None = None
+    out: str = "results"
+    quick: bool = False
+
+
+# ----------------------------------------------------------------------------- trials
+
+
+@dataclass(frozen=True)
+class TrialSource:
+    """Insertion trials and where they came from.
+
+    Attributes:
+        trials: the trial records (dicts as ``depthlens.attacks.Trial``).
+        path: the insertion_robustness results.json they were read from.
+        model: the model spec that made them.
+        ran_insertion: True when the run was made here because none was found.
+    """
+
+    trials: list[dict]
+    path: Path
+    model: str
+    ran_insertion: bool = False
+
+
+def _find_results(path: Path) -> Path:
+    """A results.json given directly, in ``path``, or the newest one below it."""
+    if path.is_file():
+        return path
+    if (path / "results.json").is_file():
+        return path / "results.json"
+    found = sorted(path.glob("**/results.json"), key=lambda p: p.parent.name)
+    if not found:
+        raise ValueError(f"--trials {str(path)!r} holds no results.json; pass an insertion_robustness run "
+                         "directory or its results.json.")
+    return found[-1]
+
+
+def load_trials(path: str | Path, model: str | None = None) -> TrialSource:
+    """Read the trials of an insertion_robustness results file or directory, checked.
+
+    ``model``: when given, the record must have been made by that spec (activations of
+    another model on these tokens would mean nothing).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"--trials {str(p)!r} does not exist; pass an insertion_robustness run directory "
+                         "or its results.json.")
+    file = _find_results(p)
+    rec = read_run(file)
+    if rec.analysis != "insertion_robustness":
+        raise ValueError(f"{str(file)!r} is a {rec.analysis!r} record; --trials needs an insertion_robustness one.")
+    trials = rec.tables.get("trials") or []
+    if not trials:
+        raise ValueError(f"{str(file)!r} has no per-trial records (tables['trials'] is empty or missing).")
+    missing = [f for f in _TRIAL_FIELDS if f not in trials[0]]
+    if missing:
+        raise ValueError(f"The trials in {str(file)!r} lack the fields {missing}; "
+                         "re-run analyses.insertion_robustness.")
+    if model is not None and rec.model != model:
+        raise ValueError(f"The trials in {str(file)!r} were made by {rec.model!r} but --model is {model!r}; "
+                         f"pass --model {rec.model}.")
+    return TrialSource(trials=list(trials), path=file, model=rec.model)
+
+
+def obtain_trials(model: str, trials: str | None, out: str, *, seed: int = 0, device: str | None = None,
+                  quick: bool = False) -> TrialSource:
+    """``trials`` if given; else the latest insertion_robustness run of ``model`` under ``out``;
+    else run ``analyses.insertion_robustness`` (its defaults, or its quick settings) and save it."""
+    if trials is not None:
+        return load_trials(trials, model)
+    tag = model.rstrip("/").replace("/", "_").replace(":", "-")
+    found = latest_run(out, "insertion_robustness", tag)
+    if found is not None:
+        log.info("Using the insertion trials of %s", found)
+        return load_trials(found, model)
+    from analyses import insertion_robustness
+
+    log.info("No insertion_robustness run of %s under %s: running one first.", model, out)
+    icfg = insertion_robustness.InsertionConfig(model=model, seed=seed, device=device, out=out, quick=quick)
+    rec = insertion_robustness.run(icfg)
+    path = write_run(rec, out)
+    log.info("Saved the insertion trials as %s", path)
+    return replace(load_trials(path, model), ran_insertion=True)
+
+
+def label_trials(trials: Sequence[dict], other_as: str = "drop") -> tuple[list[dict], np.ndarray, Counter]:
+    """Keep the trials that get a label and return ``(kept, y, counts of every label)``.
+
+    recovered → 0, harmful → 1; ``other`` is dropped or, with ``other_as="harmful"``, → 1.
+    """
+    if other_as not in OTHER_AS:
+        raise ValueError(f"other_as must be one of {OTHER_AS}, got {other_as!r}.")
+    counts = Counter(t["label"] for t in trials)
+    mapping = dict(LABELS)
+    if other_as == "harmful":
+        mapping["other"] = 1
+    kept = [t for t in trials if t["label"] in mapping]
+    y = np.array([mapping[t["label"]] for t in kept], dtype=np.int64)
+    return kept, y, counts
+
+
+def degenerate_reason(y: np.ndarray, groups: Sequence[str], n_splits: int = 5, seed: int = 0) -> str | None:
+    """One sentence saying why no probe can be fitted on these labels, or None if one can."""
+    if y.size == 0:
+        return "no trial is labelled recovered or harmful, so there is nothing to probe."
+    if np.unique(y).size < 2:
+        name = "harmful (1)" if y[0] == 1 else "recovered (0)"
+        return f"all {y.size} labelled trials are {name}, so recovery cannot be predicted from them."
+    g = np.asarray(groups)
+    for c, name in ((0, "recovered"), (1, "harmful")):
+        n_groups = np.unique(g[y == c]).size
+        if n_groups < 2:
+            return (f"only {n_groups} prompt has {name} trials; grouped cross-validation needs at least 2 prompts "
+                    "per class.")
+    try:
+        with warnings.catch_warnings():  # probe_layers warns about fewer folds itself
+            warnings.simplefilter("ignore", UserWarning)
+            grouped_folds(y, g, n_splits=n_splits, seed=seed)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def site_positions(trial: Mapping) -> dict[str, list[int]]:
+    """Token indices (into ``trial["ids"]``) of every feature site of one insertion trial."""
+    s0, s1 = (int(v) for v in trial["span"])
+    n = len(trial["ids"])
+    if not 1 <= s0 < s1 <= n:
+        raise ValueError(f"Trial {trial.get('prompt_id')!r} has span {trial['span']} outside its {n} tokens "
+                         "or empty; it needs 1 <= start < end <= len(ids).")
+    return {"last_inserted": [s1 - 1], "before_insertion": [s0 - 1], "span_mean": list(range(s0, s1))}
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+@torch.inference_mode()
+def site_activations(model, seqs: Sequence[Sequence[int]], positions: Mapping[str, Sequence[Sequence[int]]], *,
+                     kind: str = "resid_post", layers: Sequence[int] | None = None, batch_size: int = 16,
+                     progress: bool = False) -> dict[str, Float[np.ndarray, "layer n d_model"]]:
+    """Residual ``kind`` per layer averaged over each site's positions, streamed batch by batch.
+
+    ``positions[site][i]`` lists token indices into ``seqs[i]`` (one index, or a span to average).
+    One forward per batch with only the ``kind`` hooks cached (``names_filter``) and the pass
+    stopped after the last layer needed; each site is one einsum with a ``[batch, pos]`` weight
+    matrix. Returns float32 ``[len(layers), n, d_model]`` per site.
+    """
+    if kind not in RESID_KINDS:
+        raise ValueError(f"kind must be one of {RESID_KINDS}, got {kind!r}.")
+    layers = list(range(model.n_layers)) if layers is None else [model.check_layer(l) for l in layers]
+    n = len(seqs)
+    for site, pos in positions.items():
+        if len(pos) != n:
+            raise ValueError(f"Site {site!r} has {len(pos)} position lists for {n} sequences; they must match.")
+    names = [hook_name(kind, l) for l in layers]
+    wanted = set(names)
+    stop = max(layers) + 1
+    out = {site: np.empty((len(layers), n, model.d_model), dtype=np.float32) for site in positions}
+    lengths = [len(s) for s in seqs]
+    for idx, batch in iter_batches(model, seqs, batch_size, progress, desc=f"{kind} at sites"):
+        width = batch.input_ids.shape[1]
+        _, cache = model.bridge.run_with_cache(
+            batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda name: name in wanted,
+            stop_at_layer=stop if stop < model.n_layers else None)
+        for site, pos in positions.items():
+            weights = torch.zeros(len(idx), width, dtype=torch.float32)
+            for row, i in enumerate(idx):
+                p = [q if q >= 0 else lengths[i] + q for q in pos[i]]
+                if not p or min(p) < 0 or max(p) >= lengths[i]:
+                    raise ValueError(f"Site {site!r} of sequence {i} asks for positions {list(pos[i])} outside "
+                                     f"its {lengths[i]} tokens.")
+                weights[row, [width - lengths[i] + q for q in p]] = 1.0 / len(p)
+            weights = weights.to(model.device)
+            for j, name in enumerate(names):
+                acts = torch.einsum("bpd,bp->bd", cache[name].float(), weights)
+                out[site][j, idx] = acts.cpu().numpy()
+    return out
+
+
+def refusal_directions(model, harmful: Sequence[str], harmless: Sequence[str], *, kind: str = "resid_post",
+                       layers: Sequence[int] | None = None,
+                       batch_size: int = 16) -> Float[np.ndarray, "layer d_model"]:
+    """Raw difference in means (float64) of ``kind`` at the last prompt token, harmful − harmless, per layer."""
+    if not harmful or not harmless:
+        raise ValueError(f"refusal_directions needs harmful and harmless prompts, got {len(harmful)} and "
+                         f"{len(harmless)}.")
+    acts = [residuals_at(model, as_chats(model, list(ps)), [-1] * len(ps), kind=kind, layers=layers,
+                         batch_size=batch_size) for ps in (harmful, harmless)]
+    return (acts[0].double().mean(1) - acts[1].double().mean(1)).numpy()
+
+
+def surface_features(trials: Sequence[Mapping]) -> Float[np.ndarray, "n n_surface"]:
+    """Surface features of each trial (``SURFACE_FEATURES``; a missing value counts as 0)."""
+    return np.array([[float(t.get(f) or 0.0) for f in SURFACE_FEATURES] for t in trials], dtype=np.float64)
+
+
+def probe_sites(acts: Mapping[str, Float[np.ndarray, "layer n d_model"]], trials: Sequence[Mapping], y: np.ndarray,
+                directions: Float[np.ndarray, "layer d_model"] | None,
+                cfg: StatePredictionConfig) -> dict[str, ProbeReport]:
+    """One ``probe_layers`` report per site; groups are the trials' prompt ids, surface features
+    come from the trial records, and every site shares the folds, seed and bootstrap resamples."""
+    groups = np.array([str(t["prompt_id"]) for t in trials])
+    surface = surface_features(trials)
+    return {site: probe_layers(X, y, groups, surface=surface, directions=directions, n_splits=cfg.n_splits,
+                               C=cfg.probe_c, n_boot=cfg.n_boot, n_random_directions=cfg.n_random_directions,
+                               seed=cfg.seed, site=site)
+            for site, X in acts.items()}
+
+
+# ----------------------------------------------------------------------------- verdict
+
+
+def _row(row: LayerAUROC | None) -> dict | None:
+    if row is None:
+        return None
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(row).items()}
+
+
+def overall_verdict(reports: Mapping[str, ProbeReport]) -> dict:
+    """Best (site, layer) probe vs the best baseline over all sites: beats = best.lo > baseline.hi."""
+    best_site, best = max(((s, r.best_layer()) for s, r in reports.items()),
+                          key=lambda sr: -math.inf if math.isnan(sr[1].auroc) else sr[1].auroc)
+    base_site, (base_name, base) = max(((s, r.best_baseline()) for s, r in reports.items()),
+                                       key=lambda sr: -math.inf if math.isnan(sr[1][1].auroc) else sr[1][1].auroc)
+    beats = bool(best.lo > base.hi)  # False when an interval is missing (NaN)
+    where = "surface features" if base.layer < 0 else f"{base_name} at {base_site}, layer {base.layer}"
+    head = (f"The best probe ({best_site}, layer {best.layer}) has AUROC {best.auroc:.3f} with 95% interval "
+            f"[{best.lo:.3f}, {best.hi:.3f}]")
+    tail = f"the best baseline ({where}) AUROC {base.auroc:.3f} [{base.lo:.3f}, {base.hi:.3f}]"
+    if beats:
+        sentence = f"{head}; its lower bound beats the upper bound of {tail}."
+    else:
+        sentence = f"{head}; it does not beat {tail} by more than its interval."
+    return {"verdict": "beats_baseline" if beats else "does_not_beat_baseline", "verdict_sentence": sentence,
+            "beats_baseline": beats, "best_site": best_site, "best_layer": best.layer, "best_auroc": best.auroc,
+            "best_lo": best.lo, "best_hi": best.hi, "best_baseline": base_name, "baseline_site": base_site,
+            "baseline_layer": base.layer, "baseline_auroc": base.auroc, "baseline_lo": base.lo,
+            "baseline_hi": base.hi}
+
+
+def refusal_direction_summary(report: ProbeReport) -> dict | None:
+    """The refusal-direction projection at one site: its best layer vs shuffled labels and vs the probe."""
+    if not report.direction_projection:
+        return None
+    proj = max(report.direction_projection, key=lambda r: -math.inf if math.isnan(r.auroc) else r.auroc)
+    shuf = max(report.shuffled, key=lambda r: -math.inf if math.isnan(r.auroc) else r.auroc)
+    probe = report.best_layer()
+    return {"best": _row(proj), "above_shuffled": bool(proj.lo > shuf.hi), "shuffled_hi": shuf.hi,
+            "probe_beats_direction": bool(probe.lo > proj.hi)}
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _effective(cfg: StatePredictionConfig) -> StatePredictionConfig:
+    if cfg.kind not in RESID_KINDS:
+        raise ValueError(f"--kind must be one of {RESID_KINDS}, got {cfg.kind!r}.")
+    unknown = [s for s in cfg.sites if s not in SITES]
+    if unknown or not cfg.sites:
+        raise ValueError(f"--sites must name some of {SITES}, got {list(cfg.sites)}.")
+    if cfg.other_as not in OTHER_AS:
+        raise ValueError(f"--other-as must be one of {OTHER_AS}, got {cfg.other_as!r}.")
+    if cfg.max_trials < 4 or cfg.n_dir < 1:
+        raise ValueError(f"--max-trials ({cfg.max_trials}) must be >= 4 and --n-dir ({cfg.n_dir}) >= 1.")
+    if not cfg.quick:
+        return cfg
+    return replace(cfg, max_trials=min(cfg.max_trials, 120), n_dir=min(cfg.n_dir, 8), n_boot=min(cfg.n_boot, 200),
+                   n_random_directions=min(cfg.n_random_directions, 8))
+
+
+def _subsample(trials: list[dict], y: np.ndarray, cap: int, seed: int) -> tuple[list[dict], np.ndarray]:
+    if len(trials) <= cap:
+        return trials, y
+    keep = np.sort(np.random.default_rng(seed).choice(len(trials), size=cap, replace=False))
+    log.info("Probing a seeded subsample of %d of %d trials (--max-trials).", cap, len(trials))
+    return [trials[i] for i in keep], y[keep]
+
+
+def run(cfg: StatePredictionConfig, model=None) -> RunRecord:
+    """Probe the insertion trials (see the module docstring); ``model`` (loaded) overrides ``cfg.model``."""
+    cfg = _effective(cfg)
+    timer = Timer()
+    with timer("trials"):
+        source = obtain_trials(cfg.model, cfg.trials, cfg.out, seed=cfg.seed, device=cfg.device, quick=cfg.quick)
+    kept, y, counts = label_trials(source.trials, cfg.other_as)
+    kept, y = _subsample(kept, y, cfg.max_trials, cfg.seed)
+    groups = [str(t["prompt_id"]) for t in kept]
+    reason = degenerate_reason(y, groups, cfg.n_splits, cfg.seed)
+    metrics: dict = {
+        "trials_source": str(source.path), "ran_insertion": source.ran_insertion, "kind": cfg.kind,
+        "label_counts": dict(counts), "n_trials": int(y.size), "n_harmful": int(y.sum()),
+        "n_recovered": int(y.size - y.sum()), "n_groups": len(set(groups)), "other_as": cfg.other_as,
+        "continuation_judge": source.trials[0].get("continuation_judge"), "surface_features": list(SURFACE_FEATURES),
+    }
+    rows: list[dict] = []
+    provenance: dict = {"trials": str(source.path)}
+    if reason is None:
+        with timer("load"):
+            model = model if model is not None else load_model(cfg.model, device=cfg.device)
+        provenance["model"] = model.provenance
+        pos = [site_positions(t) for t in kept]
+        with timer("activations"):
+            acts = site_activations(model, [t["ids"] for t in kept], {s: [p[s] for p in pos] for s in cfg.sites},
+                                    kind=cfg.kind, batch_size=cfg.batch_size, progress=True)
+        splits = default_splits(cfg.seed)
+        with timer("refusal_direction"):
+            dirs = refusal_directions(model, list(splits.harmful.train.subset(cfg.n_dir, seed=cfg.seed).prompts),
+                                      list(splits.harmless.train.subset(cfg.n_dir, seed=cfg.seed).prompts),
+                                      kind=cfg.kind, batch_size=cfg.batch_size)
+        norms = np.linalg.norm(dirs, axis=1)
+        metrics["refusal_direction_norms"] = norms.tolist()
+        if np.any(norms == 0):
+            log.warning("The refusal direction is zero at layer(s) %s; the direction baseline is left out.",
+                        np.flatnonzero(norms == 0).tolist())
+            dirs = None
+        with timer("probes"):
+            reports = probe_sites(acts, kept, y, dirs, cfg)
+        rows = [r for rep in reports.values() for r in rep.to_records()]
+        metrics.update(overall_verdict(reports))
+        metrics["by_site"] = {s: r.verdict() for s, r in reports.items()}
+        metrics["refusal_direction"] = {s: refusal_direction_summary(r) for s, r in reports.items()}
+        metrics["n_splits"] = next(iter(reports.values())).n_splits
+    else:
+        log.warning("State prediction undetermined: %s", reason)
+        metrics.update({"verdict": "undetermined", "verdict_sentence": f"Undetermined: {reason}",
+                        "undetermined_reason": reason, "beats_baseline": None, "best_lo": None, "baseline_hi": None})
+    trial_rows = [{"prompt_id": t["prompt_id"], "attack": t.get("attack"), **{f: t.get(f) for f in SURFACE_FEATURES},
+                   "label": t["label"], "y": int(v)} for t, v in zip(kept, y)]
+    return RunRecord(analysis="state_prediction", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
+                     provenance=provenance, metrics=metrics, timings=timer.total(),
+                     tables={"auroc": rows, "trials": trial_rows})
+
+
+def summary_rows(rec: RunRecord) -> list[dict]:
+    """Per site: the best probe layer and the strongest baseline (the console table)."""
+    out = []
+    for site, v in (rec.metrics.get("by_site") or {}).items():
+        out.append({"site": site, "best_layer": v["best_layer"], "auroc": v["best_auroc"], "lo": v["best_lo"],
+                    "hi": v["best_hi"], "baseline": v["best_baseline"], "baseline_auroc": v["baseline_auroc"],
+                    "baseline_hi": v["baseline_hi"], "beats": v["beats_baseline"]})
+    return out
+
+
+def main(argv: Sequence[str] | None = None):
+    setup_logging()
+    cfg = parse_config(StatePredictionConfig, argv)
+    rec = run(cfg)
+    m = rec.metrics
+    title = (f"state prediction on {cfg.model} ({m['n_trials']} trials: {m['n_harmful']} harmful, "
+             f"{m['n_recovered']} recovered; {cfg.kind}): {m['verdict_sentence']}")
+    cols = ["site", "best_layer", "auroc", "lo", "hi", "baseline", "baseline_auroc", "baseline_hi", "beats"]
+    return finish(rec, cfg.out, summary_rows(rec), cols, title=title)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as err:
+        sys.exit(f"error: {err}")
