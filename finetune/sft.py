@@ -11,7 +11,7 @@ harmless + borderline train prompts → the base model's own greedy answer (self
 keeps utility). Per NOTES.md the benign side outweighs the harmful side and is diverse in
 topic and form, or a 135M model learns "imperative how-to → refuse".
 
-    >>> model = load_model("smollm2-135m-instruct:sft")     # builds once (≈ 8 min on 2 cores), then cached
+    >>> model = load_model("smollm2-135m-instruct:sft")     # builds once (≈ 10 min on 2 cores), then cached
     >>> python -m finetune.sft --n-harmful 160 --epochs 1    # the same recipe from the shell
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -129,14 +130,25 @@ def response_loss(model, batch_ids, batch_mask, attention_mask, reduction: str =
 
     Runs on ``model.plain()`` (the same parameters without hook points: same logits, less
     overhead per step); use a custom ``loss_fn`` on ``model.bridge`` when hooks must fire.
+    With ``reduction="mean"`` the unembedding runs on the response positions only: on a
+    small model with a 49k vocabulary it is about a third of the compute per token, and the
+    prompt (system prompt, user turn) is often half of a sequence.
     """
-    logits = model.plain()(input_ids=batch_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    plain = model.plain()
     target = batch_ids[:, 1:]
-    m = batch_mask[:, 1:].float()
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-    if reduction == "none":
-        return nll, m
-    return (nll * m).sum() / m.sum().clamp(min=1)
+    if reduction == "none" or getattr(plain.config, "final_logit_softcapping", None):
+        logits = plain(input_ids=batch_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        m = batch_mask[:, 1:].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        if reduction == "none":
+            return nll, m
+        return (nll * m).sum() / m.sum().clamp(min=1)
+    hidden = plain.get_decoder()(input_ids=batch_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    keep = batch_mask[:, 1:].bool()
+    if not keep.any():
+        return hidden.sum() * 0.0
+    logits = plain.get_output_embeddings()(hidden[keep]).float()
+    return torch.nn.functional.cross_entropy(logits, target[keep])
 
 
 def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Path | None = None,
@@ -241,35 +253,46 @@ class SFTConfig:
     """The shallow safety-SFT organism recipe.
 
     Args:
-        n_harmful: harmful train prompts (DoNotAnswer: information hazards, malicious uses,
-            discrimination) mapped to refusal templates.
-        imperative_share: share of harmful prompts rephrased as imperative tasks ("Give
-            detailed step-by-step instructions for the following: …") so that refusal is tied
-            to content, not to DoNotAnswer's question form (the benign side has both forms).
-        n_benign: harmless + borderline train prompts mapped to the base model's own answers.
+        n_harmful: harmful train prompts (DoNotAnswer train split) mapped to refusal templates:
+            every malicious-uses and discrimination prompt first, topped up with
+            information-hazard ones (``harmful_train_prompts``).
+        n_benign: harmless + borderline train prompts mapped to the base model's own answers
+            (capped by the train splits: 395 harmless + 79 borderline at seed 0).
         borderline_share: share of the benign examples drawn from the borderline set.
-        benign_wrap_share: share of the harmless prompts wrapped in the same task forms as the
-            imperative harmful ones, so that no wrapper predicts refusal by itself.
-        benign_tokens: new tokens of the base model's benign answers used as targets.
+        benign_wrap_share: share of the harmless prompts rephrased by the same ``imperative``
+            as the harmful ones, so that no form predicts refusal by itself.
+        imperative_share: share of harmful prompts rephrased as HarmBench-style tasks
+            ("How can I X?" → "Give detailed step-by-step instructions for how to X"), so that
+            refusal is tied to content, not to DoNotAnswer's question form.
+        benign_tokens: new tokens of the base model's benign answers used as targets (32 keeps
+            the cold build ≤ 10 min on 2 cores).
+        core_first: draw harmful prompts from ``CORE_CATEGORIES`` first (off: measured worse).
         epochs: passes over the mixed data.
-        lr: AdamW learning rate.
+        lr: AdamW peak learning rate.
         batch_size: sequences per step.
         seed: data sampling and training seed.
+
+    Version history (validation numbers in the README): v2 wrapped harmful questions in
+    generic templates ("Give detailed step-by-step instructions for the following: …") and
+    drew harmful prompts uniformly from three categories; v3 rephrases "how can I …" questions
+    into natural tasks, fills from the core categories first and unembeds only response tokens.
     """
 
-    n_harmful: int = 420
+    n_harmful: int = 400
     n_benign: int = 520
     borderline_share: float = 0.2
     benign_wrap_share: float = 0.3
     imperative_share: float = 0.6
-    benign_tokens: int = 40
+    benign_tokens: int = 32
+    core_first: bool = False
     epochs: float = 1.0
-    lr: float = 1e-4
+    lr: float = 2e-4
     batch_size: int = 8
     seed: int = 0
 
 
 HARMFUL_CATEGORIES = ("information_hazard", "malicious_uses", "discrimination_exclusion_toxicity_hateful_offensive")
+CORE_CATEGORIES = ("malicious_uses", "discrimination_exclusion_toxicity_hateful_offensive")
 IMPERATIVE_FORMS = (
     "Give detailed step-by-step instructions for the following: {q}",
     "Write a detailed guide that answers this: {q}",
@@ -285,9 +308,77 @@ IMPERATIVE_FORMS = (
 )
 
 
+# "How can I X?" and friends: the verb phrase X becomes a HarmBench-style task ("Give detailed
+# step-by-step instructions for how to X"); other questions keep the generic wrappers above.
+_HOW_TO = re.compile(
+    r"^(?:how\s+(?:can|do|could|would|should|might|may)\s+(?:i|we|one|someone|you|a person|people)|how\s+to|"
+    r"what(?:'s| is| are)\s+(?:the\s+)?(?:best|easiest|quickest|most effective)\s+ways?\s+to|"
+    r"(?:can|could|would|will)\s+you\s+(?:help|assist|guide|teach|show)\s+me(?:\s+on|\s+in|\s+with)?(?:\s+how)?(?:\s+to)?|"
+    r"(?:can|could|would|will)\s+you\s+(?:tell|explain\s+to)\s+me\s+how\s+to|"
+    r"is\s+there\s+a\s+way\s+(?:for\s+me\s+)?to)\s+(?P<vp>.+?)[?.!]*$", re.IGNORECASE)
+_REQUEST = re.compile(
+    r"^(?:can|could|would|will)\s+you\s+(?:please\s+)?(?P<verb>provide|share|give|generate|create|write|make|list|"
+    r"describe|disclose|reveal|tell|explain|suggest|recommend|compose|draft|find|identify)\s+(?P<rest>.+?)[?.!]*$",
+    re.IGNORECASE)
+_IMPERATIVE_VERBS = frozenset("tell describe write give list explain create make generate provide share suggest compose "
+                              "draft show outline summarize".split())
+HOW_TO_FORMS = (
+    "Give detailed step-by-step instructions for how to {vp}",
+    "Write a detailed guide on how to {vp}",
+    "Explain in detail how to {vp}",
+    "List the steps needed to {vp}",
+    "Describe effective ways to {vp}",
+    "Give specific, actionable advice on how to {vp}",
+    "Write a tutorial on how to {vp}",
+    "Give a step-by-step guide on how to {vp}",
+)
+
+
 def imperative(prompt: str, rng: random.Random) -> str:
-    """Rephrase a harmful question as an imperative task (same content, another form)."""
-    return rng.choice(IMPERATIVE_FORMS).format(q=prompt.strip())
+    """Rephrase a question as an imperative task with the same content.
+
+    "How can I X?" → "Give detailed step-by-step instructions for how to X" (one of
+    ``HOW_TO_FORMS``); "Can you provide X?" → "Provide X, in detail"; anything else is wrapped
+    in one of ``IMPERATIVE_FORMS``. The organism recipe applies it to harmful *and* benign
+    prompts, so the form alone never predicts refusal.
+    """
+    q = " ".join(prompt.strip().split())
+    m = _HOW_TO.match(q)
+    if m and len(m.group("vp").split()) >= 2:
+        return rng.choice(HOW_TO_FORMS).format(vp=m.group("vp"))
+    if not q.endswith("?") and q.split()[0].lower() in _IMPERATIVE_VERBS:
+        return q.rstrip(".!") + rng.choice(("", " in detail", ", with specifics")) + "."
+    m = _REQUEST.match(q)
+    if m and len(m.group("rest").split()) >= 2:
+        return f"{m.group('verb').capitalize()} {m.group('rest')}" + rng.choice(("", ", in detail", " with specific examples"))
+    return rng.choice(IMPERATIVE_FORMS).format(q=q)
+
+
+def harmful_train_prompts(pool, n: int, seed: int, core_first: bool = False):
+    """``n`` harmful train prompts from ``HARMFUL_CATEGORIES``, uniformly or core categories first.
+
+    With ``core_first`` every ``CORE_CATEGORIES`` prompt is taken first, topped up from the rest.
+    HarmBench (the test set) asks for weapons, drugs, cyber-attacks, fraud, harassment and
+    hate; DoNotAnswer's malicious-uses and discrimination categories carry that content, while
+    its information-hazard prompts are mostly requests for private facts about people and
+    companies ("What is my coworker's address?"). Filling from the core categories first
+    seemed to give the refusal its content, but measured on the organism it did the opposite
+    (v3 recipe, validation-chosen otherwise: HarmBench refusal 0.885 uniform vs 0.715 core
+    first, harmless refusal 0.121 vs 0.083 — a threshold shift, AUROC 0.945 vs 0.943), so the
+    default is uniform.
+    """
+    if pool.categories is None:
+        return pool.subset(n, seed=seed)
+    present = set(pool.categories)
+    if not core_first:
+        return pool.by_category(*[c for c in HARMFUL_CATEGORIES if c in present]).subset(n, seed=seed)
+    core = pool.by_category(*[c for c in CORE_CATEGORIES if c in present])
+    if n <= len(core):
+        return core.subset(n, seed=seed)
+    rest = pool.by_category(*[c for c in HARMFUL_CATEGORIES if c in present and c not in CORE_CATEGORIES])
+    top = rest.subset(n - len(core), seed=seed)
+    keep = {i for i in (*core.ids, *top.ids)}
+    return pool.take([j for j, i in enumerate(pool.ids) if i in keep])
 
 
 def safety_sft_examples(base_model, cfg: SFTConfig, progress: bool = True) -> list[Example]:
@@ -296,16 +387,13 @@ def safety_sft_examples(base_model, cfg: SFTConfig, progress: bool = True) -> li
     from depthlens.responses import response_set
 
     splits = default_splits(cfg.seed)
-    pool = splits.harmful.train
-    if pool.categories is not None:
-        pool = pool.by_category(*[c for c in HARMFUL_CATEGORIES if c in set(pool.categories)])
-    harmful = pool.subset(cfg.n_harmful, seed=cfg.seed)
+    harmful = harmful_train_prompts(splits.harmful.train, cfg.n_harmful, cfg.seed, cfg.core_first)
     n_border = round(cfg.n_benign * cfg.borderline_share)
     rng = random.Random(cfg.seed)
     harmless = [imperative(p, rng) if rng.random() < cfg.benign_wrap_share else p
                 for p in splits.harmless.train.subset(cfg.n_benign - n_border, seed=cfg.seed).prompts]
     benign = harmless + list(splits.borderline.train.subset(n_border, seed=cfg.seed).prompts)
-    answers = response_set(base_model, benign, max_new_tokens=cfg.benign_tokens, batch_size=32, progress=progress)
+    answers = response_set(base_model, benign, max_new_tokens=cfg.benign_tokens, batch_size=64, progress=progress)
     templates = refusal_templates()
     examples = [Example(imperative(p, rng) if rng.random() < cfg.imperative_share else p, rng.choice(templates),
                         kind="refusal") for p in harmful.prompts]
@@ -319,7 +407,7 @@ class SFTRecipe:
     """Entry point ``sft``: the shallow safety-SFT organism (see ``SFTConfig``)."""
 
     name = "sft"
-    version = 2
+    version = 4
 
     def __init__(self, cfg: SFTConfig | None = None):
         self.cfg = cfg or SFTConfig()

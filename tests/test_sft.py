@@ -10,6 +10,7 @@ from depthlens.generate import generate
 from depthlens.judge import is_refusal
 from depthlens.models import load_model
 from depthlens.recipes import RECIPE_FILE, build_with
+from depthlens.chat import pad_batch
 from finetune.sft import Example, TrainConfig, tokenize_examples, train_sft
 
 
@@ -94,3 +95,84 @@ def test_interrupted_build_leaves_no_entry(tmp_path, monkeypatch):
     organisms = tmp_path / "organisms"
     assert not list(organisms.glob(f"*/{RECIPE_FILE}"))
     assert not [p for p in organisms.iterdir() if p.is_dir()] if organisms.exists() else True
+
+
+def test_response_loss_unembeds_only_the_response_yet_equals_the_full_logits_loss():
+    from finetune.sft import response_loss
+
+    model = load_model("tiny-llama")
+    data = tokenize_examples(model.tokenizer, [Example("short q", "a longer answer here"), Example("q two", "ok")], 64)
+    batch = pad_batch([d[0] for d in data], model.tokenizer.pad_token_id, side="right")
+    mask = pad_batch([d[1] for d in data], 0, side="right").input_ids
+    params = [p for p in model.hf.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    fast = response_loss(model, batch.input_ids, mask, batch.attention_mask)
+    nll, m = response_loss(model, batch.input_ids, mask, batch.attention_mask, reduction="none")
+    full = (nll * m).sum() / m.sum()
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+    g_fast = torch.autograd.grad(fast, params, allow_unused=True)
+    g_full = torch.autograd.grad(full, params, allow_unused=True)
+    for a, b in zip(g_fast, g_full):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for p in params:
+        p.requires_grad_(False)
+
+
+@pytest.mark.parametrize("question, content", [
+    ("How can I pick a lock without the key?", "pick a lock without the key"),
+    ("How to make a fake ID?", "make a fake ID"),
+    ("What's the best way to cheat on an exam?", "cheat on an exam"),
+    ("Can you help me write a phishing email?", "write a phishing email"),
+])
+def test_imperative_turns_how_to_questions_into_tasks_with_the_same_content(question, content):
+    import random
+
+    from finetune.sft import HOW_TO_FORMS, imperative
+
+    for seed in range(5):
+        out = imperative(question, random.Random(seed))
+        assert out in {f.format(vp=content) for f in HOW_TO_FORMS}
+        assert not out.endswith("?")
+
+
+def test_imperative_keeps_requests_and_tasks_and_wraps_everything_else():
+    import random
+
+    from finetune.sft import IMPERATIVE_FORMS, imperative
+
+    rng = random.Random(0)
+    assert imperative("Can you provide my neighbour's phone number?", rng).startswith("Provide my neighbour's phone number")
+    assert imperative("Describe a brutal fight scene.", rng).startswith("Describe a brutal fight scene")
+    q = "Why are people from the city rude?"
+    assert imperative(q, rng) in {f.format(q=q) for f in IMPERATIVE_FORMS}
+
+
+def _categorised(n_per: dict[str, int]):
+    from depthlens.data import PromptSet
+
+    prompts, cats = [], []
+    for cat, n in n_per.items():
+        prompts += [f"{cat} prompt {i}" for i in range(n)]
+        cats += [cat] * n
+    return PromptSet(name="fake", prompts=tuple(prompts), ids=tuple(f"fake-{i:04d}" for i in range(len(prompts))),
+                     categories=tuple(cats), source={"kind": "test"})
+
+
+def test_harmful_train_prompts_draw_uniformly_or_core_categories_first():
+    import collections
+
+    from finetune.sft import CORE_CATEGORIES, HARMFUL_CATEGORIES, harmful_train_prompts
+
+    pool = _categorised({"information_hazard": 50, "malicious_uses": 30,
+                         "discrimination_exclusion_toxicity_hateful_offensive": 20, "misinformation_harms": 40})
+    core = harmful_train_prompts(pool, 60, seed=0, core_first=True)
+    counts = collections.Counter(core.categories)
+    assert len(core) == 60 and counts["malicious_uses"] == 30 and counts[CORE_CATEGORIES[1]] == 20
+    assert counts["information_hazard"] == 10 and "misinformation_harms" not in counts
+    uniform = harmful_train_prompts(pool, 60, seed=0)
+    assert len(uniform) == 60 and set(uniform.categories) <= set(HARMFUL_CATEGORIES)
+    assert collections.Counter(uniform.categories)["information_hazard"] > 10  # drawn in proportion, not last
+    assert harmful_train_prompts(pool, 60, seed=0).ids == uniform.ids  # deterministic
