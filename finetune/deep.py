@@ -19,11 +19,12 @@ training and trajectory perturbation training, each alone or combined, mixed wit
   Loss on r′ only.
 
 Safety examples (from whichever components are on) make up α = 0.2 of the examples by count,
-utility data (benign prompts → the base model's own answers) the rest. Known gap: the paper
-keeps that share in every batch (16 safety + 64 utility a step), but ``train_sft`` buckets
-by length, and safety sequences are the longer ones, so most batches hold no safety example
-and a few nothing else; ``stratified_batches`` builds the paper's composition and needs a
-batcher argument on ``train_sft`` to be used. The recipes continue from the model they are
+utility data (benign prompts → the base model's own answers) the rest, and every optimizer
+step carries that share, as the paper's 16 safety + 64 utility a step (an independent
+reproduction that changed the batch composition lost most of the gain): ``stratified_batches``
+deals both strata evenly to the steps, and ``train_sft`` runs each step as length-homogeneous
+micro-batches with accumulated, token-weighted gradients, so the long safety sequences do
+not pad the short utility ones. The recipes continue from the model they are
 applied to.
 
 Recipes (entry points): ``deep`` (recovery only, ``DeepConfig``), ``deep-wi`` (recovery +
@@ -48,7 +49,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune.sft import Example, TrainConfig, train_sft
+from finetune.sft import Example, TrainConfig, harmful_train_prompts, imperative, train_sft
 
 
 @dataclass(frozen=True)
@@ -62,20 +63,25 @@ class DeepConfig:
         p_zero: probability of k = 0.
         alpha: share of safety examples in the mix, by example count.
         benign_tokens: length of the base's benign answers used as utility targets.
+        imperative_share: share of harmful prompts rephrased as tasks, as in the organism
+            recipe (``finetune.sft.imperative``; the attacks use HarmBench's task-form prompts).
         epochs: passes over the mix.
-        lr: AdamW learning rate.
+        lr: AdamW learning rate. The paper's 2e-5 runs 10 epochs over 256 triples; one epoch
+            over 160 fits the CPU budget (≈ 10 min), and the organism itself was trained at
+            2e-4, so 1e-4 (our choice, not the paper's).
         batch_size: sequences per step.
         seed: sampling and training seed.
     """
 
-    n_triples: int = 128
+    n_triples: int = 160
     harmful_tokens: int = 96
     max_k: int = 100
     p_zero: float = 0.5
     alpha: float = 0.2
-    benign_tokens: int = 48
+    benign_tokens: int = 32
+    imperative_share: float = 0.6
     epochs: float = 1.0
-    lr: float = 2e-5
+    lr: float = 1e-4
     batch_size: int = 8
     seed: int = 0
 
@@ -138,7 +144,7 @@ class DeepRecipe:
     """Entry point ``deep``: safety-recovery augmentation on top of the model it is applied to."""
 
     name = "deep"
-    version = 1
+    version = 2  # v2: every step carries the alpha mix (stratified batches + micro-batches)
 
     def __init__(self, cfg: DeepConfig | None = None):
         self.cfg = cfg or DeepConfig()
@@ -156,17 +162,20 @@ class DeepRecipe:
         rng = random.Random(cfg.seed)
         base = load_model(base_spec(model.spec), device=model.device)
         splits = default_splits(cfg.seed)
-        harmful = splits.harmful.train.subset(cfg.n_triples, seed=cfg.seed + 1)
-        h = response_set(base, harmful.prompts, max_new_tokens=cfg.harmful_tokens).tokens
+        harmful = harmful_train_prompts(splits.harmful.train, cfg.n_triples, cfg.seed + 1)
+        prompts = [imperative(p, rng) if rng.random() < cfg.imperative_share else p for p in harmful.prompts]
+        h = response_set(base, prompts, max_new_tokens=cfg.harmful_tokens).tokens
         benign_prompts = list(splits.harmless.train.prompts) + list(splits.borderline.train.prompts)
         answers = response_set(base, benign_prompts, max_new_tokens=cfg.benign_tokens).tokens
         del base
-        safety = recovery_examples(harmful.prompts, h, refusal_templates(), cfg, rng)
+        safety = recovery_examples(prompts, h, refusal_templates(), cfg, rng)
         utility = [Example(p, tuple(t), eos=len(t) < cfg.benign_tokens, kind="utility")
                    for p, t in zip(benign_prompts, answers) if t]
         data = mix(safety, utility, cfg.alpha, rng)
+        is_safety = [e.kind != "utility" for e in data]
         tlog = train_sft(model, data, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                                                  seed=cfg.seed), workdir)
+                                                  seed=cfg.seed), workdir,
+                         batcher=lambda lengths, bs, r: stratified_batches(is_safety, bs, r))
         return {"n_safety": len(safety), "n_total": len(data), "steps": tlog.steps, "seconds": tlog.seconds,
                 "last_losses": tlog.losses[-10:]}
 
@@ -403,7 +412,7 @@ def build_deep_examples(model, cfg: DeepMixConfig, progress: bool = True) -> tup
 class DeepMixRecipe:
     """Entry points ``deep-wi``, ``deep-traj``, ``deep-all``: deep alignment with combined safety data."""
 
-    version = 1
+    version = 2  # v2: every step carries the alpha mix (stratified batches + micro-batches)
 
     def __init__(self, cfg: DeepMixConfig | None = None):
         self.cfg = cfg or DeepMixConfig()
@@ -418,7 +427,9 @@ class DeepMixRecipe:
         cfg = self.cfg
         data, info = cached_examples(workdir, "deep_examples", lambda: build_deep_examples(model, cfg, progress))
         tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, max_len=cfg.max_len)
-        tlog = train_sft(model, data, tcfg, workdir, progress=progress)
+        is_safety = [e.kind != "utility" for e in data]
+        tlog = train_sft(model, data, tcfg, workdir, progress=progress,
+                         batcher=lambda lengths, bs, r: stratified_batches(is_safety, bs, r))
         return {**info, "steps": tlog.steps, "seconds": round(tlog.seconds, 1), "resumed_from": tlog.resumed_from,
                 "device": tlog.device, "first_losses": tlog.losses[:5], "last_losses": tlog.losses[-10:]}
 

@@ -152,11 +152,16 @@ def response_loss(model, batch_ids, batch_mask, attention_mask, reduction: str =
 
 
 def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Path | None = None,
-              progress: bool = True, loss_fn=None, layers: Sequence[int] | None = None) -> TrainLog:
+              progress: bool = True, loss_fn=None, layers: Sequence[int] | None = None,
+              batcher=None) -> TrainLog:
     """Fine-tune ``model`` in place on ``examples`` (loss on responses only); resumable from ``workdir``.
 
     ``loss_fn(model, ids, mask, attention_mask, index_list)`` replaces the plain response loss
-    (the constrained objective uses it).
+    (the constrained objective uses it). ``batcher(lengths, batch_size, rng)`` replaces the
+    length-bucketed batches of one epoch; each batch it returns is one optimizer step and is
+    run as micro-batches of similar length (``micro_batches``) whose gradients accumulate,
+    weighted by their response-token counts, so a step that mixes short and long sequences
+    (deep alignment's safety + utility mix) is not padded to its longest member.
     """
     if not examples:
         raise ValueError("train_sft needs at least one example.")
@@ -166,7 +171,7 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
     n_epochs = max(1, math.ceil(cfg.epochs))
     plan = []
     for _ in range(n_epochs):
-        plan.extend(_batches([len(ids) for ids, _ in data], cfg.batch_size, rng))
+        plan.extend((batcher or _batches)([len(ids) for ids, _ in data], cfg.batch_size, rng))
     plan = plan[: max(1, round(len(plan) * cfg.epochs / n_epochs))]
     params = trainable_parameters(model, cfg.freeze_embeddings, layers)
     for p in params:
@@ -197,18 +202,21 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
     try:
         bar = tqdm(range(start, total), desc="train", disable=not progress, initial=start, total=total)
         for step in bar:
-            idx = plan[step]
-            batch = pad_batch([data[i][0] for i in idx], pad, side="right")
-            mask = pad_batch([data[i][1] for i in idx], 0, side="right").input_ids
-            ids, att, mask = batch.input_ids.to(model.device), batch.attention_mask.to(model.device), mask.to(model.device)
-            with autocast:
-                loss = (loss_fn or _plain)(model, ids, mask, att, idx)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            parts = micro_batches(plan[step], [len(data[i][0]) for i in plan[step]]) if batcher else [plan[step]]
+            weights = [sum(sum(data[i][1]) for i in part) for part in parts]
+            value = 0.0
+            for part, w in zip(parts, weights):
+                batch = pad_batch([data[i][0] for i in part], pad, side="right")
+                mask = pad_batch([data[i][1] for i in part], 0, side="right").input_ids
+                ids, att, mask = batch.input_ids.to(model.device), batch.attention_mask.to(model.device), mask.to(model.device)
+                with autocast:
+                    part_loss = (loss_fn or _plain)(model, ids, mask, att, part) * (w / max(1, sum(weights)))
+                part_loss.backward()
+                value += part_loss.detach().item()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            value = loss.detach().item()
             log_.losses.append(value)
             bar.set_postfix(loss=f"{value:.3f}")
             if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
@@ -224,6 +232,25 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
     if ckpt is not None and ckpt.exists():
         ckpt.unlink()
     return log_
+
+
+def micro_batches(indices: Sequence[int], lengths: Sequence[int], max_waste: float = 0.25) -> list[list[int]]:
+    """Cut one step's examples (sorted by length) into runs whose padding stays under ``max_waste``.
+
+    A run grows while padding every member to its longest costs at most ``max_waste`` of its
+    real tokens; the result covers ``indices`` exactly once.
+    """
+    order = sorted(range(len(indices)), key=lambda j: lengths[j])
+    runs: list[list[int]] = []
+    for j in order:
+        if runs:
+            run = runs[-1]
+            real = sum(lengths[k] for k in run) + lengths[j]
+            if lengths[j] * (len(run) + 1) <= (1 + max_waste) * real:
+                run.append(j)
+                continue
+        runs.append([j])
+    return [[indices[j] for j in run] for run in runs]
 
 
 def _plain(model, ids, mask, att, idx):

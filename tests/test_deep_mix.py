@@ -184,30 +184,26 @@ def _weights(model):
 
 def test_an_interrupted_deep_traj_build_resumes_to_the_same_weights(cache, tmp_path, monkeypatch):
     import finetune.deep as deep
-    from finetune.sft import response_loss, train_sft
 
     recipe = DeepMixRecipe(DeepMixConfig(components=("recovery", "trajectory"), **SMALL))
     reference = load_model("tiny-llama")
     ref_info = recipe.build(reference, tmp_path / "uninterrupted", progress=False)
     assert ref_info["steps"] == 30 > 25  # train_sft checkpoints every 25 steps
 
-    calls = {"n": 0}
+    import finetune.sft as sft
 
-    def flaky_train(model, examples, cfg, workdir, progress=True, **kw):
-        def loss_fn(model, ids, mask, att, idx):
-            calls["n"] += 1
-            if calls["n"] == 28:
-                raise KeyboardInterrupt
-            return response_loss(model, ids, mask, att)
+    save_state = sft._save_state
 
-        return train_sft(model, examples, cfg, workdir, progress=progress, loss_fn=loss_fn)
+    def save_then_die(*args, **kwargs):  # the process dies right after the step-25 checkpoint
+        save_state(*args, **kwargs)
+        raise KeyboardInterrupt
 
     work = tmp_path / "interrupted"
-    monkeypatch.setattr(deep, "train_sft", flaky_train)
+    monkeypatch.setattr(sft, "_save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         recipe.build(load_model("tiny-llama"), work, progress=False)
+    monkeypatch.setattr(sft, "_save_state", save_state)
     assert (work / "train_state.pt").exists() and (work / "deep_examples.json").exists()
-    monkeypatch.setattr(deep, "train_sft", train_sft)
     monkeypatch.setattr(deep, "build_deep_examples", lambda *a, **k: pytest.fail("examples must come from the cache"))
     resumed = load_model("tiny-llama")  # the parent again, as build_or_load hands it over
     info = recipe.build(resumed, work, progress=False)
@@ -233,3 +229,31 @@ def test_stratified_batches_keep_the_mix_in_every_batch():
     assert {sum(is_safety[i] for i in b) for b in batches} <= {1, 2}       # 1.6 per batch on average
     odd = stratified_batches([True] * 3 + [False] * 10, 4, random.Random(1))
     assert sorted(len(b) for b in odd) == [3, 3, 3, 4] and sorted(sum(i < 3 for i in b) for b in odd) == [0, 1, 1, 1]
+
+
+def test_micro_batches_cover_a_step_once_and_keep_padding_low():
+    from finetune.sft import micro_batches
+
+    lengths = [10, 200, 12, 190, 11, 60]
+    runs = micro_batches(list(range(6)), lengths)
+    assert sorted(i for r in runs for i in r) == list(range(6))
+    for r in runs:
+        real = sum(lengths[i] for i in r)
+        assert max(lengths[i] for i in r) * len(r) <= 1.25 * real
+    assert any(set(r) == {0, 2, 4} for r in runs) and any(set(r) == {1, 3} for r in runs)
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_the_whole_step():
+    """One step through a batcher (micro-batches, token-weighted) equals one padded full batch."""
+    import copy
+
+    from finetune.sft import Example, TrainConfig, train_sft
+
+    examples = [Example("q", "a " * 3), Example("a much longer question here", "b " * 40), Example("q2", "c " * 4)]
+    one_step = lambda lengths, bs, rng: [list(range(len(lengths)))]
+    a, b = load_model("tiny-llama"), load_model("tiny-llama")
+    cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=3, warmup_steps=1)
+    train_sft(a, examples, cfg, progress=False, batcher=one_step)
+    train_sft(b, examples, cfg, progress=False)  # one bucketed batch of 3, padded to the longest
+    for (n, pa), (_, pb) in zip(a.hf.named_parameters(), b.hf.named_parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5, msg=n)
