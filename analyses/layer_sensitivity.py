@@ -57,14 +57,17 @@ class SensitivityConfig:
     Args:
         model: model spec (default: the organism, built on first use).
         kinds: perturbation kinds: param_noise, act_noise, int8, int4.
-        param_sigma: parameter noise, relative to each matrix's Frobenius RMS. 0.2 because on
-            the organism 0.1 moves the refusal score less than its estimation noise and 0.3
-            breaks most early layers alike (NOTES.md calibration), which flattens the ranking.
+        param_sigma: parameter noise, relative to each matrix's Frobenius RMS. 0.3: on the
+            NOTES.md trial organism 0.1 moved the refusal score less than its estimation
+            noise; on the v4 organism 0.2 still did (|S| ≤ 0.5 at every layer, signs mixed,
+            run of 2026-12-01), while 0.3 gave drops of 1–2 at the early layers there.
         act_sigma: activation noise on a layer's output, relative to the per-token RMS of the
             residual stream. 0.5: a perturbation of half the signal's RMS on one layer, large
             enough to separate layers, small enough that the clean model is not destroyed.
         seeds: noise seeds per layer and kind (quantization is deterministic: one run).
         n_harmful: harmful validation prompts (DoNotAnswer val) scored by the refusal score.
+            24 (with 8 utility prompts) keeps the default run ≤ 5 min on 2 cores: 32 + 12 took
+            6.7 min (sweep 289 s, ZO probes ≈ 100 s), and the cost is linear in the prompts.
         n_harmless: harmless validation prompts whose own greedy answers give the utility CE.
         utility_tokens: length of those answers. 12 × 16 tokens, measured on the first seed of
             each layer × kind only: utility is the secondary measure (its interval is over
@@ -86,11 +89,11 @@ class SensitivityConfig:
 
     model: str = ORGANISM
     kinds: tuple[str, ...] = ("param_noise", "act_noise", "int4")
-    param_sigma: float = 0.2
+    param_sigma: float = 0.3
     act_sigma: float = 0.5
     seeds: int = 2
-    n_harmful: int = 32
-    n_harmless: int = 12
+    n_harmful: int = 24
+    n_harmless: int = 8
     utility_tokens: int = 16
     layers: tuple[int, ...] | None = None
     top_k: int = 5
@@ -143,6 +146,28 @@ class LayerEvaluator:
                 for row, i in enumerate(idx):
                     nll[i] = float(-tok_lp[row, -self.resp_len[i]:].mean())
         return scores, nll
+
+
+def rank_layers(rows: Sequence[dict], layers: Sequence[int]) -> list[dict]:
+    """Rank layers by ``score`` = mean over kinds of S_{l,k} / max_l S_{l,k}.
+
+    The kinds live on different scales (one layer's activation noise at σ = 0.5 moves the
+    refusal score by several units, int4 by tenths), so a raw mean over kinds is a ranking by
+    activation noise alone; dividing each kind by its largest layer sensitivity weighs the
+    kinds equally. ``mean_sensitivity`` (the raw mean) is kept beside it.
+    """
+    kinds = sorted({r["kind"] for r in rows})
+    scale = {k: max([r["sensitivity"] for r in rows if r["kind"] == k] + [0.0]) for k in kinds}
+    ranking = []
+    for l in layers:
+        per_kind = {r["kind"]: r["sensitivity"] for r in rows if r["layer"] == l}
+        normed = [v / scale[k] if scale[k] > 0 else 0.0 for k, v in per_kind.items()]
+        ranking.append({"layer": l, "score": float(np.mean(normed)),
+                        "mean_sensitivity": float(np.mean(list(per_kind.values()))), **per_kind})
+    ranking.sort(key=lambda r: -r["score"])
+    for rank, r in enumerate(ranking, 1):
+        r["rank"] = rank
+    return ranking
 
 
 def bootstrap_mean(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
@@ -212,14 +237,8 @@ def run(cfg: SensitivityConfig, model=None) -> RunRecord:
                "utility_ce_rise": u_mean, "utility_lo": u_lo, "utility_hi": u_hi, "n_seeds": len(d)}
         (whole if layer is None else rows).append(row)
 
-    ranking = []
-    for l in layers:
-        per_kind = {r["kind"]: r["sensitivity"] for r in rows if r["layer"] == l}
-        ranking.append({"layer": l, "mean_sensitivity": float(np.mean(list(per_kind.values()))), **per_kind})
-    ranking.sort(key=lambda r: -r["mean_sensitivity"])
-    for rank, r in enumerate(ranking, 1):
-        r["rank"] = rank
-    critical = [{"layer": r["layer"], "score": r["mean_sensitivity"]} for r in ranking[: cfg.top_k]]
+    ranking = rank_layers(rows, layers)
+    critical = [{"layer": r["layer"], "score": r["score"]} for r in ranking[: cfg.top_k]]
 
     metrics = {"judge": "refusal score (METHODS §1) on harmful val; utility = NLL of own answers on harmless val",
                "clean_mean_refusal_score": float(clean_scores.mean()), "clean_utility_nll": float(clean_nll.mean()),
@@ -231,7 +250,7 @@ def run(cfg: SensitivityConfig, model=None) -> RunRecord:
             zo = zo_probe_scores(model, ev, layers, cfg.zo_eps, cfg.zo_seeds, cfg.seed)
         for r in ranking:
             r["zo_probe"] = zo[r["layer"]]
-        metrics["zo_probe_spearman"] = spearman([r["mean_sensitivity"] for r in ranking], [r["zo_probe"] for r in ranking])
+        metrics["zo_probe_spearman"] = spearman([r["score"] for r in ranking], [r["zo_probe"] for r in ranking])
         if "param_noise" in cfg.kinds:
             metrics["zo_probe_spearman_vs_param_noise"] = spearman(
                 [r["param_noise"] for r in ranking], [r["zo_probe"] for r in ranking])
@@ -281,7 +300,7 @@ def main(argv: Sequence[str] | None = None):
     cfg = parse_config(SensitivityConfig, argv)
     rec = run(cfg)
     m = rec.metrics
-    cols = ["rank", "layer", "mean_sensitivity", *[k for k in cfg.kinds], *(["zo_probe"] if cfg.zo_probe else [])]
+    cols = ["rank", "layer", "score", "mean_sensitivity", *[k for k in cfg.kinds], *(["zo_probe"] if cfg.zo_probe else [])]
     title = (f"layer sensitivity of {cfg.model}: clean mean refusal score {m['clean_mean_refusal_score']:.2f} "
              f"on {m['n_harmful']} harmful val prompts; critical layers "
              f"{[c['layer'] for c in m['critical_layers']]}"

@@ -291,8 +291,7 @@ class SFTConfig:
         imperative_share: share of harmful prompts rephrased as HarmBench-style tasks
             ("How can I X?" → "Give detailed step-by-step instructions for how to X"), so that
             refusal is tied to content, not to DoNotAnswer's question form.
-        benign_tokens: new tokens of the base model's benign answers used as targets (32 keeps
-            the cold build ≤ 10 min on 2 cores).
+        benign_tokens: new tokens of the base model's benign answers used as targets.
         core_first: draw harmful prompts from ``CORE_CATEGORIES`` first (off: measured worse).
         epochs: passes over the mixed data.
         lr: AdamW peak learning rate.
@@ -305,15 +304,15 @@ class SFTConfig:
     into natural tasks, fills from the core categories first and unembeds only response tokens.
     """
 
-    n_harmful: int = 400
+    n_harmful: int = 420
     n_benign: int = 520
     borderline_share: float = 0.2
     benign_wrap_share: float = 0.3
     imperative_share: float = 0.6
-    benign_tokens: int = 32
+    benign_tokens: int = 40
     core_first: bool = False
     epochs: float = 1.0
-    lr: float = 2e-4
+    lr: float = 1e-4
     batch_size: int = 8
     seed: int = 0
 

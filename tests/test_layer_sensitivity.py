@@ -56,3 +56,16 @@ def test_helpers():
     mean, lo, hi = bootstrap_mean([1.0, 2.0, 3.0, 4.0], 500, 0)
     assert mean == 2.5 and lo < mean < hi
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+
+
+def test_the_ranking_weighs_kinds_equally_not_by_their_scale():
+    from analyses.layer_sensitivity import rank_layers
+
+    # layer 0 is the most sensitive to the large-scale kind, layer 1 to both small-scale kinds
+    rows = [{"layer": 0, "kind": "act_noise", "sensitivity": 8.0}, {"layer": 1, "kind": "act_noise", "sensitivity": 6.0},
+            {"layer": 0, "kind": "int4", "sensitivity": 0.0}, {"layer": 1, "kind": "int4", "sensitivity": 0.4},
+            {"layer": 0, "kind": "param_noise", "sensitivity": 0.1}, {"layer": 1, "kind": "param_noise", "sensitivity": 0.5}]
+    ranking = rank_layers(rows, [0, 1])
+    assert [r["layer"] for r in ranking] == [1, 0]
+    assert ranking[0]["score"] == pytest.approx((6 / 8 + 1 + 1) / 3)
+    assert ranking[1]["mean_sensitivity"] > ranking[0]["mean_sensitivity"]  # the raw mean would invert it

@@ -38,8 +38,8 @@ def layer_sensitivity_figures(record: dict) -> dict:
     ranking = record["tables"]["ranking"]
     by_kind = {k: {r["layer"]: r for r in rows if r["kind"] == k} for k in kinds}
     first = kinds[0]
-    bars = ranked_bars([f"layer {r['layer']}" for r in ranking], [r["mean_sensitivity"] for r in ranking],
-                       lo=None, hi=None, xlabel="mean drop in refusal score over kinds",
+    bars = ranked_bars([f"layer {r['layer']}" for r in ranking], [r.get("score", r["mean_sensitivity"]) for r in ranking],
+                       lo=None, hi=None, xlabel="score: mean over kinds of S / max over layers of S",
                        title="Robustness-critical layers", top_k=min(15, len(ranking)))
     per_kind = ranked_bars([f"layer {l}" for l in by_kind[first]], [by_kind[first][l]["sensitivity"] for l in by_kind[first]],
                            lo=[by_kind[first][l]["lo"] for l in by_kind[first]],
