@@ -28,7 +28,7 @@ from depthlens.responses import response_set
 from depthlens.results import RunRecord
 
 QI_ET_AL = {"reference": "Qi et al. 2024, Llama-2-7B-Chat, HEx-PHI, GPT-4 judge",
-            "prefill_asr": {"5": 0.42, "10": 0.51, "20": 0.56, "40": 0.57},
+            "prefill_asr": {"5": 0.42, "10": 0.52, "20": 0.56, "40": 0.57},
             "prefill_asr_after_deep_alignment": {"5": 0.028, "10": 0.029, "20": 0.034, "40": 0.045}}
 
 
