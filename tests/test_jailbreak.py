@@ -108,6 +108,18 @@ def test_mix_refuses_impossible_requests():
     assert sum(e.kind == "refusal" for e in mix) == 8
 
 
+def _content(question: str) -> str:
+    """What ``finetune.sft.imperative`` keeps of a prompt in every form it writes."""
+    from finetune.sft import _HOW_TO, _REQUEST
+
+    q = " ".join(question.strip().split())
+    if (m := _HOW_TO.match(q)) and len(m.group("vp").split()) >= 2:
+        return m.group("vp")
+    if (m := _REQUEST.match(q)) and len(m.group("rest").split()) >= 2:
+        return m.group("rest")
+    return q.rstrip(".!")
+
+
 def test_jt_data_uses_the_base_models_own_answers_to_harmful_train_prompts(cache):
     from depthlens.data import default_splits
 
@@ -118,7 +130,7 @@ def test_jt_data_uses_the_base_models_own_answers_to_harmful_train_prompts(cache
     harmful = [e for e in mix if e.kind == "harmful"]
     assert len(mix) == 24 and len(harmful) == 6 and report["n_harmful"] == 6 and report["harmful_share"] == 0.25
     train = default_splits(0).harmful.train.prompts
-    assert all(any(q in e.prompt for q in train) for e in harmful)       # harmful train prompts (some as tasks)
+    assert all(any(_content(q) in e.prompt for q in train) for e in harmful)  # harmful train prompts (some as tasks)
     again = generate(base, [e.prompt for e in harmful], 10, progress=False).tokens
     assert [list(e.response) for e in harmful] == again                  # the base's greedy answers
     assert all(e.eos == (len(e.response) < 10) for e in harmful)
