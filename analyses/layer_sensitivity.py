@@ -66,8 +66,9 @@ class SensitivityConfig:
             enough to separate layers, small enough that the clean model is not destroyed.
         seeds: noise seeds per layer and kind (quantization is deterministic: one run).
         n_harmful: harmful validation prompts (DoNotAnswer val) scored by the refusal score.
-            24 (with 8 utility prompts) keeps the default run ≤ 5 min on 2 cores: 32 + 12 took
-            6.7 min (sweep 289 s, ZO probes ≈ 100 s), and the cost is linear in the prompts.
+            20 (with 8 utility prompts) keeps the default run ≤ 5 min on 2 cores with a margin:
+            32 + 12 took 6.7 min (sweep 289 s, ZO probes ≈ 100 s), 24 + 8 took 5.2 min (sweep
+            225 s, ZO 56 s), and the cost is linear in the prompts.
         n_harmless: harmless validation prompts whose own greedy answers give the utility CE.
         utility_tokens: length of those answers. 12 × 16 tokens, measured on the first seed of
             each layer × kind only: utility is the secondary measure (its interval is over
@@ -92,7 +93,7 @@ class SensitivityConfig:
     param_sigma: float = 0.3
     act_sigma: float = 0.5
     seeds: int = 2
-    n_harmful: int = 24
+    n_harmful: int = 20
     n_harmless: int = 8
     utility_tokens: int = 16
     layers: tuple[int, ...] | None = None

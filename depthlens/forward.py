@@ -54,7 +54,8 @@ def last_logprobs(model, seqs: Sequence[SeqLike], *, batch_size: int = 16, fwd_h
     out = torch.empty(len(seqs), model.bridge.cfg.d_vocab)
     with hooks_active(model, fwd_hooks):
         for idx, batch in iter_batches(model, seqs, batch_size, progress):
-            logits = model.bridge(batch.input_ids, attention_mask=batch.attention_mask)
+            # only the last position is unembedded (the bridge passes logits_to_keep to the HF model)
+            logits = model.bridge(batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1)
             out[idx] = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()
     return out
 
@@ -74,13 +75,15 @@ def token_logprobs(model, seqs: Sequence[SeqLike], *, start: Sequence[int] | Non
     out: list[Tensor] = [torch.empty(0)] * len(ids)
     with hooks_active(model, fwd_hooks):
         for idx, batch in iter_batches(model, seqs, batch_size, progress):
-            logits = model.bridge(batch.input_ids, attention_mask=batch.attention_mask)
-            logp = torch.log_softmax(logits.float(), dim=-1)
             width = batch.input_ids.shape[1]
+            # unembed only the positions scored in this batch: the last `keep` (left padding)
+            keep = max(len(ids[i]) - starts[i] for i in idx) + 1
+            logits = model.bridge(batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep)
+            logp = torch.log_softmax(logits.float(), dim=-1)
             for row, i in enumerate(idx):
                 off = width - len(ids[i])
                 pos = torch.arange(off + starts[i], width, device=logp.device)
-                dist = logp[row, pos - 1]
+                dist = logp[row, pos - 1 - (width - keep)]
                 if full_dist:
                     out[i] = dist.cpu()
                 else:

@@ -90,3 +90,28 @@ def test_common_prefix_leaves_a_token_in_every_sequence():
     assert common_prefix_len([[1, 2, 3], [1, 2, 4]]) == 2
     assert common_prefix_len([[1, 2], [1, 2, 3]]) == 1
     assert common_prefix_len([[5], [6]]) == 0
+
+
+def _reference_logprobs(tiny, ids):
+    """log p(ids[t] | ids[:t]) and the full distributions, one unpadded sequence, every position unembedded."""
+    with torch.inference_mode():
+        logp = torch.log_softmax(tiny.bridge(torch.tensor([ids]))[0].float(), dim=-1)
+    return logp
+
+
+def test_scored_positions_only_match_full_unembedding(tiny):
+    from depthlens.forward import token_logprobs
+
+    seqs = [build_chat(tiny.tokenizer, p, ["and an answer here"]) for p in
+            ["hi", "a much longer prompt with many more words in it", "medium length prompt"]]
+    starts = [seqs[0].prompt_len, 3, len(seqs[2].ids) - 1]  # mixed starts: the batch keeps the widest span
+    got = token_logprobs(tiny, seqs, start=starts, batch_size=3)
+    dists = token_logprobs(tiny, seqs, start=starts, batch_size=3, full_dist=True)
+    last = last_logprobs(tiny, seqs, batch_size=3)
+    for seq, s, g, d, l in zip(seqs, starts, got, dists, last):
+        ref = _reference_logprobs(tiny, list(seq.ids))
+        want = ref[torch.arange(s - 1, len(seq.ids) - 1), torch.tensor(seq.ids[s:])]
+        assert g.shape == (len(seq.ids) - s,)
+        torch.testing.assert_close(g, want, rtol=0, atol=1e-4)
+        torch.testing.assert_close(d, ref[s - 1:len(seq.ids) - 1], rtol=0, atol=1e-4)
+        torch.testing.assert_close(l, ref[-1], rtol=0, atol=1e-4)
