@@ -64,13 +64,20 @@ class SensitivityConfig:
         act_sigma: activation noise on a layer's output, relative to the per-token RMS of the
             residual stream. 0.5: a perturbation of half the signal's RMS on one layer, large
             enough to separate layers, small enough that the clean model is not destroyed.
-        seeds: noise seeds per layer and kind (quantization is deterministic: one run).
+        seeds: parameter-noise seeds per layer (quantization is deterministic: one run).
+        act_seeds: activation-noise seeds per layer. 1 by default: one layer's activation noise
+            moves the refusal score by several units with a prompt-bootstrap interval of about
+            ±1 (run of 2026-12-01: layer 11, 5.29 [4.41, 6.10] over 2 seeds), far more than
+            the seed-to-seed spread, while parameter noise at σ = 0.3 is within a few tenths of
+            its noise and needs the second seed.
         n_harmful: harmful validation prompts (DoNotAnswer val) scored by the refusal score.
-            20 (with 8 utility prompts) keeps the default run ≤ 5 min on 2 cores with a margin:
-            32 + 12 took 6.7 min (sweep 289 s, ZO probes ≈ 100 s), 24 + 8 took 5.2 min (sweep
-            225 s, ZO 56 s), and the cost is linear in the prompts.
+            16 (with 6 utility prompts and one activation-noise seed) keeps the default run
+            within 5 min on 2 cores with a margin for a slower machine: 32 + 12 took 6.7 min,
+            24 + 8 took 5.2 min and, on a day the same machine ran ≈ 25% slower, 20 + 8 took
+            6.2 min (sweep 261 s for 155 evaluations, ZO probes 76 s). The cost is linear in
+            the prompts; utility adds ≈ 60% to an evaluation.
         n_harmless: harmless validation prompts whose own greedy answers give the utility CE.
-        utility_tokens: length of those answers. 12 × 16 tokens, measured on the first seed of
+        utility_tokens: length of those answers. 6 × 16 tokens, measured on the first seed of
             each layer × kind only: utility is the secondary measure (its interval is over
             prompts) and its unembedding (every answer position × 49k vocab) would otherwise
             cost as much as the refusal score; this keeps the default run ≤ 5 min on 2 cores.
@@ -93,8 +100,9 @@ class SensitivityConfig:
     param_sigma: float = 0.3
     act_sigma: float = 0.5
     seeds: int = 2
-    n_harmful: int = 20
-    n_harmless: int = 8
+    act_seeds: int = 1
+    n_harmful: int = 16
+    n_harmless: int = 6
     utility_tokens: int = 16
     layers: tuple[int, ...] | None = None
     top_k: int = 5
@@ -108,6 +116,14 @@ class SensitivityConfig:
     device: str | None = None
     out: str = "results"
     quick: bool = False
+
+    def __post_init__(self):
+        for name in ("seeds", "act_seeds", "n_harmful", "top_k"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
+        if self.n_harmless < 0 or self.param_sigma < 0 or self.act_sigma < 0:
+            raise ValueError("n_harmless, param_sigma and act_sigma must be >= 0, got "
+                             f"{self.n_harmless}, {self.param_sigma}, {self.act_sigma}.")
 
 
 class LayerEvaluator:
@@ -190,12 +206,16 @@ def _sigma(cfg: SensitivityConfig, kind: str) -> float:
     return getattr(cfg, KIND_SIGMA[kind]) if kind in KIND_SIGMA else 0.0
 
 
+def _n_seeds(cfg: SensitivityConfig, kind: str) -> int:
+    return {"param_noise": cfg.seeds, "act_noise": cfg.act_seeds}.get(kind, 1)
+
+
 def _effective(cfg: SensitivityConfig) -> SensitivityConfig:
     if not cfg.quick:
         return cfg
     from dataclasses import replace
 
-    return replace(cfg, seeds=1, n_harmful=min(cfg.n_harmful, 8), n_harmless=min(cfg.n_harmless, 4),
+    return replace(cfg, seeds=1, act_seeds=1, n_harmful=min(cfg.n_harmful, 8), n_harmless=min(cfg.n_harmless, 4),
                    utility_tokens=min(cfg.utility_tokens, 16), n_boot=min(cfg.n_boot, 200))
 
 
@@ -217,7 +237,7 @@ def run(cfg: SensitivityConfig, model=None) -> RunRecord:
         clean_scores, clean_nll = ev.evaluate(0)
 
     jobs = [(l, k, s) for l in [*layers, None] for k in cfg.kinds
-            for s in range(1 if k in ("int8", "int4") else cfg.seeds)]
+            for s in range(_n_seeds(cfg, k))]
     drops: dict[tuple, list[np.ndarray]] = {}
     rises: dict[tuple, list[np.ndarray]] = {}
     with timer("sweep"):

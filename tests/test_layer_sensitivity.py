@@ -69,3 +69,15 @@ def test_the_ranking_weighs_kinds_equally_not_by_their_scale():
     assert [r["layer"] for r in ranking] == [1, 0]
     assert ranking[0]["score"] == pytest.approx((6 / 8 + 1 + 1) / 3)
     assert ranking[1]["mean_sensitivity"] > ranking[0]["mean_sensitivity"]  # the raw mean would invert it
+
+
+def test_seed_counts_per_kind_and_bad_settings(tmp_path):
+    cfg = SensitivityConfig(model="tiny-llama", kinds=("param_noise", "act_noise", "int4"), seeds=3, act_seeds=2,
+                            n_harmful=4, n_harmless=2, utility_tokens=4, layers=(0,), zo_probe=False, n_boot=50,
+                            out=str(tmp_path))
+    rec = run(cfg)
+    n = {r["kind"]: r["n_seeds"] for r in rec.tables["sensitivity"]}
+    assert n == {"param_noise": 3, "act_noise": 2, "int4": 1}
+    assert rec.metrics["n_evaluations"] == 2 * (3 + 2 + 1)  # layer 0 and the whole model
+    with pytest.raises(ValueError, match="act_seeds"):
+        SensitivityConfig(act_seeds=0)
