@@ -34,16 +34,20 @@ class InsertionConfig:
     Args:
         model: the aligned model spec (default: the organism).
         base: spec whose harmful answers provide the spans (default: the model's base).
-        n_prompts: harmful test prompts (HarmBench) whose refusals are attacked. 20: the
-            5 × 4 grid then holds 400 trials (± ≈ 0.2 per cell at 95%) and the default run stays
-            ≤ 5 min on 2 CPU cores (continuations dominate: ≈ 0.6 s per trial); raise it on a GPU.
+        n_prompts: harmful test prompts (HarmBench) whose refusals are attacked. 16: the
+            5 × 4 grid then holds 320 trials (± ≈ 0.24 per cell at 95%, ± ≈ 0.05 for the grid
+            mean) and the default run stays within 5 min on 2 CPU cores (20 prompts at batch 16
+            took 6.8 min on 2026-12-01: grid 246 s, worst 117 s; continuations dominate); raise
+            it on a GPU.
         depths: relative insertion depths p/|refusal| of the grid.
         span_lengths: inserted span lengths m.
         n_random: random positions per prompt for the random-position ASR (m = 8).
         refusal_tokens: length of the model's own greedy refusals.
         max_new_tokens: tokens generated after the insertion (32: long enough for the
             model to return to a refusal sentence; shorter would bias ASR upward).
-        batch_size: prompts per batch.
+        batch_size: sequences per batch. 48: greedy generation on 2 CPU cores runs 1.4× faster
+            at 48 than at 16 (86 vs 61 new tokens/s, in a benchmark of 48 prefilled HarmBench prompts × 48
+            tokens, warm, 2026-12-01; 32 gave 67); on a GPU larger still is better.
         seed: split and position seed.
         device: cpu / cuda (default: automatic).
         out: results root directory.
@@ -52,13 +56,13 @@ class InsertionConfig:
 
     model: str = ORGANISM
     base: str | None = None
-    n_prompts: int = 20
+    n_prompts: int = 16
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     span_lengths: tuple[int, ...] = (2, 4, 8, 16)
     n_random: int = 2
     refusal_tokens: int = 64
     max_new_tokens: int = 32
-    batch_size: int = 16
+    batch_size: int = 48
     seed: int = 0
     device: str | None = None
     out: str = "results"

@@ -45,7 +45,9 @@ class TokenDepthConfig:
         response_tokens: length of the base's harmful answers (≥ the largest k + positions used).
         ks: prefill lengths k.
         max_new_tokens: tokens generated after the prefill.
-        batch_size: prompts per batch.
+        batch_size: sequences per batch. 48: greedy generation on 2 CPU cores runs 1.4× faster
+            at 48 than at 16 (86 vs 61 new tokens/s, 48 prefilled HarmBench prompts × 48
+            tokens, warm, 2026-12-01; 32 gave 67); on a GPU larger still is better.
         seed: split/bootstrap seed.
         device: cpu / cuda (default: automatic).
         out: results root directory.
@@ -60,7 +62,7 @@ class TokenDepthConfig:
     response_tokens: int = 96
     ks: tuple[int, ...] = (0, 5, 10, 20, 40)
     max_new_tokens: int = 48
-    batch_size: int = 16
+    batch_size: int = 48
     seed: int = 0
     device: str | None = None
     out: str = "results"
