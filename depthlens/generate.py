@@ -1,10 +1,18 @@
 """Batched generation with KV cache, left padding, seeds and TransformerLens hooks active.
 
-Generation runs Hugging Face's ``generate`` with the KV cache. When a hook is active (given
-here or attached to the bridge by the caller) it runs on the model under the bridge, which
-wraps its modules in place so the hook points fire at every step; with no hook it runs on
-``model.plain()``, the same parameters without the hook-point wrappers (≈ 30 % faster on the
-135M default, see ``benchmarks/bench_models.py``); both give the same tokens. Prompts are user strings
+Generation runs Hugging Face's ``generate`` with the KV cache on ``model.plain()``, the same
+parameters without the bridge's hook-point wrappers (≈ 30 % faster on the 135M default, see
+``benchmarks/bench_models.py``). Hooks given here whose hook point has a module equivalent
+(``blocks.L.hook_resid_pre`` / ``hook_resid_post`` / ``hook_attn_out`` / ``hook_mlp_out``) run as
+PyTorch hooks on that view, with TransformerLens semantics (``fn(x, hook)`` returns the new
+activation or None). Any other hook, and hooks the caller attached to the bridge itself (unless
+attached through ``mirrored_hooks``, which also places them on the view), make generation fall
+back to a cache-free greedy/sampling loop over full bridge forwards: slow, but exact.
+
+Why not ``generate`` on the bridged model: on SmolLM2 (transformer-lens 4.3, transformers 5.x)
+its KV-cache path is wrong whenever a hook point is active: an identity hook turns every
+continuation into "To---------" after the first token (found 2026-12-01; ``tests/test_generate``
+checks hooked generation against the cache-free reference, and on the real model in a slow test). Prompts are user strings
 (chat-formatted here) or ``ChatSequence``s from ``depthlens.chat`` (with prefill/insertions).
 Prompts are batched by length to keep padding small, and results come back in input order.
 
@@ -16,6 +24,7 @@ Prompts are batched by length to keep padding small, and results come back in in
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,6 +76,130 @@ def hooks_active(model, fwd_hooks: Sequence[Hook] = ()):
         yield
 
 
+_PLAIN_POINT = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_in|hook_resid_post|hook_out|hook_attn_out|attn\.hook_out"
+                          r"|hook_mlp_out|mlp\.hook_out)$")
+
+
+class _PlainHookPoint:
+    """What a TransformerLens hook function receives as ``hook`` when it runs on the plain view."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def layer(self) -> int:
+        return int(self.name.split(".")[1])
+
+
+def _plain_target(model, name: str):
+    """(module, "pre" | "post") of ``model.plain()`` equivalent to hook point ``name``, or None."""
+    m = _PLAIN_POINT.match(name)
+    if m is None:
+        return None
+    layer, point = int(m.group(1)), m.group(2)
+    blocks = model.plain().model.layers
+    if not 0 <= layer < len(blocks):
+        return None
+    block = blocks[layer]
+    if point in ("hook_resid_pre", "hook_in"):
+        return block, "pre"
+    if point in ("hook_resid_post", "hook_out"):
+        return block, "post"
+    if point in ("hook_attn_out", "attn.hook_out"):
+        return getattr(block, "self_attn", None), "post"
+    return getattr(block, "mlp", None), "post"
+
+
+def _plain_handles(model, fwd_hooks: Sequence[Hook]) -> list | None:
+    """Register ``fwd_hooks`` as PyTorch hooks on ``model.plain()``; None (nothing registered) if one cannot be."""
+    targets = [_plain_target(model, name) for name, _ in fwd_hooks]
+    if any(t is None or t[0] is None for t in targets):
+        return None
+    handles = []
+    for (name, fn), (module, where) in zip(fwd_hooks, targets):
+        point = _PlainHookPoint(name)
+        if where == "pre":
+            def pre(module, args, kwargs, fn=fn, point=point):
+                x = args[0] if args else kwargs["hidden_states"]
+                out = fn(x, point)
+                out = x if out is None else out
+                if args:
+                    return (out, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": out}
+
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        else:
+            def post(module, args, output, fn=fn, point=point):
+                x = output[0] if isinstance(output, tuple) else output
+                out = fn(x, point)
+                out = x if out is None else out
+                return (out, *output[1:]) if isinstance(output, tuple) else out
+
+            handles.append(module.register_forward_hook(post))
+    return handles
+
+
+@contextmanager
+def mirrored_hooks(model, fwd_hooks: Sequence[Hook]):
+    """Attach hooks to the bridge *and* to ``model.plain()``, so bridge forwards and ``generate``
+    both see them (``generate`` keeps its KV-cache fast path). Every hook must have a plain
+    equivalent (see ``_PLAIN_POINT``)."""
+    handles = _plain_handles(model, fwd_hooks)
+    if handles is None:
+        raise ValueError("mirrored_hooks takes only resid_pre/resid_post/attn_out/mlp_out hook points, got "
+                         f"{[n for n, _ in fwd_hooks]}.")
+    from transformer_lens.hook_points import HookPoint
+
+    stack = model.__dict__.setdefault("_mirrored_points", [])
+    before = {id(m) for m in model.bridge.modules() if isinstance(m, HookPoint) and m._forward_hooks}
+    try:
+        with model.bridge.hooks(fwd_hooks=list(fwd_hooks)):
+            added = {id(m) for m in model.bridge.modules() if isinstance(m, HookPoint) and m._forward_hooks} - before
+            stack.append(added)
+            try:
+                yield
+            finally:
+                stack.remove(added)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _unmirrored_bridge_hooks(model) -> bool:
+    """Whether a hook attached to the bridge is not also on ``model.plain()`` (then only the bridge sees it)."""
+    from transformer_lens.hook_points import HookPoint
+
+    mirrored = set().union(*model.__dict__.get("_mirrored_points", [])) if model.__dict__.get("_mirrored_points") else set()
+    return any(isinstance(m, HookPoint) and (m._forward_hooks or m._forward_pre_hooks) and id(m) not in mirrored
+               for m in model.bridge.modules())
+
+
+@torch.inference_mode()
+def _reference_generate(model, input_ids, attention_mask, *, max_new_tokens: int, stop: Sequence[int], pad_id: int,
+                        do_sample: bool, temperature: float, top_p: float) -> torch.Tensor:
+    """Cache-free decoding through full bridge forwards (every hook fires on every position): exact, O(T²)."""
+    ids, mask = input_ids, attention_mask
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    stop_t = torch.tensor(list(stop), device=ids.device)
+    for _ in range(max_new_tokens):
+        logits = model.bridge(ids, attention_mask=mask)[:, -1].float()
+        if do_sample:
+            probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1)
+            if top_p < 1.0:
+                sorted_p, order = probs.sort(dim=-1, descending=True)
+                keep = sorted_p.cumsum(-1) - sorted_p < top_p
+                probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+            nxt = torch.multinomial(probs / probs.sum(-1, keepdim=True), 1).squeeze(-1)
+        else:
+            nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        done |= torch.isin(nxt, stop_t)
+        if bool(done.all()):
+            break
+    return ids
+
+
 def as_chats(model, prompts: Sequence[str | ChatSequence]) -> list[ChatSequence]:
     return [p if isinstance(p, ChatSequence) else build_chat(model.tokenizer, p) for p in prompts]
 
@@ -98,22 +231,38 @@ def generate(
     texts: list[str] = [""] * len(chats)
     tokens: list[list[int]] = [[] for _ in chats]
     batches = length_batches([len(c) for c in chats], batch_size)
-    with hooks_active(model, fwd_hooks):
-        runner = model.hf if fwd_hooks or model.has_hooks() else model.plain()
-        for b, idx in enumerate(tqdm(batches, desc=desc, disable=not progress or len(batches) < 2, leave=False)):
-            batch = pad_batch([chats[i].ids for i in idx], pad_id).to(model.device)
-            kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad_id)
-            if do_sample:
-                torch.manual_seed(seed * 100_003 + b)
-                kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-            else:
-                kwargs.update(temperature=None, top_p=None, top_k=None)
-            out = runner.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
-            new = out[:, batch.input_ids.shape[1]:].tolist()
-            for row, i in zip(new, idx):
-                cut = next((j for j, t in enumerate(row) if t in stop), len(row))
-                tokens[i] = row[:cut]
-                texts[i] = tok.decode(row[:cut], skip_special_tokens=True)
+    handles = _plain_handles(model, fwd_hooks) if fwd_hooks else []
+    exact_loop = handles is None or _unmirrored_bridge_hooks(model)
+    if handles and exact_loop:  # a caller's bridge hook forces the exact loop: the plain copies are not needed
+        for h in handles:
+            h.remove()
+    if exact_loop:
+        log.info("generate: hooks without a plain-module equivalent are active; using the cache-free exact loop.")
+    try:
+        with hooks_active(model, fwd_hooks if exact_loop else ()):
+            for b, idx in enumerate(tqdm(batches, desc=desc, disable=not progress or len(batches) < 2, leave=False)):
+                batch = pad_batch([chats[i].ids for i in idx], pad_id).to(model.device)
+                if do_sample:
+                    torch.manual_seed(seed * 100_003 + b)
+                if exact_loop:
+                    out = _reference_generate(model, batch.input_ids, batch.attention_mask, max_new_tokens=max_new_tokens,
+                                              stop=stop, pad_id=pad_id, do_sample=do_sample, temperature=temperature,
+                                              top_p=top_p)
+                else:
+                    kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad_id)
+                    if do_sample:
+                        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+                    else:
+                        kwargs.update(temperature=None, top_p=None, top_k=None)
+                    out = model.plain().generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+                new = out[:, batch.input_ids.shape[1]:].tolist()
+                for row, i in zip(new, idx):
+                    cut = next((j for j, t in enumerate(row) if t in stop), len(row))
+                    tokens[i] = row[:cut]
+                    texts[i] = tok.decode(row[:cut], skip_special_tokens=True)
+    finally:
+        for h in handles or []:
+            h.remove()
     config = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                   top_p=top_p, seed=seed if do_sample else None, n_hooks=len(fwd_hooks))
     return Generation(texts=texts, tokens=tokens, prompts=chats, config=config)

@@ -127,25 +127,11 @@ def activation_noise_hooks(model, layer: int | None, sigma: float, seed: int = 0
 @contextmanager
 def activation_noise(model, layer: int | None, sigma: float, seed: int = 0) -> Iterator[None]:
     """Activation noise active for every forward (and generation step) inside the block."""
-    hooks = activation_noise_hooks(model, layer, sigma, seed)
-    blocks = model.plain().model.layers  # the same noise on the hook-free view (forward_from_layer)
-    handles = [blocks[l].register_forward_hook(_as_module_hook(fn)) for l, (_, fn) in zip(_layers(model, layer), hooks)]
-    try:
-        with model.bridge.hooks(fwd_hooks=hooks):
-            yield
-    finally:
-        for h in handles:
-            h.remove()
+    from depthlens.generate import mirrored_hooks
 
-
-def _as_module_hook(fn: Callable) -> Callable:
-    """A TransformerLens hook ``fn(x, hook)`` as a PyTorch forward hook on a decoder block."""
-    def module_hook(module, args, output):
-        if isinstance(output, tuple):
-            return (fn(output[0], None), *output[1:])
-        return fn(output, None)
-
-    return module_hook
+    # on the bridge and on the hook-free view (forward_from_layer, generate's KV-cache path) alike
+    with mirrored_hooks(model, activation_noise_hooks(model, layer, sigma, seed)):
+        yield
 
 
 @dataclass(frozen=True)

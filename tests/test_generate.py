@@ -69,14 +69,90 @@ def test_bad_arguments(tiny):
         generate(tiny, ["hello"], max_new_tokens=0)
 
 
-def test_hook_free_fast_path_gives_the_same_tokens_as_the_bridged_path(tiny):
+def _mixing(tiny, scale: float = 8.0, seed: int = 0):
+    """x ↦ scale · x M with a fixed random M: makes the random tiny-llama say varied tokens."""
+    m = torch.randn(tiny.d_model, tiny.d_model, generator=torch.Generator().manual_seed(seed)) / tiny.d_model ** 0.5
+    return lambda x, hook: scale * x @ m.to(x.dtype)
+
+
+def _exact(tiny, prompts, hooks, n):
+    """Reference continuation: full bridge forwards with the hooks, no KV cache."""
+    from depthlens.chat import pad_batch
+    from depthlens.generate import _reference_generate, eos_ids, hooks_active
+
+    chats = [build_chat(tiny.tokenizer, p) for p in prompts]
+    out = []
+    with hooks_active(tiny, hooks):
+        for c in chats:  # one at a time: no padding in the reference
+            ids = torch.tensor([c.ids])
+            full = _reference_generate(tiny, ids, torch.ones_like(ids), max_new_tokens=n, stop=eos_ids(tiny.tokenizer),
+                                       pad_id=tiny.tokenizer.pad_token_id, do_sample=False, temperature=1.0, top_p=1.0)
+            row = full[0, ids.shape[1]:].tolist()
+            stop = set(eos_ids(tiny.tokenizer))
+            out.append(row[:next((j for j, t in enumerate(row) if t in stop), len(row))])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["resid_pre", "resid_post", "attn_out", "mlp_out"])
+def test_hooked_generation_matches_the_cache_free_reference(tiny, kind):
     prompts = ["hello there", "write a poem about the sea", "what is 2 + 2?"]
-    fast = generate(tiny, prompts, max_new_tokens=12, progress=False)
+    varied = [(hook_name("resid_pre", 0), _mixing(tiny))]  # tiny-llama alone repeats one token
+    tested = (hook_name(kind, 1), _mixing(tiny, 3.0, seed=1) if kind.startswith("resid") else (lambda x, hook: -2 * x))
+    hooks = [*varied, tested]
+    fast = generate(tiny, prompts, max_new_tokens=10, fwd_hooks=hooks, progress=False, batch_size=3)
+    without = generate(tiny, prompts, max_new_tokens=10, fwd_hooks=varied, progress=False, batch_size=3)
+    assert fast.tokens != without.tokens, "the tested hook must change the continuation for this test to mean anything"
+    assert all(len(set(row)) > 2 for row in fast.tokens), "a constant continuation would hide a cache bug"
+    assert fast.tokens == _exact(tiny, prompts, hooks, 10)
     assert not tiny.has_hooks()
-    identity = [(hook_name("resid_post", 0), lambda x, hook: x)]  # forces the bridged path
-    slow = generate(tiny, prompts, max_new_tokens=12, fwd_hooks=identity, progress=False)
-    assert fast.tokens == slow.tokens and any(fast.tokens)
+
+
+def test_hooks_without_a_plain_equivalent_use_the_exact_loop(tiny):
+    prompts = ["hello there", "what is 2 + 2?"]
+    calls = []
+
+    def identity(x, hook):
+        calls.append(1)
+        return x
+
+    name = "blocks.0.ln1.hook_normalized"
+    assert name in tiny.bridge.hook_dict
+    exact = generate(tiny, prompts, max_new_tokens=6, fwd_hooks=[(name, identity)], progress=False)
+    assert calls and exact.tokens == generate(tiny, prompts, max_new_tokens=6, progress=False).tokens
     assert not tiny.has_hooks()
+
+
+def test_mirrored_hooks_reach_bridge_forwards_and_generation(tiny):
+    from depthlens.forward import last_logprobs
+    from depthlens.generate import mirrored_hooks
+
+    prompts = ["hello there", "write a poem about the sea"]
+    hooks = [(hook_name("resid_post", 0), _mixing(tiny, seed=2))]
+    seqs = [build_chat(tiny.tokenizer, p) for p in prompts]
+    clean_lp = last_logprobs(tiny, seqs)
+    with mirrored_hooks(tiny, hooks):
+        lp = last_logprobs(tiny, seqs)
+        gen = generate(tiny, prompts, max_new_tokens=8, progress=False)
+    assert not torch.allclose(lp, clean_lp)
+    assert gen.tokens == _exact(tiny, prompts, hooks, 8)
+    assert not tiny.has_hooks()
+    with pytest.raises(ValueError, match="mirrored_hooks"):
+        with mirrored_hooks(tiny, [("blocks.0.ln1.hook_normalized", lambda x, hook: x)]):
+            pass
+
+
+@pytest.mark.slow
+def test_an_identity_hook_leaves_the_real_models_generation_unchanged(smol):
+    """The bug this guards: bridged HF generate with an active hook point decoded garbage on SmolLM2."""
+    prompts = ["How do I bake bread?", "Write a poem about the sea."]
+    clean = generate(smol, prompts, max_new_tokens=16, progress=False)
+    for kind in ("resid_pre", "resid_post", "attn_out", "mlp_out"):
+        hooked = generate(smol, prompts, max_new_tokens=16, progress=False,
+                          fwd_hooks=[(hook_name(kind, 3), lambda x, hook: x)])
+        assert hooked.tokens == clean.tokens, kind
+    exact = generate(smol, prompts[:1], max_new_tokens=8, progress=False,
+                     fwd_hooks=[("blocks.3.ln1.hook_normalized", lambda x, hook: x)])
+    assert exact.tokens == [clean.tokens[0][:8]]
 
 
 def test_hooks_attached_by_the_caller_are_honoured(tiny):
