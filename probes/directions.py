@@ -19,8 +19,9 @@ best removes refusal without breaking the model:
 and candidates at layers ``l ≥ int(max_layer_frac · L)`` are discarded (zero candidates, e.g.
 layer 0 at template positions where every prompt has the same token, are skipped) (Arditi et al.'s
 reference code truncates ``0.8·L`` the same way; for L = 30 that drops layers 24–29). If no
-candidate passes, the lowest bypass among all evaluated is returned with
-``filters_passed=False`` and a warning — never silently.
+candidate passes, the KL filter is relaxed by doubling (layer and induce filters kept) until
+one does (``choose_candidate``), and only if no candidate induces refusal is the lowest bypass
+of all taken; either way with ``filters_passed=False`` and a warning — never silently.
 
 Cost. Each candidate costs one ablated pass over harmful + harmless validation prompts (bypass
 and KL share it) and one activation-addition pass over the harmless ones, i.e. ``3·n_val``
@@ -149,8 +150,8 @@ class SelectedDirection:
             the failed filters, "" when passed). Zero vectors (layer 0 at template positions,
             where every prompt has the same token) are not evaluated: scores ``None``,
             reason ``"zero-vector"``.
-        filters_passed: False when no candidate passed the filters and the lowest bypass
-            among all was taken instead.
+        filters_passed: False when no candidate passed the filters and a relaxed choice was
+            taken instead (``config["kl_threshold_used"]``; see ``choose_candidate``).
         baseline: mean refusal scores without intervention (``harmful``, ``harmless``).
         config: the selection settings.
         timing: seconds spent (``total``, ``per_candidate``) and ``n_candidates``.
@@ -287,6 +288,33 @@ def _kl(logp: Float[Tensor, "n vocab"], logq: Float[Tensor, "n vocab"]) -> Float
 
 
 @torch.inference_mode()
+def choose_candidate(records: Sequence[dict], keep_layers, kl_threshold: float, induce_threshold: float,
+                     max_relax: int = 8) -> tuple[dict, bool, float | None]:
+    """The lowest-bypass candidate that passes the filters; (record, filters_passed, KL threshold used).
+
+    When none passes, the layer and induce filters are kept and the KL threshold is doubled
+    (up to ``max_relax`` times) until one passes: the least damaging of the candidates that do
+    induce refusal, rather than the lowest bypass at any KL (which on the v4 organism picked a
+    direction whose ablation destroyed the model: KL 6.7, harmless CE 0.58 → 4.9). Only when no
+    candidate induces refusal at all is the lowest bypass of all evaluated taken (KL used: None).
+    """
+    evaluated = [r for r in records if r.get("bypass") is not None]
+    if not evaluated:
+        raise ValueError("No candidate was evaluated.")
+    key = lambda r: (r["bypass"], r["kl"])  # noqa: E731
+    passed = [r for r in evaluated if r["passed"]]
+    if passed:
+        return min(passed, key=key), True, kl_threshold
+    base = [r for r in evaluated if r["layer"] in keep_layers and r["induce"] >= induce_threshold]
+    limit = kl_threshold
+    for _ in range(max_relax if kl_threshold > 0 else 0):
+        limit *= 2
+        pool = [r for r in base if r["kl"] <= limit]
+        if pool:
+            return min(pool, key=key), False, limit
+    return min(evaluated, key=key), False, None
+
+
 def select_direction(model, candidates: DirectionCandidates, harmful_val: Sequence[str | ChatSequence],
                      harmless_val: Sequence[str | ChatSequence], *, positions: Sequence[int] | None = (-1,),
                      layers: Sequence[int] | None = None, max_layer_frac: float = 0.8, kl_threshold: float = 0.1,
@@ -366,15 +394,14 @@ def select_direction(model, candidates: DirectionCandidates, harmful_val: Sequen
                      rec["bypass"], rec["induce"], rec["kl"], "ok" if rec["passed"] else rec["reason"])
 
     records.sort(key=lambda r: (r["position"], r["layer"]))
-    evaluated = [r for r in records if r["bypass"] is not None]
-    passed = [r for r in evaluated if r["passed"]]
-    filters_passed = bool(passed)
-    pool = passed if passed else evaluated
-    best = min(pool, key=lambda r: (r["bypass"], r["kl"]))
+    best, filters_passed, kl_used = choose_candidate(records, keep, kl_threshold, induce_threshold)
+    config["kl_threshold_used"] = kl_used
     if not filters_passed:
         log.warning("No refusal-direction candidate passed the filters (layer < int(%.2f·L), KL ≤ %g, induce ≥ %g); "
-                    "taking the lowest bypass among all %d: position %d, layer %d (filters_passed=False).",
-                    max_layer_frac, kl_threshold, induce_threshold, len(evaluated), best["position"], best["layer"])
+                    "%s: position %d, layer %d (KL %.3f, filters_passed=False).", max_layer_frac, kl_threshold,
+                    induce_threshold, f"relaxed the KL filter to {kl_used:g}" if kl_used is not None
+                    else "no candidate induces refusal either, took the lowest bypass of all", best["position"],
+                    best["layer"], best["kl"])
     vec = candidates.vector(best["position"], best["layer"]).to(torch.float32)
     elapsed = time.perf_counter() - t0
     timing = {"total": round(elapsed, 2), "per_candidate": round(elapsed / len(grid), 3), "n_candidates": len(grid)}

@@ -176,3 +176,25 @@ def test_no_candidate_passing_is_flagged_not_silent(tiny, cands, caplog):
     assert "filters_passed=False" in caplog.text
     with pytest.raises(ValueError, match="not a candidate position"):
         select_direction(tiny, cands, HARMFUL[:4], HARMLESS[:4], positions=[-5])
+
+
+def test_the_fallback_relaxes_kl_before_taking_any_bypass():
+    from probes.directions import choose_candidate
+
+    def rec(layer, bypass, induce, kl):
+        return {"position": -1, "layer": layer, "bypass": bypass, "induce": induce, "kl": kl, "passed": False}
+
+    # the v4 organism's situation: nothing has KL ≤ 0.1; the lowest bypass (layer 14) ruins the model
+    records = [rec(14, -6.1, -1.8, 6.65), rec(20, 0.45, 0.89, 0.47), rec(21, -3.2, 0.73, 0.90),
+               rec(23, -1.5, 0.57, 0.49), rec(26, -9.0, 2.0, 0.05)]
+    keep = set(range(24))
+    best, ok, kl_used = choose_candidate(records, keep, 0.1, 0.0)
+    assert (best["layer"], ok, kl_used) == (23, False, 0.8)  # 0.2, 0.4 admit nothing; 0.8 admits 20 and 23
+    best, _, kl_used = choose_candidate(records, keep, 0.3, 0.0)
+    assert best["layer"] == 23 and kl_used == pytest.approx(0.6)  # the first relaxation that admits any
+    assert choose_candidate(records, keep, 0.5, 0.0)[0]["layer"] == 21  # 1.0 admits 21, lower bypass than 23
+    records[3]["passed"] = True
+    assert choose_candidate(records, keep, 0.1, 0.0) == (records[3], True, 0.1)
+    # no candidate induces refusal: the lowest bypass of all, flagged by kl_used None
+    none_induce = [rec(3, 1.0, -1.0, 0.2), rec(5, -2.0, -1.0, 3.0)]
+    assert choose_candidate(none_induce, keep, 0.1, 0.0) == (none_induce[1], False, None)
