@@ -25,10 +25,12 @@ two things are measured against the un-ablated model (computed once):
 Both Δs come with paired 95 % bootstrap intervals (trials, resp. prompts, resampled; the same
 resamples for every cell). Shares of "recovered" continuations are recorded beside ASR.
 
-Cost (2 CPU cores, SmolLM2-135M, estimates from a batch-16 forward over ~100 tokens ≈ 0.4 s
-and generation ≈ 8 steps/s at batch 16): one cell ≈ 16 decoding steps (≈ 2 s) + the
-trials' prefill (16 × ≈ 80 tokens) + 16 refusal-score prompts ≈ 2.5 s; 16 layers × 5
-interventions ≈ 3.5 min, plus ≈ 20 s for loading, means, directions and the baseline.
+Cost (2 CPU cores, SmolLM2-135M, measured 2026-12-01): one cell ≈ 8 s to re-continue the 16
+trials by 16 tokens (their prefill, 16 × ≈ 110 tokens, is ≈ 4.5 s of it: these cores are
+compute-bound at ≈ 90 GFLOP/s) + ≈ 1.6 s for the 16 refusal-score prompts, so the default 16
+layers × 5 interventions take ≈ 13 min — over the 5-minute budget. Running each cell from its
+layer on the clean KV cache of the layers below (as ``analyses.layer_sensitivity`` does for
+forwards) would halve both parts; not built yet. ``--layer-stride 3`` or ``--layers`` cut it now.
 
     $ python -m analyses.layer_ablation                       # every other layer of the organism
     $ python -m analyses.layer_ablation --layer-stride 1      # every layer (≈ 2× the time)
