@@ -50,6 +50,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout, installed or not
+
 OPS = ("inference", "zo", "adamw")
 TARGETS = {"zo": ("<=", 1.2), "adamw": (">=", 2.5)}
 RESULT_TAG = "RESULT "
