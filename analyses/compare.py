@@ -17,8 +17,11 @@ reference, "before") and measures, on the *test* splits:
 
 The table has one row per measure and one column per model, plus "Δ" (last − first) and the
 direction that is better. The figure (``figures/builders/compare.py``) shows the rates side by
-side. σ defaults are our choice (uncalibrated on the organism: NOTES.md found per-layer
-σ = 0.1 harmless and 0.3 damaging; whole-model noise adds up over 30 layers, hence 0.05).
+side. σ defaults: parameter noise 0.05 is our choice (NOTES.md found per-layer σ = 0.1 harmless
+and 0.3 damaging; whole-model noise adds up over 30 layers); activation noise 0.1 is calibrated
+on the organism's harmful *validation* prompts with ``scripts/calibrate_noise.py`` (24 prompts,
+48 tokens, 2026-12-01: refusal 0.96 clean, 0.83 at σ 0.05, 0.17 at 0.1, 0 at 0.2 — 0.2, the
+old default, leaves nothing to compare; 0.1 leaves room to show a gain).
 
     $ python -m analyses.compare --models smollm2-135m-instruct:sft smollm2-135m-instruct:sft:deep
     $ python -m analyses.compare --models tiny-llama tiny-llama --quick
@@ -117,7 +120,7 @@ class CompareConfig:
     min_refusal_tokens: int = 32
     harmful_tokens: int = 96
     param_sigma: float = 0.05
-    act_sigma: float = 0.2
+    act_sigma: float = 0.1
     noise_seeds: int = 2
     max_new_tokens: int = 48
     attack_new_tokens: int = 32
