@@ -168,7 +168,7 @@ def _unmirrored_bridge_hooks(model) -> bool:
     """Whether a hook attached to the bridge is not also on ``model.plain()`` (then only the bridge sees it)."""
     from transformer_lens.hook_points import HookPoint
 
-    mirrored = set().union(*model.__dict__.get("_mirrored_points", [])) if model.__dict__.get("_mirrored_points") else set()
+    mirrored = set().union(*model.__dict__.get("_mirrored_points", []))
     return any(isinstance(m, HookPoint) and (m._forward_hooks or m._forward_pre_hooks) and id(m) not in mirrored
                for m in model.bridge.modules())
 
@@ -233,10 +233,7 @@ def generate(
     batches = length_batches([len(c) for c in chats], batch_size)
     handles = _plain_handles(model, fwd_hooks) if fwd_hooks else []
     exact_loop = handles is None or _unmirrored_bridge_hooks(model)
-    if handles and exact_loop:  # a caller's bridge hook forces the exact loop: the plain copies are not needed
-        for h in handles:
-            h.remove()
-    if exact_loop:
+    if exact_loop:  # the plain copies, if any, are not needed: the finally below removes them
         log.info("generate: hooks without a plain-module equivalent are active; using the cache-free exact loop.")
     try:
         with hooks_active(model, fwd_hooks if exact_loop else ()):
