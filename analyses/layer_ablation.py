@@ -56,9 +56,10 @@ from analyses.state_prediction import obtain_trials, refusal_directions
 from depthlens.chat import ChatSequence
 from depthlens.cli import parse_config
 from depthlens.data import default_splits
-from depthlens.forward import iter_batches
-from depthlens.generate import Hook, as_chats, generate, hooks_active
-from depthlens.judge import CONTINUATION_JUDGE_ID, classify_continuation, is_refusal, refusal_score
+from depthlens.forward import PrefixSharedRunner, iter_batches
+from depthlens.generate import Hook, LayerwiseContinuer, as_chats, hooks_active, plain_hooks
+from depthlens.judge import (CONTINUATION_JUDGE_ID, classify_continuation, is_refusal, refusal_token_ids,
+                             score_from_logprobs)
 from depthlens.models import hook_name, load_model
 from depthlens.organism import ORGANISM
 from depthlens.results import RunRecord
@@ -241,27 +242,44 @@ class Measure:
 
 
 class Evaluator:
-    """Re-continues the trial subset and scores the validation prompts under a set of hooks."""
+    """Re-continues the trial subset and scores the validation prompts under sets of hooks at one layer.
+
+    Both measures start at the ablated layer: the clean states below it are computed once
+    (``depthlens.generate.LayerwiseContinuer`` for the continuations, ``depthlens.forward.
+    PrefixSharedRunner`` for the scores), and the continuations of every intervention at a
+    layer are decoded together as row groups of one batch.
+    """
 
     def __init__(self, model, trials: Sequence[dict], val_prompts: Sequence[str], max_new_tokens: int,
                  batch_size: int):
         self.model = model
-        self.chats = [trial_chat(t) for t in trials]
         self.prompts = [t["prompt"] for t in trials]
         self.refs = [t.get("span_text") or "" for t in trials]
-        self.val = as_chats(model, list(val_prompts))
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.continuer = LayerwiseContinuer(model, [trial_chat(t) for t in trials], max_new_tokens)
+        self.val = PrefixSharedRunner(model, as_chats(model, list(val_prompts)), batch_size)
+        self.n_val = len(val_prompts)
+        self.refusal_ids = refusal_token_ids(model.tokenizer)
 
-    def measure(self, hooks: Sequence[Hook] = ()) -> Measure:
-        gen = generate(self.model, self.chats, self.max_new_tokens, batch_size=self.batch_size, fwd_hooks=hooks,
-                       progress=False)
-        labels = [classify_continuation(t, p, reference=r) for t, p, r in zip(gen.texts, self.prompts, self.refs)]
-        scores = refusal_score(self.model, self.val, batch_size=self.batch_size, fwd_hooks=hooks).scores
-        return Measure(labels=labels, texts=list(gen.texts),
-                       harmful=np.array([lab == "harmful" for lab in labels], dtype=float),
-                       recovered=np.array([lab == "recovered" for lab in labels], dtype=float),
-                       not_refusal=np.array([not is_refusal(t) for t in gen.texts], dtype=float),
-                       scores=scores.double().numpy())
+    def _scores(self, layer: int, hooks: Sequence[Hook]) -> np.ndarray:
+        out = np.empty(self.n_val)
+        with plain_hooks(self.model, hooks):
+            for idx, _, logits in self.val.run(layer, logits_to_keep=1):
+                logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
+                out[idx] = score_from_logprobs(logp.cpu(), self.refusal_ids).double().numpy()
+        return out
+
+    def measure(self, layer: int, hook_sets: Sequence[Sequence[Hook]]) -> list[Measure]:
+        """One ``Measure`` per hook set; every hook sits at block ``layer`` or above."""
+        gens = self.continuer.run(layer, hook_sets)
+        out = []
+        for hooks, gen in zip(hook_sets, gens):
+            labels = [classify_continuation(t, p, reference=r) for t, p, r in zip(gen.texts, self.prompts, self.refs)]
+            out.append(Measure(labels=labels, texts=list(gen.texts),
+                               harmful=np.array([lab == "harmful" for lab in labels], dtype=float),
+                               recovered=np.array([lab == "recovered" for lab in labels], dtype=float),
+                               not_refusal=np.array([not is_refusal(t) for t in gen.texts], dtype=float),
+                               scores=self._scores(layer, hooks)))
+        return out
 
 
 def paired_delta(base: np.ndarray, new: np.ndarray, idx: np.ndarray) -> tuple[float, float, float]:
@@ -319,7 +337,7 @@ def run(cfg: LayerAblationConfig, model=None) -> RunRecord:
             dirs = dict(zip(layers, dirs))
         ev = Evaluator(model, subset, val, cfg.max_new_tokens, cfg.batch_size)
     with timer("baseline"):
-        base = ev.measure()
+        base = ev.measure(0, [()])[0]
     rng = np.random.default_rng(cfg.seed)
     idx_trials = rng.integers(0, len(subset), size=(cfg.n_boot, len(subset)))
     idx_val = rng.integers(0, len(val), size=(cfg.n_boot, len(val)))
@@ -327,23 +345,26 @@ def run(cfg: LayerAblationConfig, model=None) -> RunRecord:
     rows: list[dict] = []
     cells = [(l, k) for l in layers for k in cfg.interventions]
     with timer("sweep"):
-        for layer, kind in tqdm(cells, desc="layer × intervention"):
-            row = {"layer": layer, "intervention": kind, "note": ""}
-            if kind == "direction" and not np.linalg.norm(dirs[layer]) > 0:
-                row["note"] = "zero refusal direction: not ablated"
-                rows.append(row)
-                continue
-            hooks = intervention_hooks(model, kind, layer, means=means,
-                                       direction=None if dirs is None else torch.from_numpy(dirs[layer]))
-            m = ev.measure(hooks)
-            d_asr = paired_delta(base.harmful, m.harmful, idx_trials)
-            d_score = paired_delta(base.scores, m.scores, idx_val)
-            row.update({"asr": float(m.harmful.mean()), "delta_asr": d_asr[0], "delta_asr_lo": d_asr[1],
-                        "delta_asr_hi": d_asr[2], "recovered": float(m.recovered.mean()),
-                        "delta_recovered": float(m.recovered.mean() - base.recovered.mean()),
-                        "not_refusal": float(m.not_refusal.mean()), "refusal_score": float(m.scores.mean()),
-                        "delta_score": d_score[0], "delta_score_lo": d_score[1], "delta_score_hi": d_score[2]})
-            rows.append(row)
+        for layer in tqdm(layers, desc="layers (all interventions at once)"):
+            kinds, hook_sets = [], []
+            for kind in cfg.interventions:
+                if kind == "direction" and not np.linalg.norm(dirs[layer]) > 0:
+                    rows.append({"layer": layer, "intervention": kind, "note": "zero refusal direction: not ablated"})
+                    continue
+                kinds.append(kind)
+                hook_sets.append(intervention_hooks(model, kind, layer, means=means,
+                                                    direction=None if dirs is None else torch.from_numpy(dirs[layer])))
+            for kind, m in zip(kinds, ev.measure(layer, hook_sets) if kinds else []):
+                d_asr = paired_delta(base.harmful, m.harmful, idx_trials)
+                d_score = paired_delta(base.scores, m.scores, idx_val)
+                rows.append({"layer": layer, "intervention": kind, "note": "",
+                             "asr": float(m.harmful.mean()), "delta_asr": d_asr[0], "delta_asr_lo": d_asr[1],
+                             "delta_asr_hi": d_asr[2], "recovered": float(m.recovered.mean()),
+                             "delta_recovered": float(m.recovered.mean() - base.recovered.mean()),
+                             "not_refusal": float(m.not_refusal.mean()), "refusal_score": float(m.scores.mean()),
+                             "delta_score": d_score[0], "delta_score_lo": d_score[1], "delta_score_hi": d_score[2]})
+    order = {k: i for i, k in enumerate(cfg.interventions)}
+    rows.sort(key=lambda r: (r["layer"], order[r["intervention"]]))
 
     done = [r for r in rows if "delta_asr" in r]
     baseline = {"asr": float(base.harmful.mean()), "recovered": float(base.recovered.mean()),

@@ -67,13 +67,13 @@ class DeepConfig:
             recipe (``finetune.sft.imperative``; the attacks use HarmBench's task-form prompts).
         epochs: passes over the mix.
         lr: AdamW learning rate. The paper's 2e-5 runs 10 epochs over 256 triples; one epoch
-            over 160 fits the CPU budget (≈ 10 min), and the organism itself was trained at
-            2e-4, so 1e-4 (our choice, not the paper's).
+            over its 256 is what fits a CPU budget, so 2e-4 for a tenth of the passes (our
+            choice, not the paper's; v2's 1e-4 over 160 barely moved prefill ASR).
         batch_size: sequences per step.
         seed: sampling and training seed.
     """
 
-    n_triples: int = 160
+    n_triples: int = 256
     harmful_tokens: int = 96
     max_k: int = 100
     p_zero: float = 0.5
@@ -81,7 +81,7 @@ class DeepConfig:
     benign_tokens: int = 32
     imperative_share: float = 0.6
     epochs: float = 1.0
-    lr: float = 1e-4
+    lr: float = 2e-4
     batch_size: int = 8
     seed: int = 0
 
@@ -144,7 +144,9 @@ class DeepRecipe:
     """Entry point ``deep``: safety-recovery augmentation on top of the model it is applied to."""
 
     name = "deep"
-    version = 2  # v2: every step carries the alpha mix (stratified batches + micro-batches)
+    # v2: every step carries the alpha mix (stratified batches + micro-batches).
+    # v3: 256 triples (the paper's count) at lr 2e-4; v2 (160 at 1e-4) left prefill ASR@10 at 0.875.
+    version = 3
 
     def __init__(self, cfg: DeepConfig | None = None):
         self.cfg = cfg or DeepConfig()

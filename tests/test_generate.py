@@ -180,3 +180,42 @@ def test_the_plain_view_shares_parameters_and_follows_in_place_edits(tiny):
         p.copy_(saved)
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, bridged, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_layerwise_continuer_matches_generate_for_every_hook_set(tiny, layer):
+    from depthlens.generate import LayerwiseContinuer
+
+    prompts = PROMPTS + ["Write a haiku about the sea, please, in English."]
+    sets = [
+        [],
+        [(hook_name("attn_out", layer), _mixing(tiny, seed=1))],
+        [(hook_name("mlp_out", layer), _mixing(tiny, scale=6.0, seed=2)),
+         (hook_name("resid_post", 1), _mixing(tiny, scale=4.0, seed=3))],
+        [(hook_name("resid_pre", layer), _mixing(tiny, seed=4))],
+    ]
+    cont = LayerwiseContinuer(tiny, prompts, max_new_tokens=6)
+    gens = cont.run(layer, sets)
+    assert len(gens) == len(sets)
+    varied = set()
+    for hooks, gen in zip(sets, gens):
+        want = generate(tiny, prompts, max_new_tokens=6, progress=False, fwd_hooks=hooks)
+        assert gen.tokens == want.tokens and gen.texts == want.texts
+        varied |= {tuple(t) for t in gen.tokens}
+    assert len(varied) > 2, "the hook sets lead to different continuations (the check can fail)"
+    again = generate(tiny, prompts, max_new_tokens=6, progress=False)
+    assert again.tokens == gens[0].tokens, "hooks are removed after the run"
+
+
+def test_layerwise_continuer_rejects_hooks_it_cannot_honour(tiny):
+    from depthlens.generate import LayerwiseContinuer
+
+    cont = LayerwiseContinuer(tiny, PROMPTS, max_new_tokens=2)
+    with pytest.raises(ValueError, match="below the start layer"):
+        cont.run(1, [[(hook_name("attn_out", 0), _mixing(tiny))]])
+    with pytest.raises(ValueError, match="resid_pre/resid_post"):
+        cont.run(0, [[("blocks.0.attn.hook_pattern", lambda x, hook: x)]])
+    with pytest.raises(ValueError, match="at least one hook set"):
+        cont.run(0, [])
+    with pytest.raises(ValueError, match="non-empty list"):
+        LayerwiseContinuer(tiny, [], max_new_tokens=2)

@@ -125,32 +125,55 @@ def test_hooks_fire_during_generation_and_paired_delta(tiny):
     trials = la.select_subset(_trials(tiny), 4)
     ev = la.Evaluator(tiny, trials, ["How do I pick a lock?", "Hi"], max_new_tokens=5, batch_size=4)
     calls = []
-    m = ev.measure([(hook_name("mlp_out", 1), lambda x, hook: calls.append(x.shape[1]) or x)])
-    # generation: the prefill, then one position a decoding step; last, the refusal-score forward
-    assert calls[0] > 1 and len(calls) >= 3 and set(calls[1:-1]) == {1} and calls[-1] > 1
+    (m,) = ev.measure(1, [[(hook_name("mlp_out", 1), lambda x, hook: calls.append(x.shape[1]) or x)]])
+    # generation: the prefill, then one position a decoding step; last, the refusal-score forwards
+    assert calls[0] > 1 and 1 in calls and calls[-1] > 1
     assert m.harmful.shape == (4,) and m.scores.shape == (2,)
-    base = ev.measure()
-    assert np.array_equal(base.scores, m.scores) and base.labels == m.labels   # an identity hook changes nothing
+    (base,) = ev.measure(0, [()])
+    assert np.allclose(base.scores, m.scores, atol=1e-5) and base.labels == m.labels   # an identity hook changes nothing
     idx = np.random.default_rng(0).integers(0, 4, size=(50, 4))
     assert la.paired_delta(np.zeros(4), np.zeros(4), idx) == (0.0, 0.0, 0.0)
     d, lo, hi = la.paired_delta(np.zeros(4), np.array([1.0, 1.0, 0.0, 0.0]), idx)
     assert d == 0.5 and 0.0 <= lo <= d <= hi <= 1.0
 
 
+@pytest.mark.parametrize("layer", [0, 1])
+def test_measures_from_the_layer_equal_full_hooked_runs(tiny, layer):
+    """Row-grouped continuations from block ``layer`` and the prefix-shared scores equal plain
+    ``generate`` / ``refusal_score`` with the same hooks over the whole model."""
+    from depthlens.generate import generate
+    from depthlens.judge import refusal_score
+
+    trials = la.select_subset(_trials(tiny), 6)
+    val = ["How do I pick a lock?", "Hi", "Tell me a story about a dragon and a knight."]
+    ev = la.Evaluator(tiny, trials, val, max_new_tokens=5, batch_size=2)
+    mix = torch.randn(tiny.d_model, tiny.d_model, generator=torch.Generator().manual_seed(0)) / tiny.d_model ** 0.5
+    sets = [la.intervention_hooks(tiny, "zero_attn", layer), [],
+            [(hook_name("mlp_out", layer), lambda x, hook: 8.0 * x @ mix)]]
+    got = ev.measure(layer, sets)
+    for hooks, m in zip(sets, got):
+        gen = generate(tiny, [la.trial_chat(t) for t in trials], max_new_tokens=5, fwd_hooks=hooks, progress=False)
+        assert m.texts == gen.texts
+        ref = refusal_score(tiny, val, fwd_hooks=hooks).scores.double().numpy()
+        assert np.allclose(m.scores, ref, atol=1e-4)
+    assert not np.allclose(got[0].scores, got[1].scores), "the ablation moves the score (the check can fail)"
+
+
 def test_main_quick_end_to_end(tmp_path, monkeypatch):
     calls = []
     real = la.Evaluator.measure
 
-    def counting(self, hooks=()):
-        calls.append(len(hooks))
-        return real(self, hooks)
+    def counting(self, layer, hook_sets):
+        calls.append(len(hook_sets))
+        return real(self, layer, hook_sets)
 
     monkeypatch.setattr(la.Evaluator, "measure", counting)
     path = la.main(["--model", "tiny-llama", "--quick", "--out", str(tmp_path)])
     rec = read_run(path)
     rows = rec.tables["effects"]
     assert {(r["layer"], r["intervention"]) for r in rows} == {(l, k) for l in (0, 1) for k in la.INTERVENTIONS}
-    assert calls.count(0) == 1 and len(calls) == 1 + len(rows)          # the baseline runs once
+    assert calls[0] == 1 and sum(calls) == 1 + len(rows)                # the baseline runs once
+    assert len(calls) == 1 + 2, "one batched run a layer for all its interventions"
     b = rec.metrics["baseline"]
     for r in rows:
         assert -1.0 <= r["delta_asr"] <= 1.0 and r["delta_asr_lo"] <= r["delta_asr"] <= r["delta_asr_hi"]
