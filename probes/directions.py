@@ -24,8 +24,9 @@ one does (``choose_candidate``), and only if no candidate induces refusal is the
 of all taken; either way with ``filters_passed=False`` and a warning — never silently.
 
 Cost. Each candidate costs one ablated pass over harmful + harmless validation prompts (bypass
-and KL share it) and one activation-addition pass over the harmless ones, i.e. ``3·n_val``
-prompt forwards. Arditi's full grid on the 30-layer default (5 positions × 24 layers,
+and KL share it) and one activation-addition pass over the harmless ones from block ``l`` on,
+i.e. at most ``3·n_val`` prompt forwards, run on the plain HF blocks with the shared chat
+prefix computed once a pass (``depthlens.forward.PrefixSharedRunner``). Arditi's full grid on the 30-layer default (5 positions × 24 layers,
 32 prompts per set) is 120 candidates × 96 forwards ≈ 11.5k forwards (see the report in
 ``SelectedDirection.timing``); the default here evaluates the last position only
 (24 candidates, 5× cheaper); pass ``positions=None`` for the full grid.
@@ -47,8 +48,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from depthlens.chat import ChatSequence, encode, render_prompt
-from depthlens.forward import iter_batches, last_logprobs
-from depthlens.generate import Hook, as_chats, hooks_active
+from depthlens.forward import PrefixSharedRunner, iter_batches
+from depthlens.generate import Hook, as_chats, hooks_active, plain_hooks
 from depthlens.judge import refusal_token_ids, score_from_logprobs
 from depthlens.models import hook_name
 from probes.orthogonalize import ablation_hooks, addition_hooks
@@ -281,6 +282,18 @@ def eligible_layers(n_layers: int, max_layer_frac: float = 0.8) -> list[int]:
     return list(range(int(max_layer_frac * n_layers)))
 
 
+@torch.inference_mode()
+def _last_logprobs(runner: PrefixSharedRunner, n: int, start_layer: int = 0) -> Float[Tensor, "n vocab"]:
+    """Float32 next-token log-probs at the last position of every sequence of ``runner`` (CPU)."""
+    out: Tensor | None = None
+    for idx, _, logits in runner.run(start_layer, logits_to_keep=1):
+        lp = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()
+        if out is None:
+            out = torch.empty(n, lp.shape[-1])
+        out[torch.as_tensor(idx)] = lp
+    return out
+
+
 def _kl(logp: Float[Tensor, "n vocab"], logq: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
     """``KL(P ‖ Q)`` per row from log-probs, in float64."""
     logp, logq = logp.double(), logq.double()
@@ -354,7 +367,11 @@ def select_direction(model, candidates: DirectionCandidates, harmful_val: Sequen
     both = harm + safe
     nh = len(harm)
     rid = refusal_token_ids(model.tokenizer)
-    lp_both = last_logprobs(model, both, batch_size=batch_size)
+    # plain HF blocks, the shared chat prefix computed once a run, and activation addition at
+    # layer l run from block l (the blocks below it are clean): same log-probs as bridge
+    # forwards with the hooks (tests), at about a third of the cost
+    runner_both, runner_safe = PrefixSharedRunner(model, both, batch_size), PrefixSharedRunner(model, safe, batch_size)
+    lp_both = _last_logprobs(runner_both, len(both))
     base_scores = score_from_logprobs(lp_both, rid)
     base_safe = lp_both[nh:]
     baseline = {"harmful": float(base_scores[:nh].mean()), "harmless": float(base_scores[nh:].mean())}
@@ -373,9 +390,11 @@ def select_direction(model, candidates: DirectionCandidates, harmful_val: Sequen
                          "choose other layers or positions.")
     for k, (p, l) in enumerate(grid):
         r = candidates.vector(p, l).to(torch.float32)
-        lp_abl = last_logprobs(model, both, batch_size=batch_size, fwd_hooks=ablation_hooks(model, r))
+        with plain_hooks(model, ablation_hooks(model, r)):
+            lp_abl = _last_logprobs(runner_both, len(both))
         s_abl = score_from_logprobs(lp_abl, rid)
-        lp_add = last_logprobs(model, safe, batch_size=batch_size, fwd_hooks=addition_hooks(model, r, l))
+        with plain_hooks(model, addition_hooks(model, r, l)):
+            lp_add = _last_logprobs(runner_safe, len(safe), start_layer=l)
         rec = {"position": p, "layer": l, "norm": float(r.norm()),
                "bypass": float(s_abl[:nh].mean()),
                "induce": float(score_from_logprobs(lp_add, rid).mean()),

@@ -262,7 +262,7 @@ class WORecipe:
     """Entry point ``wo``: Arditi et al.'s refusal-direction weight orthogonalization (see ``WOConfig``)."""
 
     name = "wo"
-    version = 1
+    version = 2  # v2: choose_candidate relaxes the KL filter before taking the lowest bypass
 
     def __init__(self, cfg: WOConfig | None = None):
         self.cfg = cfg or WOConfig()

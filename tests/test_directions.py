@@ -146,6 +146,14 @@ def test_selection_scores_every_candidate_and_picks_the_lowest_bypass(tiny, cand
     # and induce is the refusal score on harmless prompts with r added at the chosen layer
     induced = refusal_score(tiny, HARMLESS[:4], fwd_hooks=addition_hooks(tiny, sel.vector, sel.layer)).mean
     assert abs(induced - sel.chosen["induce"]) < 1e-4
+    # and kl is KL(clean ‖ ablated) of the last-position distribution on harmless prompts
+    from depthlens.forward import last_logprobs
+    from depthlens.generate import as_chats
+    chats = as_chats(tiny, HARMLESS[:4])
+    clean = last_logprobs(tiny, chats).double()
+    ablated = last_logprobs(tiny, chats, fwd_hooks=ablation_hooks(tiny, sel.direction)).double()
+    kl = float((clean.exp() * (clean - ablated)).sum(-1).clamp(min=0).mean())
+    assert kl > 0 and abs(kl - sel.chosen["kl"]) < 1e-4 * max(1.0, kl)
     assert set(sel.baseline) == {"harmful", "harmless"}
     assert sel.to_dict()["direction"] == pytest.approx(sel.direction.tolist())
     json.dumps(sel.to_dict())

@@ -156,7 +156,7 @@ def test_bad_directions_are_refused(tiny):
 
 
 def test_wo_recipe_object_and_pipeline_on_prompt_lists():
-    assert recipe.name == "wo" and recipe.version == 1 and isinstance(recipe, WORecipe)
+    assert recipe.name == "wo" and recipe.version == 2 and isinstance(recipe, WORecipe)
     cfg = recipe.config()
     assert cfg["n_train"] == 128 and cfg["n_val"] == 32 and cfg["positions"] == (-1,)
     json.dumps(cfg)
