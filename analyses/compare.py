@@ -101,7 +101,7 @@ class CompareConfig:
         noise_seeds: seeds averaged for the two noise kinds (int4 is deterministic).
         max_new_tokens: greedy tokens per answer (evaluation and perturbation suite).
         attack_new_tokens: tokens generated after a prefill or insertion.
-        batch_size: prompts per batch.
+        batch_size: prompts per batch (48: generation on 2 CPU cores is 1.4× faster than at 16).
         seed: split, position and noise seed.
         device: cpu / cuda (default: automatic).
         out: results root directory.
@@ -124,7 +124,7 @@ class CompareConfig:
     noise_seeds: int = 2
     max_new_tokens: int = 48
     attack_new_tokens: int = 32
-    batch_size: int = 16
+    batch_size: int = 48
     seed: int = 0
     device: str | None = None
     out: str = "results"
