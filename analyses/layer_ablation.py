@@ -96,7 +96,7 @@ class LayerAblationConfig:
         seed: subset, split and bootstrap seed.
         device: cpu / cuda (default: automatic).
         out: results root directory (also where insertion runs are looked for).
-        quick: small run for smoke tests (4 trials × 8 tokens, 4 prompts per set, every 6th
+        quick: small run for smoke tests (4 trials × 8 tokens, 4 prompts per set, every 10th
             layer and the last, 200 resamples).
     """
 
@@ -305,7 +305,7 @@ def _effective(cfg: LayerAblationConfig) -> LayerAblationConfig:
         return cfg
     return replace(cfg, n_trials=min(cfg.n_trials, 4), max_new_tokens=min(cfg.max_new_tokens, 8),
                    n_val=min(cfg.n_val, 4), n_mean=min(cfg.n_mean, 4), n_dir=min(cfg.n_dir, 4),
-                   layer_stride=max(cfg.layer_stride, 6), n_boot=min(cfg.n_boot, 200))
+                   layer_stride=max(cfg.layer_stride, 10), n_boot=min(cfg.n_boot, 200))
 
 
 def default_layers(n_layers: int, stride: int) -> list[int]:

@@ -92,8 +92,8 @@ class StatePredictionConfig:
         seed: folds, shuffles, random directions, bootstrap and subsample seed.
         device: cpu / cuda (default: automatic).
         out: results root directory (also where insertion runs are looked for).
-        quick: small run for smoke tests (≤ 80 trials, 8 direction prompts, 4 random directions,
-            200 resamples; ≈ 1 min with the organism cached).
+        quick: small run for smoke tests (≤ 64 trials, 8 direction prompts, 2 random directions,
+            100 resamples; ≈ 1 min with the organism cached).
     """
 
     model: str = ORGANISM
@@ -376,8 +376,8 @@ def _effective(cfg: StatePredictionConfig) -> StatePredictionConfig:
         raise ValueError(f"--max-trials ({cfg.max_trials}) must be >= 4 and --n-dir ({cfg.n_dir}) >= 1.")
     if not cfg.quick:
         return cfg
-    return replace(cfg, max_trials=min(cfg.max_trials, 80), n_dir=min(cfg.n_dir, 8), n_boot=min(cfg.n_boot, 200),
-                   n_random_directions=min(cfg.n_random_directions, 4))
+    return replace(cfg, max_trials=min(cfg.max_trials, 64), n_dir=min(cfg.n_dir, 8), n_boot=min(cfg.n_boot, 100),
+                   n_random_directions=min(cfg.n_random_directions, 2))
 
 
 def _subsample(trials: list[dict], y: np.ndarray, cap: int, seed: int) -> tuple[list[dict], np.ndarray]:
