@@ -25,15 +25,20 @@ two things are measured against the un-ablated model (computed once):
 Both Δs come with paired 95 % bootstrap intervals (trials, resp. prompts, resampled; the same
 resamples for every cell). Shares of "recovered" continuations are recorded beside ASR.
 
-Cost (2 CPU cores, SmolLM2-135M, measured 2026-12-01): one cell ≈ 8 s to re-continue the 16
-trials by 16 tokens (their prefill, 16 × ≈ 110 tokens, is ≈ 4.5 s of it: these cores are
-compute-bound at ≈ 90 GFLOP/s) + ≈ 1.6 s for the 16 refusal-score prompts, so the default 16
-layers × 5 interventions take ≈ 13 min — over the 5-minute budget. Running each cell from its
-layer on the clean KV cache of the layers below (as ``analyses.layer_sensitivity`` does for
-forwards) would halve both parts; not built yet. ``--layer-stride 3`` or ``--layers`` cut it now.
+Cost (2 CPU cores, SmolLM2-135M, fp32, measured 2026-12-01). The work is what it is — the
+trials' prefill (16 × ≈ 130 tokens) through blocks l… for each of 5 interventions, plus 16
+decoding steps of 80 rows — and these cores do it at ≈ 136 GFLOP/s (matrix products are 73 %
+of the time): ≈ 12 s a layer for decoding and scores plus ≈ 37 s × (30 − l)/30 of prefill.
+What is saved: blocks below l run once (``LayerwiseContinuer``), the scores run from l with
+the chat prefix shared, and the 5 interventions of a layer share one decoding loop —
+``benchmarks/bench_layer_ablation.py``: 0.59× the time of hooked ``generate`` +
+``refusal_score`` per cell (0.88× at layer 0, 0.24× at layer 28), same continuations. The
+default, every 5th layer and the last (7 layers × 5 = 35 cells), fits the 5-minute budget;
+``--layer-stride 2`` (16 layers) took 8.3 min (previously 13.4 min, identical ΔASR in all
+80 cells), ``--layer-stride 1`` ≈ 16 min.
 
-    $ python -m analyses.layer_ablation                       # every other layer of the organism
-    $ python -m analyses.layer_ablation --layer-stride 1      # every layer (≈ 2× the time)
+    $ python -m analyses.layer_ablation                       # every 5th layer of the organism
+    $ python -m analyses.layer_ablation --layer-stride 1      # every layer (≈ 16 min)
     >>> rec = run(LayerAblationConfig(model="tiny-llama", quick=True)); rec.tables["effects"][0]
 """
 
@@ -80,9 +85,8 @@ class LayerAblationConfig:
             of this model under ``out``, or one made (and saved) first with its defaults.
         interventions: zero_attn, mean_attn, zero_mlp, mean_mlp, direction.
         layers: layers to ablate (default: every ``layer_stride``-th layer and the last).
-        layer_stride: spacing of the default layers. 2: 16 of the default model's 30 layers ×
-            5 interventions = 80 cells ≈ 3.5 min on 2 CPU cores; 1 (every layer) doubles it,
-            past the 5-minute budget of a default run.
+        layer_stride: spacing of the default layers. 5: layers 0, 5, …, 25 and 29 of the default
+            model, 35 cells ≈ 4.5 min on 2 CPU cores; 2 (16 layers) ≈ 8 min; 1 ≈ 16 min.
         n_trials: insertion trials re-continued under every cell. 16: one generation batch
             (a decoding step costs about the same at batch 1 and 16 on CPU), half harmful,
             half recovered; an ASR change of 1/16 is its resolution.
@@ -104,7 +108,7 @@ class LayerAblationConfig:
     trials: str | None = None
     interventions: tuple[str, ...] = INTERVENTIONS
     layers: tuple[int, ...] | None = None
-    layer_stride: int = 2
+    layer_stride: int = 5
     n_trials: int = 16
     max_new_tokens: int = 16
     n_val: int = 16
