@@ -33,7 +33,7 @@ What is saved: blocks below l run once (``LayerwiseContinuer``), the scores run 
 the chat prefix shared, and the 5 interventions of a layer share one decoding loop —
 ``benchmarks/bench_layer_ablation.py``: 0.59× the time of hooked ``generate`` +
 ``refusal_score`` per cell (0.88× at layer 0, 0.24× at layer 28), same continuations. The
-default, every 5th layer and the last (7 layers × 5 = 35 cells), fits the 5-minute budget;
+default, every 5th layer and the last (7 layers × 5 = 35 cells), ran in 256 s (sweep 198 s);
 ``--layer-stride 2`` (16 layers) took 8.3 min (previously 13.4 min, identical ΔASR in all
 80 cells), ``--layer-stride 1`` ≈ 16 min.
 
@@ -86,7 +86,7 @@ class LayerAblationConfig:
         interventions: zero_attn, mean_attn, zero_mlp, mean_mlp, direction.
         layers: layers to ablate (default: every ``layer_stride``-th layer and the last).
         layer_stride: spacing of the default layers. 5: layers 0, 5, …, 25 and 29 of the default
-            model, 35 cells ≈ 4.5 min on 2 CPU cores; 2 (16 layers) ≈ 8 min; 1 ≈ 16 min.
+            model, 35 cells: 4.3 min on 2 CPU cores (measured); 2 (16 layers) 8.3 min; 1 ≈ 16 min.
         n_trials: insertion trials re-continued under every cell. 16: one generation batch
             (a decoding step costs about the same at batch 1 and 16 on CPU), half harmful,
             half recovered; an ASR change of 1/16 is its resolution.
