@@ -73,7 +73,7 @@ class RefusalDirectionConfig:
         harmful_share: share of harmful compliance examples in the JT mix.
         jt_examples: JT examples (steps = jt_examples / 8; 160 → 20 steps ≈ 2 min, enough to
             un-align a 135M model at lr 1e-4 while the first run stays near 10 min).
-        cm_examples: SFT-countermeasure examples (steps = cm_examples / 8; 320 → 40 steps).
+        cm_examples: SFT-countermeasure examples (steps = cm_examples / 8).
         n_harmful: harmful test prompts (HarmBench) per model.
         n_harmless: harmless test prompts per model (refusal, first-token KL, CE).
         n_borderline: borderline test prompts per model (over-refusal).
@@ -98,7 +98,7 @@ class RefusalDirectionConfig:
     induce_threshold: float = 0.0
     harmful_share: float = 0.25
     jt_examples: int = 160
-    cm_examples: int = 320
+    cm_examples: int = 160
     n_harmful: int = 64
     n_harmless: int = 32
     n_borderline: int = 32

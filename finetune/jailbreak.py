@@ -132,8 +132,7 @@ class CountermeasureConfig:
     """The SFT countermeasure: a short refusal-SFT pass on top of an un-aligned (WO or JT) model.
 
     Args:
-        n_examples: examples (one epoch at batch 8 = n_examples / 8 steps; 320 → 40 steps). At 160
-            (20 steps) it restored harmful refusal to only 0.42 (WO) / 0.55 (JT) on the organism.
+        n_examples: examples (one epoch at batch 8 = n_examples / 8 steps; 160 → 20 steps).
         refusal_share: share of harmful prompts → refusal templates; the rest are benign
             prompts → the base model's own answers (the organism recipe's data).
         freeze_embeddings: keep the (tied) embedding and unembedding fixed, as the organism recipe does.
@@ -143,7 +142,7 @@ class CountermeasureConfig:
         seed: sampling and training seed (also the seed of the organism data it draws from).
     """
 
-    n_examples: int = 320
+    n_examples: int = 160
     refusal_share: float = 0.4
     freeze_embeddings: bool = True
     epochs: float = 1.0
