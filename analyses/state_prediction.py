@@ -93,7 +93,7 @@ class StatePredictionConfig:
         device: cpu / cuda (default: automatic).
         out: results root directory (also where insertion runs are looked for).
         quick: small run for smoke tests (≤ 64 trials, 8 direction prompts, 2 random directions,
-            100 resamples; ≈ 1 min with the organism cached).
+            3 folds, 100 resamples; ≈ 1 min with the organism cached).
     """
 
     model: str = ORGANISM
@@ -377,7 +377,7 @@ def _effective(cfg: StatePredictionConfig) -> StatePredictionConfig:
     if not cfg.quick:
         return cfg
     return replace(cfg, max_trials=min(cfg.max_trials, 64), n_dir=min(cfg.n_dir, 8), n_boot=min(cfg.n_boot, 100),
-                   n_random_directions=min(cfg.n_random_directions, 2))
+                   n_random_directions=min(cfg.n_random_directions, 2), n_splits=min(cfg.n_splits, 3))
 
 
 def _subsample(trials: list[dict], y: np.ndarray, cap: int, seed: int) -> tuple[list[dict], np.ndarray]:
