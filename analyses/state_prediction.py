@@ -92,8 +92,8 @@ class StatePredictionConfig:
         seed: folds, shuffles, random directions, bootstrap and subsample seed.
         device: cpu / cuda (default: automatic).
         out: results root directory (also where insertion runs are looked for).
-        quick: small run for smoke tests (≤ 64 trials, 8 direction prompts, 2 random directions,
-            3 folds, 100 resamples; ≈ 1 min with the organism cached).
+        quick: small run for smoke tests (≤ 48 trials, 8 direction prompts, 2 random directions,
+            3 folds, 100 resamples; 62–71 s wall with the organism cached).
     """
 
     model: str = ORGANISM
@@ -376,7 +376,7 @@ def _effective(cfg: StatePredictionConfig) -> StatePredictionConfig:
         raise ValueError(f"--max-trials ({cfg.max_trials}) must be >= 4 and --n-dir ({cfg.n_dir}) >= 1.")
     if not cfg.quick:
         return cfg
-    return replace(cfg, max_trials=min(cfg.max_trials, 64), n_dir=min(cfg.n_dir, 8), n_boot=min(cfg.n_boot, 100),
+    return replace(cfg, max_trials=min(cfg.max_trials, 48), n_dir=min(cfg.n_dir, 8), n_boot=min(cfg.n_boot, 100),
                    n_random_directions=min(cfg.n_random_directions, 2), n_splits=min(cfg.n_splits, 3))
 
 
