@@ -261,16 +261,11 @@ class Evaluator:
         self.refs = [t.get("span_text") or "" for t in trials]
         self.continuer = LayerwiseContinuer(model, [trial_chat(t) for t in trials], max_new_tokens)
         self.val = PrefixSharedRunner(model, as_chats(model, list(val_prompts)), batch_size)
-        self.n_val = len(val_prompts)
         self.refusal_ids = refusal_token_ids(model.tokenizer)
 
     def _scores(self, layer: int, hooks: Sequence[Hook]) -> np.ndarray:
-        out = np.empty(self.n_val)
         with plain_hooks(self.model, hooks):
-            for idx, _, logits in self.val.run(layer, logits_to_keep=1):
-                logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
-                out[idx] = score_from_logprobs(logp.cpu(), self.refusal_ids).double().numpy()
-        return out
+            return score_from_logprobs(self.val.last_logprobs(layer), self.refusal_ids).double().numpy()
 
     def measure(self, layer: int, hook_sets: Sequence[Sequence[Hook]]) -> list[Measure]:
         """One ``Measure`` per hook set; every hook sits at block ``layer`` or above."""

@@ -133,8 +133,11 @@ def position_ids(attention_mask: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def layer_inputs(model, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
-    """The residual stream entering every block (``hook_resid_pre``), from one plain forward."""
+def layer_inputs(model, input_ids: Tensor, attention_mask: Tensor, past_key_values=None) -> list[Tensor]:
+    """The residual stream entering every block (``hook_resid_pre``), from one plain forward.
+
+    With ``past_key_values`` (an empty ``DynamicCache``) the same pass also fills the cache.
+    """
     view = model.plain()
     inputs: list[Tensor | None] = [None] * model.n_layers
     handles = []
@@ -144,8 +147,8 @@ def layer_inputs(model, input_ids: Tensor, attention_mask: Tensor) -> list[Tenso
 
         handles.append(block.register_forward_pre_hook(grab, with_kwargs=True))
     try:
-        view.model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids(attention_mask), use_cache=False)
+        view.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                   past_key_values=past_key_values, use_cache=past_key_values is not None)
     finally:
         for h in handles:
             h.remove()
@@ -266,6 +269,17 @@ class PrefixSharedRunner:
         full = torch.cat([torch.ones(mask.shape[0], p, dtype=mask.dtype, device=mask.device), mask], 1)
         return dict(attention_mask=full, position_ids=p + position_ids(mask), past_key_values=cache,
                     use_cache=cache is not None)
+
+    @torch.inference_mode()
+    def last_logprobs(self, layer: int = 0) -> Float[Tensor, "n vocab"]:
+        """Float32 next-token log-probs at the last position of every sequence (CPU, input order)."""
+        out: Tensor | None = None
+        for idx, _, logits in self.run(layer, logits_to_keep=1):
+            lp = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()
+            if out is None:
+                out = torch.empty(sum(len(i) for i, _, _ in self.parts), lp.shape[-1])
+            out[torch.as_tensor(idx)] = lp
+        return out
 
     @torch.inference_mode()
     def run(self, layer: int = 0, logits_to_keep: int = 0):

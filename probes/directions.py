@@ -282,18 +282,6 @@ def eligible_layers(n_layers: int, max_layer_frac: float = 0.8) -> list[int]:
     return list(range(int(max_layer_frac * n_layers)))
 
 
-@torch.inference_mode()
-def _last_logprobs(runner: PrefixSharedRunner, n: int, start_layer: int = 0) -> Float[Tensor, "n vocab"]:
-    """Float32 next-token log-probs at the last position of every sequence of ``runner`` (CPU)."""
-    out: Tensor | None = None
-    for idx, _, logits in runner.run(start_layer, logits_to_keep=1):
-        lp = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()
-        if out is None:
-            out = torch.empty(n, lp.shape[-1])
-        out[torch.as_tensor(idx)] = lp
-    return out
-
-
 def _kl(logp: Float[Tensor, "n vocab"], logq: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
     """``KL(P ‖ Q)`` per row from log-probs, in float64."""
     logp, logq = logp.double(), logq.double()
@@ -371,7 +359,7 @@ def select_direction(model, candidates: DirectionCandidates, harmful_val: Sequen
     # layer l run from block l (the blocks below it are clean): same log-probs as bridge
     # forwards with the hooks (tests), at about a third of the cost
     runner_both, runner_safe = PrefixSharedRunner(model, both, batch_size), PrefixSharedRunner(model, safe, batch_size)
-    lp_both = _last_logprobs(runner_both, len(both))
+    lp_both = runner_both.last_logprobs()
     base_scores = score_from_logprobs(lp_both, rid)
     base_safe = lp_both[nh:]
     baseline = {"harmful": float(base_scores[:nh].mean()), "harmless": float(base_scores[nh:].mean())}
@@ -391,10 +379,10 @@ def select_direction(model, candidates: DirectionCandidates, harmful_val: Sequen
     for k, (p, l) in enumerate(grid):
         r = candidates.vector(p, l).to(torch.float32)
         with plain_hooks(model, ablation_hooks(model, r)):
-            lp_abl = _last_logprobs(runner_both, len(both))
+            lp_abl = runner_both.last_logprobs()
         s_abl = score_from_logprobs(lp_abl, rid)
         with plain_hooks(model, addition_hooks(model, r, l)):
-            lp_add = _last_logprobs(runner_safe, len(safe), start_layer=l)
+            lp_add = runner_safe.last_logprobs(l)
         rec = {"position": p, "layer": l, "norm": float(r.norm()),
                "bypass": float(s_abl[:nh].mean()),
                "induce": float(score_from_logprobs(lp_add, rid).mean()),
