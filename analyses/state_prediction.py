@@ -11,8 +11,10 @@ layer whether the residual stream at the insertion already tells the two apart, 
   control for "the prompt or prefix decides", and the state a defence could read);
 - ``span_mean``: the mean over the inserted span.
 
-Activations are streamed batch by batch with a ``names_filter`` (one hook kind, stop at the
-last layer), gathered at the sites and kept as ``[layer, trial, d_model]`` arrays only.
+Activations are streamed batch by batch (one residual kind, stop at the last layer needed;
+``resid_pre``/``resid_post`` from the plain blocks with the shared chat prefix computed once,
+``resid_mid`` from the bridge with a ``names_filter``), gathered at the sites and kept as
+``[layer, trial, d_model]`` arrays only: a full cache is never materialized.
 ``probes.linear.probe_layers`` fits grouped-CV logistic probes (trials of one prompt never
 straddle train and test) and scores every baseline on the same folds with prompt-level
 bootstrap intervals: shuffled labels, random directions, surface features only (insertion
@@ -48,7 +50,7 @@ from jaxtyping import Float
 from analyses.common import Timer, finish, setup_logging
 from depthlens.cli import parse_config
 from depthlens.data import default_splits
-from depthlens.forward import iter_batches, residuals_at
+from depthlens.forward import BOUNDARY_KINDS, boundary_index, iter_batches, residuals_at, stream_boundaries
 from depthlens.generate import as_chats
 from depthlens.models import hook_name, load_model
 from depthlens.organism import ORGANISM
@@ -253,39 +255,53 @@ def site_activations(model, seqs: Sequence[Sequence[int]], positions: Mapping[st
     """Residual ``kind`` per layer averaged over each site's positions, streamed batch by batch.
 
     ``positions[site][i]`` lists token indices into ``seqs[i]`` (one index, or a span to average).
-    One forward per batch with only the ``kind`` hooks cached (``names_filter``) and the pass
-    stopped after the last layer needed; each site is one einsum with a ``[batch, pos]`` weight
-    matrix. Returns float32 ``[len(layers), n, d_model]`` per site.
+    ``resid_pre``/``resid_post`` come from the plain blocks with the prefix all trials share
+    (system prompt, user header) computed once per batch (``stream_boundaries``); ``resid_mid``
+    from the bridge with only its hooks cached (``names_filter``). Either pass stops after
+    the last layer needed, and each site is one einsum with a ``[batch, pos]`` weight matrix.
+    Returns float32 ``[len(layers), n, d_model]`` per site.
     """
     if kind not in RESID_KINDS:
         raise ValueError(f"kind must be one of {RESID_KINDS}, got {kind!r}.")
     layers = list(range(model.n_layers)) if layers is None else [model.check_layer(l) for l in layers]
     n = len(seqs)
+    lengths = [len(s) for s in seqs]
     for site, pos in positions.items():
         if len(pos) != n:
             raise ValueError(f"Site {site!r} has {len(pos)} position lists for {n} sequences; they must match.")
+        for i, p in enumerate(pos):
+            q = [v if v >= 0 else lengths[i] + v for v in p]
+            if not q or min(q) < 0 or max(q) >= lengths[i]:
+                raise ValueError(f"Site {site!r} of sequence {i} asks for positions {list(p)} outside "
+                                 f"its {lengths[i]} tokens.")
+    absolute = {site: [[v if v >= 0 else lengths[i] + v for v in p] for i, p in enumerate(pos)]
+                for site, pos in positions.items()}
+    out = {site: np.empty((len(layers), n, model.d_model), dtype=np.float32) for site in positions}
+
+    def reduce(idx, width, states):
+        for site, pos in absolute.items():
+            weights = torch.zeros(len(idx), width, dtype=torch.float32)
+            for row, i in enumerate(idx):
+                weights[row, [width - lengths[i] + q for q in pos[i]]] = 1.0 / len(pos[i])
+            weights = weights.to(model.device)
+            for j, st in enumerate(states):
+                out[site][j, idx] = torch.einsum("bpd,bp->bd", st.float(), weights).cpu().numpy()
+
+    if kind in BOUNDARY_KINDS:
+        first = min(min(p) for pos in absolute.values() for p in pos)
+        for idx, width, states in stream_boundaries(model, seqs, [boundary_index(kind, l) for l in layers],
+                                                    batch_size=batch_size, max_prefix=first, progress=progress,
+                                                    desc=f"{kind} at sites"):
+            reduce(idx, width, states)
+        return out
     names = [hook_name(kind, l) for l in layers]
     wanted = set(names)
     stop = max(layers) + 1
-    out = {site: np.empty((len(layers), n, model.d_model), dtype=np.float32) for site in positions}
-    lengths = [len(s) for s in seqs]
     for idx, batch in iter_batches(model, seqs, batch_size, progress, desc=f"{kind} at sites"):
-        width = batch.input_ids.shape[1]
         _, cache = model.bridge.run_with_cache(
             batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda name: name in wanted,
             stop_at_layer=stop if stop < model.n_layers else None)
-        for site, pos in positions.items():
-            weights = torch.zeros(len(idx), width, dtype=torch.float32)
-            for row, i in enumerate(idx):
-                p = [q if q >= 0 else lengths[i] + q for q in pos[i]]
-                if not p or min(p) < 0 or max(p) >= lengths[i]:
-                    raise ValueError(f"Site {site!r} of sequence {i} asks for positions {list(pos[i])} outside "
-                                     f"its {lengths[i]} tokens.")
-                weights[row, [width - lengths[i] + q for q in p]] = 1.0 / len(p)
-            weights = weights.to(model.device)
-            for j, name in enumerate(names):
-                acts = torch.einsum("bpd,bp->bd", cache[name].float(), weights)
-                out[site][j, idx] = acts.cpu().numpy()
+        reduce(idx, batch.input_ids.shape[1], [cache[name] for name in names])
     return out
 
 

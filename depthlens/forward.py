@@ -2,9 +2,10 @@
 and streamed residual activations at chosen positions.
 
 Analyses never loop over prompts around a forward pass: they hand a list of sequences to
-these helpers, which bucket by length, left-pad, run the bridge with only the hooks they
-need (``names_filter``; optionally ``stop_at_layer``), and gather just the positions asked
-for, so a 30-layer cache is never materialized.
+these helpers, which bucket by length, left-pad, run only what is needed (the bridge with a
+``names_filter`` and ``stop_at_layer``, or the plain HF blocks up to the last layer asked
+for, with the prefix all sequences share computed once), and gather just the positions
+asked for, so a 30-layer cache is never materialized.
 
     >>> lp = last_logprobs(model, seqs)                           # [n, vocab]
     >>> tok_lp = token_logprobs(model, seqs)                      # list of [len-1] tensors
@@ -99,32 +100,127 @@ def residuals_at(model, seqs: Sequence[SeqLike], positions: Sequence[int | Seque
     """Residual activations ``kind`` at given positions (indices into each unpadded sequence).
 
     ``positions[i]`` is one index (negative counts from the end) or, with ``reduce="mean"``, a
-    list of indices averaged over. Streams batch by batch with a ``names_filter`` and stops at
-    the last layer needed; returns float32 on CPU, shape ``[len(layers), n, d_model]``.
+    list of indices averaged over. Streams batch by batch and stops at the last layer needed;
+    returns float32 on CPU, shape ``[len(layers), n, d_model]``. ``resid_pre``/``resid_post``
+    without ``fwd_hooks`` come from the plain blocks with the shared prefix computed once
+    (``stream_boundaries``); other kinds, or bridge hooks, run the bridge with a ``names_filter``.
     """
     layers = list(range(model.n_layers)) if layers is None else [model.check_layer(l) for l in layers]
+    ids = [_ids(s) for s in seqs]
+    abs_pos = []
+    for i, p in enumerate(positions):
+        plist = [p] if isinstance(p, int) else list(p)
+        q = [v if v >= 0 else len(ids[i]) + v for v in plist]
+        if not q or min(q) < 0 or max(q) >= len(ids[i]):
+            raise ValueError(f"Sequence {i} has {len(ids[i])} tokens; positions {plist} fall outside it.")
+        abs_pos.append(q)
+    out = torch.empty(len(layers), len(ids), model.d_model)
+
+    def gather(idx, width, states):
+        for row, i in enumerate(idx):
+            cols = [width - len(ids[i]) + q for q in abs_pos[i]]
+            for j, st in enumerate(states):
+                vals = st[row, cols].float()
+                out[j, i] = vals.mean(0) if (reduce == "mean" or len(cols) > 1) else vals[0]
+
+    if kind in BOUNDARY_KINDS and not fwd_hooks:
+        first = min(min(q) for q in abs_pos) if abs_pos else 0
+        for idx, width, states in stream_boundaries(model, ids, [boundary_index(kind, l) for l in layers],
+                                                    batch_size=batch_size, max_prefix=first, progress=progress,
+                                                    desc=f"{kind}"):
+            gather(idx, width, states)
+        return out
     names = [hook_name(kind, l) for l in layers]
     wanted = set(names)
     stop = max(layers) + 1
-    ids = [_ids(s) for s in seqs]
-    out = torch.empty(len(layers), len(ids), model.d_model)
     with hooks_active(model, fwd_hooks):
         for idx, batch in iter_batches(model, seqs, batch_size, progress, desc=f"cache {kind}"):
             _, cache = model.bridge.run_with_cache(
                 batch.input_ids, attention_mask=batch.attention_mask,
                 names_filter=lambda n: n in wanted, stop_at_layer=stop if stop < model.n_layers else None,
             )
-            width = batch.input_ids.shape[1]
-            for row, i in enumerate(idx):
-                off = width - len(ids[i])
-                p = positions[i]
-                plist = [p] if isinstance(p, int) else list(p)
-                abs_pos = [off + (q if q >= 0 else len(ids[i]) + q) for q in plist]
-                for j, name in enumerate(names):
-                    vals = cache[name][row, abs_pos].float()
-                    out[j, i] = vals.mean(0) if (reduce == "mean" or len(abs_pos) > 1) else vals[0]
+            gather(idx, batch.input_ids.shape[1], [cache[n] for n in names])
     return out
 
+
+BOUNDARY_KINDS = ("resid_pre", "resid_post")
+
+
+def boundary_index(kind: str, layer: int) -> int:
+    """Index of a block boundary: ``resid_pre`` of l is boundary l, ``resid_post`` of l is l + 1."""
+    if kind not in BOUNDARY_KINDS:
+        raise ValueError(f"Block-boundary residuals are {BOUNDARY_KINDS}, got {kind!r}.")
+    return layer + (kind == "resid_post")
+
+
+@torch.inference_mode()
+def stream_boundaries(model, seqs: Sequence[SeqLike], boundaries: Sequence[int], *, batch_size: int = 16,
+                      max_prefix: int | None = None, progress: bool = False, desc: str = "residuals"):
+    """Yield ``(indices, width, states)`` per batch: the residual stream at block boundaries.
+
+    ``states[j]`` is ``[batch, width, d_model]`` at boundary ``boundaries[j]`` (0: the
+    embeddings entering block 0; b: the output of block b − 1) for the *suffix* tokens of
+    the batch: the prefix every sequence shares (at most ``max_prefix`` tokens) is computed
+    once per batch into a KV cache (batch 1), as in ``PrefixSharedRunner``. Suffixes are
+    left-padded, so token q (≥ the prefix length) of sequence i sits at column
+    ``width − len(seq_i) + q``, as in a left-padded batch of the full sequences. Runs the
+    plain HF blocks (``model.plain()``) up to the last boundary asked for, never the
+    unembedding; the same numbers as the bridge's ``hook_resid_pre``/``hook_resid_post``
+    (``tests`` check it), at less cost.
+    """
+    from transformers import DynamicCache
+
+    if not boundaries:
+        raise ValueError("stream_boundaries needs at least one boundary.")
+    bad = [b for b in boundaries if not 0 <= b <= model.n_layers]
+    if bad:
+        raise ValueError(f"Block boundaries run from 0 to {model.n_layers}; got {bad}.")
+    ids = [_ids(s) for s in seqs]
+    p = common_prefix_len(ids)
+    if max_prefix is not None:
+        p = max(0, min(p, max_prefix))
+    stop = max(1, max(boundaries))  # blocks 0..stop-1 run
+    view = model.plain()
+    dev = model.device
+    blocks = list(view.model.layers)
+    for idx, batch in iter_batches(model, [s[p:] for s in ids], batch_size, progress, desc=desc):
+        got: dict[int, Tensor] = {}
+        handles = []
+        for b in set(boundaries):
+            if b == 0:
+                def pre(module, args, kwargs):
+                    got[0] = args[0] if args else kwargs["hidden_states"]
+                handles.append(blocks[0].register_forward_pre_hook(pre, with_kwargs=True))
+            else:
+                def post(module, args, out, b=b):
+                    got[b] = out[0] if isinstance(out, tuple) else out
+                handles.append(blocks[b - 1].register_forward_hook(post))
+        cache = None
+        try:
+            with _blocks_until(view, stop):
+                if p:
+                    cache = DynamicCache(config=view.config)
+                    view.model(input_ids=torch.tensor([ids[idx[0]][:p]], device=dev), past_key_values=cache,
+                               use_cache=True)
+                    _expand_cache(cache, len(idx))
+                mask = batch.attention_mask
+                full = torch.cat([torch.ones(mask.shape[0], p, dtype=mask.dtype, device=dev), mask], 1)
+                view.model(input_ids=batch.input_ids, attention_mask=full, position_ids=p + position_ids(mask),
+                           past_key_values=cache, use_cache=cache is not None)
+        finally:
+            for h in handles:
+                h.remove()
+        yield idx, batch.input_ids.shape[1], [got[b] for b in boundaries]
+
+
+@contextmanager
+def _blocks_until(view, stop: int):
+    blocks = view.model.layers
+    view.model.layers = torch.nn.ModuleList(list(blocks)[:stop])
+    try:
+        yield
+    finally:
+        view.model.layers = blocks
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -198,6 +294,8 @@ def _blocks_from(view, layer: int):
 
 def _expand_cache(cache, batch: int):
     for lay in cache.layers:
+        if lay.keys is None:  # a block that did not run (``_blocks_until``)
+            continue
         lay.keys = lay.keys.expand(batch, -1, -1, -1)
         lay.values = lay.values.expand(batch, -1, -1, -1)
     return cache

@@ -65,7 +65,8 @@ def _key(parent_key: str, recipe: Recipe) -> str:
 
 
 def base_key(model) -> str:
-    prov = model.provenance
+    """The cache key of a loaded model's weights (a ``HookedModel`` or its provenance dict)."""
+    prov = model if isinstance(model, dict) else model.provenance
     return str(prov.get("gguf_sha256") or prov.get("weights_sha256") or prov.get("revision") or prov.get("source"))
 
 
@@ -87,8 +88,8 @@ def build_or_load(base: str, recipes: list, *, device=None, dtype=None):
     objs = [get_recipe(r) if isinstance(r, str) else r for r in recipes]  # fail fast on an unknown suffix
     recipes = [o.name for o in objs]
     hf, tok, prov = _load_hf(base)
-    current = wrap(hf, tok, base, prov, device, dtype)
-    key, spec, current_dir, chain = base_key(current), base, None, []
+    # the base is wrapped in a bridge (seconds) only if a step must be built from it
+    current, key, spec, current_dir, chain = None, base_key(prov), base, None, []
     for name, recipe in zip(recipes, objs):
         key = _key(key, recipe)
         parent_spec, spec = spec, f"{spec}:{name}"
@@ -97,8 +98,9 @@ def build_or_load(base: str, recipes: list, *, device=None, dtype=None):
         if (target / RECIPE_FILE).exists():
             current, current_dir = None, target
             continue
-        if current is None:  # the parent step came from the cache
-            hf, tok, prov = _load_dir(current_dir)
+        if current is None:  # the parent is the base, or a step that came from the cache
+            if current_dir is not None:
+                hf, tok, prov = _load_dir(current_dir)
             current = wrap(hf, tok, parent_spec, prov, device, dtype)
         log.info("Building %s (recipe %r, cache key %s) - first use only", spec, name, key[:16])
         t0 = time.time()
@@ -108,5 +110,7 @@ def build_or_load(base: str, recipes: list, *, device=None, dtype=None):
         current.save(target, extra={"spec": spec, "recipe_chain": chain},
                      files={RECIPE_FILE: json.dumps(meta, indent=2, default=str)})
         current_dir = target
+    if current_dir is None:  # no recipes
+        return wrap(hf, tok, spec, prov, device, dtype)
     hf, tok, prov = _load_dir(current_dir)
     return wrap(hf, tok, spec, {**prov, "recipe_chain": chain, "base": base}, device, dtype)

@@ -115,3 +115,39 @@ def test_scored_positions_only_match_full_unembedding(tiny):
         torch.testing.assert_close(g, want, rtol=0, atol=1e-4)
         torch.testing.assert_close(d, ref[s - 1:len(seq.ids) - 1], rtol=0, atol=1e-4)
         torch.testing.assert_close(l, ref[-1], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["resid_pre", "resid_post"])
+def test_plain_residuals_match_the_bridge_hooks(tiny, kind):
+    """``residuals_at`` on the plain blocks (shared prefix once) equals the bridge's hook values,
+    at positions inside the shared prefix, at the last token, and averaged over a span."""
+    from depthlens.forward import residuals_at
+    from depthlens.models import hook_name
+
+    prompts = ["How do I bake bread?", "Hi", "Tell me a joke about cats and dogs, please"]
+    seqs = [list(build_chat(tiny.tokenizer, p, ["Sure, here it is"]).ids) for p in prompts]
+    positions = [[2, len(s) - 1] for s in seqs]  # 2 lies inside the shared chat prefix
+    got = residuals_at(tiny, seqs, positions, kind=kind, batch_size=2, reduce="mean")
+    last = residuals_at(tiny, seqs, [-1] * 3, kind=kind, batch_size=2)
+    for i, s in enumerate(seqs):
+        _, cache = tiny.bridge.run_with_cache(torch.tensor([s]), names_filter=lambda n: n.endswith(kind))
+        for l in range(tiny.n_layers):
+            ref = cache[hook_name(kind, l)][0]
+            torch.testing.assert_close(got[l, i], ref[positions[i]].mean(0).float(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(last[l, i], ref[-1].float(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[-1], last[-1])
+
+
+def test_residuals_at_with_bridge_hooks_sees_the_hook(tiny):
+    """With ``fwd_hooks`` the bridge path runs, so a hook on an earlier layer changes what is read."""
+    from depthlens.forward import residuals_at
+    from depthlens.models import hook_name
+
+    seqs = [list(build_chat(tiny.tokenizer, "How do I bake bread?").ids)]
+    clean = residuals_at(tiny, seqs, [-1], kind="resid_post")
+    zeroed = residuals_at(tiny, seqs, [-1], kind="resid_post",
+                          fwd_hooks=[(hook_name("attn_out", 1), lambda x, hook: x * 0)])
+    torch.testing.assert_close(zeroed[0], clean[0])
+    assert not torch.allclose(zeroed[1], clean[1])
+    with pytest.raises(ValueError, match="fall outside it"):
+        residuals_at(tiny, seqs, [len(seqs[0])], kind="resid_post")
