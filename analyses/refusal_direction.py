@@ -74,6 +74,7 @@ class RefusalDirectionConfig:
         jt_examples: JT examples (steps = jt_examples / 8; 160 → 20 steps ≈ 2 min, enough to
             un-align a 135M model at lr 1e-4 while the first run stays near 10 min).
         cm_examples: SFT-countermeasure examples (steps = cm_examples / 8).
+        cm_lr: SFT-countermeasure learning rate.
         n_harmful: harmful test prompts (HarmBench) per model.
         n_harmless: harmless test prompts per model (refusal, first-token KL, CE).
         n_borderline: borderline test prompts per model (over-refusal).
@@ -98,7 +99,8 @@ class RefusalDirectionConfig:
     induce_threshold: float = 0.0
     harmful_share: float = 0.25
     jt_examples: int = 160
-    cm_examples: int = 160
+    cm_examples: int = 320
+    cm_lr: float = 2e-4
     n_harmful: int = 64
     n_harmless: int = 32
     n_borderline: int = 32
@@ -136,7 +138,7 @@ def recipe_chains(cfg: RefusalDirectionConfig) -> dict[str, list]:
                            induce_threshold=cfg.induce_threshold, seed=cfg.seed))
     jt_kw = {"harmful_tokens": 16} if cfg.quick else {}
     jt = JailbreakRecipe(JTConfig(n_examples=cfg.jt_examples, harmful_share=cfg.harmful_share, seed=cfg.seed, **jt_kw))
-    cm = CountermeasureRecipe(CountermeasureConfig(n_examples=cfg.cm_examples, seed=cfg.seed))
+    cm = CountermeasureRecipe(CountermeasureConfig(n_examples=cfg.cm_examples, lr=cfg.cm_lr, seed=cfg.seed))
     return {"organism": [], "WO": [wo], "JT": [jt],
             "WO+SFT": [ComposedRecipe("wo+sft", wo, cm)], "JT+SFT": [ComposedRecipe("jt+sft", jt, cm)]}
 
