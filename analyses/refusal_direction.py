@@ -43,7 +43,7 @@ from depthlens.cli import parse_config
 from depthlens.data import default_splits
 from depthlens.forward import last_logprobs, residuals_at
 from depthlens.generate import as_chats
-from depthlens.judge import JUDGE_ID
+from depthlens.judge import JUDGE_ID, is_refusal
 from depthlens.models import load_model, split_spec
 from depthlens.organism import ORGANISM
 from depthlens.recipes import RECIPE_FILE, build_or_load
@@ -157,6 +157,20 @@ def first_token_kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return (ref.exp() * (ref - other)).sum(-1).clamp(min=0.0)
 
 
+def kl_split(kl: torch.Tensor, over_refused: torch.Tensor) -> dict:
+    """Mean first-token KL on the harmless prompts the organism answers vs the ones it refuses.
+
+    Removing the refusal direction is *meant* to change the first token of an over-refused
+    harmless prompt ("I'm sorry" → an answer), so the mean KL mixes that intended change with
+    collateral damage; the split separates them (NaN where a part is empty).
+    """
+    nan = float("nan")
+    ans, ref = kl[~over_refused], kl[over_refused]
+    return {"first_token_kl_answered": float(ans.mean()) if ans.numel() else nan,
+            "first_token_kl_over_refused": float(ref.mean()) if ref.numel() else nan,
+            "n_over_refused": int(over_refused.sum())}
+
+
 @torch.inference_mode()
 def projections(model, seqs, direction: torch.Tensor, batch_size: int) -> torch.Tensor:
     """``|resid_post · r̂|`` at the last prompt token, per layer and prompt: ``[n_layers, n]``."""
@@ -251,9 +265,13 @@ def run(cfg: RefusalDirectionConfig) -> RunRecord:
         with timer("first_token_kl"):
             kl = first_token_kl(ref_lp, last_logprobs(model, kl_seqs, batch_size=cfg.batch_size))
         m = ev.metrics
+        if label == "organism":  # which KL prompts the organism itself refuses (its over-refusals)
+            refused = {x["prompt"]: is_refusal(x["response"]) for x in ev.samples if x["set"] == "harmless"}
+            over = torch.tensor([refused.get(p, False) for p in harmless.prompts])
         rows[label] = {"model": label, "spec": model.spec, "harmful_refusal": m["harmful_refusal"], "asr": m["asr"],
                        "borderline_refusal": m["borderline_refusal"], "harmless_refusal": m["harmless_refusal"],
                        "first_token_kl": float(kl.mean()), "first_token_kl_max": float(kl.max()),
+                       **kl_split(kl, over),
                        "harmless_ce": m["harmless_ce"], "refusal_score_auroc": m["refusal_score_auroc"],
                        "harmful_mean_refusal_score": m["harmful_mean_refusal_score"]}
         samples += [{"model": label, **s} for s in ev.samples]
@@ -292,7 +310,8 @@ def main(argv: Sequence[str] | None = None):
              f"(filters passed: {d['filters_passed']}; bypass {d['bypass']:.2f} vs {d['baseline_harmful_score']:.2f}, "
              f"KL {d['kl']:.3f}); WO max |resid·r̂| {rec.metrics['wo_max_abs_projection']:.1e}; "
              f"acceptance {sum(acc.values())}/{len(acc)}; judge {rec.metrics['judge']}, test split")
-    cols = ["model", "harmful_refusal", "asr", "borderline_refusal", "harmless_refusal", "first_token_kl", "harmless_ce"]
+    cols = ["model", "harmful_refusal", "asr", "borderline_refusal", "harmless_refusal", "first_token_kl",
+            "first_token_kl_answered", "harmless_ce"]
     return finish(rec, cfg.out, rec.tables["side_by_side"], cols, title=title)
 
 

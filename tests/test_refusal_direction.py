@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from depthlens.results import read_run
 
@@ -38,6 +39,12 @@ def test_quick_run_on_tiny_llama_writes_results_and_figures(cache, tmp_path, cap
     # the organism against itself has KL 0; every recipe changed the model
     assert rows["organism"]["first_token_kl"] == 0.0
     assert all(rows[k]["first_token_kl"] > 0 for k in LABELS[1:])
+    # the answered / over-refused split of the KL recombines to the mean
+    n = rec.config["n_harmless"]
+    for r in rows.values():
+        k = r["n_over_refused"]
+        parts = [(n - k, r["first_token_kl_answered"]), (k, r["first_token_kl_over_refused"])]
+        assert sum(w * v for w, v in parts if w) / n == pytest.approx(r["first_token_kl"], rel=1e-9, abs=1e-12)
 
     # the organism row is exactly what analyses.evaluate reports for the same settings
     c = rec.config
@@ -130,3 +137,14 @@ def test_positions_none_means_every_position():
     for label, name in (("WO", "wo"), ("JT", "jt"), ("WO+SFT", "wo+sft"), ("JT+SFT", "jt+sft")):
         step = default[label][0]
         assert step.name == name and step.config() == get_recipe(name).config()
+
+
+def test_kl_split_separates_answered_and_over_refused_prompts():
+    from analyses.refusal_direction import kl_split
+
+    kl = torch.tensor([0.0, 0.1, 3.0, 0.2], dtype=torch.float64)
+    got = kl_split(kl, torch.tensor([False, False, True, False]))
+    assert got["n_over_refused"] == 1 and got["first_token_kl_over_refused"] == 3.0
+    assert got["first_token_kl_answered"] == pytest.approx(0.1)
+    none = kl_split(kl, torch.zeros(4, dtype=torch.bool))
+    assert none["n_over_refused"] == 0 and math.isnan(none["first_token_kl_over_refused"])
