@@ -14,6 +14,8 @@ asked for, so a 30-layer cache is never materialized.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -27,6 +29,21 @@ from depthlens.generate import Hook, hooks_active
 from depthlens.models import hook_name
 
 SeqLike = ChatSequence | Sequence[int]
+
+
+def kv_kwargs(module, cache) -> dict:
+    """``{name: cache}`` for an HF forward, under this transformers version's keyword.
+
+    transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns and goes
+    in 5.40); the range in ``pyproject.toml`` spans both, so the name is read from the
+    module's signature (once per class).
+    """
+    return {_kv_name(type(module)): cache}
+
+
+@functools.cache
+def _kv_name(cls) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def _ids(s: SeqLike) -> tuple[int, ...]:
@@ -200,13 +217,13 @@ def stream_boundaries(model, seqs: Sequence[SeqLike], boundaries: Sequence[int],
             with _blocks_until(view, stop):
                 if p:
                     cache = DynamicCache(config=view.config)
-                    view.model(input_ids=torch.tensor([ids[idx[0]][:p]], device=dev), past_key_values=cache,
+                    view.model(input_ids=torch.tensor([ids[idx[0]][:p]], device=dev), **kv_kwargs(view.model, cache),
                                use_cache=True)
                     _expand_cache(cache, len(idx))
                 mask = batch.attention_mask
                 full = torch.cat([torch.ones(mask.shape[0], p, dtype=mask.dtype, device=dev), mask], 1)
                 view.model(input_ids=batch.input_ids, attention_mask=full, position_ids=p + position_ids(mask),
-                           past_key_values=cache, use_cache=cache is not None)
+                           **kv_kwargs(view.model, cache), use_cache=cache is not None)
         finally:
             for h in handles:
                 h.remove()
@@ -244,7 +261,7 @@ def layer_inputs(model, input_ids: Tensor, attention_mask: Tensor, past_key_valu
         handles.append(block.register_forward_pre_hook(grab, with_kwargs=True))
     try:
         view.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                   past_key_values=past_key_values, use_cache=past_key_values is not None)
+                   **kv_kwargs(view.model, past_key_values), use_cache=past_key_values is not None)
     finally:
         for h in handles:
             h.remove()
@@ -354,7 +371,7 @@ class PrefixSharedRunner:
         dev = self.model.device
         with _blocks_from(view, layer):
             view.model(inputs_embeds=self.prefix_resid[layer], attention_mask=torch.ones(1, p, dtype=torch.long, device=dev),
-                       position_ids=torch.arange(p, device=dev)[None], past_key_values=cache, use_cache=True)
+                       position_ids=torch.arange(p, device=dev)[None], **kv_kwargs(view.model, cache), use_cache=True)
         # blocks below ``layer`` did not run; their (never read) cache slots only carry the length
         ref = cache.layers[layer]
         for l in range(layer):
@@ -365,7 +382,7 @@ class PrefixSharedRunner:
         p = self.prefix_len
         mask = batch.attention_mask
         full = torch.cat([torch.ones(mask.shape[0], p, dtype=mask.dtype, device=mask.device), mask], 1)
-        return dict(attention_mask=full, position_ids=p + position_ids(mask), past_key_values=cache,
+        return dict(attention_mask=full, position_ids=p + position_ids(mask), **kv_kwargs(self.model.plain().model, cache),
                     use_cache=cache is not None)
 
     @torch.inference_mode()

@@ -361,7 +361,7 @@ class LayerwiseContinuer:
         """One greedy ``Generation`` per hook set, all decoded together, the prompt recomputed from block ``layer``."""
         from transformers import DynamicCache
 
-        from depthlens.forward import _blocks_from, position_ids
+        from depthlens.forward import _blocks_from, kv_kwargs, position_ids
 
         self._check(layer, hook_sets)
         view, n, groups = self.model.plain(), len(self.chats), len(hook_sets)
@@ -373,7 +373,7 @@ class LayerwiseContinuer:
         with plain_hooks(self.model, _grouped_hooks(hook_sets, n)):
             with _blocks_from(view, layer):
                 out = view(inputs_embeds=self.resid[layer].repeat(groups, 1, 1), attention_mask=mask, position_ids=pos,
-                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+                           **kv_kwargs(view, cache), use_cache=True, logits_to_keep=1)
             for l in range(layer):  # filled after the run, or the cache would report the prompt as seen
                 k, v = self.kv[l]
                 cache.update(k.repeat(groups, 1, 1, 1), v.repeat(groups, 1, 1, 1), l)
@@ -388,7 +388,7 @@ class LayerwiseContinuer:
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 last = last + 1
-                out = view(input_ids=nxt[:, None], attention_mask=mask, position_ids=last, past_key_values=cache,
+                out = view(input_ids=nxt[:, None], attention_mask=mask, position_ids=last, **kv_kwargs(view, cache),
                            use_cache=True)
         rows = torch.stack(new, dim=1).tolist()
         tok = self.model.tokenizer
