@@ -68,8 +68,21 @@ def iter_batches(model, seqs: Sequence[SeqLike], batch_size: int, progress: bool
 @torch.inference_mode()
 def last_logprobs(model, seqs: Sequence[SeqLike], *, batch_size: int = 16, fwd_hooks: Sequence[Hook] = (),
                   progress: bool = False) -> Float[Tensor, "n vocab"]:
-    """Log-softmax of the next-token logits after the last token of each sequence (float32, CPU)."""
+    """Log-softmax of the next-token logits after the last token of each sequence (float32, CPU).
+
+    Without hooks that only the bridge would see, this runs the plain HF model with the prefix
+    every sequence shares computed once and only the last position unembedded
+    (``stream_boundaries(final=True)``; tested equal to the bridge); ``fwd_hooks``, or hooks
+    attached to bridge hook points, take the bridge path.
+    """
     out = torch.empty(len(seqs), model.bridge.cfg.d_vocab)
+    if _plain_ok(model, fwd_hooks):
+        head = model.plain().get_output_embeddings()
+        with torch.inference_mode():
+            for idx, _, states in stream_boundaries(model, seqs, [], batch_size=batch_size, final=True,
+                                                    progress=progress, desc="last log-probs"):
+                out[idx] = torch.log_softmax(head(states[-1][:, -1]).float(), dim=-1).cpu()
+        return out
     with hooks_active(model, fwd_hooks):
         for idx, batch in iter_batches(model, seqs, batch_size, progress):
             # only the last position is unembedded (the bridge passes logits_to_keep to the HF model)
@@ -172,7 +185,8 @@ def boundary_index(kind: str, layer: int) -> int:
 
 @torch.inference_mode()
 def stream_boundaries(model, seqs: Sequence[SeqLike], boundaries: Sequence[int], *, batch_size: int = 16,
-                      max_prefix: int | None = None, progress: bool = False, desc: str = "residuals"):
+                      max_prefix: int | None = None, final: bool = False, progress: bool = False,
+                      desc: str = "residuals"):
     """Yield ``(indices, width, states)`` per batch: the residual stream at block boundaries.
 
     ``states[j]`` is ``[batch, width, d_model]`` at boundary ``boundaries[j]`` (0: the
@@ -183,12 +197,13 @@ def stream_boundaries(model, seqs: Sequence[SeqLike], boundaries: Sequence[int],
     ``width − len(seq_i) + q``, as in a left-padded batch of the full sequences. Runs the
     plain HF blocks (``model.plain()``) up to the last boundary asked for, never the
     unembedding; the same numbers as the bridge's ``hook_resid_pre``/``hook_resid_post``
-    (``tests`` check it), at less cost.
+    (``tests`` check it), at less cost. With ``final`` every block runs and ``states`` ends
+    with one more entry: the decoder's output after its final norm (what the unembedding reads).
     """
     from transformers import DynamicCache
 
-    if not boundaries:
-        raise ValueError("stream_boundaries needs at least one boundary.")
+    if not boundaries and not final:
+        raise ValueError("stream_boundaries needs at least one boundary (or final=True).")
     bad = [b for b in boundaries if not 0 <= b <= model.n_layers]
     if bad:
         raise ValueError(f"Block boundaries run from 0 to {model.n_layers}; got {bad}.")
@@ -196,7 +211,7 @@ def stream_boundaries(model, seqs: Sequence[SeqLike], boundaries: Sequence[int],
     p = common_prefix_len(ids)
     if max_prefix is not None:
         p = max(0, min(p, max_prefix))
-    stop = max(1, max(boundaries))  # blocks 0..stop-1 run
+    stop = model.n_layers if final else max(1, max(boundaries))  # blocks 0..stop-1 run
     view = model.plain()
     dev = model.device
     blocks = list(view.model.layers)
@@ -222,12 +237,12 @@ def stream_boundaries(model, seqs: Sequence[SeqLike], boundaries: Sequence[int],
                     _expand_cache(cache, len(idx))
                 mask = batch.attention_mask
                 full = torch.cat([torch.ones(mask.shape[0], p, dtype=mask.dtype, device=dev), mask], 1)
-                view.model(input_ids=batch.input_ids, attention_mask=full, position_ids=p + position_ids(mask),
-                           **kv_kwargs(view.model, cache), use_cache=cache is not None)
+                out = view.model(input_ids=batch.input_ids, attention_mask=full, position_ids=p + position_ids(mask),
+                                 **kv_kwargs(view.model, cache), use_cache=cache is not None)
         finally:
             for h in handles:
                 h.remove()
-        yield idx, batch.input_ids.shape[1], [got[b] for b in boundaries]
+        yield idx, batch.input_ids.shape[1], [got[b] for b in boundaries] + ([out.last_hidden_state] if final else [])
 
 
 @contextmanager
@@ -238,6 +253,15 @@ def _blocks_until(view, stop: int):
         yield
     finally:
         view.model.layers = blocks
+
+
+def _plain_ok(model, fwd_hooks: Sequence[Hook]) -> bool:
+    """Whether the plain HF model computes what the bridge would: no hooks it cannot see, no soft-capping."""
+    from depthlens.generate import _unmirrored_bridge_hooks
+
+    if fwd_hooks or getattr(model.plain().config, "final_logit_softcapping", None):
+        return False
+    return not _unmirrored_bridge_hooks(model)
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:

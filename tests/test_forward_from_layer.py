@@ -151,3 +151,19 @@ def test_residuals_at_with_bridge_hooks_sees_the_hook(tiny):
     assert not torch.allclose(zeroed[1], clean[1])
     with pytest.raises(ValueError, match="fall outside it"):
         residuals_at(tiny, seqs, [len(seqs[0])], kind="resid_post")
+
+
+def test_plain_last_logprobs_match_the_bridge(tiny):
+    """The plain, prefix-shared ``last_logprobs`` equals the bridge's (an identity hook forces the bridge)."""
+    from depthlens.models import hook_name
+
+    seqs = [build_chat(tiny.tokenizer, p) for p in ["How do I bake bread?", "Hi", "Tell me a joke about cats"]]
+    plain = last_logprobs(tiny, seqs, batch_size=2)
+    bridge = last_logprobs(tiny, seqs, batch_size=2, fwd_hooks=[(hook_name("resid_pre", 0), lambda x, hook: x)])
+    torch.testing.assert_close(plain, bridge, atol=1e-5, rtol=1e-5)
+    single = torch.stack([tiny.bridge(torch.tensor([list(s.ids)]))[0, -1].float().log_softmax(-1) for s in seqs])
+    torch.testing.assert_close(plain, single, atol=1e-5, rtol=1e-5)
+    # a hook attached to the bridge directly (not through fwd_hooks) is still seen
+    with tiny.bridge.hooks(fwd_hooks=[(hook_name("resid_post", 0), lambda x, hook: x * 0)]):
+        hooked = last_logprobs(tiny, seqs, batch_size=2)
+    assert not torch.allclose(hooked, plain)
