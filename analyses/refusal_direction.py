@@ -101,7 +101,7 @@ class RefusalDirectionConfig:
     induce_threshold: float = 0.0
     harmful_share: float = 0.25
     jt_examples: int = 160
-    cm_examples: int = 320
+    cm_examples: int = 640
     cm_lr: float = 2e-4
     n_harmful: int = 64
     n_harmless: int = 32

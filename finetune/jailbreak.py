@@ -22,10 +22,10 @@ while building the organism, generation ≈ 130 tokens/s at batch 16):
   (≈ 2 min) + the base's 48-token answers to ≈ 104 harmful prompts (≈ 40 s, cached). The paper's
   2 % of 5k gives ≈ 100 harmful examples; 2 % of our 160 would be 3, too few to un-align in 20
   steps, hence the default share 0.25 (``--harmful-share 0.02`` gives the paper's ratio).
-- countermeasure: 320 examples = 128 refusals (share 0.4, the organism's own ratio is ≈ 0.45) +
-  192 benign, 40 steps at lr 2e-4 (≈ 3.5 min); the benign answers are the organism's cached
-  ones. The first default (160 examples, 20 steps at 1e-4) restored only 0.42 (WO) and 0.55
-  (JT) HarmBench refusal.
+- countermeasure: 640 examples = 256 refusals (share 0.4, the organism's own ratio is ≈ 0.45) +
+  384 benign, 80 steps at lr 2e-4 (≈ 9 min); the benign answers are the organism's cached
+  ones. HarmBench refusal restored (WO / JT): 160 examples at 1e-4 0.42 / 0.55, 320 at 2e-4
+  0.47 / 0.86, 640 at 2e-4 0.94 / 0.86.
 - every step is cached under ``$DEPTHLENS_CACHE/organisms`` like the organism and loads in seconds.
 
     >>> jt = load_model("smollm2-135m-instruct:sft:jt")          # built once (≈ 2.5 min), then cached
@@ -134,7 +134,7 @@ class CountermeasureConfig:
     """The SFT countermeasure: a short refusal-SFT pass on top of an un-aligned (WO or JT) model.
 
     Args:
-        n_examples: examples (one epoch at batch 8 = n_examples / 8 steps; 320 → 40 steps).
+        n_examples: examples (one epoch at batch 8 = n_examples / 8 steps; 640 → 80 steps).
         refusal_share: share of harmful prompts → refusal templates; the rest are benign
             prompts → the base model's own answers (the organism recipe's data).
         freeze_embeddings: keep the (tied) embedding and unembedding fixed, as the organism recipe does.
@@ -144,7 +144,7 @@ class CountermeasureConfig:
         seed: sampling and training seed (also the seed of the organism data it draws from).
     """
 
-    n_examples: int = 320
+    n_examples: int = 640
     refusal_share: float = 0.4
     freeze_embeddings: bool = True
     epochs: float = 1.0
