@@ -50,7 +50,7 @@ from jaxtyping import Float
 from analyses.common import Timer, finish, setup_logging
 from depthlens.cli import parse_config
 from depthlens.data import default_splits
-from depthlens.forward import BOUNDARY_KINDS, boundary_index, iter_batches, residuals_at, stream_boundaries
+from depthlens.forward import BOUNDARY_KINDS, plain_ok, boundary_index, iter_batches, residuals_at, stream_boundaries
 from depthlens.generate import as_chats
 from depthlens.models import hook_name, load_model
 from depthlens.organism import ORGANISM
@@ -287,7 +287,7 @@ def site_activations(model, seqs: Sequence[Sequence[int]], positions: Mapping[st
             for j, st in enumerate(states):
                 out[site][j, idx] = torch.einsum("bpd,bp->bd", st.float(), weights).cpu().numpy()
 
-    if kind in BOUNDARY_KINDS:
+    if kind in BOUNDARY_KINDS and plain_ok(model, ()):
         first = min(min(p) for pos in absolute.values() for p in pos)
         for idx, width, states in stream_boundaries(model, seqs, [boundary_index(kind, l) for l in layers],
                                                     batch_size=batch_size, max_prefix=first, progress=progress,

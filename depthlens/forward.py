@@ -76,12 +76,11 @@ def last_logprobs(model, seqs: Sequence[SeqLike], *, batch_size: int = 16, fwd_h
     attached to bridge hook points, take the bridge path.
     """
     out = torch.empty(len(seqs), model.bridge.cfg.d_vocab)
-    if _plain_ok(model, fwd_hooks):
+    if plain_ok(model, fwd_hooks):
         head = model.plain().get_output_embeddings()
-        with torch.inference_mode():
-            for idx, _, states in stream_boundaries(model, seqs, [], batch_size=batch_size, final=True,
-                                                    progress=progress, desc="last log-probs"):
-                out[idx] = torch.log_softmax(head(states[-1][:, -1]).float(), dim=-1).cpu()
+        for idx, _, states in stream_boundaries(model, seqs, [], batch_size=batch_size, final=True,
+                                                progress=progress, desc="last log-probs"):
+            out[idx] = torch.log_softmax(head(states[-1][:, -1]).float(), dim=-1).cpu()
         return out
     with hooks_active(model, fwd_hooks):
         for idx, batch in iter_batches(model, seqs, batch_size, progress):
@@ -132,7 +131,7 @@ def residuals_at(model, seqs: Sequence[SeqLike], positions: Sequence[int | Seque
     ``positions[i]`` is one index (negative counts from the end) or, with ``reduce="mean"``, a
     list of indices averaged over. Streams batch by batch and stops at the last layer needed;
     returns float32 on CPU, shape ``[len(layers), n, d_model]``. ``resid_pre``/``resid_post``
-    without ``fwd_hooks`` come from the plain blocks with the shared prefix computed once
+    without hooks only the bridge sees (``plain_ok``) come from the plain blocks with the shared prefix computed once
     (``stream_boundaries``); other kinds, or bridge hooks, run the bridge with a ``names_filter``.
     """
     layers = list(range(model.n_layers)) if layers is None else [model.check_layer(l) for l in layers]
@@ -153,7 +152,7 @@ def residuals_at(model, seqs: Sequence[SeqLike], positions: Sequence[int | Seque
                 vals = st[row, cols].float()
                 out[j, i] = vals.mean(0) if (reduce == "mean" or len(cols) > 1) else vals[0]
 
-    if kind in BOUNDARY_KINDS and not fwd_hooks:
+    if kind in BOUNDARY_KINDS and plain_ok(model, fwd_hooks):
         first = min(min(q) for q in abs_pos) if abs_pos else 0
         for idx, width, states in stream_boundaries(model, ids, [boundary_index(kind, l) for l in layers],
                                                     batch_size=batch_size, max_prefix=first, progress=progress,
@@ -255,7 +254,7 @@ def _blocks_until(view, stop: int):
         view.model.layers = blocks
 
 
-def _plain_ok(model, fwd_hooks: Sequence[Hook]) -> bool:
+def plain_ok(model, fwd_hooks: Sequence[Hook]) -> bool:
     """Whether the plain HF model computes what the bridge would: no hooks it cannot see, no soft-capping."""
     from depthlens.generate import _unmirrored_bridge_hooks
 
