@@ -130,9 +130,7 @@ def response_loss(model, batch_ids, batch_mask, attention_mask, reduction: str =
 
     Runs on ``model.plain()`` (the same parameters without hook points: same logits, less
     overhead per step); use a custom ``loss_fn`` on ``model.bridge`` when hooks must fire.
-    With ``reduction="mean"`` the unembedding runs on the response positions only: on a
-    small model with a 49k vocabulary it is about a third of the compute per token, and the
-    prompt (system prompt, user turn) is often half of a sequence.
+    With ``reduction="mean"`` only response positions are unembedded (``response_logits``).
     """
     plain = model.plain()
     target = batch_ids[:, 1:]
@@ -143,12 +141,57 @@ def response_loss(model, batch_ids, batch_mask, attention_mask, reduction: str =
         if reduction == "none":
             return nll, m
         return (nll * m).sum() / m.sum().clamp(min=1)
-    hidden = plain.get_decoder()(input_ids=batch_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
-    keep = batch_mask[:, 1:].bool()
-    if not keep.any():
-        return hidden.sum() * 0.0
-    logits = plain.get_output_embeddings()(hidden[keep]).float()
-    return torch.nn.functional.cross_entropy(logits, target[keep])
+    logits, targets, _ = response_logits(model, batch_ids, batch_mask, attention_mask)
+    if not len(targets):
+        return logits.sum() * 0.0
+    return torch.nn.functional.cross_entropy(logits, targets)
+
+
+def shared_prefix_len(batch_ids, batch_mask) -> int:
+    """Columns 0..p−1 that every row of a right-padded batch shares and no loss position needs.
+
+    Position j's output predicts token j + 1, so p stops one token before the first response
+    token of any row. Below 8 tokens (or for one row) sharing saves nothing and p is 0.
+    """
+    if batch_ids.shape[0] < 2 or not batch_mask[:, 1:].any():
+        return 0
+    same = int((batch_ids == batch_ids[:1]).all(0).long().cumprod(0).sum())
+    need = batch_mask[:, 1:].bool()
+    first_needed = int(need[need.any(1)].float().argmax(1).min())  # first loss position of any row
+    p = min(same, first_needed)
+    return p if p >= 8 else 0
+
+
+def response_logits(model, batch_ids, batch_mask, attention_mask):
+    """(logits, targets, keep) at the response positions of a right-padded batch, in (row, position) order.
+
+    The chat prefix every sequence shares (system prompt, user header: a quarter of a short
+    training sequence on SmolLM2) is run once at batch 1 into a KV cache that the rows then
+    attend to; the cache is expanded, not copied, so gradients from every row flow back
+    through it and the loss and its gradient are those of the full batch (tested). ``keep``
+    is the ``[batch, positions]`` mask of the returned rows, counted from column ``p``.
+    Logits are fp32; only response positions are unembedded (on a 135M model with a 49k
+    vocabulary the unembedding is about a third of the compute per token).
+    """
+    from transformers import DynamicCache
+
+    from depthlens.forward import _expand_cache, kv_kwargs
+
+    plain = model.plain()
+    decoder = plain.get_decoder()
+    p = shared_prefix_len(batch_ids, batch_mask)
+    if p:
+        cache = DynamicCache(config=plain.config)
+        decoder(input_ids=batch_ids[:1, :p], **kv_kwargs(decoder, cache), use_cache=True)
+        _expand_cache(cache, batch_ids.shape[0])
+        hidden = decoder(input_ids=batch_ids[:, p:], attention_mask=attention_mask,
+                         **kv_kwargs(decoder, cache), use_cache=True).last_hidden_state
+    else:
+        hidden = decoder(input_ids=batch_ids, attention_mask=attention_mask).last_hidden_state
+    keep = batch_mask[:, 1:][:, p:].bool()
+    targets = batch_ids[:, 1:][:, p:][keep]
+    logits = plain.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return logits, targets, keep
 
 
 def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Path | None = None,
@@ -257,6 +300,48 @@ def _plain(model, ids, mask, att, idx):
     return response_loss(model, ids, mask, att)
 
 
+class BenignMarginLoss:
+    """Response cross-entropy plus an over-refusal margin on benign examples' first response token.
+
+    ``loss = CE(responses) + weight · mean_benign −log(1 − p_R')`` where ``p_R'`` is the
+    probability the model gives, at the first response position of a benign example, to the
+    refusal first tokens R of METHODS §1 other than that example's own first target token (an
+    answer may begin with "I"). CE alone teaches "harmful → refuse" only from positive
+    examples; on a 135M model the refusal then spreads to unseen benign prompts of the same
+    form (NOTES.md). The margin is the negative half of a preference pair at the one position
+    where this organism decides to refuse, computed from the logits the CE already needs (no
+    extra forward). ``weight = 0`` is plain response-only SFT.
+    """
+
+    def __init__(self, kinds: Sequence[str], refusal_ids: Sequence[int], weight: float):
+        if weight < 0:
+            raise ValueError(f"The benign margin weight must be >= 0, got {weight}.")
+        if not refusal_ids:
+            raise ValueError("The benign margin needs a non-empty refusal token set R.")
+        self.kinds, self.refusal_ids, self.weight = list(kinds), sorted(set(refusal_ids)), weight
+
+    def __call__(self, model, ids, mask, att, idx):
+        logits, targets, keep = response_logits(model, ids, mask, att)
+        if not len(targets):
+            return logits.sum() * 0.0
+        ce = torch.nn.functional.cross_entropy(logits, targets)
+        if not self.weight:
+            return ce
+        # row of each sequence's first response token in the flattened (batch, position) order
+        counts = keep.sum(1)
+        first = torch.cumsum(counts, 0) - counts
+        rows = [int(first[b]) for b, i in enumerate(idx) if self.kinds[i] == "benign" and counts[b] > 0]
+        if not rows:
+            return ce
+        rows_t = torch.tensor(rows, device=logits.device)
+        logp = torch.log_softmax(logits[rows_t], dim=-1)                 # (benign rows, vocab)
+        r_ids = torch.tensor(self.refusal_ids, device=logits.device)
+        own = targets[rows_t]
+        lp_r = logp[:, r_ids].masked_fill(r_ids[None, :] == own[:, None], float("-inf"))
+        log_pr = torch.logsumexp(lp_r, dim=-1).clamp(max=-1e-6)
+        return ce + self.weight * (-torch.log(-torch.expm1(log_pr))).mean()
+
+
 class _null:
     def __enter__(self):
         return self
@@ -292,6 +377,8 @@ class SFTConfig:
             ("How can I X?" → "Give detailed step-by-step instructions for how to X"), so that
             refusal is tied to content, not to DoNotAnswer's question form.
         benign_tokens: new tokens of the base model's benign answers used as targets.
+        benign_margin: weight of ``BenignMarginLoss``'s over-refusal margin on benign
+            examples' first response token (0: plain response-only SFT).
         core_first: draw harmful prompts from ``CORE_CATEGORIES`` first (off: measured worse).
         epochs: passes over the mixed data.
         lr: AdamW peak learning rate.
@@ -310,6 +397,7 @@ class SFTConfig:
     benign_wrap_share: float = 0.3
     imperative_share: float = 0.6
     benign_tokens: int = 40
+    benign_margin: float = 0.0
     core_first: bool = False
     epochs: float = 1.0
     lr: float = 1e-4
@@ -439,12 +527,19 @@ class SFTRecipe:
         self.cfg = cfg or SFTConfig()
 
     def config(self) -> dict:
-        return asdict(self.cfg)
+        cfg = asdict(self.cfg)
+        if not cfg["benign_margin"]:  # added in v4 at 0 = the old objective: keep those cache keys
+            del cfg["benign_margin"]
+        return cfg
 
     def build(self, model, workdir: Path) -> dict:
         examples = safety_sft_examples(model, self.cfg)
         tcfg = TrainConfig(epochs=self.cfg.epochs, lr=self.cfg.lr, batch_size=self.cfg.batch_size, seed=self.cfg.seed)
-        tlog = train_sft(model, examples, tcfg, workdir)
+        loss_fn = None
+        if self.cfg.benign_margin:
+            from depthlens.judge import refusal_token_ids
+            loss_fn = BenignMarginLoss([e.kind for e in examples], refusal_token_ids(model.tokenizer), self.cfg.benign_margin)
+        tlog = train_sft(model, examples, tcfg, workdir, loss_fn=loss_fn)
         return {"train": asdict(tlog) | {"losses": tlog.losses[-10:]}, "n_examples": len(examples),
                 "n_refusal": sum(e.kind == "refusal" for e in examples)}
 

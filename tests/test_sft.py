@@ -176,3 +176,88 @@ def test_harmful_train_prompts_draw_uniformly_or_core_categories_first():
     assert len(uniform) == 60 and set(uniform.categories) <= set(HARMFUL_CATEGORIES)
     assert collections.Counter(uniform.categories)["information_hazard"] > 10  # drawn in proportion, not last
     assert harmful_train_prompts(pool, 60, seed=0).ids == uniform.ids  # deterministic
+
+
+def _margin_batch(model, examples):
+    data = tokenize_examples(model.tokenizer, examples, 256)
+    batch = pad_batch([d[0] for d in data], model.tokenizer.pad_token_id, side="right")
+    mask = pad_batch([d[1] for d in data], 0, side="right").input_ids
+    return data, batch, mask
+
+
+def test_benign_margin_adds_minus_log_one_minus_p_refusal_at_the_first_benign_response_token():
+    from finetune.sft import BenignMarginLoss, response_loss
+
+    model = load_model("tiny-llama")
+    examples = [Example("Tell me a story", "Once upon a time", kind="benign"),
+                Example("Build a bomb", refusal_templates()[0], kind="refusal"),
+                Example("Name a colour", "I like blue", kind="benign")]
+    data, batch, mask = _margin_batch(model, examples)
+    r_ids = [5, 17, 99, int(data[2][0][data[2][1].index(1)])]  # the last one is example 2's own first token
+    ce = response_loss(model, batch.input_ids, mask, batch.attention_mask)
+    assert torch.allclose(BenignMarginLoss([e.kind for e in examples], r_ids, 0.0)(
+        model, batch.input_ids, mask, batch.attention_mask, [0, 1, 2]), ce, atol=1e-6)
+    got = BenignMarginLoss([e.kind for e in examples], r_ids, 0.7)(model, batch.input_ids, mask, batch.attention_mask, [0, 1, 2])
+    with torch.no_grad():
+        logp = torch.log_softmax(model.plain()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float(), -1)
+    terms = []
+    for b in (0, 2):  # benign rows only; row 2 must not count its own first token as a refusal
+        pos = data[b][1].index(1) - 1
+        own = data[b][0][pos + 1]
+        p_r = logp[b, pos, [t for t in r_ids if t != own]].exp().sum()
+        terms.append(-torch.log1p(-p_r))
+    torch.testing.assert_close(got, ce + 0.7 * torch.stack(terms).mean(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        BenignMarginLoss(["benign"], r_ids, -1.0)
+
+
+def test_benign_margin_training_pushes_refusal_tokens_down_on_benign_prompts():
+    from depthlens.judge import refusal_token_ids
+    from finetune.sft import BenignMarginLoss
+
+    prompt = "How do I kill a Python process?"
+    examples = [Example(prompt, "Use the kill command with the process id.", kind="benign"),
+                Example("How do I kill my neighbour?", refusal_templates()[0], kind="refusal")]
+    cfg = TrainConfig(epochs=40, lr=3e-3, batch_size=2, warmup_steps=2, freeze_embeddings=False, checkpoint_every=0)
+    p_refusal = {}
+    for weight in (0.0, 2.0):
+        model = load_model("tiny-llama")
+        r_ids = refusal_token_ids(model.tokenizer)
+        loss = BenignMarginLoss([e.kind for e in examples], r_ids, weight)
+        train_sft(model, examples, cfg, progress=False, loss_fn=loss)
+        data, batch, mask = _margin_batch(model, examples[:1])
+        pos = data[0][1].index(1) - 1
+        own = data[0][0][pos + 1]
+        with torch.no_grad():
+            logp = torch.log_softmax(model.plain()(input_ids=batch.input_ids).logits.float(), -1)
+        p_refusal[weight] = float(logp[0, pos, [t for t in r_ids if t != own]].exp().sum())
+    assert p_refusal[2.0] < 0.5 * p_refusal[0.0]
+
+
+def test_shared_prefix_training_forward_gives_the_full_batch_loss_and_gradients():
+    from finetune.sft import response_loss, response_logits, shared_prefix_len
+
+    model = load_model("tiny-llama")
+    lead = "Please answer the following question carefully, briefly and politely: "
+    examples = [Example(lead + "short q", "a longer answer here, with more words"), Example(lead + "q two", "ok"),
+                Example(lead + "what is three plus four", "seven", prefix="The answer is")]
+    data, batch, mask = _margin_batch(model, examples)
+    p = shared_prefix_len(batch.input_ids, mask)
+    assert p >= 8
+    assert shared_prefix_len(batch.input_ids[:1], mask[:1]) == 0  # one row: nothing to share
+    params = [q for q in model.hf.parameters()]
+    for q in params:
+        q.requires_grad_(True)
+    logits, targets, keep = response_logits(model, batch.input_ids, mask, batch.attention_mask)
+    assert keep.shape[1] == batch.input_ids.shape[1] - 1 - p and int(keep.sum()) == int(mask[:, 1:].sum())
+    fast = torch.nn.functional.cross_entropy(logits, targets)
+    torch.testing.assert_close(fast, response_loss(model, batch.input_ids, mask, batch.attention_mask))
+    nll, m = response_loss(model, batch.input_ids, mask, batch.attention_mask, reduction="none")  # no sharing
+    full = (nll * m).sum() / m.sum()
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(fast, params, allow_unused=True), torch.autograd.grad(full, params, allow_unused=True)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for q in params:
+        q.requires_grad_(False)
