@@ -13,6 +13,7 @@ topic and form, or a 135M model learns "imperative how-to → refuse".
 
     >>> model = load_model("smollm2-135m-instruct:sft")     # builds once (≈ 10 min on 2 cores), then cached
     >>> python -m finetune.sft --n-harmful 160 --epochs 1    # the same recipe from the shell
+    >>> python -m finetune.sft --benign-margin 0.2 --lr 2e-4  # with the over-refusal margin (README)
 """
 
 from __future__ import annotations
@@ -389,6 +390,9 @@ class SFTConfig:
     generic templates ("Give detailed step-by-step instructions for the following: …") and
     drew harmful prompts uniformly from three categories; v3 rephrases "how can I …" questions
     into natural tasks, fills from the core categories first and unembeds only response tokens.
+    v4 fixes a regex of the rephrasing and offers ``benign_margin`` (0 by default, left out of
+    the config so v4's cache key holds). Since the shared-prefix training forward
+    (``response_logits``) a rebuild differs from a cached v4 entry only by float rounding.
     """
 
     n_harmful: int = 420
