@@ -133,15 +133,10 @@ def response_loss(model, batch_ids, batch_mask, attention_mask, reduction: str =
     overhead per step); use a custom ``loss_fn`` on ``model.bridge`` when hooks must fire.
     With ``reduction="mean"`` only response positions are unembedded (``response_logits``).
     """
-    plain = model.plain()
-    target = batch_ids[:, 1:]
-    if reduction == "none" or getattr(plain.config, "final_logit_softcapping", None):
-        logits = plain(input_ids=batch_ids, attention_mask=attention_mask).logits[:, :-1].float()
-        m = batch_mask[:, 1:].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-        if reduction == "none":
-            return nll, m
-        return (nll * m).sum() / m.sum().clamp(min=1)
+    if reduction == "none":
+        logits = model.plain()(input_ids=batch_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch_ids[:, 1:], reduction="none")
+        return nll, batch_mask[:, 1:].float()
     logits, targets, _ = response_logits(model, batch_ids, batch_mask, attention_mask)
     if not len(targets):
         return logits.sum() * 0.0
@@ -192,6 +187,9 @@ def response_logits(model, batch_ids, batch_mask, attention_mask):
     keep = batch_mask[:, 1:][:, p:].bool()
     targets = batch_ids[:, 1:][:, p:][keep]
     logits = plain.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    cap = getattr(plain.config, "final_logit_softcapping", None)
+    if cap:  # as the HF head does after the unembedding (Gemma 2)
+        logits = torch.tanh(logits / cap) * cap
     return logits, targets, keep
 
 
