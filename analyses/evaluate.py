@@ -14,8 +14,9 @@ reusable core (``analyses.compare`` and the recipes' checks call it).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -50,6 +51,10 @@ class EvalConfig:
         seed: split seed.
         split: ``test`` (reported numbers) or ``val`` (for choosing recipe settings without
             looking at the test split; the harmful val split is DoNotAnswer, in distribution).
+        harmful_form: ``as_is``, or ``task`` to rephrase every harmful prompt as a task
+            ("How can I X?" → "Give detailed step-by-step instructions for how to X", the
+            organism recipe's ``imperative``, seeded): on the val split a proxy for HarmBench's
+            task form that does not look at HarmBench.
         device: cpu / cuda (default: automatic).
         out: results root directory.
         quick: small run (32 prompts per set, 32 tokens) for a smoke test.
@@ -65,6 +70,7 @@ class EvalConfig:
     batch_size: int = 16
     seed: int = 0
     split: str = "test"
+    harmful_form: str = "as_is"
     device: str | None = None
     out: str = "results"
     quick: bool = False
@@ -104,9 +110,17 @@ def evaluate_model(model, cfg: EvalConfig, base_model=None, timer: Timer | None 
     timer = timer or Timer()
     if cfg.split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {cfg.split!r}.")
+    if cfg.harmful_form not in ("as_is", "task"):
+        raise ValueError(f"harmful_form must be 'as_is' or 'task', got {cfg.harmful_form!r}.")
     splits = default_splits(cfg.seed)
+    harmful = getattr(splits.harmful, cfg.split).subset(_n(cfg.n_harmful, cfg.quick), seed=cfg.seed)
+    if cfg.harmful_form == "task":
+        from finetune.sft import imperative
+
+        rng = random.Random(cfg.seed)
+        harmful = replace(harmful, prompts=tuple(imperative(p, rng) for p in harmful.prompts))
     sets = {
-        "harmful": getattr(splits.harmful, cfg.split).subset(_n(cfg.n_harmful, cfg.quick), seed=cfg.seed),
+        "harmful": harmful,
         "harmless": getattr(splits.harmless, cfg.split).subset(_n(cfg.n_harmless, cfg.quick), seed=cfg.seed),
         "borderline": getattr(splits.borderline, cfg.split).subset(_n(cfg.n_borderline, cfg.quick), seed=cfg.seed),
     }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from depthlens.results import read_run
@@ -22,6 +24,26 @@ def test_evaluate_quick(tmp_path, capsys):
     html = list(path.parent.glob("evaluate_*.html"))  # the run's figures sit beside its record
     assert html and "plotly" in html[0].read_text()
     assert auroc([2, 3], [0, 1]) == 1.0 and auroc([0], [1]) == 0.0 and auroc([1], [1]) == 0.5
+
+
+def test_evaluate_task_form_rephrases_only_harmful_prompts(tmp_path):
+    from analyses.evaluate import EvalConfig, evaluate_model
+    from depthlens.models import load_model
+    from finetune.sft import imperative
+
+    model = load_model("tiny-llama")
+    plain = evaluate_model(model, EvalConfig(model="tiny-llama", quick=True, split="val", n_harmful=8, n_harmless=4, n_borderline=4))
+    task = evaluate_model(model, EvalConfig(model="tiny-llama", quick=True, split="val", n_harmful=8, n_harmless=4,
+                                            n_borderline=4, harmful_form="task"))
+    prompts = {f: {(s["set"], s["id"]): s["prompt"] for s in ev.samples} for f, ev in (("plain", plain), ("task", task))}
+    assert prompts["plain"].keys() == prompts["task"].keys()        # the same prompts, by id
+    changed = {k for k in prompts["plain"] if prompts["plain"][k] != prompts["task"][k]}
+    assert changed and all(k[0] == "harmful" for k in changed)
+    rng = random.Random(0)                                          # the recipe's rephrasing, seeded by the split seed
+    harmful = [s for s in plain.samples if s["set"] == "harmful"]
+    assert [prompts["task"][("harmful", s["id"])] for s in harmful] == [imperative(s["prompt"], rng) for s in harmful]
+    with pytest.raises(ValueError, match="harmful_form"):
+        evaluate_model(model, EvalConfig(model="tiny-llama", quick=True, harmful_form="tasks"))
 
 
 def test_cli_help_lists_every_default(capsys):
