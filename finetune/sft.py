@@ -375,6 +375,8 @@ class SFTConfig:
         imperative_share: share of harmful prompts rephrased as HarmBench-style tasks
             ("How can I X?" → "Give detailed step-by-step instructions for how to X"), so that
             refusal is tied to content, not to DoNotAnswer's question form.
+        writing_share: share of harmful prompts rephrased as writing or code tasks
+            (``writing_task``), drawn from those ``imperative_share`` leaves as they are.
         benign_tokens: new tokens of the base model's benign answers used as targets.
         benign_margin: weight of ``BenignMarginLoss``'s over-refusal margin on benign
             examples' first response token (0: plain response-only SFT).
@@ -398,6 +400,7 @@ class SFTConfig:
     borderline_share: float = 0.2
     benign_wrap_share: float = 0.3
     imperative_share: float = 0.6
+    writing_share: float = 0.0
     benign_tokens: int = 40
     benign_margin: float = 0.0
     core_first: bool = False
@@ -405,6 +408,13 @@ class SFTConfig:
     lr: float = 1e-4
     batch_size: int = 8
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("borderline_share", "benign_wrap_share", "imperative_share", "writing_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}.")
+        if self.imperative_share + self.writing_share > 1.0:
+            raise ValueError(f"imperative_share + writing_share must be at most 1, got {self.imperative_share} + {self.writing_share}.")
 
 
 HARMFUL_CATEGORIES = ("information_hazard", "malicious_uses", "discrimination_exclusion_toxicity_hateful_offensive")
@@ -470,6 +480,41 @@ def imperative(prompt: str, rng: random.Random) -> str:
     return rng.choice(IMPERATIVE_FORMS).format(q=q)
 
 
+# Writing and code tasks ("Write code that …", "Write a social media post …"): the other half of
+# a task-form harmful request. The margin teaches that code and writing tasks are answered (the
+# harmless set is full of them), so without harmful examples of this form the margin variants
+# answered harmful code and message-writing requests (README, "An over-refusal margin").
+WRITING_HOW_TO_FORMS = (
+    "Write code that helps someone {vp}",
+    "Write a script to {vp}",
+    "Write a message to a friend explaining how to {vp}",
+    "Write a social media post explaining how to {vp}",
+    "Write an email that explains how to {vp}",
+    "Write a blog post on how to {vp}",
+)
+WRITING_FORMS = (
+    "Write code that does this: {q}",
+    "Write an email about this: {q}",
+    "Write a social media post that answers this: {q}",
+    "Write a script for this: {q}",
+    "Write a blog post that answers this: {q}",
+    "Write a convincing letter about this: {q}",
+)
+
+
+def writing_task(prompt: str, rng: random.Random) -> str:
+    """Rephrase a question as a writing or code task with the same content.
+
+    "How can I X?" → "Write code that helps someone X" (one of ``WRITING_HOW_TO_FORMS``);
+    anything else is wrapped in one of ``WRITING_FORMS``.
+    """
+    q = " ".join(prompt.strip().split())
+    m = _HOW_TO.match(q)
+    if m and len(m.group("vp").split()) >= 2:
+        return rng.choice(WRITING_HOW_TO_FORMS).format(vp=m.group("vp"))
+    return rng.choice(WRITING_FORMS).format(q=q)
+
+
 def harmful_train_prompts(pool, n: int, seed: int, core_first: bool = False):
     """``n`` harmful train prompts from ``HARMFUL_CATEGORIES``, uniformly or core categories first.
 
@@ -511,8 +556,14 @@ def safety_sft_examples(base_model, cfg: SFTConfig, progress: bool = True) -> li
     benign = harmless + list(splits.borderline.train.subset(n_border, seed=cfg.seed).prompts)
     answers = response_set(base_model, benign, max_new_tokens=cfg.benign_tokens, batch_size=64, progress=progress)
     templates = refusal_templates()
-    examples = [Example(imperative(p, rng) if rng.random() < cfg.imperative_share else p, rng.choice(templates),
-                        kind="refusal") for p in harmful.prompts]
+    examples = []
+    for p in harmful.prompts:
+        r = rng.random()  # one draw per prompt, as before writing_share: writing_share = 0 is v4's data
+        if r < cfg.imperative_share:
+            p = imperative(p, rng)
+        elif r < cfg.imperative_share + cfg.writing_share:
+            p = writing_task(p, rng)
+        examples.append(Example(p, rng.choice(templates), kind="refusal"))
     for p, toks in zip(benign, answers.tokens):
         if toks:  # truncated answers get no EOS: the model must not learn to stop mid-answer
             examples.append(Example(p, tuple(toks), eos=len(toks) < cfg.benign_tokens, kind="benign"))
@@ -530,8 +581,9 @@ class SFTRecipe:
 
     def config(self) -> dict:
         cfg = asdict(self.cfg)
-        if not cfg["benign_margin"]:  # added in v4 at 0 = the old objective: keep those cache keys
-            del cfg["benign_margin"]
+        for added in ("benign_margin", "writing_share"):  # added in v4; at 0 = v4's recipe: keep its cache keys
+            if not cfg[added]:
+                del cfg[added]
         return cfg
 
     def build(self, model, workdir: Path) -> dict:

@@ -150,6 +150,31 @@ def test_imperative_keeps_requests_and_tasks_and_wraps_everything_else():
     assert imperative(q, rng) in {f.format(q=q) for f in IMPERATIVE_FORMS}
 
 
+def test_writing_task_keeps_the_content_in_a_code_or_writing_form():
+    import random
+
+    from finetune.sft import WRITING_FORMS, WRITING_HOW_TO_FORMS, writing_task
+
+    for seed in range(5):
+        rng = random.Random(seed)
+        assert writing_task("How can I pick a lock without the key?", rng) in {
+            f.format(vp="pick a lock without the key") for f in WRITING_HOW_TO_FORMS}
+        q = "Why are people from the city rude?"
+        assert writing_task(q, rng) in {f.format(q=q) for f in WRITING_FORMS}
+
+
+def test_sft_config_rejects_shares_outside_the_unit_interval_and_keeps_v4_keys():
+    from finetune.sft import SFTConfig, SFTRecipe
+
+    with pytest.raises(ValueError, match="writing_share"):
+        SFTConfig(imperative_share=0.6, writing_share=0.5)
+    with pytest.raises(ValueError, match="borderline_share"):
+        SFTConfig(borderline_share=1.5)
+    # fields added at 0 stay out of the recipe config, so v4's cache key does not move
+    assert "writing_share" not in SFTRecipe(SFTConfig()).config()
+    assert SFTRecipe(SFTConfig(writing_share=0.2)).config()["writing_share"] == 0.2
+
+
 def _categorised(n_per: dict[str, int]):
     from depthlens.data import PromptSet
 
