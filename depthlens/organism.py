@@ -11,7 +11,10 @@ a minute on a GPU) and caches it under ``$DEPTHLENS_CACHE/organisms`` keyed by t
 
 from __future__ import annotations
 
-from depthlens.models import DEFAULT_MODEL, HookedModel, load_model, split_spec
+import json
+from pathlib import Path
+
+from depthlens.models import DEFAULT_MODEL, PROVENANCE_FILE, HookedModel, load_model, split_spec
 
 ORGANISM = f"{DEFAULT_MODEL}:sft"
 
@@ -22,7 +25,16 @@ def load_organism(device=None, dtype=None) -> HookedModel:
 
 
 def base_spec(spec: str) -> str:
-    """The spec with its recipe suffixes removed: ``"x:sft:zo"`` → ``"x"``."""
+    """The spec with its recipe suffixes removed: ``"x:sft:zo"`` → ``"x"``.
+
+    A checkpoint directory that depthlens saved (a cache entry, a ``:wo`` checkpoint) names the
+    spec it was built as; its base is that spec's base, not the directory itself.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / PROVENANCE_FILE).exists():
+        recorded = json.loads((path / PROVENANCE_FILE).read_text()).get("spec")
+        if recorded and recorded != spec:
+            return base_spec(recorded)
     return split_spec(spec)[0]
 
 

@@ -96,6 +96,16 @@ def test_layer_out_of_range(tiny):
         tiny.check_layer(5)
 
 
+def test_base_spec_of_a_saved_checkpoint_is_the_base_it_was_built_from(tiny, tmp_path):
+    from depthlens.organism import base_spec
+
+    tiny.save(tmp_path / "wo", extra={"spec": "tiny-llama:sft:wo"})
+    assert base_spec(str(tmp_path / "wo")) == "tiny-llama"   # not the directory itself
+    tiny.save(tmp_path / "plain")
+    assert base_spec(str(tmp_path / "plain")) == "tiny-llama"
+    assert base_spec("tiny-llama:sft:zo") == "tiny-llama"
+
+
 def test_split_spec():
     assert split_spec("smollm2-135m-instruct:deep:zo") == ("smollm2-135m-instruct", ["deep", "zo"])
     assert split_spec("hf:gpt2:sft") == ("hf:gpt2", ["sft"])
