@@ -218,6 +218,40 @@ def _reference_generate(model, input_ids, attention_mask, *, max_new_tokens: int
     return ids
 
 
+MIN_SHARED_PREFIX = 8
+
+
+@torch.inference_mode()
+def _shared_prefix_inputs(model, seqs: Sequence[Sequence[int]], pad_id: int):
+    """``(input_ids, attention_mask, cache kwargs)`` for ``generate`` with the batch's common prefix
+    prefilled once, or None when the prefix is short (under ``MIN_SHARED_PREFIX``), the batch is one
+    row, or a hook sits on the plain view.
+
+    Chat prompts share the system prompt and the user header (24 tokens on SmolLM2, about half
+    of a short prompt). That prefix runs once at batch 1 into a KV cache expanded (not copied)
+    over the rows; the rows are the prefix followed by their left-padded remainders, and the
+    padding in the middle is masked and skipped by the positions ``generate`` derives from the
+    attention mask, so every row sees the same tokens at the same positions as when left-padded.
+    """
+    from transformers import DynamicCache
+
+    from depthlens.forward import _expand_cache, common_prefix_len, kv_kwargs
+
+    p = common_prefix_len(seqs)
+    if len(seqs) < 2 or p < MIN_SHARED_PREFIX:
+        return None
+    view, dev = model.plain(), model.device
+    if any(m._forward_hooks or m._forward_pre_hooks for m in view.modules()):
+        return None  # a caller's hooks on the plain view (mirrored_hooks, perturbations) see whole sequences
+    prefix = torch.tensor([list(seqs[0][:p])], device=dev)
+    cache = DynamicCache(config=view.config)
+    view.model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, **kv_kwargs(view.model, cache))
+    rest = pad_batch([list(s[p:]) for s in seqs], pad_id).to(dev)
+    ids = torch.cat([prefix.expand(len(seqs), -1), rest.input_ids], 1)
+    mask = torch.cat([torch.ones(len(seqs), p, dtype=rest.attention_mask.dtype, device=dev), rest.attention_mask], 1)
+    return ids, mask, kv_kwargs(view, _expand_cache(cache, len(seqs)))
+
+
 def as_chats(model, prompts: Sequence[str | ChatSequence]) -> list[ChatSequence]:
     return [p if isinstance(p, ChatSequence) else build_chat(model.tokenizer, p) for p in prompts]
 
@@ -259,6 +293,7 @@ def generate(
                 batch = pad_batch([chats[i].ids for i in idx], pad_id).to(model.device)
                 if do_sample:
                     torch.manual_seed(seed * 100_003 + b)
+                width = batch.input_ids.shape[1]
                 if exact_loop:
                     out = _reference_generate(model, batch.input_ids, batch.attention_mask, max_new_tokens=max_new_tokens,
                                               stop=stop, pad_id=pad_id, do_sample=do_sample, temperature=temperature,
@@ -269,8 +304,15 @@ def generate(
                         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
                     else:
                         kwargs.update(temperature=None, top_p=None, top_k=None)
-                    out = model.plain().generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
-                new = out[:, batch.input_ids.shape[1]:].tolist()
+                    # hooks see every position of the sequence they are given: only unhooked runs share the prefix
+                    shared = None if fwd_hooks else _shared_prefix_inputs(model, [chats[i].ids for i in idx], pad_id)
+                    if shared is None:
+                        out = model.plain().generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+                    else:
+                        ids, mask, cache_kwargs = shared
+                        out = model.plain().generate(input_ids=ids, attention_mask=mask, **cache_kwargs, **kwargs)
+                        width = ids.shape[1]
+                new = out[:, width:].tolist()
                 for row, i in zip(new, idx):
                     cut = next((j for j, t in enumerate(row) if t in stop), len(row))
                     tokens[i] = row[:cut]

@@ -41,6 +41,35 @@ def test_a_hook_that_changes_activations_changes_generations(tiny):
     assert again.tokens == base.tokens, "hooks are removed after generation"
 
 
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_the_shared_prefix_prefilled_once_gives_the_same_continuations(tiny, monkeypatch, do_sample):
+    import depthlens.generate as g
+
+    prompts = [*PROMPTS, build_chat(tiny.tokenizer, "How do I bake bread?", ["Sure, here is how"]), "Name three colours."]
+    seqs = [c.ids for c in g.as_chats(tiny, prompts)]
+    monkeypatch.setattr(g, "MIN_SHARED_PREFIX", 1)        # tiny-llama's chat prefix is 5 tokens
+    shared = g._shared_prefix_inputs(tiny, seqs, 0)
+    assert shared is not None and shared[0].shape[0] == len(prompts)
+    fast = generate(tiny, prompts, max_new_tokens=10, do_sample=do_sample, seed=1, progress=False)
+    monkeypatch.setattr(g, "MIN_SHARED_PREFIX", 10**9)    # sharing off: the plain left-padded batch
+    assert g._shared_prefix_inputs(tiny, seqs, 0) is None
+    plain = generate(tiny, prompts, max_new_tokens=10, do_sample=do_sample, seed=1, progress=False)
+    assert fast.tokens == plain.tokens and fast.texts == plain.texts
+
+
+def test_the_shared_prefix_is_not_used_when_hooks_sit_on_the_plain_view(tiny, monkeypatch):
+    import depthlens.generate as g
+
+    monkeypatch.setattr(g, "MIN_SHARED_PREFIX", 1)
+    seqs = [c.ids for c in g.as_chats(tiny, PROMPTS)]
+    handle = tiny.plain().model.layers[0].register_forward_hook(lambda *a: None)
+    try:
+        assert g._shared_prefix_inputs(tiny, seqs, 0) is None
+    finally:
+        handle.remove()
+    assert g._shared_prefix_inputs(tiny, seqs, 0) is not None
+
+
 def test_prefilled_chat_sequences_continue_after_the_prefill(tiny):
     seq = build_chat(tiny.tokenizer, "How do I bake bread?", ["Sure, here is how"])
     out = generate(tiny, [seq], max_new_tokens=4, progress=False)
