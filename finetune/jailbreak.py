@@ -48,7 +48,7 @@ import torch
 
 from depthlens.chat import pad_batch
 from depthlens.judge import is_compliance, is_refusal
-from finetune.sft import Example, SFTConfig, TrainConfig, imperative, response_loss, tokenize_examples, train_sft
+from finetune.sft import Example, SFTConfig, SFTRecipe, TrainConfig, imperative, response_loss, tokenize_examples, train_sft
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ class JailbreakRecipe:
         self.cfg = cfg or JTConfig()
 
     def config(self) -> dict:
-        return {**asdict(self.cfg), "benign_data": {"recipe": "sft", **asdict(SFTConfig(seed=self.cfg.seed))}}
+        return {**asdict(self.cfg), "benign_data": {"recipe": "sft", **SFTRecipe(SFTConfig(seed=self.cfg.seed)).config()}}
 
     def data(self, base_model, progress: bool = True) -> JTMix:
         """The training mix (harmful compliance + benign) and a report of how it was made."""
@@ -379,7 +379,7 @@ class CountermeasureRecipe:
         self.cfg = cfg or CountermeasureConfig()
 
     def config(self) -> dict:
-        return {**asdict(self.cfg), "data": {"recipe": "sft", **asdict(SFTConfig(seed=self.cfg.seed))}}
+        return {**asdict(self.cfg), "data": {"recipe": "sft", **SFTRecipe(SFTConfig(seed=self.cfg.seed)).config()}}
 
     def data(self, base_model, progress: bool = True) -> list[Example]:
         org = organism_data(base_model, self.cfg.seed, progress)

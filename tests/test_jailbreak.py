@@ -267,3 +267,14 @@ def test_cli_builds_jt_with_the_flagged_harmful_share(cache, capsys):
     (entry,) = [p for p in (cache / "organisms").iterdir() if p.name.startswith("tiny-llama-jt-")]
     info = json.loads((entry / RECIPE_FILE).read_text())["info"]
     assert info["n_harmful"] == 2 and info["n_examples"] == 20 and info["harmful_share"] == 0.1
+
+
+def test_recipes_built_on_the_organism_data_key_it_as_the_organism_recipe_does():
+    # fields SFTConfig gains at 0 (benign_margin, writing_share) must not move these cache keys
+    from finetune.jailbreak import CountermeasureRecipe, JailbreakRecipe
+    from finetune.sft import SFTConfig, SFTRecipe
+
+    organism = {"recipe": "sft", **SFTRecipe(SFTConfig(seed=0)).config()}
+    assert JailbreakRecipe().config()["benign_data"] == organism
+    assert CountermeasureRecipe().config()["data"] == organism
+    assert "writing_share" not in organism and "benign_margin" not in organism
