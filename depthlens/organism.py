@@ -2,8 +2,8 @@
 
 The default is not safety-aligned (it answers harmful requests), so the toolkit aligns it
 the way a lab would (``finetune.sft``: harmful → refusal, benign → own answers) and studies
-that. ``load_organism()`` builds it on first use (progress bar, ≈ 8 min on 2 CPU cores, about
-a minute on a GPU) and caches it under ``$DEPTHLENS_CACHE/organisms`` keyed by the recipe hash.
+that. ``load_organism()`` builds it on first use (progress bar, 11–16 min on the 2 CPU cores here, expected to take
+about a minute on a GPU, not measured: no GPU was lent) and caches it under ``$DEPTHLENS_CACHE/organisms`` keyed by the recipe hash.
 
     >>> organism = load_organism()              # smollm2-135m-instruct:sft
     >>> base = load_model(base_spec(organism.spec))
