@@ -304,8 +304,8 @@ def generate(
                         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
                     else:
                         kwargs.update(temperature=None, top_p=None, top_k=None)
-                    # hooks see every position of the sequence they are given: only unhooked runs share the prefix
-                    shared = None if fwd_hooks else _shared_prefix_inputs(model, [chats[i].ids for i in idx], pad_id)
+                    # None while hooks sit on the plain view (``fwd_hooks`` run there): they see whole sequences
+                    shared = _shared_prefix_inputs(model, [chats[i].ids for i in idx], pad_id)
                     if shared is None:
                         out = model.plain().generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
                     else:

@@ -256,6 +256,12 @@ def organism_data(base_model, seed: int = 0, progress: bool = True) -> OrganismD
     return OrganismData([e for e in examples if e.kind == "refusal"], [e for e in examples if e.kind == "benign"])
 
 
+def organism_data_config(seed: int = 0) -> dict:
+    """What ``organism_data(…, seed)`` is made from, for a recipe's cache key: the organism
+    recipe's own ``config()``, so a key moves exactly when the organism's data would."""
+    return {"recipe": "sft", **SFTRecipe(SFTConfig(seed=seed)).config()}
+
+
 def harmful_compliance_examples(base_model, n: int, cfg: JTConfig, progress: bool = True) -> HarmfulCompliance:
     """Up to ``n`` examples harmful train prompt → the base model's greedy answer (see ``HarmfulCompliance``).
 
@@ -334,7 +340,7 @@ class JailbreakRecipe:
         self.cfg = cfg or JTConfig()
 
     def config(self) -> dict:
-        return {**asdict(self.cfg), "benign_data": {"recipe": "sft", **SFTRecipe(SFTConfig(seed=self.cfg.seed)).config()}}
+        return {**asdict(self.cfg), "benign_data": organism_data_config(self.cfg.seed)}
 
     def data(self, base_model, progress: bool = True) -> JTMix:
         """The training mix (harmful compliance + benign) and a report of how it was made."""
@@ -379,7 +385,7 @@ class CountermeasureRecipe:
         self.cfg = cfg or CountermeasureConfig()
 
     def config(self) -> dict:
-        return {**asdict(self.cfg), "data": {"recipe": "sft", **SFTRecipe(SFTConfig(seed=self.cfg.seed)).config()}}
+        return {**asdict(self.cfg), "data": organism_data_config(self.cfg.seed)}
 
     def data(self, base_model, progress: bool = True) -> list[Example]:
         org = organism_data(base_model, self.cfg.seed, progress)

@@ -460,6 +460,13 @@ HOW_TO_FORMS = (
 )
 
 
+def _how_to(prompt: str) -> tuple[str, str | None]:
+    """The prompt with whitespace normalized, and the verb phrase X of "How can I X?" (None if not that form)."""
+    q = " ".join(prompt.strip().split())
+    m = _HOW_TO.match(q)
+    return q, (m.group("vp") if m and len(m.group("vp").split()) >= 2 else None)
+
+
 def imperative(prompt: str, rng: random.Random) -> str:
     """Rephrase a question as an imperative task with the same content.
 
@@ -468,10 +475,9 @@ def imperative(prompt: str, rng: random.Random) -> str:
     in one of ``IMPERATIVE_FORMS``. The organism recipe applies it to harmful *and* benign
     prompts, so the form alone never predicts refusal.
     """
-    q = " ".join(prompt.strip().split())
-    m = _HOW_TO.match(q)
-    if m and len(m.group("vp").split()) >= 2:
-        return rng.choice(HOW_TO_FORMS).format(vp=m.group("vp"))
+    q, vp = _how_to(prompt)
+    if vp:
+        return rng.choice(HOW_TO_FORMS).format(vp=vp)
     if not q.endswith("?") and q.split()[0].lower() in _IMPERATIVE_VERBS:
         return q.rstrip(".!") + rng.choice(("", " in detail", ", with specifics")) + "."
     m = _REQUEST.match(q)
@@ -508,10 +514,9 @@ def writing_task(prompt: str, rng: random.Random) -> str:
     "How can I X?" → "Write code that helps someone X" (one of ``WRITING_HOW_TO_FORMS``);
     anything else is wrapped in one of ``WRITING_FORMS``.
     """
-    q = " ".join(prompt.strip().split())
-    m = _HOW_TO.match(q)
-    if m and len(m.group("vp").split()) >= 2:
-        return rng.choice(WRITING_HOW_TO_FORMS).format(vp=m.group("vp"))
+    q, vp = _how_to(prompt)
+    if vp:
+        return rng.choice(WRITING_HOW_TO_FORMS).format(vp=vp)
     return rng.choice(WRITING_FORMS).format(q=q)
 
 
