@@ -310,35 +310,47 @@ class BenignMarginLoss:
     form (NOTES.md). The margin is the negative half of a preference pair at the one position
     where this organism decides to refuse, computed from the logits the CE already needs (no
     extra forward). ``weight = 0`` is plain response-only SFT.
+
+    ``refusal_weight`` adds the positive half, ``refusal_weight · mean_refusal −log p_R`` over
+    refusal examples (all of R). In the CE the first response token is one of ≈ 30 tokens of a
+    refusal, so with the benign half alone the decision at that position is pushed away from R
+    about ten times harder on benign rows than towards R on harmful rows; with both halves at
+    the same weight it is a balanced binary cross-entropy "refuse or not" at that position.
     """
 
-    def __init__(self, kinds: Sequence[str], refusal_ids: Sequence[int], weight: float):
-        if weight < 0:
-            raise ValueError(f"The benign margin weight must be >= 0, got {weight}.")
+    def __init__(self, kinds: Sequence[str], refusal_ids: Sequence[int], weight: float,
+                 refusal_weight: float = 0.0):
+        if weight < 0 or refusal_weight < 0:
+            raise ValueError(f"The margin weights must be >= 0, got {weight} and {refusal_weight}.")
         if not refusal_ids:
             raise ValueError("The benign margin needs a non-empty refusal token set R.")
-        self.kinds, self.refusal_ids, self.weight = list(kinds), sorted(set(refusal_ids)), weight
+        self.kinds, self.refusal_ids = list(kinds), sorted(set(refusal_ids))
+        self.weight, self.refusal_weight = weight, refusal_weight
 
     def __call__(self, model, ids, mask, att, idx):
         logits, targets, keep = response_logits(model, ids, mask, att)
         if not len(targets):
             return logits.sum() * 0.0
-        ce = torch.nn.functional.cross_entropy(logits, targets)
-        if not self.weight:
-            return ce
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        if not (self.weight or self.refusal_weight):
+            return loss
         # row of each sequence's first response token in the flattened (batch, position) order
         counts = keep.sum(1)
         first = torch.cumsum(counts, 0) - counts
-        rows = [int(first[b]) for b, i in enumerate(idx) if self.kinds[i] == "benign" and counts[b] > 0]
-        if not rows:
-            return ce
-        rows_t = torch.tensor(rows, device=logits.device)
-        logp = torch.log_softmax(logits[rows_t], dim=-1)                 # (benign rows, vocab)
         r_ids = torch.tensor(self.refusal_ids, device=logits.device)
-        own = targets[rows_t]
-        lp_r = logp[:, r_ids].masked_fill(r_ids[None, :] == own[:, None], float("-inf"))
-        log_pr = torch.logsumexp(lp_r, dim=-1).clamp(max=-1e-6)
-        return ce + self.weight * (-torch.log(-torch.expm1(log_pr))).mean()
+        rows = [int(first[b]) for b, i in enumerate(idx) if self.kinds[i] == "benign" and counts[b] > 0]
+        if rows and self.weight:
+            rows_t = torch.tensor(rows, device=logits.device)
+            logp = torch.log_softmax(logits[rows_t], dim=-1)             # (benign rows, vocab)
+            own = targets[rows_t]
+            lp_r = logp[:, r_ids].masked_fill(r_ids[None, :] == own[:, None], float("-inf"))
+            log_pr = torch.logsumexp(lp_r, dim=-1).clamp(max=-1e-6)
+            loss = loss + self.weight * (-torch.log(-torch.expm1(log_pr))).mean()
+        rows = [int(first[b]) for b, i in enumerate(idx) if self.kinds[i] == "refusal" and counts[b] > 0]
+        if rows and self.refusal_weight:
+            logp = torch.log_softmax(logits[torch.tensor(rows, device=logits.device)], dim=-1)
+            loss = loss - self.refusal_weight * torch.logsumexp(logp[:, r_ids], dim=-1).mean()
+        return loss
 
 
 class _null:
@@ -380,6 +392,8 @@ class SFTConfig:
         benign_tokens: new tokens of the base model's benign answers used as targets.
         benign_margin: weight of ``BenignMarginLoss``'s over-refusal margin on benign
             examples' first response token (0: plain response-only SFT).
+        refusal_margin: weight of its positive half, ``−log p_R`` on refusal examples' first
+            response token (``BenignMarginLoss(refusal_weight=…)``; 0: off).
         core_first: draw harmful prompts from ``CORE_CATEGORIES`` first (off: measured worse).
         epochs: passes over the mixed data.
         lr: AdamW peak learning rate.
@@ -403,6 +417,7 @@ class SFTConfig:
     writing_share: float = 0.0
     benign_tokens: int = 40
     benign_margin: float = 0.0
+    refusal_margin: float = 0.0
     core_first: bool = False
     epochs: float = 1.0
     lr: float = 1e-4
@@ -586,7 +601,7 @@ class SFTRecipe:
 
     def config(self) -> dict:
         cfg = asdict(self.cfg)
-        for added in ("benign_margin", "writing_share"):  # added in v4; at 0 = v4's recipe: keep its cache keys
+        for added in ("benign_margin", "writing_share", "refusal_margin"):  # added in v4; at 0 = v4's recipe: keep its cache keys
             if not cfg[added]:
                 del cfg[added]
         return cfg
@@ -595,9 +610,10 @@ class SFTRecipe:
         examples = safety_sft_examples(model, self.cfg)
         tcfg = TrainConfig(epochs=self.cfg.epochs, lr=self.cfg.lr, batch_size=self.cfg.batch_size, seed=self.cfg.seed)
         loss_fn = None
-        if self.cfg.benign_margin:
+        if self.cfg.benign_margin or self.cfg.refusal_margin:
             from depthlens.judge import refusal_token_ids
-            loss_fn = BenignMarginLoss([e.kind for e in examples], refusal_token_ids(model.tokenizer), self.cfg.benign_margin)
+            loss_fn = BenignMarginLoss([e.kind for e in examples], refusal_token_ids(model.tokenizer),
+                                       self.cfg.benign_margin, self.cfg.refusal_margin)
         tlog = train_sft(model, examples, tcfg, workdir, loss_fn=loss_fn)
         return {"train": asdict(tlog) | {"losses": tlog.losses[-10:]}, "n_examples": len(examples),
                 "n_refusal": sum(e.kind == "refusal" for e in examples)}

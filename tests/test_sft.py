@@ -173,6 +173,8 @@ def test_sft_config_rejects_shares_outside_the_unit_interval_and_keeps_v4_keys()
     # fields added at 0 stay out of the recipe config, so v4's cache key does not move
     assert "writing_share" not in SFTRecipe(SFTConfig()).config()
     assert SFTRecipe(SFTConfig(writing_share=0.2)).config()["writing_share"] == 0.2
+    assert "refusal_margin" not in SFTRecipe(SFTConfig()).config()
+    assert SFTRecipe(SFTConfig(refusal_margin=0.2)).config()["refusal_margin"] == 0.2
 
 
 def _categorised(n_per: dict[str, int]):
@@ -232,8 +234,16 @@ def test_benign_margin_adds_minus_log_one_minus_p_refusal_at_the_first_benign_re
         p_r = logp[b, pos, [t for t in r_ids if t != own]].exp().sum()
         terms.append(-torch.log1p(-p_r))
     torch.testing.assert_close(got, ce + 0.7 * torch.stack(terms).mean(), rtol=1e-4, atol=1e-5)
+    # the positive half: −log p_R over all of R at the refusal row's first response token
+    both = BenignMarginLoss([e.kind for e in examples], r_ids, 0.7, refusal_weight=0.3)(
+        model, batch.input_ids, mask, batch.attention_mask, [0, 1, 2])
+    pos = data[1][1].index(1) - 1
+    positive = -torch.log(logp[1, pos, r_ids].exp().sum())
+    torch.testing.assert_close(both, got + 0.3 * positive, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="must be >= 0"):
         BenignMarginLoss(["benign"], r_ids, -1.0)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        BenignMarginLoss(["benign"], r_ids, 0.0, refusal_weight=-0.5)
 
 
 def test_benign_margin_training_pushes_refusal_tokens_down_on_benign_prompts():
