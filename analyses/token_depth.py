@@ -49,6 +49,8 @@ class TokenDepthConfig:
             at 48 than at 16 (86 vs 61 new tokens/s, 48 prefilled HarmBench prompts × 48
             tokens, warm, 2026-12-01; 32 gave 67); on a GPU larger still is better.
         seed: split/bootstrap seed.
+        split: ``test`` (reported numbers: HarmBench) or ``val`` (DoNotAnswer val, for choosing
+            recipe settings without looking at the test split).
         device: cpu / cuda (default: automatic).
         out: results root directory.
         quick: small run (8 prompts, 16 positions, 24 new tokens).
@@ -64,12 +66,15 @@ class TokenDepthConfig:
     max_new_tokens: int = 48
     batch_size: int = 48
     seed: int = 0
+    split: str = "test"
     device: str | None = None
     out: str = "results"
     quick: bool = False
 
 
 def run(cfg: TokenDepthConfig) -> RunRecord:
+    if cfg.split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {cfg.split!r}.")
     if cfg.quick:
         cfg = replace(cfg, n_prompts=min(cfg.n_prompts, 8), n_control=min(cfg.n_control, 8),
                       positions=min(cfg.positions, 16), max_new_tokens=min(cfg.max_new_tokens, 24))
@@ -79,8 +84,8 @@ def run(cfg: TokenDepthConfig) -> RunRecord:
         base_name = cfg.base or base_spec(cfg.aligned)
         base = aligned if base_name == cfg.aligned else load_model(base_name, device=cfg.device)
     splits = default_splits(cfg.seed)
-    harmful = splits.harmful.test.subset(cfg.n_prompts, seed=cfg.seed)
-    harmless = splits.harmless.test.subset(cfg.n_control, seed=cfg.seed)
+    harmful = getattr(splits.harmful, cfg.split).subset(cfg.n_prompts, seed=cfg.seed)
+    harmless = getattr(splits.harmless, cfg.split).subset(cfg.n_control, seed=cfg.seed)
     with timer("base_responses"):
         harm_resp = response_set(base, harmful.prompts, max_new_tokens=cfg.response_tokens, batch_size=cfg.batch_size)
         ctrl_resp = response_set(base, harmless.prompts, max_new_tokens=cfg.response_tokens, batch_size=cfg.batch_size)

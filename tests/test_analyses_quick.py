@@ -64,6 +64,19 @@ def test_token_depth_quick(tmp_path):
     assert {t["attack"] for t in rec.tables["trials"]} == {"prefill"}
 
 
+def test_token_depth_val_split_attacks_validation_prompts_only(tmp_path):
+    from analyses.token_depth import TokenDepthConfig, main, run
+    from depthlens.data import default_splits
+
+    rec = read_run(main(["--aligned", "tiny-llama", "--base", "tiny-llama", "--quick", "--split", "val",
+                         "--out", str(tmp_path)]))
+    splits = default_splits(0)
+    ids = {t["prompt_id"] for t in rec.tables["trials"]}
+    assert ids and ids <= set(splits.harmful.val.ids) and not ids & set(splits.harmful.test.ids)
+    with pytest.raises(ValueError, match="split must be"):
+        run(TokenDepthConfig(aligned="tiny-llama", split="train"))
+
+
 def test_insertion_robustness_quick(tmp_path):
     from analyses.insertion_robustness import main
 
