@@ -240,22 +240,11 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
     model.hf.train()
     model.plain().train()
     t0 = time.time()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else _null()
     try:
         bar = tqdm(range(start, total), desc="train", disable=not progress, initial=start, total=total)
         for step in bar:
             opt.zero_grad(set_to_none=True)
-            parts = micro_batches(plan[step], [len(data[i][0]) for i in plan[step]]) if batcher else [plan[step]]
-            weights = [sum(sum(data[i][1]) for i in part) for part in parts]
-            value = 0.0
-            for part, w in zip(parts, weights):
-                batch = pad_batch([data[i][0] for i in part], pad, side="right")
-                mask = pad_batch([data[i][1] for i in part], 0, side="right").input_ids
-                ids, att, mask = batch.input_ids.to(model.device), batch.attention_mask.to(model.device), mask.to(model.device)
-                with autocast:
-                    part_loss = (loss_fn or _plain)(model, ids, mask, att, part) * (w / max(1, sum(weights)))
-                part_loss.backward()
-                value += part_loss.detach().item()
+            value = accumulate_gradients(model, data, plan[step], pad, loss_fn, split=batcher is not None)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
@@ -274,6 +263,30 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
     if ckpt is not None and ckpt.exists():
         ckpt.unlink()
     return log_
+
+
+def accumulate_gradients(model, data, indices: Sequence[int], pad: int, loss_fn=None,
+                         split: bool = True) -> float:
+    """Backpropagate one optimizer step's loss over ``data[indices]`` into ``.grad``; return its value.
+
+    With ``split`` the step runs as ``micro_batches`` of similar length whose losses are
+    weighted by their response-token counts, so the accumulated gradient is that of the whole
+    step's token-mean loss without padding every sequence to the longest one. The forward
+    runs under CUDA bf16 autocast when the model is on a GPU; the backward runs outside it.
+    """
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else _null()
+    parts = micro_batches(indices, [len(data[i][0]) for i in indices]) if split else [list(indices)]
+    weights = [sum(sum(data[i][1]) for i in part) for part in parts]
+    value = 0.0
+    for part, w in zip(parts, weights):
+        batch = pad_batch([data[i][0] for i in part], pad, side="right")
+        mask = pad_batch([data[i][1] for i in part], 0, side="right").input_ids
+        ids, att, mask = batch.input_ids.to(model.device), batch.attention_mask.to(model.device), mask.to(model.device)
+        with autocast:
+            part_loss = (loss_fn or _plain)(model, ids, mask, att, part) * (w / max(1, sum(weights)))
+        part_loss.backward()
+        value += part_loss.detach().item()
+    return value
 
 
 def micro_batches(indices: Sequence[int], lengths: Sequence[int], max_waste: float = 0.25) -> list[list[int]]:
