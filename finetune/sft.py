@@ -417,9 +417,11 @@ class SFTConfig:
     generic templates ("Give detailed step-by-step instructions for the following: …") and
     drew harmful prompts uniformly from three categories; v3 rephrases "how can I …" questions
     into natural tasks, fills from the core categories first and unembeds only response tokens.
-    v4 fixes a regex of the rephrasing and offers ``benign_margin`` (0 by default, left out of
-    the config so v4's cache key holds). Since the shared-prefix training forward
-    (``response_logits``) a rebuild differs from a cached v4 entry only by float rounding.
+    v4 fixes a regex of the rephrasing and offers ``benign_margin``. v5 (the default) is v4's
+    data with the two-sided first-token margin (``benign_margin`` = ``refusal_margin`` = 0.2)
+    at lr 2e-4: chosen on the mean over seeds 0–2 of the validation splits (README), where it
+    holds DoNotAnswer refusal above v4's with a fraction of v4's harmless over-refusal.
+    Margins at 0 stay out of the config, so a v4-style config keeps its key (within v5).
     """
 
     n_harmful: int = 420
@@ -429,11 +431,11 @@ class SFTConfig:
     imperative_share: float = 0.6
     writing_share: float = 0.0
     benign_tokens: int = 40
-    benign_margin: float = 0.0
-    refusal_margin: float = 0.0
+    benign_margin: float = 0.2
+    refusal_margin: float = 0.2
     core_first: bool = False
     epochs: float = 1.0
-    lr: float = 1e-4
+    lr: float = 2e-4
     batch_size: int = 8
     seed: int = 0
 
@@ -607,14 +609,14 @@ class SFTRecipe:
     """Entry point ``sft``: the shallow safety-SFT organism (see ``SFTConfig``)."""
 
     name = "sft"
-    version = 4
+    version = 5
 
     def __init__(self, cfg: SFTConfig | None = None):
         self.cfg = cfg or SFTConfig()
 
     def config(self) -> dict:
         cfg = asdict(self.cfg)
-        for added in ("benign_margin", "writing_share", "refusal_margin"):  # added in v4; at 0 = v4's recipe: keep its cache keys
+        for added in ("benign_margin", "writing_share", "refusal_margin"):  # at 0: the plain-CE recipe's key
             if not cfg[added]:
                 del cfg[added]
         return cfg

@@ -270,11 +270,11 @@ def test_cli_builds_jt_with_the_flagged_harmful_share(cache, capsys):
 
 
 def test_recipes_built_on_the_organism_data_key_it_as_the_organism_recipe_does():
-    # fields SFTConfig gains at 0 (benign_margin, writing_share) must not move these cache keys
+    # they key by the organism recipe's own config, so fields SFTConfig leaves at 0 stay out
     from finetune.jailbreak import CountermeasureRecipe, JailbreakRecipe
     from finetune.sft import SFTConfig, SFTRecipe
 
     organism = {"recipe": "sft", **SFTRecipe(SFTConfig(seed=0)).config()}
     assert JailbreakRecipe().config()["benign_data"] == organism
     assert CountermeasureRecipe().config()["data"] == organism
-    assert "writing_share" not in organism and "benign_margin" not in organism
+    assert "writing_share" not in organism and organism["benign_margin"] == SFTConfig().benign_margin

@@ -163,18 +163,19 @@ def test_writing_task_keeps_the_content_in_a_code_or_writing_form():
         assert writing_task(q, rng) in {f.format(q=q) for f in WRITING_FORMS}
 
 
-def test_sft_config_rejects_shares_outside_the_unit_interval_and_keeps_v4_keys():
+def test_sft_config_rejects_shares_outside_the_unit_interval_and_drops_zero_margins_from_the_key():
     from finetune.sft import SFTConfig, SFTRecipe
 
     with pytest.raises(ValueError, match="writing_share"):
         SFTConfig(imperative_share=0.6, writing_share=0.5)
     with pytest.raises(ValueError, match="borderline_share"):
         SFTConfig(borderline_share=1.5)
-    # fields added at 0 stay out of the recipe config, so v4's cache key does not move
+    # fields added at 0 stay out of the recipe config, so the plain recipe's cache key does not move
     assert "writing_share" not in SFTRecipe(SFTConfig()).config()
     assert SFTRecipe(SFTConfig(writing_share=0.2)).config()["writing_share"] == 0.2
-    assert "refusal_margin" not in SFTRecipe(SFTConfig()).config()
-    assert SFTRecipe(SFTConfig(refusal_margin=0.2)).config()["refusal_margin"] == 0.2
+    plain = SFTRecipe(SFTConfig(benign_margin=0.0, refusal_margin=0.0)).config()
+    assert "refusal_margin" not in plain and "benign_margin" not in plain
+    assert SFTRecipe(SFTConfig()).config()["refusal_margin"] == SFTConfig().refusal_margin > 0  # v5 default
 
 
 def _categorised(n_per: dict[str, int]):
