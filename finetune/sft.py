@@ -351,17 +351,21 @@ class BenignMarginLoss:
         counts = keep.sum(1)
         first = torch.cumsum(counts, 0) - counts
         r_ids = torch.tensor(self.refusal_ids, device=logits.device)
-        rows = [int(first[b]) for b, i in enumerate(idx) if self.kinds[i] == "benign" and counts[b] > 0]
-        if rows and self.weight:
-            rows_t = torch.tensor(rows, device=logits.device)
-            logp = torch.log_softmax(logits[rows_t], dim=-1)             # (benign rows, vocab)
-            own = targets[rows_t]
+
+        def first_rows(kind):
+            rows = [int(first[b]) for b, i in enumerate(idx) if self.kinds[i] == kind and counts[b] > 0]
+            return torch.tensor(rows, dtype=torch.long, device=logits.device)
+
+        rows = first_rows("benign")
+        if len(rows) and self.weight:
+            logp = torch.log_softmax(logits[rows], dim=-1)                # (benign rows, vocab)
+            own = targets[rows]
             lp_r = logp[:, r_ids].masked_fill(r_ids[None, :] == own[:, None], float("-inf"))
             log_pr = torch.logsumexp(lp_r, dim=-1).clamp(max=-1e-6)
             loss = loss + self.weight * (-torch.log(-torch.expm1(log_pr))).mean()
-        rows = [int(first[b]) for b, i in enumerate(idx) if self.kinds[i] == "refusal" and counts[b] > 0]
-        if rows and self.refusal_weight:
-            logp = torch.log_softmax(logits[torch.tensor(rows, device=logits.device)], dim=-1)
+        rows = first_rows("refusal")
+        if len(rows) and self.refusal_weight:
+            logp = torch.log_softmax(logits[rows], dim=-1)
             loss = loss - self.refusal_weight * torch.logsumexp(logp[:, r_ids], dim=-1).mean()
         return loss
 
