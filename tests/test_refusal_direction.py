@@ -106,6 +106,9 @@ def test_diagnostic_figures_have_one_line_per_position_and_mark_the_choice():
     assert list(bypass["position -1"].y) == [-1.0, 0.0, 1.0] and list(bypass["position -2"].x) == [0, 1, 2]
     assert list(bypass["selected"].x) == [0] and list(bypass["selected"].y) == [-2.0]
     assert figs["kl"].layout.shapes[0].y0 == 0.1                  # the KL threshold
+    assert figs["kl"].layout.yaxis.type == "log"                  # KL spans decades
+    label = figs["kl"].layout.annotations[0]                      # on a log axis y is log10(threshold)
+    assert label.text == "threshold" and label.y == pytest.approx(-1.0)
     assert figs["bypass"].layout.shapes[0].y0 == 3.0              # the no-intervention baseline
     assert [t.name for t in figs["safety"].data] == ["harmful refusal", "ASR", "borderline over-refusal"]
     assert list(figs["safety"].data[1].x) == ["organism", "WO", "JT", "WO+SFT", "JT+SFT"]

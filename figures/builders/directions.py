@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import math
+
 import plotly.graph_objects as go
 
 from figures.plots import grouped_bars, lines
@@ -42,8 +44,13 @@ def _score_figure(record: dict, metric: str) -> go.Figure:
                       annotation_text="no intervention", annotation_position="top left")
     elif metric == "induce" and sel.get("induce_threshold") is not None:
         fig.add_hline(y=sel["induce_threshold"], line_dash="dash", line_color="grey", annotation_text="threshold")
-    elif metric == "kl" and sel.get("kl_threshold") is not None:
-        fig.add_hline(y=sel["kl_threshold"], line_dash="dash", line_color="grey", annotation_text="threshold")
+    elif metric == "kl":
+        fig.update_yaxes(type="log")  # KL spans ~0.05–10: the threshold region is unreadable on a linear axis
+        if sel.get("kl_threshold"):
+            fig.add_hline(y=sel["kl_threshold"], line_dash="dash", line_color="grey")
+            # add_hline's own annotation lands at y = threshold in log10 units on a log axis
+            fig.add_annotation(x=0, xref="paper", y=math.log10(sel["kl_threshold"]), yref="y", text="threshold",
+                               showarrow=False, xanchor="left", yanchor="bottom")
     chosen = cell.get((d["position"], d["layer"]))
     if chosen is not None:
         fig.add_trace(go.Scatter(x=[d["layer"]], y=[chosen], mode="markers", name="selected",
