@@ -49,7 +49,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune.sft import BenignMarginLoss, Example, TrainConfig, harmful_train_prompts, imperative, train_sft
+from finetune.sft import (BenignMarginLoss, Example, TrainConfig, config_key, harmful_train_prompts, imperative,
+                          train_sft)
 
 
 @dataclass(frozen=True)
@@ -158,11 +159,7 @@ class DeepRecipe:
         self.cfg = cfg or DeepConfig()
 
     def config(self) -> dict:
-        cfg = asdict(self.cfg)
-        for added in ("benign_margin", "refusal_margin"):  # at 0: the plain-CE recipe's key
-            if not cfg[added]:
-                del cfg[added]
-        return cfg
+        return config_key(self.cfg, ("benign_margin", "refusal_margin"))
 
     def build(self, model, workdir: Path) -> dict:
         from depthlens.data import default_splits, refusal_templates

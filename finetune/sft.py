@@ -609,6 +609,15 @@ def safety_sft_examples(base_model, cfg: SFTConfig, progress: bool = True) -> li
     return examples
 
 
+def config_key(cfg, added: Sequence[str]) -> dict:
+    """``asdict(cfg)`` without the ``added`` fields that are 0: options added later keep old cache keys when off."""
+    out = asdict(cfg)
+    for name in added:
+        if not out[name]:
+            del out[name]
+    return out
+
+
 class SFTRecipe:
     """Entry point ``sft``: the shallow safety-SFT organism (see ``SFTConfig``)."""
 
@@ -619,11 +628,7 @@ class SFTRecipe:
         self.cfg = cfg or SFTConfig()
 
     def config(self) -> dict:
-        cfg = asdict(self.cfg)
-        for added in ("benign_margin", "writing_share", "refusal_margin"):  # at 0: the plain-CE recipe's key
-            if not cfg[added]:
-                del cfg[added]
-        return cfg
+        return config_key(self.cfg, ("benign_margin", "writing_share", "refusal_margin"))
 
     def build(self, model, workdir: Path) -> dict:
         examples = safety_sft_examples(model, self.cfg)
