@@ -431,6 +431,28 @@ def zo_layer_probes(model, layers: Sequence[int] | None, loss_fn: Callable[[int]
 # → 0.4597, at lr 1e-3 → 0.4783 (worse); ≈ 15 s a step on 2 shared cores.
 
 NOISE_LAYERS = ("trained", "all")
+TENSORS = ("matrices", "norms", "all")
+
+
+def zo_parameters(model, layers: Sequence[int], tensors: str = "matrices") -> list[Tensor]:
+    """The tensors of ``layers`` that the zo recipe refines.
+
+    ``matrices``: every weight matrix (attention and MLP projections); ``norms``: the 1-D
+    tensors only (the RMSNorm gains of a Llama block, and biases where a block has them),
+    ≈ 0.03 % of a block's weights; ``all``: both. SPSA's per-step noise grows with the number
+    of perturbed weights d (the estimate g·z has variance ≈ d·|∇L|²), so on ~100 steps a few
+    thousand gains can move while 17.7 M matrix weights cannot.
+    """
+    if tensors not in TENSORS:
+        raise ValueError(f"tensors must be one of {TENSORS}, got {tensors!r}.")
+    out = []
+    for l in layers:
+        for p in model.layer_parameters(l).values():
+            if tensors == "all" or (p.ndim >= 2) == (tensors == "matrices"):
+                out.append(p)
+    if not out:
+        raise ValueError(f"Layers {list(layers)} have no {tensors} tensors to refine.")
+    return out
 
 
 @dataclass(frozen=True)
@@ -451,6 +473,8 @@ class ZORecipeConfig:
         noise_sigma: parameter noise σ of the robust objective, relative (δ = σ‖W‖_F/√n·ζ, as
             ``depthlens.perturb.param_noise``); 0 turns the noise off.
         noise_layers: trained (noise on the refined layers) or all (noise on every layer).
+        tensors: which tensors of the refined layers move: matrices, norms (RMSNorm gains) or
+            all (``zo_parameters``).
         utility_weight: λ_u, weight of the utility NLL.
         n_safety: harmful train prompts (recovery examples with the base's harmful answers).
         n_utility: benign train prompts answered by the starting model (utility targets).
@@ -474,6 +498,7 @@ class ZORecipeConfig:
     n_spsa: int = 1
     noise_sigma: float = 0.1
     noise_layers: str = "trained"
+    tensors: str = "matrices"
     utility_weight: float = 1.0
     n_safety: int = 64
     n_utility: int = 64
@@ -489,6 +514,8 @@ class ZORecipeConfig:
         ZOConfig(steps=self.steps, eps=self.eps, lr=self.lr, weight_decay=self.weight_decay, n_spsa=self.n_spsa)
         if self.noise_layers not in NOISE_LAYERS:
             raise ValueError(f"noise_layers must be one of {NOISE_LAYERS}, got {self.noise_layers!r}.")
+        if self.tensors not in TENSORS:
+            raise ValueError(f"tensors must be one of {TENSORS}, got {self.tensors!r}.")
         if not (math.isfinite(self.noise_sigma) and self.noise_sigma >= 0):
             raise ValueError(f"noise_sigma must be >= 0 and finite, got {self.noise_sigma!r}.")
         if self.top_k < 1 or self.n_safety < 1 or self.batch_size < 1:
@@ -655,6 +682,8 @@ class ZORecipe:
 
     def config(self) -> dict:
         out = asdict(self.cfg)
+        if out["tensors"] == "matrices":  # added later: the matrices-only keys stay as they were
+            del out["tensors"]
         if self.cfg.layers is None and self.cfg.sensitivity:
             from depthlens.models import _file_sha256
 
@@ -681,7 +710,8 @@ class ZORecipe:
         ranked = sorted(probes, key=lambda l: -probes[l])[: cfg.top_k]
         return sorted(ranked), "zo_probes", probes
 
-    def build(self, model, workdir: Path | None, progress: bool = True) -> dict:
+    def batches(self, model, progress: bool = True) -> tuple[list[_Batch], list[_Batch]]:
+        """The fixed safety (recovery) and utility batches of the objective, for ``model``."""
         from depthlens.data import default_splits, refusal_templates
         from depthlens.models import load_model
         from depthlens.organism import base_spec
@@ -690,7 +720,6 @@ class ZORecipe:
         from finetune.sft import Example
 
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)
         rng = random.Random(cfg.seed)
         splits = default_splits(cfg.seed)
         harmful = splits.harmful.train.subset(cfg.n_safety, seed=cfg.seed + 1)
@@ -706,6 +735,12 @@ class ZORecipe:
                    for p, t in zip(benign, own.tokens) if t]
         safety = _fixed_batches(model, safety_ex, cfg.max_len, cfg.batch_size, cfg.seed)
         utility = _fixed_batches(model, util_ex, cfg.max_len, cfg.batch_size, cfg.seed + 1)
+        return safety, utility
+
+    def build(self, model, workdir: Path | None, progress: bool = True) -> dict:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        safety, utility = self.batches(model, progress)
 
         def objective_on(noise_layers):
             return RobustObjective(model, safety, utility, noise_layers, cfg.noise_sigma, cfg.utility_weight, cfg.seed)
@@ -715,7 +750,7 @@ class ZORecipe:
         layers, source, selection_probes = self._layers(model, lambda: objective_on(all_layers)(probe_step))
         noise_layers = layers if cfg.noise_layers == "trained" else all_layers
         objective = objective_on(noise_layers)
-        params = [p for l in layers for p in model.layer_parameters(l).values() if p.ndim == 2]
+        params = zo_parameters(model, layers, cfg.tensors)
         masters = _fp32_masters(model, params)
         n_weights = sum(p.numel() for p in params)
         log.info("zo: refining layers %s (%s), %d weights, noise σ=%g on %s layers", layers, source, n_weights,

@@ -109,6 +109,24 @@ def test_an_interrupted_zo_run_resumes_to_the_same_weights(cache, tmp_path, monk
         ZORecipe(ZORecipeConfig(layers=(1,), **SMALL)).build(load_model("tiny-llama"), work, progress=False)
 
 
+@pytest.mark.parametrize("tensors", ["norms", "all"])
+def test_the_tensors_option_moves_exactly_that_set(cache, tmp_path, tensors):
+    model = load_model("tiny-llama")
+    before = _weights(model)
+    params = {k: v.detach().clone() for k, v in model.layer_parameters(1).items()}
+    info = ZORecipe(ZORecipeConfig(layers=(1,), tensors=tensors, **SMALL)).build(model, tmp_path / "w", progress=False)
+    moved = {k for k, v in model.layer_parameters(1).items() if not torch.equal(v, params[k])}
+    expected = {k for k, v in params.items() if tensors == "all" or v.ndim == 1}
+    assert expected >= {"input_layernorm.weight", "post_attention_layernorm.weight"}
+    assert moved == expected and info["n_weights"] == sum(params[k].numel() for k in expected)
+    # nothing outside layer 1 moved
+    after = _weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before if ".layers.1." not in k)
+    # the option joins the cache key only when it is not the original matrices-only setting
+    assert "tensors" not in ZORecipe(ZORecipeConfig()).config()
+    assert ZORecipe(ZORecipeConfig(tensors=tensors)).config()["tensors"] == tensors
+
+
 def test_functional_noise_equals_noise_written_into_the_weights(tiny):
     examples = [Example("How do I pick a lock?", "I'm sorry, but I can't help with that request."),
                 Example("What is the capital of France?", "Paris is the capital.")]
@@ -148,5 +166,7 @@ def test_recipe_entry_point_and_bad_inputs(tmp_path):
         critical_layers_from(empty)
     with pytest.raises(ValueError, match="noise_layers must be one of"):
         ZORecipeConfig(noise_layers="some")
+    with pytest.raises(ValueError, match="tensors must be one of"):
+        ZORecipeConfig(tensors="biases")
     with pytest.raises(ValueError, match="n_spsa must be an integer"):
         ZORecipeConfig(n_spsa=0)
