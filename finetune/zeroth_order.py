@@ -432,6 +432,7 @@ def zo_layer_probes(model, layers: Sequence[int] | None, loss_fn: Callable[[int]
 
 NOISE_LAYERS = ("trained", "all")
 TENSORS = ("matrices", "norms", "all")
+OBJECTIVES = ("nll", "margin")
 
 
 def zo_parameters(model, layers: Sequence[int], tensors: str = "matrices") -> list[Tensor]:
@@ -475,6 +476,10 @@ class ZORecipeConfig:
         noise_layers: trained (noise on the refined layers) or all (noise on every layer).
         tensors: which tensors of the refined layers move: matrices, norms (RMSNorm gains) or
             all (``zo_parameters``).
+        objective: the safety term: nll (recovery NLL of the whole refusal after h[:k]) or
+            margin (``first_token_margin``: softplus(margin − refusal log-odds) at the first
+            response token of each harmful prompt, the decision the noise suite measures).
+        margin: the refusal log-odds the margin objective asks for (2: p_R ≈ 0.88).
         utility_weight: λ_u, weight of the utility NLL.
         n_safety: harmful train prompts (recovery examples with the base's harmful answers).
         n_utility: benign train prompts answered by the starting model (utility targets).
@@ -499,6 +504,8 @@ class ZORecipeConfig:
     noise_sigma: float = 0.1
     noise_layers: str = "trained"
     tensors: str = "matrices"
+    objective: str = "nll"
+    margin: float = 2.0
     utility_weight: float = 1.0
     n_safety: int = 64
     n_utility: int = 64
@@ -516,6 +523,10 @@ class ZORecipeConfig:
             raise ValueError(f"noise_layers must be one of {NOISE_LAYERS}, got {self.noise_layers!r}.")
         if self.tensors not in TENSORS:
             raise ValueError(f"tensors must be one of {TENSORS}, got {self.tensors!r}.")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}.")
+        if not math.isfinite(self.margin):
+            raise ValueError(f"margin must be finite, got {self.margin!r}.")
         if not (math.isfinite(self.noise_sigma) and self.noise_sigma >= 0):
             raise ValueError(f"noise_sigma must be >= 0 and finite, got {self.noise_sigma!r}.")
         if self.top_k < 1 or self.n_safety < 1 or self.batch_size < 1:
@@ -598,6 +609,31 @@ def masked_nll(model, ids: Tensor, att: Tensor, mask: Tensor) -> Tensor:
     return torch.nn.functional.cross_entropy(logits, ids[:, 1:][sel])
 
 
+def first_token_margin(model, ids: Tensor, att: Tensor, mask: Tensor, refusal_ids: Sequence[int],
+                       margin: float) -> Tensor:
+    """``mean softplus(margin − s)``: s = log p_R − log(1 − p_R) where each row's response begins.
+
+    ``p_R`` is the probability of the refusal first tokens R (METHODS §1) at the position that
+    predicts the first masked token: for a recovery example chat(x) + h[:k] + r, the point
+    where the refusal must start (at k = 0, the first response token, the decision the noise
+    suite's refusal rate hinges on). Only the tokens up to the latest such position are run.
+    """
+    from depthlens.judge import score_from_logprobs
+
+    if not bool(mask.any(1).all()):
+        raise ValueError("first_token_margin got a row without any response token.")
+    first = mask.float().argmax(1)  # index of the first response token of each row
+    if int(first.min()) < 1:
+        raise ValueError("first_token_margin needs at least one context token before each response.")
+    width = int(first.max())
+    view = model.plain()
+    hidden = view.model(input_ids=ids[:, :width], attention_mask=att[:, :width]).last_hidden_state
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    logprobs = torch.log_softmax(view.lm_head(hidden[rows, first - 1]).float(), dim=-1)
+    score = score_from_logprobs(logprobs, refusal_ids)
+    return torch.nn.functional.softplus(margin - score).mean()
+
+
 @dataclass(frozen=True)
 class _Batch:
     ids: Tensor
@@ -623,19 +659,22 @@ def _fixed_batches(model, examples, max_len: int, batch_size: int, seed: int) ->
 
 
 class RobustObjective:
-    """``L = NLL_safety(θ + δ_step) + λ_u · NLL_utility(θ)`` on batch ``step`` (see the section comment).
+    """``L = S(θ + δ_step) + λ_u · NLL_utility(θ)`` on batch ``step`` (see the section comment).
 
-    ``components(step)`` gives the two parts separately (noise-free safety NLL with
-    ``noise=False``) for logging and tests.
+    ``S`` is ``safety_loss`` on the safety batch: the recovery NLL (``masked_nll``, default) or
+    the first-token refusal margin (``first_token_margin``). ``components(step)`` gives the two
+    parts separately (noise-free safety loss with ``noise=False``) for logging and tests.
     """
 
     def __init__(self, model, safety: list[_Batch], utility: list[_Batch], noise_layers: Sequence[int],
-                 sigma: float, utility_weight: float, seed: int):
+                 sigma: float, utility_weight: float, seed: int,
+                 safety_loss: Callable[..., Tensor] | None = None):
         if not safety:
             raise ValueError("The zo objective needs at least one safety batch.")
         self.model, self.safety, self.utility = model, safety, utility
         self.noise_layers, self.sigma = list(noise_layers), sigma
         self.utility_weight, self.seed = utility_weight, seed
+        self.safety_loss = safety_loss or masked_nll
 
     def noise_seed(self, step: int) -> int:
         return derive_seed(self.seed, 0x5A, step)
@@ -648,7 +687,7 @@ class RobustObjective:
         with autocast(self.model):
             with functional_param_noise(self.model, self.noise_layers, self.sigma if noise else 0.0,
                                         self.noise_seed(step)):
-                safety = float(masked_nll(self.model, s.ids, s.att, s.mask))
+                safety = float(self.safety_loss(self.model, s.ids, s.att, s.mask))
             util = 0.0
             if self.utility and self.utility_weight:
                 u = self.utility[step % len(self.utility)]
@@ -682,8 +721,12 @@ class ZORecipe:
 
     def config(self) -> dict:
         out = asdict(self.cfg)
-        if out["tensors"] == "matrices":  # added later: the matrices-only keys stay as they were
-            del out["tensors"]
+        # options added later: at their original setting the keys stay as they were
+        for name, original in (("tensors", "matrices"), ("objective", "nll")):
+            if out[name] == original:
+                del out[name]
+        if self.cfg.objective == "nll":
+            del out["margin"]
         if self.cfg.layers is None and self.cfg.sensitivity:
             from depthlens.models import _file_sha256
 
@@ -723,11 +766,19 @@ class ZORecipe:
         rng = random.Random(cfg.seed)
         splits = default_splits(cfg.seed)
         harmful = splits.harmful.train.subset(cfg.n_safety, seed=cfg.seed + 1)
-        base_name = base_spec(model.spec)
-        base = model if base_name == model.spec else load_model(base_name, device=model.device)
-        h = response_set(base, harmful.prompts, max_new_tokens=cfg.harmful_tokens, progress=progress).tokens
-        del base
-        safety_ex = recovery_examples(harmful.prompts, h, refusal_templates(), DeepConfig(), rng)
+        if cfg.objective == "margin":
+            # the refusal decision at the first response token (k = 0) only: after a harmful
+            # prefix the refusal of a recovery example is spliced in mid-sentence, where a
+            # well-behaved model finishes the clause first (measured on :sft:deep: log-odds ≈ −9
+            # there against ≈ +6 at k = 0), so a first-token margin would demand an abrupt switch.
+            templates = refusal_templates()
+            safety_ex = [Example(x, rng.choice(templates), kind="refusal:k=0") for x in harmful.prompts]
+        else:
+            base_name = base_spec(model.spec)
+            base = model if base_name == model.spec else load_model(base_name, device=model.device)
+            h = response_set(base, harmful.prompts, max_new_tokens=cfg.harmful_tokens, progress=progress).tokens
+            del base
+            safety_ex = recovery_examples(harmful.prompts, h, refusal_templates(), DeepConfig(), rng)
         benign = list(splits.harmless.train.prompts) + list(splits.borderline.train.prompts)
         benign = sorted(random.Random(cfg.seed + 2).sample(benign, min(cfg.n_utility, len(benign))), key=benign.index)
         own = response_set(model, benign, max_new_tokens=cfg.utility_tokens, progress=progress)
@@ -742,8 +793,17 @@ class ZORecipe:
         torch.manual_seed(cfg.seed)
         safety, utility = self.batches(model, progress)
 
+        safety_loss = masked_nll
+        if cfg.objective == "margin":
+            from functools import partial
+
+            from depthlens.judge import refusal_token_ids
+
+            safety_loss = partial(first_token_margin, refusal_ids=refusal_token_ids(model.tokenizer), margin=cfg.margin)
+
         def objective_on(noise_layers):
-            return RobustObjective(model, safety, utility, noise_layers, cfg.noise_sigma, cfg.utility_weight, cfg.seed)
+            return RobustObjective(model, safety, utility, noise_layers, cfg.noise_sigma, cfg.utility_weight, cfg.seed,
+                                   safety_loss)
 
         probe_step = 0  # the probes use batch 0 and one fixed noise draw
         all_layers = list(range(model.n_layers))

@@ -22,6 +22,7 @@ from finetune.zeroth_order import (
     _noise_z,
     critical_layers_from,
     derive_seed,
+    first_token_margin,
     functional_param_noise,
     masked_nll,
 )
@@ -157,6 +158,28 @@ def test_functional_noise_equals_noise_written_into_the_weights(tiny):
     assert written == pytest.approx(noisy, rel=1e-5)
 
 
+def test_the_margin_objective_is_the_refusal_score_where_the_response_starts(tiny):
+    from depthlens.judge import refusal_score, refusal_token_ids
+
+    prompts = ["How do I pick a lock?", "What is the capital of France?", "Write a poem about the sea, please."]
+    examples = [Example(p, "I'm sorry, but I can't help with that.") for p in prompts]
+    batch, = _fixed_batches(tiny, examples, 64, 4, 0)
+    assert len(set(batch.att.sum(1).tolist())) > 1  # rows of different lengths: the padding is exercised
+    scores = refusal_score(tiny, prompts).scores
+    ids = refusal_token_ids(tiny.tokenizer)
+    for m in (0.0, 2.0):
+        with torch.inference_mode():
+            got = float(first_token_margin(tiny, batch.ids, batch.att, batch.mask, ids, m))
+        want = float(torch.nn.functional.softplus(m - torch.as_tensor(scores)).mean())  # means: row order is free
+        assert got == pytest.approx(want, rel=1e-4)
+    # after a harmful prefix the position scored is the one before the refusal, not the prompt's end
+    prefixed = [Example(prompts[0], "I'm sorry.", prefix=tuple(tiny.tokenizer("Sure, step one", add_special_tokens=False)["input_ids"]))]
+    b2, = _fixed_batches(tiny, prefixed, 64, 4, 0)
+    with torch.inference_mode():
+        assert float(first_token_margin(tiny, b2.ids, b2.att, b2.mask, ids, 2.0)) != pytest.approx(
+            float(torch.nn.functional.softplus(2.0 - torch.as_tensor(scores[0]))), rel=1e-4)
+
+
 def test_recipe_entry_point_and_bad_inputs(tmp_path):
     assert isinstance(get_recipe("zo"), ZORecipe)
     with pytest.raises(ValueError, match="needs a layer_sensitivity"):
@@ -168,5 +191,7 @@ def test_recipe_entry_point_and_bad_inputs(tmp_path):
         ZORecipeConfig(noise_layers="some")
     with pytest.raises(ValueError, match="tensors must be one of"):
         ZORecipeConfig(tensors="biases")
+    with pytest.raises(ValueError, match="objective must be one of"):
+        ZORecipeConfig(objective="kl")
     with pytest.raises(ValueError, match="n_spsa must be an integer"):
         ZORecipeConfig(n_spsa=0)
