@@ -610,8 +610,11 @@ def masked_nll(model, ids: Tensor, att: Tensor, mask: Tensor) -> Tensor:
 
 
 def first_token_margin(model, ids: Tensor, att: Tensor, mask: Tensor, refusal_ids: Sequence[int],
-                       margin: float) -> Tensor:
-    """``mean softplus(margin − s)``: s = log p_R − log(1 − p_R) where each row's response begins.
+                       margin: float, sign: Tensor | None = None) -> Tensor:
+    """``mean softplus(margin − y·s)``: s = log p_R − log(1 − p_R) where each row's response begins.
+
+    ``y`` (``sign``, default all +1) is +1 on rows that should refuse and −1 on rows that
+    should not: a two-sided margin on the refusal decision.
 
     ``p_R`` is the probability of the refusal first tokens R (METHODS §1) at the position that
     predicts the first masked token: for a recovery example chat(x) + h[:k] + r, the point
@@ -631,6 +634,8 @@ def first_token_margin(model, ids: Tensor, att: Tensor, mask: Tensor, refusal_id
     rows = torch.arange(ids.shape[0], device=ids.device)
     logprobs = torch.log_softmax(view.lm_head(hidden[rows, first - 1]).float(), dim=-1)
     score = score_from_logprobs(logprobs, refusal_ids)
+    if sign is not None:
+        score = score * sign.to(score.dtype)
     return torch.nn.functional.softplus(margin - score).mean()
 
 
@@ -639,23 +644,32 @@ class _Batch:
     ids: Tensor
     att: Tensor
     mask: Tensor
+    sign: Tensor | None = None  # per row: +1 should refuse, −1 should not (the margin objective)
 
 
 def _fixed_batches(model, examples, max_len: int, batch_size: int, seed: int) -> list[_Batch]:
-    """Length-bucketed, right-padded batches, in a seeded order, on the model's device."""
+    """Length-bucketed, right-padded batches, in a seeded order, on the model's device.
+
+    ``sign`` is −1 for examples whose ``kind`` starts with "benign" and +1 for the rest.
+    """
     from depthlens.chat import pad_batch
     from finetune.sft import _batches, tokenize_examples
 
-    data = tokenize_examples(model.tokenizer, examples, max_len)
-    data = [d for d in data if sum(d[1][1:])]
+    kept = [(d, ex) for d, ex in zip(tokenize_examples(model.tokenizer, examples, max_len), examples) if sum(d[1][1:])]
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = []
-    for idx in _batches([len(ids) for ids, _ in data], batch_size, random.Random(seed)):
-        b = pad_batch([data[i][0] for i in idx], pad, side="right")
-        m = pad_batch([data[i][1] for i in idx], 0, side="right").input_ids
-        out.append(_Batch(b.input_ids.to(model.device), b.attention_mask.to(model.device), m.to(model.device)))
+    for idx in _batches([len(d[0]) for d, _ in kept], batch_size, random.Random(seed)):
+        b = pad_batch([kept[i][0][0] for i in idx], pad, side="right")
+        m = pad_batch([kept[i][0][1] for i in idx], 0, side="right").input_ids
+        sign = torch.tensor([-1.0 if kept[i][1].kind.startswith("benign") else 1.0 for i in idx])
+        out.append(_Batch(b.input_ids.to(model.device), b.attention_mask.to(model.device), m.to(model.device),
+                          sign.to(model.device)))
     return out
+
+
+def _batch_nll(model, batch: _Batch) -> Tensor:
+    return masked_nll(model, batch.ids, batch.att, batch.mask)
 
 
 class RobustObjective:
@@ -668,13 +682,13 @@ class RobustObjective:
 
     def __init__(self, model, safety: list[_Batch], utility: list[_Batch], noise_layers: Sequence[int],
                  sigma: float, utility_weight: float, seed: int,
-                 safety_loss: Callable[..., Tensor] | None = None):
+                 safety_loss: Callable[[object, _Batch], Tensor] | None = None):
         if not safety:
             raise ValueError("The zo objective needs at least one safety batch.")
         self.model, self.safety, self.utility = model, safety, utility
         self.noise_layers, self.sigma = list(noise_layers), sigma
         self.utility_weight, self.seed = utility_weight, seed
-        self.safety_loss = safety_loss or masked_nll
+        self.safety_loss = safety_loss or _batch_nll
 
     def noise_seed(self, step: int) -> int:
         return derive_seed(self.seed, 0x5A, step)
@@ -687,7 +701,7 @@ class RobustObjective:
         with autocast(self.model):
             with functional_param_noise(self.model, self.noise_layers, self.sigma if noise else 0.0,
                                         self.noise_seed(step)):
-                safety = float(self.safety_loss(self.model, s.ids, s.att, s.mask))
+                safety = float(self.safety_loss(self.model, s))
             util = 0.0
             if self.utility and self.utility_weight:
                 u = self.utility[step % len(self.utility)]
@@ -771,8 +785,24 @@ class ZORecipe:
             # prefix the refusal of a recovery example is spliced in mid-sentence, where a
             # well-behaved model finishes the clause first (measured on :sft:deep: log-odds ≈ −9
             # there against ≈ +6 at k = 0), so a first-token margin would demand an abrupt switch.
-            templates = refusal_templates()
-            safety_ex = [Example(x, rng.choice(templates), kind="refusal:k=0") for x in harmful.prompts]
+            # Two-sided: as many harmless train prompts must keep *not* refusing (sign −1), scored
+            # on the starting model's own first answer tokens; a harmless prompt whose own answer
+            # already starts with a refusal token is left out. One-sided (harmful rows only), the
+            # objective mostly taught "refuse more": on :sft:deep's val split it raised harmless
+            # refusal 0.167 → 0.208 with the noise-suite gains (README, the zo row).
+            from depthlens.judge import refusal_token_ids
+
+            from depthlens.chat import encode
+
+            # only the first response position is scored: 4 tokens of each side keep the two
+            # kinds of rows the same length, so length bucketing mixes them within a batch
+            starts = [tuple(encode(model.tokenizer, t)[:4]) for t in refusal_templates()]
+            safety_ex = [Example(x, rng.choice(starts), eos=False, kind="refusal:k=0") for x in harmful.prompts]
+            harmless = splits.harmless.train.subset(cfg.n_safety, seed=cfg.seed + 3).prompts
+            firsts = response_set(model, harmless, max_new_tokens=4, progress=progress).tokens
+            r_ids = set(refusal_token_ids(model.tokenizer))
+            safety_ex += [Example(x, tuple(t), eos=False, kind="benign:k=0")
+                          for x, t in zip(harmless, firsts) if t and t[0] not in r_ids]
         else:
             base_name = base_spec(model.spec)
             base = model if base_name == model.spec else load_model(base_name, device=model.device)
@@ -793,13 +823,14 @@ class ZORecipe:
         torch.manual_seed(cfg.seed)
         safety, utility = self.batches(model, progress)
 
-        safety_loss = masked_nll
+        safety_loss = _batch_nll
         if cfg.objective == "margin":
-            from functools import partial
-
             from depthlens.judge import refusal_token_ids
 
-            safety_loss = partial(first_token_margin, refusal_ids=refusal_token_ids(model.tokenizer), margin=cfg.margin)
+            r_ids = refusal_token_ids(model.tokenizer)
+
+            def safety_loss(m, b: _Batch) -> Tensor:
+                return first_token_margin(m, b.ids, b.att, b.mask, r_ids, cfg.margin, b.sign)
 
         def objective_on(noise_layers):
             return RobustObjective(model, safety, utility, noise_layers, cfg.noise_sigma, cfg.utility_weight, cfg.seed,

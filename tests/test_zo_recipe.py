@@ -172,6 +172,14 @@ def test_the_margin_objective_is_the_refusal_score_where_the_response_starts(tin
             got = float(first_token_margin(tiny, batch.ids, batch.att, batch.mask, ids, m))
         want = float(torch.nn.functional.softplus(m - torch.as_tensor(scores)).mean())  # means: row order is free
         assert got == pytest.approx(want, rel=1e-4)
+    # two-sided: a row signed −1 (should not refuse) pays softplus(m + s) instead
+    sign = -torch.ones(batch.ids.shape[0])
+    with torch.inference_mode():
+        got = float(first_token_margin(tiny, batch.ids, batch.att, batch.mask, ids, 2.0, sign))
+    assert got == pytest.approx(float(torch.nn.functional.softplus(2.0 + torch.as_tensor(scores)).mean()), rel=1e-4)
+    signed, = _fixed_batches(tiny, [Example("Hi", "Hello there."), Example("Bye", "Goodbye.", kind="benign:k=0")],
+                             64, 4, 0)
+    assert sorted(signed.sign.tolist()) == [-1.0, 1.0]
     # after a harmful prefix the position scored is the one before the refusal, not the prompt's end
     prefixed = [Example(prompts[0], "I'm sorry.", prefix=tuple(tiny.tokenizer("Sure, step one", add_special_tokens=False)["input_ids"]))]
     b2, = _fixed_batches(tiny, prefixed, 64, 4, 0)
