@@ -417,6 +417,16 @@ def zo_layer_probes(model, layers: Sequence[int] | None, loss_fn: Callable[[int]
 # weight is touched or copied (memory stays at inference memory) and L₊ and L₋ of one step see
 # the same δ (the SPSA difference measures the move along z, not two noise draws).
 #
+# ``objective="margin"`` replaces the recovery NLL by a two-sided hinge on the refusal decision
+# at the first response token, the decision the compare noise suite measures:
+#
+#     S(θ + δ) = mean_rows softplus(m − y · s(x; θ + δ)),   s = log p_R − log(1 − p_R),
+#
+# y = +1 on harmful train prompts, −1 on harmless ones (their own answers do not start with a
+# refusal token). :sft:deep was trained on the recovery NLL, so that objective sits near its
+# minimum there and MeZO has little to descend; the hinge is still active on the prompts whose
+# refusal is weakest under noise (m = 4: p_R ≈ 0.98).
+#
 # Sizing (2 CPU cores, 135M default): one loss evaluation = a safety forward (8 sequences of
 # ≤ 256 tokens, logits only on the scored tokens) + a utility forward, ≈ 2–3 s; a MeZO step
 # is 2·n_spsa of them: measured 12.8 s a step on :sft:deep (2026-12-01), so the default 100
@@ -741,6 +751,8 @@ class ZORecipe:
                 del out[name]
         if self.cfg.objective == "nll":
             del out["margin"]
+        else:  # the first margin objective was one-sided (harmful rows only); its builds must not be reused
+            out["margin_rows"] = "two-sided"
         if self.cfg.layers is None and self.cfg.sensitivity:
             from depthlens.models import _file_sha256
 

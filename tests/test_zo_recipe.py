@@ -126,6 +126,8 @@ def test_the_tensors_option_moves_exactly_that_set(cache, tmp_path, tensors):
     # the option joins the cache key only when it is not the original matrices-only setting
     assert "tensors" not in ZORecipe(ZORecipeConfig()).config()
     assert ZORecipe(ZORecipeConfig(tensors=tensors)).config()["tensors"] == tensors
+    margin = ZORecipe(ZORecipeConfig(objective="margin")).config()
+    assert margin["objective"] == "margin" and margin["margin_rows"] == "two-sided" and margin["margin"] == 2.0
 
 
 def test_functional_noise_equals_noise_written_into_the_weights(tiny):
