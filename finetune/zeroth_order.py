@@ -439,6 +439,11 @@ def zo_layer_probes(model, layers: Sequence[int] | None, loss_fn: Callable[[int]
 # refinement, not a retraining. A larger lr does not help either (scratch sweep on :sft:deep,
 # the same layers, objective averaged over 4 fixed batches, 0.4593 before): 12 steps at lr 1e-4
 # → 0.4597, at lr 1e-3 → 0.4783 (worse); ≈ 15 s a step on 2 shared cores.
+# Moving only the RMSNorm gains (``tensors="norms"``, 5 760 weights on five layers) does not
+# rescue the NLL objective (20 steps on :sft:deep: lr 1e-3 0.40851 → 0.40832, lr 1e-2 → 0.502,
+# lr 5e-2 diverges). The margin objective moves (0.964 → 0.912 in 20 steps at lr 3e-5 on the
+# matrices, utility flat), and 100 steps raise refusal under parameter and activation noise on
+# validation but lower it under int4 (README, "Zeroth-order refinement variants").
 
 NOISE_LAYERS = ("trained", "all")
 TENSORS = ("matrices", "norms", "all")
