@@ -495,6 +495,8 @@ class ZORecipeConfig:
             margin (``first_token_margin``: softplus(margin − refusal log-odds) at the first
             response token of each harmful prompt, the decision the noise suite measures).
         margin: the refusal log-odds the margin objective asks for (2: p_R ≈ 0.88).
+        int4_every: every this many steps the safety term runs under int4 round-to-nearest
+            weights of the noised layers instead of Gaussian noise (0: never).
         utility_weight: λ_u, weight of the utility NLL.
         n_safety: harmful train prompts (recovery examples with the base's harmful answers).
         n_utility: benign train prompts answered by the starting model (utility targets).
@@ -521,6 +523,7 @@ class ZORecipeConfig:
     tensors: str = "matrices"
     objective: str = "nll"
     margin: float = 2.0
+    int4_every: int = 0
     utility_weight: float = 1.0
     n_safety: int = 64
     n_utility: int = 64
@@ -547,6 +550,8 @@ class ZORecipeConfig:
         if self.top_k < 1 or self.n_safety < 1 or self.batch_size < 1:
             raise ValueError(f"top_k, n_safety and batch_size must be >= 1, got {self.top_k}, {self.n_safety}, "
                              f"{self.batch_size}.")
+        if not (isinstance(self.int4_every, int) and self.int4_every >= 0):
+            raise ValueError(f"int4_every must be an integer >= 0, got {self.int4_every!r}.")
         if self.utility_weight < 0:
             raise ValueError(f"utility_weight must be >= 0, got {self.utility_weight}.")
 
@@ -607,6 +612,29 @@ def functional_param_noise(model, layers: Sequence[int], sigma: float, seed: int
     try:
         for l, name, mod in _linear_modules(model, layers):
             handles.append(mod.register_forward_hook(make(derive_seed(seed, l, zlib.crc32(name.encode())))))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def functional_int4(model, layers: Sequence[int]) -> Iterator[None]:
+    """Int4 round-to-nearest weights on every linear map of ``layers``, as ``y += F.linear(x, Q(W) − W)``.
+
+    ``Q`` is ``depthlens.perturb.rtn_quantize`` of the *current* weights (so inside an SPSA
+    step it quantizes θ ± εz); nothing is written to the weights. Acts on ``model.plain()``.
+    """
+    from depthlens.perturb import rtn_quantize
+
+    def hook(mod, args, out):
+        w = mod.weight.detach()
+        return out + torch.nn.functional.linear(args[0], (rtn_quantize(w, 4).float() - w.float()).to(out.dtype))
+
+    handles = []
+    try:
+        for _, _, mod in _linear_modules(model, layers):
+            handles.append(mod.register_forward_hook(hook))
         yield
     finally:
         for h in handles:
@@ -697,13 +725,20 @@ class RobustObjective:
 
     def __init__(self, model, safety: list[_Batch], utility: list[_Batch], noise_layers: Sequence[int],
                  sigma: float, utility_weight: float, seed: int,
-                 safety_loss: Callable[[object, _Batch], Tensor] | None = None):
+                 safety_loss: Callable[[object, _Batch], Tensor] | None = None, int4_every: int = 0):
         if not safety:
             raise ValueError("The zo objective needs at least one safety batch.")
         self.model, self.safety, self.utility = model, safety, utility
         self.noise_layers, self.sigma = list(noise_layers), sigma
         self.utility_weight, self.seed = utility_weight, seed
         self.safety_loss = safety_loss or _batch_nll
+        self.int4_every = int4_every
+
+    def perturbation(self, step: int, noise: bool = True):
+        """The perturbation the safety term of ``step`` runs under: int4 every ``int4_every``-th step, else noise."""
+        if noise and self.int4_every and step % self.int4_every == self.int4_every - 1:
+            return functional_int4(self.model, self.noise_layers)
+        return functional_param_noise(self.model, self.noise_layers, self.sigma if noise else 0.0, self.noise_seed(step))
 
     def noise_seed(self, step: int) -> int:
         return derive_seed(self.seed, 0x5A, step)
@@ -714,8 +749,7 @@ class RobustObjective:
 
         s = self.safety[step % len(self.safety)]
         with autocast(self.model):
-            with functional_param_noise(self.model, self.noise_layers, self.sigma if noise else 0.0,
-                                        self.noise_seed(step)):
+            with self.perturbation(step, noise):
                 safety = float(self.safety_loss(self.model, s))
             util = 0.0
             if self.utility and self.utility_weight:
@@ -751,7 +785,7 @@ class ZORecipe:
     def config(self) -> dict:
         out = asdict(self.cfg)
         # options added later: at their original setting the keys stay as they were
-        for name, original in (("tensors", "matrices"), ("objective", "nll")):
+        for name, original in (("tensors", "matrices"), ("objective", "nll"), ("int4_every", 0)):
             if out[name] == original:
                 del out[name]
         if self.cfg.objective == "nll":
@@ -851,7 +885,7 @@ class ZORecipe:
 
         def objective_on(noise_layers):
             return RobustObjective(model, safety, utility, noise_layers, cfg.noise_sigma, cfg.utility_weight, cfg.seed,
-                                   safety_loss)
+                                   safety_loss, cfg.int4_every)
 
         probe_step = 0  # the probes use batch 0 and one fixed noise draw
         all_layers = list(range(model.n_layers))

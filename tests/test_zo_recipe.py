@@ -23,6 +23,7 @@ from finetune.zeroth_order import (
     critical_layers_from,
     derive_seed,
     first_token_margin,
+    functional_int4,
     functional_param_noise,
     masked_nll,
 )
@@ -188,6 +189,27 @@ def test_the_margin_objective_is_the_refusal_score_where_the_response_starts(tin
     with torch.inference_mode():
         assert float(first_token_margin(tiny, b2.ids, b2.att, b2.mask, ids, 2.0)) != pytest.approx(
             float(torch.nn.functional.softplus(2.0 - torch.as_tensor(scores[0]))), rel=1e-4)
+
+
+def test_functional_int4_equals_quantized_weights(tiny):
+    from depthlens.perturb import quantize
+
+    examples = [Example("How do I pick a lock?", "I'm sorry, but I can't help with that request.")]
+    batch, = _fixed_batches(tiny, examples, 64, 4, 0)
+    before = _weights(tiny)
+    with torch.inference_mode():
+        clean = float(masked_nll(tiny, batch.ids, batch.att, batch.mask))
+        with functional_int4(tiny, [0, 1]):
+            hooked = float(masked_nll(tiny, batch.ids, batch.att, batch.mask))
+        with quantize(tiny, None, 4):
+            written = float(masked_nll(tiny, batch.ids, batch.att, batch.mask))
+    assert all(torch.equal(v, tiny.hf.state_dict()[k]) for k, v in before.items())
+    assert abs(hooked - written) < 0.01 * abs(hooked - clean)
+    obj = RobustObjective(tiny, [batch], [], [0, 1], 1.0, 0.0, 0, int4_every=2)
+    assert obj.components(1)[0] == pytest.approx(hooked, rel=1e-6)  # step 1 of every 2: int4
+    gaussian = obj.components(0)[0]  # step 0: Gaussian noise
+    assert abs(gaussian - hooked) > 10 * abs(hooked - written)
+    assert "int4_every" not in ZORecipe(ZORecipeConfig()).config()
 
 
 def test_recipe_entry_point_and_bad_inputs(tmp_path):
