@@ -76,6 +76,11 @@ class DeepConfig:
             utility examples (``finetune.sft.BenignMarginLoss``; 0: plain response CE).
         refusal_margin: weight of its positive half on the recovery examples: ``−log p_R`` at
             the first refusal token, i.e. after the harmful prefix h[:k] (0: off).
+        per_example_loss: weight every example equally in a step's loss (the mean over
+            examples of each one's token-mean NLL, ``train_sft(weighting="examples")``) rather
+            than every response token. With token weighting the safety share of the gradient is
+            α only when refusals and utility answers are equally long; with
+            ``benign_tokens=96`` it falls to about α·|r| / (α·|r| + (1−α)·96) ≈ 5 %.
     """
 
     n_triples: int = 256
@@ -91,6 +96,11 @@ class DeepConfig:
     seed: int = 0
     benign_margin: float = 0.0
     refusal_margin: float = 0.0
+    per_example_loss: bool = False
+
+    def __post_init__(self):
+        if self.per_example_loss and (self.benign_margin or self.refusal_margin):
+            raise ValueError("per_example_loss applies to the plain response loss; set the margins to 0 to use it.")
 
 
 def draw_k(length: int, rng: random.Random, max_k: int = 100, p_zero: float = 0.5) -> int:
@@ -159,7 +169,7 @@ class DeepRecipe:
         self.cfg = cfg or DeepConfig()
 
     def config(self) -> dict:
-        return config_key(self.cfg, ("benign_margin", "refusal_margin"))
+        return config_key(self.cfg, ("benign_margin", "refusal_margin", "per_example_loss"))
 
     def build(self, model, workdir: Path) -> dict:
         from depthlens.data import default_splits, refusal_templates
@@ -189,7 +199,8 @@ class DeepRecipe:
                                        refusal_token_ids(model.tokenizer), cfg.benign_margin, cfg.refusal_margin)
         tlog = train_sft(model, data, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                                   seed=cfg.seed), workdir,
-                         batcher=lambda lengths, bs, r: stratified_batches(is_safety, bs, r), loss_fn=loss_fn)
+                         batcher=lambda lengths, bs, r: stratified_batches(is_safety, bs, r), loss_fn=loss_fn,
+                         weighting="examples" if cfg.per_example_loss else "tokens")
         return {"n_safety": len(safety), "n_total": len(data), "steps": tlog.steps, "seconds": tlog.seconds,
                 "last_losses": tlog.losses[-10:]}
 

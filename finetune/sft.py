@@ -195,7 +195,7 @@ def response_logits(model, batch_ids, batch_mask, attention_mask):
 
 def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Path | None = None,
               progress: bool = True, loss_fn=None, layers: Sequence[int] | None = None,
-              batcher=None) -> TrainLog:
+              batcher=None, weighting: str = "tokens") -> TrainLog:
     """Fine-tune ``model`` in place on ``examples`` (loss on responses only); resumable from ``workdir``.
 
     ``loss_fn(model, ids, mask, attention_mask, index_list)`` replaces the plain response loss
@@ -204,9 +204,15 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
     run as micro-batches of similar length (``micro_batches``) whose gradients accumulate,
     weighted by their response-token counts, so a step that mixes short and long sequences
     (deep alignment's safety + utility mix) is not padded to its longest member.
+
+    ``weighting="tokens"`` (default) makes each step's loss the mean over its response tokens;
+    ``"examples"`` makes it the mean over its examples of each example's own token-mean NLL,
+    so every example carries the same weight whatever its length (``example_mean_loss``;
+    plain response loss only).
     """
     if not examples:
         raise ValueError("train_sft needs at least one example.")
+    _check_weighting(weighting, loss_fn)
     tok = model.tokenizer
     data = tokenize_examples(tok, examples, cfg.max_len)
     rng = random.Random(cfg.seed)
@@ -244,7 +250,8 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
         bar = tqdm(range(start, total), desc="train", disable=not progress, initial=start, total=total)
         for step in bar:
             opt.zero_grad(set_to_none=True)
-            value = accumulate_gradients(model, data, plan[step], pad, loss_fn, split=batcher is not None)
+            value = accumulate_gradients(model, data, plan[step], pad, loss_fn, split=batcher is not None,
+                                         weighting=weighting)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
@@ -265,18 +272,34 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
     return log_
 
 
+WEIGHTINGS = ("tokens", "examples")
+
+
+def _check_weighting(weighting: str, loss_fn) -> None:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
+    if weighting == "examples" and loss_fn is not None:
+        raise ValueError("weighting='examples' applies to the plain response loss only, not to a custom loss_fn.")
+
+
 def accumulate_gradients(model, data, indices: Sequence[int], pad: int, loss_fn=None,
-                         split: bool = True) -> float:
+                         split: bool = True, weighting: str = "tokens") -> float:
     """Backpropagate one optimizer step's loss over ``data[indices]`` into ``.grad``; return its value.
 
     With ``split`` the step runs as ``micro_batches`` of similar length whose losses are
     weighted by their response-token counts, so the accumulated gradient is that of the whole
-    step's token-mean loss without padding every sequence to the longest one. The forward
-    runs under CUDA bf16 autocast when the model is on a GPU; the backward runs outside it.
+    step's token-mean loss without padding every sequence to the longest one. With
+    ``weighting="examples"`` the parts are weighted by their example counts instead and each
+    computes ``example_mean_loss``, so the gradient is that of the step's example-mean loss.
+    The forward runs under CUDA bf16 autocast when the model is on a GPU; the backward runs
+    outside it.
     """
+    _check_weighting(weighting, loss_fn)
+    if weighting == "examples":
+        loss_fn = example_mean_loss
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else _null()
     parts = micro_batches(indices, [len(data[i][0]) for i in indices]) if split else [list(indices)]
-    weights = [sum(sum(data[i][1]) for i in part) for part in parts]
+    weights = [len(part) if weighting == "examples" else sum(sum(data[i][1]) for i in part) for part in parts]
     value = 0.0
     for part, w in zip(parts, weights):
         batch = pad_batch([data[i][0] for i in part], pad, side="right")
@@ -310,6 +333,22 @@ def micro_batches(indices: Sequence[int], lengths: Sequence[int], max_waste: flo
 
 def _plain(model, ids, mask, att, idx):
     return response_loss(model, ids, mask, att)
+
+
+def example_mean_loss(model, ids, mask, att, idx=None):
+    """Mean over the batch's rows of each row's token-mean response NLL (rows without a target count 0).
+
+    The loss of METHODS §2's mix read per example: ``α·E_x[−log π(r|x, h≤k)/|r|] + (1−α)·E[…]``
+    with α by example count, so a long utility answer weighs no more than a short refusal.
+    """
+    logits, targets, keep = response_logits(model, ids, mask, att)
+    if not len(targets):
+        return logits.sum() * 0.0
+    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    counts = keep.sum(1)
+    row = torch.repeat_interleave(torch.arange(len(counts), device=nll.device), counts)
+    per_row = torch.zeros(len(counts), device=nll.device, dtype=nll.dtype).index_add_(0, row, nll)
+    return (per_row / counts.clamp(min=1)).mean()
 
 
 class BenignMarginLoss:

