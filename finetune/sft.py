@@ -606,6 +606,14 @@ def harmful_train_prompts(pool, n: int, seed: int, core_first: bool = False):
     first, harmless refusal 0.121 vs 0.083 — a threshold shift, AUROC 0.945 vs 0.943), so the
     default is uniform.
     """
+    out = _harmful_train_prompts(pool, n, seed, core_first)
+    if len(out) < n:
+        log.warning("Asked for %d harmful train prompts; the pool's harmful categories hold only %d, so all %d are used.",
+                    n, len(out), len(out))
+    return out
+
+
+def _harmful_train_prompts(pool, n: int, seed: int, core_first: bool):
     if pool.categories is None:
         return pool.subset(n, seed=seed)
     present = set(pool.categories)

@@ -206,6 +206,19 @@ def test_harmful_train_prompts_draw_uniformly_or_core_categories_first():
     assert harmful_train_prompts(pool, 60, seed=0).ids == uniform.ids  # deterministic
 
 
+def test_harmful_train_prompts_say_when_the_pool_is_smaller_than_asked(caplog):
+    from finetune.sft import harmful_train_prompts
+
+    pool = _categorised({"information_hazard": 5, "malicious_uses": 3, "misinformation_harms": 40})
+    with caplog.at_level("WARNING", logger="finetune.sft"):
+        got = harmful_train_prompts(pool, 20, seed=0)
+    assert len(got) == 8 and "only 8" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="finetune.sft"):
+        harmful_train_prompts(pool, 6, seed=0)
+    assert not caplog.text
+
+
 def _margin_batch(model, examples):
     data = tokenize_examples(model.tokenizer, examples, 256)
     batch = pad_batch([d[0] for d in data], model.tokenizer.pad_token_id, side="right")
