@@ -243,13 +243,9 @@ def test_micro_batches_cover_a_step_once_and_keep_padding_low():
     assert any(set(r) == {0, 2, 4} for r in runs) and any(set(r) == {1, 3} for r in runs)
 
 
-def test_accumulated_micro_batches_give_the_gradient_of_the_whole_step():
-    """A step run as token-weighted micro-batches accumulates the gradient of one padded full batch.
-
-    Gradients are compared, not weights after an AdamW step: Adam's first step moves every
-    weight by about lr * sign(g), so weights near a zero gradient would differ by sign noise.
-    """
-    from finetune.sft import Example, accumulate_gradients, micro_batches, tokenize_examples, trainable_parameters
+def _short_and_long_step():
+    """tiny-llama and one step of two short examples and a long one, which ``micro_batches`` splits."""
+    from finetune.sft import Example, micro_batches, tokenize_examples, trainable_parameters
 
     model = load_model("tiny-llama")
     examples = [Example("q", "a " * 3), Example("a much longer question here", "b " * 40), Example("q2", "c " * 4)]
@@ -258,6 +254,18 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_step():
     assert len(micro_batches(indices, [len(data[i][0]) for i in indices])) > 1  # the split is real
     params = trainable_parameters(model, True, None)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+    return model, data, indices, params, pad
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_the_whole_step():
+    """A step run as token-weighted micro-batches accumulates the gradient of one padded full batch.
+
+    Gradients are compared, not weights after an AdamW step: Adam's first step moves every
+    weight by about lr * sign(g), so weights near a zero gradient would differ by sign noise.
+    """
+    from finetune.sft import accumulate_gradients
+
+    model, data, indices, params, pad = _short_and_long_step()
     grads, values = [], []
     for split in (True, False):
         for p in params:
@@ -274,17 +282,10 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_step():
 def test_example_weighting_gives_the_gradient_of_the_mean_of_per_example_losses():
     """weighting="examples": every example counts once, however long its response (checked against
     the mean of losses computed one example at a time), and that differs from the token mean."""
-    from finetune.sft import (Example, accumulate_gradients, micro_batches, response_loss, tokenize_examples,
-                              trainable_parameters)
     from depthlens.chat import pad_batch
+    from finetune.sft import accumulate_gradients, response_loss
 
-    model = load_model("tiny-llama")
-    examples = [Example("q", "a " * 3), Example("a much longer question here", "b " * 40), Example("q2", "c " * 4)]
-    data = tokenize_examples(model.tokenizer, examples, max_len=192)
-    indices = [0, 1, 2]
-    assert len(micro_batches(indices, [len(data[i][0]) for i in indices])) > 1
-    params = trainable_parameters(model, True, None)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+    model, data, indices, params, pad = _short_and_long_step()
 
     def fresh():
         for p in params:
