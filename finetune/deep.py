@@ -81,6 +81,12 @@ class DeepConfig:
             than every response token. With token weighting the safety share of the gradient is
             α only when refusals and utility answers are equally long; with
             ``benign_tokens=96`` it falls to about α·|r| / (α·|r| + (1−α)·96) ≈ 5 %.
+        utility_prefix: split every utility answer y as the recovery examples split h: k drawn
+            by the same rule (``draw_k``, kept below |y|), y[:k] a prefix without loss and
+            y[k:] the target. The safety examples teach "after a harmful prefix, refuse"; these
+            are their contrast, "after a benign prefix, go on", at the same depths (our
+            addition, not in METHODS; the utility term becomes −log π(y′>k | x′, y′≤k)). Off
+            by default.
     """
 
     n_triples: int = 256
@@ -97,6 +103,7 @@ class DeepConfig:
     benign_margin: float = 0.0
     refusal_margin: float = 0.0
     per_example_loss: bool = False
+    utility_prefix: bool = False
 
     def __post_init__(self):
         if self.per_example_loss and (self.benign_margin or self.refusal_margin):
@@ -118,6 +125,28 @@ def recovery_examples(prompts: Sequence[str], harmful: Sequence[Sequence[int]], 
         k = draw_k(len(h), rng, cfg.max_k, cfg.p_zero)
         out.append(Example(x, rng.choice(refusals), prefix=tuple(h[:k]), kind=f"recovery:k={k}"))
     return out
+
+
+def utility_examples(prompts: Sequence[str], answers: Sequence[Sequence[int]], cfg: DeepConfig,
+                     rng: random.Random) -> list[Example]:
+    """Benign prompts → the base's answers (loss on the answer); empty answers are dropped.
+
+    With ``cfg.utility_prefix`` each answer y is split at k = ``draw_k(|y| − 1, …)``: y[:k] is a
+    prefix without loss, y[k:] (never empty) the target. Off, no random number is drawn.
+    """
+    out = []
+    for x, t in zip(prompts, answers):
+        if not t:
+            continue
+        eos = len(t) < cfg.benign_tokens
+        k = draw_k(len(t) - 1, rng, cfg.max_k, cfg.p_zero) if cfg.utility_prefix else 0
+        kind = f"utility:k={k}" if cfg.utility_prefix else "utility"
+        out.append(Example(x, tuple(t[k:]), prefix=tuple(t[:k]), eos=eos, kind=kind))
+    return out
+
+
+def is_utility(example: Example) -> bool:
+    return example.kind.split(":")[0] == "utility"
 
 
 def mix(safety: list[Example], utility: list[Example], alpha: float, rng: random.Random) -> list[Example]:
@@ -169,7 +198,7 @@ class DeepRecipe:
         self.cfg = cfg or DeepConfig()
 
     def config(self) -> dict:
-        return config_key(self.cfg, ("benign_margin", "refusal_margin", "per_example_loss"))
+        return config_key(self.cfg, ("benign_margin", "refusal_margin", "per_example_loss", "utility_prefix"))
 
     def build(self, model, workdir: Path) -> dict:
         from depthlens.data import default_splits, refusal_templates
@@ -188,10 +217,9 @@ class DeepRecipe:
         answers = response_set(base, benign_prompts, max_new_tokens=cfg.benign_tokens).tokens
         del base
         safety = recovery_examples(prompts, h, refusal_templates(), cfg, rng)
-        utility = [Example(p, tuple(t), eos=len(t) < cfg.benign_tokens, kind="utility")
-                   for p, t in zip(benign_prompts, answers) if t]
+        utility = utility_examples(benign_prompts, answers, cfg, rng)
         data = mix(safety, utility, cfg.alpha, rng)
-        is_safety = [e.kind != "utility" for e in data]
+        is_safety = [not is_utility(e) for e in data]
         loss_fn = None
         if cfg.benign_margin or cfg.refusal_margin:
             from depthlens.judge import refusal_token_ids

@@ -93,3 +93,22 @@ def test_margins_reach_the_loss_with_recovery_as_refusal_and_utility_as_benign(t
     cfg = DeepConfig(n_triples=6, harmful_tokens=8, benign_tokens=4, per_example_loss=True)
     deep.DeepRecipe(cfg).build(load_model("tiny-llama"), None)
     assert seen["loss_fn"] is None and seen["weighting"] == "examples"
+
+
+def test_utility_prefix_splits_each_answer_at_a_recovery_depth_and_is_off_by_default():
+    from finetune.deep import DeepRecipe, is_utility, utility_examples
+
+    answers = [list(range(i, i + 40)) for i in range(400)] + [[]]
+    prompts = [f"p{i}" for i in range(len(answers))]
+    plain = utility_examples(prompts, answers, DeepConfig(benign_tokens=96), random.Random(0))
+    assert len(plain) == 400 and all(e.prefix == () and list(e.response) == a for e, a in zip(plain, answers))
+    assert all(is_utility(e) and e.eos for e in plain)        # 40 < 96 tokens: the answer ended
+    rng = random.Random(0)
+    split = utility_examples(prompts, answers, DeepConfig(benign_tokens=96, utility_prefix=True), rng)
+    ks = [len(e.prefix) for e in split]
+    assert all(list(e.prefix) + list(e.response) == a and e.response for e, a in zip(split, answers))
+    assert all(is_utility(e) and e.kind == f"utility:k={k}" for e, k in zip(split, ks))
+    assert 0.4 < sum(k == 0 for k in ks) / len(ks) < 0.6    # p_zero = 1/2, as the recovery draw
+    assert max(ks) == 39                                      # up to |y| - 1: a target is always left
+    assert "utility_prefix" not in DeepRecipe().config()      # off: v3's cache key unchanged
+    assert DeepRecipe(DeepConfig(utility_prefix=True)).config()["utility_prefix"] is True
