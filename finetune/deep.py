@@ -127,21 +127,22 @@ def recovery_examples(prompts: Sequence[str], harmful: Sequence[Sequence[int]], 
     return out
 
 
-def utility_examples(prompts: Sequence[str], answers: Sequence[Sequence[int]], cfg: DeepConfig,
-                     rng: random.Random) -> list[Example]:
-    """Benign prompts → the base's answers (loss on the answer); empty answers are dropped.
+def utility_examples(prompts: Sequence[str], answers: Sequence[Sequence[int]], full_length: int,
+                     split: random.Random | None = None, max_k: int = 100, p_zero: float = 0.5) -> list[Example]:
+    """Benign prompts → answers (loss on the answer, EOS where it ended before ``full_length``);
+    empty answers are dropped.
 
-    With ``cfg.utility_prefix`` each answer y is split at k = ``draw_k(|y| − 1, …)``: y[:k] is a
-    prefix without loss, y[k:] (never empty) the target. Off, no random number is drawn.
+    With a ``split`` rng each answer y is cut at k = ``draw_k(|y| − 1, split, max_k, p_zero)``:
+    y[:k] is a prefix without loss, y[k:] (never empty) the target (``DeepConfig.utility_prefix``).
+    Without one, no random number is drawn.
     """
     out = []
     for x, t in zip(prompts, answers):
         if not t:
             continue
-        eos = len(t) < cfg.benign_tokens
-        k = draw_k(len(t) - 1, rng, cfg.max_k, cfg.p_zero) if cfg.utility_prefix else 0
-        kind = f"utility:k={k}" if cfg.utility_prefix else "utility"
-        out.append(Example(x, tuple(t[k:]), prefix=tuple(t[:k]), eos=eos, kind=kind))
+        k = draw_k(len(t) - 1, split, max_k, p_zero) if split else 0
+        out.append(Example(x, tuple(t[k:]), prefix=tuple(t[:k]), eos=len(t) < full_length,
+                           kind=f"utility:k={k}" if split else "utility"))
     return out
 
 
@@ -217,7 +218,8 @@ class DeepRecipe:
         answers = response_set(base, benign_prompts, max_new_tokens=cfg.benign_tokens).tokens
         del base
         safety = recovery_examples(prompts, h, refusal_templates(), cfg, rng)
-        utility = utility_examples(benign_prompts, answers, cfg, rng)
+        utility = utility_examples(benign_prompts, answers, cfg.benign_tokens,
+                                   rng if cfg.utility_prefix else None, cfg.max_k, cfg.p_zero)
         data = mix(safety, utility, cfg.alpha, rng)
         is_safety = [not is_utility(e) for e in data]
         loss_fn = None
@@ -454,7 +456,7 @@ def build_deep_examples(model, cfg: DeepMixConfig, progress: bool = True) -> tup
             safety += trajectory_examples(xs, [refusals[i] for i in idx], hs, templates, cfg, rng)
     if not safety:
         raise ValueError("No safety example could be built: every harmful answer of the base model is empty.")
-    utility = [Example(p, tuple(t), eos=len(t) < cfg.benign_tokens, kind="utility") for p, t in zip(benign, answers) if t]
+    utility = utility_examples(benign, answers, cfg.benign_tokens)
     data = mix(safety, utility, cfg.alpha, rng)
     from finetune.common import kind_counts
 
@@ -480,7 +482,7 @@ class DeepMixRecipe:
         cfg = self.cfg
         data, info = cached_examples(workdir, "deep_examples", lambda: build_deep_examples(model, cfg, progress))
         tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, max_len=cfg.max_len)
-        is_safety = [e.kind != "utility" for e in data]
+        is_safety = [not is_utility(e) for e in data]
         tlog = train_sft(model, data, tcfg, workdir, progress=progress,
                          batcher=lambda lengths, bs, r: stratified_batches(is_safety, bs, r))
         return {**info, "steps": tlog.steps, "seconds": round(tlog.seconds, 1), "resumed_from": tlog.resumed_from,

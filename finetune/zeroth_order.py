@@ -824,7 +824,7 @@ class ZORecipe:
         from depthlens.models import load_model
         from depthlens.organism import base_spec
         from depthlens.responses import response_set
-        from finetune.deep import DeepConfig, recovery_examples
+        from finetune.deep import DeepConfig, recovery_examples, utility_examples
         from finetune.sft import Example
 
         cfg = self.cfg
@@ -863,8 +863,7 @@ class ZORecipe:
         benign = list(splits.harmless.train.prompts) + list(splits.borderline.train.prompts)
         benign = sorted(random.Random(cfg.seed + 2).sample(benign, min(cfg.n_utility, len(benign))), key=benign.index)
         own = response_set(model, benign, max_new_tokens=cfg.utility_tokens, progress=progress)
-        util_ex = [Example(p, tuple(t), eos=len(t) < cfg.utility_tokens, kind="utility")
-                   for p, t in zip(benign, own.tokens) if t]
+        util_ex = utility_examples(benign, own.tokens, cfg.utility_tokens)
         safety = _fixed_batches(model, safety_ex, cfg.max_len, cfg.batch_size, cfg.seed)
         utility = _fixed_batches(model, util_ex, cfg.max_len, cfg.batch_size, cfg.seed + 1)
         return safety, utility

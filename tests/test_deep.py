@@ -100,11 +100,10 @@ def test_utility_prefix_splits_each_answer_at_a_recovery_depth_and_is_off_by_def
 
     answers = [list(range(i, i + 40)) for i in range(400)] + [[]]
     prompts = [f"p{i}" for i in range(len(answers))]
-    plain = utility_examples(prompts, answers, DeepConfig(benign_tokens=96), random.Random(0))
+    plain = utility_examples(prompts, answers, 96)
     assert len(plain) == 400 and all(e.prefix == () and list(e.response) == a for e, a in zip(plain, answers))
     assert all(is_utility(e) and e.eos for e in plain)        # 40 < 96 tokens: the answer ended
-    rng = random.Random(0)
-    split = utility_examples(prompts, answers, DeepConfig(benign_tokens=96, utility_prefix=True), rng)
+    split = utility_examples(prompts, answers, 96, random.Random(0))
     ks = [len(e.prefix) for e in split]
     assert all(list(e.prefix) + list(e.response) == a and e.response for e, a in zip(split, answers))
     assert all(is_utility(e) and e.kind == f"utility:k={k}" for e, k in zip(split, ks))
