@@ -87,6 +87,13 @@ class DeepConfig:
             are their contrast, "after a benign prefix, go on", at the same depths (our
             addition, not in METHODS; the utility term becomes −log π(y′>k | x′, y′≤k)). Off
             by default.
+        utility_kl: weight w of a KL anchor on the utility examples (``UtilityKLLoss``): each
+            utility example's loss becomes its token-mean NLL plus w · its token-mean
+            KL(π_start ‖ π_θ), π_start a frozen copy of the model the recipe starts from. The
+            CE pushes up one greedy token per position; the KL holds the whole next-token
+            distribution, refusal openings included, where the start model put it (our
+            addition, not in METHODS; needs ``per_example_loss``; one extra no-grad forward per
+            utility micro-batch). 0: off.
     """
 
     n_triples: int = 256
@@ -104,10 +111,14 @@ class DeepConfig:
     refusal_margin: float = 0.0
     per_example_loss: bool = False
     utility_prefix: bool = False
+    utility_kl: float = 0.0
 
     def __post_init__(self):
         if self.per_example_loss and (self.benign_margin or self.refusal_margin):
             raise ValueError("per_example_loss applies to the plain response loss; set the margins to 0 to use it.")
+        if self.utility_kl < 0 or (self.utility_kl and not self.per_example_loss):
+            raise ValueError(f"utility_kl must be >= 0 and needs per_example_loss=True, got {self.utility_kl} "
+                             f"with per_example_loss={self.per_example_loss}.")
 
 
 def draw_k(length: int, rng: random.Random, max_k: int = 100, p_zero: float = 0.5) -> int:
@@ -148,6 +159,58 @@ def utility_examples(prompts: Sequence[str], answers: Sequence[Sequence[int]], f
 
 def is_utility(example: Example) -> bool:
     return example.kind.split(":")[0] == "utility"
+
+
+class Frozen:
+    """A no-grad copy of a model's plain module, usable wherever ``response_logits`` takes a model."""
+
+    def __init__(self, model):
+        import copy
+
+        self._module = copy.deepcopy(model.plain()).eval().requires_grad_(False)
+
+    def plain(self):
+        return self._module
+
+
+class UtilityKLLoss:
+    """Example-mean response NLL, plus ``weight`` · token-mean KL(π_ref ‖ π_θ) on utility rows.
+
+    For a utility example with response positions t = 1..T:
+    ``loss = (1/T) Σ_t [−log π_θ(y_t | ·) + w · KL(π_ref(· | y_<t) ‖ π_θ(· | y_<t))]``; safety
+    examples keep their plain token-mean NLL. The call returns the mean over its rows, as
+    ``train_sft(weighting="examples")`` expects. The reference logits come from one no-grad
+    forward of ``reference`` (``Frozen``) over the micro-batch's utility rows only.
+    """
+
+    def __init__(self, utility: Sequence[bool], reference, weight: float):
+        if weight < 0:
+            raise ValueError(f"The KL weight must be >= 0, got {weight}.")
+        self.utility, self.reference, self.weight = list(utility), reference, weight
+
+    def __call__(self, model, ids, mask, att, idx):
+        import torch
+
+        from finetune.sft import response_logits, row_means
+
+        logits, targets, keep = response_logits(model, ids, mask, att)
+        if not len(targets):
+            return logits.sum() * 0.0
+        per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        rows = [b for b, i in enumerate(idx) if self.utility[i]]
+        if rows and self.weight:
+            sel = torch.tensor(rows, device=ids.device)
+            with torch.no_grad():
+                ref, _, ref_keep = response_logits(self.reference, ids[sel], mask[sel], att[sel])
+            counts = keep.sum(1)
+            row_of = torch.repeat_interleave(torch.arange(len(counts), device=ids.device), counts)
+            tok = torch.isin(row_of, sel)
+            if ref.shape[0] != int(tok.sum()):
+                raise RuntimeError("UtilityKLLoss: reference and model response positions disagree.")
+            ref_logp = torch.log_softmax(ref.float(), dim=-1)
+            kl = (ref_logp.exp() * (ref_logp - torch.log_softmax(logits[tok], dim=-1))).sum(-1)
+            per_token = per_token.index_add(0, torch.nonzero(tok).squeeze(1), self.weight * kl)
+        return row_means(per_token, keep).mean()
 
 
 def mix(safety: list[Example], utility: list[Example], alpha: float, rng: random.Random) -> list[Example]:
@@ -199,7 +262,8 @@ class DeepRecipe:
         self.cfg = cfg or DeepConfig()
 
     def config(self) -> dict:
-        return config_key(self.cfg, ("benign_margin", "refusal_margin", "per_example_loss", "utility_prefix"))
+        return config_key(self.cfg, ("benign_margin", "refusal_margin", "per_example_loss", "utility_prefix",
+                                     "utility_kl"))
 
     def build(self, model, workdir: Path) -> dict:
         from depthlens.data import default_splits, refusal_templates
@@ -223,6 +287,8 @@ class DeepRecipe:
         data = mix(safety, utility, cfg.alpha, rng)
         is_safety = [not is_utility(e) for e in data]
         loss_fn = None
+        if cfg.utility_kl:
+            loss_fn = UtilityKLLoss([not s for s in is_safety], Frozen(model), cfg.utility_kl)
         if cfg.benign_margin or cfg.refusal_margin:
             from depthlens.judge import refusal_token_ids
             loss_fn = BenignMarginLoss(["refusal" if s else "benign" for s in is_safety],

@@ -207,12 +207,12 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
 
     ``weighting="tokens"`` (default) makes each step's loss the mean over its response tokens;
     ``"examples"`` makes it the mean over its examples of each example's own token-mean NLL,
-    so every example carries the same weight whatever its length (``example_mean_loss``;
-    plain response loss only).
+    so every example carries the same weight whatever its length (``example_mean_loss``, or
+    a ``loss_fn`` that likewise returns the mean over its batch's rows).
     """
     if not examples:
         raise ValueError("train_sft needs at least one example.")
-    _check_weighting(weighting, loss_fn)
+    _check_weighting(weighting)
     tok = model.tokenizer
     data = tokenize_examples(tok, examples, cfg.max_len)
     rng = random.Random(cfg.seed)
@@ -275,11 +275,9 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
 WEIGHTINGS = ("tokens", "examples")
 
 
-def _check_weighting(weighting: str, loss_fn) -> None:
+def _check_weighting(weighting: str) -> None:
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
-    if weighting == "examples" and loss_fn is not None:
-        raise ValueError("weighting='examples' applies to the plain response loss only, not to a custom loss_fn.")
 
 
 def accumulate_gradients(model, data, indices: Sequence[int], pad: int, loss_fn=None,
@@ -290,13 +288,14 @@ def accumulate_gradients(model, data, indices: Sequence[int], pad: int, loss_fn=
     weighted by their response-token counts, so the accumulated gradient is that of the whole
     step's token-mean loss without padding every sequence to the longest one. With
     ``weighting="examples"`` the parts are weighted by their example counts instead and each
-    computes ``example_mean_loss``, so the gradient is that of the step's example-mean loss.
+    computes ``example_mean_loss`` (or ``loss_fn``, which must then return the mean over its
+    rows), so the gradient is that of the step's example-mean loss.
     The forward runs under CUDA bf16 autocast when the model is on a GPU; the backward runs
     outside it.
     """
-    _check_weighting(weighting, loss_fn)
+    _check_weighting(weighting)
     if weighting == "examples":
-        loss_fn = example_mean_loss
+        loss_fn = loss_fn or example_mean_loss
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else _null()
     parts = micro_batches(indices, [len(data[i][0]) for i in indices]) if split else [list(indices)]
     weights = [len(part) if weighting == "examples" else sum(sum(data[i][1]) for i in part) for part in parts]
@@ -345,10 +344,15 @@ def example_mean_loss(model, ids, mask, att, idx=None):
     if not len(targets):
         return logits.sum() * 0.0
     nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    return row_means(nll, keep).mean()
+
+
+def row_means(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per-row means of flattened per-token ``values`` in ``response_logits`` order (0 for an empty row)."""
     counts = keep.sum(1)
-    row = torch.repeat_interleave(torch.arange(len(counts), device=nll.device), counts)
-    per_row = torch.zeros(len(counts), device=nll.device, dtype=nll.dtype).index_add_(0, row, nll)
-    return (per_row / counts.clamp(min=1)).mean()
+    row = torch.repeat_interleave(torch.arange(len(counts), device=values.device), counts)
+    per_row = torch.zeros(len(counts), device=values.device, dtype=values.dtype).index_add_(0, row, values)
+    return per_row / counts.clamp(min=1)
 
 
 class BenignMarginLoss:

@@ -94,6 +94,13 @@ def test_margins_reach_the_loss_with_recovery_as_refusal_and_utility_as_benign(t
     deep.DeepRecipe(cfg).build(load_model("tiny-llama"), None)
     assert seen["loss_fn"] is None and seen["weighting"] == "examples"
 
+    seen.clear()
+    cfg = DeepConfig(n_triples=6, harmful_tokens=8, benign_tokens=4, per_example_loss=True, utility_kl=0.5)
+    deep.DeepRecipe(cfg).build(load_model("tiny-llama"), None)
+    fn = seen["loss_fn"]
+    assert isinstance(fn, deep.UtilityKLLoss) and fn.weight == 0.5 and seen["weighting"] == "examples"
+    assert fn.utility == [deep.is_utility(e) for e in seen["data"]] and fn.utility.count(False) == 6
+
 
 def test_utility_prefix_splits_each_answer_at_a_recovery_depth_and_is_off_by_default():
     from finetune.deep import DeepRecipe, is_utility, utility_examples
@@ -111,3 +118,63 @@ def test_utility_prefix_splits_each_answer_at_a_recovery_depth_and_is_off_by_def
     assert max(ks) == 39                                      # up to |y| - 1: a target is always left
     assert "utility_prefix" not in DeepRecipe().config()      # off: v3's cache key unchanged
     assert DeepRecipe(DeepConfig(utility_prefix=True)).config()["utility_prefix"] is True
+
+
+def test_utility_kl_loss_is_the_example_mean_nll_plus_the_kl_to_the_start_model_on_utility_rows(tiny):
+    """At the start the anchor adds nothing (KL 0); after a weight change it adds w · each utility
+    row's token-mean KL(π_ref ‖ π_θ), checked against a direct full-sequence computation; safety
+    rows never get it. Off by default (v3 key), and it needs the per-example loss."""
+    import torch
+
+    from depthlens.chat import pad_batch
+    from finetune.deep import DeepRecipe, Frozen, UtilityKLLoss
+    from finetune.sft import example_mean_loss
+
+    tok = tiny.tokenizer
+    examples = [Example("How do plants grow?", "With light, water and time."),
+                Example("Make a weapon.", "I'm sorry, I can't help with that.", prefix=tuple(tok("Sure, first")["input_ids"])),
+                Example("Name a colour.", "Blue is a colour that many people like.")]
+    utility = [True, False, True]
+    data = tokenize_examples(tok, examples, 512)
+    batch = pad_batch([ids for ids, _ in data], tok.eos_token_id, side="right")
+    mask = pad_batch([m for _, m in data], 0, side="right").input_ids
+    ids, att = batch.input_ids, batch.attention_mask
+    ref = Frozen(tiny)
+    fn = UtilityKLLoss(utility, ref, 0.7)
+    with torch.no_grad():
+        assert fn(tiny, ids, mask, att, [0, 1, 2]).item() == pytest.approx(example_mean_loss(tiny, ids, mask, att).item(), rel=1e-6)
+        w = tiny.plain().get_decoder().layers[0].mlp.down_proj.weight
+        orig = w.clone()
+        w.add_(0.5 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+    try:
+        _check_kl_after_change(tiny, fn, ref, ids, mask, att)
+    finally:
+        with torch.no_grad():
+            w.copy_(orig)                                                   # the session's tiny model is shared
+    assert "utility_kl" not in DeepRecipe().config()
+    assert DeepRecipe(DeepConfig(per_example_loss=True, utility_kl=1.0)).config()["utility_kl"] == 1.0
+    with pytest.raises(ValueError, match="per_example_loss"):
+        DeepConfig(utility_kl=1.0)
+
+
+def _check_kl_after_change(tiny, fn, ref, ids, mask, att):
+    import torch
+
+    from finetune.sft import example_mean_loss
+
+    with torch.no_grad():
+        got = fn(tiny, ids, mask, att, [0, 1, 2]).item()
+        base = example_mean_loss(tiny, ids, mask, att).item()
+        kls = []
+        for b in range(3):
+            n = int(att[b].sum())
+            pos = [j for j in range(n - 1) if mask[b, j + 1]]              # position j predicts token j + 1
+            lp = torch.log_softmax(tiny.plain()(ids[b:b + 1, :n]).logits[0, pos].float(), -1)
+            lq = torch.log_softmax(ref.plain()(ids[b:b + 1, :n]).logits[0, pos].float(), -1)
+            kls.append(float((lq.exp() * (lq - lp)).sum(-1).mean()))
+        assert kls[0] > 1e-4
+        assert got - base == pytest.approx(0.7 * (kls[0] + kls[2]) / 3, rel=1e-3, abs=2e-6)
+        sub = [1]
+        assert fn(tiny, ids[sub], mask[sub], att[sub], sub).item() == pytest.approx(
+            example_mean_loss(tiny, ids[sub], mask[sub], att[sub]).item(), rel=1e-6)
+        assert all(p.requires_grad is False for p in ref.plain().parameters())
