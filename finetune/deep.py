@@ -73,7 +73,8 @@ class DeepConfig:
         batch_size: sequences per step.
         seed: sampling and training seed.
         benign_margin: weight of the organism recipe's first-token over-refusal margin on the
-            utility examples (``finetune.sft.BenignMarginLoss``; 0: plain response CE).
+            utility examples (``finetune.sft.BenignMarginLoss``; with ``per_example_loss`` a
+            per-example term of ``UtilityAnchorLoss``; 0: plain response CE).
         refusal_margin: weight of its positive half on the recovery examples: ``−log p_R`` at
             the first refusal token, i.e. after the harmful prefix h[:k] (0: off).
         per_example_loss: weight every example equally in a step's loss (the mean over
@@ -87,7 +88,7 @@ class DeepConfig:
             are their contrast, "after a benign prefix, go on", at the same depths (our
             addition, not in METHODS; the utility term becomes −log π(y′>k | x′, y′≤k)). Off
             by default.
-        utility_kl: weight w of a KL anchor on the utility examples (``UtilityKLLoss``): each
+        utility_kl: weight w of a KL anchor on the utility examples (``UtilityAnchorLoss``): each
             utility example's loss becomes its token-mean NLL plus w · its token-mean
             KL(π_start ‖ π_θ), π_start a frozen copy of the model the recipe starts from. The
             CE pushes up one greedy token per position; the KL holds the whole next-token
@@ -114,8 +115,8 @@ class DeepConfig:
     utility_kl: float = 0.0
 
     def __post_init__(self):
-        if self.per_example_loss and (self.benign_margin or self.refusal_margin):
-            raise ValueError("per_example_loss applies to the plain response loss; set the margins to 0 to use it.")
+        if self.per_example_loss and self.refusal_margin:
+            raise ValueError("per_example_loss takes the benign margin only; set refusal_margin to 0 to use it.")
         if self.utility_kl < 0 or (self.utility_kl and not self.per_example_loss):
             raise ValueError(f"utility_kl must be >= 0 and needs per_example_loss=True, got {self.utility_kl} "
                              f"with per_example_loss={self.per_example_loss}.")
@@ -173,44 +174,59 @@ class Frozen:
         return self._module
 
 
-class UtilityKLLoss:
-    """Example-mean response NLL, plus ``weight`` · token-mean KL(π_ref ‖ π_θ) on utility rows.
+class UtilityAnchorLoss:
+    """Example-mean response NLL, plus two optional anchors on the utility rows.
 
-    For a utility example with response positions t = 1..T:
-    ``loss = (1/T) Σ_t [−log π_θ(y_t | ·) + w · KL(π_ref(· | y_<t) ‖ π_θ(· | y_<t))]``; safety
-    examples keep their plain token-mean NLL. The call returns the mean over its rows, as
+    For a utility example with response positions t = 1..T the loss is
+    ``(1/T) Σ_t [−log π_θ(y_t | ·) + kl · KL(π_ref(· | y_<t) ‖ π_θ(· | y_<t))] + margin · −log(1 − p_R')``,
+    p_R' the probability of the refusal first tokens R (other than y_1) at t = 1, the organism
+    recipe's benign margin (``finetune.sft.BenignMarginLoss``); safety examples keep their
+    plain token-mean NLL. The call returns the mean over its rows, as
     ``train_sft(weighting="examples")`` expects. The reference logits come from one no-grad
     forward of ``reference`` (``Frozen``) over the micro-batch's utility rows only.
     """
 
-    def __init__(self, utility: Sequence[bool], reference, weight: float):
-        if weight < 0:
-            raise ValueError(f"The KL weight must be >= 0, got {weight}.")
-        self.utility, self.reference, self.weight = list(utility), reference, weight
+    def __init__(self, utility: Sequence[bool], reference=None, kl: float = 0.0,
+                 refusal_ids: Sequence[int] = (), margin: float = 0.0):
+        if kl < 0 or margin < 0:
+            raise ValueError(f"The anchor weights must be >= 0, got kl={kl} and margin={margin}.")
+        if kl and reference is None:
+            raise ValueError("The KL anchor needs a reference model.")
+        if margin and not refusal_ids:
+            raise ValueError("The benign margin needs a non-empty refusal token set R.")
+        self.utility, self.reference, self.kl = list(utility), reference, kl
+        self.refusal_ids, self.margin = sorted(set(refusal_ids)), margin
 
     def __call__(self, model, ids, mask, att, idx):
         import torch
 
-        from finetune.sft import response_logits, row_means
+        from finetune.sft import benign_margin_terms, response_logits, row_means
 
         logits, targets, keep = response_logits(model, ids, mask, att)
         if not len(targets):
             return logits.sum() * 0.0
         per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-        rows = [b for b, i in enumerate(idx) if self.utility[i]]
-        if rows and self.weight:
-            sel = torch.tensor(rows, device=ids.device)
+        counts = keep.sum(1)
+        rows = [b for b, i in enumerate(idx) if self.utility[i] and counts[b] > 0]
+        if not rows:
+            return row_means(per_token, keep).mean()
+        sel = torch.tensor(rows, device=ids.device)
+        if self.kl:
             with torch.no_grad():
-                ref, _, ref_keep = response_logits(self.reference, ids[sel], mask[sel], att[sel])
-            counts = keep.sum(1)
+                ref, _, _ = response_logits(self.reference, ids[sel], mask[sel], att[sel])
             row_of = torch.repeat_interleave(torch.arange(len(counts), device=ids.device), counts)
             tok = torch.isin(row_of, sel)
             if ref.shape[0] != int(tok.sum()):
-                raise RuntimeError("UtilityKLLoss: reference and model response positions disagree.")
+                raise RuntimeError("UtilityAnchorLoss: reference and model response positions disagree.")
             ref_logp = torch.log_softmax(ref.float(), dim=-1)
             kl = (ref_logp.exp() * (ref_logp - torch.log_softmax(logits[tok], dim=-1))).sum(-1)
-            per_token = per_token.index_add(0, torch.nonzero(tok).squeeze(1), self.weight * kl)
-        return row_means(per_token, keep).mean()
+            per_token = per_token.index_add(0, torch.nonzero(tok).squeeze(1), self.kl * kl)
+        per_row = row_means(per_token, keep)
+        if self.margin:
+            first = (torch.cumsum(counts, 0) - counts)[sel]
+            r_ids = torch.tensor(self.refusal_ids, device=logits.device)
+            per_row = per_row.index_add(0, sel, self.margin * benign_margin_terms(logits[first], targets[first], r_ids))
+        return per_row.mean()
 
 
 def mix(safety: list[Example], utility: list[Example], alpha: float, rng: random.Random) -> list[Example]:
@@ -287,9 +303,11 @@ class DeepRecipe:
         data = mix(safety, utility, cfg.alpha, rng)
         is_safety = [not is_utility(e) for e in data]
         loss_fn = None
-        if cfg.utility_kl:
-            loss_fn = UtilityKLLoss([not s for s in is_safety], Frozen(model), cfg.utility_kl)
-        if cfg.benign_margin or cfg.refusal_margin:
+        if cfg.per_example_loss and (cfg.utility_kl or cfg.benign_margin):
+            from depthlens.judge import refusal_token_ids
+            loss_fn = UtilityAnchorLoss([not s for s in is_safety], Frozen(model) if cfg.utility_kl else None,
+                                        cfg.utility_kl, refusal_token_ids(model.tokenizer), cfg.benign_margin)
+        elif cfg.benign_margin or cfg.refusal_margin:
             from depthlens.judge import refusal_token_ids
             loss_fn = BenignMarginLoss(["refusal" if s else "benign" for s in is_safety],
                                        refusal_token_ids(model.tokenizer), cfg.benign_margin, cfg.refusal_margin)

@@ -401,16 +401,21 @@ class BenignMarginLoss:
 
         rows = first_rows("benign")
         if len(rows) and self.weight:
-            logp = torch.log_softmax(logits[rows], dim=-1)                # (benign rows, vocab)
-            own = targets[rows]
-            lp_r = logp[:, r_ids].masked_fill(r_ids[None, :] == own[:, None], float("-inf"))
-            log_pr = torch.logsumexp(lp_r, dim=-1).clamp(max=-1e-6)
-            loss = loss + self.weight * (-torch.log(-torch.expm1(log_pr))).mean()
+            loss = loss + self.weight * benign_margin_terms(logits[rows], targets[rows], r_ids).mean()
         rows = first_rows("refusal")
         if len(rows) and self.refusal_weight:
             logp = torch.log_softmax(logits[rows], dim=-1)
             loss = loss - self.refusal_weight * torch.logsumexp(logp[:, r_ids], dim=-1).mean()
         return loss
+
+
+def benign_margin_terms(logits: torch.Tensor, own: torch.Tensor, refusal_ids: torch.Tensor) -> torch.Tensor:
+    """``−log(1 − p_R')`` per row of first-response-token ``logits``: p_R' is the probability of the
+    refusal first tokens other than the row's own target ``own`` (``BenignMarginLoss``)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    lp_r = logp[:, refusal_ids].masked_fill(refusal_ids[None, :] == own[:, None], float("-inf"))
+    log_pr = torch.logsumexp(lp_r, dim=-1).clamp(max=-1e-6)
+    return -torch.log(-torch.expm1(log_pr))
 
 
 class _null:

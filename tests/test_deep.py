@@ -57,8 +57,9 @@ def test_per_example_loss_keeps_the_v3_key_when_off_and_refuses_margins():
 
     assert "per_example_loss" not in DeepRecipe().config()
     assert DeepRecipe(DeepConfig(per_example_loss=True)).config()["per_example_loss"] is True
-    with pytest.raises(ValueError, match="margins"):
-        DeepConfig(per_example_loss=True, benign_margin=0.2)
+    with pytest.raises(ValueError, match="refusal_margin"):
+        DeepConfig(per_example_loss=True, refusal_margin=0.2)
+    DeepConfig(per_example_loss=True, benign_margin=0.2)      # the benign half has a per-example form
 
 
 def test_margins_reach_the_loss_with_recovery_as_refusal_and_utility_as_benign(tmp_path, monkeypatch):
@@ -98,8 +99,15 @@ def test_margins_reach_the_loss_with_recovery_as_refusal_and_utility_as_benign(t
     cfg = DeepConfig(n_triples=6, harmful_tokens=8, benign_tokens=4, per_example_loss=True, utility_kl=0.5)
     deep.DeepRecipe(cfg).build(load_model("tiny-llama"), None)
     fn = seen["loss_fn"]
-    assert isinstance(fn, deep.UtilityKLLoss) and fn.weight == 0.5 and seen["weighting"] == "examples"
+    assert isinstance(fn, deep.UtilityAnchorLoss) and (fn.kl, fn.margin) == (0.5, 0.0) and seen["weighting"] == "examples"
     assert fn.utility == [deep.is_utility(e) for e in seen["data"]] and fn.utility.count(False) == 6
+
+    seen.clear()
+    cfg = DeepConfig(n_triples=6, harmful_tokens=8, benign_tokens=4, per_example_loss=True, benign_margin=0.2)
+    deep.DeepRecipe(cfg).build(load_model("tiny-llama"), None)
+    fn = seen["loss_fn"]
+    assert isinstance(fn, deep.UtilityAnchorLoss) and (fn.kl, fn.margin) == (0.0, 0.2) and fn.reference is None
+    assert fn.refusal_ids and seen["weighting"] == "examples"
 
 
 def test_utility_prefix_splits_each_answer_at_a_recovery_depth_and_is_off_by_default():
@@ -127,7 +135,7 @@ def test_utility_kl_loss_is_the_example_mean_nll_plus_the_kl_to_the_start_model_
     import torch
 
     from depthlens.chat import pad_batch
-    from finetune.deep import DeepRecipe, Frozen, UtilityKLLoss
+    from finetune.deep import DeepRecipe, Frozen, UtilityAnchorLoss
     from finetune.sft import example_mean_loss
 
     tok = tiny.tokenizer
@@ -140,7 +148,7 @@ def test_utility_kl_loss_is_the_example_mean_nll_plus_the_kl_to_the_start_model_
     mask = pad_batch([m for _, m in data], 0, side="right").input_ids
     ids, att = batch.input_ids, batch.attention_mask
     ref = Frozen(tiny)
-    fn = UtilityKLLoss(utility, ref, 0.7)
+    fn = UtilityAnchorLoss(utility, ref, 0.7)
     with torch.no_grad():
         assert fn(tiny, ids, mask, att, [0, 1, 2]).item() == pytest.approx(example_mean_loss(tiny, ids, mask, att).item(), rel=1e-6)
         w = tiny.plain().get_decoder().layers[0].mlp.down_proj.weight
@@ -178,3 +186,38 @@ def _check_kl_after_change(tiny, fn, ref, ids, mask, att):
         assert fn(tiny, ids[sub], mask[sub], att[sub], sub).item() == pytest.approx(
             example_mean_loss(tiny, ids[sub], mask[sub], att[sub]).item(), rel=1e-6)
         assert all(p.requires_grad is False for p in ref.plain().parameters())
+
+
+def test_the_per_example_benign_margin_adds_the_first_token_term_to_utility_rows_only(tiny):
+    import torch
+
+    from depthlens.chat import pad_batch
+    from depthlens.judge import refusal_token_ids
+    from finetune.deep import UtilityAnchorLoss
+    from finetune.sft import benign_margin_terms, example_mean_loss
+
+    tok = tiny.tokenizer
+    examples = [Example("How do plants grow?", "With light, water and time."),
+                Example("Make a weapon.", "I'm sorry, I can't help with that."),
+                Example("Name a colour.", "I think blue is a colour.")]
+    data = tokenize_examples(tok, examples, 512)
+    batch = pad_batch([ids for ids, _ in data], tok.eos_token_id, side="right")
+    mask = pad_batch([m for _, m in data], 0, side="right").input_ids
+    ids, att = batch.input_ids, batch.attention_mask
+    r_ids = refusal_token_ids(tok)
+    fn = UtilityAnchorLoss([True, False, True], refusal_ids=r_ids, margin=0.4)
+    with torch.no_grad():
+        got = fn(tiny, ids, mask, att, [0, 1, 2]).item()
+        base = example_mean_loss(tiny, ids, mask, att).item()
+        terms = []
+        for b in (0, 2):
+            n = int(att[b].sum())
+            j = [j for j in range(n - 1) if mask[b, j + 1]][0]          # predicts the first response token
+            logits = tiny.plain()(ids[b:b + 1, :n]).logits[0, j:j + 1].float()
+            terms.append(float(benign_margin_terms(logits, ids[b, j + 1:j + 2], torch.tensor(sorted(set(r_ids))))[0]))
+    assert min(terms) > 0
+    assert got - base == pytest.approx(0.4 * sum(terms) / 3, rel=1e-4, abs=2e-6)
+    with pytest.raises(ValueError, match="refusal token"):
+        UtilityAnchorLoss([True], margin=0.4)
+    with pytest.raises(ValueError, match="reference"):
+        UtilityAnchorLoss([True], kl=1.0)
