@@ -73,7 +73,7 @@ def build_parser(cls, description: str | None = None) -> argparse.ArgumentParser
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         elem, is_seq = _base_type(hints[f.name])
-        helptext = docs.get(f.name, "")
+        helptext = docs.get(f.name, "").replace("%", "%%")  # argparse %-formats help strings
         if elem is bool and not is_seq:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=helptext)
         elif is_seq:
