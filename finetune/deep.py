@@ -27,7 +27,8 @@ micro-batches with accumulated, token-weighted gradients, so the long safety seq
 not pad the short utility ones. The recipes continue from the model they are
 applied to.
 
-Recipes (entry points): ``deep`` (recovery only, ``DeepConfig``), ``deep-wi`` (recovery +
+Recipes (entry points): ``deep`` (recovery only, ``DeepConfig``), ``deep-anchored`` (recovery
+with utility anchors, ``ANCHORED``), ``deep-wi`` (recovery +
 worst insertion), ``deep-traj`` (recovery + trajectory), ``deep-all`` (all three); any other
 combination through ``DeepMixConfig(components=...)`` / ``python -m finetune.deep``.
 
@@ -274,8 +275,9 @@ class DeepRecipe:
     # v3: 256 triples (the paper's count) at lr 2e-4; v2 (160 at 1e-4) left prefill ASR@10 at 0.875.
     version = 3
 
-    def __init__(self, cfg: DeepConfig | None = None):
+    def __init__(self, cfg: DeepConfig | None = None, name: str = "deep"):
         self.cfg = cfg or DeepConfig()
+        self.name = name
 
     def config(self) -> dict:
         return config_key(self.cfg, ("benign_margin", "refusal_margin", "per_example_loss", "utility_prefix",
@@ -320,6 +322,15 @@ class DeepRecipe:
 
 
 recipe = DeepRecipe()
+
+#: ``deep-anchored``: recovery augmentation as ``deep`` (METHODS §2's k draw and loss mask), with
+#: a larger safety share and two anchors on the utility examples that keep the start model's
+#: benign behaviour: every example weighs the same (``per_example_loss``), utility answers as
+#: long as the harmful prefixes, KL(π_start ‖ π_θ) on them (``utility_kl``) and the organism's
+#: first-token margin (``benign_margin``). Our recipe, not the paper's: chosen on validation
+#: prompts by a rule fixed before its numbers (README, "Deep alignment on the v5 organism").
+ANCHORED = DeepConfig(alpha=0.5, benign_tokens=96, per_example_loss=True, utility_kl=0.75, benign_margin=0.2)
+recipe_anchored = DeepRecipe(ANCHORED, name="deep-anchored")
 
 
 # ----------------------------------------------------------------------------- combinable recipes
