@@ -201,7 +201,7 @@ class UtilityAnchorLoss:
     def __call__(self, model, ids, mask, att, idx):
         import torch
 
-        from finetune.sft import benign_margin_terms, response_logits, row_means
+        from finetune.sft import benign_margin_terms, response_logits, row_index, row_means
 
         logits, targets, keep = response_logits(model, ids, mask, att)
         if not len(targets):
@@ -215,8 +215,7 @@ class UtilityAnchorLoss:
         if self.kl:
             with torch.no_grad():
                 ref, _, _ = response_logits(self.reference, ids[sel], mask[sel], att[sel])
-            row_of = torch.repeat_interleave(torch.arange(len(counts), device=ids.device), counts)
-            tok = torch.isin(row_of, sel)
+            tok = torch.isin(row_index(keep), sel)
             if ref.shape[0] != int(tok.sum()):
                 raise RuntimeError("UtilityAnchorLoss: reference and model response positions disagree.")
             ref_logp = torch.log_softmax(ref.float(), dim=-1)

@@ -350,9 +350,14 @@ def example_mean_loss(model, ids, mask, att, idx=None):
 def row_means(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Per-row means of flattened per-token ``values`` in ``response_logits`` order (0 for an empty row)."""
     counts = keep.sum(1)
-    row = torch.repeat_interleave(torch.arange(len(counts), device=values.device), counts)
-    per_row = torch.zeros(len(counts), device=values.device, dtype=values.dtype).index_add_(0, row, values)
+    per_row = torch.zeros(len(counts), device=values.device, dtype=values.dtype).index_add_(0, row_index(keep), values)
     return per_row / counts.clamp(min=1)
+
+
+def row_index(keep: torch.Tensor) -> torch.Tensor:
+    """The batch row of each flattened response token, in ``response_logits`` order."""
+    counts = keep.sum(1)
+    return torch.repeat_interleave(torch.arange(len(counts), device=keep.device), counts)
 
 
 class BenignMarginLoss:
