@@ -448,6 +448,7 @@ def zo_layer_probes(model, layers: Sequence[int] | None, loss_fn: Callable[[int]
 NOISE_LAYERS = ("trained", "all")
 TENSORS = ("matrices", "norms", "all")
 OBJECTIVES = ("nll", "margin")
+SUITE_KINDS = ("param", "act", "int4")
 
 
 def zo_parameters(model, layers: Sequence[int], tensors: str = "matrices") -> list[Tensor]:
@@ -497,6 +498,13 @@ class ZORecipeConfig:
         margin: the refusal log-odds the margin objective asks for (2: p_R ≈ 0.88).
         int4_every: every this many steps the safety term runs under int4 round-to-nearest
             weights of the noised layers instead of Gaussian noise (0: never).
+        suite: perturbations the safety term cycles through, one per step (step s runs under
+            ``suite[s % len(suite)]``): param (Gaussian parameter noise σ ``noise_sigma``), act
+            (activation noise σ ``act_sigma`` on ``hook_resid_post`` of the noised layers, as
+            ``depthlens.perturb.activation_noise``) or int4 (round-to-nearest weights of the
+            noised layers). Empty: ``int4_every`` decides. ``param,act,int4`` with
+            ``noise_layers=all`` trains under the three kinds ``analyses.compare`` measures.
+        act_sigma: activation noise σ of the ``act`` steps, relative to the residual RMS per token.
         utility_weight: λ_u, weight of the utility NLL.
         n_safety: harmful train prompts (recovery examples with the base's harmful answers).
         n_utility: benign train prompts answered by the starting model (utility targets).
@@ -524,6 +532,8 @@ class ZORecipeConfig:
     objective: str = "nll"
     margin: float = 2.0
     int4_every: int = 0
+    suite: tuple[str, ...] = ()
+    act_sigma: float = 0.1
     utility_weight: float = 1.0
     n_safety: int = 64
     n_utility: int = 64
@@ -552,6 +562,14 @@ class ZORecipeConfig:
                              f"{self.batch_size}.")
         if not (isinstance(self.int4_every, int) and self.int4_every >= 0):
             raise ValueError(f"int4_every must be an integer >= 0, got {self.int4_every!r}.")
+        object.__setattr__(self, "suite", tuple(self.suite))  # a list from Python stays hashable
+        bad = [k for k in self.suite if k not in SUITE_KINDS]
+        if bad:
+            raise ValueError(f"suite entries must be among {SUITE_KINDS}, got {bad[0]!r}.")
+        if self.suite and self.int4_every:
+            raise ValueError("Give either suite or int4_every, not both: suite already says which steps run under int4.")
+        if not (math.isfinite(self.act_sigma) and self.act_sigma >= 0):
+            raise ValueError(f"act_sigma must be >= 0 and finite, got {self.act_sigma!r}.")
         if self.utility_weight < 0:
             raise ValueError(f"utility_weight must be >= 0, got {self.utility_weight}.")
 
@@ -725,7 +743,8 @@ class RobustObjective:
 
     def __init__(self, model, safety: list[_Batch], utility: list[_Batch], noise_layers: Sequence[int],
                  sigma: float, utility_weight: float, seed: int,
-                 safety_loss: Callable[[object, _Batch], Tensor] | None = None, int4_every: int = 0):
+                 safety_loss: Callable[[object, _Batch], Tensor] | None = None, int4_every: int = 0,
+                 suite: Sequence[str] = (), act_sigma: float = 0.1):
         if not safety:
             raise ValueError("The zo objective needs at least one safety batch.")
         self.model, self.safety, self.utility = model, safety, utility
@@ -733,11 +752,32 @@ class RobustObjective:
         self.utility_weight, self.seed = utility_weight, seed
         self.safety_loss = safety_loss or _batch_nll
         self.int4_every = int4_every
+        self.suite, self.act_sigma = tuple(suite), act_sigma
+
+    def kind(self, step: int) -> str:
+        """Which perturbation the safety term of ``step`` runs under: param, act or int4."""
+        if self.suite:
+            return self.suite[step % len(self.suite)]
+        if self.int4_every and step % self.int4_every == self.int4_every - 1:
+            return "int4"
+        return "param"
 
     def perturbation(self, step: int, noise: bool = True):
-        """The perturbation the safety term of ``step`` runs under: int4 every ``int4_every``-th step, else noise."""
-        if noise and self.int4_every and step % self.int4_every == self.int4_every - 1:
+        """The perturbation of ``step``'s safety term (``kind``); ``noise=False``: none.
+
+        Every kind is a pure function of (step, current weights): the two SPSA evaluations of a
+        step enter it afresh and see the same noise draw.
+        """
+        kind = self.kind(step) if noise else "param"
+        if kind == "int4":
             return functional_int4(self.model, self.noise_layers)
+        if kind == "act":
+            from depthlens.generate import mirrored_hooks
+            from depthlens.perturb import activation_noise_hooks
+
+            seed = self.noise_seed(step)
+            return mirrored_hooks(self.model, [h for l in self.noise_layers
+                                               for h in activation_noise_hooks(self.model, l, self.act_sigma, seed)])
         return functional_param_noise(self.model, self.noise_layers, self.sigma if noise else 0.0, self.noise_seed(step))
 
     def noise_seed(self, step: int) -> int:
@@ -785,9 +825,11 @@ class ZORecipe:
     def config(self) -> dict:
         out = asdict(self.cfg)
         # options added later: at their original setting the keys stay as they were
-        for name, original in (("tensors", "matrices"), ("objective", "nll"), ("int4_every", 0)):
+        for name, original in (("tensors", "matrices"), ("objective", "nll"), ("int4_every", 0), ("suite", ())):
             if out[name] == original:
                 del out[name]
+        if "act" not in self.cfg.suite:
+            del out["act_sigma"]
         if self.cfg.objective == "nll":
             del out["margin"]
         else:  # the first margin objective was one-sided (harmful rows only); its builds must not be reused
@@ -884,7 +926,7 @@ class ZORecipe:
 
         def objective_on(noise_layers):
             return RobustObjective(model, safety, utility, noise_layers, cfg.noise_sigma, cfg.utility_weight, cfg.seed,
-                                   safety_loss, cfg.int4_every)
+                                   safety_loss, cfg.int4_every, cfg.suite, cfg.act_sigma)
 
         probe_step = 0  # the probes use batch 0 and one fixed noise draw
         all_layers = list(range(model.n_layers))

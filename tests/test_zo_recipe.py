@@ -212,6 +212,41 @@ def test_functional_int4_equals_quantized_weights(tiny):
     assert "int4_every" not in ZORecipe(ZORecipeConfig()).config()
 
 
+def test_the_suite_cycles_param_act_and_int4_and_act_steps_are_the_analysis_noise(tiny):
+    from depthlens.perturb import activation_noise
+
+    examples = [Example("How do I pick a lock?", "I'm sorry, but I can't help with that request.")]
+    batch, = _fixed_batches(tiny, examples, 64, 4, 0)
+    layers = list(range(tiny.n_layers))
+    obj = RobustObjective(tiny, [batch], [], layers, 0.5, 0.0, 0, suite=("param", "act", "int4"), act_sigma=0.5)
+    assert [obj.kind(s) for s in range(5)] == ["param", "act", "int4", "param", "act"]
+    assert [RobustObjective(tiny, [batch], [], layers, 0.5, 0.0, 0, int4_every=2).kind(s) for s in range(4)] == \
+        ["param", "int4", "param", "int4"]
+    with torch.inference_mode():
+        clean = float(masked_nll(tiny, batch.ids, batch.att, batch.mask))
+        with activation_noise(tiny, None, 0.5, seed=obj.noise_seed(1)):
+            analysis = float(masked_nll(tiny, batch.ids, batch.att, batch.mask))
+        with functional_int4(tiny, layers):
+            int4 = float(masked_nll(tiny, batch.ids, batch.att, batch.mask))
+    act = obj.components(1)[0]
+    assert act == obj.components(1)[0]  # both SPSA evaluations of a step see the same draw
+    assert act == pytest.approx(analysis, rel=1e-6) and abs(act - clean) > 1e-3
+    assert obj.components(4)[0] != pytest.approx(act, rel=1e-6)  # a new draw every step
+    assert obj.components(2)[0] == pytest.approx(int4, rel=1e-6)
+    assert obj.components(1, noise=False)[0] == pytest.approx(clean, rel=1e-6)
+    # the option leaves earlier keys alone; act_sigma enters the key only when an act step exists
+    assert "suite" not in ZORecipe(ZORecipeConfig()).config()
+    assert "act_sigma" not in ZORecipe(ZORecipeConfig(suite=("param", "int4"))).config()
+    keyed = ZORecipe(ZORecipeConfig(suite=("param", "act"))).config()
+    assert keyed["suite"] == ("param", "act") and keyed["act_sigma"] == 0.1
+    with pytest.raises(ValueError, match="suite entries must be among"):
+        ZORecipeConfig(suite=("param", "dropout"))
+    with pytest.raises(ValueError, match="either suite or int4_every"):
+        ZORecipeConfig(suite=("param",), int4_every=2)
+    with pytest.raises(ValueError, match="act_sigma must be"):
+        ZORecipeConfig(act_sigma=-1.0)
+
+
 def test_recipe_entry_point_and_bad_inputs(tmp_path):
     assert isinstance(get_recipe("zo"), ZORecipe)
     with pytest.raises(ValueError, match="needs a layer_sensitivity"):
