@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
@@ -39,8 +39,11 @@ from torch import Tensor
 
 from depthlens.models import hook_name
 
-def _layers(model, layer: int | None) -> list[int]:
-    return list(range(model.n_layers)) if layer is None else [model.check_layer(layer)]
+def _layers(model, layer: int | Sequence[int] | None) -> list[int]:
+    """Every layer for None, else the given layer or layers (checked)."""
+    if layer is None:
+        return list(range(model.n_layers))
+    return [model.check_layer(l) for l in (layer if isinstance(layer, Sequence) else [layer])]
 
 
 def _matrices(model, layers: list[int]) -> list[tuple[str, torch.nn.Parameter]]:
@@ -108,7 +111,8 @@ def quantize(model, layer: int | None, bits: int) -> Iterator[None]:
         yield
 
 
-def activation_noise_hooks(model, layer: int | None, sigma: float, seed: int = 0) -> list[tuple[str, Callable]]:
+def activation_noise_hooks(model, layer: int | Sequence[int] | None, sigma: float,
+                           seed: int = 0) -> list[tuple[str, Callable]]:
     """Hooks adding ``σ · rms(x) · z`` to ``hook_resid_post`` of the layer(s); seeded per context."""
     _check_sigma(sigma)
     hooks = []
@@ -125,7 +129,7 @@ def activation_noise_hooks(model, layer: int | None, sigma: float, seed: int = 0
 
 
 @contextmanager
-def activation_noise(model, layer: int | None, sigma: float, seed: int = 0) -> Iterator[None]:
+def activation_noise(model, layer: int | Sequence[int] | None, sigma: float, seed: int = 0) -> Iterator[None]:
     """Activation noise active for every forward (and generation step) inside the block."""
     from depthlens.generate import mirrored_hooks
 

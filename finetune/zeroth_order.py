@@ -772,12 +772,9 @@ class RobustObjective:
         if kind == "int4":
             return functional_int4(self.model, self.noise_layers)
         if kind == "act":
-            from depthlens.generate import mirrored_hooks
-            from depthlens.perturb import activation_noise_hooks
+            from depthlens.perturb import activation_noise
 
-            seed = self.noise_seed(step)
-            return mirrored_hooks(self.model, [h for l in self.noise_layers
-                                               for h in activation_noise_hooks(self.model, l, self.act_sigma, seed)])
+            return activation_noise(self.model, self.noise_layers, self.act_sigma, self.noise_seed(step))
         return functional_param_noise(self.model, self.noise_layers, self.sigma if noise else 0.0, self.noise_seed(step))
 
     def noise_seed(self, step: int) -> int:
