@@ -49,6 +49,7 @@ and its sizing; multi-GPU in ``finetune.common``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -506,6 +507,10 @@ class ZORecipeConfig:
             ``noise_layers=all`` trains under the three kinds ``analyses.compare`` measures.
         act_sigma: activation noise σ of the ``act`` steps, relative to the residual RMS per token.
         utility_weight: λ_u, weight of the utility NLL.
+        refusal_guard: λ_g, weight of the refusal guard on the utility rows (``refusal_rise``:
+            mean over the benign answers of the largest rise, at any position, of the refusal
+            log-odds over the starting model's); 0: off. It holds back the mid-answer refusal
+            break-offs on benign prompts that a first-token objective cannot see.
         n_safety: harmful train prompts (recovery examples with the base's harmful answers).
         n_utility: benign train prompts answered by the starting model (utility targets).
         harmful_tokens: length of the base's harmful answers.
@@ -535,6 +540,7 @@ class ZORecipeConfig:
     suite: tuple[str, ...] = ()
     act_sigma: float = 0.1
     utility_weight: float = 1.0
+    refusal_guard: float = 0.0
     n_safety: int = 64
     n_utility: int = 64
     harmful_tokens: int = 96
@@ -572,6 +578,8 @@ class ZORecipeConfig:
             raise ValueError(f"act_sigma must be >= 0 and finite, got {self.act_sigma!r}.")
         if self.utility_weight < 0:
             raise ValueError(f"utility_weight must be >= 0, got {self.utility_weight}.")
+        if not (math.isfinite(self.refusal_guard) and self.refusal_guard >= 0):
+            raise ValueError(f"refusal_guard must be >= 0 and finite, got {self.refusal_guard!r}.")
 
     def zo(self) -> ZOConfig:
         return ZOConfig(steps=self.steps, eps=self.eps, lr=self.lr, weight_decay=self.weight_decay,
@@ -659,15 +667,48 @@ def functional_int4(model, layers: Sequence[int]) -> Iterator[None]:
             h.remove()
 
 
-def masked_nll(model, ids: Tensor, att: Tensor, mask: Tensor) -> Tensor:
-    """Mean NLL of the masked (response) tokens; logits are computed only where the loss needs them."""
+def _response_logits(model, ids: Tensor, att: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """float32 logits at the positions that predict a masked (response) token, their targets, and
+    the row of each such position; the lm_head runs only there."""
     view = model.plain()
     hidden = view.model(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1]
     sel = mask[:, 1:].bool()
     if not sel.any():
-        raise ValueError("masked_nll got a batch without any response token.")
-    logits = view.lm_head(hidden[sel]).float()
-    return torch.nn.functional.cross_entropy(logits, ids[:, 1:][sel])
+        raise ValueError("The zo objective got a batch without any response token.")
+    return view.lm_head(hidden[sel]).float(), ids[:, 1:][sel], sel.nonzero()[:, 0]
+
+
+def masked_nll(model, ids: Tensor, att: Tensor, mask: Tensor) -> Tensor:
+    """Mean NLL of the masked (response) tokens; logits are computed only where the loss needs them."""
+    logits, targets, _ = _response_logits(model, ids, att, mask)
+    return torch.nn.functional.cross_entropy(logits, targets)
+
+
+def utility_terms(model, batch: "_Batch", refusal_ids: Sequence[int] | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(NLL, s, rows)`` of a utility batch from one forward pass.
+
+    NLL: ``masked_nll``. s: with ``refusal_ids``, the refusal log-odds log p_R − log(1 − p_R)
+    of the next token at every position that predicts a response token (flat, one entry per
+    such position; ``rows`` gives each entry's row), else None.
+    """
+    from depthlens.judge import score_from_logprobs
+
+    logits, targets, rows = _response_logits(model, batch.ids, batch.att, batch.mask)
+    nll = torch.nn.functional.cross_entropy(logits, targets)
+    if refusal_ids is None:
+        return nll, None, rows
+    return nll, score_from_logprobs(torch.log_softmax(logits, dim=-1), refusal_ids), rows
+
+
+def refusal_rise(score: Tensor, reference: Tensor, rows: Tensor, n_rows: int) -> Tensor:
+    """``mean_rows max_t relu(s_t − s_t^ref)``: the largest rise of the refusal log-odds anywhere in
+    each benign answer, averaged over the answers (0 when no position rose)."""
+    if score.shape != reference.shape or rows.shape != score.shape:
+        raise ValueError(f"refusal_rise: scores {tuple(score.shape)}, reference {tuple(reference.shape)} and rows "
+                         f"{tuple(rows.shape)} must have one entry per response position.")
+    rise = torch.relu(score.float() - reference.float())
+    worst = torch.zeros(n_rows, dtype=rise.dtype, device=rise.device).scatter_reduce(0, rows, rise, "amax")
+    return worst.mean()
 
 
 def first_token_margin(model, ids: Tensor, att: Tensor, mask: Tensor, refusal_ids: Sequence[int],
@@ -734,25 +775,41 @@ def _batch_nll(model, batch: _Batch) -> Tensor:
 
 
 class RobustObjective:
-    """``L = S(θ + δ_step) + λ_u · NLL_utility(θ)`` on batch ``step`` (see the section comment).
+    """``L = S(θ + δ_step) + λ_u · NLL_utility(θ) + λ_g · G(θ)`` on batch ``step`` (see the section comment).
 
     ``S`` is ``safety_loss`` on the safety batch: the recovery NLL (``masked_nll``, default) or
-    the first-token refusal margin (``first_token_margin``). ``components(step)`` gives the two
-    parts separately (noise-free safety loss with ``noise=False``) for logging and tests.
+    the first-token refusal margin (``first_token_margin``). ``G`` (``guard_weight`` λ_g > 0,
+    needs ``refusal_ids``) is the refusal guard on the utility batch: ``refusal_rise`` of the
+    refusal log-odds at every position of the benign answers against their values under the
+    weights the objective was built on (computed once, here). ``components(step)`` gives the
+    three parts separately (noise-free safety loss with ``noise=False``) for logging and tests.
     """
 
     def __init__(self, model, safety: list[_Batch], utility: list[_Batch], noise_layers: Sequence[int],
                  sigma: float, utility_weight: float, seed: int,
                  safety_loss: Callable[[object, _Batch], Tensor] | None = None, int4_every: int = 0,
-                 suite: Sequence[str] = (), act_sigma: float = 0.1):
+                 suite: Sequence[str] = (), act_sigma: float = 0.1, guard_weight: float = 0.0,
+                 refusal_ids: Sequence[int] | None = None):
         if not safety:
             raise ValueError("The zo objective needs at least one safety batch.")
+        if guard_weight and (not utility or not refusal_ids):
+            raise ValueError("The refusal guard needs utility batches and the refusal token ids.")
         self.model, self.safety, self.utility = model, safety, utility
         self.noise_layers, self.sigma = list(noise_layers), sigma
         self.utility_weight, self.seed = utility_weight, seed
         self.safety_loss = safety_loss or _batch_nll
         self.int4_every = int4_every
         self.suite, self.act_sigma = tuple(suite), act_sigma
+        self.guard_weight = guard_weight
+        self.refusal_ids = list(refusal_ids) if guard_weight else None
+        self.guard_reference = [self._utility(u)[1] for u in utility] if guard_weight else []
+
+    @torch.inference_mode()
+    def _utility(self, u: _Batch) -> tuple[Tensor, Tensor | None, Tensor]:
+        from finetune.common import autocast
+
+        with autocast(self.model):
+            return utility_terms(self.model, u, self.refusal_ids)
 
     def kind(self, step: int) -> str:
         """Which perturbation the safety term of ``step`` runs under: param, act or int4."""
@@ -781,22 +838,27 @@ class RobustObjective:
         return derive_seed(self.seed, 0x5A, step)
 
     @torch.inference_mode()
-    def components(self, step: int, noise: bool = True) -> tuple[float, float]:
+    def components(self, step: int, noise: bool = True) -> tuple[float, float, float]:
+        """``(S, NLL_utility, G)`` of ``step`` (``S`` noise-free with ``noise=False``); an unweighted
+        term is not computed and reads 0."""
         from finetune.common import autocast
 
         s = self.safety[step % len(self.safety)]
         with autocast(self.model):
             with self.perturbation(step, noise):
                 safety = float(self.safety_loss(self.model, s))
-            util = 0.0
-            if self.utility and self.utility_weight:
-                u = self.utility[step % len(self.utility)]
-                util = float(masked_nll(self.model, u.ids, u.att, u.mask))
-        return safety, util
+        util = guard = 0.0
+        if self.utility and (self.utility_weight or self.guard_weight):
+            i = step % len(self.utility)
+            nll, score, rows = self._utility(self.utility[i])
+            util = float(nll)
+            if self.guard_weight:
+                guard = float(refusal_rise(score, self.guard_reference[i], rows, self.utility[i].ids.shape[0]))
+        return safety, util, guard
 
     def __call__(self, step: int) -> float:
-        safety, util = self.components(step)
-        return safety + self.utility_weight * util
+        safety, util, guard = self.components(step)
+        return safety + self.utility_weight * util + self.guard_weight * guard
 
 
 def _fp32_masters(model, params: list[Tensor]) -> bool:
@@ -822,7 +884,8 @@ class ZORecipe:
     def config(self) -> dict:
         out = asdict(self.cfg)
         # options added later: at their original setting the keys stay as they were
-        for name, original in (("tensors", "matrices"), ("objective", "nll"), ("int4_every", 0), ("suite", ())):
+        for name, original in (("tensors", "matrices"), ("objective", "nll"), ("int4_every", 0), ("suite", ()),
+                               ("refusal_guard", 0.0)):
             if out[name] == original:
                 del out[name]
         if "act" not in self.cfg.suite:
@@ -912,22 +975,23 @@ class ZORecipe:
         torch.manual_seed(cfg.seed)
         safety, utility = self.batches(model, progress)
 
+        from depthlens.judge import refusal_token_ids
+
+        r_ids = refusal_token_ids(model.tokenizer)
         safety_loss = _batch_nll
         if cfg.objective == "margin":
-            from depthlens.judge import refusal_token_ids
-
-            r_ids = refusal_token_ids(model.tokenizer)
-
             def safety_loss(m, b: _Batch) -> Tensor:
                 return first_token_margin(m, b.ids, b.att, b.mask, r_ids, cfg.margin, b.sign)
 
         def objective_on(noise_layers):
+            # built before any update or checkpoint load: the refusal guard's reference is the starting model
             return RobustObjective(model, safety, utility, noise_layers, cfg.noise_sigma, cfg.utility_weight, cfg.seed,
-                                   safety_loss, cfg.int4_every, cfg.suite, cfg.act_sigma)
+                                   safety_loss, cfg.int4_every, cfg.suite, cfg.act_sigma, cfg.refusal_guard, r_ids)
 
         probe_step = 0  # the probes use batch 0 and one fixed noise draw
         all_layers = list(range(model.n_layers))
-        layers, source, selection_probes = self._layers(model, lambda: objective_on(all_layers)(probe_step))
+        selection = functools.cache(lambda: objective_on(all_layers))
+        layers, source, selection_probes = self._layers(model, lambda: selection()(probe_step))
         noise_layers = layers if cfg.noise_layers == "trained" else all_layers
         objective = objective_on(noise_layers)
         params = zo_parameters(model, layers, cfg.tensors)
@@ -988,9 +1052,9 @@ class ZORecipe:
                 "n_weights": n_weights, "noise_layers": noise_layers, "steps": cfg.steps, "resumed_from": start,
                 "seconds": round(seconds, 1), "device": str(model.device), "fp32_masters": masters,
                 "objective_batch0_before": {"noisy": noisy_before, "safety_clean": clean_before[0],
-                                            "utility": clean_before[1]},
+                                            "utility": clean_before[1], "refusal_guard": clean_before[2]},
                 "objective_batch0_after": {"noisy": noisy_after, "safety_clean": clean_after[0],
-                                           "utility": clean_after[1]},
+                                           "utility": clean_after[1], "refusal_guard": clean_after[2]},
                 "probes": probes, "history": history}
 
 

@@ -26,6 +26,8 @@ from finetune.zeroth_order import (
     functional_int4,
     functional_param_noise,
     masked_nll,
+    refusal_rise,
+    utility_terms,
 )
 from finetune.sft import Example
 
@@ -73,7 +75,7 @@ def test_zo_runs_end_to_end_on_the_critical_layers_of_a_results_file(cache, tmp_
     assert [h["step"] for h in info["history"]] == list(range(6)) and info["resumed_from"] == 0
     assert {(p["step"], p["layer"]) for p in info["probes"]} == {(0, 1), (3, 1), (6, 1)}
     assert all(p["c"] >= 0 for p in info["probes"])
-    assert set(info["objective_batch0_before"]) == {"noisy", "safety_clean", "utility"}
+    assert set(info["objective_batch0_before"]) == {"noisy", "safety_clean", "utility", "refusal_guard"}
 
 
 def test_an_interrupted_zo_run_resumes_to_the_same_weights(cache, tmp_path, monkeypatch):
@@ -245,6 +247,61 @@ def test_the_suite_cycles_param_act_and_int4_and_act_steps_are_the_analysis_nois
         ZORecipeConfig(suite=("param",), int4_every=2)
     with pytest.raises(ValueError, match="act_sigma must be"):
         ZORecipeConfig(act_sigma=-1.0)
+
+
+def test_refusal_rise_is_the_worst_rise_per_answer_averaged_over_answers():
+    score = torch.tensor([1.0, 3.0, -2.0, 0.5, 0.0])
+    ref = torch.tensor([2.0, 1.0, -1.0, 0.0, 0.0])
+    rows = torch.tensor([0, 0, 1, 2, 2])
+    # row 0: rises (0, 2) -> 2; row 1: falls only -> 0; row 2: (0.5, 0) -> 0.5; row 3 has no position -> 0
+    assert float(refusal_rise(score, ref, rows, 4)) == pytest.approx((2.0 + 0.0 + 0.5 + 0.0) / 4)
+    assert float(refusal_rise(ref, ref, rows, 4)) == 0.0
+    with pytest.raises(ValueError, match="one entry per response position"):
+        refusal_rise(score, ref[:3], rows, 4)
+
+
+def test_the_refusal_guard_is_zero_at_the_start_and_charges_a_refusal_rise_inside_an_answer(tiny):
+    from depthlens.judge import refusal_token_ids, score_from_logprobs
+
+    ids = refusal_token_ids(tiny.tokenizer)
+    safety, = _fixed_batches(tiny, [Example("How do I pick a lock?", "I'm sorry, but I can't.")], 64, 4, 0)
+    utility, = _fixed_batches(tiny, [Example("Name a fruit.", "An apple is a fruit that grows on trees."),
+                                     Example("Say hi.", "Hello! How are you today?")], 64, 4, 0)
+    obj = RobustObjective(tiny, [safety], [utility], [0], 0.0, 1.0, 0, guard_weight=2.0, refusal_ids=ids)
+    s0, u0, g0 = obj.components(0)
+    assert g0 == 0.0 and obj(0) == pytest.approx(s0 + u0)
+    # the utility terms: NLL is masked_nll, and the scores are the refusal log-odds at every predicting position
+    with torch.inference_mode():
+        nll, score, rows = utility_terms(tiny, utility, ids)
+        assert float(nll) == pytest.approx(float(masked_nll(tiny, utility.ids, utility.att, utility.mask)), rel=1e-6)
+        logits = tiny.plain()(input_ids=utility.ids, attention_mask=utility.att).logits[:, :-1]
+        sel = utility.mask[:, 1:].bool()
+        want = score_from_logprobs(torch.log_softmax(logits[sel].float(), -1), ids)
+    assert torch.allclose(score, want, atol=1e-4) and rows.tolist() == sel.nonzero()[:, 0].tolist()
+    # raise the unembedding of the refusal tokens: every position's refusal odds rise, the guard charges it
+    head = tiny.plain().lm_head.weight
+    saved = head.detach().clone()
+    try:
+        with torch.no_grad():
+            head[ids] *= 3.0
+        s1, u1, g1 = obj.components(0)
+        with torch.inference_mode():
+            _, raised, _ = utility_terms(tiny, utility, ids)
+        expect = float(refusal_rise(raised, obj.guard_reference[0], rows, utility.ids.shape[0]))
+        assert g1 > 0 and g1 == pytest.approx(expect, rel=1e-6)
+        assert obj(0) == pytest.approx(s1 + u1 + 2.0 * g1, rel=1e-6)
+    finally:
+        with torch.no_grad():
+            head.copy_(saved)
+    assert obj.components(0)[2] == 0.0
+    # off by default; the key is unchanged at 0; bad inputs
+    assert RobustObjective(tiny, [safety], [utility], [0], 0.0, 1.0, 0).components(0)[2] == 0.0
+    assert "refusal_guard" not in ZORecipe(ZORecipeConfig()).config()
+    assert ZORecipe(ZORecipeConfig(refusal_guard=1.0)).config()["refusal_guard"] == 1.0
+    with pytest.raises(ValueError, match="refusal guard needs utility batches"):
+        RobustObjective(tiny, [safety], [], [0], 0.0, 1.0, 0, guard_weight=1.0, refusal_ids=ids)
+    with pytest.raises(ValueError, match="refusal_guard must be"):
+        ZORecipeConfig(refusal_guard=-0.5)
 
 
 def test_recipe_entry_point_and_bad_inputs(tmp_path):
