@@ -428,6 +428,17 @@ def zo_layer_probes(model, layers: Sequence[int] | None, loss_fn: Callable[[int]
 # minimum there and MeZO has little to descend; the hinge is still active on the prompts whose
 # refusal is weakest under noise (m = 4: p_R ≈ 0.98).
 #
+# ``refusal_guard=λ_g`` adds ``λ_g · G(θ)``, a guard on the utility rows against refusal
+# break-offs inside benign answers ("…you can use a service called FINRA.I'm sorry, but I
+# can't…"), which the margin's benign rows (first token only) do not see:
+#
+#     G(θ) = mean_answers max_t relu(s_t(θ) − s_t(θ₀)),
+#
+# s_t the refusal log-odds of the next token at response position t of the starting model's
+# own benign answer, θ₀ the starting weights (their s_t computed once, when the objective is
+# built). It is 0 at the start and charges only a rise, so answers that already mention "I"
+# keep their own level.
+#
 # Sizing (2 CPU cores, 135M default): one loss evaluation = a safety forward (8 sequences of
 # ≤ 256 tokens, logits only on the scored tokens) + a utility forward, ≈ 2–3 s; a MeZO step
 # is 2·n_spsa of them: measured 12.8 s a step on :sft:deep (2026-12-01), so the default 100
