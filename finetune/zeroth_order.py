@@ -58,7 +58,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -118,6 +118,8 @@ class ZOStepResult:
         projected_grads: g_j of each estimate.
         stashed: fraction of the perturbed elements whose originals had to be stashed for the
             bit-exact restore (memory cost of the restore relative to one copy: see module doc).
+        accepted: False when ``mezo_train``'s ``accept`` test refused the update and the weights
+            were put back to their values before the step.
     """
 
     loss_plus: float
@@ -126,6 +128,7 @@ class ZOStepResult:
     seeds: tuple[int, ...] = ()
     projected_grads: tuple[float, ...] = ()
     stashed: float = 0.0
+    accepted: bool = True
 
     @property
     def loss(self) -> float:
@@ -348,7 +351,8 @@ def _update(params: list[Tensor], seeds: Sequence[int], grads: Sequence[float], 
 
 
 def mezo_train(params: Sequence[Tensor], loss_fn: Callable[[int], float], cfg: ZOConfig, progress: bool = True,
-               on_step: Callable[[int, ZOStepResult], None] | None = None, start: int = 0) -> list[ZOStepResult]:
+               on_step: Callable[[int, ZOStepResult], None] | None = None, start: int = 0,
+               accept: Callable[[int], bool] | None = None) -> list[ZOStepResult]:
     """Run MeZO steps ``start … cfg.steps − 1`` on ``params`` in place; step i evaluates ``loss_fn(i)`` (its batch).
 
     ``loss_fn(i)`` must return the same value for the same weights within a step (same batch,
@@ -356,6 +360,11 @@ def mezo_train(params: Sequence[Tensor], loss_fn: Callable[[int], float], cfg: Z
     (evaluation, checkpoints). Seeded: the same config and losses give the same weights, and
     since step i's direction depends on (seed, i) only, resuming at ``start`` from the weights
     saved after step ``start − 1`` continues exactly as an uninterrupted run.
+
+    ``accept(i)``, when given, is asked after step i's update (at the new weights); if it returns
+    False the weights are put back, bit for bit, to their values before the step, and the result
+    reads ``accepted=False``. It costs one copy of ``params`` (made before each step), so it is
+    meant for small or few tensors; without it MeZO keeps no copy of the weights.
     """
     params = _check_params(params)
     if not (isinstance(start, int) and 0 <= start <= cfg.steps):
@@ -365,14 +374,22 @@ def mezo_train(params: Sequence[Tensor], loss_fn: Callable[[int], float], cfg: Z
     results: list[ZOStepResult] = []
     bar = tqdm(range(start, cfg.steps), desc="MeZO", disable=not progress, initial=start, total=cfg.steps)
     for step in bar:
+        before = [p.detach().clone() for p in params] if accept is not None else None
         res = mezo_step(params, lambda: loss_fn(step), cfg, derive_seed(cfg.seed, step))
+        if before is not None and not accept(step):
+            with torch.no_grad():
+                for p, b in zip(params, before):
+                    p.copy_(b)
+            res = replace(res, accepted=False)
+        del before
         results.append(res)
         bar.set_postfix(loss=f"{res.loss:.4f}", g=f"{res.projected_grad:.3g}")
         if cfg.log_every and (step + 1) % cfg.log_every == 0:
             recent = results[-cfg.log_every:]
-            log.info("MeZO step %d/%d: loss %.4f (mean of last %d), |g| %.3g, restore stash %.1f%%",
+            log.info("MeZO step %d/%d: loss %.4f (mean of last %d), |g| %.3g, restore stash %.1f%%, %d updates kept",
                      step + 1, cfg.steps, sum(r.loss for r in recent) / len(recent), len(recent),
-                     sum(abs(r.projected_grad) for r in recent) / len(recent), 100 * res.stashed)
+                     sum(abs(r.projected_grad) for r in recent) / len(recent), 100 * res.stashed,
+                     sum(r.accepted for r in recent))
         if on_step is not None:
             on_step(step, res)
     return results
@@ -522,6 +539,11 @@ class ZORecipeConfig:
             mean over the benign answers of the largest rise, at any position, of the refusal
             log-odds over the starting model's); 0: off. It holds back the mid-answer refusal
             break-offs on benign prompts that a first-token objective cannot see.
+        guard_tolerance: τ, a hard form of the guard: after each update the guard G is computed
+            exactly (noise-free) on the first ``guard_batches`` utility batches, and an update
+            that takes it above τ is undone (``mezo_train``'s ``accept``; one copy of the
+            refined tensors). None: off.
+        guard_batches: utility batches the hard guard is computed on (each one more forward a step).
         n_safety: harmful train prompts (recovery examples with the base's harmful answers).
         n_utility: benign train prompts answered by the starting model (utility targets).
         harmful_tokens: length of the base's harmful answers.
@@ -552,6 +574,8 @@ class ZORecipeConfig:
     act_sigma: float = 0.1
     utility_weight: float = 1.0
     refusal_guard: float = 0.0
+    guard_tolerance: float | None = None
+    guard_batches: int = 2
     n_safety: int = 64
     n_utility: int = 64
     harmful_tokens: int = 96
@@ -591,6 +615,10 @@ class ZORecipeConfig:
             raise ValueError(f"utility_weight must be >= 0, got {self.utility_weight}.")
         if not (math.isfinite(self.refusal_guard) and self.refusal_guard >= 0):
             raise ValueError(f"refusal_guard must be >= 0 and finite, got {self.refusal_guard!r}.")
+        if self.guard_tolerance is not None and not (math.isfinite(self.guard_tolerance) and self.guard_tolerance >= 0):
+            raise ValueError(f"guard_tolerance must be None or >= 0 and finite, got {self.guard_tolerance!r}.")
+        if not (isinstance(self.guard_batches, int) and self.guard_batches >= 1):
+            raise ValueError(f"guard_batches must be an integer >= 1, got {self.guard_batches!r}.")
 
     def zo(self) -> ZOConfig:
         return ZOConfig(steps=self.steps, eps=self.eps, lr=self.lr, weight_decay=self.weight_decay,
@@ -800,10 +828,11 @@ class RobustObjective:
                  sigma: float, utility_weight: float, seed: int,
                  safety_loss: Callable[[object, _Batch], Tensor] | None = None, int4_every: int = 0,
                  suite: Sequence[str] = (), act_sigma: float = 0.1, guard_weight: float = 0.0,
-                 refusal_ids: Sequence[int] | None = None):
+                 refusal_ids: Sequence[int] | None = None, track_guard: bool = False):
         if not safety:
             raise ValueError("The zo objective needs at least one safety batch.")
-        if guard_weight and (not utility or not refusal_ids):
+        track_guard = bool(guard_weight) or track_guard
+        if track_guard and (not utility or not refusal_ids):
             raise ValueError("The refusal guard needs utility batches and the refusal token ids.")
         self.model, self.safety, self.utility = model, safety, utility
         self.noise_layers, self.sigma = list(noise_layers), sigma
@@ -812,8 +841,8 @@ class RobustObjective:
         self.int4_every = int4_every
         self.suite, self.act_sigma = tuple(suite), act_sigma
         self.guard_weight = guard_weight
-        self.refusal_ids = list(refusal_ids) if guard_weight else None
-        self.guard_reference = [self._utility(u)[1] for u in utility] if guard_weight else []
+        self.refusal_ids = list(refusal_ids) if track_guard else None
+        self.guard_reference = [self._utility(u)[1] for u in utility] if track_guard else []
 
     @torch.inference_mode()
     def _utility(self, u: _Batch) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -871,6 +900,18 @@ class RobustObjective:
         safety, util, guard = self.components(step)
         return safety + self.utility_weight * util + self.guard_weight * guard
 
+    @torch.inference_mode()
+    def guard(self, batches: Sequence[int]) -> float:
+        """The refusal guard G at the current weights, averaged over the utility batches ``batches``
+        (needs ``guard_weight`` > 0 or ``track_guard``: the starting model's scores)."""
+        if not self.guard_reference:
+            raise ValueError("This objective keeps no refusal-guard reference: build it with track_guard=True.")
+        vals = []
+        for i in batches:
+            _, score, rows = self._utility(self.utility[i])
+            vals.append(float(refusal_rise(score, self.guard_reference[i], rows, self.utility[i].ids.shape[0])))
+        return sum(vals) / len(vals)
+
 
 def _fp32_masters(model, params: list[Tensor]) -> bool:
     """On CUDA (bf16 autocast) keep the refined matrices in float32 so that small updates are not lost."""
@@ -896,9 +937,11 @@ class ZORecipe:
         out = asdict(self.cfg)
         # options added later: at their original setting the keys stay as they were
         for name, original in (("tensors", "matrices"), ("objective", "nll"), ("int4_every", 0), ("suite", ()),
-                               ("refusal_guard", 0.0)):
+                               ("refusal_guard", 0.0), ("guard_tolerance", None)):
             if out[name] == original:
                 del out[name]
+        if self.cfg.guard_tolerance is None:
+            del out["guard_batches"]
         if "act" not in self.cfg.suite:
             del out["act_sigma"]
         if self.cfg.objective == "nll":
@@ -997,7 +1040,8 @@ class ZORecipe:
         def objective_on(noise_layers):
             # built before any update or checkpoint load: the refusal guard's reference is the starting model
             return RobustObjective(model, safety, utility, noise_layers, cfg.noise_sigma, cfg.utility_weight, cfg.seed,
-                                   safety_loss, cfg.int4_every, cfg.suite, cfg.act_sigma, cfg.refusal_guard, r_ids)
+                                   safety_loss, cfg.int4_every, cfg.suite, cfg.act_sigma, cfg.refusal_guard, r_ids,
+                                   track_guard=cfg.guard_tolerance is not None)
 
         probe_step = 0  # the probes use batch 0 and one fixed noise draw
         all_layers = list(range(model.n_layers))
@@ -1039,9 +1083,20 @@ class ZORecipe:
                         "history": json.dumps(history), "probes": json.dumps(probes)}, tmp)
             tmp.replace(state_path)
 
+        accept, guard_seen = None, {}
+        if cfg.guard_tolerance is not None:
+            guard_on = list(range(min(cfg.guard_batches, len(utility))))
+
+            def accept(step: int) -> bool:
+                guard_seen[step] = objective.guard(guard_on)
+                return guard_seen[step] <= cfg.guard_tolerance
+
         def on_step(step: int, res: ZOStepResult) -> None:
-            history.append({"step": step, "loss_plus": res.loss_plus, "loss_minus": res.loss_minus,
-                            "projected_grad": res.projected_grad, "stashed": res.stashed})
+            entry = {"step": step, "loss_plus": res.loss_plus, "loss_minus": res.loss_minus,
+                     "projected_grad": res.projected_grad, "stashed": res.stashed}
+            if accept is not None:
+                entry.update(accepted=res.accepted, guard=guard_seen.pop(step))
+            history.append(entry)
             done = step + 1
             if cfg.probe_every and done % cfg.probe_every == 0 and done < cfg.steps:
                 probe(done)
@@ -1051,7 +1106,7 @@ class ZORecipe:
         if start == 0:
             probe(0)
         t0 = time.time()
-        mezo_train(params, objective, cfg.zo(), progress=progress, on_step=on_step, start=start)
+        mezo_train(params, objective, cfg.zo(), progress=progress, on_step=on_step, start=start, accept=accept)
         seconds = time.time() - t0
         probe(cfg.steps)
         clean_after = objective.components(probe_step, noise=False)
@@ -1066,7 +1121,8 @@ class ZORecipe:
                                             "utility": clean_before[1], "refusal_guard": clean_before[2]},
                 "objective_batch0_after": {"noisy": noisy_after, "safety_clean": clean_after[0],
                                            "utility": clean_after[1], "refusal_guard": clean_after[2]},
-                "probes": probes, "history": history}
+                "probes": probes, "history": history,
+                **({"updates_kept": sum(h["accepted"] for h in history)} if accept is not None else {})}
 
 
 recipe = ZORecipe()

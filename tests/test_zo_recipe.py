@@ -304,6 +304,29 @@ def test_the_refusal_guard_is_zero_at_the_start_and_charges_a_refusal_rise_insid
         ZORecipeConfig(refusal_guard=-0.5)
 
 
+def test_the_hard_guard_undoes_every_update_that_raises_the_guard_above_tolerance(cache, tmp_path):
+    model = load_model("tiny-llama")
+    before = {k: v.detach().clone() for k, v in model.layer_parameters(1).items()}
+    cfg = ZORecipeConfig(layers=(1,), guard_tolerance=0.0, guard_batches=1, **SMALL)
+    info = ZORecipe(cfg).build(model, tmp_path / "w", progress=False)
+    hist = info["history"]
+    assert [h["step"] for h in hist] == list(range(cfg.steps))
+    assert all(h["accepted"] == (h["guard"] <= 0.0) for h in hist)
+    assert info["updates_kept"] == sum(h["accepted"] for h in hist)
+    moved = any(not torch.equal(v, before[k]) for k, v in model.layer_parameters(1).items())
+    assert moved == (info["updates_kept"] > 0)
+    # off by default and out of the cache key; bad inputs
+    assert "updates_kept" not in ZORecipe(ZORecipeConfig(layers=(1,), **SMALL)).build(
+        load_model("tiny-llama"), tmp_path / "v", progress=False)
+    assert not {"guard_tolerance", "guard_batches"} & set(ZORecipe(ZORecipeConfig()).config())
+    keyed = ZORecipe(ZORecipeConfig(guard_tolerance=0.25)).config()
+    assert keyed["guard_tolerance"] == 0.25 and keyed["guard_batches"] == 2
+    with pytest.raises(ValueError, match="guard_tolerance must be"):
+        ZORecipeConfig(guard_tolerance=-1.0)
+    with pytest.raises(ValueError, match="guard_batches must be"):
+        ZORecipeConfig(guard_batches=0)
+
+
 def test_recipe_entry_point_and_bad_inputs(tmp_path):
     assert isinstance(get_recipe("zo"), ZORecipe)
     with pytest.raises(ValueError, match="needs a layer_sensitivity"):
