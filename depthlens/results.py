@@ -74,23 +74,29 @@ def git_commit() -> str | None:
         return None
 
 
-def _jsonable(obj: Any) -> Any:
-    """Convert tensors, numpy values, paths, dataclasses and NaN to plain JSON values."""
+def jsonable(obj: Any) -> Any:
+    """Plain JSON values: dataclasses → dicts, numpy/torch → lists or scalars, paths → str, NaN/±inf → None.
+
+    Results files are written with ``allow_nan=False`` (strict JSON), so a non-finite float must
+    become ``null`` here rather than fail the write after the run has done its work.
+    """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(dataclasses.asdict(obj))
+        return jsonable(dataclasses.asdict(obj))
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, float):
-        return None if math.isnan(obj) else obj
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
     if isinstance(obj, Path):
         return str(obj)
-    if hasattr(obj, "tolist"):  # numpy / torch
-        return _jsonable(obj.tolist())
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars, tensors
+        return jsonable(obj.tolist())
     if hasattr(obj, "item"):
-        return obj.item()
-    return obj
+        return jsonable(obj.item())
+    return str(obj)
 
 
 def write_run(record: RunRecord, out: str | Path = "results") -> Path:
@@ -100,12 +106,12 @@ def write_run(record: RunRecord, out: str | Path = "results") -> Path:
     record.versions = record.versions or package_versions()
     record.git_commit = record.git_commit or git_commit()
     if not record.run_id:
-        digest = hashlib.sha256(json.dumps(_jsonable(record.config), sort_keys=True).encode()).hexdigest()[:8]
+        digest = hashlib.sha256(json.dumps(jsonable(record.config), sort_keys=True).encode()).hexdigest()[:8]
         record.run_id = f"{now.strftime('%Y%m%d-%H%M%S')}-{digest}-s{record.seed}"
     run_dir = Path(out) / record.analysis / record.model_tag / record.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "results.json"
-    atomic_write_json(path, _jsonable(record.to_dict()))
+    atomic_write_json(path, jsonable(record.to_dict()))
     return path
 
 

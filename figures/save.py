@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import struct
@@ -34,6 +32,8 @@ from typing import Any, Literal
 
 import numpy as np
 import plotly.graph_objects as go
+
+from depthlens.results import jsonable
 
 from .theme import DEFAULT_HEIGHT_IN, DOUBLE_COLUMN_IN, PNG_SCALE, PRINT_DPI, inches
 
@@ -88,29 +88,6 @@ def _atomic_write(path: Path, payload: bytes | str) -> Path:
 
 
 # --- Data JSON. -------------------------------------------------------------------------
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON values: numpy → lists/scalars, NaN/inf → None, dataclasses → dicts."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(dataclasses.asdict(obj))
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (str, int, bool)) or obj is None:
-        return obj
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "tolist"):  # tensors and the like
-        return _jsonable(obj.tolist())
-    return str(obj)
-
-
 _TRACE_KEYS = ("x", "y", "z", "text")
 
 
@@ -122,12 +99,12 @@ def figure_data(fig: go.Figure) -> dict:
         for key in _TRACE_KEYS:
             val = getattr(tr, key, None)
             if val is not None and not isinstance(val, str):
-                row[key] = _jsonable(np.asarray(val, dtype=object).tolist())
+                row[key] = jsonable(np.asarray(val, dtype=object).tolist())
         for key in ("error_x", "error_y"):
             err = getattr(tr, key, None)
             if err is not None and err.array is not None:
-                row[key] = {"plus": _jsonable(list(err.array)),
-                            "minus": _jsonable(list(err.arrayminus if err.arrayminus is not None else err.array))}
+                row[key] = {"plus": jsonable(list(err.array)),
+                            "minus": jsonable(list(err.arrayminus if err.arrayminus is not None else err.array))}
         traces.append(row)
     return {"title": fig.layout.title.text, "traces": traces}
 
@@ -292,7 +269,7 @@ def save_figures(
             stem = stem.with_suffix("")
         rec = SavedFigure(stem=stem)
         rec.files += _write_html(fig, stem.with_name(stem.name + ".html"), html_js)
-        payload = _jsonable(data) if data is not None else figure_data(fig)
+        payload = jsonable(data) if data is not None else figure_data(fig)
         rec.files.append(_atomic_write(stem.with_name(stem.name + ".json"),
                                        json.dumps(payload, allow_nan=False)))
         saved.append(rec)

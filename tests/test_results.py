@@ -9,12 +9,15 @@ from depthlens.results import RunRecord, latest_run, read_run, write_run
 
 def test_round_trip_and_layout(tmp_path):
     rec = RunRecord(analysis="evaluate", model="smollm2-135m-instruct:sft", config={"n": 3}, seed=7,
-                    metrics={"asr": 0.25, "nan": float("nan")}, tables={"rows": [{"a": 1}]})
+                    metrics={"asr": 0.25, "nan": float("nan"), "inf": float("inf"), "ninf": -float("inf")},
+                    tables={"rows": [{"a": 1}]})
     path = write_run(rec, tmp_path)
     assert path.parent.parent.name == "smollm2-135m-instruct-sft"
     assert path.parent.parent.parent.name == "evaluate"
     back = read_run(path)
-    assert back.metrics == {"asr": 0.25, "nan": None}
+    # strict JSON on disk: every non-finite float is written as null (was: inf failed the write)
+    assert back.metrics == {"asr": 0.25, "nan": None, "inf": None, "ninf": None}
+    assert "Infinity" not in path.read_text() and "NaN" not in path.read_text()
     assert back.tables == {"rows": [{"a": 1}]} and back.seed == 7
     assert back.versions["torch"] and back.created
     assert latest_run(tmp_path, "evaluate") == path
