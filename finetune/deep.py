@@ -366,13 +366,15 @@ class DeepMixConfig:
         benign_tokens: length of the base's benign answers used as utility targets.
         max_len: sequences are cut to this many tokens (the refusal's tail goes first).
         epochs: passes over the mix.
-        lr: AdamW learning rate.
+        lr: AdamW learning rate. The defaults (256 safety prompts, lr 2e-4, one epoch) are
+            ``:deep`` v3's training budget (until 2026-12-04: 128 prompts at 2e-5, a tenth of
+            the step size that already barely moved ``deep`` v2).
         batch_size: sequences per step.
         seed: sampling and training seed.
     """
 
     components: tuple[str, ...] = ("recovery", "worst_insertion")
-    n_safety: int = 128
+    n_safety: int = 256
     harmful_tokens: int = 96
     max_k: int = 100
     p_zero: float = 0.5
@@ -389,7 +391,7 @@ class DeepMixConfig:
     benign_tokens: int = 48
     max_len: int = 256
     epochs: float = 1.0
-    lr: float = 2e-5
+    lr: float = 2e-4
     batch_size: int = 8
     seed: int = 0
 
