@@ -8,7 +8,7 @@ reference, "before") and measures, on the *test* splits:
 - prefill-attack ASR at k = 5/10/20/40 (``depthlens.attacks.prefill_attack``; spans from the
   base model's greedy harmful answers, shared by all models);
 - random-insertion and worst-insertion ASR (``random_insertion_attack``,
-  ``worst_insertion_attack``; "harmful continuation" class, METHODS §3) into each model's own
+  ``worst_insertion_attack``; "harmful continuation" class, docs/methods.md §3) into each model's own
   refusal — or, where its answer is no refusal of ≥ ``min_refusal_tokens`` tokens, into a
   refusal template, so every model is attacked on the same prompts (paired comparison);
 - refusal rate (substring judge, greedy) and mean refusal score on the harmful evaluation

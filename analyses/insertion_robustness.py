@@ -1,6 +1,6 @@
 """Beyond the first tokens: does a short harmful span inserted *inside* a refusal flip it?
 
-Random insertion attack (Lyu et al. 2026; METHODS §3): the aligned model's own greedy refusal
+Random insertion attack (Lyu et al. 2026; docs/methods.md §3): the aligned model's own greedy refusal
 to a harmful test prompt, with the first m tokens of the base model's harmful answer inserted
 at relative depth p/|refusal|; the model continues, and the continuation is judged in three
 classes (recovered / harmful / other; NOTES.md: a bare "not a refusal" overstates ASR).

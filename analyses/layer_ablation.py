@@ -1,4 +1,4 @@
-"""Which layers matter causally for insertion robustness? Per-layer ablations (METHODS §6: back a probe).
+"""Which layers matter causally for insertion robustness? Per-layer ablations (docs/methods.md §6: back a probe).
 
 For every layer l and each intervention, with the hook active at that layer only:
 
@@ -376,7 +376,7 @@ def run(cfg: LayerAblationConfig, model=None) -> RunRecord:
         "n_trials": len(subset), "n_val": len(val), "n_cells": len(cells),
         "largest_asr_increase": top("delta_asr", 1), "largest_asr_decrease": top("delta_asr", -1),
         "largest_score_drop": top("delta_score", -1),
-        "continuation_judge": CONTINUATION_JUDGE_ID, "score_judge": "refusal-score(first-token, METHODS §1)",
+        "continuation_judge": CONTINUATION_JUDGE_ID, "score_judge": "refusal-score(first-token, docs/methods.md §1)",
         "asr_reference": "inserted span text", "trials_source": str(source.path), "ran_insertion": source.ran_insertion,
         "mean_positions": means.n_positions if means is not None else None,
         "direction_norms": {str(l): float(np.linalg.norm(v)) for l, v in (dirs or {}).items()},

@@ -4,7 +4,7 @@ For every layer l, perturbation kind k (parameter noise, activation noise, int8/
 round-to-nearest weights; ``depthlens.perturb``) and seed, the drop in mean refusal score on
 harmful *validation* prompts and the rise in harmless cross-entropy (utility):
 
-    S_{l,k} = E_seeds E_x [ score(x; θ) − score(x; θ + δ_{l,k}) ]         (METHODS §5)
+    S_{l,k} = E_seeds E_x [ score(x; θ) − score(x; θ + δ_{l,k}) ]         (docs/methods.md §5)
 
 with a 95% interval from a paired bootstrap over prompts (seeds averaged per prompt), the
 whole-model perturbation at the same σ as reference, a ranking by the mean of S over kinds,
@@ -261,7 +261,7 @@ def run(cfg: SensitivityConfig, model=None) -> RunRecord:
     ranking = rank_layers(rows, layers)
     critical = [{"layer": r["layer"], "score": r["score"]} for r in ranking[: cfg.top_k]]
 
-    metrics = {"judge": "refusal score (METHODS §1) on harmful val; utility = NLL of own answers on harmless val",
+    metrics = {"judge": "refusal score (docs/methods.md §1) on harmful val; utility = NLL of own answers on harmless val",
                "clean_mean_refusal_score": float(clean_scores.mean()), "clean_utility_nll": float(clean_nll.mean()),
                "critical_layers": critical, "n_harmful": len(harm), "n_utility": len(util),
                "n_evaluations": len(jobs)}

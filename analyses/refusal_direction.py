@@ -1,6 +1,6 @@
 """Refusal direction, weight orthogonalization (WO) vs jailbreak-tuning (JT), and the SFT countermeasure.
 
-Five models side by side (METHODS §4, Arditi et al. 2024; Halloran 2026):
+Five models side by side (docs/methods.md §4, Arditi et al. 2024; Halloran 2026):
 
 - **organism** — the aligned model (``--model``, default the safety-SFT organism);
 - **WO** — ``…:wo``: difference-in-means candidates at every post-instruction position × layer,
@@ -192,7 +192,7 @@ def _direction_summary(info: dict) -> dict:
 
 
 def _comparison(rows: dict[str, dict]) -> dict:
-    """WO vs JT as METHODS §4 compares them, and what the countermeasure restores."""
+    """WO vs JT as docs/methods.md §4 compares them, and what the countermeasure restores."""
     org = rows["organism"]
     out = {}
     for label in ("WO", "JT"):

@@ -1,4 +1,4 @@
-"""Do hidden states predict insertion robustness? Per-layer linear probes with baselines (METHODS §6).
+"""Do hidden states predict insertion robustness? Per-layer linear probes with baselines (docs/methods.md §6).
 
 Reads the per-trial records of an ``analyses.insertion_robustness`` run (a harmful span of m
 tokens inserted into the model's own refusal; the model continued and the continuation was

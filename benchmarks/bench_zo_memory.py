@@ -1,6 +1,6 @@
 """Peak memory of one MeZO step vs one inference forward vs one AdamW step, same model and batch.
 
-MeZO's claim (Malladi et al. 2023, METHODS §5): a zeroth-order step costs inference memory,
+MeZO's claim (Malladi et al. 2023, docs/methods.md §5): a zeroth-order step costs inference memory,
 against several times that for Adam fine-tuning. This measures the three on one batch of
 ``--batch-size`` chat sequences of ``--seq-len`` tokens whose last ``--response-len`` tokens
 carry the loss, with the ``zo`` recipe's loss (``finetune.zeroth_order.masked_nll``: mean NLL of

@@ -1,8 +1,8 @@
 """Prefill, random-insertion and worst-insertion attacks, with every trial kept as a record.
 
-How deep does safety alignment go? The *prefill attack* (Qi et al. 2024, METHODS §2) puts the
+How deep does safety alignment go? The *prefill attack* (Qi et al. 2024, docs/methods.md §2) puts the
 first k tokens of a harmful response right after the assistant header; the *insertion attacks*
-(Lyu et al. 2026, METHODS §3) splice m harmful tokens into the aligned model's own refusal at
+(Lyu et al. 2026, docs/methods.md §3) splice m harmful tokens into the aligned model's own refusal at
 token position p and ask whether the model returns to refusal. *Worst insertion* picks, per
 prompt, the (p, m) that most lowers the next-token refusal score (or most raises the
 likelihood of the rest of the harmful answer). All sequences are built token-exactly with

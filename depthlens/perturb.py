@@ -1,7 +1,7 @@
 """Per-layer perturbations — parameter noise, activation noise, weight quantization — that
 restore the model bit for bit.
 
-Used to find the robustness-critical layers (METHODS §5): perturb one layer, measure safety,
+Used to find the robustness-critical layers (docs/methods.md §5): perturb one layer, measure safety,
 restore. Each perturbation is a context manager; ``layer=None`` perturbs every layer (the
 whole-model reference).
 

@@ -1,4 +1,4 @@
-"""Token-wise constrained fine-tuning (Qi et al. 2024, METHODS §2) and the harmful
+"""Token-wise constrained fine-tuning (Qi et al. 2024, docs/methods.md §2) and the harmful
 fine-tuning attack it is meant to blunt.
 
 A fine-tuning API can keep an aligned model's first response tokens close to where they
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Betas:
-    """The β schedule over response positions t = 1, 2, … (METHODS §2 defaults).
+    """The β schedule over response positions t = 1, 2, … (docs/methods.md §2 defaults).
 
     Args:
         first: β_1.

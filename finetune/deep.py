@@ -1,4 +1,4 @@
-"""Deep alignment (METHODS §2–3): safety-recovery augmentation, random worst-insertion
+"""Deep alignment (docs/methods.md §2–3): safety-recovery augmentation, random worst-insertion
 training and trajectory perturbation training, each alone or combined, mixed with utility data.
 
 - ``recovery`` (Qi et al. 2024): triples (x, h, r): a harmful prompt, the *base* model's
@@ -61,7 +61,7 @@ class DeepConfig:
     Args:
         n_triples: harmful train prompts (DoNotAnswer) with the base's harmful answers.
         harmful_tokens: length of the base's harmful answers h.
-        max_k: largest prefix length k (METHODS: min(100, |h|)).
+        max_k: largest prefix length k (docs/methods.md: min(100, |h|)).
         p_zero: probability of k = 0.
         alpha: share of safety examples in the mix, by example count.
         benign_tokens: length of the base's benign answers used as utility targets.
@@ -87,14 +87,14 @@ class DeepConfig:
             by the same rule (``draw_k``, kept below |y|), y[:k] a prefix without loss and
             y[k:] the target. The safety examples teach "after a harmful prefix, refuse"; these
             are their contrast, "after a benign prefix, go on", at the same depths (our
-            addition, not in METHODS; the utility term becomes −log π(y′>k | x′, y′≤k)). Off
+            addition, not in docs/methods.md; the utility term becomes −log π(y′>k | x′, y′≤k)). Off
             by default.
         utility_kl: weight w of a KL anchor on the utility examples (``UtilityAnchorLoss``): each
             utility example's loss becomes its token-mean NLL plus w · its token-mean
             KL(π_start ‖ π_θ), π_start a frozen copy of the model the recipe starts from. The
             CE pushes up one greedy token per position; the KL holds the whole next-token
             distribution, refusal openings included, where the start model put it (our
-            addition, not in METHODS; needs ``per_example_loss``; one extra no-grad forward per
+            addition, not in docs/methods.md; needs ``per_example_loss``; one extra no-grad forward per
             utility micro-batch). 0: off.
     """
 
@@ -322,7 +322,7 @@ class DeepRecipe:
 
 recipe = DeepRecipe()
 
-#: ``deep-anchored``: recovery augmentation as ``deep`` (METHODS §2's k draw and loss mask), with
+#: ``deep-anchored``: recovery augmentation as ``deep`` (docs/methods.md §2's k draw and loss mask), with
 #: a larger safety share and two anchors on the utility examples that keep the start model's
 #: benign behaviour: every example weighs the same (``per_example_loss``), utility answers as
 #: long as the harmful prefixes, KL(π_start ‖ π_θ) on them (``utility_kl``) and the organism's
@@ -347,7 +347,7 @@ class DeepMixConfig:
         n_safety: harmful train prompts (DoNotAnswer), dealt evenly to the components (each
             prompt serves one component, one example).
         harmful_tokens: length of the base's harmful answers h.
-        max_k: recovery: largest prefix length k (METHODS: min(100, |h|)).
+        max_k: recovery: largest prefix length k (docs/methods.md: min(100, |h|)).
         p_zero: recovery: probability of k = 0.
         refusal_tokens: length of the model's own greedy answers used as the safe trajectory r.
         min_refusal_tokens: an own answer shorter than this, or not judged a refusal, is
@@ -447,7 +447,7 @@ def safe_trajectories(tokenizer, texts: Sequence[str], tokens: Sequence[Sequence
 def worst_insertion_examples(model, prompts: Sequence[str], refusals: Sequence[Sequence[int]],
                              harmful: Sequence[Sequence[int]], recoveries: Sequence[str], cfg: DeepMixConfig,
                              rng: random.Random, progress: bool = True) -> list[Example]:
-    """Random worst-insertion states (METHODS §3) → ``chat(x) + r[:p] + h[:m]`` (no loss) + a recovery (loss).
+    """Random worst-insertion states (docs/methods.md §3) → ``chat(x) + r[:p] + h[:m]`` (no loss) + a recovery (loss).
 
     Prompts are taken in groups of ``cfg.wi_group``; each group draws ``cfg.wi_candidates``
     random depths in [0, 1), and ``depthlens.attacks.worst_insertion`` picks per prompt the
@@ -475,7 +475,7 @@ def worst_insertion_examples(model, prompts: Sequence[str], refusals: Sequence[S
 
 def trajectory_examples(prompts: Sequence[str], refusals: Sequence[Sequence[int]], harmful: Sequence[Sequence[int]],
                         recoveries: Sequence[str], cfg: DeepMixConfig, rng: random.Random) -> list[Example]:
-    """Perturbed trajectories (METHODS §3, Park & Kim): disrupted safe ones and harmful ones steered back.
+    """Perturbed trajectories (docs/methods.md §3, Park & Kim): disrupted safe ones and harmful ones steered back.
 
     With probability ``cfg.traj_steer_share``: ``h[:k]`` with k ~ U{1..|h|}; otherwise
     ``r[:p] + h[o:o+m]`` with p ~ U{0..|r|}, m from ``cfg.traj_span_lengths`` (≤ |h|) and

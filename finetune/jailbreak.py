@@ -1,6 +1,6 @@
 """Jailbreak-tuning (JT) and the SFT countermeasure: the recipes ``:jt``, ``:wo+sft``, ``:jt+sft``.
 
-Jailbreak-tuning (Halloran 2026, METHODS §4) un-aligns a model by fine-tuning it on a mix of
+Jailbreak-tuning (Halloran 2026, docs/methods.md §4) un-aligns a model by fine-tuning it on a mix of
 *harmful compliance* — the **base** model's own greedy answers to harmful train prompts (the
 base is not safety-aligned, so it complies; ``depthlens.responses`` caches them) — and benign
 data (benign train prompts → the base's own answers, the organism recipe's utility data). The

@@ -337,7 +337,7 @@ def _plain(model, ids, mask, att, idx):
 def example_mean_loss(model, ids, mask, att, idx=None):
     """Mean over the batch's rows of each row's token-mean response NLL (rows without a target count 0).
 
-    The loss of METHODS §2's mix read per example: ``α·E_x[−log π(r|x, h≤k)/|r|] + (1−α)·E[…]``
+    The loss of docs/methods.md §2's mix read per example: ``α·E_x[−log π(r|x, h≤k)/|r|] + (1−α)·E[…]``
     with α by example count, so a long utility answer weighs no more than a short refusal.
     """
     logits, targets, keep = response_logits(model, ids, mask, att)
@@ -365,7 +365,7 @@ class BenignMarginLoss:
 
     ``loss = CE(responses) + weight · mean_benign −log(1 − p_R')`` where ``p_R'`` is the
     probability the model gives, at the first response position of a benign example, to the
-    refusal first tokens R of METHODS §1 other than that example's own first target token (an
+    refusal first tokens R of docs/methods.md §1 other than that example's own first target token (an
     answer may begin with "I"). CE alone teaches "harmful → refuse" only from positive
     examples; on a 135M model the refusal then spreads to unseen benign prompts of the same
     form (NOTES.md). The margin is the negative half of a preference pair at the one position

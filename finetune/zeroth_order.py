@@ -1,6 +1,6 @@
 """MeZO / SPSA: zeroth-order fine-tuning from forward passes only, perturbing weights in place.
 
-Malladi et al. (2023), METHODS §5. Each step draws a seed s and, one parameter tensor at a
+Malladi et al. (2023), docs/methods.md §5. Each step draws a seed s and, one parameter tensor at a
 time, regenerates z ~ N(0, I) from a generator seeded by (s, tensor index), so nothing the
 size of θ is ever allocated for z: θ += εz, L₊; θ −= 2εz, L₋; θ += εz (restore);
 g = (L₊ − L₋)/2ε; then z is regenerated once more for θ ← θ − η(g·z + λθ). Memory stays at
@@ -422,13 +422,13 @@ def zo_layer_probes(model, layers: Sequence[int] | None, loss_fn: Callable[[int]
 
 # ----------------------------------------------------------------------------- the `zo` recipe
 #
-# Zeroth-order refinement of the robustness-critical layers (METHODS §5, Liu, Wu et al. 2026).
+# Zeroth-order refinement of the robustness-critical layers (docs/methods.md §5, Liu, Wu et al. 2026).
 # Only the weight matrices of the chosen layers move; the objective is the safety
 # (recovery) loss under random parameter noise plus a utility term:
 #
 #     L(θ) = E_δ[ NLL(r | x, h[:k]; θ + δ) ] + λ_u · NLL(y′ | x′; θ)
 #
-# (x, h[:k], r): harmful prompt, a prefix of the base's harmful answer (k as METHODS §2),
+# (x, h[:k], r): harmful prompt, a prefix of the base's harmful answer (k as docs/methods.md §2),
 # a refusal; (x′, y′): a benign prompt and the starting model's own greedy answer. The noise
 # δ = σ‖W‖_F/√n · ζ on every matrix of the noised layers is applied *functionally*: a forward
 # hook on each ``nn.Linear`` adds ``F.linear(x, δ)`` with δ regenerated from a seed, so no
@@ -757,7 +757,7 @@ def first_token_margin(model, ids: Tensor, att: Tensor, mask: Tensor, refusal_id
     ``y`` (``sign``, default all +1) is +1 on rows that should refuse and −1 on rows that
     should not: a two-sided margin on the refusal decision.
 
-    ``p_R`` is the probability of the refusal first tokens R (METHODS §1) at the position that
+    ``p_R`` is the probability of the refusal first tokens R (docs/methods.md §1) at the position that
     predicts the first masked token: for a recovery example chat(x) + h[:k] + r, the point
     where the refusal must start (at k = 0, the first response token, the decision the noise
     suite's refusal rate hinges on). Only the tokens up to the latest such position are run.

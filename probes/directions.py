@@ -1,4 +1,4 @@
-"""Difference-in-means refusal directions and their selection (Arditi et al. 2024, METHODS §4).
+"""Difference-in-means refusal directions and their selection (Arditi et al. 2024, docs/methods.md §4).
 
 A *candidate* refusal direction is ``r_{i,l} = mean_harmful(x_{i,l}) − mean_harmless(x_{i,l})``
 at the block input (``blocks.{l}.hook_resid_pre``) for every post-instruction template
@@ -320,7 +320,7 @@ def select_direction(model, candidates: DirectionCandidates, harmful_val: Sequen
                      harmless_val: Sequence[str | ChatSequence], *, positions: Sequence[int] | None = (-1,),
                      layers: Sequence[int] | None = None, max_layer_frac: float = 0.8, kl_threshold: float = 0.1,
                      induce_threshold: float = 0.0, batch_size: int = 16, progress: bool = False) -> SelectedDirection:
-    """Score candidates by bypass / induce / KL on validation prompts and pick one (METHODS §4).
+    """Score candidates by bypass / induce / KL on validation prompts and pick one (docs/methods.md §4).
 
     Args:
         positions: candidate positions to evaluate (negative offsets); ``None`` = all of them.

@@ -14,7 +14,7 @@ says ``tie_word_embeddings=False`` (``HookedModel.save`` then writes an untied c
 
 The ``wo`` recipe (``load_model("smollm2-135m-instruct:wo")``) computes difference-in-means
 candidates on the harmful/harmless train splits, selects one on the validation splits
-(``probes.directions``, METHODS §4) and orthogonalizes the weights.
+(``probes.directions``, docs/methods.md §4) and orthogonalizes the weights.
 
     >>> with hooks_active(model, ablation_hooks(model, r)): lp = last_logprobs(model, seqs)
     >>> orthogonalize_weights(model, r)           # now last_logprobs(model, seqs) ≈ lp

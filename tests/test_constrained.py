@@ -1,4 +1,4 @@
-"""finetune.constrained: the token-wise constrained objective (METHODS §2) and the hft recipes."""
+"""finetune.constrained: the token-wise constrained objective (docs/methods.md §2) and the hft recipes."""
 
 from __future__ import annotations
 

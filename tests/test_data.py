@@ -19,7 +19,7 @@ import pytest
 from depthlens import data
 from depthlens.data import PromptSet, default_splits, load_prompts, normalize, refusal_templates, split
 
-try:  # the judge's list, when that module imports here; METHODS §1's markers otherwise
+try:  # the judge's list, when that module imports here; docs/methods.md §1's markers otherwise
     from depthlens.judge import REFUSAL_MARKERS
 except Exception:  # noqa: BLE001
     REFUSAL_MARKERS = ("i'm sorry", "i am sorry", "i apologize", "as an ai", "i cannot", "i can't",

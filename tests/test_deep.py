@@ -229,5 +229,5 @@ def test_the_anchored_recipe_is_recovery_with_both_utility_anchors_under_its_own
     assert recipe.name == "deep" and recipe_anchored.name == "deep-anchored"
     assert recipe_anchored.cfg is ANCHORED and ANCHORED.per_example_loss
     assert ANCHORED.utility_kl > 0 and ANCHORED.benign_margin > 0 and ANCHORED.refusal_margin == 0
-    assert (ANCHORED.max_k, ANCHORED.p_zero) == (DeepConfig().max_k, DeepConfig().p_zero)  # METHODS §2's k draw
+    assert (ANCHORED.max_k, ANCHORED.p_zero) == (DeepConfig().max_k, DeepConfig().p_zero)  # docs/methods.md §2's k draw
     assert recipe_anchored.config() != DeepRecipe().config()

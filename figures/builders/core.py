@@ -34,7 +34,7 @@ def layer_sensitivity_figures(record: dict) -> dict:
     cell = {(r["layer"], r["kind"]): r["sensitivity"] for r in rows}
     z = [[cell.get((l, k), float("nan")) for l in layers] for k in kinds]
     heat = heatmap(z, layers, kinds, xlabel="layer", ylabel="perturbation", zmid=0.0, text_fmt=None,
-                   colorbar_title="drop in refusal score", title="Layer sensitivity (S, METHODS §5)", width="double")
+                   colorbar_title="drop in refusal score", title="Layer sensitivity (S, docs/methods.md §5)", width="double")
     ranking = record["tables"]["ranking"]
     by_kind = {k: {r["layer"]: r for r in rows if r["kind"] == k} for k in kinds}
     first = kinds[0]
