@@ -24,8 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
+import operator
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,12 @@ from typing import Any
 
 import torch
 
-from depthlens.paths import cache_dir
+from depthlens import cache
+from depthlens.cache import file_sha256
+from depthlens.errors import UsageError
+from depthlens.paths import cache_dir, entry_name, model_tag
+
+_file_sha256 = file_sha256  # the name finetune.zeroth_order imports
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ HOOK_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 def hook_name(kind: str, layer: int) -> str:
     """TransformerLens hook-point name, e.g. ``hook_name("resid_pre", 3) == "blocks.3.hook_resid_pre"``."""
     if kind not in HOOK_KINDS:
-        raise ValueError(f"Unknown hook kind {kind!r}; use one of {', '.join(HOOK_KINDS)}.")
+        raise UsageError(f"Unknown hook kind {kind!r}; use one of {', '.join(HOOK_KINDS)}.")
     return f"blocks.{layer}.hook_{kind}"
 
 
@@ -93,14 +97,32 @@ class HookedModel:
 
     @property
     def tag(self) -> str:
-        """A filesystem-safe name for results directories."""
-        return self.spec.rstrip("/").replace("/", "_").replace(":", "-")
+        """A filesystem-safe name for results directories (``depthlens.paths.model_tag``)."""
+        return model_tag(self.spec)
+
+    @property
+    def context_len(self) -> int:
+        """The most tokens one sequence may hold: the position embeddings the model was built with.
+
+        Prompts longer than this are refused (``depthlens.chat.check_context``) rather than run
+        on positions the model never saw.
+        """
+        cfg = self.hf.config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return int(self.bridge.cfg.n_ctx)
 
     def check_layer(self, layer: int) -> int:
-        """Return ``layer`` or raise one clear error when it is out of range."""
-        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-            raise ValueError(f"Layer {layer!r} is out of range: this model has layers 0..{self.n_layers - 1}.")
-        return layer
+        """``layer`` as an int, or one clear error when it is not an integer in ``0..n_layers-1``."""
+        try:
+            index = None if isinstance(layer, bool) else operator.index(layer)
+        except TypeError:
+            index = None
+        if index is None or not 0 <= index < self.n_layers:
+            raise UsageError(f"Layer {layer!r} is out of range: this model has layers 0..{self.n_layers - 1}.")
+        return index
 
     def decoder_layer(self, layer: int) -> torch.nn.Module:
         """The transformer block ``layer`` of the underlying HF model (its parameters are live)."""
@@ -188,25 +210,39 @@ def _clean_key(key: str) -> str:
 
 
 def default_device() -> torch.device:
+    """CUDA when a GPU is visible, else the CPU (``load_model`` then picks bf16, resp. fp32)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
 def _resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None):
-    dev = torch.device(device) if device is not None else default_device()
+    try:
+        dev = torch.device(device) if device is not None else default_device()
+    except (RuntimeError, TypeError):
+        raise UsageError(f"Unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'.") from None
     if isinstance(dtype, str):
-        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-            raise ValueError(f"Unknown dtype {dtype!r}; use float32, bfloat16 or float16.")
-        dtype = getattr(torch, dtype)
+        dtype = getattr(torch, dtype, None) if dtype in _DTYPES else dtype
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise UsageError(f"Unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}.")
     return dev, dtype
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None) -> HookedModel:
-    """Resolve ``spec`` to a ``HookedModel`` (see the module docstring for accepted specs)."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"Model spec must be a non-empty string, got {spec!r}.")
+    """Resolve ``spec`` to a ``HookedModel`` (see the module docstring for accepted specs).
+
+    A bad spec, device or dtype raises ``UsageError`` with one sentence saying what is allowed.
+
+        >>> load_model("tiny-llama").n_layers
+        2
+        >>> load_model("tiny-llama:")
+        Traceback (most recent call last):
+        depthlens.errors.UsageError: Model spec 'tiny-llama:' has an empty recipe suffix (a ':' with nothing after it); remove the stray ':'.
+    """
     dev, dt = _resolve_device_dtype(device, dtype)
     base, recipes = split_spec(spec)
     if recipes:
@@ -218,18 +254,30 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device | None = No
 
 
 def split_spec(spec: str) -> tuple[str, list[str]]:
-    """``"smollm2-135m-instruct:deep:zo"`` → ``("smollm2-135m-instruct", ["deep", "zo"])``.
+    """Split a spec into its base model and its recipe suffixes, refusing malformed specs.
 
-    A colon inside an existing path or after ``hf`` is not a recipe separator.
+    A colon inside an existing path or after ``hf`` is not a recipe separator. An empty base
+    (``":sft"``) or an empty suffix (``"tiny-llama:"``, ``"x::sft"``) raises ``UsageError``:
+    read otherwise, it would load another model than the one named.
+
+        >>> split_spec("smollm2-135m-instruct:deep:zo")
+        ('smollm2-135m-instruct', ['deep', 'zo'])
+        >>> split_spec("hf:org/name:sft")
+        ('hf:org/name', ['sft'])
     """
-    if Path(spec).exists():
+    if not isinstance(spec, str) or not spec.strip():
+        raise UsageError(f"A model spec must be a non-empty string, got {spec!r}.")
+    if Path(spec).expanduser().exists():
         return spec, []
-    head, _, rest = spec.partition(":")
-    if head == "hf":
-        name, *recipes = rest.split(":")
-        return f"hf:{name}", [r for r in recipes if r]
-    parts = spec.split(":")
-    return parts[0], [r for r in parts[1:] if r]
+    hub = spec.startswith("hf:")
+    base, *recipes = spec.removeprefix("hf:").split(":")
+    if not base.strip():
+        raise UsageError(f"Model spec {spec!r} names no base model before its recipes; write BASE:RECIPE, "
+                         f"e.g. '{TINY_MODEL}:sft'.")
+    if any(not r.strip() for r in recipes):
+        raise UsageError(f"Model spec {spec!r} has an empty recipe suffix (a ':' with nothing after it); "
+                         "remove the stray ':'.")
+    return ("hf:" + base if hub else base), recipes
 
 
 def wrap(hf_model, tokenizer, spec: str, provenance: dict, device, dtype) -> HookedModel:
@@ -256,12 +304,12 @@ def _load_hf(base: str):
     if path.is_dir():
         return _load_dir(path)
     if path.exists() or base.endswith((".json", ".safetensors", ".gguf", ".bin")):
-        raise ValueError(f"Model path {base!r} is not a checkpoint directory; pass the directory holding config.json.")
+        raise UsageError(f"Model path {base!r} is not a checkpoint directory; pass the directory holding config.json.")
     if base.startswith("hf:") or ("/" in base and not base.startswith((".", "/", "~"))):
         return _load_hub(base.removeprefix("hf:"))
     if "/" in base:
-        raise FileNotFoundError(f"Model directory {base!r} does not exist.")
-    raise ValueError(
+        raise UsageError(f"Model directory {base!r} does not exist.")
+    raise UsageError(
         f"Unknown model spec {base!r}: use {DEFAULT_MODEL!r} (embedded default), {TINY_MODEL!r}, "
         "a local checkpoint directory, or a Hugging Face id such as 'org/name' (or 'hf:name')."
     )
@@ -271,7 +319,10 @@ def _load_dir(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").exists():
-        raise ValueError(f"Directory {str(path)!r} holds no config.json, so it is not a Hugging Face checkpoint.")
+        raise UsageError(f"Directory {str(path)!r} holds no config.json, so it is not a Hugging Face checkpoint.")
+    if (path / cache.MANIFEST).exists() and (problem := cache.check(path)) is not None:
+        raise UsageError(f"Checkpoint {str(path)!r} is damaged ({problem}): it no longer matches its "
+                         f"{cache.MANIFEST}; save it again or delete it.")
     prov: dict = {"source": str(path.resolve())}
     if (path / PROVENANCE_FILE).exists():
         prov["saved_from"] = json.loads((path / PROVENANCE_FILE).read_text())
@@ -288,7 +339,7 @@ def _load_hub(model_id: str):
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise FileNotFoundError(
+        raise UsageError(
             f"Hugging Face model {model_id!r} is not in the local cache and the hub cannot be reached here; "
             f"download it where there is internet (huggingface-cli download {model_id}) or use "
             f"{DEFAULT_MODEL!r}, {TINY_MODEL!r} or a local directory."
@@ -298,32 +349,11 @@ def _load_hub(model_id: str):
 
 
 def _dir_weights_hash(path: Path) -> str:
+    """The cache key of a checkpoint's weights: sha256 over its safetensors files' sha256s."""
     h = hashlib.sha256()
     for f in sorted(path.glob("*.safetensors")):
-        h.update(_file_sha256(f).encode())
+        h.update(file_sha256(f).encode())
     return h.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    """sha256 of a file, memoised beside the cache by (path, size, mtime)."""
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
-    memo = cache_dir("hashes") / key
-    if memo.exists():
-        return memo.read_text().strip()
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    _atomic_write_text(memo, h.hexdigest())
-    return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- the embedded default
@@ -346,51 +376,69 @@ def smollm2_gguf_path() -> Path:
 
 
 def _smollm2():
-    """Load the default from its de-quantized safetensors cache, building the cache once (≈ 18 s)."""
+    """Load the default from its de-quantized safetensors cache entry, building it once (≈ 18 s).
+
+    The entry is checked against its manifest; a damaged one is rebuilt (it is cheap).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
-    sha = _file_sha256(gguf)
-    target = cache_dir("models") / f"{DEFAULT_MODEL}-{sha[:12]}"
-    if not (target / "config.json").exists():
-        log.info("De-quantizing %s once into %s (about 20 s)", gguf.name, target)
+    sha = file_sha256(gguf)
+
+    def dequantize(tmp: Path) -> None:
+        log.info("De-quantizing %s once into the cache (about 20 s)", gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # A GGUF-loaded model refuses save_pretrained: rebuild it from its config first.
         fresh = AutoModelForCausalLM.from_config(model.config)
         fresh.load_state_dict(model.state_dict())
-        save_checkpoint(fresh, tokenizer, target, {"spec": DEFAULT_MODEL, "source": str(gguf), "gguf_sha256": sha})
+        write_checkpoint(fresh, tokenizer, tmp, {"spec": DEFAULT_MODEL, "source": str(gguf), "gguf_sha256": sha})
+
+    target = cache.ensure(cache_dir("models") / entry_name(DEFAULT_MODEL, sha, 12), dequantize,
+                          adopt=cache.looks_complete)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(target)
     return model, tokenizer, {"source": f"{SMOLLM2_WHEEL}/{SMOLLM2_GGUF}", "gguf_sha256": sha}
 
 
 def save_checkpoint(hf_model, tokenizer, path: str | Path, provenance: dict, files: dict[str, str] | None = None) -> Path:
-    """Save an HF checkpoint to ``path`` atomically (a sibling temp dir renamed into place).
+    """Save an HF checkpoint to ``path``: whole or not at all, with a manifest, one writer at a time.
 
-    ``files`` are extra text files written into the checkpoint before it is renamed in.
+    The files are written into a sibling temporary directory (``write_checkpoint``), a
+    ``manifest.json`` of their sizes and hashes is added last, and the directory takes
+    ``path``'s place in one atomic step (``depthlens.cache.publish``): a reader sees the old
+    checkpoint or the new one, never none, and concurrent writers queue on a file lock.
+    ``files`` are extra text files written into the checkpoint.
+    """
+    path = Path(path).expanduser()
+    with cache.lock(path):
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        try:
+            write_checkpoint(hf_model, tokenizer, tmp, provenance, files)
+            cache.publish(tmp, path)
+        finally:
+            cache._remove(tmp)
+    return path
+
+
+def write_checkpoint(hf_model, tokenizer, directory: str | Path, provenance: dict,
+                     files: dict[str, str] | None = None) -> None:
+    """Write an HF checkpoint (fp32 safetensors, tokenizer, ``depthlens.json`` provenance) into ``directory``.
+
+    Plain files, no manifest and no lock: ``save_checkpoint`` and cache builders call it on a
+    temporary directory that they then publish.
     """
     from transformers import AutoModelForCausalLM
 
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
-        fresh = AutoModelForCausalLM.from_config(hf_model.config)
-        fresh.load_state_dict(hf_state_dict(hf_model, fresh.state_dict().keys()))
-        fresh.config.dtype = torch.float32
-        fresh.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str))
-        for name, text in (files or {}).items():
-            (tmp / name).write_text(text)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    directory = Path(directory)
+    fresh = AutoModelForCausalLM.from_config(hf_model.config)
+    fresh.load_state_dict(hf_state_dict(hf_model, fresh.state_dict().keys()))
+    fresh.config.dtype = torch.float32
+    fresh.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    (directory / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str))
+    for name, text in (files or {}).items():
+        (directory / name).write_text(text)
 
 
 # ----------------------------------------------------------------------------- tiny-llama
@@ -412,10 +460,12 @@ TINY_CHAT_TEMPLATE = (
 
 
 def _tiny_tokenizer_dir() -> Path:
-    """Build (once) and save a small byte-level BPE tokenizer with a ChatML template."""
+    """The cache entry of a small byte-level BPE tokenizer with a ChatML template, built once (cheap)."""
     target = cache_dir("models") / f"tiny-llama-tokenizer-v{_TINY_VERSION}"
-    if (target / "tokenizer.json").exists():
-        return target
+    return cache.ensure(target, _build_tiny_tokenizer, adopt=lambda e: cache.looks_complete(e, ("tokenizer.json",)))
+
+
+def _build_tiny_tokenizer(directory: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -433,13 +483,7 @@ def _tiny_tokenizer_dir() -> Path:
         tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
     fast.chat_template = TINY_CHAT_TEMPLATE
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-tok-"))
-    fast.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, target)
-    return target
+    fast.save_pretrained(directory)
 
 
 def _tiny_llama(seed: int = 0):

@@ -10,24 +10,33 @@ A recipe object has ``name``, ``version`` (bumped when its code changes results)
 ``config() -> dict`` and ``build(model, workdir) -> None`` that changes ``model`` in place
 (``workdir`` is a scratch directory for resumable checkpoints). ``build_or_load`` caches each
 step under ``$DEPTHLENS_CACHE/organisms`` keyed by a hash of the parent's key, the recipe's
-name, version and config; a cache hit loads in seconds and an interrupted build leaves no
-entry (the checkpoint directory is renamed into place only when complete).
+name, version and config. Each step is a ``depthlens.cache`` entry: built by one process
+while others wait for it, published whole with a manifest, checked on load; a damaged entry
+is refused with the command that rebuilds it (``python -m depthlens.recipes --rebuild SPEC``),
+since a recipe build can take hours.
 
-    >>> load_model("smollm2-135m-instruct:sft")        # built on first use, then cached
-    >>> available_recipes()                              # {'sft': ..., 'deep': ..., 'wo': ...}
+    >>> sorted(available_recipes())[:3]
+    ['deep', 'deep-all', 'deep-anchored']
+    >>> get_recipe("sft").name
+    'sft'
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
+import sys
 import time
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
 
-from depthlens.paths import cache_dir
+from depthlens import cache
+from depthlens.errors import UsageError
+from depthlens.paths import cache_dir, entry_name
 
 log = logging.getLogger(__name__)
 GROUP = "depthlens.recipes"
@@ -35,6 +44,8 @@ RECIPE_FILE = "recipe.json"
 
 
 class Recipe(Protocol):
+    """What ``build_or_load`` needs of a recipe (see the module docstring)."""
+
     name: str
     version: int
 
@@ -49,9 +60,10 @@ def available_recipes() -> dict[str, Any]:
 
 
 def get_recipe(name: str) -> Recipe:
+    """The recipe object installed under suffix ``name``; ``UsageError`` naming the installed ones if none is."""
     eps = available_recipes()
     if name not in eps:
-        raise ValueError(
+        raise UsageError(
             f"Unknown recipe suffix {name!r}; installed recipes: {', '.join(sorted(eps)) or 'none'} "
             f"(declare new ones under [project.entry-points.\"{GROUP}\"])."
         )
@@ -71,18 +83,37 @@ def base_key(model) -> str:
 
 
 def entry_dir(spec_so_far: str, key: str) -> Path:
-    tag = spec_so_far.replace("/", "_").replace(":", "-")
-    return cache_dir("organisms") / f"{tag}-{key[:16]}"
+    """The cache entry of the model ``spec_so_far`` whose last step has cache key ``key``."""
+    return cache_dir("organisms") / entry_name(spec_so_far, key, 16)
 
 
-def build_with(base: str, *recipes: Recipe, device=None, dtype=None):
+def rebuild_command(spec: str, recipe: Recipe | None = None) -> str:
+    """The command that rebuilds the damaged entries of ``spec`` (named in ``CacheEntryDamaged``).
+
+    A step made by a recipe object with another config than the installed suffix's is not
+    what the spec names, so for it the command is the ``build_with`` call itself.
+    """
+    name = spec.rpartition(":")[2]
+    eps = available_recipes()
+    installed = recipe is None or (name in eps and _key("", eps[name].load()) == _key("", recipe))
+    if not installed:
+        return "your build_with(...) call again with rebuild_damaged=True"
+    return f"`python -m depthlens.recipes --rebuild '{spec}'`"
+
+
+def build_with(base: str, *recipes: Recipe, device=None, dtype=None, rebuild_damaged: bool = False):
     """Like ``load_model("base:name")`` but with recipe objects (e.g. non-default configs)."""
-    return build_or_load(base, list(recipes), device=device, dtype=dtype)
+    return build_or_load(base, list(recipes), device=device, dtype=dtype, rebuild_damaged=rebuild_damaged)
 
 
-def build_or_load(base: str, recipes: list, *, device=None, dtype=None):
-    """Load ``base`` and apply ``recipes`` (names or recipe objects) in order, each step cached."""
-    from depthlens.models import _load_dir, _load_hf, _resolve_device_dtype, wrap
+def build_or_load(base: str, recipes: list, *, device=None, dtype=None, rebuild_damaged: bool = False):
+    """Load ``base`` and apply ``recipes`` (names or recipe objects) in order, each step a cache entry.
+
+    A step found intact in the cache is loaded, not built; one being built by another process
+    is waited for. A damaged step raises ``depthlens.cache.CacheEntryDamaged`` naming the
+    rebuild command, unless ``rebuild_damaged`` (what that command passes).
+    """
+    from depthlens.models import _load_dir, _load_hf, _resolve_device_dtype, wrap, write_checkpoint
 
     device, dtype = _resolve_device_dtype(device, dtype)
     objs = [get_recipe(r) if isinstance(r, str) else r for r in recipes]  # fail fast on an unknown suffix
@@ -95,22 +126,56 @@ def build_or_load(base: str, recipes: list, *, device=None, dtype=None):
         parent_spec, spec = spec, f"{spec}:{name}"
         target = entry_dir(spec, key)
         chain.append({"recipe": name, "version": recipe.version, "config": recipe.config(), "key": key})
-        if (target / RECIPE_FILE).exists():
-            current, current_dir = None, target
-            continue
-        if current is None:  # the parent is the base, or a step that came from the cache
-            if current_dir is not None:
-                hf, tok, prov = _load_dir(current_dir)
-            current = wrap(hf, tok, parent_spec, prov, device, dtype)
-        log.info("Building %s (recipe %r, cache key %s) - first use only", spec, name, key[:16])
-        t0 = time.time()
-        info = recipe.build(current, cache_dir("work", target.name)) or {}
-        current.spec = spec
-        meta = {"chain": chain, "build_seconds": round(time.time() - t0, 1), "info": info}
-        current.save(target, extra={"spec": spec, "recipe_chain": chain},
-                     files={RECIPE_FILE: json.dumps(meta, indent=2, default=str)})
+        built = []
+
+        def build(tmp: Path, name=name, recipe=recipe, parent_spec=parent_spec, spec=spec, chain=list(chain)) -> None:
+            nonlocal current, hf, tok, prov
+            if current is None:  # the parent is the base, or a step that came from the cache
+                if current_dir is not None:
+                    hf, tok, prov = _load_dir(current_dir)
+                current = wrap(hf, tok, parent_spec, prov, device, dtype)
+            log.info("Building %s (recipe %r, cache key %s) - first use only", spec, name, key[:16])
+            t0 = time.time()
+            info = recipe.build(current, cache_dir("work", target.name)) or {}
+            current.spec = spec
+            meta = {"chain": chain, "build_seconds": round(time.time() - t0, 1), "info": info}
+            write_checkpoint(current.hf, current.tokenizer, tmp, {**current.provenance, "spec": spec, "recipe_chain": chain},
+                             files={RECIPE_FILE: json.dumps(meta, indent=2, default=str)})
+            built.append(spec)
+
+        cache.ensure(target, build, command=None if rebuild_damaged else rebuild_command(spec, recipe),
+                     adopt=lambda e: cache.looks_complete(e, ("config.json", RECIPE_FILE)))
+        if not built:  # reused: the next step (if built) starts from this entry on disk
+            current = None
         current_dir = target
     if current_dir is None:  # no recipes
         return wrap(hf, tok, spec, prov, device, dtype)
     hf, tok, prov = _load_dir(current_dir)
     return wrap(hf, tok, spec, {**prov, "recipe_chain": chain, "base": base}, device, dtype)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m depthlens.recipes SPEC [--rebuild]``: build (or load) ``SPEC``'s recipe chain.
+
+    With ``--rebuild``, damaged cache entries on the chain are built again instead of refused.
+    Prints ``error: <message>`` and returns 2 on a usage error.
+    """
+    from depthlens.models import split_spec
+
+    parser = argparse.ArgumentParser(prog="python -m depthlens.recipes", description=main.__doc__.split("\n")[0])
+    parser.add_argument("spec", help="model spec with recipe suffixes, e.g. smollm2-135m-instruct:sft")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild damaged cache entries on the chain")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        base, names = split_spec(args.spec)
+        model = build_or_load(base, names, rebuild_damaged=args.rebuild)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{model.spec} ready: {model.provenance.get('source')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from depthlens.chat import build_chat, pad_batch
+from depthlens.errors import UsageError
 from depthlens.models import HOOK_KINDS, hook_name, load_model, split_spec
 
 
@@ -67,11 +68,11 @@ def test_dtype_override(tiny):
 @pytest.mark.parametrize(
     "spec, exc, match",
     [
-        ("gpt-17-ultra", ValueError, "Unknown model spec 'gpt-17-ultra'.*tiny-llama"),
-        ("", ValueError, "non-empty string"),
-        ("./no/such/dir", FileNotFoundError, "does not exist"),
-        ("someorg/not-a-real-model-xyz", FileNotFoundError, "not in the local cache"),
-        ("tiny-llama:no-such-recipe", ValueError, "Unknown recipe suffix 'no-such-recipe'"),
+        ("gpt-17-ultra", UsageError, "Unknown model spec 'gpt-17-ultra'.*tiny-llama"),
+        ("", UsageError, "non-empty string"),
+        ("./no/such/dir", UsageError, "does not exist"),
+        ("someorg/not-a-real-model-xyz", UsageError, "not in the local cache"),
+        ("tiny-llama:no-such-recipe", UsageError, "Unknown recipe suffix 'no-such-recipe'"),
     ],
 )
 def test_bad_specs_give_one_clear_error(spec, exc, match, monkeypatch):
