@@ -32,6 +32,7 @@ from depthlens.models import load_model
 from depthlens.organism import ORGANISM, base_spec
 from depthlens.responses import response_set
 from depthlens.results import RunRecord
+from depthlens.stats import auroc
 
 
 @dataclass(frozen=True)
@@ -85,16 +86,6 @@ class Evaluation:
 
 def _n(value: int | None, quick: bool) -> int | None:
     return min(value or 32, 32) if quick else value
-
-
-def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
-    """P(score of a positive > score of a negative), ties counted half (Mann–Whitney)."""
-    pos, neg = np.asarray(pos, float), np.asarray(neg, float)
-    if len(pos) == 0 or len(neg) == 0:
-        raise ValueError("AUROC needs at least one positive and one negative score.")
-    greater = (pos[:, None] > neg[None, :]).mean()
-    ties = (pos[:, None] == neg[None, :]).mean()
-    return float(greater + 0.5 * ties)
 
 
 def harmless_cross_entropy(model, prompts: Sequence[str], responses: Sequence[Sequence[int]], batch_size: int = 16) -> float:

@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 
 from analyses.common import Timer, finish, setup_logging
 from analyses.state_prediction import obtain_trials, refusal_directions
+from depthlens.ablation import ablation_hook, unit_direction
 from depthlens.chat import ChatSequence
 from depthlens.cli import parse_config
 from depthlens.data import default_splits
@@ -68,6 +69,7 @@ from depthlens.judge import (CONTINUATION_JUDGE_ID, classify_continuation, is_re
 from depthlens.models import hook_name, load_model
 from depthlens.organism import ORGANISM
 from depthlens.results import RunRecord
+from depthlens.stats import bootstrap_mean
 
 log = logging.getLogger(__name__)
 
@@ -182,17 +184,7 @@ def intervention_hooks(model, kind: str, layer: int, *, means: ComponentMeans | 
         return [(hook_name(_COMPONENT[kind], layer), set_mean)]
     if direction is None:
         raise ValueError("Intervention 'direction' needs the refusal direction of that layer.")
-    r = torch.as_tensor(direction, dtype=torch.float64)
-    norm = r.norm()
-    if r.shape != (model.d_model,) or not torch.isfinite(r).all() or norm == 0:
-        raise ValueError(f"The direction must be a finite non-zero vector of shape ({model.d_model},).")
-    r = r / norm
-
-    def ablate(x, hook):
-        rh = r.to(x.device, x.dtype)
-        return x - (x @ rh).unsqueeze(-1) * rh
-
-    return [(hook_name("resid_post", layer), ablate)]
+    return [(hook_name("resid_post", layer), ablation_hook(unit_direction(direction, model.d_model)))]
 
 
 # ----------------------------------------------------------------------------- trials and measures
@@ -283,11 +275,7 @@ class Evaluator:
 
 def paired_delta(base: np.ndarray, new: np.ndarray, idx: np.ndarray) -> tuple[float, float, float]:
     """Mean of ``new − base`` with a 95 % percentile interval over the resampled items ``idx [B, n]``."""
-    d = np.asarray(new, float) - np.asarray(base, float)
-    if idx.shape[0] == 0:
-        return float(d.mean()), float("nan"), float("nan")
-    boots = d[idx].mean(axis=1)
-    return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+    return tuple(bootstrap_mean(new, baseline=base, indices=idx))
 
 
 # ----------------------------------------------------------------------------- run

@@ -46,6 +46,7 @@ from depthlens.organism import ORGANISM
 from depthlens.perturb import perturb
 from depthlens.responses import response_set
 from depthlens.results import RunRecord
+from depthlens.stats import bootstrap_mean
 
 KIND_SIGMA = {"param_noise": "param_sigma", "act_noise": "act_sigma"}
 
@@ -185,15 +186,6 @@ def rank_layers(rows: Sequence[dict], layers: Sequence[int]) -> list[dict]:
     for rank, r in enumerate(ranking, 1):
         r["rank"] = rank
     return ranking
-
-
-def bootstrap_mean(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
-    """Mean with a 95% percentile bootstrap interval over the first axis."""
-    values = np.asarray(values, float)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
-    boots = values[idx].mean(axis=1)
-    return float(values.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:

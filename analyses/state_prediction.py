@@ -53,8 +53,10 @@ from depthlens.data import default_splits
 from depthlens.forward import BOUNDARY_KINDS, plain_ok, boundary_index, iter_batches, residuals_at, stream_boundaries
 from depthlens.generate import as_chats
 from depthlens.models import hook_name, load_model
+from depthlens.paths import model_tag
 from depthlens.organism import ORGANISM
 from depthlens.results import RunRecord, latest_run, read_run, write_run
+from depthlens.stats import diff_in_means
 from probes.linear import LayerAUROC, ProbeReport, grouped_folds, probe_layers
 
 log = logging.getLogger(__name__)
@@ -182,7 +184,7 @@ def obtain_trials(model: str, trials: str | None, out: str, *, seed: int = 0, de
     else run ``analyses.insertion_robustness`` (its defaults, or its quick settings) and save it."""
     if trials is not None:
         return load_trials(trials, model)
-    tag = model.rstrip("/").replace("/", "_").replace(":", "-")
+    tag = model_tag(model)
     found = latest_run(out, "insertion_robustness", tag)
     if found is not None:
         log.info("Using the insertion trials of %s", found)
@@ -314,7 +316,7 @@ def refusal_directions(model, harmful: Sequence[str], harmless: Sequence[str], *
                          f"{len(harmless)}.")
     acts = [residuals_at(model, as_chats(model, list(ps)), [-1] * len(ps), kind=kind, layers=layers,
                          batch_size=batch_size) for ps in (harmful, harmless)]
-    return (acts[0].double().mean(1) - acts[1].double().mean(1)).numpy()
+    return diff_in_means(acts[0], acts[1], axis=1).numpy()
 
 
 def surface_features(trials: Sequence[Mapping]) -> Float[np.ndarray, "n n_surface"]:

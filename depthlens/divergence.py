@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from depthlens.chat import build_chat
 from depthlens.forward import token_logprobs
+from depthlens.stats import bootstrap_mean
 
 
 @dataclass
@@ -57,13 +57,7 @@ def per_position_kl(aligned, base, prompts: Sequence[str], responses: Sequence[S
             kl = (a.exp() * (a - b)).sum(-1).clamp(min=0.0)
             values[s + i, : len(kl)] = kl.numpy()
     n = (~np.isnan(values)).sum(0)
-    mean = np.nanmean(np.where(n > 0, values, 0.0), axis=0)
-    rng = np.random.default_rng(seed)
-    boots = np.empty((n_boot, n_positions))
-    for b in range(n_boot):
-        idx = rng.integers(0, len(values), len(values))
-        with np.errstate(all="ignore"):
-            boots[b] = np.nanmean(values[idx], axis=0)
-    lo, hi = np.nanquantile(boots, 0.025, axis=0), np.nanquantile(boots, 0.975, axis=0)
-    return PositionKL(values=values, mean=mean, lo=lo, hi=hi, n=n)
+    mean = np.nanmean(np.where(n > 0, values, 0.0), axis=0)  # 0, not NaN, where no response is that long
+    ci = bootstrap_mean(values, n_boot, seed)  # resamples examples; NaN-aware per position
+    return PositionKL(values=values, mean=mean, lo=ci.lo, hi=ci.hi, n=n)
 

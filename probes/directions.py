@@ -48,10 +48,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from depthlens.chat import ChatSequence, encode, render_prompt
+from depthlens.errors import UsageError
 from depthlens.forward import PrefixSharedRunner, iter_batches
 from depthlens.generate import Hook, as_chats, hooks_active, plain_hooks
 from depthlens.judge import refusal_token_ids, score_from_logprobs
 from depthlens.models import hook_name
+from depthlens.stats import diff_in_means
 from probes.orthogonalize import ablation_hooks, addition_hooks
 
 log = logging.getLogger(__name__)
@@ -121,9 +123,9 @@ class DirectionCandidates:
     def vector(self, position: int, layer: int) -> Float[Tensor, " d_model"]:
         """The raw float64 candidate at ``position`` (negative offset) and ``layer``."""
         if position not in self.positions:
-            raise ValueError(f"Position {position} is not a candidate position; candidates are {self.positions}.")
+            raise UsageError(f"Position {position} is not a candidate position; candidates are {self.positions}.")
         if layer not in self.layers:
-            raise ValueError(f"Layer {layer} has no candidate; candidate layers are {self.layers}.")
+            raise UsageError(f"Layer {layer} has no candidate; candidate layers are {self.layers}.")
         return self.directions[self.positions.index(position), self.layers.index(layer)]
 
     def to_records(self) -> list[dict]:
@@ -226,12 +228,12 @@ def mean_activations(model, prompts: Sequence[str | ChatSequence], *, n_pos: int
     active during the pass and run before the accumulating hooks.
     """
     if len(prompts) == 0:
-        raise ValueError("mean_activations needs at least one prompt.")
+        raise UsageError("mean_activations needs at least one prompt.")
     layers = list(range(model.n_layers)) if layers is None else [model.check_layer(l) for l in layers]
     chats = as_chats(model, prompts)
     shortest = min(len(c) for c in chats)
     if not 1 <= n_pos <= shortest:
-        raise ValueError(f"n_pos={n_pos} must lie in 1..{shortest} (the shortest prompt's length).")
+        raise UsageError(f"n_pos={n_pos} must lie in 1..{shortest} (the shortest prompt's length).")
     sums = torch.zeros(n_pos, len(layers), model.d_model, dtype=torch.float64, device=model.device)
 
     def accumulate(j: int):
@@ -248,15 +250,6 @@ def mean_activations(model, prompts: Sequence[str | ChatSequence], *, n_pos: int
     return MeanActivations((sums / len(chats)).cpu(), len(chats), list(range(-n_pos, 0)), layers)
 
 
-def diff_in_means(a: Float[Tensor, "n_a *shape"], b: Float[Tensor, "n_b *shape"]) -> Float[Tensor, "*shape"]:
-    """``mean(a) − mean(b)`` over the first dimension, in float64 (raw, not normalized)."""
-    if a.ndim < 1 or b.ndim < 1 or a.shape[1:] != b.shape[1:]:
-        raise ValueError(f"diff_in_means needs [n, ...] tensors of the same trailing shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
-    if a.shape[0] == 0 or b.shape[0] == 0:
-        raise ValueError("diff_in_means needs at least one row on each side.")
-    return a.to(torch.float64).mean(0) - b.to(torch.float64).mean(0)
-
-
 def compute_candidates(model, harmful: Sequence[str | ChatSequence], harmless: Sequence[str | ChatSequence], *,
                        n_pos: int | None = None, layers: Sequence[int] | None = None, batch_size: int = 16,
                        progress: bool = False) -> DirectionCandidates:
@@ -265,7 +258,7 @@ def compute_candidates(model, harmful: Sequence[str | ChatSequence], harmless: S
     ``n_pos`` defaults to ``post_instruction_len(model.tokenizer)``.
     """
     if not harmful or not harmless:
-        raise ValueError(f"compute_candidates needs harmful and harmless prompts, got {len(harmful)} and {len(harmless)}.")
+        raise UsageError(f"compute_candidates needs harmful and harmless prompts, got {len(harmful)} and {len(harmless)}.")
     n_pos = post_instruction_len(model.tokenizer) if n_pos is None else int(n_pos)
     mh = mean_activations(model, harmful, n_pos=n_pos, layers=layers, batch_size=batch_size, progress=progress)
     mb = mean_activations(model, harmless, n_pos=n_pos, layers=layers, batch_size=batch_size, progress=progress)
@@ -278,7 +271,7 @@ def compute_candidates(model, harmful: Sequence[str | ChatSequence], harmless: S
 def eligible_layers(n_layers: int, max_layer_frac: float = 0.8) -> list[int]:
     """Layers kept by the layer filter: ``l < int(max_layer_frac · n_layers)`` (Arditi's reference code)."""
     if not 0.0 < max_layer_frac <= 1.0:
-        raise ValueError(f"max_layer_frac must lie in (0, 1], got {max_layer_frac}.")
+        raise UsageError(f"max_layer_frac must lie in (0, 1], got {max_layer_frac}.")
     return list(range(int(max_layer_frac * n_layers)))
 
 
@@ -301,7 +294,7 @@ def choose_candidate(records: Sequence[dict], keep_layers, kl_threshold: float, 
     """
     evaluated = [r for r in records if r.get("bypass") is not None]
     if not evaluated:
-        raise ValueError("No candidate was evaluated.")
+        raise UsageError("No candidate was evaluated.")
     key = lambda r: (r["bypass"], r["kl"])  # noqa: E731
     passed = [r for r in evaluated if r["passed"]]
     if passed:
@@ -332,21 +325,21 @@ def select_direction(model, candidates: DirectionCandidates, harmful_val: Sequen
         induce_threshold: drop candidates whose induced refusal score is below this.
     """
     if not harmful_val or not harmless_val:
-        raise ValueError(f"select_direction needs harmful and harmless validation prompts, got {len(harmful_val)} and {len(harmless_val)}.")
+        raise UsageError(f"select_direction needs harmful and harmless validation prompts, got {len(harmful_val)} and {len(harmless_val)}.")
     keep = set(eligible_layers(model.n_layers, max_layer_frac))
     pos_list = list(candidates.positions) if positions is None else list(positions)
     for p in pos_list:
         if p not in candidates.positions:
-            raise ValueError(f"Position {p} is not a candidate position; candidates are {candidates.positions}.")
+            raise UsageError(f"Position {p} is not a candidate position; candidates are {candidates.positions}.")
     if layers is None:
         layer_list = [l for l in candidates.layers if l in keep]
         if not layer_list:
-            raise ValueError(f"No candidate layer lies below int({max_layer_frac} · {model.n_layers}); pass layers= explicitly.")
+            raise UsageError(f"No candidate layer lies below int({max_layer_frac} · {model.n_layers}); pass layers= explicitly.")
     else:
         layer_list = [model.check_layer(l) for l in layers]
         for l in layer_list:
             if l not in candidates.layers:
-                raise ValueError(f"Layer {l} has no candidate; candidate layers are {candidates.layers}.")
+                raise UsageError(f"Layer {l} has no candidate; candidate layers are {candidates.layers}.")
     config = dict(positions=pos_list, layers=layer_list, max_layer_frac=max_layer_frac, kl_threshold=kl_threshold,
                   induce_threshold=induce_threshold, n_harmful_val=len(harmful_val), n_harmless_val=len(harmless_val))
 
@@ -374,7 +367,7 @@ def select_direction(model, candidates: DirectionCandidates, harmful_val: Sequen
                      "induce": None, "kl": None, "passed": False, "reason": "zero-vector"} for p, l in zero]
         grid = [g for g in grid if g not in zero]
     if not grid:
-        raise ValueError(f"Every requested candidate (positions {pos_list}, layers {layer_list}) is the zero vector; "
+        raise UsageError(f"Every requested candidate (positions {pos_list}, layers {layer_list}) is the zero vector; "
                          "choose other layers or positions.")
     for k, (p, l) in enumerate(grid):
         r = candidates.vector(p, l).to(torch.float32)

@@ -50,11 +50,13 @@ import numpy as np
 from jaxtyping import Float, Shaped
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
+
+from depthlens import stats as st
+from depthlens.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -227,12 +229,12 @@ def check_group_split(
     test_idx: Shaped[np.ndarray, " n_test"],
     groups: Shaped[np.ndarray, " n_trials"],
 ) -> None:
-    """Raise ``ValueError`` naming the group if any group has trials in both train and test."""
+    """Raise ``UsageError`` naming the group if any group has trials in both train and test."""
     groups = np.asarray(groups)
     leak = np.intersect1d(groups[np.asarray(train_idx)], groups[np.asarray(test_idx)])
     if leak.size:
         more = f" (and {leak.size - 1} more)" if leak.size > 1 else ""
-        raise ValueError(
+        raise UsageError(
             f"group {leak[0].item()!r}{more} has trials in both train and test of a fold; "
             "trials of one prompt must stay on one side."
         )
@@ -252,7 +254,7 @@ def grouped_folds(
     every training fold must hold both classes.
     """
     if n_splits < 2:
-        raise ValueError(f"n_splits={n_splits} is too small; use at least 2 folds.")
+        raise UsageError(f"n_splits={n_splits} is too small; use at least 2 folds.")
     y, _, gcodes, names = _check_labels_groups(y, groups)
     per_class = [np.unique(gcodes[y == c]).size for c in (0, 1)]
     n_eff = min(n_splits, *per_class)
@@ -268,7 +270,7 @@ def grouped_folds(
     for train, test in cv.split(np.zeros(len(y)), y, gcodes):
         check_group_split(train, test, names[gcodes])
         if np.unique(y[train]).size < 2:
-            raise ValueError(
+            raise UsageError(
                 "a training fold holds only one class; use fewer folds or more prompts per class."
             )
         splits.append((train, test))
@@ -280,43 +282,21 @@ def grouped_folds(
 # --------------------------------------------------------------------------------------------
 
 
-def _bootstrap_weights(gcodes: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """``[n_boot, n_trials]`` multiplicities of each trial when prompts are resampled."""
-    n_groups = int(gcodes.max()) + 1
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot)
-    return counts[:, gcodes].astype(np.float64)
-
-
-def _weighted_auroc(scores: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """AUROC (ties count 1/2) under each row of trial weights ``w [B, n]``; NaN if one class."""
-    order = np.argsort(scores, kind="stable")
-    s = scores[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    ws = w[:, order]
-    pos = np.add.reduceat(ws * (y[order] == 1), starts, axis=1)  # [B, n_unique]
-    neg = np.add.reduceat(ws * (y[order] == 0), starts, axis=1)
-    neg_below = np.cumsum(neg, axis=1) - neg
-    num = (pos * (neg_below + 0.5 * neg)).sum(axis=1)
-    den = pos.sum(axis=1) * neg.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / den, np.nan)
-
-
 def _row(
     scores: np.ndarray, y: np.ndarray, weights: np.ndarray, layer: int, threshold: float = 0.0
 ) -> LayerAUROC:
-    auroc = float(roc_auc_score(y, scores))
-    acc = float(np.mean((scores > threshold) == (y == 1)))
+    """AUROC of ``scores`` for labels ``y`` with the percentile interval over the resampling ``weights [B, n]``."""
+    pos, neg = y == 1, y == 0
+    auroc = st.auroc(scores[pos], scores[neg])
+    acc = float(np.mean((scores > threshold) == pos))
     lo = hi = math.nan
     if weights.shape[0]:
-        boots = _weighted_auroc(scores, y, weights)
-        ok = boots[~np.isnan(boots)]
-        if ok.size < boots.size:
-            n_bad = boots.size - ok.size
+        boots = st.auroc(scores[pos], scores[neg], pos_weights=weights[:, pos], neg_weights=weights[:, neg])
+        n_bad = int(np.isnan(boots).sum())  # resamples that drew one class only are left out
+        if n_bad:
             logger.debug("%d of %d bootstrap resamples had one class", n_bad, boots.size)
-        if ok.size:
-            lo, hi = (float(v) for v in np.percentile(ok, [2.5, 97.5]))
+        if n_bad < boots.size:
+            lo, hi = st.percentile_interval(boots)
     return LayerAUROC(layer=layer, auroc=auroc, lo=lo, hi=hi, accuracy=acc)
 
 
@@ -338,14 +318,14 @@ def grouped_auroc(
     y, _, gcodes, _ = _check_labels_groups(y, groups)
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != y.shape:
-        raise ValueError(
+        raise UsageError(
             f"scores has shape {scores.shape} but y has shape {y.shape}; they must match."
         )
     if not np.all(np.isfinite(scores)):
-        raise ValueError("scores contain NaN or inf; pass finite scores.")
+        raise UsageError("scores contain NaN or inf; pass finite scores.")
     if n_boot < 0:
-        raise ValueError(f"n_boot={n_boot} must be >= 0.")
-    weights = _bootstrap_weights(gcodes, n_boot, seed)
+        raise UsageError(f"n_boot={n_boot} must be >= 0.")
+    weights = st.cluster_weights(gcodes, n_boot, seed)
     return _row(scores, y, weights, layer=-1, threshold=threshold)
 
 
@@ -439,14 +419,14 @@ def probe_layers(
     """
     X = np.asarray(X)
     if X.ndim != 3:
-        raise ValueError(f"X has shape {X.shape}; expected [n_layers, n_trials, d_model].")
+        raise UsageError(f"X has shape {X.shape}; expected [n_layers, n_trials, d_model].")
     n_layers, n_trials, d_model = X.shape
     if n_layers == 0 or d_model == 0:
-        raise ValueError(f"X has shape {X.shape}; it needs at least one layer and one feature.")
+        raise UsageError(f"X has shape {X.shape}; it needs at least one layer and one feature.")
     y, groups, gcodes, _ = _check_labels_groups(y, groups, n_trials=n_trials)
     for layer in range(n_layers):
         if not np.all(np.isfinite(X[layer])):
-            raise ValueError(
+            raise UsageError(
                 f"X contains NaN or inf at layer {layer}; drop or impute those trials."
             )
     if surface is not None:
@@ -454,29 +434,29 @@ def probe_layers(
         if surface.ndim == 1:
             surface = surface[:, None]
         if surface.ndim != 2 or surface.shape[0] != n_trials:
-            raise ValueError(
+            raise UsageError(
                 f"surface has shape {surface.shape}; expected [{n_trials}, n_surface]."
             )
         if not np.all(np.isfinite(surface)):
-            raise ValueError("surface contains NaN or inf; drop or impute those trials.")
+            raise UsageError("surface contains NaN or inf; drop or impute those trials.")
     units = None
     if directions is not None:
         directions = np.asarray(directions, dtype=np.float64)
         if directions.shape != (n_layers, d_model):
-            raise ValueError(
+            raise UsageError(
                 f"directions has shape {directions.shape}; expected {(n_layers, d_model)}."
             )
         norms = np.linalg.norm(directions, axis=1, keepdims=True)
         if not np.all(np.isfinite(directions)) or np.any(norms == 0):
-            raise ValueError("directions must be finite and non-zero at every layer.")
+            raise UsageError("directions must be finite and non-zero at every layer.")
         units = directions / norms
     if n_random_directions < 1:
-        raise ValueError(f"n_random_directions={n_random_directions} must be >= 1.")
+        raise UsageError(f"n_random_directions={n_random_directions} must be >= 1.")
     if n_boot < 0:
-        raise ValueError(f"n_boot={n_boot} must be >= 0.")
+        raise UsageError(f"n_boot={n_boot} must be >= 0.")
 
     folds = grouped_folds(y, groups, n_splits=n_splits, seed=seed)
-    weights = _bootstrap_weights(gcodes, n_boot, seed)  # same resamples for every row
+    weights = st.cluster_weights(gcodes, n_boot, seed)  # same resamples for every row
     perm_rng, dir_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     y_shuf, shuffle_level = _shuffle_labels(y, gcodes, perm_rng)
     stats = {"one_class": 0, "no_convergence": 0}
@@ -535,26 +515,18 @@ def diff_in_means(
     X_pos: Float[np.ndarray, "n_layers n_pos d_model"],
     X_neg: Float[np.ndarray, "n_layers n_neg d_model"],
 ) -> Float[np.ndarray, "n_layers d_model"]:
-    """Unit difference-in-means direction per layer, ``mean(X_pos) - mean(X_neg)``, in float64."""
+    """Unit difference-in-means direction per layer, ``mean(X_pos) − mean(X_neg)`` over trials, in float64.
+
+    ``depthlens.stats.diff_in_means`` over the trial axis (1), normalized per layer.
+
+        >>> X_pos, X_neg = np.ones((2, 3, 4)), np.zeros((2, 5, 4))
+        >>> diff_in_means(X_pos, X_neg)[0]
+        array([0.5, 0.5, 0.5, 0.5])
+    """
     X_pos, X_neg = np.asarray(X_pos), np.asarray(X_neg)
     if X_pos.ndim != 3 or X_neg.ndim != 3:
-        raise ValueError(
-            f"X_pos {X_pos.shape} and X_neg {X_neg.shape} must both be [n_layers, n, d_model]."
-        )
-    if X_pos.shape[0] != X_neg.shape[0] or X_pos.shape[2] != X_neg.shape[2]:
-        raise ValueError(
-            f"X_pos {X_pos.shape} and X_neg {X_neg.shape} differ in n_layers or d_model."
-        )
-    if X_pos.shape[1] == 0 or X_neg.shape[1] == 0:
-        raise ValueError("X_pos and X_neg each need at least one trial.")
-    diff = X_pos.mean(axis=1, dtype=np.float64) - X_neg.mean(axis=1, dtype=np.float64)
-    if not np.all(np.isfinite(diff)):
-        raise ValueError("X_pos or X_neg contains NaN or inf.")
-    norms = np.linalg.norm(diff, axis=1, keepdims=True)
-    if np.any(norms == 0):
-        bad = np.flatnonzero(norms[:, 0] == 0).tolist()
-        raise ValueError(f"the means coincide at layer(s) {bad}; no direction is defined there.")
-    return diff / norms
+        raise UsageError(f"X_pos {X_pos.shape} and X_neg {X_neg.shape} must both be [n_layers, n, d_model].")
+    return st.diff_in_means(X_pos, X_neg, axis=1, unit=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,30 +540,30 @@ def _check_labels_groups(
     """Return ``(y as int 0/1, groups, group codes 0..G-1, group names)`` or raise."""
     y, groups = np.asarray(y), np.asarray(groups)
     if y.ndim != 1:
-        raise ValueError(f"y has shape {y.shape}; expected one label per trial [n_trials].")
+        raise UsageError(f"y has shape {y.shape}; expected one label per trial [n_trials].")
     if n_trials is not None and len(y) != n_trials:
-        raise ValueError(f"y has {len(y)} labels but X has {n_trials} trials; they must match.")
+        raise UsageError(f"y has {len(y)} labels but X has {n_trials} trials; they must match.")
     if groups.shape != y.shape:
-        raise ValueError(
+        raise UsageError(
             f"groups has shape {groups.shape} but y has shape {y.shape}; they must match."
         )
     values = np.unique(y)
     if y.dtype == bool:
         y = y.astype(np.int64)
     elif not np.isin(values, [0, 1]).all():
-        raise ValueError(
+        raise UsageError(
             f"y must hold binary labels 0/1 or bool; got values {values[:5].tolist()}."
         )
     else:
         y = y.astype(np.int64)
     if values.size < 2:
-        raise ValueError(f"y has only one class ({values.tolist()}); a probe needs both 0 and 1.")
+        raise UsageError(f"y has only one class ({values.tolist()}); a probe needs both 0 and 1.")
     names, gcodes = np.unique(groups, return_inverse=True)
     gcodes = gcodes.reshape(-1)
     for c in (0, 1):
         g = np.unique(gcodes[y == c])
         if g.size < 2:
-            raise ValueError(
+            raise UsageError(
                 f"label {c} occurs in only {g.size} group ({names[g[0]].item()!r}); grouped "
                 "cross-validation needs at least 2 groups per class."
             )

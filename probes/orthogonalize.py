@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from depthlens.ablation import ablation_hook, unit_direction
 from depthlens.generate import Hook
 from depthlens.models import hook_name
 
@@ -54,18 +55,7 @@ _POST_NORMS = ("post_feedforward_layernorm.weight", "post_self_attn_layernorm.we
 
 
 def _as_direction(model, direction, normalize: bool) -> Tensor:
-    r = torch.as_tensor(direction).detach()
-    if r.shape != (model.d_model,):
-        raise ValueError(f"The direction must have shape ({model.d_model},) for this model, got {tuple(r.shape)}.")
-    if not torch.isfinite(r).all():
-        raise ValueError("The direction contains NaN or inf.")
-    r = r.to(torch.float64)
-    if normalize:
-        norm = r.norm()
-        if norm == 0:
-            raise ValueError("The direction is the zero vector; it has no orientation to ablate.")
-        r = r / norm
-    return r
+    return unit_direction(direction, model.d_model, normalize=normalize)
 
 
 class _Cast:
@@ -88,12 +78,7 @@ def ablation_hooks(model, direction: Float[Tensor, " d_model"]) -> list[Hook]:
     The direction is normalized here; the projection is computed in the activation's dtype.
     Use with ``depthlens.generate.hooks_active`` or any ``fwd_hooks=`` argument.
     """
-    r = _Cast(_as_direction(model, direction, normalize=True))
-
-    def ablate(x: Float[Tensor, "batch pos d_model"], hook) -> Tensor:
-        rh = r.like(x)
-        return x - (x @ rh).unsqueeze(-1) * rh
-
+    ablate = ablation_hook(_as_direction(model, direction, normalize=True))
     return [(hook_name(kind, l), ablate) for l in range(model.n_layers) for kind in ("resid_pre", "attn_out", "mlp_out")]
 
 

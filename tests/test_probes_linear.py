@@ -230,15 +230,7 @@ def test_grouped_auroc_matches_sklearn_and_is_seeded():
     assert isinstance(a, LayerAUROC) and a.layer == -1
     assert a == b
     assert a.auroc == pytest.approx(roc_auc_score(y, scores))
-    assert a.lo < a.auroc < a.hi
-    # unit weights reproduce sklearn's AUROC, ties included
-    w = np.ones((1, 200))
-    assert linear._weighted_auroc(scores, y, w)[0] == pytest.approx(roc_auc_score(y, scores))
-    # integer weights equal the AUROC of the duplicated sample
-    w = rng.integers(0, 3, size=(1, 200)).astype(float)
-    rep = np.repeat(np.arange(200), w[0].astype(int))
-    expected = roc_auc_score(y[rep], scores[rep])
-    assert linear._weighted_auroc(scores, y, w)[0] == pytest.approx(expected)
+    assert a.lo < a.auroc < a.hi   # (the weighted AUROC behind the interval: tests/test_stats.py)
 
 
 def test_cluster_bootstrap_is_wider_when_prompts_are_clustered():
@@ -289,7 +281,7 @@ def test_diff_in_means_is_unit_and_points_from_neg_to_pos():
     assert d.shape == (2, 8) and d.dtype == np.float64
     np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0)
     assert np.all(np.argmax(d, axis=1) == 3)
-    with pytest.raises(ValueError, match="differ in n_layers or d_model"):
+    with pytest.raises(ValueError, match="agree apart from axis 1"):
         diff_in_means(pos, neg[:, :, :4])
     with pytest.raises(ValueError, match="means coincide"):
         diff_in_means(pos, pos)

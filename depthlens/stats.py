@@ -1,0 +1,215 @@
+"""One bootstrap, one AUROC, one difference in means: the statistics every analysis shares.
+
+Results are only comparable across analyses if their intervals and scores are computed the
+same way, so there is one implementation of each here:
+
+- ``bootstrap_mean``: a mean with a seeded percentile bootstrap interval (docs/methods.md
+  reports 95 %); ``baseline=`` makes it paired (the mean of ``values − baseline`` with both
+  resampled together), ``groups=`` makes it a cluster bootstrap (whole groups, e.g. prompts,
+  are resampled, never single trials of one), ``indices=`` reuses resamples drawn once for
+  several statistics. ``resample_indices`` and ``cluster_weights`` draw those resamples and
+  ``percentile_interval`` turns bootstrap replicates into an interval.
+- ``auroc``: P(a positive scores above a negative), ties counted ½, optionally under
+  resampling weights (one AUROC per bootstrap replicate, in one vectorized pass).
+- ``diff_in_means``: ``mean(a) − mean(b)`` over one axis in float64, optionally normalized.
+
+    >>> ci = bootstrap_mean([1.0, 2.0, 3.0, 4.0], n_boot=500, seed=0)
+    >>> ci.estimate, bool(ci.lo < 2.5 < ci.hi)
+    (2.5, True)
+    >>> auroc([2.0, 3.0], [0.0, 2.0])
+    0.875
+    >>> diff_in_means(np.array([[1.0, 0.0], [3.0, 0.0]]), np.array([[0.0, 1.0]]), unit=True)
+    array([ 0.89442719, -0.4472136 ])
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from depthlens.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An estimate with its bootstrap percentile interval; arrays when computed per column.
+
+    Unpacks as ``estimate, lo, hi``. ``lo``/``hi`` are NaN when there were no resamples.
+    """
+
+    estimate: float | np.ndarray
+    lo: float | np.ndarray
+    hi: float | np.ndarray
+
+    def __iter__(self):
+        return iter((self.estimate, self.lo, self.hi))
+
+
+def _rng(seed: int | np.random.Generator) -> np.random.Generator:
+    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+
+def _n_boot(n_boot) -> int:
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
+        raise UsageError(f"n_boot must be an integer >= 0, got {n_boot!r}.")
+    return int(n_boot)
+
+
+def resample_indices(n: int, n_boot: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+    """``[n_boot, n]`` indices of ``n_boot`` i.i.d. resamples of ``n`` items, with replacement.
+
+    Pass one ``np.random.Generator`` to draw several index sets from one stream.
+
+        >>> resample_indices(3, 2, seed=0).shape
+        (2, 3)
+    """
+    return _rng(seed).integers(0, n, size=(_n_boot(n_boot), n))
+
+
+def cluster_weights(groups, n_boot: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+    """``[n_boot, n]`` multiplicities of each item when whole groups are resampled with replacement.
+
+    Item i appears as often as its group was drawn, so the items of one group (e.g. the trials
+    of one prompt) always move together.
+
+        >>> cluster_weights(["a", "a", "b"], 1, seed=0).tolist()
+        [[1.0, 1.0, 1.0]]
+    """
+    _, codes = np.unique(np.asarray(groups), return_inverse=True)
+    codes = codes.reshape(-1)
+    n_groups = int(codes.max()) + 1 if codes.size else 0
+    counts = _rng(seed).multinomial(n_groups, np.full(n_groups, 1.0 / max(n_groups, 1)), size=_n_boot(n_boot))
+    return counts[:, codes].astype(np.float64)
+
+
+def percentile_interval(boots, level: float = 0.95) -> tuple:
+    """The ``(1 − level)/2`` and ``(1 + level)/2`` quantiles of bootstrap replicates over axis 0, NaNs ignored."""
+    if not 0.0 < level < 1.0:
+        raise UsageError(f"level must lie strictly between 0 and 1, got {level!r}.")
+    boots = np.asarray(boots, dtype=np.float64)
+    if boots.shape[0] == 0:
+        nan = np.full(boots.shape[1:], np.nan)
+        return (float("nan"),) * 2 if nan.ndim == 0 else (nan, nan.copy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a column with no finite replicate gives NaN
+        tail = round((1 - level) / 2, 12)  # 0.025 for 95 %, not 0.025000000000000022
+        lo, hi = np.nanquantile(boots, [tail, 1 - tail], axis=0)
+    return (float(lo), float(hi)) if np.ndim(lo) == 0 else (lo, hi)
+
+
+def bootstrap_mean(values, n_boot: int = 1000, seed: int | np.random.Generator = 0, *, baseline=None,
+                   groups=None, indices: np.ndarray | None = None, level: float = 0.95) -> Interval:
+    """Mean of ``values`` (over axis 0) with a seeded percentile bootstrap interval.
+
+    Args:
+        values: ``[n]`` or ``[n, k]`` (then every column separately; NaNs are ignored, for
+            items that have no value in a column).
+        n_boot, seed: number of resamples and their seed (or a ``np.random.Generator``).
+        baseline: paired variant: the statistic is the mean of ``values − baseline``.
+        groups: cluster variant: ``[n]`` group labels; whole groups are resampled.
+        indices: ``[B, n]`` resamples drawn beforehand (``resample_indices``), to share them
+            between statistics; ``n_boot`` and ``seed`` are then unused.
+        level: coverage of the interval.
+
+        >>> bootstrap_mean([1.0, 1.0, 0.0, 0.0], baseline=[0.0, 0.0, 0.0, 0.0], n_boot=200).estimate
+        0.5
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if baseline is not None:
+        b = np.asarray(baseline, dtype=np.float64)
+        if b.shape != v.shape:
+            raise UsageError(f"baseline has shape {b.shape} but values have shape {v.shape}; a paired bootstrap needs them equal.")
+        v = v - b
+    if v.ndim not in (1, 2) or v.shape[0] == 0:
+        raise UsageError(f"bootstrap_mean needs values of shape [n] or [n, k] with n >= 1, got {v.shape}.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a column without values has NaN for its mean
+        estimate = np.nanmean(v, axis=0)
+        if groups is not None:
+            if len(groups) != v.shape[0]:
+                raise UsageError(f"groups has {len(groups)} labels but there are {v.shape[0]} values; give one per value.")
+            w = cluster_weights(groups, n_boot, seed)
+            present = ~np.isnan(v)
+            boots = np.tensordot(w, np.where(present, v, 0.0), axes=1) / np.tensordot(w, present, axes=1)
+        else:
+            idx = resample_indices(v.shape[0], n_boot, seed) if indices is None else np.asarray(indices)
+            if idx.ndim != 2 or (idx.size and idx.max() >= v.shape[0]):
+                raise UsageError(f"indices must be [n_boot, n] resamples of the {v.shape[0]} values, got shape {idx.shape}.")
+            boots = np.nanmean(v[idx], axis=1)
+    lo, hi = percentile_interval(boots, level)
+    return Interval(float(estimate) if np.ndim(estimate) == 0 else estimate, lo, hi)
+
+
+def auroc(pos, neg, *, pos_weights=None, neg_weights=None) -> float | np.ndarray:
+    """Area under the ROC curve of scores ``pos`` (positives) against ``neg`` (negatives).
+
+    P(a random positive scores above a random negative), ties counted ½ (Mann–Whitney U over
+    ``n_pos · n_neg``), computed by one sort, O(n log n). With ``pos_weights``/``neg_weights``
+    of shape ``[B, n_pos]``/``[B, n_neg]`` (bootstrap multiplicities, e.g. ``cluster_weights``
+    split by label) it returns the ``[B]`` AUROCs of the weighted samples, NaN where a row
+    has no weight on one side.
+
+        >>> auroc([1.0], [1.0]), auroc([0.0], [1.0])
+        (0.5, 0.0)
+    """
+    pos, neg = np.asarray(pos, dtype=np.float64).reshape(-1), np.asarray(neg, dtype=np.float64).reshape(-1)
+    if pos.size == 0 or neg.size == 0:
+        raise UsageError(f"AUROC needs at least one positive and one negative score, got {pos.size} and {neg.size}.")
+    if not (np.all(np.isfinite(pos)) and np.all(np.isfinite(neg))):
+        raise UsageError("AUROC scores contain NaN or inf; pass finite scores.")
+    weighted = pos_weights is not None or neg_weights is not None
+    pw = np.ones((1, pos.size)) if pos_weights is None else np.asarray(pos_weights, dtype=np.float64)
+    nw = np.ones((1, neg.size)) if neg_weights is None else np.asarray(neg_weights, dtype=np.float64)
+    pw, nw = np.atleast_2d(pw), np.atleast_2d(nw)
+    if pw.shape[1] != pos.size or nw.shape[1] != neg.size or pw.shape[0] != nw.shape[0]:
+        raise UsageError(f"AUROC weights must be [B, n_pos] and [B, n_neg] = [B, {pos.size}] and [B, {neg.size}], "
+                         f"got {pw.shape} and {nw.shape}.")
+    scores = np.concatenate([pos, neg])
+    is_pos = np.concatenate([np.ones(pos.size, bool), np.zeros(neg.size, bool)])
+    order = np.argsort(scores, kind="stable")
+    s = scores[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # one block per distinct score
+    w = np.concatenate([pw, nw], axis=1)[:, order]
+    wp = np.add.reduceat(w * is_pos[order], starts, axis=1)  # [B, n_distinct]
+    wn = np.add.reduceat(w * ~is_pos[order], starts, axis=1)
+    below = np.cumsum(wn, axis=1) - wn  # negative weight strictly below each block
+    num = (wp * (below + 0.5 * wn)).sum(axis=1)
+    den = wp.sum(axis=1) * wn.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(den > 0, num / den, np.nan)
+    return out if weighted else float(out[0])
+
+
+def diff_in_means(a, b, *, axis: int = 0, unit: bool = False):
+    """``mean(a) − mean(b)`` over ``axis`` in float64; a torch tensor for torch input, else a NumPy array.
+
+    The raw difference is what activation addition adds; ``unit=True`` divides each vector
+    (the last axis) by its norm, for probing and ablation, and refuses a zero difference.
+
+        >>> diff_in_means(torch.ones(3, 2), torch.zeros(5, 2))
+        tensor([1., 1.], dtype=torch.float64)
+    """
+    as_torch = isinstance(a, torch.Tensor)
+    ta, tb = (torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x) for x in (a, b))
+    if ta.ndim < 1 or ta.ndim != tb.ndim or not -ta.ndim <= axis < ta.ndim:
+        raise UsageError(f"diff_in_means needs two arrays with the same number of axes and axis {axis} among them, "
+                         f"got shapes {tuple(ta.shape)} and {tuple(tb.shape)}.")
+    rest = lambda t: t.shape[:axis % t.ndim] + t.shape[axis % t.ndim + 1:]  # noqa: E731
+    if rest(ta) != rest(tb):
+        raise UsageError(f"diff_in_means needs shapes that agree apart from axis {axis}, got {tuple(ta.shape)} and {tuple(tb.shape)}.")
+    if ta.shape[axis] == 0 or tb.shape[axis] == 0:
+        raise UsageError(f"diff_in_means needs at least one row on each side along axis {axis}, "
+                         f"got {ta.shape[axis]} and {tb.shape[axis]}.")
+    diff = ta.to(torch.float64).mean(axis) - tb.to(torch.float64).mean(axis)
+    if not torch.isfinite(diff).all():
+        raise UsageError("diff_in_means got NaN or inf in its inputs; drop or impute those rows.")
+    if unit:
+        norms = diff.norm(dim=-1, keepdim=True)
+        if (norms == 0).any():
+            where = torch.nonzero(norms[..., 0] == 0).tolist() if diff.ndim > 1 else []
+            raise UsageError(f"the means coincide{f' at {where}' if where else ''}; no direction is defined there.")
+        diff = diff / norms
+    return diff if as_torch else diff.numpy()
