@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from depthlens.chat import ChatSequence, length_batches, pad_batch
-from depthlens.generate import Hook, hooks_active
+from depthlens.hooks import Hook, _unmirrored_bridge_hooks, hooks_active
 from depthlens.models import hook_name
 
 SeqLike = ChatSequence | Sequence[int]
@@ -256,8 +256,6 @@ def _blocks_until(view, stop: int):
 
 def plain_ok(model, fwd_hooks: Sequence[Hook]) -> bool:
     """Whether the plain HF model computes what the bridge would: no hooks it cannot see, no soft-capping."""
-    from depthlens.generate import _unmirrored_bridge_hooks
-
     if fwd_hooks or getattr(model.plain().config, "final_logit_softcapping", None):
         return False
     return not _unmirrored_bridge_hooks(model)

@@ -24,19 +24,18 @@ Prompts are batched by length to keep padding small, and results come back in in
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from depthlens.chat import ChatSequence, build_chat, length_batches, pad_batch
+from depthlens.forward import _blocks_from, _expand_cache, common_prefix_len, kv_kwargs, layer_inputs, position_ids
+from depthlens.hooks import _PLAIN_POINT, Hook, _plain_handles, _unmirrored_bridge_hooks, hooks_active, plain_hooks
+from depthlens.hooks import mirrored_hooks  # noqa: F401  (callers import it from here too)
 
 log = logging.getLogger(__name__)
-
-Hook = tuple[str, Callable]
 
 
 @dataclass(frozen=True)
@@ -64,131 +63,6 @@ def eos_ids(tokenizer) -> list[int]:
         if tid is not None:
             ids.add(tid)
     return sorted(i for i in ids if i is not None)
-
-
-@contextmanager
-def hooks_active(model, fwd_hooks: Sequence[Hook] = ()):
-    """Attach TransformerLens forward hooks for the duration of the block; always removed."""
-    if not fwd_hooks:
-        yield
-        return
-    with model.bridge.hooks(fwd_hooks=list(fwd_hooks)):
-        yield
-
-
-_PLAIN_POINT = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_in|hook_resid_post|hook_out|hook_attn_out|attn\.hook_out"
-                          r"|hook_mlp_out|mlp\.hook_out)$")
-
-
-class _PlainHookPoint:
-    """What a TransformerLens hook function receives as ``hook`` when it runs on the plain view."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def layer(self) -> int:
-        return int(self.name.split(".")[1])
-
-
-def _plain_target(model, name: str):
-    """(module, "pre" | "post") of ``model.plain()`` equivalent to hook point ``name``, or None."""
-    m = _PLAIN_POINT.match(name)
-    if m is None:
-        return None
-    layer, point = int(m.group(1)), m.group(2)
-    blocks = model.plain().model.layers
-    if not 0 <= layer < len(blocks):
-        return None
-    block = blocks[layer]
-    if point in ("hook_resid_pre", "hook_in"):
-        return block, "pre"
-    if point in ("hook_resid_post", "hook_out"):
-        return block, "post"
-    if point in ("hook_attn_out", "attn.hook_out"):
-        return getattr(block, "self_attn", None), "post"
-    return getattr(block, "mlp", None), "post"
-
-
-def _plain_handles(model, fwd_hooks: Sequence[Hook]) -> list | None:
-    """Register ``fwd_hooks`` as PyTorch hooks on ``model.plain()``; None (nothing registered) if one cannot be."""
-    targets = [_plain_target(model, name) for name, _ in fwd_hooks]
-    if any(t is None or t[0] is None for t in targets):
-        return None
-    handles = []
-    for (name, fn), (module, where) in zip(fwd_hooks, targets):
-        point = _PlainHookPoint(name)
-        if where == "pre":
-            def pre(module, args, kwargs, fn=fn, point=point):
-                x = args[0] if args else kwargs["hidden_states"]
-                out = fn(x, point)
-                out = x if out is None else out
-                if args:
-                    return (out, *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": out}
-
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        else:
-            def post(module, args, output, fn=fn, point=point):
-                x = output[0] if isinstance(output, tuple) else output
-                out = fn(x, point)
-                out = x if out is None else out
-                return (out, *output[1:]) if isinstance(output, tuple) else out
-
-            handles.append(module.register_forward_hook(post))
-    return handles
-
-
-@contextmanager
-def plain_hooks(model, fwd_hooks: Sequence[Hook]):
-    """Attach TransformerLens-style hooks as PyTorch hooks on ``model.plain()`` only, for the block.
-
-    For code that drives the plain HF modules itself (``depthlens.forward.PrefixSharedRunner``,
-    ``LayerwiseContinuer``); every hook needs a plain equivalent (see ``_PLAIN_POINT``).
-    """
-    handles = _plain_handles(model, fwd_hooks) if fwd_hooks else []
-    if handles is None:
-        raise ValueError("plain_hooks takes only resid_pre/resid_post/attn_out/mlp_out hook points, got "
-                         f"{[n for n, _ in fwd_hooks]}.")
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextmanager
-def mirrored_hooks(model, fwd_hooks: Sequence[Hook]):
-    """Attach hooks to the bridge *and* to ``model.plain()``, so bridge forwards and ``generate``
-    both see them (``generate`` keeps its KV-cache fast path). Every hook must have a plain
-    equivalent (see ``_PLAIN_POINT``)."""
-    handles = _plain_handles(model, fwd_hooks)
-    if handles is None:
-        raise ValueError("mirrored_hooks takes only resid_pre/resid_post/attn_out/mlp_out hook points, got "
-                         f"{[n for n, _ in fwd_hooks]}.")
-    from transformer_lens.hook_points import HookPoint
-
-    stack = model.__dict__.setdefault("_mirrored_points", [])
-    before = {id(m) for m in model.bridge.modules() if isinstance(m, HookPoint) and m._forward_hooks}
-    try:
-        with model.bridge.hooks(fwd_hooks=list(fwd_hooks)):
-            added = {id(m) for m in model.bridge.modules() if isinstance(m, HookPoint) and m._forward_hooks} - before
-            stack.append(added)
-            try:
-                yield
-            finally:
-                stack.remove(added)
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _unmirrored_bridge_hooks(model) -> bool:
-    """Whether a hook attached to the bridge is not also on ``model.plain()`` (then only the bridge sees it)."""
-    from transformer_lens.hook_points import HookPoint
-
-    mirrored = set().union(*model.__dict__.get("_mirrored_points", []))
-    return any(isinstance(m, HookPoint) and (m._forward_hooks or m._forward_pre_hooks) and id(m) not in mirrored
-               for m in model.bridge.modules())
 
 
 @torch.inference_mode()
@@ -234,8 +108,6 @@ def _shared_prefix_inputs(model, seqs: Sequence[Sequence[int]], pad_id: int):
     attention mask, so every row sees the same tokens at the same positions as when left-padded.
     """
     from transformers import DynamicCache
-
-    from depthlens.forward import _expand_cache, common_prefix_len, kv_kwargs
 
     p = common_prefix_len(seqs)
     if len(seqs) < 2 or p < MIN_SHARED_PREFIX:
@@ -369,8 +241,6 @@ class LayerwiseContinuer:
     def __init__(self, model, prompts: Sequence[str | ChatSequence], max_new_tokens: int):
         from transformers import DynamicCache
 
-        from depthlens.forward import layer_inputs
-
         if isinstance(prompts, (str, ChatSequence)) or not prompts:
             raise ValueError("LayerwiseContinuer needs a non-empty list of prompts.")
         if max_new_tokens < 1:
@@ -402,8 +272,6 @@ class LayerwiseContinuer:
     def run(self, layer: int, hook_sets: Sequence[Sequence[Hook]]) -> list[Generation]:
         """One greedy ``Generation`` per hook set, all decoded together, the prompt recomputed from block ``layer``."""
         from transformers import DynamicCache
-
-        from depthlens.forward import _blocks_from, kv_kwargs, position_ids
 
         self._check(layer, hook_sets)
         view, n, groups = self.model.plain(), len(self.chats), len(hook_sets)
