@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 from depthlens.chat import ChatSequence, build_chat
+from depthlens.errors import UsageError
 from depthlens.generate import Hook, generate
 from depthlens.judge import (
     CONTINUATION_JUDGE_ID,
@@ -61,9 +62,9 @@ class Interval(NamedTuple):
 def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> Interval:
     """Wilson score interval for a binomial rate (95% by default); well-behaved at 0 and n."""
     if n < 1:
-        raise ValueError(f"wilson_interval needs n >= 1 trials, got n={n}.")
+        raise UsageError(f"wilson_interval needs n >= 1 trials, got n={n}.")
     if not 0 <= successes <= n:
-        raise ValueError(f"successes must lie in 0..n={n}, got {successes}.")
+        raise UsageError(f"successes must lie in 0..n={n}, got {successes}.")
     p = successes / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
@@ -78,14 +79,14 @@ def harmful_response_ids(generation) -> list[list[int]]:
     tokens = getattr(generation, "tokens", generation)
     out = [[int(t) for t in row] for row in tokens]
     if not out:
-        raise ValueError("harmful_response_ids got no responses.")
+        raise UsageError("harmful_response_ids got no responses.")
     return out
 
 
 def relative_position(depth: float, length: int) -> int:
     """Token position ``p = round(depth · length)`` (half rounds up), for ``depth`` in [0, 1]."""
     if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"A relative depth must lie in [0, 1], got {depth}.")
+        raise UsageError(f"A relative depth must lie in [0, 1], got {depth}.")
     return int(math.floor(depth * length + 0.5))
 
 
@@ -188,14 +189,14 @@ class AttackResult:
         ``harmful``, ``recovered``, ``other`` the rate and ``<name>_lo``/``<name>_hi``.
         """
         if not self.trials:
-            raise ValueError("asr_by needs at least one trial; this attack result is empty.")
+            raise UsageError("asr_by needs at least one trial; this attack result is empty.")
         if callable(key):
             names, get = ("group",), lambda t: (key(t),)
         else:
             names = (key,) if isinstance(key, str) else tuple(key)
             unknown = [k for k in names if k not in Trial.__dataclass_fields__]
             if unknown:
-                raise ValueError(f"Unknown trial field(s) {unknown} for asr_by; use one of {list(Trial.__dataclass_fields__)}.")
+                raise UsageError(f"Unknown trial field(s) {unknown} for asr_by; use one of {list(Trial.__dataclass_fields__)}.")
             get = lambda t: tuple(getattr(t, k) for k in names)  # noqa: E731
         groups: dict[tuple, list[Trial]] = {}
         for t in self.trials:
@@ -223,7 +224,7 @@ class AttackResult:
     def class_shares(self) -> dict[str, float]:
         """Overall share of each continuation class."""
         if not self.trials:
-            raise ValueError("class_shares needs at least one trial; this attack result is empty.")
+            raise UsageError("class_shares needs at least one trial; this attack result is empty.")
         n = len(self.trials)
         return {c: sum(t.label == c for t in self.trials) / n for c in ("recovered", "harmful", "other")}
 
@@ -246,22 +247,22 @@ class _Plan:
 
 def _check_inputs(prompts, prompt_ids, **lists) -> list[str]:
     if isinstance(prompts, str) or not prompts:
-        raise ValueError("An attack needs a non-empty list of prompts.")
+        raise UsageError("An attack needs a non-empty list of prompts.")
     for name, values in lists.items():
         if values is None or len(values) != len(prompts):
             got = None if values is None else len(values)
-            raise ValueError(f"{name} must have one entry per prompt ({len(prompts)}), got {got}.")
+            raise UsageError(f"{name} must have one entry per prompt ({len(prompts)}), got {got}.")
     if prompt_ids is None:
         return [f"prompt-{i:04d}" for i in range(len(prompts))]
     if len(prompt_ids) != len(prompts):
-        raise ValueError(f"prompt_ids must have one id per prompt ({len(prompts)}), got {len(prompt_ids)}.")
+        raise UsageError(f"prompt_ids must have one id per prompt ({len(prompts)}), got {len(prompt_ids)}.")
     return [str(i) for i in prompt_ids]
 
 
 def _check_lengths(values, name: str, minimum: int) -> list[int]:
     out = [int(v) for v in values]
     if not out or any(v < minimum for v in out):
-        raise ValueError(f"{name} must be a non-empty list of integers >= {minimum}, got {list(values)}.")
+        raise UsageError(f"{name} must be a non-empty list of integers >= {minimum}, got {list(values)}.")
     return sorted(set(out))
 
 
@@ -353,7 +354,7 @@ def _usable_refusals(refusals, pids, min_refusal_tokens: int, skipped: list[dict
             skipped.append({"prompt_id": pid, "reason": f"refusal has {len(r)} < {min_refusal_tokens} tokens"})
         ok.append(good)
     if not any(ok):
-        raise ValueError(f"Every refusal is shorter than min_refusal_tokens={min_refusal_tokens}; "
+        raise UsageError(f"Every refusal is shorter than min_refusal_tokens={min_refusal_tokens}; "
                          "give refusals of several sentences or lower the minimum.")
     if not all(ok):
         log.warning("Skipped %d prompts whose refusal is shorter than %d tokens.", ok.count(False), min_refusal_tokens)
@@ -378,12 +379,12 @@ def random_insertion_attack(model, prompts: Sequence[str], refusals: Sequence[Se
     pids = _check_inputs(prompts, prompt_ids, refusals=refusals, harmful_responses=harmful_responses)
     span_lengths = _check_lengths(span_lengths, "span_lengths", 1)
     if span_source not in SPAN_SOURCES:
-        raise ValueError(f"span_source must be one of {SPAN_SOURCES}, got {span_source!r}.")
+        raise UsageError(f"span_source must be one of {SPAN_SOURCES}, got {span_source!r}.")
     if n_random < 0:
-        raise ValueError(f"n_random must be >= 0, got {n_random}.")
+        raise UsageError(f"n_random must be >= 0, got {n_random}.")
     if n_random == 0:
         if not depths:
-            raise ValueError("Give grid depths in [0, 1] or n_random > 0 random positions.")
+            raise UsageError("Give grid depths in [0, 1] or n_random > 0 random positions.")
         depths = [float(d) for d in depths]
         for d in depths:
             relative_position(d, 1)  # validates the range
@@ -458,10 +459,10 @@ def _candidate_positions(candidate_positions, length: int) -> list[int]:
     out = set()
     for c in candidate_positions:
         if isinstance(c, bool):
-            raise ValueError(f"A candidate position must be an int (absolute) or a float depth, got {c!r}.")
+            raise UsageError(f"A candidate position must be an int (absolute) or a float depth, got {c!r}.")
         if isinstance(c, int):
             if c < 0:
-                raise ValueError(f"An absolute candidate position must be >= 0, got {c}.")
+                raise UsageError(f"An absolute candidate position must be >= 0, got {c}.")
             if c <= length:
                 out.add(c)
         else:
@@ -490,13 +491,13 @@ def worst_insertion(model, prompts: Sequence[str], refusals: Sequence[Sequence[i
     from depthlens.forward import last_logprobs, token_logprobs
 
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
+        raise UsageError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
     if n_next < 1:
-        raise ValueError(f"n_next must be at least 1, got {n_next}.")
+        raise UsageError(f"n_next must be at least 1, got {n_next}.")
     pids = _check_inputs(prompts, prompt_ids, refusals=refusals, harmful_responses=harmful_responses)
     span_lengths = _check_lengths(span_lengths, "span_lengths", 1)
     if not candidate_positions:
-        raise ValueError("worst_insertion needs at least one candidate position.")
+        raise UsageError("worst_insertion needs at least one candidate position.")
     tok = model.tokenizer
     usable = _usable_refusals(refusals, pids, min_refusal_tokens, [])
     cands: list[tuple[int, int, int]] = []  # (prompt index, p, m)
@@ -514,7 +515,7 @@ def worst_insertion(model, prompts: Sequence[str], refusals: Sequence[Sequence[i
                 cands.append((i, p, m))
                 seqs.append(_insertion_seq(tok, x, r, h, p, 0, m, extra))
     if not seqs:
-        raise ValueError("No (position, span length) candidate fits: harmful responses are shorter than every span length.")
+        raise UsageError("No (position, span length) candidate fits: harmful responses are shorter than every span length.")
     if objective == "refusal_score":
         lp = last_logprobs(model, seqs, batch_size=batch_size, fwd_hooks=fwd_hooks, progress=progress)
         scores = score_from_logprobs(lp, refusal_token_ids(tok)).tolist()

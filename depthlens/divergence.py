@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from depthlens.chat import build_chat
+from depthlens.errors import UsageError
 from depthlens.forward import token_logprobs
 from depthlens.stats import bootstrap_mean
 
@@ -43,9 +44,9 @@ def per_position_kl(aligned, base, prompts: Sequence[str], responses: Sequence[S
                     n_positions: int = 64, chunk: int = 16, n_boot: int = 1000, seed: int = 0) -> PositionKL:
     """KL(aligned ‖ base) at each of the first ``n_positions`` response tokens."""
     if len(prompts) != len(responses):
-        raise ValueError(f"Got {len(prompts)} prompts but {len(responses)} responses; they must pair up.")
+        raise UsageError(f"Got {len(prompts)} prompts but {len(responses)} responses; they must pair up.")
     if aligned.tokenizer.get_vocab() != base.tokenizer.get_vocab():
-        raise ValueError("Per-position KL needs two models with the same tokenizer.")
+        raise UsageError("Per-position KL needs two models with the same tokenizer.")
     seqs = [build_chat(aligned.tokenizer, p, [list(r)[:n_positions]]) for p, r in zip(prompts, responses) if len(r)]
     values = np.full((len(seqs), n_positions), np.nan)
     for s in range(0, len(seqs), chunk):

@@ -24,9 +24,11 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from depthlens.chat import ChatSequence, length_batches, pad_batch
+from depthlens.chat import ChatSequence, check_context, length_batches, pad_batch
+from depthlens.errors import UsageError
 from depthlens.hooks import Hook, _unmirrored_bridge_hooks, hooks_active
 from depthlens.models import hook_name
+from depthlens.validate import integer, one_of, positive_int
 
 SeqLike = ChatSequence | Sequence[int]
 
@@ -56,10 +58,14 @@ def _pad_id(model) -> int:
 
 
 def iter_batches(model, seqs: Sequence[SeqLike], batch_size: int, progress: bool = False, desc: str = "forward"):
-    """Yield ``(indices, Batch)`` over length-bucketed, left-padded batches on the model's device."""
+    """Yield ``(indices, Batch)`` over length-bucketed, left-padded batches on the model's device.
+
+    Sequences longer than the model's context are refused (``depthlens.chat.check_context``).
+    """
     ids = [_ids(s) for s in seqs]
     if any(len(s) == 0 for s in ids):
-        raise ValueError("Cannot run a forward pass on an empty sequence.")
+        raise UsageError("Cannot run a forward pass on an empty sequence.")
+    check_context(model, [len(s) for s in ids])
     batches = length_batches([len(s) for s in ids], batch_size)
     for idx in tqdm(batches, desc=desc, disable=not progress or len(batches) < 2, leave=False):
         yield idx, pad_batch([ids[i] for i in idx], _pad_id(model)).to(model.device)
@@ -99,9 +105,11 @@ def token_logprobs(model, seqs: Sequence[SeqLike], *, start: Sequence[int] | Non
     t = start_i … len_i−1), or with ``full_dist`` the full ``[len_i - start_i, vocab]`` log-softmax.
     """
     ids = [_ids(s) for s in seqs]
-    starts = list(start) if start is not None else [1] * len(ids)
+    starts = [integer("start", s) for s in start] if start is not None else [1] * len(ids)
+    if len(starts) != len(ids):
+        raise UsageError(f"start has {len(starts)} entries for {len(ids)} sequences; give one per sequence.")
     if any(not 1 <= s <= len(i) for s, i in zip(starts, ids)):
-        raise ValueError("Each start position must lie in 1..len(sequence).")
+        raise UsageError("Each start position must lie in 1..len(sequence).")
     out: list[Tensor] = [torch.empty(0)] * len(ids)
     with hooks_active(model, fwd_hooks):
         for idx, batch in iter_batches(model, seqs, batch_size, progress):
@@ -128,20 +136,29 @@ def residuals_at(model, seqs: Sequence[SeqLike], positions: Sequence[int | Seque
                  ) -> Float[Tensor, "layer n d_model"]:
     """Residual activations ``kind`` at given positions (indices into each unpadded sequence).
 
-    ``positions[i]`` is one index (negative counts from the end) or, with ``reduce="mean"``, a
-    list of indices averaged over. Streams batch by batch and stops at the last layer needed;
+    ``positions[i]`` is one integer index (negative counts from the end) or, with
+    ``reduce="mean"``, a list of indices averaged over; ``reduce="none"`` takes one index per
+    sequence and refuses a list, so no average is ever taken unasked. Streams batch by batch and stops at the last layer needed;
     returns float32 on CPU, shape ``[len(layers), n, d_model]``. ``resid_pre``/``resid_post``
     without hooks only the bridge sees (``plain_ok``) come from the plain blocks with the shared prefix computed once
     (``stream_boundaries``); other kinds, or bridge hooks, run the bridge with a ``names_filter``.
     """
+    one_of("reduce", reduce, REDUCTIONS)
+    positive_int("batch_size", batch_size)
     layers = list(range(model.n_layers)) if layers is None else [model.check_layer(l) for l in layers]
     ids = [_ids(s) for s in seqs]
+    if isinstance(positions, (str, bytes)) or len(positions) != len(ids):
+        raise UsageError(f"positions must hold one entry per sequence ({len(ids)}), got {positions!r:.80}.")
     abs_pos = []
     for i, p in enumerate(positions):
-        plist = [p] if isinstance(p, int) else list(p)
+        single = not hasattr(p, "__iter__") or getattr(p, "ndim", 1) == 0  # int, NumPy or 0-d tensor index
+        if not single and reduce == "none":
+            raise UsageError(f"positions[{i}] is a list {p!r:.60}, but reduce='none' takes one index per sequence; "
+                             "pass reduce='mean' to average over several positions.")
+        plist = [integer(f"positions[{i}]", v) for v in ([p] if single else list(p))]
         q = [v if v >= 0 else len(ids[i]) + v for v in plist]
         if not q or min(q) < 0 or max(q) >= len(ids[i]):
-            raise ValueError(f"Sequence {i} has {len(ids[i])} tokens; positions {plist} fall outside it.")
+            raise UsageError(f"Sequence {i} has {len(ids[i])} tokens; positions {plist} fall outside it.")
         abs_pos.append(q)
     out = torch.empty(len(layers), len(ids), model.d_model)
 
@@ -150,7 +167,7 @@ def residuals_at(model, seqs: Sequence[SeqLike], positions: Sequence[int | Seque
             cols = [width - len(ids[i]) + q for q in abs_pos[i]]
             for j, st in enumerate(states):
                 vals = st[row, cols].float()
-                out[j, i] = vals.mean(0) if (reduce == "mean" or len(cols) > 1) else vals[0]
+                out[j, i] = vals.mean(0)  # one position (reduce="none"), or the mean over several
 
     if kind in BOUNDARY_KINDS and plain_ok(model, fwd_hooks):
         first = min(min(q) for q in abs_pos) if abs_pos else 0
@@ -173,12 +190,13 @@ def residuals_at(model, seqs: Sequence[SeqLike], positions: Sequence[int | Seque
 
 
 BOUNDARY_KINDS = ("resid_pre", "resid_post")
+REDUCTIONS = ("none", "mean")
 
 
 def boundary_index(kind: str, layer: int) -> int:
     """Index of a block boundary: ``resid_pre`` of l is boundary l, ``resid_post`` of l is l + 1."""
     if kind not in BOUNDARY_KINDS:
-        raise ValueError(f"Block-boundary residuals are {BOUNDARY_KINDS}, got {kind!r}.")
+        raise UsageError(f"Block-boundary residuals are {BOUNDARY_KINDS}, got {kind!r}.")
     return layer + (kind == "resid_post")
 
 
@@ -202,11 +220,12 @@ def stream_boundaries(model, seqs: Sequence[SeqLike], boundaries: Sequence[int],
     from transformers import DynamicCache
 
     if not boundaries and not final:
-        raise ValueError("stream_boundaries needs at least one boundary (or final=True).")
+        raise UsageError("stream_boundaries needs at least one boundary (or final=True).")
     bad = [b for b in boundaries if not 0 <= b <= model.n_layers]
     if bad:
-        raise ValueError(f"Block boundaries run from 0 to {model.n_layers}; got {bad}.")
+        raise UsageError(f"Block boundaries run from 0 to {model.n_layers}; got {bad}.")
     ids = [_ids(s) for s in seqs]
+    check_context(model, [len(s) for s in ids])  # the batches below hold suffixes only
     p = common_prefix_len(ids)
     if max_prefix is not None:
         p = max(0, min(p, max_prefix))
@@ -357,10 +376,11 @@ class PrefixSharedRunner:
         from transformers import DynamicCache
 
         if not seqs:
-            raise ValueError("PrefixSharedRunner needs at least one sequence.")
+            raise UsageError("PrefixSharedRunner needs at least one sequence.")
         self.model = model
         self._cache_cls = DynamicCache
         ids = [_ids(s) for s in seqs]
+        check_context(model, [len(s) for s in ids])  # the batches below hold suffixes only
         self.prefix_len = p = common_prefix_len(ids)
         view = model.plain()
         dev = model.device

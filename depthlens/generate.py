@@ -30,10 +30,12 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from depthlens.chat import ChatSequence, build_chat, length_batches, pad_batch
+from depthlens.chat import ChatSequence, build_chat, check_context, length_batches, pad_batch
+from depthlens.errors import UsageError
 from depthlens.forward import _blocks_from, _expand_cache, common_prefix_len, kv_kwargs, layer_inputs, position_ids
 from depthlens.hooks import _PLAIN_POINT, Hook, _plain_handles, _unmirrored_bridge_hooks, hooks_active, plain_hooks
 from depthlens.hooks import mirrored_hooks  # noqa: F401  (callers import it from here too)
+from depthlens.validate import integer, positive_int, prompt_list
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +127,18 @@ def _shared_prefix_inputs(model, seqs: Sequence[Sequence[int]], pad_id: int):
 
 
 def as_chats(model, prompts: Sequence[str | ChatSequence]) -> list[ChatSequence]:
+    """Every prompt as a ``ChatSequence``: user strings are chat-formatted, sequences kept as they are."""
     return [p if isinstance(p, ChatSequence) else build_chat(model.tokenizer, p) for p in prompts]
+
+
+def _check_sampling(do_sample, temperature, top_p, seed) -> None:
+    if not isinstance(do_sample, bool):
+        raise UsageError(f"do_sample must be True or False, got {do_sample!r}.")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise UsageError(f"temperature must be a number > 0, got {temperature!r}.")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise UsageError(f"top_p must be a number in (0, 1], got {top_p!r}.")
+    integer("seed", seed)
 
 
 @torch.inference_mode()
@@ -143,12 +156,22 @@ def generate(
     progress: bool = True,
     desc: str = "generate",
 ) -> Generation:
-    """Continue every prompt by up to ``max_new_tokens`` (greedy unless ``do_sample``)."""
-    if isinstance(prompts, (str, ChatSequence)):
-        raise ValueError("generate expects a list of prompts, not a single prompt; wrap it in a list.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    """Continue every prompt by up to ``max_new_tokens`` (greedy unless ``do_sample``).
+
+    Arguments are checked first (``UsageError``: a single prompt instead of a list,
+    ``max_new_tokens`` not an integer >= 1, a prompt that with its new tokens exceeds the
+    model's context …). Sampling is seeded per batch from ``seed``.
+
+        >>> from depthlens.models import load_model
+        >>> out = generate(load_model("tiny-llama"), ["Name a colour."], max_new_tokens=3, progress=False)
+        >>> len(out.texts), len(out.tokens[0]) <= 3, out.config["max_new_tokens"]
+        (1, True, 3)
+    """
+    prompts = prompt_list("prompts", prompts, ChatSequence)
+    max_new_tokens, batch_size = positive_int("max_new_tokens", max_new_tokens), positive_int("batch_size", batch_size)
+    _check_sampling(do_sample, temperature, top_p, seed)
     chats = as_chats(model, prompts)
+    check_context(model, [len(c) for c in chats], max_new_tokens)
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     stop = eos_ids(tok)
@@ -241,12 +264,11 @@ class LayerwiseContinuer:
     def __init__(self, model, prompts: Sequence[str | ChatSequence], max_new_tokens: int):
         from transformers import DynamicCache
 
-        if isinstance(prompts, (str, ChatSequence)) or not prompts:
-            raise ValueError("LayerwiseContinuer needs a non-empty list of prompts.")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+        prompts = prompt_list("prompts", prompts, ChatSequence)
+        max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
         self.model, self.max_new_tokens = model, max_new_tokens
         self.chats = as_chats(model, prompts)
+        check_context(model, [len(c) for c in self.chats], max_new_tokens)
         tok = model.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.stop = eos_ids(tok)
@@ -259,14 +281,14 @@ class LayerwiseContinuer:
     def _check(self, layer: int, hook_sets: Sequence[Sequence[Hook]]) -> None:
         self.model.check_layer(layer)
         if not hook_sets:
-            raise ValueError("run needs at least one hook set (an empty set is the clean model).")
+            raise UsageError("run needs at least one hook set (an empty set is the clean model).")
         for hooks in hook_sets:
             for name, _ in hooks:
                 m = _PLAIN_POINT.match(name)
                 if m is None:
-                    raise ValueError(f"LayerwiseContinuer takes resid_pre/resid_post/attn_out/mlp_out hooks, got {name!r}.")
+                    raise UsageError(f"LayerwiseContinuer takes resid_pre/resid_post/attn_out/mlp_out hooks, got {name!r}.")
                 if int(m.group(1)) < layer:
-                    raise ValueError(f"Hook {name!r} sits below the start layer {layer}: it would miss the prompt.")
+                    raise UsageError(f"Hook {name!r} sits below the start layer {layer}: it would miss the prompt.")
 
     @torch.inference_mode()
     def run(self, layer: int, hook_sets: Sequence[Sequence[Hook]]) -> list[Generation]:

@@ -27,6 +27,8 @@ import re
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
+from depthlens.errors import UsageError
+
 Hook = tuple[str, Callable]
 """A TransformerLens forward hook: (hook-point name, ``fn(activation, hook) -> new activation or None``)."""
 
@@ -112,7 +114,7 @@ def plain_hooks(model, fwd_hooks: Sequence[Hook]):
     """
     handles = _plain_handles(model, fwd_hooks) if fwd_hooks else []
     if handles is None:
-        raise ValueError("plain_hooks takes only resid_pre/resid_post/attn_out/mlp_out hook points, got "
+        raise UsageError("plain_hooks takes only resid_pre/resid_post/attn_out/mlp_out hook points, got "
                          f"{[n for n, _ in fwd_hooks]}.")
     try:
         yield
@@ -128,7 +130,7 @@ def mirrored_hooks(model, fwd_hooks: Sequence[Hook]):
     equivalent (see ``_PLAIN_POINT``)."""
     handles = _plain_handles(model, fwd_hooks)
     if handles is None:
-        raise ValueError("mirrored_hooks takes only resid_pre/resid_post/attn_out/mlp_out hook points, got "
+        raise UsageError("mirrored_hooks takes only resid_pre/resid_post/attn_out/mlp_out hook points, got "
                          f"{[n for n, _ in fwd_hooks]}.")
     from transformer_lens.hook_points import HookPoint
 

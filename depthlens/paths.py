@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from depthlens.errors import UsageError
+
 
 def cache_dir(*parts: str) -> Path:
     """The cache root (``$DEPTHLENS_CACHE`` or ``~/.cache/depthlens``) joined with ``parts``, created."""
@@ -49,5 +51,5 @@ def entry_name(spec: str, key: str, length: int = 16) -> str:
     sets) are part of existing cache paths; changing one orphans the entries already built.
     """
     if not 8 <= length <= len(key):
-        raise ValueError(f"A cache key prefix must be 8..{len(key)} characters long, got {length}.")
+        raise UsageError(f"A cache key prefix must be 8..{len(key)} characters long, got {length}.")
     return f"{model_tag(spec)}-{key[:length]}"

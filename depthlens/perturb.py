@@ -37,7 +37,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from depthlens.errors import UsageError
 from depthlens.models import hook_name
+
 
 def _layers(model, layer: int | Sequence[int] | None) -> list[int]:
     """Every layer for None, else the given layer or layers (checked)."""
@@ -71,7 +73,7 @@ def _restoring(params: list[tuple[str, torch.nn.Parameter]]) -> Iterator[None]:
 
 def _check_sigma(sigma: float) -> None:
     if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"Noise scale sigma must be >= 0 and finite, got {sigma!r}.")
+        raise UsageError(f"Noise scale sigma must be >= 0 and finite, got {sigma!r}.")
 
 
 @contextmanager
@@ -90,9 +92,9 @@ def param_noise(model, layer: int | None, sigma: float, seed: int = 0) -> Iterat
 def rtn_quantize(weight: Float[Tensor, "out inp"], bits: int) -> Float[Tensor, "out inp"]:
     """Round-to-nearest symmetric quantization per output channel (row), de-quantized back."""
     if bits not in (4, 8):
-        raise ValueError(f"Quantization supports 4 or 8 bits, got {bits}.")
+        raise UsageError(f"Quantization supports 4 or 8 bits, got {bits}.")
     if weight.ndim != 2:
-        raise ValueError(f"rtn_quantize expects a 2-D [out, in] weight matrix, got shape {tuple(weight.shape)}.")
+        raise UsageError(f"rtn_quantize expects a 2-D [out, in] weight matrix, got shape {tuple(weight.shape)}.")
     qmax = 2 ** (bits - 1) - 1
     w = weight.float()
     scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / qmax
@@ -103,7 +105,7 @@ def rtn_quantize(weight: Float[Tensor, "out inp"], bits: int) -> Float[Tensor, "
 def quantize(model, layer: int | None, bits: int) -> Iterator[None]:
     """RTN int8/int4 weights (per output channel) for the matrices of ``layer`` (None: all)."""
     if bits not in (4, 8):
-        raise ValueError(f"Quantization supports 4 or 8 bits, got {bits}.")
+        raise UsageError(f"Quantization supports 4 or 8 bits, got {bits}.")
     params = _matrices(model, _layers(model, layer))
     with _restoring(params), torch.no_grad():
         for _, p in params:
@@ -170,7 +172,7 @@ KINDS = tuple(PERTURBATIONS)
 def perturb(model, kind: str, layer: int | None, sigma: float = 0.0, seed: int = 0) -> Iterator[None]:
     """Dispatch to one perturbation by name: ``param_noise``, ``act_noise``, ``int8``, ``int4``."""
     if kind not in PERTURBATIONS:
-        raise ValueError(f"Unknown perturbation kind {kind!r}; use one of {', '.join(KINDS)}.")
+        raise UsageError(f"Unknown perturbation kind {kind!r}; use one of {', '.join(KINDS)}.")
     _check_sigma(sigma)
     if layer is not None:
         model.check_layer(layer)

@@ -246,5 +246,5 @@ def test_layerwise_continuer_rejects_hooks_it_cannot_honour(tiny):
         cont.run(0, [[("blocks.0.attn.hook_pattern", lambda x, hook: x)]])
     with pytest.raises(ValueError, match="at least one hook set"):
         cont.run(0, [])
-    with pytest.raises(ValueError, match="non-empty list"):
+    with pytest.raises(ValueError, match="prompts is empty"):
         LayerwiseContinuer(tiny, [], max_new_tokens=2)
