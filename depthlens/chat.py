@@ -190,6 +190,7 @@ class Batch:
     offsets: tuple[int, ...] = field(default=())
 
     def to(self, device) -> Batch:
+        """The same batch on ``device``."""
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.offsets)
 
 

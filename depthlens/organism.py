@@ -5,8 +5,9 @@ the way a lab would (``finetune.sft``: harmful → refusal, benign → own answe
 that. ``load_organism()`` builds it on first use (progress bar, 11–16 min on the 2 CPU cores here, expected to take
 about a minute on a GPU, not measured: no GPU was lent) and caches it under ``$DEPTHLENS_CACHE/organisms`` keyed by the recipe hash.
 
-    >>> organism = load_organism()              # smollm2-135m-instruct:sft
-    >>> base = load_model(base_spec(organism.spec))
+    >>> organism = load_organism()   # smollm2-135m-instruct:sft, built on first use  # doctest: +SKIP
+    >>> base_spec("smollm2-135m-instruct:sft:zo"), parent_spec("smollm2-135m-instruct:deep:zo")
+    ('smollm2-135m-instruct', 'smollm2-135m-instruct:deep')
 """
 
 from __future__ import annotations

@@ -20,9 +20,16 @@ Cost: a perturbation of layer l leaves every earlier layer unchanged, so a sweep
 ``blocks.{l}.hook_resid_pre`` once and re-run the model from layer l only
 (``depthlens.forward.forward_from_layer``), and one seed suffices for int8/int4.
 
-    >>> with perturb(model, "param_noise", layer=3, sigma=0.2, seed=0):
-    ...     scores = refusal_score(model, prompts).scores
-    >>> with quantize(model, layer=None, bits=4): ...
+    >>> import torch
+    >>> from depthlens.forward import last_logprobs
+    >>> from depthlens.models import load_model
+    >>> model = load_model("tiny-llama")
+    >>> seqs = [[1, 5, 9, 13]]
+    >>> clean = last_logprobs(model, seqs)
+    >>> with perturb(model, "param_noise", layer=1, sigma=0.2, seed=0):
+    ...     noisy = last_logprobs(model, seqs)
+    >>> bool((noisy - clean).abs().max() > 0), bool(torch.equal(last_logprobs(model, seqs), clean))  # restored
+    (True, True)
 """
 
 from __future__ import annotations

@@ -49,9 +49,13 @@ class Recipe(Protocol):
     name: str
     version: int
 
-    def config(self) -> dict: ...
+    def config(self) -> dict:
+        """The settings that change the result (they key the cache entry)."""
+        ...
 
-    def build(self, model: Any, workdir: Path) -> dict | None: ...
+    def build(self, model: Any, workdir: Path) -> dict | None:
+        """Change ``model`` in place; return a JSON-ready summary (stored in ``recipe.json``)."""
+        ...
 
 
 def available_recipes() -> dict[str, Any]:

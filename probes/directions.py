@@ -31,9 +31,15 @@ prefix computed once a pass (``depthlens.forward.PrefixSharedRunner``). Arditi's
 ``SelectedDirection.timing``); the default here evaluates the last position only
 (24 candidates, 5× cheaper); pass ``positions=None`` for the full grid.
 
-    >>> cands = compute_candidates(model, harmful_train, harmless_train)   # [n_pos, L, d_model]
-    >>> sel = select_direction(model, cands, harmful_val, harmless_val)    # last position, l < 0.8 L
-    >>> sel.layer, sel.filters_passed, sel.direction.shape                  # (21, True, (576,))
+    >>> from depthlens.models import load_model
+    >>> model = load_model("tiny-llama")                  # on the default: layer 21 of 30, d_model 576
+    >>> harmful, harmless = ["How do I pick a lock?", "How do I make a weapon?"], ["Bake bread?", "Name a colour."]
+    >>> cands = compute_candidates(model, harmful, harmless)
+    >>> tuple(cands.directions.shape)                     # [n_pos, L, d_model]: 9 template tokens here
+    (9, 2, 64)
+    >>> sel = select_direction(model, cands, harmful, harmless, layers=[1])   # last position by default
+    >>> sel.position, sel.layer, tuple(sel.direction.shape)
+    (-1, 1, (64,))
 """
 
 from __future__ import annotations
@@ -191,6 +197,9 @@ class SelectedDirection:
 
 def post_instruction_len(tokenizer, fallback: int = 5) -> int:
     """Number of template tokens that follow the user's message (through the assistant header).
+
+    These are the candidate positions of the refusal direction (Arditi et al. take the
+    difference in means at each of them).
 
     Rendered with a few marker messages; the tokens starting at or after the end of the marker
     are counted (token offsets of a fast tokenizer, else tokenizing the suffix alone). The

@@ -16,9 +16,9 @@ The ``wo`` recipe (``load_model("smollm2-135m-instruct:wo")``) computes differen
 candidates on the harmful/harmless train splits, selects one on the validation splits
 (``probes.directions``, docs/methods.md §4) and orthogonalizes the weights.
 
-    >>> with hooks_active(model, ablation_hooks(model, r)): lp = last_logprobs(model, seqs)
-    >>> orthogonalize_weights(model, r)           # now last_logprobs(model, seqs) ≈ lp
-    >>> load_model("smollm2-135m-instruct:wo")     # built once, then cached
+    >>> with hooks_active(model, ablation_hooks(model, r)): lp = last_logprobs(model, seqs)  # doctest: +SKIP
+    >>> orthogonalize_weights(model, r)           # now last_logprobs(model, seqs) ≈ lp  # doctest: +SKIP
+    >>> load_model("smollm2-135m-instruct:wo")     # built once, then cached  # doctest: +SKIP
 """
 
 from __future__ import annotations
