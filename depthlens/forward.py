@@ -299,7 +299,16 @@ def layer_inputs(model, input_ids: Tensor, attention_mask: Tensor, past_key_valu
     With ``past_key_values`` (an empty ``DynamicCache``) the same pass also fills the cache.
     """
     view = model.plain()
-    inputs: list[Tensor | None] = [None] * model.n_layers
+    with _block_inputs(view) as inputs:
+        view.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                   **kv_kwargs(view.model, past_key_values), use_cache=past_key_values is not None)
+    return inputs
+
+
+@contextmanager
+def _block_inputs(view):
+    """A list that the forward passes inside the block fill with each plain block's input (cloned)."""
+    inputs: list[Tensor | None] = [None] * len(view.model.layers)
     handles = []
     for l, block in enumerate(view.model.layers):
         def grab(module, args, kwargs, l=l):
@@ -307,12 +316,10 @@ def layer_inputs(model, input_ids: Tensor, attention_mask: Tensor, past_key_valu
 
         handles.append(block.register_forward_pre_hook(grab, with_kwargs=True))
     try:
-        view.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                   **kv_kwargs(view.model, past_key_values), use_cache=past_key_values is not None)
+        yield inputs
     finally:
         for h in handles:
             h.remove()
-    return inputs
 
 
 @torch.inference_mode()
@@ -400,20 +407,9 @@ class PrefixSharedRunner:
                                           torch.ones(1, p, dtype=torch.long, device=dev)) if p else None)
         self.parts = []  # (indices, suffix Batch, residual entering each block for the suffix tokens)
         for idx, batch in iter_batches(model, [s[p:] for s in ids], batch_size):
-            inputs: list[Tensor | None] = [None] * model.n_layers
-            handles = []
-            for l, block in enumerate(view.model.layers):
-                def grab(module, args, kwargs, l=l):
-                    inputs[l] = (args[0] if args else kwargs["hidden_states"]).clone()
-
-                handles.append(block.register_forward_pre_hook(grab, with_kwargs=True))
-            try:
-                with torch.inference_mode():
-                    cache = self._prefix_cache(0, len(idx))
-                    view.model(input_ids=batch.input_ids, **self._suffix_kwargs(batch, cache))
-            finally:
-                for h in handles:
-                    h.remove()
+            with _block_inputs(view) as inputs, torch.inference_mode():
+                cache = self._prefix_cache(0, len(idx))
+                view.model(input_ids=batch.input_ids, **self._suffix_kwargs(batch, cache))
             self.parts.append((idx, batch, inputs))
 
     def _prefix_cache(self, layer: int, batch: int):
