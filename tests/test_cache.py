@@ -204,6 +204,15 @@ def test_the_rebuild_command_of_an_installed_suffix_names_the_spec():
     assert rebuild_command("tiny-llama:sft", get_recipe("sft")) == "`python -m depthlens.recipes --rebuild 'tiny-llama:sft'`"
 
 
+def test_the_recipes_command_prints_one_error_line_for_a_bad_spec(capsys):
+    from depthlens.recipes import main
+
+    assert main(["tiny-llama:"]) == 2 and main(["tiny-llama:no-such-recipe"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    assert "empty recipe suffix" in err[0] and "Unknown recipe suffix 'no-such-recipe'" in err[1]
+
+
 def test_the_cache_command_lists_damaged_entries(fresh_cache, capsys):
     entry = ensure(fresh_cache / "responses" / "x-0123456789abcdef0123", _write)
     assert cache.main([str(fresh_cache)]) == 0
@@ -303,3 +312,25 @@ def test_concurrent_checkpoint_writers_never_leave_readers_without_an_entry(tiny
     assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     saved = json.loads((target / "depthlens.json").read_text())
     assert saved["step"] == 1  # the last save of one of the writers, whole
+
+
+@pytest.mark.slow
+def test_the_default_model_with_zeroed_weights_is_rebuilt_never_loaded(fresh_cache, caplog):
+    """Issue: 64 KiB of the de-quantized default zeroed used to load and move every log-prob."""
+    from depthlens.forward import last_logprobs
+    from depthlens.models import load_model
+
+    first = load_model("smollm2-135m-instruct", device="cpu")
+    seqs = [[1, 504, 3458, 314, 260, 3575, 282, 4649, 47]]
+    clean = last_logprobs(first, seqs)
+    (entry,) = (fresh_cache / "models").glob("smollm2-135m-instruct-*")
+    weights = entry / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-64 * 1024:] = bytes(64 * 1024)
+    weights.write_bytes(bytes(raw))
+    assert check(entry) == "model.safetensors"
+    with caplog.at_level("WARNING", logger="depthlens.cache"):
+        again = load_model("smollm2-135m-instruct", device="cpu")
+    assert "is damaged (model.safetensors); rebuilding it" in caplog.text
+    assert check(entry) is None
+    torch.testing.assert_close(last_logprobs(again, seqs), clean, rtol=0, atol=0)
