@@ -28,9 +28,9 @@ def layer_ablation_figures(record: dict) -> dict:
     figs = {}
     for key, name, label, what in (
             ("delta_asr", "delta_asr", "Δ ASR (harmful continuation)",
-             f"change in insertion ASR (baseline {base['asr']:.2f})"),
+             f"Δ insertion ASR, harmful-continuation judge, HarmBench test trials (baseline {base['asr']:.2f})"),
             ("delta_score", "delta_refusal_score", "Δ mean refusal score",
-             f"change in refusal score on harmful prompts (baseline {base['refusal_score']:.2f})")):
+             f"Δ mean refusal score on harmful val prompts (baseline {base['refusal_score']:.2f})")):
         cell = {(r["layer"], r["intervention"]): r.get(key) for r in rows}
         z = [[cell.get((l, k)) for l in layers] for k in kinds]
         figs[name] = heatmap(z, layers, [_LABELS.get(k, k) for k in kinds], xlabel="layer", ylabel="intervention",
