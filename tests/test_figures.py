@@ -379,10 +379,11 @@ def test_compare_labels_name_the_judge_of_every_rate():
     rows = [{"measure": m, "label": l, "better": b, "a": 0.5, "b": 0.2} for m, l, b in measures]
     figs = compare_figures(_record("compare", "r1", tables={"table": rows}, metrics={"models": ["a", "b"]}))
     cats = list(figs["rates"].data[0].x)
-    assert cats[0] == "refusal, harmful test, substring judge (↑)"
-    assert cats[1] == "ASR (no prefill), substring judge (↓)"
+    assert cats[0] == "refusal, harmful test (↑)"  # refusal rates: the y-axis names their judge once
+    assert "substring judge" in figs["rates"].layout.yaxis.title.text
+    assert cats[1] == "ASR (no prefill) [substring judge] (↓)"
     assert cats[2] == "refusal-score AUROC (↑)"  # a score, not a judged rate
-    assert cats[3] == "prefill ASR k=10, substring judge (↓)"
-    assert cats[4] == "random-insertion ASR, harmful-continuation judge (↓)"
+    assert cats[3] == "prefill ASR k=10 [substring judge] (↓)"
+    assert cats[4] == "random-insertion ASR [harmful-continuation judge] (↓)"
     assert list(figs["scores"].data[0].x) == ["refusal score under int4 (↑)"]
     assert "test" in figs["rates"].layout.title.text

@@ -20,10 +20,9 @@ from figures.plots import grouped_bars
 from figures.registry import register
 
 _SCALE_MEASURES = ("harmless_ce",)
-_JUDGES = (("refusal_score", None), ("insertion_asr", "harmful-continuation judge"), ("asr", "substring judge"),
-           ("refusal", "substring judge"))
-"""Measure-key fragment → the judge behind its rate (first match wins); the refusal score, its
-AUROC and the CE are not judged, so they get none."""
+_JUDGES = (("insertion_asr", "harmful-continuation judge"), ("asr", "substring judge"))
+"""Measure-key fragment → the judge behind that ASR (first match wins). Refusal rates are all
+substring-judged, which the y-axis title says once; scores, AUROC and CE are not judged."""
 
 
 def _judge(measure: str) -> str | None:
@@ -35,7 +34,7 @@ def _label(row: dict) -> str:
     label = row["label"]
     judge = _judge(row["measure"])
     if judge and not any(w in label.lower() for w in ("judge", "substring", "continuation")):
-        label = f"{label}, {judge}"
+        label = f"{label} [{judge}]"
     return f"{label} ({'↑' if row['better'] == 'higher' else '↓'})"
 
 
@@ -47,7 +46,7 @@ def _bars(rows: list[dict], models: list[str], ylabel: str, title: str):
     labels = [_label(r) for r in rows]
     series = {m: [_value(r.get(m)) for r in rows] for m in models}
     return grouped_bars(labels, series, xlabel="measure (arrow: better direction)", ylabel=ylabel, title=title,
-                        width="double")
+                        width="double", height_in=3.6 if len(rows) > 8 else 2.8)
 
 
 @register("compare")
@@ -58,7 +57,7 @@ def compare_figures(record: dict) -> dict:
     scores = [r for r in rows if r["measure"].startswith("score_") or r["measure"] in _SCALE_MEASURES]
     figs = {}
     if rates:
-        figs["rates"] = _bars(rates, models, "share of test prompts (AUROC: area)",
+        figs["rates"] = _bars(rates, models, "share of test prompts<br>(refusal: substring judge)",
                               "Refusal, attacks and perturbations, test splits (docs/methods.md §1–§3, §5)")
     if scores:
         figs["scores"] = _bars(scores, models, "refusal score (log-odds) / CE (nats)",
