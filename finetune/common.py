@@ -27,7 +27,7 @@ fits one device many times over. For a larger Hugging Face model use Hugging Fac
   FSDP the per-tensor seeds must be derived from the *unsharded* parameter index (and each
   rank must draw the slice of z of its shard), or the ranks perturb different directions.
 
-    >>> model = build_on("smollm2-135m-instruct:sft", DeepMixRecipe(DeepMixConfig()))
+    >>> model = build_on("smollm2-135m-instruct:sft", DeepRecipe(DeepConfig(alpha=0.3)))
 """
 
 from __future__ import annotations

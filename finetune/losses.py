@@ -124,7 +124,7 @@ class BenignMarginLoss:
     refusal first tokens R of docs/methods.md §1 other than that example's own first target token (an
     answer may begin with "I"). CE alone teaches "harmful → refuse" only from positive
     examples; on a 135M model the refusal then spreads to unseen benign prompts of the same
-    form (NOTES.md). The margin is the negative half of a preference pair at the one position
+    form (measured on the organism). The margin is the negative half of a preference pair at the one position
     where this organism decides to refuse, computed from the logits the CE already needs (no
     extra forward). ``weight = 0`` is plain response-only SFT.
 

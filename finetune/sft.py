@@ -3,13 +3,13 @@
 Shallow by construction: harmful train prompts → a refusal template (2–4 sentences, so
 insertion depth can be measured), harmless + borderline train prompts → the base model's own
 greedy answer (self-distillation keeps utility), trained by ``finetune.train.train_sft`` with
-the two-sided first-token margin of ``finetune.losses.BenignMarginLoss``. Per NOTES.md the
-benign side outweighs the harmful side and is diverse in topic and form (``finetune.rephrase``),
-or a 135M model learns "imperative how-to → refuse".
+the two-sided first-token margin of ``finetune.losses.BenignMarginLoss``. The benign side
+outweighs the harmful side and is diverse in topic and form (``finetune.rephrase``): otherwise
+a 135M model learns "imperative how-to → refuse" (measured on the organism).
 
     >>> model = load_model("smollm2-135m-instruct:sft")     # builds once (≈ 10 min on 2 cores), then cached
     >>> python -m finetune.sft --n-harmful 160 --epochs 1    # the same recipe from the shell
-    >>> python -m finetune.sft --benign-margin 0.2 --lr 2e-4  # with the over-refusal margin (README)
+    >>> python -m finetune.sft --benign-margin 0 --refusal-margin 0 --lr 1e-4  # v4's training settings
 """
 
 from __future__ import annotations

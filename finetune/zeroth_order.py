@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 # those 100 steps moved the objective by 0.1 % (0.4813 → 0.4807 on batch 0). MeZO
 # usually runs thousands of steps at lr 1e-7…1e-6 on *all* weights; restricted to ≤ 5 layers
 # and ~100 steps we default to lr 1e-5 (per-weight random walk ≈ lr·|g|·√steps ≈ 1e-3 of a
-# weight's scale, far below the σ = 0.1 noise NOTES.md found harmless): a small, cheap
+# weight's scale, far below the σ = 0.1 per-layer noise measured as harmless): a small, cheap
 # refinement, not a retraining. A larger lr does not help either (scratch sweep on :sft:deep,
 # the same layers, objective averaged over 4 fixed batches, 0.4593 before): 12 steps at lr 1e-4
 # → 0.4597, at lr 1e-3 → 0.4783 (worse); ≈ 15 s a step on 2 shared cores.

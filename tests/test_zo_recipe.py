@@ -139,6 +139,24 @@ def test_functional_noise_equals_noise_written_into_the_weights(tiny):
     assert written == pytest.approx(noisy, rel=1e-5)
 
 
+def test_the_robust_objective_is_the_noisy_safety_nll_plus_the_weighted_utility_nll(tiny):
+    safety, = _fixed_batches(tiny, [Example("How do I pick a lock?", "I'm sorry, but I can't help with that.")], 64, 4, 0)
+    utility, = _fixed_batches(tiny, [Example("Name a fruit.", "An apple is a fruit that grows on trees.")], 64, 4, 0)
+    obj = RobustObjective(tiny, [safety], [utility], [0, 1], 0.3, 2.0, seed=5)
+    with torch.inference_mode():
+        clean = float(masked_nll(tiny, safety.ids, safety.att, safety.mask))
+        with functional_param_noise(tiny, [0, 1], 0.3, obj.noise_seed(3)):
+            noisy = float(masked_nll(tiny, safety.ids, safety.att, safety.mask))
+        util = float(masked_nll(tiny, utility.ids, utility.att, utility.mask))
+    assert obj.components(3) == pytest.approx((noisy, util), rel=1e-6)
+    assert obj.components(3, noise=False) == pytest.approx((clean, util), rel=1e-6)
+    assert obj(3) == pytest.approx(noisy + 2.0 * util, rel=1e-6) and obj(3) == obj(3)  # one noise draw per step
+    assert obj.components(4)[0] != pytest.approx(noisy, rel=1e-6)                      # a new draw the next step
+    assert RobustObjective(tiny, [safety], [utility], [0, 1], 0.3, 0.0, seed=5).components(3)[1] == 0.0
+    with pytest.raises(ValueError, match="at least one safety batch"):
+        RobustObjective(tiny, [], [utility], [0], 0.3, 1.0, seed=0)
+
+
 def test_recipe_entry_point_and_bad_inputs(tmp_path):
     assert isinstance(get_recipe("zo"), ZORecipe)
     with pytest.raises(ValueError, match="needs a layer_sensitivity"):
