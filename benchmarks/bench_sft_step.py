@@ -25,8 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import finetune.losses as losses  # noqa: E402

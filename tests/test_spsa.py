@@ -13,7 +13,6 @@ from depthlens.models import hook_name, load_model
 from depthlens.spsa import (
     SymmetricPerturbation,
     ZOConfig,
-    derive_seed,
     mezo_step,
     mezo_train,
     perturb_inplace,
