@@ -398,11 +398,12 @@ def _key_schema(cfg: DeepConfig) -> str:
 class DeepRecipe:
     """Entry points ``deep``, ``deep-anchored``, ``deep-wi``, ``deep-traj``, ``deep-all`` (see ``DeepConfig``).
 
-    The cache key. Until 2026-12 the family was two recipes with keys of their own: recovery
-    alone (``deep``, version 3: v2 put the α mix in every step, v3 took 256 triples at lr 2e-4)
-    and combined data (``deep-wi`` …, version 2: the α mix in every step). A config that one
-    of them could express keeps that recipe's key, so its cached builds are reused; any
-    other config is keyed by every field (version 1 of that layout).
+    The cache key. The family used to be two recipes with keys of their own: recovery alone
+    (``deep``, version 3: v2 put the α mix in every step, v3 took 256 triples at lr 2e-4) and
+    combined data (``deep-wi`` …, version 2: the α mix in every step). A config that one of
+    them could express (``_key_schema``; it builds the same data and weights as that recipe
+    did) keeps that recipe's key, so its cached builds are reused; any other config is keyed
+    by every field (version 1 of that layout).
     """
 
     def __init__(self, cfg: DeepConfig | None = None, name: str | None = None):
