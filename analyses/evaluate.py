@@ -115,7 +115,7 @@ def evaluate_model(model, cfg: EvalConfig, base_model=None, timer: Timer | None 
     splits = default_splits(cfg.seed)
     harmful = getattr(splits.harmful, cfg.split).subset(_n(cfg.n_harmful, cfg.quick), seed=cfg.seed)
     if cfg.harmful_form == "task":
-        from finetune.sft import imperative
+        from finetune.rephrase import imperative
 
         rng = random.Random(cfg.seed)
         harmful = replace(harmful, prompts=tuple(imperative(p, rng) for p in harmful.prompts))

@@ -295,10 +295,10 @@ def run(cfg: SensitivityConfig, model=None) -> RunRecord:
 def zo_probe_scores(model, ev: LayerEvaluator, layers: Sequence[int], eps: float, n_seeds: int, seed: int) -> dict[int, float]:
     """c_l = |L(θ+εz_l) − L(θ−εz_l)| / 2ε with only layer l perturbed; L = −mean refusal score.
 
-    ``finetune.zeroth_order.zo_layer_probes`` does the exact-restore perturbation; the loss
+    ``depthlens.spsa.zo_layer_probes`` does the exact-restore perturbation; the loss
     re-runs the model from layer l only.
     """
-    from finetune.zeroth_order import zo_layer_probes
+    from depthlens.spsa import zo_layer_probes
 
     return zo_layer_probes(model, list(layers), lambda l: -float(ev.evaluate(l, utility=False)[0].mean()),
                            eps=eps, seed=seed, n_samples=n_seeds)

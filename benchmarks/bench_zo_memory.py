@@ -30,7 +30,7 @@ the batch, one warm-up inference forward (lazy initialisations land in every bas
 
 Precision. ``--dtype`` defaults to float32 on every device: the comparison is of the
 algorithms in one precision. In bf16 the exact restore keeps a copy of each perturbed tensor
-(its grid is too coarse for ε = 1e-3 round trips; see ``finetune.zeroth_order``), which the
+(its grid is too coarse for ε = 1e-3 round trips; see ``depthlens.spsa``), which the
 ``zo`` recipe avoids on CUDA by fp32 master weights of the few layers it refines
 (``--layers`` measures that family).
 
@@ -179,7 +179,7 @@ def _batch(model, batch_size: int, seq_len: int, response_len: int):
 
     from depthlens.chat import build_chat, encode
     from depthlens.data import load_prompts, refusal_templates
-    from finetune.sft import Example, tokenize_examples
+    from finetune.train import Example, tokenize_examples
 
     tok = model.tokenizer
     text = " ".join(refusal_templates())
@@ -205,7 +205,7 @@ def _batch(model, batch_size: int, seq_len: int, response_len: int):
 
 
 def _family(model, kind: str, layers: list[int] | None):
-    from finetune.sft import trainable_parameters
+    from finetune.train import trainable_parameters
 
     layers = list(range(model.n_layers)) if layers is None else [model.check_layer(l) for l in layers]
     if kind == "matrices":
@@ -229,8 +229,9 @@ def worker(args) -> dict:
     import torch
 
     from depthlens.models import load_model
-    from finetune.common import autocast
-    from finetune.zeroth_order import ZOConfig, masked_nll, mezo_step
+    from depthlens.spsa import ZOConfig, mezo_step
+    from finetune.train import autocast
+    from finetune.zeroth_order import masked_nll
 
     dtype = None if args.dtype == "default" else args.dtype
     t0 = time.time()

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from finetune.sft import Example, TrainConfig, TrainLog, tokenize_examples, train_sft
+from finetune.train import Example, TrainConfig, TrainLog, autocast, tokenize_examples, train_sft
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,6 @@ def reference_logprobs(model, data: Sequence[tuple[list[int], list[int]]], batch
     from tqdm.auto import tqdm
 
     from depthlens.chat import length_batches, pad_batch
-    from finetune.common import autocast
 
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -29,7 +29,7 @@ def test_evaluate_quick(tmp_path, capsys):
 def test_evaluate_task_form_rephrases_only_harmful_prompts(tmp_path):
     from analyses.evaluate import EvalConfig, evaluate_model
     from depthlens.models import load_model
-    from finetune.sft import imperative
+    from finetune.rephrase import imperative
 
     model = load_model("tiny-llama")
     plain = evaluate_model(model, EvalConfig(model="tiny-llama", quick=True, split="val", n_harmful=8, n_harmless=4, n_borderline=4))
