@@ -1,0 +1,17 @@
+"""Exceptions that separate user mistakes from bugs.
+
+A `UsageError` means the caller asked for something that cannot be done: a flag
+out of range, an unknown model spec, an empty prompt file, a layer the model does
+not have, an output folder that cannot be written. Every command-line entry point
+prints it as one line (`error: <message>`) and exits 2; anything else that escapes
+is a bug and keeps its traceback.
+"""
+
+
+class UsageError(ValueError):
+    """A user mistake: bad flag, value, spec, file or output path.
+
+    The message is one sentence naming the offending value and what is allowed,
+    e.g. ``--n-boot must be >= 1, got 0``. It subclasses `ValueError` so code that
+    already catches `ValueError` keeps working.
+    """
