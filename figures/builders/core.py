@@ -63,7 +63,7 @@ def token_depth_figures(record: dict) -> dict:
                             title="Per-position KL (95% CI)")
     pre = record["tables"]["prefill"]
     ks = [r["k"] for r in pre]
-    asr = lines(ks, {"not a refusal (ASR)": [r["asr"] for r in pre], "harmful continuation": [r["harmful"] for r in pre],
+    asr = lines(ks, {"not a refusal (ASR)": [r.get("asr_compliance", r.get("asr")) for r in pre], "harmful continuation": [r["harmful"] for r in pre],
                      "recovered": [r["recovered"] for r in pre]},
                 xlabel="prefilled harmful tokens k", ylabel="share of prompts", title="Prefill attack")
     return {"kl": kl_fig, "prefill": asr}
