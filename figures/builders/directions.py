@@ -65,7 +65,7 @@ def refusal_direction_figures(record: dict) -> dict:
     rows = record["tables"]["side_by_side"]
     models = [r["model"] for r in rows]
     figs["safety"] = grouped_bars(
-        models, {"harmful refusal": [r["harmful_refusal"] for r in rows], "ASR": [r["asr"] for r in rows],
+        models, {"harmful refusal": [r["harmful_refusal"] for r in rows], "ASR": [r.get("asr_compliance", r.get("asr")) for r in rows],
                  "borderline over-refusal": [r["borderline_refusal"] for r in rows]},
         xlabel="model", ylabel=f"share of test prompts ({record['metrics']['judge']})",
         title="Refusal, ASR and over-refusal", width="double")
