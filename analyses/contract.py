@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, InitVar, dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from depthlens.cli import cli_errors, flag, parse_config, require_int, require_text, spec_errors
+from depthlens.cli import cli_errors, flag, parse_config, prepare_out, require_int, require_text, spec_errors
 from depthlens.errors import UsageError
 from depthlens.results import RunRecord
 
@@ -194,21 +193,6 @@ class AnalysisResult(RunRecord):
 def fmt(value: float | None, spec: str = ".3f") -> str:
     """A number for a summary line; "n/a" where it was not measured."""
     return "n/a" if value is None else format(value, spec)
-
-
-def prepare_out(out: str | Path) -> Path:
-    """Create ``--out`` and prove it can be written, before any work (``UsageError`` otherwise)."""
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {str(out)!r} is a file; pass a folder for the results.")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
-            pass
-    except OSError as err:
-        raise UsageError(f"--out {str(out)!r} cannot be written ({err.strerror or err}); pass a writable folder.") \
-            from None
-    return path
 
 
 def make_main(config_cls: type, run: Callable[..., AnalysisResult], *,

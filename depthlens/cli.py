@@ -7,9 +7,10 @@ Every analysis and recipe has one ``@dataclass(frozen=True)`` config whose docst
 ``none`` only where the field may be None, finite numbers only, no empty list items.
 
 Every entry point runs through ``cli_errors``: a ``UsageError`` (a bad flag, value, file or
-spec; argparse's own errors included) prints one line ``error: ...`` on stderr and exits 2, a
-``NonFiniteError`` (a NaN metric) prints one line and exits 1, ``--debug`` shows the
-traceback instead, and any other exception is a bug and keeps its traceback.
+spec; argparse's own errors included; the model loader's complaints about a spec) prints one
+line ``error: ...`` on stderr and exits 2, a ``NonFiniteError`` (a NaN metric) prints one line
+and exits 1, ``--debug`` shows the traceback instead, and any other exception is a bug and
+keeps its traceback.
 
     >>> @dataclass(frozen=True)
     ... class Config:
@@ -27,12 +28,15 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import re
 import sys
+import tempfile
 import traceback
 import types
 import typing
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from depthlens.errors import NonFiniteError, UsageError
@@ -222,12 +226,12 @@ def cli_errors(main: Callable[..., T]) -> Callable[..., T]:
         debug = _wants_debug(sys.argv[1:] if argv is None else argv)
         try:
             return main(argv, *args, **kwargs)
-        except (UsageError, NonFiniteError) as err:
-            if debug:
+        except (UsageError, NonFiniteError, ValueError, FileNotFoundError) as err:
+            usage = isinstance(err, UsageError) or (not isinstance(err, NonFiniteError) and _from_loader(err))
+            if debug or not (usage or isinstance(err, NonFiniteError)):
                 raise
-            logging.getLogger(main.__module__).debug("error", exc_info=err)
             print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(2 if isinstance(err, UsageError) else 1) from None
+            raise SystemExit(2 if usage else 1) from None
 
     return wrapper
 
@@ -313,6 +317,21 @@ def require_text(obj, name: str, optional: bool = False) -> None:
         raise UsageError(f"{flag(name)} must be a non-empty string, got {v!r}.")
 
 
+def prepare_out(out: str | os.PathLike, flag_name: str = "--out") -> Path:
+    """Create the output folder and prove it can be written, before any work (``UsageError`` otherwise)."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag_name} {str(out)!r} is a file; pass a folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"{flag_name} {str(out)!r} cannot be written ({err.strerror or err}); "
+                         "pass a writable folder.") from None
+    return path
+
+
 # ----------------------------------------------------------------------------- model specs
 
 _SPEC_MODULES = ("depthlens/models.py", "depthlens/recipes.py", "depthlens/paths.py")
@@ -332,22 +351,31 @@ def spec_errors(flag_name: str, spec: str):
     except UsageError:
         raise
     except (ValueError, FileNotFoundError) as err:
-        frames = traceback.extract_tb(err.__traceback__)
-        if frames and frames[-1].filename.replace("\\", "/").endswith(_SPEC_MODULES):
+        if _from_loader(err):
             raise UsageError(f"{flag_name} {spec!r}: {err}") from err
         raise
+
+
+def _from_loader(err: BaseException) -> bool:
+    """Whether ``err`` was raised by the model loader's own checks (see ``spec_errors``)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and frames[-1].filename.replace("\\", "/").endswith(_SPEC_MODULES)
 
 
 # ----------------------------------------------------------------------------- recipes
 
 
 def recipe_main(config_cls, build: Callable[[Any, str, str | None], Any], argv: Sequence[str] | None = None, *,
-                default_model: str | None = None, description: str | None = None):
+                default_model: str | None = None, description: str | None = None, label: str = ""):
     """The command line of a recipe: its config's flags plus ``--model`` and ``--device``.
 
     ``build(cfg, model_spec, device)`` builds (or loads from the cache) the recipe on top of the
-    model spec and returns the model; this prints where it is and returns it. Runs through
-    ``cli_errors`` (one-line errors, ``--debug``).
+    model spec and returns the model; this prints ``<label> ready: <spec> (<checkpoint>)`` and
+    returns it. Runs through ``cli_errors`` (one-line errors, ``--debug``).
+
+        >>> def main(argv=None):
+        ...     return recipe_main(DeepMixConfig, lambda cfg, spec, device: build_on(spec, DeepMixRecipe(cfg),
+        ...                        device=device), argv)
     """
 
     @cli_errors
@@ -368,7 +396,7 @@ def recipe_main(config_cls, build: Callable[[Any, str, str | None], Any], argv: 
         cfg = config_from(config_cls, ns)
         with spec_errors("--model", spec):
             model = build(cfg, spec, device)
-        print(f"ready: {model.spec}  ({model.provenance.get('source')})")
+        print(f"{label + ' ' if label else ''}ready: {model.spec}  ({model.provenance.get('source')})")
         return model
 
     return main(argv)

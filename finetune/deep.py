@@ -592,15 +592,10 @@ recipe_all = DeepMixRecipe(DeepMixConfig(components=COMPONENTS))
 
 def main(argv: Sequence[str] | None = None):
     """``python -m finetune.deep --model SPEC --components ...``: build (or load) SPEC + this recipe."""
-    import logging
+    from depthlens.cli import recipe_main
+    from finetune.common import build_on
 
-    from finetune.common import build_on, parse_recipe_cli
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg, spec, device = parse_recipe_cli(DeepMixConfig, argv)
-    model = build_on(spec, DeepMixRecipe(cfg), device=device)
-    print(f"ready: {model.spec}  ({model.provenance.get('source')})")
-    return model
+    return recipe_main(DeepMixConfig, lambda cfg, spec, device: build_on(spec, DeepMixRecipe(cfg), device=device), argv)
 
 
 if __name__ == "__main__":
