@@ -40,7 +40,8 @@ from typing import ClassVar
 import numpy as np
 
 from analyses.common import Timer
-from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load, make_main, prompt_files, prompts_or
+from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, check_spec, load, make_main, prompt_files,
+                               prompts_or)
 from analyses.evaluate import EvalConfig, evaluate_model
 from depthlens.attacks import prefill_attack, random_insertion_attack, worst_insertion_attack
 from depthlens.chat import encode
@@ -286,6 +287,9 @@ def run(cfg: CompareConfig, model=None) -> CompareResult:
     keys = [f"{i}:{m}" if models.count(m) > 1 else m for i, m in enumerate(models)]
     base_name = cfg.base or base_spec(models[0])
     given = {model.spec: load(model.spec, model=model)} if model is not None else {}
+    for spec in models:                 # an unknown recipe suffix fails now, not after the first model's run
+        check_spec(spec, "--models")
+    check_spec(base_name, "--base")
 
     def get(spec: str, flag_name: str):
         return given[spec] if spec in given else load(spec, cfg.device, flag_name=flag_name)

@@ -142,7 +142,7 @@ def check_weights(model, flag_name: str = "--model") -> None:
     for name, p in model.hf.named_parameters():
         if not torch.isfinite(p).all():
             raise UsageError(f"{flag_name} {model.spec!r}: the weights hold NaN or infinite values "
-                             f"(first in {name}); fix or rebuild the checkpoint.")
+                             f"(first in {name.replace('._original_component', '')}); fix or rebuild the checkpoint.")
 
 
 def load(spec: str, device: str | None = None, *, flag_name: str = "--model", model=None):
@@ -154,6 +154,16 @@ def load(spec: str, device: str | None = None, *, flag_name: str = "--model", mo
             model = load_model(spec, device=device)
     check_weights(model, flag_name)
     return model
+
+
+def check_spec(spec: str, flag_name: str = "--model") -> None:
+    """Fail fast on a spec whose recipe suffixes are unknown, before any model is loaded."""
+    from depthlens.models import split_spec
+    from depthlens.recipes import get_recipe
+
+    with spec_errors(flag_name, spec):
+        for name in split_spec(spec)[1]:
+            get_recipe(name)
 
 
 def check_layers(model, layers: Sequence[int] | None, flag_name: str = "--layers") -> list[int] | None:

@@ -205,7 +205,10 @@ def run(cfg: EvalConfig, model=None) -> EvaluateResult:
     timer = Timer()
     with timer("load"):
         model = load(cfg.model, cfg.device, model=model)
-    ev = evaluate_model(model, cfg, timer=timer)
+        base_name = cfg.base or base_spec(model.spec)      # loaded now: a bad --base fails before the work
+        base = model if base_name == model.spec else load(base_name, model.device, flag_name="--base")
+    eval_sets(cfg)                                          # and so does a bad prompt file
+    ev = evaluate_model(model, cfg, base_model=base, timer=timer)
     provenance = {**model.provenance, **({"prompt_files": files} if (files := prompt_files(cfg)) else {})}
     return EvaluateResult(analysis="evaluate", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
                           provenance=provenance, metrics=ev.metrics,
