@@ -39,8 +39,7 @@ import math
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -49,14 +48,13 @@ from jaxtyping import Float
 
 from analyses.common import Timer
 from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load, make_main
+from analyses.trials import TrialSource, check_trials, load_trials, obtain_trials  # noqa: F401 - re-exported
 from depthlens.cli import require_choice, require_choices, require_int, require_number, require_text
 from depthlens.data import default_splits
-from depthlens.errors import UsageError
 from depthlens.forward import BOUNDARY_KINDS, plain_ok, boundary_index, iter_batches, residuals_at, stream_boundaries
 from depthlens.generate import as_chats
 from depthlens.models import hook_name
 from depthlens.organism import ORGANISM
-from depthlens.results import latest_run, read_run, write_run
 from probes.linear import LayerAUROC, ProbeReport, grouped_folds, probe_layers
 
 log = logging.getLogger(__name__)
@@ -66,9 +64,6 @@ RESID_KINDS = ("resid_pre", "resid_mid", "resid_post")
 SURFACE_FEATURES = ("position", "depth_actual", "span_len", "prompt_len")
 LABELS = {"recovered": 0, "harmful": 1}
 OTHER_AS = ("drop", "harmful")
-_TRIAL_FIELDS = ("prompt_id", "prompt", "ids", "span", "label", "position", "depth_actual", "span_len", "prompt_len")
-_NUMERIC_FIELDS = ("position", "depth_actual", "span_len", "prompt_len", "score")
-TRIAL_LABELS = ("recovered", "harmful", "other")
 
 
 @dataclass(frozen=True)
@@ -156,108 +151,6 @@ class StatePredictionResult(AnalysisResult):
                  f"continuation judge {m['continuation_judge']}; {m['kind']}): {self.verdict_sentence}")
         cols = ["site", "best_layer", "auroc", "lo", "hi", "baseline", "baseline_auroc", "baseline_hi", "beats"]
         return Summary(title, summary_rows(self), cols)
-
-
-# ----------------------------------------------------------------------------- trials
-
-
-@dataclass(frozen=True)
-class TrialSource:
-    """Insertion trials and where they came from.
-
-    Attributes:
-        trials: the trial records (dicts as ``depthlens.attacks.Trial``).
-        path: the insertion_robustness results.json they were read from.
-        model: the model spec that made them.
-        ran_insertion: True when the run was made here because none was found.
-        chosen: how the run was chosen: ``explicit`` (``--trials``), ``newest`` (the newest run
-            of the model under ``--out``) or ``ran`` (made here).
-    """
-
-    trials: list[dict]
-    path: Path
-    model: str
-    ran_insertion: bool = False
-    chosen: str = "explicit"
-
-
-def check_trials(trials: Sequence[Mapping], where: str) -> None:
-    """Refuse trial records a consumer cannot trust: a missing field, an unknown label, a non-finite number."""
-    for i, t in enumerate(trials):
-        missing = [f for f in _TRIAL_FIELDS if t.get(f) is None]
-        if missing:
-            raise UsageError(f"Trial {i} ({t.get('prompt_id')!r}) in {where} lacks {missing}; re-run "
-                             "analyses.insertion_robustness.")
-        if t["label"] not in TRIAL_LABELS:
-            raise UsageError(f"Trial {i} ({t['prompt_id']!r}) in {where} has label {t['label']!r}; "
-                             f"labels are {', '.join(TRIAL_LABELS)}.")
-        for f in _NUMERIC_FIELDS:
-            v = t.get(f)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-                raise UsageError(f"Trial {i} ({t['prompt_id']!r}) in {where} has {f} = {v!r}, not a finite number.")
-
-
-def _find_results(path: Path) -> Path:
-    """A results.json given directly, in ``path``, or the newest one below it."""
-    if path.is_file():
-        return path
-    if (path / "results.json").is_file():
-        return path / "results.json"
-    found = sorted(path.glob("**/results.json"), key=lambda p: p.parent.name)
-    if not found:
-        raise UsageError(f"--trials {str(path)!r} holds no results.json; pass an insertion_robustness run "
-                         "directory or its results.json.")
-    return found[-1]
-
-
-def load_trials(path: str | Path, model: str | None = None) -> TrialSource:
-    """Read the trials of an insertion_robustness results file or directory, checked.
-
-    ``model``: when given, the record must have been made by that spec (activations of
-    another model on these tokens would mean nothing).
-    """
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"--trials {str(p)!r} does not exist; pass an insertion_robustness run directory "
-                         "or its results.json.")
-    file = _find_results(p)
-    try:
-        rec = read_run(file)
-    except (ValueError, OSError) as err:
-        raise UsageError(f"--trials {str(file)!r}: {err}") from err
-    if rec.analysis != "insertion_robustness":
-        raise UsageError(f"{str(file)!r} is a {rec.analysis!r} record; --trials needs an insertion_robustness one.")
-    trials = rec.tables.get("trials") or []
-    if not trials:
-        raise UsageError(f"{str(file)!r} has no per-trial records (tables['trials'] is empty or missing).")
-    check_trials(trials, repr(str(file)))
-    if model is not None and rec.model != model:
-        raise UsageError(f"The trials in {str(file)!r} were made by {rec.model!r} but --model is {model!r}; "
-                         f"pass --model {rec.model}.")
-    return TrialSource(trials=list(trials), path=file, model=rec.model)
-
-
-def obtain_trials(model: str, trials: str | None, out: str, *, seed: int = 0, device: str | None = None,
-                  quick: bool = False, loaded=None) -> TrialSource:
-    """``trials`` if given; else the newest insertion_robustness run of ``model`` under ``out``
-    (named in a warning: it was not chosen explicitly); else run ``analyses.insertion_robustness``
-    (its defaults, or its quick settings) and save it. ``TrialSource.chosen`` says which."""
-    if trials is not None:
-        return load_trials(trials, model)
-    tag = model.rstrip("/").replace("/", "_").replace(":", "-")
-    found = latest_run(out, "insertion_robustness", tag)
-    if found is not None:
-        log.warning("--trials not given: using the newest insertion_robustness run of %s under %s: %s "
-                    "(pass --trials to choose another).", model, out, found)
-        return replace(load_trials(found, model), chosen="newest")
-    from analyses import insertion_robustness
-
-    log.info("No insertion_robustness run of %s under %s: running one first.", model, out)
-    icfg = insertion_robustness.InsertionConfig(model=model, seed=seed, device=device, out=out, quick=quick)
-    rec = insertion_robustness.run(icfg, model=loaded)   # ``loaded``: the model, if already loaded
-    path = write_run(rec, out)
-    log.info("Saved the insertion trials as %s", path)
-    return replace(load_trials(path, model), ran_insertion=True, chosen="ran")
 
 
 def label_trials(trials: Sequence[dict], other_as: str = "drop") -> tuple[list[dict], np.ndarray, Counter]:

@@ -78,7 +78,7 @@ def package_versions() -> dict[str, str]:
 def git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parent.parent
-        res = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        res = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
         return res.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -89,7 +89,7 @@ def git_dirty() -> bool | None:
     try:
         root = Path(__file__).resolve().parent.parent
         res = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                             capture_output=True, text=True, timeout=5)
+                             capture_output=True, text=True, timeout=5, check=False)
         return bool(res.stdout.strip()) if res.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None

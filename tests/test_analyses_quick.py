@@ -121,3 +121,21 @@ def test_same_seed_gives_identical_metrics(tmp_path):
     assert "cost_per_evaluation_in_forwards" in a.timings and "cost_per_evaluation_in_forwards" not in a.metrics
     c = read_run(main([*argv, "--seed", "1", "--out", str(tmp_path / "c")]))
     assert c.metrics != a.metrics                                    # the seed matters
+
+
+def test_results_are_written_first_and_survive_failing_figures_and_summary(tmp_path, monkeypatch, caplog):
+    """Nothing finished is lost: a broken figure builder is a warning, a broken summary a bug (re-raised)
+    after results.json is already in place."""
+    import figures.registry
+    from analyses.layer_sensitivity import SensitivityResult, main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("figure builder broke")
+
+    monkeypatch.setattr(figures.registry, "build_figures", broken)
+    monkeypatch.setattr(SensitivityResult, "summary", broken)
+    with pytest.raises(RuntimeError, match="figure builder broke"):
+        main(["--model", "tiny-llama", "--quick", "--kinds", "int4", "--no-zo-probe", "--out", str(tmp_path)])
+    (path,) = tmp_path.rglob("results.json")
+    assert read_run(path).analysis == "layer_sensitivity"
+    assert "could not be built" in caplog.text and f"results are saved in {path}" in caplog.text

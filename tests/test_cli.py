@@ -134,12 +134,11 @@ def test_loader_complaints_become_usage_errors_naming_the_flag():
     from depthlens.errors import UsageError
     from depthlens.models import load_model
 
-    with pytest.raises(UsageError, match="--base 'tiny-llama:nope': Unknown recipe suffix 'nope'"):
-        with spec_errors("--base", "tiny-llama:nope"):
-            load_model("tiny-llama:nope")
-    with pytest.raises(ValueError) as err:                 # a ValueError raised elsewhere stays what it is
-        with spec_errors("--model", "x"):
-            int("x")
+    with pytest.raises(UsageError, match="--base 'tiny-llama:nope': Unknown recipe suffix 'nope'"), \
+            spec_errors("--base", "tiny-llama:nope"):
+        load_model("tiny-llama:nope")
+    with pytest.raises(ValueError) as err, spec_errors("--model", "x"):   # a ValueError raised elsewhere stays
+        int("x")
     assert not isinstance(err.value, UsageError)
 
 
