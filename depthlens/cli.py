@@ -49,7 +49,7 @@ DEBUG_FLAG = "--debug"
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are ``UsageError``s: one ``error: ...`` line through ``cli_errors``."""
 
-    def error(self, message: str):  # noqa: D102 - argparse API
+    def error(self, message: str):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
@@ -197,7 +197,7 @@ def config_from(cls: type[T], values: Mapping[str, Any]) -> T:
         return cls(**kwargs)
     except UsageError:
         raise
-    except (ValueError, TypeError) as err:  # a config's own check of a value given on the command line
+    except ValueError as err:  # a config's own check of a value given on the command line
         raise UsageError(str(err)) from err
 
 
