@@ -19,7 +19,6 @@ measured / baseline (lower is better), median over the repetitions.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import finetune.losses as losses  # noqa: E402
 from depthlens.chat import pad_batch  # noqa: E402
+from depthlens.cli import ArgumentParser, add_debug_flag, cli_errors  # noqa: E402
 from depthlens.data import default_splits, refusal_templates  # noqa: E402
 from depthlens.judge import refusal_token_ids  # noqa: E402
 from depthlens.models import load_model  # noqa: E402
@@ -55,12 +55,14 @@ def _batches(model, n_batches: int, batch_size: int):
     return out, [e.kind for e in examples]
 
 
+@cli_errors
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
 
     model = load_model(args.model)

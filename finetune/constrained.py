@@ -295,13 +295,11 @@ recipe_constrained = HarmfulFTRecipe(HarmfulFTConfig(objective="constrained"))
 
 def main(argv: Sequence[str] | None = None):
     """``python -m finetune.constrained --model SPEC --objective constrained``: build SPEC + the attack."""
-    from finetune.common import build_on, parse_recipe_cli
+    from depthlens.cli import recipe_main
+    from finetune.common import build_on
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg, spec, device = parse_recipe_cli(HarmfulFTConfig, argv)
-    model = build_on(spec, HarmfulFTRecipe(cfg), device=device)
-    print(f"ready: {model.spec}  ({model.provenance.get('source')})")
-    return model
+    return recipe_main(HarmfulFTConfig, lambda cfg, spec, device: build_on(spec, HarmfulFTRecipe(cfg), device=device),
+                       argv)
 
 
 if __name__ == "__main__":

@@ -456,15 +456,10 @@ recipe_all = DeepRecipe(mix_config(COMPONENTS))
 
 def main(argv: Sequence[str] | None = None):
     """``python -m finetune.deep --model SPEC --components ...``: build (or load) SPEC + this recipe."""
-    import logging
+    from depthlens.cli import recipe_main
+    from finetune.common import build_on
 
-    from finetune.common import build_on, parse_recipe_cli
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg, spec, device = parse_recipe_cli(DeepConfig, argv)
-    model = build_on(spec, DeepRecipe(cfg), device=device)
-    print(f"ready: {model.spec}  ({model.provenance.get('source')})")
-    return model
+    return recipe_main(DeepConfig, lambda cfg, spec, device: build_on(spec, DeepRecipe(cfg), device=device), argv)
 
 
 if __name__ == "__main__":

@@ -424,17 +424,13 @@ jt_sft = composed("jt+sft")
 
 
 def main(argv: Sequence[str] | None = None, parent: str | None = None) -> None:
-    """``python -m finetune.jailbreak``: build (or load from the cache) ``<organism>:jt`` with these settings."""
-    from depthlens.cli import parse_config
-    from depthlens.models import split_spec
-    from depthlens.organism import ORGANISM
-    from depthlens.recipes import build_or_load
+    """``python -m finetune.jailbreak [--model SPEC]``: build (or load from the cache) ``<SPEC>:jt`` with these settings."""
+    from depthlens.cli import recipe_main
+    from finetune.common import build_on
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = parse_config(JTConfig, argv, description="Jailbreak-tune the organism (the JTConfig flags below).")
-    base, names = split_spec(parent or ORGANISM)
-    model = build_or_load(base, [*names, JailbreakRecipe(cfg)])
-    print(f"JT model ready: {model.provenance.get('source')}")
+    return recipe_main(JTConfig, lambda cfg, spec, device: build_on(spec, JailbreakRecipe(cfg), device=device), argv,
+                       default_model=parent, label="JT model",
+                       description="Jailbreak-tune the organism (the JTConfig flags below).")
 
 
 if __name__ == "__main__":

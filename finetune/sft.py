@@ -156,15 +156,13 @@ recipe = SFTRecipe()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m finetune.sft``: build (or load from the cache) the organism with these settings."""
-    from depthlens.cli import parse_config
+    """``python -m finetune.sft [--model SPEC]``: build (or load from the cache) the organism with these settings."""
+    from depthlens.cli import recipe_main
     from depthlens.models import DEFAULT_MODEL
-    from depthlens.recipes import build_with
+    from finetune.common import build_on
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = parse_config(SFTConfig, argv)
-    model = build_with(DEFAULT_MODEL, SFTRecipe(cfg))
-    print(f"organism ready: {model.provenance.get('source')}")
+    return recipe_main(SFTConfig, lambda cfg, spec, device: build_on(spec, SFTRecipe(cfg), device=device), argv,
+                       default_model=DEFAULT_MODEL, label="organism")
 
 
 if __name__ == "__main__":

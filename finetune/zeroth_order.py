@@ -434,13 +434,10 @@ recipe = ZORecipe()
 
 def main(argv: Sequence[str] | None = None):
     """``python -m finetune.zeroth_order --model SPEC --sensitivity RESULTS`` (or ``--layers 0,1,2``)."""
-    from finetune.common import build_on, parse_recipe_cli
+    from depthlens.cli import recipe_main
+    from finetune.common import build_on
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg, spec, device = parse_recipe_cli(ZORecipeConfig, argv)
-    model = build_on(spec, ZORecipe(cfg), device=device)
-    print(f"ready: {model.spec}  ({model.provenance.get('source')})")
-    return model
+    return recipe_main(ZORecipeConfig, lambda cfg, spec, device: build_on(spec, ZORecipe(cfg), device=device), argv)
 
 
 if __name__ == "__main__":

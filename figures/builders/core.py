@@ -127,6 +127,8 @@ def token_depth_figures(record: dict) -> dict:
     kl_fig = line_with_band(x, series, xlabel="response position", ylabel="KL(aligned ‖ base), nats (95% bootstrap CI)",
                             title="Per-position KL (docs/methods.md §2)")
     pre = record["tables"]["prefill"]
+    # records written before the ASR keys named their judge call substring compliance plain "asr"
+    pre = [{**r, **{f"asr{s}": r.get(f"asr_compliance{s}", r.get(f"asr{s}")) for s in ("", "_lo", "_hi")}} for r in pre]
     substring, continuation = _judges(record)
     asr = line_with_band(
         [r["k"] for r in pre],

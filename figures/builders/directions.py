@@ -67,7 +67,7 @@ def refusal_direction_figures(record: dict) -> dict:
     judge = record["metrics"]["judge"]
     figs["safety"] = grouped_bars(
         models, {"harmful refusal": [r["harmful_refusal"] for r in rows],
-                 f"ASR ({judge} judge)": [r["asr"] for r in rows],
+                 f"ASR ({judge} judge)": [r.get("asr_compliance", r.get("asr")) for r in rows],
                  "borderline over-refusal": [r["borderline_refusal"] for r in rows]},
         xlabel="model", ylabel=f"share of test prompts ({judge} judge)",
         title="Refusal, ASR and over-refusal on the test splits (docs/methods.md §4)", width="double")
