@@ -132,7 +132,7 @@ ROWS = [
     row("benchmarks.bench_models", ["--bogus"], ["unrecognized arguments: --bogus"], defaults=False, id="bench-flag"),
     row("finetune.deep", ["--model", "nope-model"], ["--model 'nope-model'", "Unknown model spec"], defaults=False,
         id="recipe-unknown-model"),
-    row("finetune.zeroth_order", ["--guard-batches", "0"], ["guard_batches must be an integer >= 1"], defaults=False,
+    row("finetune.zeroth_order", ["--noise-sigma", "-1"], ["noise_sigma must be >= 0"], defaults=False,
         id="recipe-config-check"),
     row("finetune.zeroth_order", ["--model", "tiny-llama", "--sensitivity", "{files}/null_score_run"],
         ["critical_layers[0].score", "re-run analyses.layer_sensitivity"], defaults=False, id="zo-null-score"),
