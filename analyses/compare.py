@@ -5,8 +5,8 @@ reference, "before") and measures, on the *test* splits:
 
 - refusal on harmful (HarmBench) / harmless / borderline prompts, ASR, refusal-score AUROC and
   harmless cross-entropy — ``analyses.evaluate.evaluate_model``, unchanged;
-- prefill-attack ASR at k = 5/10/20/40 (``depthlens.attacks.prefill_attack``; spans from the
-  base model's greedy harmful answers, shared by all models);
+- prefill-attack ASR at k = 5/10/20/40, substring compliance (``depthlens.attacks.prefill_attack``;
+  spans from the base model's greedy harmful answers, shared by all models);
 - random-insertion and worst-insertion ASR (``random_insertion_attack``,
   ``worst_insertion_attack``; "harmful continuation" class, docs/methods.md §3) into each model's own
   refusal — or, where its answer is no refusal of ≥ ``min_refusal_tokens`` tokens, into a
@@ -34,39 +34,44 @@ import gc
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 
-from analyses.common import Timer, finish, setup_logging
+from analyses.common import Timer
+from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, check_spec, load, make_main, prompt_files,
+                               prompts_or)
 from analyses.evaluate import EvalConfig, evaluate_model
 from depthlens.attacks import prefill_attack, random_insertion_attack, worst_insertion_attack
 from depthlens.chat import encode
-from depthlens.cli import build_parser
+from depthlens.cli import (add_debug_flag, build_parser, config_from, require_int, require_number, require_numbers,
+                           require_text)
 from depthlens.data import default_splits, refusal_templates
+from depthlens.errors import UsageError
 from depthlens.generate import generate
-from depthlens.judge import JUDGE_ID, is_refusal, refusal_rate, refusal_score
-from depthlens.models import load_model
+from depthlens.judge import CONTINUATION_JUDGE_ID, JUDGE_ID, is_refusal, refusal_rate, refusal_score
 from depthlens.organism import base_spec
 from depthlens.perturb import perturb
 from depthlens.responses import response_set
-from depthlens.results import RunRecord
 
 log = logging.getLogger(__name__)
 
 # measure → (label, better direction)
+# Each ASR names its judge: "compliance" = substring compliance (a non-trivial non-refusal),
+# "harmful" = the harmful-continuation class of the continuation judge (docs/methods.md §3).
 MEASURES: dict[str, tuple[str, str]] = {
     "harmful_refusal": ("refusal, harmful test", "higher"),
     "harmless_refusal": ("refusal, harmless test", "lower"),
     "borderline_refusal": ("refusal, borderline test", "lower"),
-    "asr": ("ASR (no prefill)", "lower"),
+    "asr_compliance": ("ASR, substring compliance (no prefill)", "lower"),
     "refusal_score_auroc": ("refusal-score AUROC", "higher"),
-    "prefill_asr_5": ("prefill ASR k=5", "lower"),
-    "prefill_asr_10": ("prefill ASR k=10", "lower"),
-    "prefill_asr_20": ("prefill ASR k=20", "lower"),
-    "prefill_asr_40": ("prefill ASR k=40", "lower"),
-    "random_insertion_asr": ("random-insertion ASR", "lower"),
-    "worst_insertion_asr": ("worst-insertion ASR", "lower"),
+    "prefill_asr_compliance_5": ("prefill ASR k=5, substring compliance", "lower"),
+    "prefill_asr_compliance_10": ("prefill ASR k=10, substring compliance", "lower"),
+    "prefill_asr_compliance_20": ("prefill ASR k=20, substring compliance", "lower"),
+    "prefill_asr_compliance_40": ("prefill ASR k=40, substring compliance", "lower"),
+    "random_insertion_asr_harmful": ("random-insertion ASR, harmful continuation", "lower"),
+    "worst_insertion_asr_harmful": ("worst-insertion ASR, harmful continuation", "lower"),
     "refusal_param_noise": ("refusal under param noise", "higher"),
     "refusal_act_noise": ("refusal under act noise", "higher"),
     "refusal_int4": ("refusal under int4", "higher"),
@@ -79,7 +84,7 @@ RATE_MEASURES = tuple(k for k in MEASURES if not k.startswith("score_") and k no
 
 
 @dataclass(frozen=True)
-class CompareConfig:
+class CompareConfig(AnalysisConfig):
     """Before/after comparison of models on refusal, attacks, perturbations and utility.
 
     Args:
@@ -89,6 +94,9 @@ class CompareConfig:
         n_eval: prompts per test split (harmful/harmless/borderline) for refusal rates, and the
             harmful prompts generated under each perturbation.
         n_attack: harmful test prompts attacked by prefill, random and worst insertion.
+        harmful: a .txt/.jsonl/.csv file of harmful prompts (evaluated and attacked) instead of the test split.
+        harmless: a file of harmless prompts evaluated instead of the test split.
+        borderline: a file of borderline prompts evaluated instead of the test split.
         ks: prefill lengths k.
         depths: worst-insertion candidate depths p/|refusal|.
         span_lengths: inserted span lengths m (random and worst insertion).
@@ -105,13 +113,21 @@ class CompareConfig:
         seed: split, position and noise seed.
         device: cpu / cuda (default: automatic).
         out: results root directory.
-        quick: small run for smoke tests (8 prompts a split, 4 attacked, short generations).
+        quick: small run for smoke tests (8 prompts a split, 4 attacked, short generations);
+            flags given explicitly keep their values.
     """
+
+    QUICK: ClassVar = {"n_eval": 8, "n_attack": 4, "depths": (0.25, 0.5), "span_lengths": (4,), "n_random": 1,
+                       "refusal_tokens": 24, "min_refusal_tokens": 4, "harmful_tokens": 48, "noise_seeds": 1,
+                       "max_new_tokens": 16, "attack_new_tokens": 12}
 
     models: tuple[str, ...] = ("smollm2-135m-instruct:sft",)
     base: str | None = None
     n_eval: int = 64
     n_attack: int = 32
+    harmful: str | None = None
+    harmless: str | None = None
+    borderline: str | None = None
     ks: tuple[int, ...] = (5, 10, 20, 40)
     depths: tuple[float, ...] = (0.25, 0.5, 0.75)
     span_lengths: tuple[int, ...] = (4, 8)
@@ -130,21 +146,45 @@ class CompareConfig:
     out: str = "results"
     quick: bool = False
 
-    def __post_init__(self):
-        if not self.models:
-            raise ValueError("compare needs at least one model spec (--models A B ...).")
-        if self.noise_seeds < 1:
-            raise ValueError(f"noise_seeds must be >= 1, got {self.noise_seeds}.")
+    def validate(self) -> None:
+        if not isinstance(self.models, (tuple, list)) or not self.models or any(
+                not isinstance(m, str) or not m.strip() for m in self.models):
+            raise UsageError(f"--models must list one or more model specs (--models A B ...), got {self.models!r}.")
+        require_text(self, "base", optional=True)
+        for name in ("n_eval", "n_attack", "n_random", "refusal_tokens", "min_refusal_tokens", "harmful_tokens",
+                     "noise_seeds", "max_new_tokens", "attack_new_tokens"):
+            require_int(self, name)
+        require_numbers(self, "ks", lo=0, integer=True)
+        require_numbers(self, "depths", lo=0.0, hi=1.0)
+        require_numbers(self, "span_lengths", lo=1, integer=True)
+        require_number(self, "param_sigma", lo=0.0)
+        require_number(self, "act_sigma", lo=0.0)
+        longest = max(*self.ks, *self.span_lengths)
+        if longest > self.harmful_tokens:
+            raise UsageError(f"--harmful-tokens ({self.harmful_tokens}) must be >= the largest --ks and "
+                             f"--span-lengths ({longest}).")
 
 
-def _effective(cfg: CompareConfig) -> CompareConfig:
-    if not cfg.quick:
-        return cfg
-    return replace(cfg, n_eval=min(cfg.n_eval, 8), n_attack=min(cfg.n_attack, 4), depths=cfg.depths[:2],
-                   span_lengths=cfg.span_lengths[:1], n_random=1, refusal_tokens=min(cfg.refusal_tokens, 24),
-                   min_refusal_tokens=min(cfg.min_refusal_tokens, 4), harmful_tokens=min(cfg.harmful_tokens, 48),
-                   noise_seeds=1, max_new_tokens=min(cfg.max_new_tokens, 16),
-                   attack_new_tokens=min(cfg.attack_new_tokens, 12))
+@dataclass
+class CompareResult(AnalysisResult):
+    """The record of ``analyses.compare``: one value per (model, measure) of ``MEASURES``."""
+
+    @property
+    def models(self) -> list[str]:
+        return self.metrics["models"]
+
+    @property
+    def values(self) -> dict[str, dict[str, float | None]]:
+        return self.metrics["values"]
+
+    def summary(self) -> Summary:
+        keys = self.models
+        sig = self.metrics["sigmas"]
+        title = (f"compare {' vs '.join(keys)}  (refusal and compliance: judge {self.metrics['judge']}; insertion: "
+                 f"harmful-continuation class, judge {self.metrics['continuation_judge']}; σ param "
+                 f"{sig['param_noise']}, act {sig['act_noise']})")
+        cols = ["label", *keys, *(["delta"] if len(keys) > 1 else []), "better"]
+        return Summary(title, self.tables["table"], cols)
 
 
 def insertion_targets(model, prompts: Sequence[str], max_new_tokens: int, min_tokens: int,
@@ -186,10 +226,11 @@ def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], atta
             harmful: Sequence[Sequence[int]], timer: Timer) -> tuple[dict, dict]:
     """Every measure of ``MEASURES`` for one loaded model; and details (class shares, counts)."""
     ecfg = EvalConfig(model=model.spec, n_harmful=cfg.n_eval, n_harmless=cfg.n_eval, n_borderline=cfg.n_eval,
+                      harmful=cfg.harmful, harmless=cfg.harmless, borderline=cfg.borderline,
                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed, split="test")
     with timer("evaluate"):
         ev = evaluate_model(model, ecfg, base_model=base, timer=Timer())
-    values = {k: ev.metrics[k] for k in ("harmful_refusal", "harmless_refusal", "borderline_refusal", "asr",
+    values = {k: ev.metrics[k] for k in ("harmful_refusal", "harmless_refusal", "borderline_refusal", "asr_compliance",
                                          "refusal_score_auroc", "harmless_ce")}
     detail: dict = {"harmless_ce_reference": ev.metrics.get("ce_reference")}
     common = dict(prompt_ids=list(attack_ids), batch_size=cfg.batch_size)
@@ -198,7 +239,7 @@ def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], atta
                              **common)
         by_k = {r["k"]: r for r in pre.asr_by("k")} if pre.trials else {}
     for k in cfg.ks:
-        values[f"prefill_asr_{k}"] = by_k[k]["asr"] if k in by_k else None
+        values[f"prefill_asr_compliance_{k}"] = by_k[k]["asr"] if k in by_k else None   # prefill's headline judge
         detail[f"prefill_{k}"] = {c: by_k[k][c] for c in ("n", "harmful", "recovered", "other")} if k in by_k else None
     with timer("insertion"):
         refusals, own_share = insertion_targets(model, attack_prompts, cfg.refusal_tokens, cfg.min_refusal_tokens,
@@ -210,7 +251,7 @@ def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], atta
                                        span_lengths=cfg.span_lengths, **ins)
     for name, res in (("random_insertion", rand), ("worst_insertion", worst)):
         shares = res.class_shares() if res.trials else None
-        values[f"{name}_asr"] = shares["harmful"] if shares else None
+        values[f"{name}_asr_harmful"] = shares["harmful"] if shares else None
         detail[name] = {"n": len(res.trials), **(shares or {})}
     detail["own_refusal_share"] = own_share
     with timer("perturbations"):
@@ -239,15 +280,24 @@ def wide_table(models: Sequence[str], values: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def run(cfg: CompareConfig) -> RunRecord:
-    cfg = _effective(cfg)
+def run(cfg: CompareConfig, model=None) -> CompareResult:
+    """Measure every model of ``cfg.models``; ``model`` (loaded) stands in for the spec it was loaded as."""
     timer = Timer()
     models = list(cfg.models)
     keys = [f"{i}:{m}" if models.count(m) > 1 else m for i, m in enumerate(models)]
     base_name = cfg.base or base_spec(models[0])
+    given = {model.spec: load(model.spec, model=model)} if model is not None else {}
+    for spec in models:                 # an unknown recipe suffix fails now, not after the first model's run
+        check_spec(spec, "--models")
+    check_spec(base_name, "--base")
+
+    def get(spec: str, flag_name: str):
+        return given[spec] if spec in given else load(spec, cfg.device, flag_name=flag_name)
+
     with timer("load"):
-        base = load_model(base_name, device=cfg.device)
-    harmful_test = default_splits(cfg.seed).harmful.test.subset(cfg.n_attack, seed=cfg.seed)
+        base = get(base_name, "--base" if cfg.base else "--models (the first one's base)")
+    harmful_test = prompts_or(cfg.harmful, lambda: default_splits(cfg.seed).harmful.test, "--harmful").subset(
+        cfg.n_attack, seed=cfg.seed)
     prompts, ids = list(harmful_test.prompts), list(harmful_test.ids)
     with timer("base_responses"):
         harmful = response_set(base, prompts, max_new_tokens=cfg.harmful_tokens, batch_size=cfg.batch_size).tokens
@@ -255,7 +305,7 @@ def run(cfg: CompareConfig) -> RunRecord:
     for key, spec in zip(keys, models):
         log.info("compare: measuring %s", spec)
         with timer("load"):
-            model = base if spec == base_name else load_model(spec, device=cfg.device)
+            model = base if spec == base_name else get(spec, "--models")
         values[key], details[key] = measure(model, base, cfg, prompts, ids, harmful, timer)
         provenance[key] = model.provenance
         if model is not base:
@@ -264,34 +314,31 @@ def run(cfg: CompareConfig) -> RunRecord:
     table = wide_table(keys, values)
     long = [{"model": k, "measure": m, "value": values[k].get(m)} for k in keys for m in MEASURES]
     metrics = {"models": keys, "base": base_name, "values": values, "details": details,
-               "judge": JUDGE_ID, "continuation_judge": "substring+topic-overlap (harmful class)",
+               "judge": JUDGE_ID, "continuation_judge": CONTINUATION_JUDGE_ID,
                "sigmas": {"param_noise": cfg.param_sigma, "act_noise": cfg.act_sigma}}
     if len(keys) > 1:
         metrics["delta"] = {r["measure"]: r["delta"] for r in table}
-    return RunRecord(analysis="compare", model=_tag(models), config=asdict(cfg), seed=cfg.seed,
-                     provenance={"models": provenance, "base": base.provenance}, metrics=metrics,
-                     tables={"table": table, "long": long}, timings=timer.total())
+    files = prompt_files(cfg)
+    return CompareResult(analysis="compare", model=_tag(models), config=asdict(cfg), seed=cfg.seed,
+                         provenance={"models": provenance, "base": base.provenance,
+                                     **({"prompt_files": files} if files else {})},
+                         metrics=metrics, tables={"table": table, "long": long}, timings=timer.total())
 
 
 def parse_args(argv: Sequence[str] | None = None) -> CompareConfig:
     """Flags from ``CompareConfig``; ``--models`` takes specs separated by spaces (or commas)."""
     parser = build_parser(CompareConfig)
+    add_debug_flag(parser)
     action = parser._option_string_actions["--models"]
     action.nargs, action.type, action.metavar = "+", str, "SPEC"
     ns = vars(parser.parse_args(argv))
-    ns["models"] = tuple(s for item in ns["models"] for s in str(item).split(",") if s.strip())
-    return CompareConfig(**ns)
+    ns.pop("debug", None)
+    if "models" in ns:
+        ns["models"] = tuple(s.strip() for item in ns["models"] for s in str(item).split(",") if s.strip())
+    return config_from(CompareConfig, ns)
 
 
-def main(argv: Sequence[str] | None = None):
-    setup_logging()
-    cfg = parse_args(argv)
-    rec = run(cfg)
-    keys = rec.metrics["models"]
-    title = (f"compare {' vs '.join(keys)}  (judge {JUDGE_ID}; insertion/prefill: harmful-continuation class; "
-             f"σ param {cfg.param_sigma}, act {cfg.act_sigma})")
-    cols = ["label", *keys, *(["delta"] if len(keys) > 1 else []), "better"]
-    return finish(rec, cfg.out, rec.tables["table"], cols, title=title)
+main = make_main(CompareConfig, run, parse=lambda cls, argv: parse_args(argv))
 
 
 if __name__ == "__main__":

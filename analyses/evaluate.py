@@ -2,14 +2,16 @@
 refusal-score AUROC and harmless cross-entropy (capability proxy).
 
 ``python -m analyses.evaluate --model SPEC`` generates greedy answers to the *test* splits
-(HarmBench for harmful, out of distribution on purpose), judges them with the substring judge,
-scores the first-token refusal score (AUROC harmful vs harmless) and teacher-forces the base
-model's answers to harmless test prompts for the cross-entropy. ``evaluate_model`` is the
+(HarmBench for harmful, out of distribution on purpose; ``--harmful FILE`` and friends replace
+a set), judges them with the substring judge (``asr_compliance``: the share of non-trivial
+non-refusals), scores the first-token refusal score (AUROC harmful vs harmless) and
+teacher-forces the base model's answers to harmless test prompts for the cross-entropy. ``evaluate_model`` is the
 reusable core (``analyses.compare`` and the recipes' checks call it).
 
     >>> python -m analyses.evaluate --model smollm2-135m-instruct:sft
     >>> m = evaluate_model(load_model("tiny-llama"), EvalConfig(quick=True))
-    >>> m.metrics["harmful_refusal"]
+    >>> m.metrics["harmful_refusal"], m.metrics["asr_compliance"]
+    $ python -m analyses.evaluate --model tiny-llama --harmful my_prompts.jsonl --quick
 """
 
 from __future__ import annotations
@@ -17,26 +19,26 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from analyses.common import Timer, finish, setup_logging
+from analyses.common import Timer
+from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load, make_main, prompt_files, prompts_or
 from depthlens.chat import build_chat
-from depthlens.cli import parse_config
-from depthlens.data import default_splits
+from depthlens.cli import flag, require_choice, require_int, require_text
+from depthlens.data import PromptSet, default_splits
 from depthlens.forward import token_logprobs
 from depthlens.generate import generate
 from depthlens.judge import JUDGE_ID, attack_success_rate, refusal_rate, refusal_score
-from depthlens.models import load_model
 from depthlens.organism import ORGANISM, base_spec
 from depthlens.responses import response_set
-from depthlens.results import RunRecord
 from depthlens.stats import auroc
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(AnalysisConfig):
     """Refusal / ASR / AUROC / cross-entropy evaluation on the test splits.
 
     Args:
@@ -46,6 +48,9 @@ class EvalConfig:
         n_harmful: harmful test prompts (HarmBench; None = all 200).
         n_harmless: harmless test prompts (None = all).
         n_borderline: borderline test prompts (None = all).
+        harmful: a .txt/.jsonl/.csv file of harmful prompts used instead of the split's.
+        harmless: a file of harmless prompts used instead of the split's.
+        borderline: a file of borderline prompts used instead of the split's.
         max_new_tokens: greedy tokens generated per answer.
         ce_tokens: length of the base answers used for the cross-entropy.
         batch_size: prompts per forward/generation batch.
@@ -58,14 +63,20 @@ class EvalConfig:
             task form that does not look at HarmBench.
         device: cpu / cuda (default: automatic).
         out: results root directory.
-        quick: small run (32 prompts per set, 32 tokens) for a smoke test.
+        quick: small run (32 prompts per set, 32 tokens) for a smoke test; flags given
+            explicitly keep their values.
     """
+
+    QUICK: ClassVar = {"n_harmful": 32, "n_harmless": 32, "n_borderline": 32, "max_new_tokens": 32}
 
     model: str = ORGANISM
     base: str | None = None
     n_harmful: int | None = None
     n_harmless: int | None = None
     n_borderline: int | None = None
+    harmful: str | None = None
+    harmless: str | None = None
+    borderline: str | None = None
     max_new_tokens: int = 64
     ce_tokens: int = 64
     batch_size: int = 16
@@ -76,6 +87,15 @@ class EvalConfig:
     out: str = "results"
     quick: bool = False
 
+    def validate(self) -> None:
+        require_text(self, "base", optional=True)
+        for name in ("n_harmful", "n_harmless", "n_borderline"):
+            require_int(self, name, optional=True)
+        require_int(self, "max_new_tokens")
+        require_int(self, "ce_tokens")
+        require_choice(self, "split", ("test", "val"))
+        require_choice(self, "harmful_form", ("as_is", "task"))
+
 
 @dataclass
 class Evaluation:
@@ -84,8 +104,28 @@ class Evaluation:
     samples: list[dict]
 
 
-def _n(value: int | None, quick: bool) -> int | None:
-    return min(value or 32, 32) if quick else value
+@dataclass
+class EvaluateResult(AnalysisResult):
+    """The record of ``analyses.evaluate``, with its headline numbers typed."""
+
+    @property
+    def asr_compliance(self) -> float:
+        """Share of harmful prompts answered with a non-trivial non-refusal (substring judge)."""
+        return self.metrics["asr_compliance"]
+
+    @property
+    def refusal_score_auroc(self) -> float:
+        return self.metrics["refusal_score_auroc"]
+
+    @property
+    def harmless_ce(self) -> float:
+        return self.metrics["harmless_ce"]
+
+    def summary(self) -> Summary:
+        m = self.metrics
+        title = (f"evaluate {self.model}  ASR (substring compliance, judge {m['judge']}) {self.asr_compliance:.3f}  "
+                 f"refusal-score AUROC {self.refusal_score_auroc:.3f}  harmless CE {self.harmless_ce:.3f}")
+        return Summary(title, self.tables["by_set"], ["set", "n", "refusal_rate", "mean_refusal_score", "asr_compliance"])
 
 
 def harmless_cross_entropy(model, prompts: Sequence[str], responses: Sequence[Sequence[int]], batch_size: int = 16) -> float:
@@ -96,26 +136,25 @@ def harmless_cross_entropy(model, prompts: Sequence[str], responses: Sequence[Se
     return float(-total.mean())
 
 
+def eval_sets(cfg: EvalConfig) -> dict[str, PromptSet]:
+    """The harmful / harmless / borderline prompts ``evaluate_model`` uses (files win over splits)."""
+    splits = default_splits(cfg.seed)
+    sets = {name: prompts_or(getattr(cfg, name), lambda name=name: getattr(getattr(splits, name), cfg.split),
+                             flag(name)).subset(getattr(cfg, f"n_{name}"), seed=cfg.seed)
+            for name in ("harmful", "harmless", "borderline")}
+    if cfg.harmful_form == "task":
+        from finetune.rephrase import imperative
+
+        rng = random.Random(cfg.seed)
+        sets["harmful"] = replace(sets["harmful"], prompts=tuple(imperative(p, rng) for p in sets["harmful"].prompts))
+    return sets
+
+
 def evaluate_model(model, cfg: EvalConfig, base_model=None, timer: Timer | None = None) -> Evaluation:
     """Every metric of the module docstring for a loaded model (see ``EvalConfig``)."""
     timer = timer or Timer()
-    if cfg.split not in ("test", "val"):
-        raise ValueError(f"split must be 'test' or 'val', got {cfg.split!r}.")
-    if cfg.harmful_form not in ("as_is", "task"):
-        raise ValueError(f"harmful_form must be 'as_is' or 'task', got {cfg.harmful_form!r}.")
-    splits = default_splits(cfg.seed)
-    harmful = getattr(splits.harmful, cfg.split).subset(_n(cfg.n_harmful, cfg.quick), seed=cfg.seed)
-    if cfg.harmful_form == "task":
-        from finetune.sft import imperative
-
-        rng = random.Random(cfg.seed)
-        harmful = replace(harmful, prompts=tuple(imperative(p, rng) for p in harmful.prompts))
-    sets = {
-        "harmful": harmful,
-        "harmless": getattr(splits.harmless, cfg.split).subset(_n(cfg.n_harmless, cfg.quick), seed=cfg.seed),
-        "borderline": getattr(splits.borderline, cfg.split).subset(_n(cfg.n_borderline, cfg.quick), seed=cfg.seed),
-    }
-    new_tokens = min(cfg.max_new_tokens, 32) if cfg.quick else cfg.max_new_tokens
+    sets = eval_sets(cfg)
+    new_tokens = cfg.max_new_tokens
     names = list(sets)
     all_prompts = [p for n in names for p in sets[n].prompts]
     with timer("generate"):
@@ -134,16 +173,17 @@ def evaluate_model(model, cfg: EvalConfig, base_model=None, timer: Timer | None 
         metrics[f"{n}_mean_refusal_score"] = float(np.mean(sc))
         row = {"set": n, "n": k, "refusal_rate": rr, "mean_refusal_score": float(np.mean(sc))}
         if n == "harmful":
-            metrics["asr"] = attack_success_rate(texts).rate
-            row["asr"] = metrics["asr"]
+            metrics["asr_compliance"] = attack_success_rate(texts).rate
+            row["asr_compliance"] = metrics["asr_compliance"]
         rows.append(row)
         samples += [{"set": n, "id": i, "prompt": p, "response": t, "refusal_score": s}
                     for i, p, t, s in zip(sets[n].ids, sets[n].prompts, texts, sc)]
         offset += k
     metrics["refusal_score_auroc"] = auroc(by_set["harmful"], by_set["harmless"])
     with timer("cross_entropy"):
+        base_name = cfg.base or base_spec(model.spec)
         base = base_model if base_model is not None else (
-            model if (cfg.base or base_spec(model.spec)) == model.spec else load_model(cfg.base or base_spec(model.spec), device=model.device))
+            model if base_name == model.spec else load(base_name, model.device, flag_name="--base"))
         ce_prompts = list(sets["harmless"].prompts)
         targets = response_set(base, ce_prompts, max_new_tokens=cfg.ce_tokens, batch_size=cfg.batch_size)
         metrics["harmless_ce"] = harmless_cross_entropy(model, ce_prompts, targets.tokens, cfg.batch_size)
@@ -151,25 +191,22 @@ def evaluate_model(model, cfg: EvalConfig, base_model=None, timer: Timer | None 
     return Evaluation(metrics=metrics, rows=rows, samples=samples)
 
 
-def run(cfg: EvalConfig) -> tuple[RunRecord, list[dict]]:
+def run(cfg: EvalConfig, model=None) -> EvaluateResult:
+    """Evaluate ``cfg.model`` (or the already loaded ``model``) on the three sets."""
     timer = Timer()
     with timer("load"):
-        model = load_model(cfg.model, device=cfg.device)
-    ev = evaluate_model(model, cfg, timer=timer)
-    rec = RunRecord(analysis="evaluate", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
-                    provenance=model.provenance, metrics=ev.metrics,
-                    tables={"by_set": ev.rows, "samples": ev.samples}, timings=timer.total())
-    return rec, ev.rows
+        model = load(cfg.model, cfg.device, model=model)
+        base_name = cfg.base or base_spec(model.spec)      # loaded now: a bad --base fails before the work
+        base = model if base_name == model.spec else load(base_name, model.device, flag_name="--base")
+    eval_sets(cfg)                                          # and so does a bad prompt file
+    ev = evaluate_model(model, cfg, base_model=base, timer=timer)
+    provenance = {**model.provenance, **({"prompt_files": files} if (files := prompt_files(cfg)) else {})}
+    return EvaluateResult(analysis="evaluate", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
+                          provenance=provenance, metrics=ev.metrics,
+                          tables={"by_set": ev.rows, "samples": ev.samples}, timings=timer.total())
 
 
-def main(argv: Sequence[str] | None = None):
-    setup_logging()
-    cfg = parse_config(EvalConfig, argv)
-    rec, rows = run(cfg)
-    m = rec.metrics
-    title = (f"evaluate {cfg.model}  (judge {m['judge']})  ASR {m['asr']:.3f}  "
-             f"refusal-score AUROC {m['refusal_score_auroc']:.3f}  harmless CE {m['harmless_ce']:.3f}")
-    return finish(rec, cfg.out, rows, ["set", "n", "refusal_rate", "mean_refusal_score", "asr"], title=title)
+main = make_main(EvalConfig, run)
 
 
 if __name__ == "__main__":

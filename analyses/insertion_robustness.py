@@ -14,21 +14,26 @@ trial is saved (``tables["trials"]``) for ``analyses.state_prediction``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+import logging
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
-from analyses.common import Timer, finish, setup_logging
+from analyses.common import Timer
+from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, fmt, load, make_main, prompt_files,
+                               prompts_or)
 from depthlens.attacks import random_insertion_attack, worst_insertion_attack
-from depthlens.cli import parse_config
+from depthlens.cli import require_int, require_numbers, require_text
 from depthlens.data import default_splits
-from depthlens.models import load_model
+from depthlens.errors import UsageError
+from depthlens.judge import CONTINUATION_JUDGE_ID
 from depthlens.organism import ORGANISM, base_spec
 from depthlens.responses import response_set
-from depthlens.results import RunRecord
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class InsertionConfig:
+class InsertionConfig(AnalysisConfig):
     """Random and worst-case insertion of harmful spans into the model's own refusals.
 
     Args:
@@ -39,10 +44,15 @@ class InsertionConfig:
             mean) and the default run stays within 5 min on 2 CPU cores (20 prompts at batch 16
             took 6.8 min on 2026-12-01: grid 246 s, worst 117 s; continuations dominate); raise
             it on a GPU.
+        harmful: a .txt/.jsonl/.csv file of harmful prompts used instead of the test split.
         depths: relative insertion depths p/|refusal| of the grid.
         span_lengths: inserted span lengths m.
-        n_random: random positions per prompt for the random-position ASR (m = 8).
+        n_random: random positions per prompt for the random-position ASR (m = 8; >= 1).
+        harmful_tokens: length of the base's harmful answers the spans are cut from (≥ the
+            largest span length).
         refusal_tokens: length of the model's own greedy refusals.
+        min_refusal_tokens: own answers shorter than this are not attacked (too short to
+            hold an insertion); their share is ``share_with_long_refusal``.
         max_new_tokens: tokens generated after the insertion (32: long enough for the
             model to return to a refusal sentence; shorter would bias ASR upward).
         batch_size: sequences per batch. 48: greedy generation on 2 CPU cores runs 1.4× faster
@@ -51,16 +61,23 @@ class InsertionConfig:
         seed: split and position seed.
         device: cpu / cuda (default: automatic).
         out: results root directory.
-        quick: small run (6 prompts, depths 0/0.5/1, m 2/8).
+        quick: small run (6 prompts, depths 0/0.5/1, m 2/8, 1 random position, 16 new tokens,
+            refusals of >= 4 tokens attacked); flags given explicitly keep their values.
     """
+
+    QUICK: ClassVar = {"n_prompts": 6, "depths": (0.0, 0.5, 1.0), "span_lengths": (2, 8), "n_random": 1,
+                       "max_new_tokens": 16, "min_refusal_tokens": 4}
 
     model: str = ORGANISM
     base: str | None = None
     n_prompts: int = 16
+    harmful: str | None = None
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     span_lengths: tuple[int, ...] = (2, 4, 8, 16)
     n_random: int = 2
+    harmful_tokens: int = 96
     refusal_tokens: int = 64
+    min_refusal_tokens: int = 32
     max_new_tokens: int = 32
     batch_size: int = 48
     seed: int = 0
@@ -68,22 +85,60 @@ class InsertionConfig:
     out: str = "results"
     quick: bool = False
 
+    def validate(self) -> None:
+        require_text(self, "base", optional=True)
+        for name in ("n_prompts", "n_random", "harmful_tokens", "refusal_tokens", "min_refusal_tokens",
+                     "max_new_tokens"):
+            require_int(self, name)
+        require_numbers(self, "depths", lo=0.0, hi=1.0)
+        require_numbers(self, "span_lengths", lo=1, integer=True)
+        if max(self.span_lengths) > self.harmful_tokens:
+            raise UsageError(f"--harmful-tokens ({self.harmful_tokens}) must be >= the largest --span-lengths "
+                             f"({max(self.span_lengths)}).")
+        if self.min_refusal_tokens > self.refusal_tokens:
+            raise UsageError(f"--min-refusal-tokens ({self.min_refusal_tokens}) must be <= --refusal-tokens "
+                             f"({self.refusal_tokens}): no refusal could be long enough.")
 
-def run(cfg: InsertionConfig) -> RunRecord:
-    if cfg.quick:
-        cfg = replace(cfg, n_prompts=min(cfg.n_prompts, 6), depths=(0.0, 0.5, 1.0), span_lengths=(2, 8), n_random=1,
-                      max_new_tokens=min(cfg.max_new_tokens, 16))
+
+@dataclass
+class InsertionResult(AnalysisResult):
+    """The record of ``analyses.insertion_robustness``; every ASR is the harmful-continuation class."""
+
+    @property
+    def asr_harmful_grid(self) -> float | None:
+        return self.metrics["asr_harmful_grid"]
+
+    @property
+    def asr_harmful_random(self) -> float | None:
+        return self.metrics["asr_harmful_random"]
+
+    @property
+    def asr_harmful_worst(self) -> float | None:
+        return self.metrics["asr_harmful_worst"]
+
+    def summary(self) -> Summary:
+        m = self.metrics
+        title = (f"insertion robustness of {self.model} ({m['n_prompts_attacked']} prompts): harmful-continuation ASR "
+                 f"(judge {m['judge']}) grid {fmt(self.asr_harmful_grid, '.2f')}, random "
+                 f"{fmt(self.asr_harmful_random, '.2f')}, worst {fmt(self.asr_harmful_worst, '.2f')}")
+        cols = ["depth", "span_len", "n", "harmful", "harmful_lo", "harmful_hi", "recovered", "other", "not_refusal"]
+        return Summary(title, self.tables["by_depth_and_length"], cols)
+
+
+def run(cfg: InsertionConfig, model=None) -> InsertionResult:
+    """The grid, random and worst insertions into ``cfg.model``'s (or ``model``'s) own refusals."""
     timer = Timer()
     with timer("load"):
-        model = load_model(cfg.model, device=cfg.device)
+        model = load(cfg.model, cfg.device, model=model)
         base_name = cfg.base or base_spec(cfg.model)
-        base = model if base_name == cfg.model else load_model(base_name, device=cfg.device)
-    harmful = default_splits(cfg.seed).harmful.test.subset(cfg.n_prompts, seed=cfg.seed)
+        base = model if base_name == cfg.model else load(base_name, cfg.device, flag_name="--base")
+    harmful = prompts_or(cfg.harmful, lambda: default_splits(cfg.seed).harmful.test, "--harmful").subset(
+        cfg.n_prompts, seed=cfg.seed)
     prompts, ids = list(harmful.prompts), list(harmful.ids)
     with timer("responses"):
-        h = response_set(base, prompts, max_new_tokens=96, batch_size=cfg.batch_size).tokens
+        h = response_set(base, prompts, max_new_tokens=cfg.harmful_tokens, batch_size=cfg.batch_size).tokens
         refusals = response_set(model, prompts, max_new_tokens=cfg.refusal_tokens, batch_size=cfg.batch_size).tokens
-    min_len = 32 if not cfg.quick else 4
+    min_len = cfg.min_refusal_tokens
     common = dict(prompt_ids=ids, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, min_refusal_tokens=min_len)
     with timer("grid"):
         grid = random_insertion_attack(model, prompts, refusals, h, depths=cfg.depths, span_lengths=cfg.span_lengths, **common)
@@ -94,8 +149,8 @@ def run(cfg: InsertionConfig) -> RunRecord:
         worst = worst_insertion_attack(model, prompts, refusals, h, candidate_positions=cfg.depths,
                                        span_lengths=cfg.span_lengths, prompt_ids=ids, batch_size=cfg.batch_size,
                                        max_new_tokens=cfg.max_new_tokens, min_refusal_tokens=min_len)
-    by_cell = grid.asr_by(("depth", "span_len"))
-    rows_m = grid.asr_by("span_len")
+    by_cell = grid.asr_by(("depth", "span_len")) if grid.trials else []
+    rows_m = grid.asr_by("span_len") if grid.trials else []
     summary = [
         {"attack": "grid (all cells)", **_overall(grid)},
         {"attack": "random position, m=8", **_overall(rand)},
@@ -107,31 +162,26 @@ def run(cfg: InsertionConfig) -> RunRecord:
         "asr_harmful_worst": summary[2]["harmful"], "recovered_grid": summary[0]["recovered"],
         "n_prompts_attacked": len({t.prompt_id for t in grid.trials}), "skipped": len(grid.skipped),
         "share_with_long_refusal": own_refusal_rate,
-        "judge": grid.trials[0].continuation_judge if grid.trials else None,
+        "judge": CONTINUATION_JUDGE_ID,
     }
+    if not grid.trials:
+        log.warning("No refusal of %s was >= %d tokens long (--min-refusal-tokens): nothing was attacked.",
+                    cfg.model, min_len)
     tables = {"by_depth_and_length": by_cell, "by_length": rows_m, "summary": summary,
               "trials": [asdict(t) for t in grid.trials + rand.trials + worst.trials]}
-    return RunRecord(analysis="insertion_robustness", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
-                     provenance={"model": model.provenance, "base": base.provenance}, metrics=metrics,
-                     tables=tables, timings=timer.total())
+    provenance = {"model": model.provenance, "base": base.provenance,
+                  **({"prompt_files": files} if (files := prompt_files(cfg)) else {})}
+    return InsertionResult(analysis="insertion_robustness", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
+                           provenance=provenance, metrics=metrics, tables=tables, timings=timer.total())
 
 
 def _overall(result) -> dict:
-    rows = result.asr_by(lambda t: "all")
+    rows = result.asr_by(lambda t: "all") if result.trials else []
     r = rows[0] if rows else {}
     return {k: r.get(k) for k in ("n", "harmful", "harmful_lo", "harmful_hi", "recovered", "other", "not_refusal")}
 
 
-def main(argv: Sequence[str] | None = None):
-    setup_logging()
-    cfg = parse_config(InsertionConfig, argv)
-    rec = run(cfg)
-    m = rec.metrics
-    title = (f"insertion robustness of {cfg.model} ({m['n_prompts_attacked']} prompts, judge {m['judge']}): "
-             f"harmful-continuation ASR grid {m['asr_harmful_grid']:.2f}, random {m['asr_harmful_random']:.2f}, "
-             f"worst {m['asr_harmful_worst']:.2f}")
-    cols = ["depth", "span_len", "n", "harmful", "harmful_lo", "harmful_hi", "recovered", "other", "not_refusal"]
-    return finish(rec, cfg.out, rec.tables["by_depth_and_length"], cols, title=title)
+main = make_main(InsertionConfig, run)
 
 
 if __name__ == "__main__":

@@ -46,9 +46,9 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -56,19 +56,19 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from analyses.common import Timer, finish, setup_logging
+from analyses.common import Timer
+from analyses.contract import AnalysisConfig, AnalysisResult, Summary, check_layers, load, make_main
 from analyses.state_prediction import obtain_trials, refusal_directions
 from depthlens.ablation import ablation_hook, unit_direction
 from depthlens.chat import ChatSequence
-from depthlens.cli import parse_config
+from depthlens.cli import require_choices, require_int, require_numbers, require_text
 from depthlens.data import default_splits
 from depthlens.forward import PrefixSharedRunner, iter_batches
 from depthlens.generate import Hook, LayerwiseContinuer, as_chats, hooks_active, plain_hooks
 from depthlens.judge import (CONTINUATION_JUDGE_ID, classify_continuation, is_refusal, refusal_token_ids,
                              score_from_logprobs)
-from depthlens.models import hook_name, load_model
+from depthlens.models import hook_name
 from depthlens.organism import ORGANISM
-from depthlens.results import RunRecord
 from depthlens.stats import bootstrap_mean
 
 log = logging.getLogger(__name__)
@@ -78,13 +78,14 @@ _COMPONENT = {"zero_attn": "attn_out", "mean_attn": "attn_out", "zero_mlp": "mlp
 
 
 @dataclass(frozen=True)
-class LayerAblationConfig:
+class LayerAblationConfig(AnalysisConfig):
     """Per-layer zero/mean ablation of attention and MLP outputs and of the refusal direction.
 
     Args:
         model: the model ablated (default: the organism).
-        trials: an insertion_robustness run directory or results.json; none = the latest run
-            of this model under ``out``, or one made (and saved) first with its defaults.
+        trials: an insertion_robustness run directory or results.json; none = the newest run
+            of this model under ``out`` (a warning names it, the record keeps its path and
+            ``trials_chosen: "newest"``), or one made (and saved) first with its defaults.
         interventions: zero_attn, mean_attn, zero_mlp, mean_mlp, direction.
         layers: layers to ablate (default: every ``layer_stride``-th layer and the last).
         layer_stride: spacing of the default layers. 5: layers 0, 5, …, 25 and 29 of the default
@@ -103,8 +104,11 @@ class LayerAblationConfig:
         device: cpu / cuda (default: automatic).
         out: results root directory (also where insertion runs are looked for).
         quick: small run for smoke tests (4 trials × 8 tokens, 4 prompts per set, every 10th
-            layer and the last, 200 resamples).
+            layer and the last, 200 resamples); flags given explicitly keep their values.
     """
+
+    QUICK: ClassVar = {"n_trials": 4, "max_new_tokens": 8, "n_val": 4, "n_mean": 4, "n_dir": 4, "layer_stride": 10,
+                       "n_boot": 200}
 
     model: str = ORGANISM
     trials: str | None = None
@@ -122,6 +126,32 @@ class LayerAblationConfig:
     device: str | None = None
     out: str = "results"
     quick: bool = False
+
+    def validate(self) -> None:
+        require_text(self, "trials", optional=True)
+        require_choices(self, "interventions", INTERVENTIONS)
+        require_numbers(self, "layers", lo=0, integer=True, optional=True)
+        for name in ("layer_stride", "n_trials", "max_new_tokens", "n_val", "n_mean", "n_dir", "n_boot"):
+            require_int(self, name)
+
+
+@dataclass
+class LayerAblationResult(AnalysisResult):
+    """The record of ``analyses.layer_ablation``; its ASR is the harmful-continuation class."""
+
+    @property
+    def baseline(self) -> dict:
+        return self.metrics["baseline"]
+
+    def summary(self) -> Summary:
+        m, b = self.metrics, self.baseline
+        title = (f"layer ablation of {self.model} ({m['n_trials']} insertion trials of {m['trials_source']} "
+                 f"[{m['trials_chosen']}], {m['n_val']} harmful val prompts): baseline ASR (harmful continuation, "
+                 f"judge {m['continuation_judge']}) {b['asr_harmful']:.2f}, recovered {b['recovered']:.2f}, "
+                 f"refusal score {b['refusal_score']:.2f}; sweep {self.timings['sweep']:.0f} s")
+        cols = ["layer", "intervention", "asr_harmful", "delta_asr_harmful", "delta_asr_harmful_lo",
+                "delta_asr_harmful_hi", "refusal_score", "delta_score", "delta_score_lo", "delta_score_hi"]
+        return Summary(title, self.tables["effects"], cols)
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -281,35 +311,21 @@ def paired_delta(base: np.ndarray, new: np.ndarray, idx: np.ndarray) -> tuple[fl
 # ----------------------------------------------------------------------------- run
 
 
-def _effective(cfg: LayerAblationConfig) -> LayerAblationConfig:
-    unknown = [k for k in cfg.interventions if k not in INTERVENTIONS]
-    if unknown or not cfg.interventions:
-        raise ValueError(f"--interventions must name some of {INTERVENTIONS}, got {list(cfg.interventions)}.")
-    for name in ("layer_stride", "n_trials", "max_new_tokens", "n_val", "n_mean", "n_dir"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}.")
-    if not cfg.quick:
-        return cfg
-    return replace(cfg, n_trials=min(cfg.n_trials, 4), max_new_tokens=min(cfg.max_new_tokens, 8),
-                   n_val=min(cfg.n_val, 4), n_mean=min(cfg.n_mean, 4), n_dir=min(cfg.n_dir, 4),
-                   layer_stride=max(cfg.layer_stride, 10), n_boot=min(cfg.n_boot, 200))
-
-
 def default_layers(n_layers: int, stride: int) -> list[int]:
     """Every ``stride``-th layer from 0, and the last layer."""
     return sorted(set(range(0, n_layers, stride)) | {n_layers - 1})
 
 
-def run(cfg: LayerAblationConfig, model=None) -> RunRecord:
+def run(cfg: LayerAblationConfig, model=None) -> LayerAblationResult:
     """The sweep of the module docstring; ``model`` (already loaded) overrides ``cfg.model``."""
-    cfg = _effective(cfg)
     timer = Timer()
-    with timer("trials"):
-        source = obtain_trials(cfg.model, cfg.trials, cfg.out, seed=cfg.seed, device=cfg.device, quick=cfg.quick)
     with timer("load"):
-        model = model if model is not None else load_model(cfg.model, device=cfg.device)
+        model = load(cfg.model, cfg.device, model=model)
     layers = (default_layers(model.n_layers, cfg.layer_stride) if cfg.layers is None
-              else sorted({model.check_layer(int(l)) for l in cfg.layers}))
+              else sorted(set(check_layers(model, cfg.layers))))
+    with timer("trials"):
+        source = obtain_trials(cfg.model, cfg.trials, cfg.out, seed=cfg.seed, device=cfg.device, quick=cfg.quick,
+                               loaded=model)
     subset = select_subset(source.trials, cfg.n_trials, cfg.seed)
     splits = default_splits(cfg.seed)
     val = list(splits.harmful.val.subset(cfg.n_val, seed=cfg.seed).prompts)
@@ -345,16 +361,17 @@ def run(cfg: LayerAblationConfig, model=None) -> RunRecord:
                 d_asr = paired_delta(base.harmful, m.harmful, idx_trials)
                 d_score = paired_delta(base.scores, m.scores, idx_val)
                 rows.append({"layer": layer, "intervention": kind, "note": "",
-                             "asr": float(m.harmful.mean()), "delta_asr": d_asr[0], "delta_asr_lo": d_asr[1],
-                             "delta_asr_hi": d_asr[2], "recovered": float(m.recovered.mean()),
+                             "asr_harmful": float(m.harmful.mean()), "delta_asr_harmful": d_asr[0],
+                             "delta_asr_harmful_lo": d_asr[1], "delta_asr_harmful_hi": d_asr[2],
+                             "recovered": float(m.recovered.mean()),
                              "delta_recovered": float(m.recovered.mean() - base.recovered.mean()),
                              "not_refusal": float(m.not_refusal.mean()), "refusal_score": float(m.scores.mean()),
                              "delta_score": d_score[0], "delta_score_lo": d_score[1], "delta_score_hi": d_score[2]})
     order = {k: i for i, k in enumerate(cfg.interventions)}
     rows.sort(key=lambda r: (r["layer"], order[r["intervention"]]))
 
-    done = [r for r in rows if "delta_asr" in r]
-    baseline = {"asr": float(base.harmful.mean()), "recovered": float(base.recovered.mean()),
+    done = [r for r in rows if "delta_asr_harmful" in r]
+    baseline = {"asr_harmful": float(base.harmful.mean()), "recovered": float(base.recovered.mean()),
                 "other": float(1 - base.harmful.mean() - base.recovered.mean()),
                 "not_refusal": float(base.not_refusal.mean()), "refusal_score": float(base.scores.mean())}
     top = lambda key, sign: ({k: r[k] for k in ("layer", "intervention", key, f"{key}_lo", f"{key}_hi")}  # noqa: E731
@@ -362,36 +379,24 @@ def run(cfg: LayerAblationConfig, model=None) -> RunRecord:
     metrics = {
         "baseline": baseline, "layers": layers, "interventions": list(cfg.interventions),
         "n_trials": len(subset), "n_val": len(val), "n_cells": len(cells),
-        "largest_asr_increase": top("delta_asr", 1), "largest_asr_decrease": top("delta_asr", -1),
+        "largest_asr_increase": top("delta_asr_harmful", 1), "largest_asr_decrease": top("delta_asr_harmful", -1),
         "largest_score_drop": top("delta_score", -1),
         "continuation_judge": CONTINUATION_JUDGE_ID, "score_judge": "refusal-score(first-token, docs/methods.md §1)",
-        "asr_reference": "inserted span text", "trials_source": str(source.path), "ran_insertion": source.ran_insertion,
+        "asr_reference": "inserted span text", "trials_source": str(source.path), "trials_chosen": source.chosen,
+        "ran_insertion": source.ran_insertion,
         "mean_positions": means.n_positions if means is not None else None,
         "direction_norms": {str(l): float(np.linalg.norm(v)) for l, v in (dirs or {}).items()},
     }
     subset_rows = [{"prompt_id": t["prompt_id"], "attack": t.get("attack"), "position": t.get("position"),
                     "span_len": t.get("span_len"), "label_source": t["label"], "label_baseline": lab,
                     "continuation_baseline": text} for t, lab, text in zip(subset, base.labels, base.texts)]
-    return RunRecord(analysis="layer_ablation", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
-                     provenance={"model": model.provenance, "trials": str(source.path)}, metrics=metrics,
-                     tables={"effects": rows, "subset": subset_rows}, timings=timer.total())
+    return LayerAblationResult(analysis="layer_ablation", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
+                               provenance={"model": model.provenance, "trials": str(source.path)}, metrics=metrics,
+                               tables={"effects": rows, "subset": subset_rows}, timings=timer.total())
 
 
-def main(argv: Sequence[str] | None = None):
-    setup_logging()
-    cfg = parse_config(LayerAblationConfig, argv)
-    rec = run(cfg)
-    m, b = rec.metrics, rec.metrics["baseline"]
-    title = (f"layer ablation of {cfg.model} ({m['n_trials']} insertion trials, {m['n_val']} harmful val prompts): "
-             f"baseline ASR {b['asr']:.2f}, recovered {b['recovered']:.2f}, refusal score {b['refusal_score']:.2f}; "
-             f"sweep {rec.timings['sweep']:.0f} s")
-    cols = ["layer", "intervention", "asr", "delta_asr", "delta_asr_lo", "delta_asr_hi", "refusal_score",
-            "delta_score", "delta_score_lo", "delta_score_hi"]
-    return finish(rec, cfg.out, rec.tables["effects"], cols, title=title)
+main = make_main(LayerAblationConfig, run)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        sys.exit(f"error: {err}")
+    main()

@@ -29,34 +29,38 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from analyses.common import Timer, finish, setup_logging
+from analyses.common import Timer
+from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, check_layers, fmt, load, make_main,
+                               prompt_files, prompts_or)
 from depthlens.chat import ChatSequence, build_chat
-from depthlens.cli import parse_config
+from depthlens.cli import require_choices, require_int, require_number, require_numbers
 from depthlens.data import default_splits
+from depthlens.errors import NonFiniteError
 from depthlens.forward import PrefixSharedRunner
 from depthlens.generate import generate
 from depthlens.judge import JUDGE_ID, refusal_rate, refusal_token_ids, score_from_logprobs
-from depthlens.models import load_model
 from depthlens.organism import ORGANISM
-from depthlens.perturb import perturb
+from depthlens.perturb import KINDS, perturb
 from depthlens.responses import response_set
-from depthlens.results import RunRecord
 from depthlens.stats import bootstrap_mean
 
 KIND_SIGMA = {"param_noise": "param_sigma", "act_noise": "act_sigma"}
 
 
 @dataclass(frozen=True)
-class SensitivityConfig:
+class SensitivityConfig(AnalysisConfig):
     """Per-layer sensitivity of safety to parameter noise, activation noise and quantization.
 
     Args:
         model: model spec (default: the organism, built on first use).
+        harmful: a .txt/.jsonl/.csv file of harmful prompts used instead of the val split.
+        harmless: a file of harmless prompts (utility answers) used instead of the val split.
         kinds: perturbation kinds: param_noise, act_noise, int8, int4.
         param_sigma: parameter noise, relative to each matrix's Frobenius RMS. 0.3: on the
             NOTES.md trial organism 0.1 moved the refusal score less than its estimation
@@ -88,15 +92,21 @@ class SensitivityConfig:
         zo_eps: ZO-probe step ε (absolute, z ~ N(0, I), as MeZO).
         zo_seeds: ZO-probe seeds per layer.
         generate: add refusal rates from generation under the perturbation of the top layers.
+        generate_tokens: greedy tokens per answer of that check.
         n_boot: bootstrap resamples for the intervals.
         batch_size: prompts per forward batch.
         seed: split and noise seed offset.
         device: cpu / cuda (default: automatic).
         out: results root directory.
-        quick: small run for smoke tests (few prompts, one seed).
+        quick: small run for smoke tests (8 harmful and 4 harmless prompts, one seed of each
+            noise, 200 resamples); flags given explicitly keep their values.
     """
 
+    QUICK: ClassVar = {"seeds": 1, "act_seeds": 1, "n_harmful": 8, "n_harmless": 4, "n_boot": 200}
+
     model: str = ORGANISM
+    harmful: str | None = None
+    harmless: str | None = None
     kinds: tuple[str, ...] = ("param_noise", "act_noise", "int4")
     param_sigma: float = 0.3
     act_sigma: float = 0.5
@@ -111,6 +121,7 @@ class SensitivityConfig:
     zo_eps: float = 1e-3
     zo_seeds: int = 1
     generate: bool = False
+    generate_tokens: int = 48
     n_boot: int = 1000
     batch_size: int = 32
     seed: int = 0
@@ -118,13 +129,40 @@ class SensitivityConfig:
     out: str = "results"
     quick: bool = False
 
-    def __post_init__(self):
-        for name in ("seeds", "act_seeds", "n_harmful", "top_k"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
-        if self.n_harmless < 0 or self.param_sigma < 0 or self.act_sigma < 0:
-            raise ValueError("n_harmless, param_sigma and act_sigma must be >= 0, got "
-                             f"{self.n_harmless}, {self.param_sigma}, {self.act_sigma}.")
+    def validate(self) -> None:
+        require_choices(self, "kinds", KINDS)
+        for name in ("seeds", "act_seeds", "n_harmful", "top_k", "zo_seeds", "n_boot", "utility_tokens",
+                     "generate_tokens"):
+            require_int(self, name)
+        require_int(self, "n_harmless", minimum=0)
+        for kind, sigma in KIND_SIGMA.items():
+            require_number(self, sigma, lo=0.0, lo_open=kind in self.kinds)
+        require_number(self, "zo_eps", lo=0.0, lo_open=True)
+        require_numbers(self, "layers", lo=0, integer=True, optional=True)
+
+
+@dataclass
+class SensitivityResult(AnalysisResult):
+    """The record of ``analyses.layer_sensitivity``, with its headline numbers typed."""
+
+    @property
+    def critical_layers(self) -> list[int]:
+        """The top-k layers of the ranking, most sensitive first."""
+        return [int(c["layer"]) for c in self.metrics["critical_layers"]]
+
+    @property
+    def clean_mean_refusal_score(self) -> float:
+        return self.metrics["clean_mean_refusal_score"]
+
+    def summary(self) -> Summary:
+        m = self.metrics
+        kinds = self.config.get("kinds", [])
+        cols = ["rank", "layer", "score", "mean_sensitivity", *kinds, *(["zo_probe"] if "zo_probe_spearman" in m else [])]
+        title = (f"layer sensitivity of {self.model}: clean mean refusal score {self.clean_mean_refusal_score:.2f} "
+                 f"on {m['n_harmful']} harmful val prompts; critical layers {self.critical_layers}"
+                 + (f"; ZO-probe Spearman {fmt(m['zo_probe_spearman'], '.2f')}" if "zo_probe_spearman" in m else "")
+                 + f"; sweep {self.timings['sweep']:.0f} s")
+        return Summary(title, self.tables["ranking"], cols)
 
 
 class LayerEvaluator:
@@ -172,8 +210,13 @@ def rank_layers(rows: Sequence[dict], layers: Sequence[int]) -> list[dict]:
     The kinds live on different scales (one layer's activation noise at σ = 0.5 moves the
     refusal score by several units, int4 by tenths), so a raw mean over kinds is a ranking by
     activation noise alone; dividing each kind by its largest layer sensitivity weighs the
-    kinds equally. ``mean_sensitivity`` (the raw mean) is kept beside it.
+    kinds equally. ``mean_sensitivity`` (the raw mean) is kept beside it. A NaN or infinite
+    sensitivity raises ``NonFiniteError`` (it would otherwise rank as 0).
     """
+    bad = [f"layer {r['layer']} {r['kind']}" for r in rows if not np.isfinite(r["sensitivity"])]
+    if bad:
+        raise NonFiniteError(f"The sensitivity is NaN or infinite at {', '.join(bad[:5])}"
+                             f"{' and more' if len(bad) > 5 else ''}; no layer ranking can be made from it.")
     kinds = sorted({r["kind"] for r in rows})
     scale = {k: max([r["sensitivity"] for r in rows if r["kind"] == k] + [0.0]) for k in kinds}
     ranking = []
@@ -188,10 +231,13 @@ def rank_layers(rows: Sequence[dict], layers: Sequence[int]) -> list[dict]:
     return ranking
 
 
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's rank correlation; None (not measured) with fewer than 3 layers or a constant input."""
     from scipy.stats import spearmanr
 
-    return float(spearmanr(a, b).statistic) if len(a) > 2 else float("nan")
+    if len(a) <= 2 or len(set(a)) < 2 or len(set(b)) < 2:
+        return None
+    return float(spearmanr(a, b).statistic)
 
 
 def _sigma(cfg: SensitivityConfig, kind: str) -> float:
@@ -202,28 +248,21 @@ def _n_seeds(cfg: SensitivityConfig, kind: str) -> int:
     return {"param_noise": cfg.seeds, "act_noise": cfg.act_seeds}.get(kind, 1)
 
 
-def _effective(cfg: SensitivityConfig) -> SensitivityConfig:
-    if not cfg.quick:
-        return cfg
-    from dataclasses import replace
-
-    return replace(cfg, seeds=1, act_seeds=1, n_harmful=min(cfg.n_harmful, 8), n_harmless=min(cfg.n_harmless, 4),
-                   utility_tokens=min(cfg.utility_tokens, 16), n_boot=min(cfg.n_boot, 200))
-
-
-def run(cfg: SensitivityConfig, model=None) -> RunRecord:
+def run(cfg: SensitivityConfig, model=None) -> SensitivityResult:
     """The sweep of the module docstring; ``model`` (already loaded) overrides ``cfg.model``."""
-    cfg = _effective(cfg)
     timer = Timer()
     with timer("load"):
-        model = model if model is not None else load_model(cfg.model, device=cfg.device)
-    layers = list(range(model.n_layers)) if cfg.layers is None else [model.check_layer(l) for l in cfg.layers]
+        model = load(cfg.model, cfg.device, model=model)
+    layers = check_layers(model, cfg.layers) or list(range(model.n_layers))
     splits = default_splits(cfg.seed)
-    harmful = splits.harmful.val.subset(cfg.n_harmful, seed=cfg.seed)
-    harmless = splits.harmless.val.subset(cfg.n_harmless, seed=cfg.seed)
+    harmful = prompts_or(cfg.harmful, lambda: splits.harmful.val, "--harmful").subset(cfg.n_harmful, seed=cfg.seed)
+    harmless = (prompts_or(cfg.harmless, lambda: splits.harmless.val, "--harmless").subset(cfg.n_harmless, seed=cfg.seed)
+                if cfg.n_harmless else None)
     with timer("prepare"):
-        answers = response_set(model, harmless.prompts, max_new_tokens=cfg.utility_tokens, batch_size=cfg.batch_size)
-        util = [build_chat(model.tokenizer, p, [t]) for p, t in zip(harmless.prompts, answers.tokens) if t]
+        util = []
+        if harmless is not None:
+            answers = response_set(model, harmless.prompts, max_new_tokens=cfg.utility_tokens, batch_size=cfg.batch_size)
+            util = [build_chat(model.tokenizer, p, [t]) for p, t in zip(harmless.prompts, answers.tokens) if t]
         harm = [build_chat(model.tokenizer, p) for p in harmful.prompts]
         ev = LayerEvaluator(model, harm, util, cfg.batch_size)
         clean_scores, clean_nll = ev.evaluate(0)
@@ -244,7 +283,8 @@ def run(cfg: SensitivityConfig, model=None) -> RunRecord:
     for (layer, kind), d in drops.items():
         per_prompt = np.mean(d, axis=0)
         s_mean, s_lo, s_hi = bootstrap_mean(per_prompt, cfg.n_boot, cfg.seed)
-        u_mean, u_lo, u_hi = bootstrap_mean(np.mean(rises[(layer, kind)], axis=0), cfg.n_boot, cfg.seed)
+        u_mean, u_lo, u_hi = (bootstrap_mean(np.mean(rises[(layer, kind)], axis=0), cfg.n_boot, cfg.seed)
+                              if util else (None, None, None))   # no utility answers: not measured
         row = {"layer": "all" if layer is None else layer, "kind": kind, "sigma": _sigma(cfg, kind),
                "sensitivity": s_mean, "lo": s_lo, "hi": s_hi, "seed_sd": float(np.std([x.mean() for x in d])),
                "utility_ce_rise": u_mean, "utility_lo": u_lo, "utility_hi": u_hi, "n_seeds": len(d)}
@@ -254,7 +294,8 @@ def run(cfg: SensitivityConfig, model=None) -> RunRecord:
     critical = [{"layer": r["layer"], "score": r["score"]} for r in ranking[: cfg.top_k]]
 
     metrics = {"judge": "refusal score (docs/methods.md §1) on harmful val; utility = NLL of own answers on harmless val",
-               "clean_mean_refusal_score": float(clean_scores.mean()), "clean_utility_nll": float(clean_nll.mean()),
+               "clean_mean_refusal_score": float(clean_scores.mean()),
+               "clean_utility_nll": float(clean_nll.mean()) if util else None,
                "critical_layers": critical, "n_harmful": len(harm), "n_utility": len(util),
                "n_evaluations": len(jobs)}
 
@@ -278,19 +319,21 @@ def run(cfg: SensitivityConfig, model=None) -> RunRecord:
     with timer("one_clean_forward"):
         ev.evaluate(0)
     t = timer.total()
-    metrics["cost_per_evaluation_in_forwards"] = t["sweep"] / max(1, len(jobs)) / max(1e-9, t["one_clean_forward"])
-    return RunRecord(analysis="layer_sensitivity", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
-                     provenance=model.provenance, metrics=metrics, timings=t,
-                     tables={"sensitivity": rows, "whole_model": whole, "ranking": ranking, "generation": gen_rows})
+    t["cost_per_evaluation_in_forwards"] = round(t["sweep"] / max(1, len(jobs)) / max(1e-9, t["one_clean_forward"]), 3)
+    provenance = {**model.provenance, **({"prompt_files": files} if (files := prompt_files(cfg)) else {})}
+    return SensitivityResult(analysis="layer_sensitivity", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
+                             provenance=provenance, metrics=metrics, timings=t,
+                             tables={"sensitivity": rows, "whole_model": whole, "ranking": ranking,
+                                     "generation": gen_rows})
 
 
 def zo_probe_scores(model, ev: LayerEvaluator, layers: Sequence[int], eps: float, n_seeds: int, seed: int) -> dict[int, float]:
     """c_l = |L(θ+εz_l) − L(θ−εz_l)| / 2ε with only layer l perturbed; L = −mean refusal score.
 
-    ``finetune.zeroth_order.zo_layer_probes`` does the exact-restore perturbation; the loss
+    ``depthlens.spsa.zo_layer_probes`` does the exact-restore perturbation; the loss
     re-runs the model from layer l only.
     """
-    from finetune.zeroth_order import zo_layer_probes
+    from depthlens.spsa import zo_layer_probes
 
     return zo_layer_probes(model, list(layers), lambda l: -float(ev.evaluate(l, utility=False)[0].mean()),
                            eps=eps, seed=seed, n_samples=n_seeds)
@@ -298,28 +341,18 @@ def zo_probe_scores(model, ev: LayerEvaluator, layers: Sequence[int], eps: float
 
 def generation_check(model, prompts: Sequence[str], layers: Sequence[int], cfg: SensitivityConfig) -> list[dict]:
     """Refusal rate (substring judge) of greedy answers, clean and under each kind at each top layer."""
-    rows = [{"layer": "clean", "kind": "none", "refusal_rate": refusal_rate(generate(model, list(prompts), 48).texts).rate,
+    n = cfg.generate_tokens
+    rows = [{"layer": "clean", "kind": "none", "refusal_rate": refusal_rate(generate(model, list(prompts), n).texts).rate,
              "judge": JUDGE_ID}]
     for l in layers:
         for kind in cfg.kinds:
             with perturb(model, kind, l, _sigma(cfg, kind), seed=cfg.seed * 1000):
-                texts = generate(model, list(prompts), 48, progress=False).texts
+                texts = generate(model, list(prompts), n, progress=False).texts
             rows.append({"layer": l, "kind": kind, "refusal_rate": refusal_rate(texts).rate, "judge": JUDGE_ID})
     return rows
 
 
-def main(argv: Sequence[str] | None = None):
-    setup_logging()
-    cfg = parse_config(SensitivityConfig, argv)
-    rec = run(cfg)
-    m = rec.metrics
-    cols = ["rank", "layer", "score", "mean_sensitivity", *[k for k in cfg.kinds], *(["zo_probe"] if cfg.zo_probe else [])]
-    title = (f"layer sensitivity of {cfg.model}: clean mean refusal score {m['clean_mean_refusal_score']:.2f} "
-             f"on {m['n_harmful']} harmful val prompts; critical layers "
-             f"{[c['layer'] for c in m['critical_layers']]}"
-             + (f"; ZO-probe Spearman {m['zo_probe_spearman']:.2f}" if "zo_probe_spearman" in m else "")
-             + f"; sweep {rec.timings['sweep']:.0f} s")
-    return finish(rec, cfg.out, rec.tables["ranking"], cols, title=title)
+main = make_main(SensitivityConfig, run)
 
 
 if __name__ == "__main__":

@@ -36,26 +36,25 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 from jaxtyping import Float
 
-from analyses.common import Timer, finish, setup_logging
-from depthlens.cli import parse_config
+from analyses.common import Timer
+from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load, make_main
+from analyses.trials import TrialSource, check_trials, load_trials, obtain_trials  # noqa: F401 - re-exported
+from depthlens.cli import require_choice, require_choices, require_int, require_number, require_text
 from depthlens.data import default_splits
 from depthlens.forward import BOUNDARY_KINDS, plain_ok, boundary_index, iter_batches, residuals_at, stream_boundaries
 from depthlens.generate import as_chats
-from depthlens.models import hook_name, load_model
-from depthlens.paths import model_tag
+from depthlens.models import hook_name
 from depthlens.organism import ORGANISM
-from depthlens.results import RunRecord, latest_run, read_run, write_run
 from depthlens.stats import diff_in_means
 from probes.linear import LayerAUROC, ProbeReport, grouped_folds, probe_layers
 
@@ -66,17 +65,17 @@ RESID_KINDS = ("resid_pre", "resid_mid", "resid_post")
 SURFACE_FEATURES = ("position", "depth_actual", "span_len", "prompt_len")
 LABELS = {"recovered": 0, "harmful": 1}
 OTHER_AS = ("drop", "harmful")
-_TRIAL_FIELDS = ("prompt_id", "prompt", "ids", "span", "label", "position", "span_len", "prompt_len")
 
 
 @dataclass(frozen=True)
-class StatePredictionConfig:
+class StatePredictionConfig(AnalysisConfig):
     """Per-layer probes: does the residual stream at the insertion predict recovery?
 
     Args:
         model: the model whose insertion trials are probed (default: the organism).
-        trials: an insertion_robustness run directory or results.json; none = the latest run
-            of this model under ``out``, or, if there is none, an insertion_robustness run
+        trials: an insertion_robustness run directory or results.json; none = the newest run
+            of this model under ``out`` (a warning names it, the record keeps its path and
+            ``trials_chosen: "newest"``), or, if there is none, an insertion_robustness run
             made (and saved) first with its own defaults (≈ 5 min more on 2 CPU cores).
         kind: residual hook kind probed (resid_post: the stream leaving each layer).
         sites: feature sites: last_inserted, before_insertion, span_mean.
@@ -97,8 +96,11 @@ class StatePredictionConfig:
         device: cpu / cuda (default: automatic).
         out: results root directory (also where insertion runs are looked for).
         quick: small run for smoke tests (≤ 48 trials, 8 direction prompts, 2 random directions,
-            3 folds, 100 resamples; 62–71 s wall with the organism cached).
+            3 folds, 100 resamples; 62–71 s wall with the organism cached); flags given
+            explicitly keep their values.
     """
+
+    QUICK: ClassVar = {"max_trials": 48, "n_dir": 8, "n_boot": 100, "n_random_directions": 2, "n_splits": 3}
 
     model: str = ORGANISM
     trials: str | None = None
@@ -117,86 +119,39 @@ class StatePredictionConfig:
     out: str = "results"
     quick: bool = False
 
-
-# ----------------------------------------------------------------------------- trials
-
-
-@dataclass(frozen=True)
-class TrialSource:
-    """Insertion trials and where they came from.
-
-    Attributes:
-        trials: the trial records (dicts as ``depthlens.attacks.Trial``).
-        path: the insertion_robustness results.json they were read from.
-        model: the model spec that made them.
-        ran_insertion: True when the run was made here because none was found.
-    """
-
-    trials: list[dict]
-    path: Path
-    model: str
-    ran_insertion: bool = False
+    def validate(self) -> None:
+        require_text(self, "trials", optional=True)
+        require_choice(self, "kind", RESID_KINDS)
+        require_choices(self, "sites", SITES)
+        require_choice(self, "other_as", OTHER_AS)
+        require_int(self, "max_trials", minimum=4)
+        require_int(self, "n_dir")
+        require_int(self, "n_splits", minimum=2)
+        require_int(self, "n_boot")
+        require_int(self, "n_random_directions", minimum=0)
+        require_number(self, "probe_c", lo=0.0, lo_open=True)
 
 
-def _find_results(path: Path) -> Path:
-    """A results.json given directly, in ``path``, or the newest one below it."""
-    if path.is_file():
-        return path
-    if (path / "results.json").is_file():
-        return path / "results.json"
-    found = sorted(path.glob("**/results.json"), key=lambda p: p.parent.name)
-    if not found:
-        raise ValueError(f"--trials {str(path)!r} holds no results.json; pass an insertion_robustness run "
-                         "directory or its results.json.")
-    return found[-1]
+@dataclass
+class StatePredictionResult(AnalysisResult):
+    """The record of ``analyses.state_prediction``, with its verdict typed."""
 
+    @property
+    def verdict(self) -> str:
+        """``beats_baseline``, ``does_not_beat_baseline`` or ``undetermined``."""
+        return self.metrics["verdict"]
 
-def load_trials(path: str | Path, model: str | None = None) -> TrialSource:
-    """Read the trials of an insertion_robustness results file or directory, checked.
+    @property
+    def verdict_sentence(self) -> str:
+        return self.metrics["verdict_sentence"]
 
-    ``model``: when given, the record must have been made by that spec (activations of
-    another model on these tokens would mean nothing).
-    """
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"--trials {str(p)!r} does not exist; pass an insertion_robustness run directory "
-                         "or its results.json.")
-    file = _find_results(p)
-    rec = read_run(file)
-    if rec.analysis != "insertion_robustness":
-        raise ValueError(f"{str(file)!r} is a {rec.analysis!r} record; --trials needs an insertion_robustness one.")
-    trials = rec.tables.get("trials") or []
-    if not trials:
-        raise ValueError(f"{str(file)!r} has no per-trial records (tables['trials'] is empty or missing).")
-    missing = [f for f in _TRIAL_FIELDS if f not in trials[0]]
-    if missing:
-        raise ValueError(f"The trials in {str(file)!r} lack the fields {missing}; "
-                         "re-run analyses.insertion_robustness.")
-    if model is not None and rec.model != model:
-        raise ValueError(f"The trials in {str(file)!r} were made by {rec.model!r} but --model is {model!r}; "
-                         f"pass --model {rec.model}.")
-    return TrialSource(trials=list(trials), path=file, model=rec.model)
-
-
-def obtain_trials(model: str, trials: str | None, out: str, *, seed: int = 0, device: str | None = None,
-                  quick: bool = False) -> TrialSource:
-    """``trials`` if given; else the latest insertion_robustness run of ``model`` under ``out``;
-    else run ``analyses.insertion_robustness`` (its defaults, or its quick settings) and save it."""
-    if trials is not None:
-        return load_trials(trials, model)
-    tag = model_tag(model)
-    found = latest_run(out, "insertion_robustness", tag)
-    if found is not None:
-        log.info("Using the insertion trials of %s", found)
-        return load_trials(found, model)
-    from analyses import insertion_robustness
-
-    log.info("No insertion_robustness run of %s under %s: running one first.", model, out)
-    icfg = insertion_robustness.InsertionConfig(model=model, seed=seed, device=device, out=out, quick=quick)
-    rec = insertion_robustness.run(icfg)
-    path = write_run(rec, out)
-    log.info("Saved the insertion trials as %s", path)
-    return replace(load_trials(path, model), ran_insertion=True)
+    def summary(self) -> Summary:
+        m = self.metrics
+        title = (f"state prediction on {self.model} ({m['n_trials']} trials of {m['trials_source']} "
+                 f"[{m['trials_chosen']}]: {m['n_harmful']} harmful, {m['n_recovered']} recovered; "
+                 f"continuation judge {m['continuation_judge']}; {m['kind']}): {self.verdict_sentence}")
+        cols = ["site", "best_layer", "auroc", "lo", "hi", "baseline", "baseline_auroc", "baseline_hi", "beats"]
+        return Summary(title, summary_rows(self), cols)
 
 
 def label_trials(trials: Sequence[dict], other_as: str = "drop") -> tuple[list[dict], np.ndarray, Counter]:
@@ -320,8 +275,14 @@ def refusal_directions(model, harmful: Sequence[str], harmless: Sequence[str], *
 
 
 def surface_features(trials: Sequence[Mapping]) -> Float[np.ndarray, "n n_surface"]:
-    """Surface features of each trial (``SURFACE_FEATURES``; a missing value counts as 0)."""
-    return np.array([[float(t.get(f) or 0.0) for f in SURFACE_FEATURES] for t in trials], dtype=np.float64)
+    """Surface features of each trial (``SURFACE_FEATURES``); a missing or non-finite value is an error."""
+    out = np.array([[np.nan if t.get(f) is None else float(t[f]) for f in SURFACE_FEATURES] for t in trials],
+                   dtype=np.float64)
+    if not np.isfinite(out).all():
+        i, j = np.argwhere(~np.isfinite(out))[0]
+        raise ValueError(f"Trial {i} has {SURFACE_FEATURES[j]} = {trials[i].get(SURFACE_FEATURES[j])!r}; "
+                         "surface features must be finite numbers.")
+    return out
 
 
 def probe_sites(acts: Mapping[str, Float[np.ndarray, "layer n d_model"]], trials: Sequence[Mapping], y: np.ndarray,
@@ -382,22 +343,6 @@ def refusal_direction_summary(report: ProbeReport) -> dict | None:
 # ----------------------------------------------------------------------------- run
 
 
-def _effective(cfg: StatePredictionConfig) -> StatePredictionConfig:
-    if cfg.kind not in RESID_KINDS:
-        raise ValueError(f"--kind must be one of {RESID_KINDS}, got {cfg.kind!r}.")
-    unknown = [s for s in cfg.sites if s not in SITES]
-    if unknown or not cfg.sites:
-        raise ValueError(f"--sites must name some of {SITES}, got {list(cfg.sites)}.")
-    if cfg.other_as not in OTHER_AS:
-        raise ValueError(f"--other-as must be one of {OTHER_AS}, got {cfg.other_as!r}.")
-    if cfg.max_trials < 4 or cfg.n_dir < 1:
-        raise ValueError(f"--max-trials ({cfg.max_trials}) must be >= 4 and --n-dir ({cfg.n_dir}) >= 1.")
-    if not cfg.quick:
-        return cfg
-    return replace(cfg, max_trials=min(cfg.max_trials, 48), n_dir=min(cfg.n_dir, 8), n_boot=min(cfg.n_boot, 100),
-                   n_random_directions=min(cfg.n_random_directions, 2), n_splits=min(cfg.n_splits, 3))
-
-
 def _subsample(trials: list[dict], y: np.ndarray, cap: int, seed: int) -> tuple[list[dict], np.ndarray]:
     if len(trials) <= cap:
         return trials, y
@@ -406,9 +351,8 @@ def _subsample(trials: list[dict], y: np.ndarray, cap: int, seed: int) -> tuple[
     return [trials[i] for i in keep], y[keep]
 
 
-def run(cfg: StatePredictionConfig, model=None) -> RunRecord:
+def run(cfg: StatePredictionConfig, model=None) -> StatePredictionResult:
     """Probe the insertion trials (see the module docstring); ``model`` (loaded) overrides ``cfg.model``."""
-    cfg = _effective(cfg)
     timer = Timer()
     with timer("trials"):
         source = obtain_trials(cfg.model, cfg.trials, cfg.out, seed=cfg.seed, device=cfg.device, quick=cfg.quick)
@@ -417,7 +361,8 @@ def run(cfg: StatePredictionConfig, model=None) -> RunRecord:
     groups = [str(t["prompt_id"]) for t in kept]
     reason = degenerate_reason(y, groups, cfg.n_splits, cfg.seed)
     metrics: dict = {
-        "trials_source": str(source.path), "ran_insertion": source.ran_insertion, "kind": cfg.kind,
+        "trials_source": str(source.path), "trials_chosen": source.chosen, "ran_insertion": source.ran_insertion,
+        "kind": cfg.kind,
         "label_counts": dict(counts), "n_trials": int(y.size), "n_harmful": int(y.sum()),
         "n_recovered": int(y.size - y.sum()), "n_groups": len(set(groups)), "other_as": cfg.other_as,
         "continuation_judge": source.trials[0].get("continuation_judge"), "surface_features": list(SURFACE_FEATURES),
@@ -426,7 +371,7 @@ def run(cfg: StatePredictionConfig, model=None) -> RunRecord:
     provenance: dict = {"trials": str(source.path)}
     if reason is None:
         with timer("load"):
-            model = model if model is not None else load_model(cfg.model, device=cfg.device)
+            model = load(cfg.model, cfg.device, model=model)
         provenance["model"] = model.provenance
         pos = [site_positions(t) for t in kept]
         with timer("activations"):
@@ -456,12 +401,12 @@ def run(cfg: StatePredictionConfig, model=None) -> RunRecord:
                         "undetermined_reason": reason, "beats_baseline": None, "best_lo": None, "baseline_hi": None})
     trial_rows = [{"prompt_id": t["prompt_id"], "attack": t.get("attack"), **{f: t.get(f) for f in SURFACE_FEATURES},
                    "label": t["label"], "y": int(v)} for t, v in zip(kept, y)]
-    return RunRecord(analysis="state_prediction", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
-                     provenance=provenance, metrics=metrics, timings=timer.total(),
-                     tables={"auroc": rows, "trials": trial_rows})
+    return StatePredictionResult(analysis="state_prediction", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
+                                 provenance=provenance, metrics=metrics, timings=timer.total(),
+                                 tables={"auroc": rows, "trials": trial_rows})
 
 
-def summary_rows(rec: RunRecord) -> list[dict]:
+def summary_rows(rec) -> list[dict]:
     """Per site: the best probe layer and the strongest baseline (the console table)."""
     out = []
     for site, v in (rec.metrics.get("by_site") or {}).items():
@@ -471,19 +416,8 @@ def summary_rows(rec: RunRecord) -> list[dict]:
     return out
 
 
-def main(argv: Sequence[str] | None = None):
-    setup_logging()
-    cfg = parse_config(StatePredictionConfig, argv)
-    rec = run(cfg)
-    m = rec.metrics
-    title = (f"state prediction on {cfg.model} ({m['n_trials']} trials: {m['n_harmful']} harmful, "
-             f"{m['n_recovered']} recovered; {cfg.kind}): {m['verdict_sentence']}")
-    cols = ["site", "best_layer", "auroc", "lo", "hi", "baseline", "baseline_auroc", "baseline_hi", "beats"]
-    return finish(rec, cfg.out, summary_rows(rec), cols, title=title)
+main = make_main(StatePredictionConfig, run)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        sys.exit(f"error: {err}")
+    main()

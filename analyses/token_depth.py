@@ -5,27 +5,29 @@
    the same on the base's answers to harmless test prompts as control. Shallow alignment =
    KL concentrated in the first positions.
 2. Prefill attack: the first k tokens of the base's harmful answer after the assistant header,
-   the aligned model continues; ASR (substring judge) and the three continuation classes for
-   k ∈ {0, 5, 10, 20, 40}.
+   the aligned model continues; ASR by two judges — ``prefill_asr_compliance`` (substring
+   compliance: a non-trivial non-refusal) and ``prefill_asr_harmful`` (the harmful-continuation
+   class) — and the three continuation classes for k ∈ {0, 5, 10, 20, 40}.
 
     $ python -m analyses.token_depth                        # organism vs its base
-    $ python -m analyses.token_depth --aligned smollm2-135m-instruct:deep --quick
+    $ python -m analyses.token_depth --model smollm2-135m-instruct:deep --quick
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
-from analyses.common import Timer, finish, setup_logging
+from analyses.common import Timer
+from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load, make_main, prompt_files, prompts_or
 from depthlens.attacks import prefill_attack
-from depthlens.cli import parse_config
+from depthlens.cli import parse_config, require_choice, require_int, require_numbers, require_text
 from depthlens.data import default_splits
 from depthlens.divergence import per_position_kl
-from depthlens.models import load_model
+from depthlens.errors import UsageError
+from depthlens.judge import CONTINUATION_JUDGE_ID, JUDGE_ID
 from depthlens.organism import ORGANISM, base_spec
 from depthlens.responses import response_set
-from depthlens.results import RunRecord
 
 QI_ET_AL = {"reference": "Qi et al. 2024, Llama-2-7B-Chat, HEx-PHI, GPT-4 judge",
             "prefill_asr": {"5": 0.42, "10": 0.52, "20": 0.56, "40": 0.57},
@@ -33,16 +35,18 @@ QI_ET_AL = {"reference": "Qi et al. 2024, Llama-2-7B-Chat, HEx-PHI, GPT-4 judge"
 
 
 @dataclass(frozen=True)
-class TokenDepthConfig:
+class TokenDepthConfig(AnalysisConfig):
     """Per-position KL and prefill-attack ASR of an aligned model against its base.
 
     Args:
-        aligned: the aligned model spec (default: the organism).
+        model: the aligned model spec (default: the organism; ``--aligned`` is its old name).
         base: the base model spec (default: the aligned spec without recipe suffixes).
         n_prompts: harmful test prompts (HarmBench) for KL and the prefill attack.
         n_control: harmless test prompts for the control KL.
+        harmful: a .txt/.jsonl/.csv file of harmful prompts used instead of the split's.
+        harmless: a file of harmless (control) prompts used instead of the split's.
         positions: response positions for the KL.
-        response_tokens: length of the base's harmful answers (≥ the largest k + positions used).
+        response_tokens: length of the base's harmful answers (≥ the largest k and ≥ positions).
         ks: prefill lengths k.
         max_new_tokens: tokens generated after the prefill.
         batch_size: sequences per batch. 48: greedy generation on 2 CPU cores runs 1.4× faster
@@ -53,13 +57,18 @@ class TokenDepthConfig:
             recipe settings without looking at the test split).
         device: cpu / cuda (default: automatic).
         out: results root directory.
-        quick: small run (8 prompts, 16 positions, 24 new tokens).
+        quick: small run (8 prompts, 16 positions, 24 new tokens); flags given explicitly
+            keep their values.
     """
 
-    aligned: str = ORGANISM
+    QUICK: ClassVar = {"n_prompts": 8, "n_control": 8, "positions": 16, "max_new_tokens": 24}
+
+    model: str = ORGANISM
     base: str | None = None
     n_prompts: int = 48
     n_control: int = 32
+    harmful: str | None = None
+    harmless: str | None = None
     positions: int = 64
     response_tokens: int = 96
     ks: tuple[int, ...] = (0, 5, 10, 20, 40)
@@ -71,21 +80,68 @@ class TokenDepthConfig:
     out: str = "results"
     quick: bool = False
 
+    def validate(self) -> None:
+        require_text(self, "base", optional=True)
+        for name in ("n_prompts", "n_control", "positions", "response_tokens", "max_new_tokens"):
+            require_int(self, name)
+        require_numbers(self, "ks", lo=0, integer=True)
+        require_choice(self, "split", ("test", "val"))
+        if max(self.ks) > self.response_tokens or self.positions > self.response_tokens:
+            raise UsageError(f"--response-tokens ({self.response_tokens}) must be >= the largest --ks "
+                             f"({max(self.ks)}) and >= --positions ({self.positions}).")
 
-def run(cfg: TokenDepthConfig) -> RunRecord:
-    if cfg.split not in ("test", "val"):
-        raise ValueError(f"split must be 'test' or 'val', got {cfg.split!r}.")
-    if cfg.quick:
-        cfg = replace(cfg, n_prompts=min(cfg.n_prompts, 8), n_control=min(cfg.n_control, 8),
-                      positions=min(cfg.positions, 16), max_new_tokens=min(cfg.max_new_tokens, 24))
+
+@dataclass
+class TokenDepthResult(AnalysisResult):
+    """The record of ``analyses.token_depth``, with its headline numbers typed."""
+
+    @property
+    def kl_harmful_first5(self) -> list[float]:
+        return self.metrics["kl_harmful_first5"]
+
+    @property
+    def kl_share_first5(self) -> float:
+        return self.metrics["kl_share_first5"]
+
+    @property
+    def prefill_asr_compliance(self) -> dict[str, float]:
+        """Prefill ASR by k, substring compliance judge (non-trivial and not a refusal)."""
+        return self.metrics["prefill_asr_compliance"]
+
+    @property
+    def prefill_asr_harmful(self) -> dict[str, float]:
+        """Prefill ASR by k, harmful-continuation class of the continuation judge."""
+        return self.metrics["prefill_asr_harmful"]
+
+    def summary(self) -> Summary:
+        m = self.metrics
+        after = m["kl_harmful_mean_6_to_end"]
+        title = (f"token depth of {self.model}: KL at response positions 1-5 {[round(x, 2) for x in self.kl_harmful_first5]}, "
+                 + (f"mean after {after:.3f}; " if after is not None else "no positions after 5; ")
+                 + f"share of KL in the first 5 {self.kl_share_first5:.2f}. Prefill ASR: asr_compliance = "
+                 f"substring compliance ({m['judge']}), harmful = harmful-continuation class ({m['continuation_judge']})")
+        cols = ["k", "n", "asr_compliance", "asr_compliance_lo", "asr_compliance_hi", "harmful", "recovered", "other"]
+        return Summary(title, self.tables["prefill"], cols)
+
+
+def judged_rows(rows: list[dict], judge: str) -> list[dict]:
+    """``AttackResult.asr_by`` rows with the headline ``asr`` (and its interval) renamed ``asr_<judge>``."""
+    rename = {"asr": f"asr_{judge}", "asr_lo": f"asr_{judge}_lo", "asr_hi": f"asr_{judge}_hi"}
+    return [{rename.get(k, k): v for k, v in r.items()} for r in rows]
+
+
+def run(cfg: TokenDepthConfig, model=None) -> TokenDepthResult:
+    """KL and prefill attack of ``cfg.model`` (or the loaded ``model``) against its base."""
     timer = Timer()
     with timer("load"):
-        aligned = load_model(cfg.aligned, device=cfg.device)
-        base_name = cfg.base or base_spec(cfg.aligned)
-        base = aligned if base_name == cfg.aligned else load_model(base_name, device=cfg.device)
+        aligned = load(cfg.model, cfg.device, model=model)
+        base_name = cfg.base or base_spec(cfg.model)
+        base = aligned if base_name == cfg.model else load(base_name, cfg.device, flag_name="--base")
     splits = default_splits(cfg.seed)
-    harmful = getattr(splits.harmful, cfg.split).subset(cfg.n_prompts, seed=cfg.seed)
-    harmless = getattr(splits.harmless, cfg.split).subset(cfg.n_control, seed=cfg.seed)
+    harmful = prompts_or(cfg.harmful, lambda: getattr(splits.harmful, cfg.split), "--harmful").subset(
+        cfg.n_prompts, seed=cfg.seed)
+    harmless = prompts_or(cfg.harmless, lambda: getattr(splits.harmless, cfg.split), "--harmless").subset(
+        cfg.n_control, seed=cfg.seed)
     with timer("base_responses"):
         harm_resp = response_set(base, harmful.prompts, max_new_tokens=cfg.response_tokens, batch_size=cfg.batch_size)
         ctrl_resp = response_set(base, harmless.prompts, max_new_tokens=cfg.response_tokens, batch_size=cfg.batch_size)
@@ -95,33 +151,26 @@ def run(cfg: TokenDepthConfig) -> RunRecord:
     with timer("prefill"):
         attack = prefill_attack(aligned, list(harmful.prompts), harm_resp.tokens, ks=cfg.ks,
                                 max_new_tokens=cfg.max_new_tokens, prompt_ids=list(harmful.ids), batch_size=cfg.batch_size)
-    prefill_rows = attack.asr_by("k")
-    first = kl_h.mean[:5].tolist()
+    prefill_rows = judged_rows(attack.asr_by("k"), "compliance")   # prefill's headline: substring compliance
     metrics = {
-        "kl_harmful_first5": first,
+        "kl_harmful_first5": kl_h.mean[:5].tolist(),
         "kl_harmful_mean_6_to_end": float(kl_h.mean[5:].mean()) if cfg.positions > 5 else None,
         "kl_control_first5": kl_c.mean[:5].tolist(),
         "kl_share_first5": float(kl_h.mean[:5].sum() / max(kl_h.mean.sum(), 1e-12)),
-        "prefill_asr": {str(r["k"]): r["asr"] for r in prefill_rows},
-        "judge": attack.trials[0].judge if attack.trials else None,
+        "prefill_asr_compliance": {str(r["k"]): r["asr_compliance"] for r in prefill_rows},
+        "prefill_asr_harmful": {str(r["k"]): r["harmful"] for r in prefill_rows},
+        "judge": JUDGE_ID, "continuation_judge": CONTINUATION_JUDGE_ID,
         "reference": QI_ET_AL,
     }
     tables = {"kl": kl_h.records("harmful") + kl_c.records("harmless"), "prefill": prefill_rows,
               "trials": [asdict(t) for t in attack.trials]}
-    return RunRecord(analysis="token_depth", model=cfg.aligned, config=asdict(cfg), seed=cfg.seed,
-                     provenance={"aligned": aligned.provenance, "base": base.provenance},
-                     metrics=metrics, tables=tables, timings=timer.total())
+    provenance = {"aligned": aligned.provenance, "base": base.provenance,
+                  **({"prompt_files": files} if (files := prompt_files(cfg)) else {})}
+    return TokenDepthResult(analysis="token_depth", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
+                            provenance=provenance, metrics=metrics, tables=tables, timings=timer.total())
 
 
-def main(argv: Sequence[str] | None = None):
-    setup_logging()
-    cfg = parse_config(TokenDepthConfig, argv)
-    rec = run(cfg)
-    m = rec.metrics
-    title = (f"token depth of {cfg.aligned}: KL at response positions 1-5 {[round(x, 2) for x in m['kl_harmful_first5']]}, "
-             f"mean after {m['kl_harmful_mean_6_to_end']:.3f}; share of KL in the first 5 {m['kl_share_first5']:.2f}")
-    cols = ["k", "n", "asr", "asr_lo", "asr_hi", "harmful", "recovered", "other"]
-    return finish(rec, cfg.out, rec.tables["prefill"], cols, title=title)
+main = make_main(TokenDepthConfig, run, parse=lambda cls, argv: parse_config(cls, argv, aliases={"--aligned": "model"}))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ It checks that both sides produce the same tokens and prints the ratio measured 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -25,17 +24,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import depthlens.generate as gen  # noqa: E402
+from depthlens.cli import ArgumentParser, add_debug_flag, cli_errors  # noqa: E402
 from depthlens.data import default_splits  # noqa: E402
 from depthlens.models import load_model  # noqa: E402
 
 
+@cli_errors
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--reps", type=int, default=2)
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
 
     model = load_model(args.model)

@@ -18,7 +18,6 @@ measured / baseline (lower is better) averaged over the sampled layers.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -31,20 +30,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analyses import layer_ablation as la  # noqa: E402
 from analyses.state_prediction import obtain_trials, refusal_directions  # noqa: E402
+from depthlens.cli import ArgumentParser, add_debug_flag, cli_errors  # noqa: E402
 from depthlens.data import default_splits  # noqa: E402
 from depthlens.generate import generate  # noqa: E402
 from depthlens.judge import refusal_score  # noqa: E402
 from depthlens.models import load_model  # noqa: E402
 
 
+@cli_errors
 def main(argv=None) -> float:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct:sft")
     ap.add_argument("--layers", default="0,14,28", help="layers timed (comma-separated)")
     ap.add_argument("--n-trials", type=int, default=16)
     ap.add_argument("--n-val", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--out", default="results")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
     model = load_model(args.model)
     source = obtain_trials(args.model, None, args.out)

@@ -13,7 +13,6 @@ units of one plain forward.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -22,17 +21,20 @@ from transformers import AutoModelForCausalLM
 
 from analyses.layer_sensitivity import LayerEvaluator
 from depthlens.chat import build_chat, pad_batch
+from depthlens.cli import ArgumentParser, add_debug_flag, cli_errors
 from depthlens.data import default_splits
 from depthlens.forward import last_logprobs
 from depthlens.models import hf_state_dict, load_model
 from depthlens.perturb import perturb
 
 
+@cli_errors
 def main(argv=None) -> float:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct:sft")
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--layers", type=int, default=6, help="layers sampled evenly for the timing")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
     model = load_model(args.model)
     prompts = default_splits(0).harmful.val.subset(args.n).prompts

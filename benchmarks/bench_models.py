@@ -11,13 +11,13 @@ Each side is timed alternately, after a warm-up, and the median of the repeats i
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
 from depthlens.chat import build_chat, pad_batch
+from depthlens.cli import ArgumentParser, add_debug_flag, cli_errors
 from depthlens.generate import generate
 from depthlens.models import _load_hf, hook_name, load_model
 
@@ -37,11 +37,13 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
+@cli_errors
 def main(argv=None) -> dict[str, float]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=64)
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
     model = load_model(args.model)
     plain, _, _ = _load_hf(args.model)  # an unbridged transformers model: the honest baseline

@@ -19,21 +19,20 @@ measured / baseline (lower is better), median over the repetitions.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import finetune.sft as sft  # noqa: E402
+import finetune.losses as losses  # noqa: E402
 from depthlens.chat import pad_batch  # noqa: E402
+from depthlens.cli import ArgumentParser, add_debug_flag, cli_errors  # noqa: E402
 from depthlens.data import default_splits, refusal_templates  # noqa: E402
 from depthlens.judge import refusal_token_ids  # noqa: E402
 from depthlens.models import load_model  # noqa: E402
+from finetune.train import Example, tokenize_examples, trainable_parameters  # noqa: E402
 
 
 def _batches(model, n_batches: int, batch_size: int):
@@ -41,10 +40,10 @@ def _batches(model, n_batches: int, batch_size: int):
     templates = refusal_templates()
     harmful = splits.harmful.train.prompts[: n_batches * batch_size // 2]
     harmless = splits.harmless.train.prompts[: n_batches * batch_size // 2]
-    examples = [sft.Example(p, templates[i % len(templates)], kind="refusal") for i, p in enumerate(harmful)]
-    examples += [sft.Example(p, "Here is a short, helpful answer to that request, with a few details.", kind="benign")
+    examples = [Example(p, templates[i % len(templates)], kind="refusal") for i, p in enumerate(harmful)]
+    examples += [Example(p, "Here is a short, helpful answer to that request, with a few details.", kind="benign")
                  for p in harmless]
-    data = sft.tokenize_examples(model.tokenizer, examples, 192)
+    data = tokenize_examples(model.tokenizer, examples, 192)
     order = sorted(range(len(data)), key=lambda i: len(data[i][0]))
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
     out = []
@@ -56,27 +55,29 @@ def _batches(model, n_batches: int, batch_size: int):
     return out, [e.kind for e in examples]
 
 
+@cli_errors
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
 
     model = load_model(args.model)
     batches, kinds = _batches(model, args.batches, args.batch_size)
-    params = sft.trainable_parameters(model)
-    margin = sft.BenignMarginLoss(kinds, refusal_token_ids(model.tokenizer), 0.2)
-    shared = sft.shared_prefix_len
+    params = trainable_parameters(model)
+    margin = losses.BenignMarginLoss(kinds, refusal_token_ids(model.tokenizer), 0.2)
+    shared = losses.shared_prefix_len
 
     def step(kind: str) -> tuple[float, float, float]:
-        sft.shared_prefix_len = shared if kind != "baseline" else (lambda *a: 0)
+        losses.shared_prefix_len = shared if kind != "baseline" else (lambda *a: 0)
         try:
             t0 = time.perf_counter()
             total, norm = 0.0, 0.0
             for ids, mask, att, idx in batches:
-                loss = margin(model, ids, mask, att, idx) if kind == "margin" else sft.response_loss(model, ids, mask, att)
+                loss = margin(model, ids, mask, att, idx) if kind == "margin" else losses.response_loss(model, ids, mask, att)
                 loss.backward()
                 total += loss.item()
                 norm += float(sum(p.grad.pow(2).sum() for p in params)) ** 0.5
@@ -84,7 +85,7 @@ def main(argv=None) -> dict:
                     p.grad = None
             return time.perf_counter() - t0, total, norm
         finally:
-            sft.shared_prefix_len = shared
+            losses.shared_prefix_len = shared
 
     for p in params:
         p.requires_grad_(True)

@@ -30,7 +30,7 @@ the batch, one warm-up inference forward (lazy initialisations land in every bas
 
 Precision. ``--dtype`` defaults to float32 on every device: the comparison is of the
 algorithms in one precision. In bf16 the exact restore keeps a copy of each perturbed tensor
-(its grid is too coarse for ε = 1e-3 round trips; see ``finetune.zeroth_order``), which the
+(its grid is too coarse for ε = 1e-3 round trips; see ``depthlens.spsa``), which the
 ``zo`` recipe avoids on CUDA by fp32 master weights of the few layers it refines
 (``--layers`` measures that family).
 
@@ -52,13 +52,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout, installed or not
 
+from depthlens.cli import ArgumentParser, add_debug_flag, cli_errors  # noqa: E402
+from depthlens.errors import UsageError  # noqa: E402
+
 OPS = ("inference", "zo", "adamw")
 TARGETS = {"zo": ("<=", 1.2), "adamw": (">=", 2.5)}
 RESULT_TAG = "RESULT "
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct:sft", help="model spec")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: automatic)")
     ap.add_argument("--dtype", default="float32", help="weights' dtype (float32, bfloat16; 'default': the toolkit's)")
@@ -71,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--eps", type=float, default=1e-3, help="MeZO ε")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--worker", choices=OPS, default=None, help=argparse.SUPPRESS)
+    add_debug_flag(ap)
     return ap
 
 
@@ -179,7 +183,7 @@ def _batch(model, batch_size: int, seq_len: int, response_len: int):
 
     from depthlens.chat import build_chat, encode
     from depthlens.data import load_prompts, refusal_templates
-    from finetune.sft import Example, tokenize_examples
+    from finetune.train import Example, tokenize_examples
 
     tok = model.tokenizer
     text = " ".join(refusal_templates())
@@ -205,7 +209,7 @@ def _batch(model, batch_size: int, seq_len: int, response_len: int):
 
 
 def _family(model, kind: str, layers: list[int] | None):
-    from finetune.sft import trainable_parameters
+    from finetune.train import trainable_parameters
 
     layers = list(range(model.n_layers)) if layers is None else [model.check_layer(l) for l in layers]
     if kind == "matrices":
@@ -229,8 +233,9 @@ def worker(args) -> dict:
     import torch
 
     from depthlens.models import load_model
-    from finetune.common import autocast
-    from finetune.zeroth_order import ZOConfig, masked_nll, mezo_step
+    from depthlens.spsa import ZOConfig, mezo_step
+    from finetune.train import autocast
+    from finetune.zeroth_order import masked_nll
 
     dtype = None if args.dtype == "default" else args.dtype
     t0 = time.time()
@@ -285,10 +290,11 @@ def _run_worker(op: str, argv: list[str]) -> dict:
     return json.loads(lines[-1][len(RESULT_TAG):])
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     if args.response_len < 1 or args.response_len >= args.seq_len:
-        raise SystemExit(f"--response-len must lie in 1..{args.seq_len - 1}, got {args.response_len}.")
+        raise UsageError(f"--response-len must lie in 1..{args.seq_len - 1}, got {args.response_len}.")
     if args.worker:
         res = worker(args)
         print(RESULT_TAG + json.dumps(res), flush=True)
@@ -312,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
         ok = ratios[op] <= target if cmp == "<=" else ratios[op] >= target
         verdict[op] = ok
         print(f"{op}_vs_inference: {ratios[op]:.2f}  (target {cmp} {target}: {'met' if ok else 'NOT met'})")
-    result = {"config": {k: v for k, v in vars(args).items() if k != "worker"}, "runs": runs,
+    result = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "debug")}, "runs": runs,
               "ratios": ratios, "targets_met": verdict}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

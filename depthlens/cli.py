@@ -1,9 +1,16 @@
-"""Command lines generated from frozen config dataclasses.
+"""Command lines generated from frozen config dataclasses, and the one error path of every CLI.
 
 Every analysis and recipe has one ``@dataclass(frozen=True)`` config whose docstring has an
 ``Args:`` section; ``parse_config`` turns its fields into flags (``--max-new-tokens 64``,
 ``--quick``, ``--no-generate`` for booleans that default to true, comma lists for tuples), with
-``--help`` showing every default and the field's description.
+``--help`` showing every default and the field's description. Values are parsed strictly:
+``none`` only where the field may be None, finite numbers only, no empty list items.
+
+Every entry point runs through ``cli_errors``: a ``UsageError`` (a bad flag, value, file or
+spec; argparse's own errors included; the model loader's complaints about a spec) prints one
+line ``error: ...`` on stderr and exits 2, a ``NonFiniteError`` (a NaN metric) prints one line
+and exits 1, ``--debug`` shows the traceback instead, and any other exception is a bug and
+keeps its traceback.
 
     >>> @dataclass(frozen=True)
     ... class Config:
@@ -16,14 +23,42 @@ Every analysis and recipe has one ``@dataclass(frozen=True)`` config whose docst
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
+import logging
+import math
+import os
 import re
+import sys
+import tempfile
+import traceback
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
+from depthlens.errors import NonFiniteError, UsageError
+
 T = TypeVar("T")
+NONE_WORDS = ("none", "null")
+DEBUG_FLAG = "--debug"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are ``UsageError``s: one ``error: ...`` line through ``cli_errors``."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: ``n_boot`` → ``--n-boot``."""
+    return "--" + name.replace("_", "-")
+
+
+# ----------------------------------------------------------------------------- parsing
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -41,53 +76,327 @@ def _field_docs(cls) -> dict[str, str]:
     return out
 
 
-def _base_type(tp: Any) -> tuple[Any, bool]:
-    """(element type, is_sequence) for int/float/str/bool, X | None and tuple[X, ...]."""
+def _base_type(tp: Any) -> tuple[Any, bool, bool]:
+    """(element type, is_sequence, may be None) for int/float/str/bool, X | None and tuple[X, ...]."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _base_type(args[0])
+        elem, seq, _ = _base_type(args[0])
+        return elem, seq, len(args) < len(typing.get_args(tp))
     if origin in (tuple, list, Sequence):
         args = typing.get_args(tp)
-        return (args[0] if args else str), True
-    return tp, False
+        return (args[0] if args else str), True, False
+    return tp, False, False
 
 
-def _converter(elem):
+_KIND = {int: ("an integer", "integers"), float: ("a finite number", "finite numbers"), str: ("a string", "strings"),
+         bool: ("true or false", "booleans")}
+
+
+def _scalar(elem) -> Callable[[str], Any]:
     def convert(text: str):
-        if text.lower() in ("none", "null", ""):
-            return None
-        return elem(text)
+        t = text.strip()
+        if elem is bool:
+            if t.lower() in ("true", "1", "yes"):
+                return True
+            if t.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        value = elem(t)
+        if elem is float and not math.isfinite(value):
+            raise ValueError
+        return value
 
     return convert
 
 
-def build_parser(cls, description: str | None = None) -> argparse.ArgumentParser:
+def _converter(elem, is_seq: bool, optional: bool) -> Callable[[str], Any]:
+    scalar = _scalar(elem)
+    kind, kinds = _KIND.get(elem, (elem.__name__, elem.__name__ + " values"))
+    none_ok = " or 'none'" if optional else ""
+
+    def convert(text: str):
+        if text.strip().lower() in NONE_WORDS:
+            if optional:
+                return None
+            raise argparse.ArgumentTypeError(f"'none' is not allowed here; expected {kind}"
+                                             f"{' list' if is_seq else ''}")
+        if not is_seq:
+            try:
+                return scalar(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected {kind}{none_ok}, got {text!r}") from None
+        items = text.split(",")
+        if not text.strip() or any(not x.strip() for x in items):
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {kinds}{none_ok} with no empty item, got {text!r}")
+        try:
+            return tuple(scalar(x) for x in items)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kinds}, got {text!r}") from None
+
+    return convert
+
+
+def _shown(default: Any) -> str:
+    if isinstance(default, (tuple, list)):
+        return ",".join(str(v) for v in default) or "(empty)"
+    return "none" if default is None else str(default)
+
+
+def build_parser(cls, description: str | None = None, aliases: Mapping[str, str] | None = None) -> ArgumentParser:
+    """A parser with one flag per field of the config dataclass ``cls``.
+
+    Flags default to ``argparse.SUPPRESS``, so the parsed namespace holds exactly the flags
+    given (``parse_config`` needs that: explicit flags win over ``--quick``); ``--help``
+    still shows each field's default. ``aliases`` maps an old flag to a field
+    (``{"--aligned": "model"}``).
+    """
+    aliases = dict(aliases or {})
     hints = typing.get_type_hints(cls)
     docs = _field_docs(cls)
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=description or (cls.__doc__ or "").split("Args:")[0].strip(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
     )
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        if not f.init:
+            continue
+        name = flag(f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        elem, is_seq = _base_type(hints[f.name])
-        helptext = docs.get(f.name, "").replace("%", "%%")  # argparse %-formats help strings
+        elem, is_seq, optional = _base_type(hints[f.name])
+        helptext = f"{docs.get(f.name, '')} (default: {_shown(default)})".strip().replace("%", "%%")
+        names = [name, *(a for a, field_name in aliases.items() if field_name == f.name)]
         if elem is bool and not is_seq:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=helptext)
-        elif is_seq:
-            conv = _converter(elem)
-            parser.add_argument(
-                flag, dest=f.name, default=default, metavar=f"{elem.__name__.upper()},...",
-                type=lambda s, c=conv: tuple(c(x) for x in s.split(",") if x.strip()), help=helptext,
-            )
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=helptext)
         else:
-            parser.add_argument(flag, dest=f.name, default=default, type=_converter(elem), help=helptext)
+            metavar = f"{elem.__name__.upper()},..." if is_seq else elem.__name__.upper()
+            parser.add_argument(*names, dest=f.name, metavar=metavar, type=_converter(elem, is_seq, optional),
+                                help=helptext)
     return parser
 
 
-def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
-    """Parse ``argv`` into an instance of the config dataclass ``cls``."""
-    ns = build_parser(cls, description).parse_args(argv)
-    return cls(**vars(ns))
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug``: show the traceback of a user mistake instead of the one-line error."""
+    parser.add_argument(DEBUG_FLAG, action="store_true", default=False,
+                        help="show the full traceback of an error instead of one line")
+
+
+def config_from(cls: type[T], values: Mapping[str, Any]) -> T:
+    """``cls(**values)`` where ``values`` are exactly the flags given; a bad value is a ``UsageError``.
+
+    Configs that take an ``explicit`` init-only argument (``analyses.contract.AnalysisConfig``)
+    are told which fields were given, so ``--quick`` never overrides them.
+    """
+    kwargs = dict(values)
+    fields = getattr(cls, "__dataclass_fields__", {})
+    if "explicit" in fields and "explicit" not in kwargs:
+        kwargs["explicit"] = frozenset(values)
+    try:
+        return cls(**kwargs)
+    except UsageError:
+        raise
+    except ValueError as err:  # a config's own check of a value given on the command line
+        raise UsageError(str(err)) from err
+
+
+def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None,
+                 aliases: Mapping[str, str] | None = None) -> T:
+    """Parse ``argv`` into an instance of the config dataclass ``cls`` (``--debug`` is accepted and ignored)."""
+    parser = build_parser(cls, description, aliases)
+    add_debug_flag(parser)
+    ns = vars(parser.parse_args(argv))
+    ns.pop("debug", None)
+    return config_from(cls, ns)
+
+
+# ----------------------------------------------------------------------------- the error path
+
+
+def _wants_debug(argv: Iterable[str]) -> bool:
+    return DEBUG_FLAG in list(argv)
+
+
+def cli_errors(main: Callable[..., T]) -> Callable[..., T]:
+    """Wrap an entry point ``main(argv=None)`` in the one error path (see the module docstring)."""
+
+    @functools.wraps(main)
+    def wrapper(argv: Sequence[str] | None = None, *args, **kwargs):
+        debug = _wants_debug(sys.argv[1:] if argv is None else argv)
+        try:
+            return main(argv, *args, **kwargs)
+        except (UsageError, NonFiniteError, ValueError, FileNotFoundError) as err:
+            usage = isinstance(err, UsageError) or (not isinstance(err, NonFiniteError) and _from_loader(err))
+            if debug or not (usage or isinstance(err, NonFiniteError)):
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2 if usage else 1) from None
+
+    return wrapper
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _get(obj, name: str):
+    return getattr(obj, name)
+
+
+def require_int(obj, name: str, minimum: int | None = 1, maximum: int | None = None, optional: bool = False) -> None:
+    """``obj.name`` is an integer in [minimum, maximum] (or None when ``optional``), else a ``UsageError``."""
+    v = _get(obj, name)
+    if v is None and optional:
+        return
+    ok = isinstance(v, int) and not isinstance(v, bool)
+    ok = ok and (minimum is None or v >= minimum) and (maximum is None or v <= maximum)
+    if not ok:
+        rng = " and ".join(s for s in (f">= {minimum}" if minimum is not None else "",
+                                       f"<= {maximum}" if maximum is not None else "") if s)
+        raise UsageError(f"{flag(name)} must be an integer{' ' + rng if rng else ''}"
+                         f"{' (or none)' if optional else ''}, got {v!r}.")
+
+
+def _finite_in(v, lo, hi, lo_open: bool) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return False
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        return False
+    return hi is None or v <= hi
+
+
+def _range_text(lo, hi, lo_open: bool) -> str:
+    parts = [f"{'>' if lo_open else '>='} {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else ""]
+    return " and ".join(p for p in parts if p)
+
+
+def require_number(obj, name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+                   optional: bool = False) -> None:
+    """``obj.name`` is a finite number in the range (or None when ``optional``), else a ``UsageError``."""
+    v = _get(obj, name)
+    if (v is None and optional) or _finite_in(v, lo, hi, lo_open):
+        return
+    rng = _range_text(lo, hi, lo_open)
+    raise UsageError(f"{flag(name)} must be a finite number{' ' + rng if rng else ''}, got {v!r}.")
+
+
+def require_numbers(obj, name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+                    integer: bool = False, optional: bool = False) -> None:
+    """``obj.name`` is a non-empty tuple of finite numbers (integers) in the range, else a ``UsageError``."""
+    v = _get(obj, name)
+    if v is None and optional:
+        return
+    kind = "integers" if integer else "finite numbers"
+    ok = isinstance(v, (tuple, list)) and len(v) > 0 and all(
+        _finite_in(x, lo, hi, lo_open) and (not integer or isinstance(x, int)) for x in v)
+    if not ok:
+        rng = _range_text(lo, hi, lo_open)
+        raise UsageError(f"{flag(name)} must be a non-empty comma list of {kind}{' ' + rng if rng else ''}, "
+                         f"got {_shown(v) if isinstance(v, (tuple, list)) else repr(v)!s}.")
+
+
+def require_choice(obj, name: str, allowed: Collection[str]) -> None:
+    v = _get(obj, name)
+    if v not in allowed:
+        raise UsageError(f"{flag(name)} must be one of {', '.join(allowed)}, got {v!r}.")
+
+
+def require_choices(obj, name: str, allowed: Collection[str]) -> None:
+    """``obj.name`` is a non-empty tuple of known names without repeats."""
+    v = _get(obj, name)
+    if not isinstance(v, (tuple, list)) or not v or any(x not in allowed for x in v) or len(set(v)) != len(v):
+        raise UsageError(f"{flag(name)} must name one or more of {', '.join(allowed)} (no repeats), "
+                         f"got {_shown(v) if isinstance(v, (tuple, list)) else repr(v)}.")
+
+
+def require_text(obj, name: str, optional: bool = False) -> None:
+    v = _get(obj, name)
+    if v is None and optional:
+        return
+    if not isinstance(v, str) or not v.strip():
+        raise UsageError(f"{flag(name)} must be a non-empty string, got {v!r}.")
+
+
+def prepare_out(out: str | os.PathLike, flag_name: str = "--out") -> Path:
+    """Create the output folder and prove it can be written, before any work (``UsageError`` otherwise)."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag_name} {str(out)!r} is a file; pass a folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"{flag_name} {str(out)!r} cannot be written ({err.strerror or err}); "
+                         "pass a writable folder.") from None
+    return path
+
+
+# ----------------------------------------------------------------------------- model specs
+
+_SPEC_MODULES = ("depthlens/models.py", "depthlens/recipes.py", "depthlens/paths.py")
+
+
+@contextlib.contextmanager
+def spec_errors(flag_name: str, spec: str):
+    """Turn the model loader's own complaints about a spec into ``UsageError``s naming the flag.
+
+    A ``ValueError`` or ``FileNotFoundError`` raised by the spec resolution itself
+    (``depthlens/models.py``, ``depthlens/recipes.py``: unknown name or recipe suffix, missing
+    directory, no config.json) is a user mistake; the same types raised deeper (while a recipe
+    trains, say) are not, and keep their traceback.
+    """
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, FileNotFoundError) as err:
+        if _from_loader(err):
+            raise UsageError(f"{flag_name} {spec!r}: {err}") from err
+        raise
+
+
+def _from_loader(err: BaseException) -> bool:
+    """Whether ``err`` was raised by the model loader's own checks (see ``spec_errors``)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and frames[-1].filename.replace("\\", "/").endswith(_SPEC_MODULES)
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def recipe_main(config_cls, build: Callable[[Any, str, str | None], Any], argv: Sequence[str] | None = None, *,
+                default_model: str | None = None, description: str | None = None, label: str = ""):
+    """The command line of a recipe: its config's flags plus ``--model`` and ``--device``.
+
+    ``build(cfg, model_spec, device)`` builds (or loads from the cache) the recipe on top of the
+    model spec and returns the model; this prints ``<label> ready: <spec> (<checkpoint>)`` and
+    returns it. Runs through ``cli_errors`` (one-line errors, ``--debug``).
+
+        >>> def main(argv=None):
+        ...     return recipe_main(DeepMixConfig, lambda cfg, spec, device: build_on(spec, DeepMixRecipe(cfg),
+        ...                        device=device), argv)
+    """
+
+    @cli_errors
+    def main(argv):
+        from depthlens.organism import ORGANISM
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        parser = build_parser(config_cls, description)
+        parser.add_argument("--model", default=default_model or ORGANISM,
+                            help=f"model spec the recipe is applied to (default: {default_model or ORGANISM})")
+        parser.add_argument("--device", default=None, help="cpu / cuda (default: automatic; CUDA runs in bf16)")
+        add_debug_flag(parser)
+        ns = vars(parser.parse_args(argv))
+        spec, device = ns.pop("model"), ns.pop("device")
+        ns.pop("debug", None)
+        if not spec.strip():
+            raise UsageError("--model must be a non-empty model spec.")
+        cfg = config_from(config_cls, ns)
+        with spec_errors("--model", spec):
+            model = build(cfg, spec, device)
+        print(f"{label + ' ' if label else ''}ready: {model.spec}  ({model.provenance.get('source')})")
+        return model
+
+    return main(argv)

@@ -4,7 +4,8 @@ Walks ``--results`` (default ``results/``) for ``<analysis>/<model-tag>/<run-id>
 keeps the newest run per (analysis, model tag) unless ``--all``, and writes each record's
 figures to ``<out>/<model-tag>/<analysis>_<figure>.*`` (``<out>/<model-tag>/<run-id>/`` with
 ``--all``) and cross-model figures to ``<out>/<analysis>_<figure>.*``; then prints a table of
-what it wrote and what it skipped. Exit status 1 when a file or builder failed.
+what it wrote and what it skipped. Exit status 1 when a file or builder failed; a bad flag or
+a missing ``--results`` folder is one ``error:`` line and exit status 2 (``--debug``: traceback).
 
     $ python -m figures                                  # results/ -> figures/out/
     $ python -m figures --results results --formats png   # PNG only (HTML + JSON always)
@@ -20,6 +21,9 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from depthlens.cli import ArgumentParser, add_debug_flag, cli_errors, prepare_out
+from depthlens.errors import UsageError
 
 from .registry import (
     build_combined_figures,
@@ -54,8 +58,8 @@ def _parse_formats(text: str) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m figures", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="python -m figures", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--results", type=Path, default=Path("results"), help="folder searched for results.json files")
     p.add_argument("--out", type=Path, default=Path("figures/out"), help="folder the figures are written to")
     p.add_argument("--formats", type=_parse_formats, default=",".join(STATIC_FORMATS),
@@ -64,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--html-js", choices=["embed", "directory"], default="embed",
                    help="embed plotly.js in each HTML, or write one plotly.min.js beside them")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_debug_flag(p)
     return p
 
 
@@ -140,6 +145,7 @@ def _build_all(args: argparse.Namespace, runs: list[_Run], chosen: list[_Run], s
             summary.fail(f"{analysis} (all models)", e)
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -148,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("kaleido", "choreographer", "logistro"):
             logging.getLogger(name).setLevel(logging.WARNING)
     if not args.results.is_dir():
-        print(f"No results folder at {args.results}; pass --results DIR pointing at analysis outputs.",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"--results {str(args.results)!r} is not a folder; pass --results DIR pointing at "
+                         "analysis outputs.")
+    prepare_out(args.out)
     report = load_builders()
     runs, bad = _find_runs(args.results)
     chosen = runs if args.all else _newest(runs)

@@ -188,6 +188,73 @@ def heatmap(
     return _finish(fig, title, xlabel, ylabel, width, height_in)
 
 
+def _colour_limits(values: Sequence[float | None], zmid: float | None) -> dict[str, float]:
+    """``cmin``/``cmax`` (and ``cmid``) of one colour axis from its own finite values."""
+    finite = [v for v in values if v is not None]
+    if zmid is not None:
+        span = max((abs(v - zmid) for v in finite), default=0.0) or 1.0
+        return dict(cmid=zmid, cmin=zmid - span, cmax=zmid + span)
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    return dict(cmin=lo, cmax=hi if hi > lo else lo + 1.0)
+
+
+def heatmap_rows(
+    rows: Mapping[str, Sequence[float | None]],
+    x_labels: Sequence,
+    xlabel: str,
+    colorbar_title: str,
+    zmid: float | None = 0.0,
+    title: str | None = None,
+    *,
+    intervals: Mapping[str, tuple[Sequence[float | None], Sequence[float | None]]] | None = None,
+    text_fmt: str | None = None,
+    width: Width | float = "double",
+    height_in: float | None = None,
+) -> go.Figure:
+    """One heat-map strip per row, stacked over a shared x, each on its own colour scale.
+
+    Use it where the rows measure different things on different scales (e.g. three kinds of
+    perturbation): on one shared scale the row with the largest values leaves the others a
+    blank band. ``rows[panel_title] = values over x_labels``; every panel gets its own colour
+    axis (``coloraxis``, ``coloraxis2``, …) and colour bar beside it, diverging about ``zmid``
+    (symmetric about it, from that row's own largest deviation) or cividis when ``zmid`` is
+    None. ``intervals[panel_title] = (lo, hi)`` puts each cell's 95% interval in its hover text.
+    """
+    if not rows:
+        raise ValueError("heatmap_rows needs at least one row; got none.")
+    xs = [str(v) for v in x_labels]
+    n = len(rows)
+    fig = make_subplots(rows=n, cols=1, shared_xaxes=True, subplot_titles=list(rows),
+                        vertical_spacing=min(0.12, 0.5 / n))
+    for i, (name, values) in enumerate(rows.items()):
+        vals = [None if (v is None or (isinstance(v, float) and math.isnan(v))) else float(v) for v in _list(values)]
+        if len(vals) != len(xs):
+            raise ValueError(f"Row {name!r} has {len(vals)} values but there are {len(xs)} x labels; they must match.")
+        axis = "coloraxis" if i == 0 else f"coloraxis{i + 1}"
+        kw: dict[str, Any] = {}
+        lo, hi = (intervals or {}).get(name, (None, None))
+        if lo is not None and hi is not None:
+            kw.update(customdata=[[[a, b] for a, b in zip(_list(lo), _list(hi))]],
+                      hovertemplate="%{x}: %{z:.3g} [%{customdata[0]:.3g}, %{customdata[1]:.3g}]<extra></extra>")
+        if text_fmt:
+            kw.update(texttemplate=f"%{{z:{text_fmt}}}", textfont=dict(size=pt(SMALL_PT)))
+        fig.add_trace(go.Heatmap(z=[vals], x=xs, y=[name], coloraxis=axis, hoverongaps=False, **kw), row=i + 1, col=1)
+        y0, y1 = fig.layout[f"yaxis{i + 1 if i else ''}"].domain
+        fig.update_layout({axis: dict(
+            colorscale=DIVERGING if zmid is not None else SEQUENTIAL, **_colour_limits(vals, zmid),
+            colorbar=dict(title=dict(text=colorbar_title, side="right", font=dict(size=pt(SMALL_PT))),
+                          tickfont=dict(size=pt(SMALL_PT)), thickness=8, outlinewidth=0, nticks=4,
+                          len=(y1 - y0), y=(y0 + y1) / 2, yanchor="middle", x=1.02, xanchor="left"))})
+    fig.update_xaxes(showgrid=False, type="category", showline=False, ticks="")
+    fig.update_yaxes(showgrid=False, showticklabels=False, showline=False, ticks="")
+    for ann in fig.layout.annotations:  # subplot titles
+        ann.font = dict(size=pt(SMALL_PT + 1))
+    _finish(fig, title, None, None, width, height_in if height_in is not None else 0.6 + 0.75 * n)
+    fig.update_xaxes(title_text=xlabel, row=n, col=1)
+    fig.update_layout(margin_t=round(pt(SMALL_PT + 1) * 1.8 + (pt(TITLE_PT) * 1.8 if title else 0)))
+    return fig
+
+
 def _error(values: list[float], lo: Sequence | None, hi: Sequence | None) -> dict | None:
     if lo is None and hi is None:
         return None

@@ -1,7 +1,7 @@
-"""Plumbing shared by the fine-tuning recipes: build on any spec, cache examples, devices.
+"""Plumbing shared by the fine-tuning recipes: build on any spec, cache keys, cached examples, CLI.
 
 Every recipe runs on the model ``depthlens.recipes.build_or_load`` hands it: CUDA in bf16
-when a GPU is present (``train_sft`` then runs under bf16 autocast), CPU in fp32 otherwise;
+when a GPU is present (``finetune.train.train_sft`` then runs under bf16 autocast), CPU in fp32 otherwise;
 seeded by its config; with a progress bar; cached by the hash of its parent and config; and
 resumable (its training state and the examples it built are kept in the recipe's
 ``workdir`` until the step completes).
@@ -27,22 +27,19 @@ fits one device many times over. For a larger Hugging Face model use Hugging Fac
   FSDP the per-tensor seeds must be derived from the *unsharded* parameter index (and each
   rank must draw the slice of z of its shard), or the ranks perturb different directions.
 
-    >>> model = build_on("smollm2-135m-instruct:sft", DeepMixRecipe(DeepMixConfig()))
+    >>> model = build_on("smollm2-135m-instruct:sft", DeepRecipe(DeepConfig(alpha=0.3)))
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from depthlens.results import atomic_write_json
-from finetune.sft import Example
+from finetune.train import Example
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +53,13 @@ def build_on(spec: str, recipe, device=None, dtype=None):
     return build_or_load(base, [*names, recipe], device=device, dtype=dtype)
 
 
-def autocast(model):
-    """bf16 autocast on CUDA (the recipes' mixed precision), a no-op context on CPU."""
-    if model.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def config_key(cfg, added: Sequence[str]) -> dict:
+    """``asdict(cfg)`` without the ``added`` fields that are 0: options added later keep old cache keys when off."""
+    out = asdict(cfg)
+    for name in added:
+        if not out[name]:
+            del out[name]
+    return out
 
 
 def _to_json(ex: Example) -> dict:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from finetune.sft import Example, TrainConfig, TrainLog, tokenize_examples, train_sft
+from finetune.train import Example, TrainConfig, TrainLog, autocast, tokenize_examples, train_sft
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,6 @@ def reference_logprobs(model, data: Sequence[tuple[list[int], list[int]]], batch
     from tqdm.auto import tqdm
 
     from depthlens.chat import length_batches, pad_batch
-    from finetune.common import autocast
 
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -296,13 +295,11 @@ recipe_constrained = HarmfulFTRecipe(HarmfulFTConfig(objective="constrained"))
 
 def main(argv: Sequence[str] | None = None):
     """``python -m finetune.constrained --model SPEC --objective constrained``: build SPEC + the attack."""
-    from finetune.common import build_on, parse_recipe_cli
+    from depthlens.cli import recipe_main
+    from finetune.common import build_on
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg, spec, device = parse_recipe_cli(HarmfulFTConfig, argv)
-    model = build_on(spec, HarmfulFTRecipe(cfg), device=device)
-    print(f"ready: {model.spec}  ({model.provenance.get('source')})")
-    return model
+    return recipe_main(HarmfulFTConfig, lambda cfg, spec, device: build_on(spec, HarmfulFTRecipe(cfg), device=device),
+                       argv)
 
 
 if __name__ == "__main__":

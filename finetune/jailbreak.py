@@ -11,7 +11,7 @@ train prompts → refusal templates, benign prompts → the base's answers), sub
 Spec suffixes. ``:jt`` is ``JailbreakRecipe``. ``A+sft`` is a composed recipe: recipe ``A`` (any
 installed suffix, e.g. ``wo`` or ``jt``), then the countermeasure — ``sft`` after ``+`` names the
 countermeasure, not the organism recipe ``:sft``. ``load_model("smollm2-135m-instruct:sft:wo+sft")``
-therefore equals ``…:sft:wo`` followed by the countermeasure. The composed step reuses the
+therefore equals ``…:sft:wo`` followed by the countermeasure (``finetune.compose``). The composed step reuses the
 cached ``…:wo`` entry when there is one and, when it has to build ``A`` itself, stores that
 intermediate under ``…:A`` too, so ``:wo``/``:wo+sft`` (and ``:jt``/``:jt+sft``) never build ``A`` twice.
 
@@ -35,11 +35,9 @@ while building the organism, generation ≈ 130 tokens/s at batch 16):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +46,11 @@ import torch
 
 from depthlens.chat import pad_batch
 from depthlens.judge import is_compliance, is_refusal
-from finetune.sft import Example, SFTConfig, SFTRecipe, TrainConfig, imperative, response_loss, tokenize_examples, train_sft
+from finetune.compose import ComposedRecipe
+from finetune.losses import response_loss
+from finetune.rephrase import imperative
+from finetune.sft import SFTConfig, SFTRecipe
+from finetune.train import Example, TrainConfig, tokenize_examples, train_sft
 
 log = logging.getLogger(__name__)
 
@@ -407,102 +409,6 @@ class CountermeasureRecipe:
 # ----------------------------------------------------------------------------- composition
 
 
-def _parent_entry(model) -> tuple[str, list[dict]] | None:
-    """(cache key, recipe chain) of ``model`` as ``depthlens.recipes.build_or_load`` keyed it, or None.
-
-    None when the provenance does not describe ``model.spec`` (e.g. the parent was built a
-    moment ago in the same ``build_or_load`` call and carries its own parent's provenance).
-    """
-    from depthlens.models import split_spec
-    from depthlens.recipes import base_key
-
-    prov = model.provenance
-    if prov.get("spec") != model.spec:
-        return None
-    names = split_spec(model.spec)[1]
-    if not names:
-        return base_key(model), []
-    chain = prov.get("recipe_chain") or prov.get("saved_from", {}).get("recipe_chain") or []
-    if [c.get("recipe") for c in chain] != names:
-        return None
-    return chain[-1]["key"], list(chain)
-
-
-@torch.no_grad()
-def _load_into(model, path: Path) -> None:
-    """Copy the weights of the checkpoint at ``path`` into ``model`` in place (untying if it is untied)."""
-    from transformers import AutoModelForCausalLM
-
-    from probes.orthogonalize import untie_embeddings
-
-    saved = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if not getattr(saved.config, "tie_word_embeddings", True) and getattr(model.hf.config, "tie_word_embeddings", False):
-        untie_embeddings(model)
-    model.plain().load_state_dict(saved.state_dict(), strict=True)
-
-
-class ComposedRecipe:
-    """``first+sft``: recipe ``first`` (an installed suffix or a recipe object), then ``then``.
-
-    One cache entry for the pair (keyed by both configs); the intermediate is shared with the
-    plain ``:first`` entry in both directions (see the module docstring).
-    """
-
-    version = 1
-
-    def __init__(self, name: str, first, then):
-        self.name = name
-        self._first = first
-        self.then = then
-
-    @property
-    def first(self):
-        if isinstance(self._first, str):
-            from depthlens.recipes import get_recipe
-
-            self._first = get_recipe(self._first)
-        return self._first
-
-    def config(self) -> dict:
-        return {part: {"recipe": r.name, "version": r.version, "config": r.config()}
-                for part, r in (("first", self.first), ("then", self.then))}
-
-    def build(self, model, workdir: Path) -> dict:
-        workdir = Path(workdir)
-        first = self._build_first(model, workdir / "first")
-        (workdir / "then").mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        then = self.then.build(model, workdir / "then") or {}
-        return {"first": first, "then": {"recipe": self.then.name, "seconds": round(time.time() - t0, 1), "info": then}}
-
-    def _build_first(self, model, workdir: Path) -> dict:
-        from depthlens.recipes import RECIPE_FILE, _key, entry_dir
-
-        first = self.first
-        parent = _parent_entry(model)
-        target = None
-        if parent is not None:
-            key = _key(parent[0], first)
-            spec = f"{model.spec}:{first.name}"
-            target = entry_dir(spec, key)
-            if (target / RECIPE_FILE).exists():
-                log.info("%s: reusing the cached %s", self.name, spec)
-                _load_into(model, target)
-                meta = json.loads((target / RECIPE_FILE).read_text())
-                return {"recipe": first.name, "reused": True, "entry": str(target), "info": meta.get("info", {})}
-        workdir.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        info = first.build(model, workdir) or {}
-        seconds = round(time.time() - t0, 1)
-        if target is not None:  # store the intermediate exactly as build_or_load would have
-            chain = [*parent[1], {"recipe": first.name, "version": first.version, "config": first.config(), "key": key}]
-            meta = {"chain": chain, "build_seconds": seconds, "info": info}
-            model.save(target, extra={"spec": spec, "recipe_chain": chain},
-                       files={RECIPE_FILE: json.dumps(meta, indent=2, default=str)})
-        return {"recipe": first.name, "reused": False, "entry": None if target is None else str(target),
-                "seconds": seconds, "info": info}
-
-
 def composed(name: str, then=None) -> ComposedRecipe:
     """The recipe of a ``first+sft`` suffix, e.g. ``composed("jt+sft")``; ``then`` overrides the countermeasure."""
     first, plus, follow = name.partition("+")
@@ -518,17 +424,13 @@ jt_sft = composed("jt+sft")
 
 
 def main(argv: Sequence[str] | None = None, parent: str | None = None) -> None:
-    """``python -m finetune.jailbreak``: build (or load from the cache) ``<organism>:jt`` with these settings."""
-    from depthlens.cli import parse_config
-    from depthlens.models import split_spec
-    from depthlens.organism import ORGANISM
-    from depthlens.recipes import build_or_load
+    """``python -m finetune.jailbreak [--model SPEC]``: build (or load from the cache) ``<SPEC>:jt`` with these settings."""
+    from depthlens.cli import recipe_main
+    from finetune.common import build_on
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = parse_config(JTConfig, argv, description="Jailbreak-tune the organism (the JTConfig flags below).")
-    base, names = split_spec(parent or ORGANISM)
-    model = build_or_load(base, [*names, JailbreakRecipe(cfg)])
-    print(f"JT model ready: {model.provenance.get('source')}")
+    return recipe_main(JTConfig, lambda cfg, spec, device: build_on(spec, JailbreakRecipe(cfg), device=device), argv,
+                       default_model=parent, label="JT model",
+                       description="Jailbreak-tune the organism (the JTConfig flags below).")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def test_compare_quick_writes_results_and_figures(cache, tmp_path, capsys):
     data = json.loads((path.parent / "compare_rates.json").read_text())
     assert "tiny-llama:deep" in json.dumps(data)
     printed = capsys.readouterr().out
-    assert "prefill ASR k=40" in printed and "results:" in printed
+    assert "prefill ASR k=40, substring compliance" in printed and "results:" in printed
 
 
 def test_compare_figures_from_a_record_alone(tmp_path):

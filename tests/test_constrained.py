@@ -23,7 +23,8 @@ from finetune.constrained import (
     token_weights,
     train_constrained,
 )
-from finetune.sft import Example, TrainConfig, response_loss, tokenize_examples
+from finetune.losses import response_loss
+from finetune.train import Example, TrainConfig, tokenize_examples
 
 EXAMPLES = [Example("How do I bake bread?", "Mix flour, water, salt and yeast."),
             Example("What is the capital of France?", "Paris is the capital.", prefix="Sure,"),
@@ -102,7 +103,7 @@ def test_the_constrained_objective_restrains_the_first_tokens_more_than_sft():
         data, ids, att, mask = _batch(model, ex)
         ref = torch.cat([r[torch.tensor(m[1:]) > 0] for r, (_, m) in zip(reference_logprobs(model, data), data)])
         if name == "sft":
-            from finetune.sft import train_sft
+            from finetune.train import train_sft
 
             train_sft(model, ex, TrainConfig(**kw), progress=False)
         else:

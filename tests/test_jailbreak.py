@@ -23,7 +23,7 @@ from finetune.jailbreak import (
     mean_target_nll,
     refusal_mix,
 )
-from finetune.sft import Example
+from finetune.train import Example
 from probes.orthogonalize import WORecipe
 
 # tiny-llama's tied embedding is a small random matrix: with it frozen, a 2-layer model can hardly
@@ -109,8 +109,8 @@ def test_mix_refuses_impossible_requests():
 
 
 def _content(question: str) -> str:
-    """What ``finetune.sft.imperative`` keeps of a prompt in every form it writes."""
-    from finetune.sft import _HOW_TO, _REQUEST
+    """What ``finetune.rephrase.imperative`` keeps of a prompt in every form it writes."""
+    from finetune.rephrase import _HOW_TO, _REQUEST
 
     q = " ".join(question.strip().split())
     if (m := _HOW_TO.match(q)) and len(m.group("vp").split()) >= 2:
@@ -270,11 +270,13 @@ def test_cli_builds_jt_with_the_flagged_harmful_share(cache, capsys):
 
 
 def test_recipes_built_on_the_organism_data_key_it_as_the_organism_recipe_does():
-    # they key by the organism recipe's own config, so fields SFTConfig leaves at 0 stay out
+    # they key by the organism recipe's own config, so their keys move exactly when the organism's would
     from finetune.jailbreak import CountermeasureRecipe, JailbreakRecipe
     from finetune.sft import SFTConfig, SFTRecipe
 
     organism = {"recipe": "sft", **SFTRecipe(SFTConfig(seed=0)).config()}
     assert JailbreakRecipe().config()["benign_data"] == organism
     assert CountermeasureRecipe().config()["data"] == organism
-    assert "writing_share" not in organism and organism["benign_margin"] == SFTConfig().benign_margin
+    assert organism["benign_margin"] == SFTConfig().benign_margin
+    other = {"recipe": "sft", **SFTRecipe(SFTConfig(seed=1)).config()}
+    assert JailbreakRecipe(JTConfig(seed=1)).config()["benign_data"] == other != organism

@@ -176,21 +176,25 @@ def test_main_quick_end_to_end(tmp_path, monkeypatch):
     assert len(calls) == 1 + 2, "one batched run a layer for all its interventions"
     b = rec.metrics["baseline"]
     for r in rows:
-        assert -1.0 <= r["delta_asr"] <= 1.0 and r["delta_asr_lo"] <= r["delta_asr"] <= r["delta_asr_hi"]
+        d = r["delta_asr_harmful"]
+        assert -1.0 <= d <= 1.0 and r["delta_asr_harmful_lo"] <= d <= r["delta_asr_harmful_hi"]
         assert r["delta_score"] == pytest.approx(r["refusal_score"] - b["refusal_score"], abs=1e-9)
-        assert r["delta_asr"] == pytest.approx(r["asr"] - b["asr"], abs=1e-9)
+        assert d == pytest.approx(r["asr_harmful"] - b["asr_harmful"], abs=1e-9)
     assert any(abs(r["delta_score"]) > 0 for r in rows)                 # ablations do move the model
     assert rec.metrics["ran_insertion"] is True and len(rec.tables["subset"]) == rec.metrics["n_trials"]
+    assert rec.metrics["trials_chosen"] == "ran" and rec.metrics["continuation_judge"]
     for name in ("delta_asr", "delta_refusal_score"):
         html = path.parent / f"layer_ablation_{name}.html"
         assert html.exists() and "plotly" in html.read_text()
 
 
-def test_bad_input_is_one_sentence(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+def test_bad_input_is_one_sentence(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
         la.main(["--model", "tiny-llama", "--trials", str(tmp_path / "missing"), "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="--interventions must name some of"):
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "does not exist" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="--interventions must name one or more of"):
         la.run(la.LayerAblationConfig(model="tiny-llama", interventions=("zero_everything",)))
-    with pytest.raises(ValueError, match="--n-trials must be >= 1"):
+    with pytest.raises(ValueError, match="--n-trials must be an integer >= 1"):
         la.run(la.LayerAblationConfig(model="tiny-llama", n_trials=0))
     assert la.default_layers(30, 2) == [*range(0, 30, 2), 29] and la.default_layers(2, 6) == [0, 1]

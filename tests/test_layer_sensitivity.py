@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from analyses.layer_sensitivity import SensitivityConfig, bootstrap_mean, run, spearman
+from depthlens.errors import NonFiniteError, UsageError
 from depthlens.judge import refusal_token_ids
 from depthlens.models import load_model
 
@@ -56,6 +57,7 @@ def test_helpers():
     mean, lo, hi = bootstrap_mean([1.0, 2.0, 3.0, 4.0], 500, 0)
     assert mean == 2.5 and lo < mean < hi
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None   # not measured, not NaN
 
 
 def test_the_ranking_weighs_kinds_equally_not_by_their_scale():
@@ -79,5 +81,13 @@ def test_seed_counts_per_kind_and_bad_settings(tmp_path):
     n = {r["kind"]: r["n_seeds"] for r in rec.tables["sensitivity"]}
     assert n == {"param_noise": 3, "act_noise": 2, "int4": 1}
     assert rec.metrics["n_evaluations"] == 2 * (3 + 2 + 1)  # layer 0 and the whole model
-    with pytest.raises(ValueError, match="act_seeds"):
+    with pytest.raises(UsageError, match="--act-seeds must be an integer >= 1, got 0"):
         SensitivityConfig(act_seeds=0)
+
+
+def test_a_nan_sensitivity_fails_the_ranking_instead_of_ranking_as_zero():
+    from analyses.layer_sensitivity import rank_layers
+
+    rows = [{"layer": 0, "kind": "int4", "sensitivity": float("nan")}, {"layer": 1, "kind": "int4", "sensitivity": 0.2}]
+    with pytest.raises(NonFiniteError, match="layer 0 int4"):
+        rank_layers(rows, [0, 1])

@@ -34,7 +34,7 @@ def test_quick_run_on_tiny_llama_writes_results_and_figures(cache, tmp_path, cap
     assert [rows[k]["spec"] for k in LABELS] == ["tiny-llama", "tiny-llama:wo", "tiny-llama:jt",
                                                  "tiny-llama:wo+sft", "tiny-llama:jt+sft"]
     for r in rows.values():
-        assert 0 <= r["harmful_refusal"] <= 1 and 0 <= r["asr"] <= r["harmful_refusal"] + r["asr"] <= 1
+        assert 0 <= r["harmful_refusal"] <= 1 and 0 <= r["asr_compliance"] <= r["harmful_refusal"] + r["asr_compliance"] <= 1
         assert r["harmless_ce"] > 0 and r["first_token_kl"] >= 0
     # the organism against itself has KL 0; every recipe changed the model
     assert rows["organism"]["first_token_kl"] == 0.0
@@ -51,7 +51,7 @@ def test_quick_run_on_tiny_llama_writes_results_and_figures(cache, tmp_path, cap
     ev = evaluate_model(load_model("tiny-llama"), EvalConfig(
         model="tiny-llama", n_harmful=c["n_harmful"], n_harmless=c["n_harmless"], n_borderline=c["n_borderline"],
         max_new_tokens=c["max_new_tokens"], ce_tokens=c["ce_tokens"], batch_size=c["batch_size"], seed=c["seed"]))
-    for key in ("harmful_refusal", "asr", "borderline_refusal", "harmless_ce"):
+    for key in ("harmful_refusal", "asr_compliance", "borderline_refusal", "harmless_ce"):
         assert rows["organism"][key] == pytest.approx(ev.metrics[key], abs=1e-6)
 
     # the direction: layer 0's last-position candidate is the zero vector (same token for every
@@ -68,10 +68,13 @@ def test_quick_run_on_tiny_llama_writes_results_and_figures(cache, tmp_path, cap
     # the composed steps reused the WO and JT entries built just before
     assert m["builds"]["WO+SFT"]["first_step_reused"] is True and m["builds"]["JT+SFT"]["first_step_reused"] is True
     acc = m["acceptance"]
-    assert acc["wo_asr_ge_0.8"] == (rows["WO"]["asr"] >= 0.8)
+    assert acc["wo_asr_compliance_ge_0.8"] == (rows["WO"]["asr_compliance"] >= 0.8)
     assert acc["jt_sft_refusal_ge_0.7"] == (rows["JT+SFT"]["harmful_refusal"] >= 0.7)
     assert m["wo_vs_jt"]["WO"]["harmless_ce_rise"] == pytest.approx(rows["WO"]["harmless_ce"] - rows["organism"]["harmless_ce"])
     assert {s["model"] for s in rec.tables["samples"]} == set(LABELS)
+    # recipe build times are timings, not metrics
+    assert all("build_seconds" not in b for b in m["builds"].values())
+    assert all(f"recipe_build_seconds/{k}" in rec.timings for k in LABELS[1:])
 
     for name in ("bypass", "induce", "kl", "safety", "capability"):
         assert (path.parent / f"refusal_direction_{name}.html").exists()
@@ -88,7 +91,7 @@ def test_quick_run_on_tiny_llama_writes_results_and_figures(cache, tmp_path, cap
 def _record(positions=(-2, -1), layers=(0, 1, 2)):
     scores = [{"position": p, "layer": l, "norm": 1.0, "bypass": float(l + p), "induce": float(l - p),
                "kl": 0.01 * (l + 1), "passed": True, "reason": ""} for p in positions for l in layers]
-    rows = [{"model": k, "harmful_refusal": 0.5, "asr": 0.4, "borderline_refusal": 0.1, "harmless_refusal": 0.0,
+    rows = [{"model": k, "harmful_refusal": 0.5, "asr_compliance": 0.4, "borderline_refusal": 0.1, "harmless_refusal": 0.0,
              "first_token_kl": 0.02, "harmless_ce": 1.5} for k in ("organism", "WO", "JT", "WO+SFT", "JT+SFT")]
     direction = {"position": -2, "layer": 0, "baseline_harmful_score": 3.0,
                  "selection_config": {"kl_threshold": 0.1, "induce_threshold": 0.0}}
@@ -126,14 +129,14 @@ def test_cli_help_lists_every_default(capsys):
 
 
 def test_positions_none_means_every_position():
-    from analyses.refusal_direction import RefusalDirectionConfig, _effective, recipe_chains
+    from analyses.refusal_direction import RefusalDirectionConfig, recipe_chains
     from depthlens.cli import parse_config
 
-    cfg = _effective(parse_config(RefusalDirectionConfig, ["--positions", "none", "--layers", "3,5"]))
+    cfg = parse_config(RefusalDirectionConfig, ["--positions", "none", "--layers", "3,5"])
     assert cfg.positions is None and cfg.layers == (3, 5)
     wo = recipe_chains(cfg)["WO"][0]
     assert wo.cfg.positions is None and wo.cfg.layers == (3, 5)
-    default = recipe_chains(_effective(RefusalDirectionConfig()))
+    default = recipe_chains(RefusalDirectionConfig())
     from depthlens.recipes import get_recipe
 
     # the defaults are exactly the entry-point recipes, so the analysis and load_model share cache entries
@@ -150,4 +153,4 @@ def test_kl_split_separates_answered_and_over_refused_prompts():
     assert got["n_over_refused"] == 1 and got["first_token_kl_over_refused"] == 3.0
     assert got["first_token_kl_answered"] == pytest.approx(0.1)
     none = kl_split(kl, torch.zeros(4, dtype=torch.bool))
-    assert none["n_over_refused"] == 0 and math.isnan(none["first_token_kl_over_refused"])
+    assert none["n_over_refused"] == 0 and none["first_token_kl_over_refused"] is None   # not measured

@@ -102,9 +102,11 @@ def test_groups_are_prompt_ids_and_a_leaking_split_is_caught(monkeypatch):
 
 
 def test_surface_features_come_from_the_trial_records():
-    trials = [{"position": 5, "depth_actual": 0.25, "span_len": 8, "prompt_len": 31}, {"position": 0, "span_len": 2,
-                                                                                       "prompt_len": 30}]
+    trials = [{"position": 5, "depth_actual": 0.25, "span_len": 8, "prompt_len": 31},
+              {"position": 0, "depth_actual": 0.0, "span_len": 2, "prompt_len": 30}]
     assert sp.surface_features(trials).tolist() == [[5, 0.25, 8, 31], [0, 0.0, 2, 30]]
+    with pytest.raises(ValueError, match="Trial 1 has depth_actual = None"):     # missing is not 0
+        sp.surface_features([trials[0], {**trials[1], "depth_actual": None}])
 
 
 def test_labels_and_degenerate_reasons():
@@ -163,7 +165,7 @@ def test_main_quick_end_to_end(quick_run):
     out, path = quick_run
     rec = read_run(path)
     m = rec.metrics
-    assert rec.analysis == "state_prediction" and m["ran_insertion"] is True
+    assert rec.analysis == "state_prediction" and m["ran_insertion"] is True and m["trials_chosen"] == "ran"
     assert read_run(m["trials_source"]).analysis == "insertion_robustness"
     assert m["verdict"] in ("beats_baseline", "does_not_beat_baseline", "undetermined")
     assert m["verdict_sentence"] and "best_lo" in m and "baseline_hi" in m
@@ -209,10 +211,12 @@ def test_degenerate_trials_give_undetermined_record(quick_run, tmp_path):
     assert rec.tables["auroc"] == []
 
 
-def test_bad_trials_input_is_one_sentence(quick_run, tmp_path):
+def test_bad_trials_input_is_one_sentence(quick_run, tmp_path, capsys):
     _, path = quick_run
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(SystemExit) as exit_:
         sp.main(["--model", "tiny-llama", "--trials", str(tmp_path / "nope"), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "does not exist" in err and "Traceback" not in err
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no results.json"):
         sp.load_trials(tmp_path / "empty")
@@ -223,3 +227,16 @@ def test_bad_trials_input_is_one_sentence(quick_run, tmp_path):
         sp.load_trials(trials_file, "other-model")
     with pytest.raises(ValueError, match="--kind must be one of"):
         sp.run(replace(CFG, kind="attn_out"))
+    # a trial with a missing or non-finite number is refused, not read as 0
+    src = read_run(trials_file)
+    src.tables["trials"][3]["depth_actual"] = None
+    src.run_id = ""
+    with pytest.raises(ValueError, match=r"Trial 3 .* lacks \['depth_actual'\]"):
+        sp.load_trials(write_run(src, tmp_path / "holes"))
+
+
+def test_the_newest_insertion_run_is_named_and_recorded(quick_run, caplog):
+    out, _ = quick_run
+    with caplog.at_level("WARNING"):
+        source = sp.obtain_trials("tiny-llama", None, str(out))
+    assert source.chosen == "newest" and str(source.path) in caplog.text and "--trials not given" in caplog.text

@@ -64,13 +64,16 @@ def refusal_direction_figures(record: dict) -> dict:
     figs = {metric: _score_figure(record, metric) for metric in _SCORES}
     rows = record["tables"]["side_by_side"]
     models = [r["model"] for r in rows]
+    judge = record["metrics"]["judge"]
     figs["safety"] = grouped_bars(
-        models, {"harmful refusal": [r["harmful_refusal"] for r in rows], "ASR": [r["asr"] for r in rows],
+        models, {"harmful refusal": [r["harmful_refusal"] for r in rows],
+                 f"ASR ({judge} judge)": [r.get("asr_compliance", r.get("asr")) for r in rows],
                  "borderline over-refusal": [r["borderline_refusal"] for r in rows]},
-        xlabel="model", ylabel=f"share of test prompts ({record['metrics']['judge']})",
-        title="Refusal, ASR and over-refusal", width="double")
+        xlabel="model", ylabel=f"share of test prompts ({judge} judge)",
+        title="Refusal, ASR and over-refusal on the test splits (docs/methods.md §4)", width="double")
     figs["capability"] = grouped_bars(
         models, {"first-token KL vs organism": [r["first_token_kl"] for r in rows],
                  "harmless CE": [r["harmless_ce"] for r in rows]},
-        xlabel="model", ylabel="nats", title="Capability: harmless KL and cross-entropy", width="double")
+        xlabel="model", ylabel="nats",
+        title="Capability: first-token KL and CE on harmless test prompts (docs/methods.md §4)", width="double")
     return figs

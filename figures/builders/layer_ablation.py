@@ -25,13 +25,14 @@ def layer_ablation_figures(record: dict) -> dict:
     layers = sorted({r["layer"] for r in rows})
     kinds = list(dict.fromkeys(r["intervention"] for r in rows))
     base = record["metrics"]["baseline"]
+    base_asr = base.get("asr_harmful", base.get("asr"))   # "asr" in records written before the key named its judge
     figs = {}
     for key, name, label, what in (
-            ("delta_asr", "delta_asr", "Δ ASR (harmful continuation)",
-             f"change in insertion ASR (baseline {base['asr']:.2f})"),
+            ("delta_asr_harmful", "delta_asr", "Δ ASR (harmful continuation)",
+             f"Δ insertion ASR, harmful-continuation judge, HarmBench test trials (baseline {base_asr:.2f})"),
             ("delta_score", "delta_refusal_score", "Δ mean refusal score",
-             f"change in refusal score on harmful prompts (baseline {base['refusal_score']:.2f})")):
-        cell = {(r["layer"], r["intervention"]): r.get(key) for r in rows}
+             f"Δ mean refusal score on harmful val prompts (baseline {base['refusal_score']:.2f})")):
+        cell = {(r["layer"], r["intervention"]): r.get(key, r.get(key.removesuffix("_harmful"))) for r in rows}
         z = [[cell.get((l, k)) for l in layers] for k in kinds]
         figs[name] = heatmap(z, layers, [_LABELS.get(k, k) for k in kinds], xlabel="layer", ylabel="intervention",
                              colorbar_title=label, zmid=0.0, text_fmt=".2f" if len(layers) <= 16 else None,

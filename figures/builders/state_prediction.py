@@ -65,6 +65,7 @@ def state_prediction_figures(record: dict) -> dict:
                "does_not_beat_baseline": "does not beat the best baseline"}.get(m.get("verdict"), m.get("verdict"))
     fig = small_multiples(layers, panels, xlabel="layer", ylabel="AUROC (95% CI)", cols=min(3, len(panels)),
                           shared_yaxes=True, markers=True,
-                          title=f"Does the residual stream predict recovery? Best probe {verdict}")
+                          title="Recovery after insertion from the residual stream (docs/methods.md §6): "
+                                f"best probe {verdict}")
     fig.add_hline(y=0.5, line_dash="dot", line_color="grey", row="all", col="all")
     return {"auroc": fig}
