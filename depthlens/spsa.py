@@ -36,9 +36,21 @@ and keep it memory-light:
 The gradient update itself (θ ← θ − η(g z + λθ)) is computed in float32 per tensor and cast
 back; in bf16 an update smaller than half an ulp is lost, as in any bf16 training.
 
-    >>> params = [p for l in critical for p in model.layer_parameters(l).values() if p.ndim == 2]
-    >>> steps = mezo_train(params, lambda i: loss_on(batches[i % len(batches)]), ZOConfig(steps=500, lr=1e-6))
-    >>> probes = zo_layer_probes(model, None, lambda layer: -refusal_score(model, prompts).mean)
+    >>> w = torch.tensor([3.0, -2.0, 1.0, 0.5])                 # a quadratic bowl: L(w) = |w|²
+    >>> loss = lambda step: float((w ** 2).sum())
+    >>> steps = mezo_train([w], loss, ZOConfig(steps=300, lr=0.05, log_every=0), progress=False)
+    >>> steps[0].loss_plus > 10 > 1e-6 > loss(300)               # forward passes only, weights updated in place
+    True
+    >>> snapshot = w.clone()
+    >>> with symmetric_perturbation([w], seed=1, eps=1e-3) as pert:   # enters at θ + εz
+    ...     moved = not torch.equal(w, snapshot)
+    ...     pert.minus()                                          # now at θ − εz
+    >>> moved, torch.equal(w, snapshot)                           # restored bit for bit
+    (True, True)
+
+On a model, ``params`` are e.g. the 2-D matrices of the critical layers
+(``model.layer_parameters(l)``), ``loss_fn(i)`` a loss on batch i, and ``zo_layer_probes``
+ranks layers by ``c_l``.
 """
 
 from __future__ import annotations
@@ -52,6 +64,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from depthlens.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +97,15 @@ class ZOConfig:
 
     def __post_init__(self):
         if not (isinstance(self.steps, int) and self.steps >= 0):
-            raise ValueError(f"steps must be a non-negative integer, got {self.steps!r}.")
+            raise UsageError(f"steps must be a non-negative integer, got {self.steps!r}.")
         if not (math.isfinite(self.eps) and self.eps > 0):
-            raise ValueError(f"eps must be a positive finite number, got {self.eps!r}.")
+            raise UsageError(f"eps must be a positive finite number, got {self.eps!r}.")
         if not (math.isfinite(self.lr) and self.lr >= 0):
-            raise ValueError(f"lr must be a non-negative finite number, got {self.lr!r}.")
+            raise UsageError(f"lr must be a non-negative finite number, got {self.lr!r}.")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a non-negative finite number, got {self.weight_decay!r}.")
+            raise UsageError(f"weight_decay must be a non-negative finite number, got {self.weight_decay!r}.")
         if not (isinstance(self.n_spsa, int) and self.n_spsa >= 1):
-            raise ValueError(f"n_spsa must be an integer >= 1, got {self.n_spsa!r}.")
+            raise UsageError(f"n_spsa must be an integer >= 1, got {self.n_spsa!r}.")
 
 
 @dataclass(frozen=True)
@@ -165,14 +179,14 @@ def perturbation_direction(params: Sequence[Tensor], seed: int) -> list[Tensor]:
 def _check_params(params: Sequence[Tensor]) -> list[Tensor]:
     params = list(params)
     if not params:
-        raise ValueError("Zeroth-order optimisation needs at least one parameter tensor, got none.")
+        raise UsageError("Zeroth-order optimisation needs at least one parameter tensor, got none.")
     seen: set[tuple[int, int]] = set()
     for i, p in enumerate(params):
         if not isinstance(p, Tensor) or not p.is_floating_point():
-            raise ValueError(f"Parameter {i} is not a floating-point tensor; pass weight tensors only.")
+            raise UsageError(f"Parameter {i} is not a floating-point tensor; pass weight tensors only.")
         key = (p.untyped_storage().data_ptr(), p.storage_offset())
         if key in seen:
-            raise ValueError(f"Parameter {i} appears twice (tied weights?); pass each tensor once.")
+            raise UsageError(f"Parameter {i} appears twice (tied weights?); pass each tensor once.")
         seen.add(key)
     return params
 
@@ -201,7 +215,7 @@ class SymmetricPerturbation:
 
     def __init__(self, params: Sequence[Tensor], seed: int, eps: float):
         if not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"eps must be a positive finite number, got {eps!r}.")
+            raise UsageError(f"eps must be a positive finite number, got {eps!r}.")
         self.params = list(params)
         self.seed, self.eps = seed, eps
         self._stage = [0] * len(self.params)  # 0 clean, 1 at θ+εz, 2 at θ−εz
@@ -216,6 +230,7 @@ class SymmetricPerturbation:
 
     @torch.no_grad()
     def plus(self) -> None:
+        """Move every tensor from θ to θ + εz, stashing first what the additions would not restore."""
         for i, p in enumerate(self.params):
             if self._stage[i] != 0:
                 raise RuntimeError("plus() called twice without restore().")
@@ -227,6 +242,7 @@ class SymmetricPerturbation:
 
     @torch.no_grad()
     def minus(self) -> None:
+        """Move every tensor from θ + εz to θ − εz."""
         if any(s != 1 for s in self._stage):
             raise RuntimeError("minus() needs every tensor at θ + εz; call plus() first.")
         for i, p in enumerate(self.params):
@@ -235,6 +251,7 @@ class SymmetricPerturbation:
 
     @torch.no_grad()
     def restore(self) -> None:
+        """Return every tensor to θ exactly, from whichever stage it is in."""
         for i, p in enumerate(self.params):
             stage, stash = self._stage[i], self._stash[i]
             if stage == 0:
@@ -347,7 +364,7 @@ def mezo_train(params: Sequence[Tensor], loss_fn: Callable[[int], float], cfg: Z
     """
     params = _check_params(params)
     if not (isinstance(start, int) and 0 <= start <= cfg.steps):
-        raise ValueError(f"start must be an integer in 0..steps={cfg.steps}, got {start!r}.")
+        raise UsageError(f"start must be an integer in 0..steps={cfg.steps}, got {start!r}.")
     n_el = sum(p.numel() for p in params)
     log.info("MeZO on %d tensors (%d weights): %s", len(params), n_el, cfg)
     results: list[ZOStepResult] = []
@@ -380,7 +397,7 @@ def zo_layer_probes(model, layers: Sequence[int] | None, loss_fn: Callable[[int]
     """
     layers = list(range(model.n_layers)) if layers is None else [model.check_layer(l) for l in layers]
     if not (isinstance(n_samples, int) and n_samples >= 1):
-        raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}.")
+        raise UsageError(f"n_samples must be an integer >= 1, got {n_samples!r}.")
     out: dict[int, float] = {}
     for layer in layers:
         params = [p for p in model.layer_parameters(layer).values() if p.ndim == 2]
