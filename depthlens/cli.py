@@ -348,9 +348,7 @@ def spec_errors(flag_name: str, spec: str):
     """
     try:
         yield
-    except UsageError:
-        raise
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # UsageError included: the loader raises it for a bad spec
         if _from_loader(err):
             raise UsageError(f"{flag_name} {spec!r}: {err}") from err
         raise

@@ -101,18 +101,21 @@ def percentile_interval(boots, level: float = 0.95) -> tuple:
 
 
 def bootstrap_mean(values, n_boot: int = 1000, seed: int | np.random.Generator = 0, *, baseline=None,
-                   groups=None, indices: np.ndarray | None = None, level: float = 0.95) -> Interval:
+                   groups=None, indices: np.ndarray | None = None, level: float = 0.95,
+                   skip_nan: bool = False) -> Interval:
     """Mean of ``values`` (over axis 0) with a seeded percentile bootstrap interval.
 
     Args:
-        values: ``[n]`` or ``[n, k]`` (then every column separately; NaNs are ignored, for
-            items that have no value in a column).
+        values: ``[n]`` or ``[n, k]`` (then every column separately).
         n_boot, seed: number of resamples and their seed (or a ``np.random.Generator``).
         baseline: paired variant: the statistic is the mean of ``values − baseline``.
         groups: cluster variant: ``[n]`` group labels; whole groups are resampled.
         indices: ``[B, n]`` resamples drawn beforehand (``resample_indices``), to share them
             between statistics; ``n_boot`` and ``seed`` are then unused.
         level: coverage of the interval.
+        skip_nan: NaN marks a missing value (e.g. a response shorter than that position) and
+            is left out. By default a NaN makes the estimate and interval NaN: a broken number
+            is never averaged away.
 
         >>> bootstrap_mean([1.0, 1.0, 0.0, 0.0], baseline=[0.0, 0.0, 0.0, 0.0], n_boot=200).estimate
         0.5
@@ -127,18 +130,21 @@ def bootstrap_mean(values, n_boot: int = 1000, seed: int | np.random.Generator =
         raise UsageError(f"bootstrap_mean needs values of shape [n] or [n, k] with n >= 1, got {v.shape}.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a column without values has NaN for its mean
-        estimate = np.nanmean(v, axis=0)
+        mean = np.nanmean if skip_nan else np.mean
+        estimate = mean(v, axis=0)
         if groups is not None:
             if len(groups) != v.shape[0]:
                 raise UsageError(f"groups has {len(groups)} labels but there are {v.shape[0]} values; give one per value.")
             w = cluster_weights(groups, n_boot, seed)
-            present = ~np.isnan(v)
-            boots = np.tensordot(w, np.where(present, v, 0.0), axes=1) / np.tensordot(w, present, axes=1)
+            present = ~np.isnan(v) if skip_nan else np.ones(v.shape, bool)
+            boots = np.tensordot(w, np.where(present, v, 0.0) if skip_nan else v, axes=1) / np.tensordot(w, present, axes=1)
         else:
             idx = resample_indices(v.shape[0], n_boot, seed) if indices is None else np.asarray(indices)
             if idx.ndim != 2 or (idx.size and idx.max() >= v.shape[0]):
                 raise UsageError(f"indices must be [n_boot, n] resamples of the {v.shape[0]} values, got shape {idx.shape}.")
-            boots = np.nanmean(v[idx], axis=1)
+            boots = mean(v[idx], axis=1)
+        if not skip_nan and np.isnan(boots).any():  # a NaN value: no interval either, not one from the rest
+            boots = np.where(np.isnan(boots).any(axis=0), np.nan, boots)
     lo, hi = percentile_interval(boots, level)
     return Interval(float(estimate) if np.ndim(estimate) == 0 else estimate, lo, hi)
 

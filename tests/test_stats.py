@@ -61,12 +61,16 @@ def test_cluster_bootstrap_moves_whole_groups_and_is_wider_for_clustered_data():
     assert clustered.hi - clustered.lo > 2 * (naive.hi - naive.lo)
 
 
-def test_bootstrap_per_column_ignores_missing_values():
+def test_bootstrap_per_column_skips_missing_values_only_when_told():
     values = np.array([[1.0, 5.0], [3.0, np.nan], [2.0, np.nan]])
-    ci = bootstrap_mean(values, n_boot=200, seed=0)
+    ci = bootstrap_mean(values, n_boot=200, seed=0, skip_nan=True)
     assert ci.estimate.tolist() == [2.0, 5.0] and ci.lo[1] == ci.hi[1] == 5.0
-    empty = bootstrap_mean(np.array([[1.0, np.nan]]), n_boot=10, seed=0)
+    empty = bootstrap_mean(np.array([[1.0, np.nan]]), n_boot=10, seed=0, skip_nan=True)
     assert np.isnan(empty.estimate[1]) and np.isnan(empty.lo[1])
+    broken = bootstrap_mean(values, n_boot=200, seed=0)  # by default a NaN is a broken number: it propagates
+    assert broken.estimate[0] == 2.0 and np.isnan([broken.estimate[1], broken.lo[1], broken.hi[1]]).all()
+    one = bootstrap_mean([1.0, np.nan, 2.0], n_boot=50, seed=0)
+    assert np.isnan([one.estimate, one.lo, one.hi]).all()
     nothing = bootstrap_mean([1.0, 2.0], n_boot=0)
     assert nothing.estimate == 1.5 and np.isnan(nothing.lo) and np.isnan(nothing.hi)
 
