@@ -130,8 +130,9 @@ def tiny_family(spec: str, seed: int = 0):
                 if p.ndim == 1:
                     p.add_(_JITTER * torch.randn_like(p))
     model.eval()
-    prov = {"source": f"random {type(model).__name__} (2 layers, d=64; {fam.keeps}), seed {seed}",
-            "tiny_family_version": TINY_FAMILY_VERSION}
+    # the source names the builder's version: recipes key their caches by it (depthlens.recipes.base_key)
+    prov = {"source": f"random {type(model).__name__} v{TINY_FAMILY_VERSION} (2 layers, d=64; {fam.keeps}), "
+                      f"seed {seed}", "tiny_family_version": TINY_FAMILY_VERSION}
     return model, tokenizer, prov
 
 

