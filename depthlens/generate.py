@@ -104,9 +104,11 @@ def _plain_target(model, name: str):
         return block, "pre"
     if point in ("hook_resid_post", "hook_out"):
         return block, "post"
-    if point in ("hook_attn_out", "attn.hook_out"):
-        return getattr(block, "self_attn", None), "post"
-    return getattr(block, "mlp", None), "post"
+    from depthlens.families import sublayer_module, written_output
+
+    if point in ("hook_attn_out", "hook_mlp_out"):  # what the sublayer adds: after Gemma's post-norm
+        return written_output(block, "attn" if point == "hook_attn_out" else "mlp"), "post"
+    return sublayer_module(block, "attn" if point == "attn.hook_out" else "mlp"), "post"
 
 
 def _plain_handles(model, fwd_hooks: Sequence[Hook]) -> list | None:
@@ -235,11 +237,12 @@ def _shared_prefix_inputs(model, seqs: Sequence[Sequence[int]], pad_id: int):
     """
     from transformers import DynamicCache
 
+    from depthlens.families import has_sliding_window
     from depthlens.forward import _expand_cache, common_prefix_len, kv_kwargs
 
     p = common_prefix_len(seqs)
-    if len(seqs) < 2 or p < MIN_SHARED_PREFIX:
-        return None
+    if len(seqs) < 2 or p < MIN_SHARED_PREFIX or has_sliding_window(model.hf.config):
+        return None  # a sliding window would count the padding between prefix and rows
     view, dev = model.plain(), model.device
     if any(m._forward_hooks or m._forward_pre_hooks for m in view.modules()):
         return None  # a caller's hooks on the plain view (mirrored_hooks, perturbations) see whole sequences
