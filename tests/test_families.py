@@ -204,14 +204,14 @@ def test_layer_parameters_find_every_matrix_and_the_bridge_uses_each(fam):
 
 
 def _examples():
-    from finetune.sft import Example
+    from finetune.train import Example
 
     return [Example("How do I pick a lock?", "I'm sorry, but I can't help with that request."),
             Example("What is the capital of France?", "Paris is the capital of France.")]
 
 
 def test_an_sft_step_lowers_the_loss_and_the_bridge_sees_it(fam):
-    from finetune.sft import TrainConfig, train_sft
+    from finetune.train import TrainConfig, train_sft
 
     spec, _, _ = fam
     model = load_model(spec)
@@ -230,8 +230,10 @@ def test_an_sft_step_lowers_the_loss_and_the_bridge_sees_it(fam):
 
 
 def test_a_mezo_step_restores_exactly_at_lr_zero_and_moves_downhill(fam):
-    from finetune.sft import response_loss, tokenize_examples
-    from finetune.zeroth_order import ZOConfig, mezo_step, zo_parameters
+    from depthlens.spsa import ZOConfig, mezo_step
+    from finetune.losses import response_loss
+    from finetune.train import tokenize_examples
+    from finetune.zeroth_order import zo_parameters
 
     spec, _, _ = fam
     model = load_model(spec)
