@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from depthlens.chat import ChatSequence, check_context, length_batches, pad_batch
 from depthlens.errors import UsageError
+from depthlens.families import has_sliding_window
 from depthlens.hooks import Hook, _unmirrored_bridge_hooks, hooks_active
 from depthlens.models import hook_name
 from depthlens.validate import integer, one_of, positive_int
@@ -233,7 +234,7 @@ def stream_boundaries(model, seqs: Sequence[SeqLike], boundaries: Sequence[int],
         raise UsageError(f"Block boundaries run from 0 to {model.n_layers}; got {bad}.")
     ids = [_ids(s) for s in seqs]
     check_context(model, [len(s) for s in ids])  # the batches below hold suffixes only
-    p = common_prefix_len(ids)
+    p = 0 if has_sliding_window(model.hf.config) else common_prefix_len(ids)  # see has_sliding_window
     if max_prefix is not None:
         p = max(0, min(p, max_prefix))
     stop = model.n_layers if final else max(1, max(boundaries))  # blocks 0..stop-1 run
@@ -356,11 +357,17 @@ def common_prefix_len(seqs: Sequence[SeqLike]) -> int:
 @contextmanager
 def _blocks_from(view, layer: int):
     blocks = view.model.layers
+    # Gemma, Qwen: the decoder picks block i's mask (sliding or full) as layer_types[i]
+    types = getattr(view.config, "layer_types", None)
     view.model.layers = torch.nn.ModuleList(list(blocks)[layer:])
+    if types is not None:
+        view.config.layer_types = types[layer:]
     try:
         yield
     finally:
         view.model.layers = blocks
+        if types is not None:
+            view.config.layer_types = types
 
 
 def _expand_cache(cache, batch: int):
@@ -400,7 +407,7 @@ class PrefixSharedRunner:
         self._cache_cls = DynamicCache
         ids = [_ids(s) for s in seqs]
         check_context(model, [len(s) for s in ids])  # the batches below hold suffixes only
-        self.prefix_len = p = common_prefix_len(ids)
+        self.prefix_len = p = 0 if has_sliding_window(model.hf.config) else common_prefix_len(ids)
         view = model.plain()
         dev = model.device
         self.prefix_resid = (layer_inputs(model, torch.tensor([ids[0][:p]], device=dev),

@@ -116,9 +116,11 @@ def _shared_prefix_inputs(model, seqs: Sequence[Sequence[int]], pad_id: int):
     """
     from transformers import DynamicCache
 
+    from depthlens.families import has_sliding_window
+
     p = common_prefix_len(seqs)
-    if len(seqs) < 2 or p < MIN_SHARED_PREFIX:
-        return None
+    if len(seqs) < 2 or p < MIN_SHARED_PREFIX or has_sliding_window(model.hf.config):
+        return None  # a sliding window would count the padding between prefix and rows
     view, dev = model.plain(), model.device
     if any(m._forward_hooks or m._forward_pre_hooks for m in view.modules()):
         return None  # a caller's hooks on the plain view (mirrored_hooks, perturbations) see whole sequences

@@ -71,9 +71,11 @@ def _plain_target(model, name: str):
         return block, "pre"
     if point in ("hook_resid_post", "hook_out"):
         return block, "post"
-    if point in ("hook_attn_out", "attn.hook_out"):
-        return getattr(block, "self_attn", None), "post"
-    return getattr(block, "mlp", None), "post"
+    from depthlens.families import sublayer_module, written_output
+
+    if point in ("hook_attn_out", "hook_mlp_out"):  # what the sublayer adds: after Gemma's post-norm
+        return written_output(block, "attn" if point == "hook_attn_out" else "mlp"), "post"
+    return sublayer_module(block, "attn" if point == "attn.hook_out" else "mlp"), "post"
 
 
 def _plain_handles(model, fwd_hooks: Sequence[Hook]) -> list | None:

