@@ -11,7 +11,10 @@ A recipe object has ``name``, ``version`` (bumped when its code changes results)
 (``workdir`` is a scratch directory for resumable checkpoints). ``build_or_load`` caches each
 step under ``$DEPTHLENS_CACHE/organisms`` keyed by a hash of the parent's key, the recipe's
 name, version and config; a cache hit loads in seconds and an interrupted build leaves no
-entry (the checkpoint directory is renamed into place only when complete).
+entry (the checkpoint directory is renamed into place only when complete). Under
+``accelerate launch`` every rank builds (training is collective), rank 0 alone writes the
+entry while the others wait for it, and then every rank loads it; a recipe that leaves an
+``adapter/`` folder in its workdir (a LoRA build) gets it copied into the entry.
 
     >>> load_model("smollm2-135m-instruct:sft")        # built on first use, then cached
     >>> available_recipes()                              # {'sft': ..., 'deep': ..., 'wo': ...}
@@ -22,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 import time
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -75,6 +80,20 @@ def entry_dir(spec_so_far: str, key: str) -> Path:
     return cache_dir("organisms") / f"{tag}-{key[:16]}"
 
 
+def process_state():
+    """accelerate's ``PartialState`` when this process is one of several (``accelerate launch``), else None.
+
+    Without a GPU (or under ``ACCELERATE_USE_CPU``) the processes are CPU ranks over gloo.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
 def build_with(base: str, *recipes: Recipe, device=None, dtype=None):
     """Like ``load_model("base:name")`` but with recipe objects (e.g. non-default configs)."""
     return build_or_load(base, list(recipes), device=device, dtype=dtype)
@@ -84,6 +103,9 @@ def build_or_load(base: str, recipes: list, *, device=None, dtype=None):
     """Load ``base`` and apply ``recipes`` (names or recipe objects) in order, each step cached."""
     from depthlens.models import _load_dir, _load_hf, _resolve_device_dtype, wrap
 
+    state = process_state()
+    if state is not None and device is None:
+        device = state.device  # each rank on its own GPU (or the CPU under --cpu)
     device, dtype = _resolve_device_dtype(device, dtype)
     objs = [get_recipe(r) if isinstance(r, str) else r for r in recipes]  # fail fast on an unknown suffix
     recipes = [o.name for o in objs]
@@ -102,13 +124,22 @@ def build_or_load(base: str, recipes: list, *, device=None, dtype=None):
             if current_dir is not None:
                 hf, tok, prov = _load_dir(current_dir)
             current = wrap(hf, tok, parent_spec, prov, device, dtype)
-        log.info("Building %s (recipe %r, cache key %s) - first use only", spec, name, key[:16])
+        main = state is None or state.is_main_process
+        if main:
+            log.info("Building %s (recipe %r, cache key %s) - first use only", spec, name, key[:16])
         t0 = time.time()
-        info = recipe.build(current, cache_dir("work", target.name)) or {}
+        workdir = cache_dir("work", target.name)
+        info = recipe.build(current, workdir) or {}
         current.spec = spec
         meta = {"chain": chain, "build_seconds": round(time.time() - t0, 1), "info": info}
-        current.save(target, extra={"spec": spec, "recipe_chain": chain},
-                     files={RECIPE_FILE: json.dumps(meta, indent=2, default=str)})
+        if main:
+            current.save(target, extra={"spec": spec, "recipe_chain": chain},
+                         files={RECIPE_FILE: json.dumps(meta, indent=2, default=str)})
+            if (workdir / "adapter").is_dir():  # a LoRA build's adapter, kept beside the merged weights
+                shutil.copytree(workdir / "adapter", target / "adapter", dirs_exist_ok=True)
+        if state is not None:
+            state.wait_for_everyone()  # the other ranks load rank 0's entry below
+            current = None
         current_dir = target
     if current_dir is None:  # no recipes
         return wrap(hf, tok, spec, prov, device, dtype)

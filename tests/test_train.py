@@ -47,10 +47,14 @@ def test_sft_overfits_a_tiny_refusal_set():
     assert all(not p.requires_grad for p in model.hf.parameters())
 
 
-def test_training_resumes_from_its_checkpoint(tmp_path):
-    model = load_model("tiny-llama")
+def test_training_resumes_from_its_checkpoint_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    """accelerate's save_state/load_state: the step, the trained weights, AdamW's moments and the
+    schedule come back, so the resumed run ends where an uninterrupted one does."""
     examples = [Example(f"question {i}", f"answer number {i}") for i in range(8)]
     cfg = TrainConfig(epochs=2, lr=1e-3, batch_size=2, checkpoint_every=3)
+    straight = load_model("tiny-llama")
+    train_sft(straight, examples, cfg, tmp_path / "straight", progress=False)
+    model = load_model("tiny-llama")
     calls = {"n": 0}
 
     def flaky(model, ids, mask, att, idx):
@@ -63,10 +67,22 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train_sft(model, examples, cfg, tmp_path, progress=False, loss_fn=flaky)
-    assert (tmp_path / "train_state.pt").exists()
+    assert (tmp_path / "train_state" / "step-000003" / "complete").exists()
+    model = load_model("tiny-llama")  # a resumed build starts from the untrained parent
     log = train_sft(model, examples, cfg, tmp_path, progress=False)
-    assert log.resumed_from == 3 and log.steps == 8
-    assert not (tmp_path / "train_state.pt").exists()
+    assert log.resumed_from == 3 and log.steps == 8 and len(log.losses) == 8
+    assert not (tmp_path / "train_state").exists()
+    for (name, a), b in zip(straight.plain().named_parameters(), model.plain().parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_max_steps_stops_after_that_many_optimizer_steps():
+    model = load_model("tiny-llama")
+    examples = [Example(f"question {i}", f"answer number {i}") for i in range(8)]
+    log = train_sft(model, examples, TrainConfig(epochs=3, batch_size=2, max_steps=5, checkpoint_every=0), progress=False)
+    assert log.steps == 5 and len(log.losses) == 5
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(max_steps=-1)
 
 
 def test_stratified_batches_keep_the_mix_in_every_batch():
