@@ -121,3 +121,12 @@ def test_under_mezo_every_rank_applies_the_identical_update(tmp_path, monkeypatc
         torch.testing.assert_close(p0, p.detach(), rtol=0, atol=1e-5)
     g_ranks = [h["projected_grad"] for h in ranks[0]["info"]["history"]]
     assert g_ranks == pytest.approx([h["projected_grad"] for h in info["history"]], rel=1e-3, abs=1e-3)
+
+
+def test_gradient_buckets_keep_order_dtype_and_size():
+    from finetune.distributed import _buckets
+
+    ts = [torch.zeros(10), torch.zeros(10), torch.zeros(30), torch.zeros(5, dtype=torch.float64), torch.zeros(3)]
+    got = list(_buckets(ts, limit=100))                  # 40 + 40 bytes fit, 120 do not
+    assert [[t.numel() for t in b] for b in got] == [[10, 10], [30], [5], [3]]
+    assert [t for b in got for t in b] == ts
