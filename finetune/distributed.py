@@ -33,6 +33,7 @@ what fits without it (LoRA, MeZO) and what sharding would take.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -49,12 +50,13 @@ def accelerator_for(model):
 
     ``split_batches``: the recipes' ``batch_size`` is the global batch, so the prepared
     schedule steps once per optimizer step whatever the number of processes. Mixed precision
-    is the model's own (bf16 weights and autocast on CUDA, fp32 on CPU), not accelerate's.
+    is the model's own (bf16 weights and autocast on CUDA, fp32 on CPU), not accelerate's
+    (a launch's ``--mixed_precision`` is overridden: the weights are not fp32 masters).
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    accelerator = Accelerator(cpu=model.device.type == "cpu", device_placement=False,
+    accelerator = Accelerator(cpu=model.device.type == "cpu", device_placement=False, mixed_precision="no",
                               dataloader_config=DataLoaderConfiguration(split_batches=True),
                               step_scheduler_with_optimizer=True)
     check_supported(accelerator, model)
@@ -65,10 +67,13 @@ def check_supported(accelerator, model) -> None:
     """Refuse, in one sentence each, the launch set-ups this loop does not implement."""
     from accelerate.utils import DistributedType
 
-    kind = accelerator.distributed_type
-    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+    kind = accelerator.distributed_type.value
+    for engine in ("FSDP", "DEEPSPEED"):  # also asked for where accelerate itself fell back (FSDP on CPU)
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true"):
+            kind = engine
+    if kind in (DistributedType.FSDP.value, DistributedType.DEEPSPEED.value, DistributedType.MEGATRON_LM.value):
         raise NotImplementedError(
-            f"The training loop runs data-parallel only (one process or DDP) and got a {kind.value} launch: it does not "
+            f"The training loop runs data-parallel only (one process or DDP) and got a {kind} launch: it does not "
             "shard the weights (see finetune.distributed and docs/scaling.md); use configs/accelerate/ddp.yaml, with "
             "--lora-rank where the full AdamW state does not fit one device.")
     want, have = accelerator.device, model.device

@@ -130,3 +130,12 @@ def test_gradient_buckets_keep_order_dtype_and_size():
     got = list(_buckets(ts, limit=100))                  # 40 + 40 bytes fit, 120 do not
     assert [[t.numel() for t in b] for b in got] == [[10, 10], [30], [5], [3]]
     assert [t for b in got for t in b] == ts
+
+
+def test_an_fsdp_launch_is_refused_rather_than_run_unsharded(monkeypatch):
+    from depthlens.models import load_model
+    from finetune.train import Example, TrainConfig, train_sft
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")   # what accelerate launch sets for an FSDP config
+    with pytest.raises(NotImplementedError, match="does not shard the weights"):
+        train_sft(load_model("tiny-llama"), [Example("q", "a")], TrainConfig(checkpoint_every=0), progress=False)
