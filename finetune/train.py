@@ -341,31 +341,31 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
     peft_model = lora.attach(model, cfg.lora, cfg.seed, layers) if cfg.lora else None
     params = lora.parameters(peft_model) if peft_model is not None else trainable_parameters(
         model, cfg.freeze_embeddings, layers)
-    for p in params:
-        p.requires_grad_(True)
     total = len(plan)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.1, 1 - s / max(1, total)))
-    opt, sched = accelerator.prepare(opt, sched)
-    state = distributed.TrainState(params)
-    accelerator.register_for_checkpointing(state)
     log_ = TrainLog(n_examples=len(data), device=str(model.device), processes=accelerator.num_processes,
                     trainable_weights=sum(p.numel() for p in params),
                     lora=asdict(cfg.lora) if cfg.lora else None)
-    ckpt = distributed.Checkpoints(accelerator, Path(workdir) / "train_state") if workdir else None
-    if ckpt is not None and ckpt.load():
-        log_.losses, log_.resumed_from = list(state.losses), state.step
-        if main:
-            log.info("Resuming training from step %d of %d", state.step, total)
-    start = state.step
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model.hf.train()
-    model.plain().train()
-    t0 = time.time()
     done = False
-    try:
-        bar = tqdm(range(start, total), desc="train", disable=not (progress and main), initial=start, total=total)
+    try:  # from here on the model is restored however the run ends (adapters merged only when it completes)
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.1, 1 - s / max(1, total)))
+        opt, sched = accelerator.prepare(opt, sched)
+        state = distributed.TrainState(params)
+        accelerator.register_for_checkpointing(state)
+        ckpt = distributed.Checkpoints(accelerator, Path(workdir) / "train_state") if workdir else None
+        if ckpt is not None and ckpt.load():
+            log_.losses, log_.resumed_from = list(state.losses), state.step
+            if main:
+                log.info("Resuming training from step %d of %d", state.step, total)
+        model.hf.train()
+        model.plain().train()
+        t0 = time.time()
+        bar = tqdm(range(state.step, total), desc="train", disable=not (progress and main), initial=state.step,
+                   total=total)
         for step in bar:
             opt.zero_grad(set_to_none=True)
             value = accumulate_gradients(model, data, plan[step], pad, loss_fn, split=batcher is not None,
@@ -381,6 +381,7 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
             bar.set_postfix(loss=f"{value:.3f}")
             if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
                 ckpt.save(step + 1)
+        log_.seconds = time.time() - t0
         done = True
     finally:
         model.hf.eval()
@@ -394,7 +395,6 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
             (lora.merge if done else lora.detach)(peft_model)
         accelerator.free_memory()
     log_.steps = total
-    log_.seconds = time.time() - t0
     if ckpt is not None:
         ckpt.clear()
     return log_
