@@ -62,11 +62,23 @@ def flag(name: str) -> str:
 
 
 def _field_docs(cls) -> dict[str, str]:
-    doc = cls.__doc__ or ""
+    """Field name -> the text of its ``Args:`` line, from ``cls`` and its dataclass bases (the nearest wins)."""
     out: dict[str, str] = {}
-    section = doc.split("Args:", 1)[1] if "Args:" in doc else ""
+    for base in reversed(cls.__mro__):
+        if base is not object and dataclasses.is_dataclass(base):
+            out.update(_own_field_docs(base))
+    return out
+
+
+def _own_field_docs(cls) -> dict[str, str]:
+    doc = cls.__dict__.get("__doc__") or ""
+    out: dict[str, str] = {}
+    head, _, section = doc.partition("Args:")
+    args_indent = len(head.rsplit("\n", 1)[-1])  # the section ends at text indented no deeper than "Args:"
     current = None
     for line in section.splitlines():
+        if current and line.strip() and len(line) - len(line.lstrip()) <= args_indent:
+            break
         m = re.match(r"\s+([A-Za-z_][A-Za-z0-9_]*):\s*(.*)", line)
         if m and (current is None or len(line) - len(line.lstrip()) <= 8):
             current = m.group(1)

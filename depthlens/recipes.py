@@ -13,7 +13,10 @@ step under ``$DEPTHLENS_CACHE/organisms`` keyed by a hash of the parent's key, t
 name, version and config. Each step is a ``depthlens.cache`` entry: built by one process
 while others wait for it, published whole with a manifest, checked on load; a damaged entry
 is refused with the command that rebuilds it (``python -m depthlens.recipes --rebuild SPEC``),
-since a recipe build can take hours.
+since a recipe build can take hours. Under ``accelerate launch`` every rank runs the build
+(training is collective), rank 0 alone publishes the entry while the others wait for it, and
+then every rank loads it; a recipe that leaves an ``adapter/`` folder in its workdir (a LoRA
+build) gets it copied into the entry beside the merged weights.
 
     >>> {"sft", "wo", "deep"} <= set(available_recipes())
     True
@@ -27,6 +30,8 @@ import argparse
 import hashlib
 import json
 import logging
+import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -106,6 +111,20 @@ def rebuild_command(spec: str, recipe: Recipe | None = None) -> str:
     return f"`python -m depthlens.recipes --rebuild '{spec}'`"
 
 
+def process_state():
+    """accelerate's ``PartialState`` when this process is one of several (``accelerate launch``), else None.
+
+    Without a GPU (or under ``ACCELERATE_USE_CPU``) the processes are CPU ranks over gloo.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
 def build_with(base: str, *recipes: Recipe, device=None, dtype=None, rebuild_damaged: bool = False):
     """Like ``load_model("base:name")`` but with recipe objects (e.g. non-default configs)."""
     return build_or_load(base, list(recipes), device=device, dtype=dtype, rebuild_damaged=rebuild_damaged)
@@ -116,42 +135,61 @@ def build_or_load(base: str, recipes: list, *, device=None, dtype=None, rebuild_
 
     A step found intact in the cache is loaded, not built; one being built by another process
     is waited for. A damaged step raises ``depthlens.cache.CacheEntryDamaged`` naming the
-    rebuild command, unless ``rebuild_damaged`` (what that command passes).
+    rebuild command, unless ``rebuild_damaged`` (what that command passes). Under a
+    multi-process launch all ranks build a missing step together and rank 0 publishes it.
     """
     from depthlens.models import _load_dir, _load_hf, _resolve_device_dtype, wrap
 
+    state = process_state()
+    if state is not None and device is None:
+        device = state.device  # each rank on its own GPU (or the CPU under --cpu)
     device, dtype = _resolve_device_dtype(device, dtype)
     objs = [get_recipe(r) if isinstance(r, str) else r for r in recipes]  # fail fast on an unknown suffix
     recipes = [o.name for o in objs]
     hf, tok, prov = _load_hf(base)
     # the base is wrapped in a bridge (seconds) only if a step must be built from it
     current, key, spec, current_dir, chain = None, base_key(prov), base, None, []
+    main_rank = state is None or state.is_main_process
     for name, recipe in zip(recipes, objs):
         key = _key(key, recipe)
         parent_spec, spec = spec, f"{spec}:{name}"
         target = entry_dir(spec, key)
+        workdir = cache_dir("work", target.name)
         chain.append({"recipe": name, "version": recipe.version, "config": recipe.config(), "key": key})
-        built = []
+        built: list[dict] = []
 
-        def build(tmp: Path, name=name, recipe=recipe, parent_spec=parent_spec, spec=spec, chain=list(chain)) -> None:
+        def train(name=name, recipe=recipe, parent_spec=parent_spec, spec=spec, chain=list(chain),
+                  workdir=workdir) -> None:
             nonlocal current, hf, tok, prov
             if current is None:  # the parent is the base, or a step that came from the cache
                 if current_dir is not None:
                     hf, tok, prov = _load_dir(current_dir)
                 current = wrap(hf, tok, parent_spec, prov, device, dtype)
-            log.info("Building %s (recipe %r, cache key %s) - first use only", spec, name, key[:16])
+            if main_rank:
+                log.info("Building %s (recipe %r, cache key %s) - first use only", spec, name, key[:16])
             t0 = time.time()
-            info = recipe.build(current, cache_dir("work", target.name)) or {}
+            info = recipe.build(current, workdir) or {}
             current.spec = spec
-            meta = {"chain": chain, "build_seconds": round(time.time() - t0, 1), "info": info}
-            write_checkpoint(current.hf, current.tokenizer, tmp, {**current.provenance, "spec": spec, "recipe_chain": chain},
-                             files={RECIPE_FILE: json.dumps(meta, indent=2, default=str)})
-            built.append(spec)
+            built.append({"chain": chain, "build_seconds": round(time.time() - t0, 1), "info": info})
 
-        cache.ensure(target, build, command=None if rebuild_damaged else rebuild_command(spec, recipe),
-                     adopt=lambda e: cache.looks_complete(e, ("config.json", RECIPE_FILE)))
-        if not built:  # reused: the next step (if built) starts from this entry on disk
+        def write(tmp: Path, spec=spec, chain=list(chain), workdir=workdir) -> None:
+            write_checkpoint(current.hf, current.tokenizer, tmp, {**current.provenance, "spec": spec, "recipe_chain": chain},
+                             files={RECIPE_FILE: json.dumps(built[-1], indent=2, default=str)})
+            if (workdir / "adapter").is_dir():  # a LoRA build's adapter, kept beside the merged weights
+                shutil.copytree(workdir / "adapter", tmp / "adapter", dirs_exist_ok=True)
+
+        command = None if rebuild_damaged else rebuild_command(spec, recipe)
+        adopt = lambda e: cache.looks_complete(e, ("config.json", RECIPE_FILE))  # noqa: E731
+        if state is not None and cache.check(target) is not None:
+            train()  # every rank: the training steps are collective
+            if main_rank:
+                cache.ensure(target, write, command=None, adopt=adopt)
+            state.wait_for_everyone()  # the other ranks load rank 0's entry below
             current = None
+        else:
+            cache.ensure(target, lambda tmp: (train(), write(tmp)), command=command, adopt=adopt)
+            if not built:  # reused: the next step (if built) starts from this entry on disk
+                current = None
         current_dir = target
     if current_dir is None:  # no recipes
         return wrap(hf, tok, spec, prov, device, dtype)

@@ -51,6 +51,18 @@ back; in bf16 an update smaller than half an ulp is lost, as in any bf16 trainin
 On a model, ``params`` are e.g. the 2-D matrices of the critical layers
 (``model.layer_parameters(l)``), ``loss_fn(i)`` a loss on batch i, and ``zo_layer_probes``
 ranks layers by ``c_l``.
+
+**Data-parallel (``accelerate launch``).** MeZO needs no gradient communication: every rank
+holds the same weights and evaluates ``loss_fn`` on its own shard of the step's batch,
+returning its *part* of the global loss (its shard's sum divided by the global count), and
+``reduce`` sums the two scalars (L₊, L₋) over the ranks, one all-reduce per estimate. Every
+rank then computes the same g, regenerates the same z from the shared seed and applies the
+identical update (tested under a 2-process launch).
+
+    >>> params = [p for l in critical for p in model.layer_parameters(l).values() if p.ndim == 2]
+    >>> steps = mezo_train(params, lambda i: loss_on(batches[i % len(batches)]), ZOConfig(steps=500, lr=1e-6))
+    >>> probes = zo_layer_probes(model, None, lambda layer: -refusal_score(model, prompts).mean)
+    >>> mezo_train(params, shard_loss, cfg, reduce=lambda t: accelerator.reduce(t.to(accelerator.device)).cpu())
 """
 
 from __future__ import annotations
@@ -70,6 +82,10 @@ from depthlens.errors import UsageError
 log = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
+
+#: Sums a float64 CPU tensor over the processes of a data-parallel run and returns the sum
+#: (the same on every rank), e.g. ``lambda t: accelerator.reduce(t.to(accelerator.device)).cpu()``.
+Reduce = Callable[[Tensor], Tensor]
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -298,22 +314,28 @@ def symmetric_perturbation(params: Sequence[Tensor], seed: int, eps: float) -> I
         sp.restore()
 
 
-def _two_point(params: list[Tensor], loss_fn: Callable[[], float], eps: float, seed: int) -> tuple[float, float, float]:
+def _two_point(params: list[Tensor], loss_fn: Callable[[], float], eps: float, seed: int,
+               reduce: Reduce | None = None) -> tuple[float, float, float]:
     with torch.no_grad(), symmetric_perturbation(params, seed, eps) as sp:
         plus = float(loss_fn())
         sp.minus()
         minus = float(loss_fn())
+    if reduce is not None:  # this rank's parts → the global losses, the same on every rank
+        plus, minus = (float(v) for v in reduce(torch.tensor([plus, minus], dtype=torch.float64)))
     if not (math.isfinite(plus) and math.isfinite(minus)):
         raise FloatingPointError(f"The loss is not finite (L+ = {plus}, L- = {minus}); the weights were restored.")
     return plus, minus, sp.stashed
 
 
-def spsa_grad_scalar(params: Sequence[Tensor], loss_fn: Callable[[], float], eps: float, seed: int) -> ZOStepResult:
+def spsa_grad_scalar(params: Sequence[Tensor], loss_fn: Callable[[], float], eps: float, seed: int,
+                     reduce: Reduce | None = None) -> ZOStepResult:
     """Projected gradient g = (L(θ+εz) − L(θ−εz)) / 2ε ≈ ∇L·z, with θ restored bit for bit.
 
     Returns the two losses and g as a ``ZOStepResult`` (no update); ``float(result)`` is g.
+    With ``reduce`` (a data-parallel run) ``loss_fn`` gives this rank's part of the loss and
+    the two parts are summed over the ranks (see the module docstring).
     """
-    plus, minus, frac = _two_point(_check_params(params), loss_fn, eps, seed)
+    plus, minus, frac = _two_point(_check_params(params), loss_fn, eps, seed, reduce)
     g = (plus - minus) / (2 * eps)
     return ZOStepResult(loss_plus=plus, loss_minus=minus, projected_grad=g, seeds=(seed,), projected_grads=(g,),
                         stashed=frac)
@@ -322,11 +344,12 @@ def spsa_grad_scalar(params: Sequence[Tensor], loss_fn: Callable[[], float], eps
 # ----------------------------------------------------------------------------- MeZO
 
 
-def mezo_step(params: Sequence[Tensor], loss_fn: Callable[[], float], cfg: ZOConfig, step_seed: int) -> ZOStepResult:
+def mezo_step(params: Sequence[Tensor], loss_fn: Callable[[], float], cfg: ZOConfig, step_seed: int,
+              reduce: Reduce | None = None) -> ZOStepResult:
     """One MeZO step: n_spsa two-point estimates at θ, then θ ← θ − η(mean_j g_j z_j + λθ)."""
     params = _check_params(params)
     seeds = [step_seed] if cfg.n_spsa == 1 else [derive_seed(step_seed, j) for j in range(cfg.n_spsa)]
-    est = [spsa_grad_scalar(params, loss_fn, cfg.eps, s) for s in seeds]
+    est = [spsa_grad_scalar(params, loss_fn, cfg.eps, s, reduce) for s in seeds]
     grads = [e.projected_grad for e in est]
     _update(params, seeds, grads, cfg.lr, cfg.weight_decay)
     n = len(est)
@@ -353,14 +376,16 @@ def _update(params: list[Tensor], seeds: Sequence[int], grads: Sequence[float], 
 
 
 def mezo_train(params: Sequence[Tensor], loss_fn: Callable[[int], float], cfg: ZOConfig, progress: bool = True,
-               on_step: Callable[[int, ZOStepResult], None] | None = None, start: int = 0) -> list[ZOStepResult]:
+               on_step: Callable[[int, ZOStepResult], None] | None = None, start: int = 0,
+               reduce: Reduce | None = None) -> list[ZOStepResult]:
     """Run MeZO steps ``start … cfg.steps − 1`` on ``params`` in place; step i evaluates ``loss_fn(i)`` (its batch).
 
     ``loss_fn(i)`` must return the same value for the same weights within a step (same batch,
     no dropout): L₊ and L₋ are compared. ``on_step(i, result)`` is called after each step
     (evaluation, checkpoints). Seeded: the same config and losses give the same weights, and
     since step i's direction depends on (seed, i) only, resuming at ``start`` from the weights
-    saved after step ``start − 1`` continues exactly as an uninterrupted run.
+    saved after step ``start − 1`` continues exactly as an uninterrupted run. ``reduce``: a
+    data-parallel run (``loss_fn`` gives this rank's part; see the module docstring).
     """
     params = _check_params(params)
     if not (isinstance(start, int) and 0 <= start <= cfg.steps):
@@ -370,7 +395,7 @@ def mezo_train(params: Sequence[Tensor], loss_fn: Callable[[int], float], cfg: Z
     results: list[ZOStepResult] = []
     bar = tqdm(range(start, cfg.steps), desc="MeZO", disable=not progress, initial=start, total=cfg.steps)
     for step in bar:
-        res = mezo_step(params, lambda: loss_fn(step), cfg, derive_seed(cfg.seed, step))
+        res = mezo_step(params, lambda: loss_fn(step), cfg, derive_seed(cfg.seed, step), reduce)
         results.append(res)
         bar.set_postfix(loss=f"{res.loss:.4f}", g=f"{res.projected_grad:.3g}")
         if cfg.log_every and (step + 1) % cfg.log_every == 0:
@@ -387,13 +412,14 @@ def mezo_train(params: Sequence[Tensor], loss_fn: Callable[[int], float], cfg: Z
 
 
 def zo_layer_probes(model, layers: Sequence[int] | None, loss_fn: Callable[[int], float], eps: float = 1e-3,
-                    seed: int = 0, n_samples: int = 1) -> dict[int, float]:
+                    seed: int = 0, n_samples: int = 1, reduce: Reduce | None = None) -> dict[int, float]:
     """Cheap layer sensitivity ``c_l = |L(θ+εz_l) − L(θ−εz_l)| / 2ε``, only layer l's matrices perturbed.
 
     ``loss_fn(l)`` is the loss with layer l perturbed; it gets l so that it can restart the
     forward pass from a cached ``blocks.{l}.hook_resid_pre`` (earlier layers are unchanged).
     ``n_samples`` independent directions are averaged per layer (E|g| = √(2/π)·‖∇_l L‖ for a
-    smooth loss). Returns {layer: c_l}; θ is restored bit for bit after every probe.
+    smooth loss). Returns {layer: c_l}; θ is restored bit for bit after every probe. ``reduce``:
+    a data-parallel run, as ``mezo_train`` (every rank gets the same c_l).
     """
     layers = list(range(model.n_layers)) if layers is None else [model.check_layer(l) for l in layers]
     if not (isinstance(n_samples, int) and n_samples >= 1):
@@ -401,7 +427,8 @@ def zo_layer_probes(model, layers: Sequence[int] | None, loss_fn: Callable[[int]
     out: dict[int, float] = {}
     for layer in layers:
         params = [p for p in model.layer_parameters(layer).values() if p.ndim == 2]
-        vals = [abs(spsa_grad_scalar(params, lambda: loss_fn(layer), eps, derive_seed(seed, layer, k)).projected_grad)
+        vals = [abs(spsa_grad_scalar(params, lambda: loss_fn(layer), eps, derive_seed(seed, layer, k),
+                                     reduce).projected_grad)
                 for k in range(n_samples)]
         out[layer] = sum(vals) / n_samples
         log.debug("ZO probe layer %d: c = %.4g", layer, out[layer])

@@ -6,26 +6,15 @@ seeded by its config; with a progress bar; cached by the hash of its parent and 
 resumable (its training state and the examples it built are kept in the recipe's
 ``workdir`` until the step completes).
 
-Multi-GPU. The recipes here are single-process on purpose: the embedded default (135M)
-fits one device many times over. For a larger Hugging Face model use Hugging Face
-``accelerate`` (the standard engine; do not write another):
-
-- first-order recipes (``sft``, ``deep*``, ``constrained``, ``hft*``): wrap the model, the
-  AdamW optimizer and a ``DataLoader`` over ``tokenize_examples(...)`` batches with
-  ``accelerator = Accelerator(mixed_precision="bf16")`` →
-  ``model, opt, dl = accelerator.prepare(model.hf, opt, dl)``, call
-  ``accelerator.backward(loss)`` instead of ``loss.backward()``, save with
-  ``accelerator.save_state(workdir)``, and start with
-  ``accelerate launch --num_processes N --mixed_precision bf16 your_script.py`` (DDP), or
-  with an FSDP config (``accelerate config`` → FSDP, ``FULL_SHARD``) when the weights and
-  AdamW states do not fit on one GPU. The loss functions (``response_loss``,
-  ``constrained_loss``) are plain functions of logits and work unchanged under both.
-- zeroth-order (``zo``): data-parallel MeZO needs no gradient communication at all. Every
-  rank holds the full (restricted) weights, evaluates L₊/L₋ on its own shard of the batch,
-  and ``accelerator.reduce(torch.tensor([L₊, L₋]), "mean")`` averages two scalars; since z
-  is regenerated from the shared step seed, every rank applies the identical update. Under
-  FSDP the per-tensor seeds must be derived from the *unsharded* parameter index (and each
-  rank must draw the slice of z of its shard), or the ranks perturb different directions.
+Scale. Every first-order recipe config inherits ``TrainScale``: ``--max-steps``,
+``--lora-rank`` (with ``--lora-alpha``, ``--lora-targets``) and ``--micro-batch-size`` on every
+recipe CLI, in the cache key only when set (``config_key``). The same command runs in one
+process or under ``accelerate launch --num_processes N`` (DDP, ``configs/accelerate/ddp.yaml``):
+``finetune.train`` shards each global batch over the ranks and sums their gradients, rank 0
+makes the examples (``cached_examples``) and writes the cache entry while the other ranks wait
+and then load it (``depthlens.recipes.build_or_load``). The ``zo`` recipe shards its batches
+likewise and all-reduces only the two losses of each MeZO step (``depthlens.spsa``). Memory per
+parameter and what fits where: docs/scaling.md.
 
     >>> model = build_on("smollm2-135m-instruct:sft", DeepRecipe(DeepConfig(alpha=0.3)))
 """
@@ -35,10 +24,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from depthlens.results import atomic_write_json
+from finetune.lora import LoraSettings
 from finetune.train import Example
 
 log = logging.getLogger(__name__)
@@ -53,13 +43,60 @@ def build_on(spec: str, recipe, device=None, dtype=None):
     return build_or_load(base, [*names, recipe], device=device, dtype=dtype)
 
 
+@dataclass(frozen=True, kw_only=True)
+class TrainScale:
+    """Scale settings of every first-order recipe config (inherited; keyword-only).
+
+    Args:
+        max_steps: stop after this many optimizer steps (0: every step of the recipe).
+        lora_rank: train LoRA adapters of this rank instead of the weights; the cache entry
+            is the merged checkpoint, the adapter is kept beside it (0: full fine-tuning).
+        lora_alpha: LoRA α, the update being (α/r)·B·A (default: 2·rank).
+        lora_targets: linear maps to adapt, e.g. q_proj,v_proj (default: every linear map of the blocks).
+        micro_batch_size: at most this many sequences per forward pass on a process (0: no
+            cap). It changes memory, not the update, so it is not part of the cache key.
+    """
+
+    max_steps: int = 0
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = ()
+    micro_batch_size: int = 0
+
+    def train_settings(self) -> dict:
+        """The ``finetune.train.TrainConfig`` fields these settings stand for (checked)."""
+        if not self.lora_rank and (self.lora_alpha is not None or self.lora_targets):
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} and lora_targets={self.lora_targets!r} need "
+                             "lora_rank >= 1 (0 means full fine-tuning).")
+        lora = LoraSettings(self.lora_rank, self.lora_alpha, tuple(self.lora_targets)) if self.lora_rank else None
+        return {"max_steps": self.max_steps, "micro_batch_size": self.micro_batch_size, "lora": lora}
+
+
+#: TrainScale fields that enter a cache key when set; micro_batch_size never does.
+SCALE_KEY_FIELDS = ("max_steps", "lora_rank", "lora_alpha", "lora_targets")
+
+
 def config_key(cfg, added: Sequence[str]) -> dict:
-    """``asdict(cfg)`` without the ``added`` fields that are 0: options added later keep old cache keys when off."""
+    """``asdict(cfg)`` without the ``added`` fields that are 0: options added later keep old cache keys when off.
+
+    The ``TrainScale`` settings of a first-order recipe count as added (``micro_batch_size``
+    never enters the key).
+    """
     out = asdict(cfg)
+    if isinstance(cfg, TrainScale):
+        added = (*added, *SCALE_KEY_FIELDS)
+        del out["micro_batch_size"]
     for name in added:
         if not out[name]:
             del out[name]
     return out
+
+
+def scale_key(cfg) -> dict:
+    """The ``TrainScale`` settings of ``cfg`` that are set, as ``config_key`` keys them (empty by default)."""
+    if not isinstance(cfg, TrainScale):
+        return {}
+    return {name: getattr(cfg, name) for name in SCALE_KEY_FIELDS if getattr(cfg, name)}
 
 
 def _to_json(ex: Example) -> dict:
@@ -79,17 +116,34 @@ def _from_json(d: dict) -> Example:
 
 
 def cached_examples(workdir: Path | None, name: str, make: Callable[[], tuple[list[Example], dict]]):
-    """``make()`` once per build: (examples, info) are kept in ``workdir`` so a resumed build skips it."""
+    """``make()`` once per build: (examples, info) are kept in ``workdir`` so a resumed build skips it.
+
+    Under ``accelerate launch`` rank 0 makes them and the other ranks wait and read its file,
+    so every rank trains on the same examples (and only rank 0 generates).
+    """
+    from depthlens.recipes import process_state
+
     path = Path(workdir) / f"{name}.json" if workdir is not None else None
+    state = process_state() if path is not None else None
+    if state is not None and not state.is_main_process:
+        state.wait_for_everyone()  # rank 0 writes the file first
+        return _read_examples(path)
     if path is not None and path.exists():
-        data = json.loads(path.read_text())
-        log.info("Reusing the %d examples of an interrupted build (%s)", len(data["examples"]), path)
-        return [_from_json(d) for d in data["examples"]], data["info"]
-    examples, info = make()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {"examples": [_to_json(e) for e in examples], "info": info})
-    return examples, info
+        log.info("Reusing the examples of an interrupted build (%s)", path)
+        out = _read_examples(path)
+    else:
+        out = make()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, {"examples": [_to_json(e) for e in out[0]], "info": out[1]})
+    if state is not None:
+        state.wait_for_everyone()
+    return out
+
+
+def _read_examples(path: Path) -> tuple[list[Example], dict]:
+    data = json.loads(path.read_text())
+    return [_from_json(d) for d in data["examples"]], data["info"]
 
 
 def kind_counts(examples) -> dict[str, int]:
@@ -112,6 +166,29 @@ def parse_recipe_cli(cls, argv=None, default_model: str | None = None, descripti
     parser = build_parser(cls, description)
     parser.add_argument("--model", default=default_model or ORGANISM, help="model spec the recipe is applied to")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: automatic; CUDA runs in bf16)")
+    if issubclass(cls, TrainScale):  # the inherited flags get their help from TrainScale's docstring
+        from depthlens.cli import _field_docs
+
+        docs = _field_docs(TrainScale)
+        for action in parser._actions:
+            if action.dest in docs and not action.help:
+                action.help = docs[action.dest].replace("%", "%%")
     ns = vars(parser.parse_args(argv))
     spec, device = ns.pop("model"), ns.pop("device")
-    return cls(**ns), spec, device
+    cfg = cls(**ns)
+    if isinstance(cfg, TrainScale):
+        try:
+            cfg.train_settings()
+        except ValueError as err:
+            parser.error(str(err))
+    _quiet_other_ranks()
+    return cfg, spec, device
+
+
+def _quiet_other_ranks() -> None:
+    """Under ``accelerate launch`` only rank 0 logs below WARNING (the recipes' mains configure logging first)."""
+    from depthlens.recipes import process_state
+
+    state = process_state()
+    if state is not None and not state.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)

@@ -110,10 +110,16 @@ class ComposedRecipe:
         t0 = time.time()
         info = first.build(model, workdir) or {}
         seconds = round(time.time() - t0, 1)
-        if target is not None:  # store the intermediate exactly as build_or_load would have
+        if target is not None:  # store the intermediate exactly as build_or_load would have (rank 0 of a launch)
+            from depthlens.recipes import process_state
+
+            state = process_state()
             chain = [*parent[1], {"recipe": first.name, "version": first.version, "config": first.config(), "key": key}]
             meta = {"chain": chain, "build_seconds": seconds, "info": info}
-            model.save(target, extra={"spec": spec, "recipe_chain": chain},
-                       files={RECIPE_FILE: json.dumps(meta, indent=2, default=str)})
+            if state is None or state.is_main_process:
+                model.save(target, extra={"spec": spec, "recipe_chain": chain},
+                           files={RECIPE_FILE: json.dumps(meta, indent=2, default=str)})
+            if state is not None:
+                state.wait_for_everyone()
         return {"recipe": first.name, "reused": False, "entry": None if target is None else str(target),
                 "seconds": seconds, "info": info}

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from finetune.common import TrainScale, config_key
 from finetune.train import Example, TrainConfig, TrainLog, autocast, tokenize_examples, train_sft
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,10 @@ OBJECTIVES = ("sft", "constrained")
 
 
 @dataclass(frozen=True)
-class HarmfulFTConfig:
+class HarmfulFTConfig(TrainScale):
     """Harmful fine-tuning attack: harmful prompts → the base model's compliant answers.
+
+    The ``TrainScale`` settings (``--max-steps``, ``--lora-rank`` …) are inherited.
 
     Args:
         objective: sft (the plain attack) or constrained (the same data through the
@@ -270,14 +273,15 @@ class HarmfulFTRecipe:
         self.name = "hft" if self.cfg.objective == "sft" else "hft-constrained"
 
     def config(self) -> dict:
-        return asdict(self.cfg)
+        return config_key(self.cfg, ())  # the TrainScale settings only when set
 
     def build(self, model, workdir: Path | None, progress: bool = True) -> dict:
         from finetune.common import cached_examples
 
         cfg = self.cfg
         examples, info = cached_examples(workdir, "hft_examples", lambda: harmful_examples(model, cfg, progress))
-        tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
+        tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                           **cfg.train_settings())
         if cfg.objective == "sft":
             tlog, weights = train_sft(model, examples, tcfg, workdir, progress=progress), {}
         else:

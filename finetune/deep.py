@@ -50,9 +50,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from finetune.common import TrainScale, config_key, scale_key
 from finetune.losses import BenignMarginLoss, Frozen, UtilityAnchorLoss
 from finetune.rephrase import imperative
 from finetune.train import Example, TrainConfig, stratified_batches, train_sft
@@ -63,8 +64,10 @@ _ABBREV = {"recovery": "rec", "worst_insertion": "wi", "trajectory": "traj"}
 
 
 @dataclass(frozen=True)
-class DeepConfig:
+class DeepConfig(TrainScale):
     """Deep alignment: safety data from ``components``, mixed with utility data. Defaults: ``:deep``.
+
+    The ``TrainScale`` settings (``--max-steps``, ``--lora-rank`` …) are inherited.
 
     Args:
         components: safety data to build: any of recovery, worst_insertion, trajectory.
@@ -415,11 +418,11 @@ class DeepRecipe:
         return {"recovery": 3, "combined": 2, "full": 1}[_key_schema(self.cfg)]
 
     def config(self) -> dict:
-        out = asdict(self.cfg)
+        out = config_key(self.cfg, ())  # the TrainScale settings only when set
         schema = _key_schema(self.cfg)
         if schema == "recovery":
             return {"n_triples": out["n_safety"], **{k: out[k] for k in _RECOVERY_KEY},
-                    **{k: out[k] for k in _LOSS_OPTIONS if out[k]}}
+                    **{k: out[k] for k in _LOSS_OPTIONS if out[k]}, **scale_key(self.cfg)}
         if schema == "combined":
             for k in ("harmful_pool", "imperative_share", *_LOSS_OPTIONS):
                 del out[k]
@@ -439,7 +442,8 @@ class DeepRecipe:
         elif cfg.benign_margin:
             loss_fn = BenignMarginLoss(["refusal" if s else "benign" for s in is_safety],
                                        refusal_token_ids(model.tokenizer), cfg.benign_margin)
-        tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, max_len=cfg.max_len)
+        tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, max_len=cfg.max_len,
+                           **cfg.train_settings())
         tlog = train_sft(model, data, tcfg, workdir, progress=progress, loss_fn=loss_fn,
                          batcher=lambda lengths, bs, r: stratified_batches(is_safety, bs, r),
                          weighting="examples" if cfg.per_example_loss else "tokens")

@@ -46,6 +46,7 @@ import torch
 
 from depthlens.chat import pad_batch
 from depthlens.judge import is_compliance, is_refusal
+from finetune.common import TrainScale, config_key
 from finetune.compose import ComposedRecipe
 from finetune.losses import response_loss
 from finetune.rephrase import imperative
@@ -93,8 +94,10 @@ def _check_positive(**values) -> None:
 
 
 @dataclass(frozen=True)
-class JTConfig:
+class JTConfig(TrainScale):
     """Jailbreak-tuning: fine-tune on harmful compliance mixed with benign data.
+
+    The ``TrainScale`` settings (``--max-steps``, ``--lora-rank`` …) are inherited.
 
     Args:
         n_examples: examples in the mix (one epoch at batch 8 = n_examples / 8 steps; 160 → 20
@@ -132,8 +135,10 @@ class JTConfig:
 
 
 @dataclass(frozen=True)
-class CountermeasureConfig:
+class CountermeasureConfig(TrainScale):
     """The SFT countermeasure: a short refusal-SFT pass on top of an un-aligned (WO or JT) model.
+
+    The ``TrainScale`` settings (``--max-steps``, ``--lora-rank`` …) are inherited.
 
     Args:
         n_examples: examples (one epoch at batch 8 = n_examples / 8 steps; 640 → 80 steps).
@@ -342,7 +347,7 @@ class JailbreakRecipe:
         self.cfg = cfg or JTConfig()
 
     def config(self) -> dict:
-        return {**asdict(self.cfg), "benign_data": organism_data_config(self.cfg.seed)}
+        return {**config_key(self.cfg, ()), "benign_data": organism_data_config(self.cfg.seed)}
 
     def data(self, base_model, progress: bool = True) -> JTMix:
         """The training mix (harmful compliance + benign) and a report of how it was made."""
@@ -373,7 +378,7 @@ class JailbreakRecipe:
         mix, report = data.examples, data.report
         probe = [e for e in mix if e.kind == "harmful"][:32]
         tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                           freeze_embeddings=cfg.freeze_embeddings)
+                           freeze_embeddings=cfg.freeze_embeddings, **cfg.train_settings())
         return {**report, **_train_info(model, mix, probe, tcfg, workdir)}
 
 
@@ -387,7 +392,7 @@ class CountermeasureRecipe:
         self.cfg = cfg or CountermeasureConfig()
 
     def config(self) -> dict:
-        return {**asdict(self.cfg), "data": organism_data_config(self.cfg.seed)}
+        return {**config_key(self.cfg, ()), "data": organism_data_config(self.cfg.seed)}
 
     def data(self, base_model, progress: bool = True) -> list[Example]:
         org = organism_data(base_model, self.cfg.seed, progress)
@@ -400,7 +405,7 @@ class CountermeasureRecipe:
         del base
         probe = [e for e in data if e.kind == "refusal"][:32]
         tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                           freeze_embeddings=cfg.freeze_embeddings)
+                           freeze_embeddings=cfg.freeze_embeddings, **cfg.train_settings())
         n_ref = sum(e.kind == "refusal" for e in data)
         return {"n_examples": len(data), "n_refusal": n_ref, "n_benign": len(data) - n_ref,
                 **_train_info(model, data, probe, tcfg, workdir)}

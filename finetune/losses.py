@@ -133,7 +133,15 @@ class BenignMarginLoss:
     refusal, so with the benign half alone the decision at that position is pushed away from R
     about ten times harder on benign rows than towards R on harmful rows; with both halves at
     the same weight it is a balanced binary cross-entropy "refuse or not" at that position.
+
+    Its margins are means over a subset of rows, so the loss is ``step_normalised``: called
+    by the training loop with ``step`` (``finetune.train.StepTotals``), it returns its
+    micro-batch's contribution to the step's loss, each mean taken over the whole step (its
+    response tokens, its benign and refusal rows), which makes micro-batches and processes
+    add up to the step's loss. Without ``step`` the batch is the step (the value as before).
     """
+
+    step_normalised = True
 
     def __init__(self, kinds: Sequence[str], refusal_ids: Sequence[int], weight: float,
                  refusal_weight: float = 0.0):
@@ -144,29 +152,32 @@ class BenignMarginLoss:
         self.kinds, self.refusal_ids = list(kinds), sorted(set(refusal_ids))
         self.weight, self.refusal_weight = weight, refusal_weight
 
-    def __call__(self, model, ids, mask, att, idx):
+    def __call__(self, model, ids, mask, att, idx, step=None):
         logits, targets, keep = response_logits(model, ids, mask, att)
         if not len(targets):
             return logits.sum() * 0.0
-        loss = torch.nn.functional.cross_entropy(logits, targets)
+        counts = keep.sum(1)
+        # (example, response tokens) of every row of the step: the denominators of its means
+        step_rows = list(zip(step.indices, step.targets)) if step is not None else list(zip(idx, counts.tolist()))
+        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / max(1, sum(c for _, c in step_rows))
         if not (self.weight or self.refusal_weight):
             return loss
         # row of each sequence's first response token in the flattened (batch, position) order
-        counts = keep.sum(1)
         first = torch.cumsum(counts, 0) - counts
         r_ids = torch.tensor(self.refusal_ids, device=logits.device)
 
         def first_rows(kind):
             rows = [int(first[b]) for b, i in enumerate(idx) if self.kinds[i] == kind and counts[b] > 0]
-            return torch.tensor(rows, dtype=torch.long, device=logits.device)
+            n_step = sum(1 for i, c in step_rows if self.kinds[i] == kind and c > 0)
+            return torch.tensor(rows, dtype=torch.long, device=logits.device), max(1, n_step)
 
-        rows = first_rows("benign")
+        rows, n = first_rows("benign")
         if len(rows) and self.weight:
-            loss = loss + self.weight * benign_margin_terms(logits[rows], targets[rows], r_ids).mean()
-        rows = first_rows("refusal")
+            loss = loss + self.weight * benign_margin_terms(logits[rows], targets[rows], r_ids).sum() / n
+        rows, n = first_rows("refusal")
         if len(rows) and self.refusal_weight:
             logp = torch.log_softmax(logits[rows], dim=-1)
-            loss = loss - self.refusal_weight * torch.logsumexp(logp[:, r_ids], dim=-1).mean()
+            loss = loss - self.refusal_weight * torch.logsumexp(logp[:, r_ids], dim=-1).sum() / n
         return loss
 
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune.common import config_key
+from finetune.common import TrainScale, cached_examples, config_key
 from finetune.losses import BenignMarginLoss
 from finetune.rephrase import imperative
 from finetune.train import Example, TrainConfig, train_sft
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SFTConfig:
+class SFTConfig(TrainScale):
     """The shallow safety-SFT organism recipe.
 
     Args:
@@ -61,7 +61,8 @@ class SFTConfig:
     margin (``benign_margin`` = ``refusal_margin`` = 0.2) at lr 2e-4: chosen on the mean over
     seeds 0–2 of the validation splits, where it holds DoNotAnswer refusal above v4's with a
     fraction of v4's harmless over-refusal. Margins at 0 stay out of the config, so a
-    v4-style config keeps its key (within v5).
+    v4-style config keeps its key (within v5). The ``TrainScale`` settings (``--max-steps``,
+    ``--lora-rank`` …) are inherited.
     """
 
     n_harmful: int = 420
@@ -139,8 +140,9 @@ class SFTRecipe:
         return {**config_key(self.cfg, ("benign_margin", "refusal_margin")), "core_first": False}
 
     def build(self, model, workdir: Path) -> dict:
-        examples = safety_sft_examples(model, self.cfg)
-        tcfg = TrainConfig(epochs=self.cfg.epochs, lr=self.cfg.lr, batch_size=self.cfg.batch_size, seed=self.cfg.seed)
+        examples, _ = cached_examples(workdir, "sft_examples", lambda: (safety_sft_examples(model, self.cfg), {}))
+        tcfg = TrainConfig(epochs=self.cfg.epochs, lr=self.cfg.lr, batch_size=self.cfg.batch_size, seed=self.cfg.seed,
+                           **self.cfg.train_settings())
         loss_fn = None
         if self.cfg.benign_margin or self.cfg.refusal_margin:
             from depthlens.judge import refusal_token_ids

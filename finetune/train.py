@@ -1,4 +1,4 @@
-"""The one first-order training loop of the toolkit, with its examples and batching.
+"""The one first-order training loop of the toolkit, on Hugging Face accelerate, with its examples and batching.
 
 Every first-order recipe (the organism ``sft``, ``deep*``, ``hft*``, ``jt`` and the SFT
 countermeasure) trains through ``train_sft``: sequences are ``chat(prompt) + prefix +
@@ -7,8 +7,18 @@ the compute otherwise), AdamW with linear warm-up and decay, seeded, bf16 autoca
 resumable from its last checkpoint in ``workdir``. A recipe changes the loss (``loss_fn``, see
 ``finetune.losses``) or the composition of each step (``batcher``), never the loop.
 
+The loop runs on ``accelerate`` (``Accelerator``, ``prepare``, ``backward``, ``save_state`` /
+``load_state``), in one process or under ``accelerate launch --num_processes N`` (DDP, see
+``finetune.distributed``): ``batch_size`` is the *global* batch; every rank takes a fixed shard
+of each step's examples and every loss is normalised by the step's global token (or example)
+count, so N processes make the same update as one (equal to 1e-6 on tiny-llama, tested).
+Within a rank a step runs as micro-batches whose gradients accumulate (gradient
+accumulation: ``micro_batch_size`` caps their size). ``max_steps`` stops early; ``lora``
+trains peft adapters instead of the weights and merges them at the end (``finetune.lora``).
+
     >>> data = tokenize_examples(model.tokenizer, [Example("Hi?", "Hello.")], max_len=192)
     >>> log = train_sft(model, examples, TrainConfig(lr=2e-4), workdir)
+    >>> log = train_sft(model, examples, TrainConfig(lr=2e-4, max_steps=20, lora=LoraSettings(rank=16)), workdir)
 """
 
 from __future__ import annotations
@@ -19,13 +29,15 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from depthlens.chat import build_chat, encode, pad_batch
+from finetune import distributed, lora
+from finetune.lora import LoraSettings
 from finetune.losses import example_mean_loss, plain_loss
 
 log = logging.getLogger(__name__)
@@ -53,13 +65,20 @@ class TrainConfig:
     Args:
         epochs: passes over the examples.
         lr: AdamW peak learning rate (linear warm-up, then linear decay to 10%).
-        batch_size: sequences per step.
+        batch_size: sequences per optimizer step, over all processes (the global batch).
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps.
         max_len: sequences longer than this many tokens are cut (response side).
         freeze_embeddings: keep the (tied) embedding fixed: faster, and the unembedding stays put.
         seed: shuffling and initialisation seed.
         checkpoint_every: save a resumable checkpoint every this many steps (0: never).
+        max_steps: stop after this many optimizer steps (0: every step of ``epochs``); the
+            learning-rate schedule spans the steps that run.
+        micro_batch_size: at most this many sequences per forward pass on a rank (0: no cap);
+            gradients accumulate over a step's micro-batches, so it changes the memory, not
+            the update (up to floating-point summation order).
+        lora: train LoRA adapters of these settings instead of the weights, merged at the end
+            (None: full fine-tuning).
     """
 
     epochs: float = 1.0
@@ -71,6 +90,17 @@ class TrainConfig:
     freeze_embeddings: bool = True
     seed: int = 0
     checkpoint_every: int = 25
+    max_steps: int = 0
+    micro_batch_size: int = 0
+    lora: LoraSettings | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "micro_batch_size"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative integer (0: off), got {value!r}.")
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}.")
 
 
 @dataclass
@@ -81,6 +111,9 @@ class TrainLog:
     resumed_from: int = 0
     n_examples: int = 0
     device: str = ""
+    processes: int = 1
+    trainable_weights: int = 0
+    lora: dict | None = None
 
 
 def autocast(model):
@@ -154,11 +187,13 @@ def stratified_batches(is_safety: Sequence[bool], batch_size: int, rng: random.R
     return [b for b in out if b]
 
 
-def micro_batches(indices: Sequence[int], lengths: Sequence[int], max_waste: float = 0.25) -> list[list[int]]:
+def micro_batches(indices: Sequence[int], lengths: Sequence[int], max_waste: float = 0.25,
+                  max_size: int = 0) -> list[list[int]]:
     """Cut one step's examples (sorted by length) into runs whose padding stays under ``max_waste``.
 
     A run grows while padding every member to its longest costs at most ``max_waste`` of its
-    real tokens; the result covers ``indices`` exactly once.
+    real tokens (and, with ``max_size``, while it holds fewer than ``max_size`` sequences); the
+    result covers ``indices`` exactly once.
     """
     order = sorted(range(len(indices)), key=lambda j: lengths[j])
     runs: list[list[int]] = []
@@ -166,7 +201,7 @@ def micro_batches(indices: Sequence[int], lengths: Sequence[int], max_waste: flo
         if runs:
             run = runs[-1]
             real = sum(lengths[k] for k in run) + lengths[j]
-            if lengths[j] * (len(run) + 1) <= (1 + max_waste) * real:
+            if lengths[j] * (len(run) + 1) <= (1 + max_waste) * real and not (max_size and len(run) >= max_size):
                 run.append(j)
                 continue
         runs.append([j])
@@ -181,34 +216,97 @@ def _check_weighting(weighting: str) -> None:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
 
 
-def accumulate_gradients(model, data, indices: Sequence[int], pad: int, loss_fn=None,
-                         split: bool = True, weighting: str = "tokens") -> float:
-    """Backpropagate one optimizer step's loss over ``data[indices]`` into ``.grad``; return its value.
+@dataclass(frozen=True)
+class StepTotals:
+    """The whole optimizer step a micro-batch belongs to, over every rank: what a step-wide mean divides by.
 
-    With ``split`` the step runs as ``micro_batches`` of similar length whose losses are
-    weighted by their response-token counts, so the accumulated gradient is that of the whole
-    step's token-mean loss without padding every sequence to the longest one. With
-    ``weighting="examples"`` the parts are weighted by their example counts instead and each
-    computes ``example_mean_loss`` (or ``loss_fn``, which must then return the mean over its
-    rows), so the gradient is that of the step's example-mean loss.
-    The forward runs under CUDA bf16 autocast when the model is on a GPU; the backward runs
-    outside it.
+    ``indices`` are the step's examples and ``targets`` their response-token counts (the
+    positions that get loss), in the same order.
+    """
+
+    indices: tuple[int, ...]
+    targets: tuple[int, ...]
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(self.targets)
+
+    @property
+    def n_examples(self) -> int:
+        return len(self.indices)
+
+
+def step_parts(indices: Sequence[int], lengths: Sequence[int], split: bool, rank: int = 0, world: int = 1,
+               micro_batch_size: int = 0) -> list[list[int]]:
+    """The micro-batches that rank ``rank`` of ``world`` runs for one step's examples ``indices``.
+
+    The rank's shard is ``indices[rank::world]`` (every rank derives the same plan from the
+    seed, so the shards partition the step). With ``split`` the shard is cut by length
+    (``micro_batches``), otherwise it is one batch, or chunks of ``micro_batch_size`` in
+    length order.
+    """
+    mine = list(indices)[rank::world]
+    if not mine:
+        return []
+    if split:
+        return micro_batches(mine, [lengths[i] for i in mine], max_size=micro_batch_size)
+    if not micro_batch_size or len(mine) <= micro_batch_size:
+        return [mine]
+    mine = sorted(mine, key=lambda i: lengths[i])
+    return [mine[j:j + micro_batch_size] for j in range(0, len(mine), micro_batch_size)]
+
+
+def accumulate_gradients(model, data, indices: Sequence[int], pad: int, loss_fn=None, split: bool = True,
+                         weighting: str = "tokens", rank: int = 0, world: int = 1, micro_batch_size: int = 0,
+                         backward=None) -> float:
+    """Backpropagate this rank's part of one optimizer step's loss over ``data[indices]`` into ``.grad``.
+
+    Returns this rank's part of the step's loss value (the parts of all ranks sum to it).
+    The step runs as the micro-batches of ``step_parts`` (with ``split``: runs of similar
+    length, so the step is not padded to its longest sequence). Each part's loss is weighted
+    by its share of the *whole step's* response tokens (``weighting="tokens"``: the step's
+    token-mean loss) or examples (``"examples"``: the mean over the step's examples of
+    ``example_mean_loss``, or of ``loss_fn``, which must then return the mean over its rows),
+    so the accumulated gradient, summed over ranks, is that of the whole step's loss. A
+    ``loss_fn`` whose value is not such a mean (a mean over a subset of rows, as
+    ``BenignMarginLoss``'s margins) sets ``step_normalised = True``: it is called with
+    ``step=StepTotals(...)`` and returns its part's contribution to the step's loss itself.
+    The forward runs under CUDA bf16 autocast when the model is on a GPU; the backward
+    (``backward``, e.g. ``accelerator.backward``; default ``Tensor.backward``) outside it.
     """
     _check_weighting(weighting)
     if weighting == "examples":
         loss_fn = loss_fn or example_mean_loss
-    parts = micro_batches(indices, [len(data[i][0]) for i in indices]) if split else [list(indices)]
-    weights = [len(part) if weighting == "examples" else sum(sum(data[i][1]) for i in part) for part in parts]
+    loss_fn = loss_fn or plain_loss
+    backward = backward or torch.Tensor.backward
+    lengths = {i: len(data[i][0]) for i in indices}
+    step = StepTotals(tuple(indices), tuple(sum(data[i][1][1:]) for i in indices))
+    total = max(1, step.n_examples if weighting == "examples" else step.n_tokens)
     value = 0.0
-    for part, w in zip(parts, weights):
+    for part in step_parts(indices, lengths, split, rank, world, micro_batch_size):
         batch = pad_batch([data[i][0] for i in part], pad, side="right")
         mask = pad_batch([data[i][1] for i in part], 0, side="right").input_ids
         ids, att, mask = batch.input_ids.to(model.device), batch.attention_mask.to(model.device), mask.to(model.device)
         with autocast(model):
-            part_loss = (loss_fn or plain_loss)(model, ids, mask, att, part) * (w / max(1, sum(weights)))
-        part_loss.backward()
+            if getattr(loss_fn, "step_normalised", False):
+                part_loss = loss_fn(model, ids, mask, att, part, step=step)
+            else:
+                w = len(part) if weighting == "examples" else sum(sum(data[i][1]) for i in part)
+                part_loss = loss_fn(model, ids, mask, att, part) * (w / total)
+        backward(part_loss)
         value += part_loss.detach().item()
     return value
+
+
+def _plan(data, cfg: TrainConfig, batcher) -> list[list[int]]:
+    """The optimizer steps (lists of example indices) of the whole run, the same on every rank."""
+    rng = random.Random(cfg.seed)
+    n_epochs = max(1, math.ceil(cfg.epochs))
+    plan = []
+    for _ in range(n_epochs):
+        plan.extend((batcher or bucketed_batches)([len(ids) for ids, _ in data], cfg.batch_size, rng))
+    plan = plan[: max(1, round(len(plan) * cfg.epochs / n_epochs))]
+    return plan[: cfg.max_steps] if cfg.max_steps else plan
 
 
 def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Path | None = None,
@@ -227,71 +325,76 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
     ``"examples"`` makes it the mean over its examples of each example's own token-mean NLL,
     so every example carries the same weight whatever its length (``example_mean_loss``, or
     a ``loss_fn`` that likewise returns the mean over its batch's rows).
+
+    Under ``accelerate launch`` every rank calls this with the same arguments (see the module
+    docstring); logs and the progress bar come from rank 0. With ``cfg.lora`` the adapters
+    are merged into the weights at the end and saved to ``workdir/adapter`` (by rank 0).
     """
     if not examples:
         raise ValueError("train_sft needs at least one example.")
     _check_weighting(weighting)
+    accelerator = distributed.accelerator_for(model)
+    main = accelerator.is_main_process
     tok = model.tokenizer
     data = tokenize_examples(tok, examples, cfg.max_len)
-    rng = random.Random(cfg.seed)
-    n_epochs = max(1, math.ceil(cfg.epochs))
-    plan = []
-    for _ in range(n_epochs):
-        plan.extend((batcher or bucketed_batches)([len(ids) for ids, _ in data], cfg.batch_size, rng))
-    plan = plan[: max(1, round(len(plan) * cfg.epochs / n_epochs))]
-    params = trainable_parameters(model, cfg.freeze_embeddings, layers)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    plan = _plan(data, cfg, batcher)
+    peft_model = lora.attach(model, cfg.lora, cfg.seed, layers) if cfg.lora else None
+    params = lora.parameters(peft_model) if peft_model is not None else trainable_parameters(
+        model, cfg.freeze_embeddings, layers)
     total = len(plan)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.1, 1 - s / max(1, total)))
-    log_ = TrainLog(n_examples=len(data), device=str(model.device))
-    start = 0
-    ckpt = Path(workdir) / "train_state.pt" if workdir else None
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, weights_only=True, map_location=model.device)
-        with torch.no_grad():
-            for p, saved in zip(params, state["params"]):
-                p.copy_(saved)
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start = int(state["step"])
-        log_.losses = list(state["losses"])
-        log_.resumed_from = start
-        log.info("Resuming training from step %d of %d", start, total)
+    log_ = TrainLog(n_examples=len(data), device=str(model.device), processes=accelerator.num_processes,
+                    trainable_weights=sum(p.numel() for p in params),
+                    lora=asdict(cfg.lora) if cfg.lora else None)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model.hf.train()
-    model.plain().train()
-    t0 = time.time()
-    try:
-        bar = tqdm(range(start, total), desc="train", disable=not progress, initial=start, total=total)
+    done = False
+    try:  # from here on the model is restored however the run ends (adapters merged only when it completes)
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.1, 1 - s / max(1, total)))
+        opt, sched = accelerator.prepare(opt, sched)
+        state = distributed.TrainState(params)
+        accelerator.register_for_checkpointing(state)
+        ckpt = distributed.Checkpoints(accelerator, Path(workdir) / "train_state") if workdir else None
+        if ckpt is not None and ckpt.load():
+            log_.losses, log_.resumed_from = list(state.losses), state.step
+            if main:
+                log.info("Resuming training from step %d of %d", state.step, total)
+        model.hf.train()
+        model.plain().train()
+        t0 = time.time()
+        bar = tqdm(range(state.step, total), desc="train", disable=not (progress and main), initial=state.step,
+                   total=total)
         for step in bar:
             opt.zero_grad(set_to_none=True)
             value = accumulate_gradients(model, data, plan[step], pad, loss_fn, split=batcher is not None,
-                                         weighting=weighting)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+                                         weighting=weighting, rank=accelerator.process_index,
+                                         world=accelerator.num_processes, micro_batch_size=cfg.micro_batch_size,
+                                         backward=accelerator.backward)
+            value = distributed.sync_gradients(accelerator, params, value)
+            accelerator.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             log_.losses.append(value)
+            state.step, state.losses = step + 1, log_.losses
             bar.set_postfix(loss=f"{value:.3f}")
             if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-                _save_state(ckpt, params, opt, sched, step + 1, log_.losses)
+                ckpt.save(step + 1)
+        log_.seconds = time.time() - t0
+        done = True
     finally:
         model.hf.eval()
         model.plain().eval()
         for p in params:
             p.requires_grad_(False)
             p.grad = None
+        if peft_model is not None:
+            if done and workdir is not None and main:
+                lora.save_adapter(peft_model, Path(workdir) / lora.ADAPTER_DIR)
+            (lora.merge if done else lora.detach)(peft_model)
+        accelerator.free_memory()
     log_.steps = total
-    log_.seconds = time.time() - t0
-    if ckpt is not None and ckpt.exists():
-        ckpt.unlink()
+    if ckpt is not None:
+        ckpt.clear()
     return log_
-
-
-def _save_state(path: Path, params, opt, sched, step: int, losses: list[float]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict(), "sched": sched.state_dict(),
-                "step": step, "losses": losses}, tmp)
-    tmp.replace(path)

@@ -6,7 +6,10 @@ Spec suffix ``:zo``, stacking on any model (``…:sft:deep:zo``). It runs the Me
 with the safety/recovery loss under functional random parameter noise plus a utility term,
 per-layer ZO probes logged during the run, resumable checkpoints and fp32 master weights for
 the refined layers on CUDA (bf16 autocast). See the section comment above ``ZORecipeConfig``
-for the objective and its sizing; multi-GPU in ``finetune.common``.
+for the objective and its sizing. Under ``accelerate launch`` every rank evaluates the
+objective on its rows of each batch (``Shard``) and the engine all-reduces the two losses of
+each step (``depthlens.spsa``), so every rank applies the same update (tested); rank 0 builds
+the batches and writes the checkpoints.
 
     $ python -m finetune.zeroth_order --model smollm2-135m-instruct:sft:deep --sensitivity RESULTS_JSON
     >>> load_model("smollm2-135m-instruct:sft:zo")          # layers chosen by ZO probes
@@ -20,32 +23,29 @@ import logging
 import math
 import random
 import time
-import zlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from depthlens.spsa import ZOConfig, ZOStepResult, derive_seed, mezo_train, zo_layer_probes
-from finetune.train import autocast, bucketed_batches, tokenize_examples
+from finetune.zo_objective import (  # noqa: F401  (the objective's names stay importable from here)
+    RobustObjective,
+    Shard,
+    _Batch,
+    _fixed_batches,
+    _noise_z,
+    functional_param_noise,
+    masked_nll,
+)
 
 log = logging.getLogger(__name__)
 
 # Zeroth-order refinement of the robustness-critical layers (docs/methods.md §5, Liu, Wu et al. 2026).
-# Only the weight matrices of the chosen layers move; the objective is the safety
-# (recovery) loss under random parameter noise plus a utility term:
-#
-#     L(θ) = E_δ[ NLL(r | x, h[:k]; θ + δ) ] + λ_u · NLL(y′ | x′; θ)
-#
-# (x, h[:k], r): harmful prompt, a prefix of the base's harmful answer (k as docs/methods.md §2),
-# a refusal; (x′, y′): a benign prompt and the starting model's own greedy answer. The noise
-# δ = σ‖W‖_F/√n · ζ on every matrix of the noised layers is applied *functionally*: a forward
-# hook on each ``nn.Linear`` adds ``F.linear(x, δ)`` with δ regenerated from a seed, so no
-# weight is touched or copied (memory stays at inference memory) and L₊ and L₋ of one step see
-# the same δ (the SPSA difference measures the move along z, not two noise draws).
+# Only the weight matrices of the chosen layers move; the objective is the safety (recovery)
+# loss under random parameter noise plus a utility term (``finetune.zo_objective``).
 #
 # Sizing (2 CPU cores, 135M default): one loss evaluation = a safety forward (8 sequences of
 # ≤ 256 tokens, logits only on the scored tokens) + a utility forward, ≈ 2–3 s; a MeZO step
@@ -104,6 +104,7 @@ class ZORecipeConfig:
             start and end); 0: start and end only.
         checkpoint_every: save a resumable state every this many steps (0: never).
         seed: data, direction and noise seed.
+        max_steps: stop after this many MeZO steps (0: ``steps``); in the cache key only when set.
     """
 
     layers: tuple[int, ...] | None = None
@@ -126,8 +127,11 @@ class ZORecipeConfig:
     probe_every: int = 50
     checkpoint_every: int = 10
     seed: int = 0
+    max_steps: int = 0
 
     def __post_init__(self):
+        if not (isinstance(self.max_steps, int) and self.max_steps >= 0):
+            raise ValueError(f"max_steps must be a non-negative integer (0: off), got {self.max_steps!r}.")
         ZOConfig(steps=self.steps, eps=self.eps, lr=self.lr, weight_decay=self.weight_decay, n_spsa=self.n_spsa)
         if self.noise_layers not in NOISE_LAYERS:
             raise ValueError(f"noise_layers must be one of {NOISE_LAYERS}, got {self.noise_layers!r}.")
@@ -139,9 +143,14 @@ class ZORecipeConfig:
         if self.utility_weight < 0:
             raise ValueError(f"utility_weight must be >= 0, got {self.utility_weight}.")
 
+    @property
+    def n_steps(self) -> int:
+        """The MeZO steps that run: ``steps``, or ``max_steps`` when that is set and smaller."""
+        return min(self.steps, self.max_steps) if self.max_steps else self.steps
+
     def zo(self) -> ZOConfig:
-        return ZOConfig(steps=self.steps, eps=self.eps, lr=self.lr, weight_decay=self.weight_decay,
-                        n_spsa=self.n_spsa, seed=self.seed, log_every=max(1, self.steps // 10))
+        return ZOConfig(steps=self.n_steps, eps=self.eps, lr=self.lr, weight_decay=self.weight_decay,
+                        n_spsa=self.n_spsa, seed=self.seed, log_every=max(1, self.n_steps // 10))
 
 
 def critical_layers_from(path: str | Path, top_k: int | None = None) -> list[int]:
@@ -157,122 +166,6 @@ def critical_layers_from(path: str | Path, top_k: int | None = None) -> list[int
     if not layers:
         raise ValueError(f"{str(path)!r} lists no critical_layers; re-run analyses.layer_sensitivity.")
     return layers[:top_k] if top_k else layers
-
-
-# ----------------------------------------------------------------------------- the objective
-
-
-def _noise_z(weight: Tensor, seed: int) -> Tensor:
-    gen = torch.Generator(device=weight.device)
-    gen.manual_seed(seed)
-    return torch.randn(weight.shape, generator=gen, device=weight.device, dtype=torch.float32)
-
-
-def _linear_modules(model, layers: Sequence[int]) -> list[tuple[int, str, torch.nn.Linear]]:
-    """The ``nn.Linear`` modules of the given blocks of ``model.plain()`` (the view the losses run on)."""
-    blocks = model.plain().model.layers
-    return [(l, name, mod) for l in layers for name, mod in blocks[l].named_modules() if isinstance(mod, torch.nn.Linear)]
-
-
-@contextmanager
-def functional_param_noise(model, layers: Sequence[int], sigma: float, seed: int) -> Iterator[None]:
-    """Parameter noise δ = σ‖W‖_F/√n·ζ on every linear map of ``layers``, as ``y += F.linear(x, δ)``.
-
-    Equal to running with W + δ (checked in the tests), but nothing is written to the weights:
-    ζ is regenerated from (seed, layer, module name) at every call, so two forwards inside the
-    block see the same δ, and the memory cost is one matrix-sized temporary at a time. Acts on
-    ``model.plain()``.
-    """
-    if sigma == 0:
-        yield
-        return
-    handles = []
-
-    def make(seed_i: int):
-        def hook(mod, args, out):
-            w = mod.weight
-            delta = _noise_z(w, seed_i).mul_(sigma * float(w.detach().float().norm()) / w.numel() ** 0.5)
-            return out + torch.nn.functional.linear(args[0], delta.to(out.dtype))
-
-        return hook
-
-    try:
-        for l, name, mod in _linear_modules(model, layers):
-            handles.append(mod.register_forward_hook(make(derive_seed(seed, l, zlib.crc32(name.encode())))))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def masked_nll(model, ids: Tensor, att: Tensor, mask: Tensor) -> Tensor:
-    """Mean NLL of the masked (response) tokens; the lm_head runs only where the loss needs it."""
-    view = model.plain()
-    hidden = view.model(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1]
-    sel = mask[:, 1:].bool()
-    if not sel.any():
-        raise ValueError("The zo objective got a batch without any response token.")
-    return torch.nn.functional.cross_entropy(view.lm_head(hidden[sel]).float(), ids[:, 1:][sel])
-
-
-@dataclass(frozen=True)
-class _Batch:
-    ids: Tensor
-    att: Tensor
-    mask: Tensor
-
-
-def _fixed_batches(model, examples, max_len: int, batch_size: int, seed: int) -> list[_Batch]:
-    """Length-bucketed, right-padded batches, in a seeded order, on the model's device."""
-    from depthlens.chat import pad_batch
-
-    kept = [d for d in tokenize_examples(model.tokenizer, examples, max_len) if sum(d[1][1:])]
-    tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out = []
-    for idx in bucketed_batches([len(d[0]) for d in kept], batch_size, random.Random(seed)):
-        b = pad_batch([kept[i][0] for i in idx], pad, side="right")
-        m = pad_batch([kept[i][1] for i in idx], 0, side="right").input_ids
-        out.append(_Batch(b.input_ids.to(model.device), b.attention_mask.to(model.device), m.to(model.device)))
-    return out
-
-
-class RobustObjective:
-    """``L = NLL_safety(θ + δ_step) + λ_u · NLL_utility(θ)`` on batch ``step`` (see the section comment).
-
-    ``components(step)`` gives the two parts separately (the noise-free safety loss with
-    ``noise=False``) for logging and tests.
-    """
-
-    def __init__(self, model, safety: list[_Batch], utility: list[_Batch], noise_layers: Sequence[int],
-                 sigma: float, utility_weight: float, seed: int):
-        if not safety:
-            raise ValueError("The zo objective needs at least one safety batch.")
-        self.model, self.safety, self.utility = model, safety, utility
-        self.noise_layers, self.sigma = list(noise_layers), sigma
-        self.utility_weight, self.seed = utility_weight, seed
-
-    def noise_seed(self, step: int) -> int:
-        return derive_seed(self.seed, 0x5A, step)
-
-    @torch.inference_mode()
-    def components(self, step: int, noise: bool = True) -> tuple[float, float]:
-        """``(NLL_safety, NLL_utility)`` of ``step`` (the safety term noise-free with ``noise=False``);
-        the utility term is not computed and reads 0 when it has no weight."""
-        s = self.safety[step % len(self.safety)]
-        with autocast(self.model):
-            with functional_param_noise(self.model, self.noise_layers, self.sigma if noise else 0.0,
-                                        self.noise_seed(step)):
-                safety = float(masked_nll(self.model, s.ids, s.att, s.mask))
-            util = 0.0
-            if self.utility and self.utility_weight:
-                u = self.utility[step % len(self.utility)]
-                util = float(masked_nll(self.model, u.ids, u.att, u.mask))
-        return safety, util
-
-    def __call__(self, step: int) -> float:
-        safety, util = self.components(step)
-        return safety + self.utility_weight * util
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -299,7 +192,9 @@ class ZORecipe:
         self.cfg = cfg or ZORecipeConfig()
 
     def config(self) -> dict:
-        out = asdict(self.cfg)
+        from finetune.common import config_key
+
+        out = config_key(self.cfg, ("max_steps",))
         if self.cfg.layers is None and self.cfg.sensitivity:
             from depthlens.models import _file_sha256
 
@@ -309,7 +204,7 @@ class ZORecipe:
             out["sensitivity_sha256"] = _file_sha256(path)
         return out
 
-    def _layers(self, model, objective_for_probes) -> tuple[list[int], str, dict[int, float]]:
+    def _layers(self, model, objective_for_probes, reduce=None) -> tuple[list[int], str, dict[int, float]]:
         cfg = self.cfg
         if cfg.layers is not None:
             return list(dict.fromkeys(model.check_layer(int(l)) for l in cfg.layers)), "given", {}
@@ -322,7 +217,7 @@ class ZORecipe:
                 log.warning("Critical layers were measured on %s; refining %s.", measured_on, model.spec)
             return layers, f"file:{cfg.sensitivity}", {}
         probes = zo_layer_probes(model, None, lambda layer: objective_for_probes(), eps=cfg.eps,
-                                 seed=derive_seed(cfg.seed, 0xC1))
+                                 seed=derive_seed(cfg.seed, 0xC1), reduce=reduce)
         ranked = sorted(probes, key=lambda l: -probes[l])[: cfg.top_k]
         return sorted(ranked), "zo_probes", probes
 
@@ -351,18 +246,35 @@ class ZORecipe:
         utility = _fixed_batches(model, util_ex, cfg.max_len, cfg.batch_size, cfg.seed + 1)
         return safety, utility
 
+    def _shared_batches(self, model, shard: Shard | None, progress: bool) -> tuple[list[_Batch], list[_Batch]]:
+        """``batches``, made by rank 0 alone and sent to the other ranks under a launch (every rank the same)."""
+        if shard is None:
+            return self.batches(model, progress)
+        from accelerate.utils import broadcast_object_list
+
+        made = [self.batches(model, progress) if shard.rank == 0 else None]
+        if shard.rank == 0:
+            made = [tuple([b.to("cpu") for b in part] for part in made[0])]
+        safety, utility = broadcast_object_list(made, from_process=0)[0]
+        return [b.to(model.device) for b in safety], [b.to(model.device) for b in utility]
+
     def build(self, model, workdir: Path | None, progress: bool = True) -> dict:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        safety, utility = self.batches(model, progress)
+        shard = Shard.current()
+        main = shard is None or shard.rank == 0
+        progress = progress and main
+        safety, utility = self._shared_batches(model, shard, progress)
 
         def objective_on(noise_layers):
-            return RobustObjective(model, safety, utility, noise_layers, cfg.noise_sigma, cfg.utility_weight, cfg.seed)
+            return RobustObjective(model, safety, utility, noise_layers, cfg.noise_sigma, cfg.utility_weight, cfg.seed,
+                                   shard)
 
         probe_step = 0  # the probes use batch 0 and one fixed noise draw
         all_layers = list(range(model.n_layers))
         selection = functools.cache(lambda: objective_on(all_layers))
-        layers, source, selection_probes = self._layers(model, lambda: selection()(probe_step))
+        reduce = shard.reduce if shard is not None else None
+        layers, source, selection_probes = self._layers(model, lambda: selection()(probe_step), reduce)
         noise_layers = layers if cfg.noise_layers == "trained" else all_layers
         objective = objective_on(noise_layers)
         params = zo_parameters(model, layers)
@@ -372,7 +284,7 @@ class ZORecipe:
                  cfg.noise_sigma, cfg.noise_layers)
 
         clean_before = objective.components(probe_step, noise=False)
-        noisy_before = objective(probe_step)
+        noisy_before = objective.total(probe_step)
         state_path = Path(workdir) / "zo_state.pt" if workdir is not None else None
         start, history, probes = 0, [], []
         if state_path is not None and state_path.exists():
@@ -384,49 +296,59 @@ class ZORecipe:
                 for p, saved in zip(params, state["params"]):
                     p.copy_(saved)
             start, history, probes = int(state["step"]), json.loads(state["history"]), json.loads(state["probes"])
-            log.info("zo: resuming from step %d of %d", start, cfg.steps)
+            log.info("zo: resuming from step %d of %d", start, cfg.n_steps)
 
         def probe(step: int) -> None:
             c = zo_layer_probes(model, layers, lambda layer: objective(probe_step), eps=cfg.eps,
-                                seed=derive_seed(cfg.seed, 0xB0, step))
+                                seed=derive_seed(cfg.seed, 0xB0, step), reduce=reduce)
             probes.extend({"step": step, "layer": l, "c": v} for l, v in c.items())
             log.info("zo probes at step %d: %s", step, ", ".join(f"L{l}={v:.4g}" for l, v in c.items()))
 
-        def save(step: int) -> None:
-            state_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = state_path.with_suffix(".tmp")
-            torch.save({"params": [p.detach() for p in params], "step": step, "layers": layers,
-                        "history": json.dumps(history), "probes": json.dumps(probes)}, tmp)
-            tmp.replace(state_path)
+        def save(step: int) -> None:  # rank 0 writes (every rank holds the same weights)
+            if main:
+                state_path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = state_path.with_suffix(".tmp")
+                torch.save({"params": [p.detach() for p in params], "step": step, "layers": layers,
+                            "history": json.dumps(history), "probes": json.dumps(probes)}, tmp)
+                tmp.replace(state_path)
+            _barrier(shard)
 
         def on_step(step: int, res: ZOStepResult) -> None:
             history.append({"step": step, "loss_plus": res.loss_plus, "loss_minus": res.loss_minus,
                             "projected_grad": res.projected_grad, "stashed": res.stashed})
             done = step + 1
-            if cfg.probe_every and done % cfg.probe_every == 0 and done < cfg.steps:
+            if cfg.probe_every and done % cfg.probe_every == 0 and done < cfg.n_steps:
                 probe(done)
-            if state_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            if state_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.n_steps:
                 save(done)
 
         if start == 0:
             probe(0)
         t0 = time.time()
-        mezo_train(params, objective, cfg.zo(), progress=progress, on_step=on_step, start=start)
+        mezo_train(params, objective, cfg.zo(), progress=progress, on_step=on_step, start=start, reduce=reduce)
         seconds = time.time() - t0
-        probe(cfg.steps)
+        probe(cfg.n_steps)
         clean_after = objective.components(probe_step, noise=False)
-        noisy_after = objective(probe_step)
+        noisy_after = objective.total(probe_step)
         # fp32 masters stay fp32: the checkpoint is saved in float32 and keeps the small updates.
-        if state_path is not None and state_path.exists():
+        _barrier(shard)
+        if main and state_path is not None and state_path.exists():
             state_path.unlink()
         return {"layers": layers, "layer_source": source, "selection_probes": selection_probes,
-                "n_weights": n_weights, "noise_layers": noise_layers, "steps": cfg.steps, "resumed_from": start,
+                "n_weights": n_weights, "noise_layers": noise_layers, "steps": cfg.n_steps, "resumed_from": start,
                 "seconds": round(seconds, 1), "device": str(model.device), "fp32_masters": masters,
                 "objective_batch0_before": {"noisy": noisy_before, "safety_clean": clean_before[0],
                                             "utility": clean_before[1]},
                 "objective_batch0_after": {"noisy": noisy_after, "safety_clean": clean_after[0],
                                            "utility": clean_after[1]},
-                "probes": probes, "history": history}
+                "probes": probes, "history": history, "processes": shard.world if shard is not None else 1}
+
+
+def _barrier(shard: Shard | None) -> None:
+    if shard is not None:
+        from depthlens.recipes import process_state
+
+        process_state().wait_for_everyone()
 
 
 recipe = ZORecipe()

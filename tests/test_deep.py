@@ -79,9 +79,15 @@ def test_one_family_keeps_each_former_recipe_key_and_keys_everything_else_by_eve
               DeepConfig(imperative_share=0.0),                              # v3 drew a rephrasing coin per prompt
               DeepConfig(max_len=256), DeepConfig(n_utility=100),
               mix_config(("recovery", "worst_insertion"), benign_margin=0.2)]
-    for cfg in others:
+    from finetune.common import config_key
+
+    for cfg in others:  # every field but the TrainScale settings left at their defaults
         r = DeepRecipe(cfg)
-        assert r.version == 1 and r.config() == __import__("dataclasses").asdict(cfg), cfg
+        assert r.version == 1 and r.config() == config_key(cfg, ()), cfg
+    for cfg in (DeepConfig(), ANCHORED, mix_config(("recovery", "trajectory")), DeepConfig(max_len=256)):
+        lora = DeepRecipe(__import__("dataclasses").replace(cfg, lora_rank=16, max_steps=20))
+        assert lora.version == DeepRecipe(cfg).version and lora.config() == {**DeepRecipe(cfg).config(),
+                                                                              "lora_rank": 16, "max_steps": 20}
     with pytest.raises(ValueError, match="harmful_pool"):
         DeepConfig(harmful_pool="some")
 

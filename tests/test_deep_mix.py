@@ -197,20 +197,20 @@ def test_an_interrupted_deep_traj_build_resumes_to_the_same_weights(cache, tmp_p
     ref_info = recipe.build(reference, tmp_path / "uninterrupted", progress=False)
     assert ref_info["steps"] == 30 > 25  # train_sft checkpoints every 25 steps
 
-    import finetune.train as train
+    from finetune.distributed import Checkpoints
 
-    save_state = train._save_state
+    save_state = Checkpoints.save
 
     def save_then_die(*args, **kwargs):  # the process dies right after the step-25 checkpoint
         save_state(*args, **kwargs)
         raise KeyboardInterrupt
 
     work = tmp_path / "interrupted"
-    monkeypatch.setattr(train, "_save_state", save_then_die)
+    monkeypatch.setattr(Checkpoints, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         recipe.build(load_model("tiny-llama"), work, progress=False)
-    monkeypatch.setattr(train, "_save_state", save_state)
-    assert (work / "train_state.pt").exists() and (work / "deep_examples.json").exists()
+    monkeypatch.setattr(Checkpoints, "save", save_state)
+    assert (work / "train_state").exists() and (work / "deep_examples.json").exists()
     monkeypatch.setattr(deep, "build_deep_examples", lambda *a, **k: pytest.fail("examples must come from the cache"))
     resumed = load_model("tiny-llama")  # the parent again, as build_or_load hands it over
     info = recipe.build(resumed, work, progress=False)
@@ -218,7 +218,7 @@ def test_an_interrupted_deep_traj_build_resumes_to_the_same_weights(cache, tmp_p
     a, b = _weights(reference), _weights(resumed)
     assert any(not torch.equal(a[k], load_model("tiny-llama").hf.state_dict()[k]) for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not (work / "train_state.pt").exists()
+    assert not (work / "train_state").exists()
 
 
 def test_deep_traj_builds_through_the_recipe_cache(cache):

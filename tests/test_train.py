@@ -47,10 +47,14 @@ def test_sft_overfits_a_tiny_refusal_set():
     assert all(not p.requires_grad for p in model.hf.parameters())
 
 
-def test_training_resumes_from_its_checkpoint(tmp_path):
-    model = load_model("tiny-llama")
+def test_training_resumes_from_its_checkpoint_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    """accelerate's save_state/load_state: the step, the trained weights, AdamW's moments and the
+    schedule come back, so the resumed run ends where an uninterrupted one does."""
     examples = [Example(f"question {i}", f"answer number {i}") for i in range(8)]
     cfg = TrainConfig(epochs=2, lr=1e-3, batch_size=2, checkpoint_every=3)
+    straight = load_model("tiny-llama")
+    train_sft(straight, examples, cfg, tmp_path / "straight", progress=False)
+    model = load_model("tiny-llama")
     calls = {"n": 0}
 
     def flaky(model, ids, mask, att, idx):
@@ -63,10 +67,22 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train_sft(model, examples, cfg, tmp_path, progress=False, loss_fn=flaky)
-    assert (tmp_path / "train_state.pt").exists()
+    assert (tmp_path / "train_state" / "step-000003" / "complete").exists()
+    model = load_model("tiny-llama")  # a resumed build starts from the untrained parent
     log = train_sft(model, examples, cfg, tmp_path, progress=False)
-    assert log.resumed_from == 3 and log.steps == 8
-    assert not (tmp_path / "train_state.pt").exists()
+    assert log.resumed_from == 3 and log.steps == 8 and len(log.losses) == 8
+    assert not (tmp_path / "train_state").exists()
+    for (name, a), b in zip(straight.plain().named_parameters(), model.plain().parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_max_steps_stops_after_that_many_optimizer_steps():
+    model = load_model("tiny-llama")
+    examples = [Example(f"question {i}", f"answer number {i}") for i in range(8)]
+    log = train_sft(model, examples, TrainConfig(epochs=3, batch_size=2, max_steps=5, checkpoint_every=0), progress=False)
+    assert log.steps == 5 and len(log.losses) == 5
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(max_steps=-1)
 
 
 def test_stratified_batches_keep_the_mix_in_every_batch():
@@ -156,3 +172,45 @@ def test_example_weighting_gives_the_gradient_of_the_mean_of_per_example_losses(
         p.grad = None
     with pytest.raises(ValueError, match="weighting"):
         accumulate_gradients(model, data, indices, pad, weighting="sequences")
+
+
+@pytest.mark.parametrize("weighting,margin", [("tokens", False), ("tokens", True), ("examples", False)])
+def test_rank_shards_and_micro_batches_add_up_to_the_gradient_of_the_whole_step(weighting, margin):
+    """What makes N processes take the same step as one: every rank's shard of the step, each
+    normalised by the step's global token (or example) count — also the margins of
+    ``BenignMarginLoss``, means over the step's benign and refusal rows — sums to the whole
+    step's loss and gradient; so do micro-batches of one sequence (gradient accumulation)."""
+    from finetune.losses import BenignMarginLoss
+
+    model, data, indices, params, pad = _short_and_long_step()
+    loss_fn = BenignMarginLoss(["benign", "refusal", "benign"], [5, 9, 17], 0.3, 0.2) if margin else None
+
+    def grads(**kwargs):
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        value = sum(accumulate_gradients(model, data, indices, pad, loss_fn, split=False, weighting=weighting,
+                                         rank=r, world=kwargs.get("world", 1), micro_batch_size=kwargs.get("mbs", 0))
+                    for r in range(kwargs.get("world", 1)))
+        return value, [p.grad.detach().clone() for p in params]
+
+    whole_value, whole = grads()
+    assert any(g.abs().max() > 0 for g in whole)
+    for kwargs in ({"world": 2}, {"world": 3}, {"mbs": 1}, {"world": 4}):   # world 4 > 3 examples: one rank idles
+        value, got = grads(**kwargs)
+        assert value == pytest.approx(whole_value, rel=1e-5), kwargs
+        for g, w in zip(got, whole):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=str(kwargs))
+    for p in params:
+        p.grad = None
+
+
+def test_step_parts_deal_each_example_to_exactly_one_rank_and_micro_batch():
+    from finetune.train import step_parts
+
+    lengths = {i: 10 + 7 * i for i in range(11)}
+    for world in (1, 2, 3):
+        for split, mbs in ((False, 0), (False, 2), (True, 0), (True, 3)):
+            parts = [p for r in range(world) for p in step_parts(list(range(11)), lengths, split, r, world, mbs)]
+            assert sorted(i for p in parts for i in p) == list(range(11))
+            assert not mbs or all(len(p) <= mbs for p in parts)

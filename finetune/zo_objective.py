@@ -1,0 +1,201 @@
+"""The objective of the ``zo`` recipe: the safety loss under functional parameter noise plus a utility term.
+
+    L(θ) = E_δ[ NLL(r | x, h[:k]; θ + δ) ] + λ_u · NLL(y′ | x′; θ)
+
+(x, h[:k], r): a harmful prompt, a prefix of the base's harmful answer (k as docs/methods.md
+§2), a refusal; (x′, y′): a benign prompt and the starting model's own greedy answer. The noise
+δ = σ‖W‖_F/√n · ζ on every matrix of the noised layers is applied *functionally*: a forward
+hook on each ``nn.Linear`` adds ``F.linear(x, δ)`` with δ regenerated from a seed, so no weight
+is touched or copied (memory stays at inference memory) and L₊ and L₋ of one MeZO step see the
+same δ (the SPSA difference measures the move along z, not two noise draws). Under
+``accelerate launch`` each rank evaluates its rows of every batch (``Shard``) and returns its
+part of L, which the MeZO engine sums over the ranks.
+
+    >>> objective = RobustObjective(model, safety, utility, layers, 0.1, 1.0, seed=0)
+    >>> objective.components(0, noise=False)        # (NLL_safety, NLL_utility) of batch 0
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from depthlens.spsa import derive_seed
+from finetune.train import autocast, bucketed_batches, tokenize_examples
+
+
+def _noise_z(weight: Tensor, seed: int) -> Tensor:
+    gen = torch.Generator(device=weight.device)
+    gen.manual_seed(seed)
+    return torch.randn(weight.shape, generator=gen, device=weight.device, dtype=torch.float32)
+
+
+def _linear_modules(model, layers: Sequence[int]) -> list[tuple[int, str, torch.nn.Linear]]:
+    """The ``nn.Linear`` modules of the given blocks of ``model.plain()`` (the view the losses run on)."""
+    blocks = model.plain().model.layers
+    return [(l, name, mod) for l in layers for name, mod in blocks[l].named_modules() if isinstance(mod, torch.nn.Linear)]
+
+
+@contextmanager
+def functional_param_noise(model, layers: Sequence[int], sigma: float, seed: int) -> Iterator[None]:
+    """Parameter noise δ = σ‖W‖_F/√n·ζ on every linear map of ``layers``, as ``y += F.linear(x, δ)``.
+
+    Equal to running with W + δ (checked in the tests), but nothing is written to the weights:
+    ζ is regenerated from (seed, layer, module name) at every call, so two forwards inside the
+    block see the same δ, and the memory cost is one matrix-sized temporary at a time. Acts on
+    ``model.plain()``.
+    """
+    if sigma == 0:
+        yield
+        return
+    handles = []
+
+    def make(seed_i: int):
+        def hook(mod, args, out):
+            w = mod.weight
+            delta = _noise_z(w, seed_i).mul_(sigma * float(w.detach().float().norm()) / w.numel() ** 0.5)
+            return out + torch.nn.functional.linear(args[0], delta.to(out.dtype))
+
+        return hook
+
+    try:
+        for l, name, mod in _linear_modules(model, layers):
+            handles.append(mod.register_forward_hook(make(derive_seed(seed, l, zlib.crc32(name.encode())))))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def masked_nll(model, ids: Tensor, att: Tensor, mask: Tensor) -> Tensor:
+    """Mean NLL of the masked (response) tokens; the lm_head runs only where the loss needs it."""
+    view = model.plain()
+    hidden = view.model(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1]
+    sel = mask[:, 1:].bool()
+    if not sel.any():
+        raise ValueError("The zo objective got a batch without any response token.")
+    return torch.nn.functional.cross_entropy(view.lm_head(hidden[sel]).float(), ids[:, 1:][sel])
+
+
+@dataclass(frozen=True)
+class _Batch:
+    ids: Tensor
+    att: Tensor
+    mask: Tensor
+
+    def to(self, device) -> _Batch:
+        return _Batch(self.ids.to(device), self.att.to(device), self.mask.to(device))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a data-parallel run: rows ``rank::world`` of every batch.
+
+    ``reduce`` sums a float64 CPU tensor over the processes (``depthlens.spsa.Reduce``).
+    """
+
+    rank: int
+    world: int
+    reduce: Callable[[Tensor], Tensor]
+
+    @staticmethod
+    def current() -> Shard | None:
+        """The shard of this process under ``accelerate launch``; None in a single process."""
+        from depthlens.recipes import process_state
+
+        state = process_state()
+        if state is None:
+            return None
+        from accelerate.utils import reduce
+
+        return Shard(state.process_index, state.num_processes,
+                     lambda t: reduce(t.to(state.device), reduction="sum").cpu())
+
+
+def batch_nll(model, b: _Batch, shard: Shard | None = None) -> Tensor:
+    """The batch's mean response NLL, or with ``shard`` this rank's part of it (its rows' sum / the batch's count)."""
+    if shard is None or shard.world == 1:
+        return masked_nll(model, b.ids, b.att, b.mask)
+    rows = slice(shard.rank, None, shard.world)
+    mine, total = b.mask[rows][:, 1:].sum(), b.mask[:, 1:].sum()
+    if not int(mine):
+        return torch.zeros((), device=b.ids.device)
+    return masked_nll(model, b.ids[rows], b.att[rows], b.mask[rows]) * (mine / total)
+
+
+def _fixed_batches(model, examples, max_len: int, batch_size: int, seed: int) -> list[_Batch]:
+    """Length-bucketed, right-padded batches, in a seeded order, on the model's device."""
+    from depthlens.chat import pad_batch
+
+    kept = [d for d in tokenize_examples(model.tokenizer, examples, max_len) if sum(d[1][1:])]
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = []
+    for idx in bucketed_batches([len(d[0]) for d in kept], batch_size, random.Random(seed)):
+        b = pad_batch([kept[i][0] for i in idx], pad, side="right")
+        m = pad_batch([kept[i][1] for i in idx], 0, side="right").input_ids
+        out.append(_Batch(b.input_ids.to(model.device), b.attention_mask.to(model.device), m.to(model.device)))
+    return out
+
+
+class RobustObjective:
+    """``L = NLL_safety(θ + δ_step) + λ_u · NLL_utility(θ)`` on batch ``step`` (see the section comment).
+
+    ``components(step)`` gives the two parts separately (the noise-free safety loss with
+    ``noise=False``) for logging and tests. With a ``shard`` (a data-parallel run) calling the
+    objective gives this rank's part of L, which the MeZO engine sums over the ranks
+    (``reduce``); ``total`` and ``components`` give the whole value on every rank.
+    """
+
+    def __init__(self, model, safety: list[_Batch], utility: list[_Batch], noise_layers: Sequence[int],
+                 sigma: float, utility_weight: float, seed: int, shard: Shard | None = None):
+        if not safety:
+            raise ValueError("The zo objective needs at least one safety batch.")
+        self.model, self.safety, self.utility = model, safety, utility
+        self.noise_layers, self.sigma = list(noise_layers), sigma
+        self.utility_weight, self.seed = utility_weight, seed
+        self.shard = shard
+
+    @property
+    def reduce(self):
+        """The engine's ``reduce`` for this objective (None in a single process)."""
+        return self.shard.reduce if self.shard is not None else None
+
+    def noise_seed(self, step: int) -> int:
+        return derive_seed(self.seed, 0x5A, step)
+
+    @torch.inference_mode()
+    def _parts(self, step: int, noise: bool = True) -> tuple[float, float]:
+        """This rank's parts of ``(NLL_safety, NLL_utility)`` (the whole values in one process)."""
+        s = self.safety[step % len(self.safety)]
+        with autocast(self.model):
+            with functional_param_noise(self.model, self.noise_layers, self.sigma if noise else 0.0,
+                                        self.noise_seed(step)):
+                safety = float(batch_nll(self.model, s, self.shard))
+            util = 0.0
+            if self.utility and self.utility_weight:
+                util = float(batch_nll(self.model, self.utility[step % len(self.utility)], self.shard))
+        return safety, util
+
+    def components(self, step: int, noise: bool = True) -> tuple[float, float]:
+        """``(NLL_safety, NLL_utility)`` of ``step`` (the safety term noise-free with ``noise=False``);
+        the utility term is not computed and reads 0 when it has no weight."""
+        safety, util = self._parts(step, noise)
+        if self.shard is not None:
+            safety, util = (float(v) for v in self.shard.reduce(torch.tensor([safety, util], dtype=torch.float64)))
+        return safety, util
+
+    def __call__(self, step: int) -> float:
+        safety, util = self._parts(step)
+        return safety + self.utility_weight * util
+
+    def total(self, step: int) -> float:
+        """L of ``step`` on every rank (the sum of the ranks' parts)."""
+        safety, util = self.components(step)
+        return safety + self.utility_weight * util

