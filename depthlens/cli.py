@@ -375,6 +375,37 @@ def _from_loader(err: BaseException) -> bool:
 # ----------------------------------------------------------------------------- recipes
 
 
+def parse_recipe_args(config_cls, argv: Sequence[str] | None = None, *, default_model: str | None = None,
+                      description: str | None = None) -> tuple[Any, str, str | None]:
+    """The one parser of recipe command lines: ``(config, model spec, device)`` from ``argv``.
+
+    The flags are the recipe config's (inherited fields included) plus ``--model`` (the spec the
+    recipe is applied to), ``--device`` and ``--debug``; a bad value raises ``UsageError``.
+    """
+    from depthlens.organism import ORGANISM
+
+    parser = build_parser(config_cls, description)
+    parser.add_argument("--model", default=default_model or ORGANISM,
+                        help=f"model spec the recipe is applied to (default: {default_model or ORGANISM})")
+    parser.add_argument("--device", default=None, help="cpu / cuda (default: automatic; CUDA runs in bf16)")
+    add_debug_flag(parser)
+    ns = vars(parser.parse_args(argv))
+    spec, device = ns.pop("model"), ns.pop("device")
+    ns.pop("debug", None)
+    if not spec.strip():
+        raise UsageError("--model must be a non-empty model spec.")
+    cfg = config_from(config_cls, ns)
+    try:  # checks that span several fields (e.g. a LoRA alpha without a rank), where a config has them
+        getattr(cfg, "validate", lambda: None)()
+    except UsageError:
+        raise
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch only rank 0 logs below WARNING
+        logging.getLogger().setLevel(logging.WARNING)
+    return cfg, spec, device
+
+
 def recipe_main(config_cls, build: Callable[[Any, str, str | None], Any], argv: Sequence[str] | None = None, *,
                 default_model: str | None = None, description: str | None = None, label: str = ""):
     """The command line of a recipe: its config's flags plus ``--model`` and ``--device``.
@@ -384,26 +415,14 @@ def recipe_main(config_cls, build: Callable[[Any, str, str | None], Any], argv: 
     returns it. Runs through ``cli_errors`` (one-line errors, ``--debug``).
 
         >>> def main(argv=None):
-        ...     return recipe_main(DeepMixConfig, lambda cfg, spec, device: build_on(spec, DeepMixRecipe(cfg),
+        ...     return recipe_main(DeepConfig, lambda cfg, spec, device: build_on(spec, DeepRecipe(cfg),
         ...                        device=device), argv)
     """
 
     @cli_errors
     def main(argv):
-        from depthlens.organism import ORGANISM
-
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        parser = build_parser(config_cls, description)
-        parser.add_argument("--model", default=default_model or ORGANISM,
-                            help=f"model spec the recipe is applied to (default: {default_model or ORGANISM})")
-        parser.add_argument("--device", default=None, help="cpu / cuda (default: automatic; CUDA runs in bf16)")
-        add_debug_flag(parser)
-        ns = vars(parser.parse_args(argv))
-        spec, device = ns.pop("model"), ns.pop("device")
-        ns.pop("debug", None)
-        if not spec.strip():
-            raise UsageError("--model must be a non-empty model spec.")
-        cfg = config_from(config_cls, ns)
+        cfg, spec, device = parse_recipe_args(config_cls, argv, default_model=default_model, description=description)
         with spec_errors("--model", spec):
             model = build(cfg, spec, device)
         print(f"{label + ' ' if label else ''}ready: {model.spec}  ({model.provenance.get('source')})")

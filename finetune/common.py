@@ -63,6 +63,10 @@ class TrainScale:
     lora_targets: tuple[str, ...] = ()
     micro_batch_size: int = 0
 
+    def validate(self) -> None:
+        """Check the settings together (the recipe command line calls this before any work)."""
+        self.train_settings()
+
     def train_settings(self) -> dict:
         """The ``finetune.train.TrainConfig`` fields these settings stand for (checked)."""
         if not self.lora_rank and (self.lora_alpha is not None or self.lora_targets):
@@ -156,39 +160,9 @@ def kind_counts(examples) -> dict[str, int]:
 
 
 def parse_recipe_cli(cls, argv=None, default_model: str | None = None, description: str | None = None):
-    """Flags of the recipe config ``cls`` plus ``--model`` (the spec to build on) and ``--device``.
+    """``(cfg, model_spec, device)`` from a recipe command line: ``depthlens.cli.parse_recipe_args``."""
+    from depthlens.cli import parse_recipe_args
 
-    Returns ``(cfg, model_spec, device)``.
-    """
-    from depthlens.cli import build_parser
-    from depthlens.organism import ORGANISM
-
-    parser = build_parser(cls, description)
-    parser.add_argument("--model", default=default_model or ORGANISM, help="model spec the recipe is applied to")
-    parser.add_argument("--device", default=None, help="cpu / cuda (default: automatic; CUDA runs in bf16)")
-    if issubclass(cls, TrainScale):  # the inherited flags get their help from TrainScale's docstring
-        from depthlens.cli import _field_docs
-
-        docs = _field_docs(TrainScale)
-        for action in parser._actions:
-            if action.dest in docs and not action.help:
-                action.help = docs[action.dest].replace("%", "%%")
-    ns = vars(parser.parse_args(argv))
-    spec, device = ns.pop("model"), ns.pop("device")
-    cfg = cls(**ns)
-    if isinstance(cfg, TrainScale):
-        try:
-            cfg.train_settings()
-        except ValueError as err:
-            parser.error(str(err))
-    _quiet_other_ranks()
-    return cfg, spec, device
+    return parse_recipe_args(cls, argv, default_model=default_model, description=description)
 
 
-def _quiet_other_ranks() -> None:
-    """Under ``accelerate launch`` only rank 0 logs below WARNING (the recipes' mains configure logging first)."""
-    from depthlens.recipes import process_state
-
-    state = process_state()
-    if state is not None and not state.is_main_process:
-        logging.getLogger().setLevel(logging.WARNING)

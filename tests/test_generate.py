@@ -106,7 +106,6 @@ def _mixing(tiny, scale: float = 8.0, seed: int = 0):
 
 def _exact(tiny, prompts, hooks, n):
     """Reference continuation: full bridge forwards with the hooks, no KV cache."""
-    from depthlens.chat import pad_batch
     from depthlens.generate import _reference_generate, eos_ids, hooks_active
 
     chats = [build_chat(tiny.tokenizer, p) for p in prompts]
