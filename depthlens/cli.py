@@ -12,10 +12,11 @@ line ``error: ...`` on stderr and exits 2, a ``NonFiniteError`` (a NaN metric) p
 and exits 1, ``--debug`` shows the traceback instead, and any other exception is a bug and
 keeps its traceback.
 
+    >>> from dataclasses import dataclass
     >>> @dataclass(frozen=True)
     ... class Config:
-    ...     \"\"\"Args:\n        model: model spec.\n        seed: random seed.\"\"\"
-    ...     model: str = "tiny-llama"; seed: int = 0
+    ...     model: str = "tiny-llama"
+    ...     seed: int = 0
     >>> parse_config(Config, ["--seed", "3"]).seed
     3
 """

@@ -12,9 +12,11 @@ as ``results.invalid.json`` (beside where ``results.json`` would be, never read 
 and raises ``NonFiniteError`` naming the values. ``read_run`` refuses a ranking whose scores
 are missing or not finite (records written before this rule turned NaN into null).
 
-    >>> rec = RunRecord(analysis="evaluate", model="tiny-llama", config={"n": 8}, seed=0)
-    >>> path = write_run(rec, out="results")     # results/evaluate/tiny-llama/<run-id>/results.json
+    >>> import tempfile
+    >>> rec = RunRecord(analysis="evaluate", model="tiny-llama", config={"n": 8}, seed=0, metrics={"asr_compliance": 0.25})
+    >>> path = write_run(rec, out=tempfile.mkdtemp())     # <out>/evaluate/tiny-llama/<run-id>/results.json
     >>> read_run(path).metrics
+    {'asr_compliance': 0.25}
 """
 
 from __future__ import annotations

@@ -59,10 +59,10 @@ returning its *part* of the global loss (its shard's sum divided by the global c
 rank then computes the same g, regenerates the same z from the shared seed and applies the
 identical update (tested under a 2-process launch).
 
-    >>> params = [p for l in critical for p in model.layer_parameters(l).values() if p.ndim == 2]
-    >>> steps = mezo_train(params, lambda i: loss_on(batches[i % len(batches)]), ZOConfig(steps=500, lr=1e-6))
-    >>> probes = zo_layer_probes(model, None, lambda layer: -refusal_score(model, prompts).mean)
-    >>> mezo_train(params, shard_loss, cfg, reduce=lambda t: accelerator.reduce(t.to(accelerator.device)).cpu())
+The call under a launch (``accelerator`` from ``accelerate``; ``shard_loss`` a rank's part of
+the loss)::
+
+    mezo_train(params, shard_loss, cfg, reduce=lambda t: accelerator.reduce(t.to(accelerator.device)).cpu())
 """
 
 from __future__ import annotations
