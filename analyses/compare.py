@@ -17,7 +17,7 @@ reference, "before") and measures, on the *test* splits:
 
 The table has one row per measure and one column per model, plus "Δ" (last − first) and the
 direction that is better. The figure (``figures/builders/compare.py``) shows the rates side by
-side. σ defaults: parameter noise 0.05 is our choice (NOTES.md found per-layer σ = 0.1 harmless
+side. σ defaults: parameter noise 0.05 is our choice (a trial organism measured per-layer σ = 0.1 harmless
 and 0.3 damaging; whole-model noise adds up over 30 layers); activation noise 0.1 is calibrated
 on the organism's harmful *validation* prompts with ``scripts/calibrate_noise.py`` (24 prompts,
 48 tokens, 2026-12-01: refusal 0.96 clean, 0.83 at σ 0.05, 0.17 at 0.1, 0 at 0.2 — 0.2, the

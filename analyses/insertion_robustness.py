@@ -3,7 +3,7 @@
 Random insertion attack (Lyu et al. 2026; docs/methods.md §3): the aligned model's own greedy refusal
 to a harmful test prompt, with the first m tokens of the base model's harmful answer inserted
 at relative depth p/|refusal|; the model continues, and the continuation is judged in three
-classes (recovered / harmful / other; NOTES.md: a bare "not a refusal" overstates ASR).
+classes (recovered / harmful / other; a bare "not a refusal" overstates ASR, docs/methods.md §1).
 Reported: ASR by depth × span length m ∈ {2, 4, 8, 16}, random-position ASR, and the
 worst-insertion ASR (the (p, m) minimizing the next-token refusal score, per prompt). Every
 trial is saved (``tables["trials"]``) for ``analyses.state_prediction``.

@@ -15,13 +15,13 @@ refusal rate and ASR on HarmBench, borderline over-refusal, harmless refusal, ha
 the base model's answers), plus the first-token KL(organism ‖ model) on the harmless test
 prompts and, for WO, the largest residual-stream component along r̂ (≈ 0 after WO).
 
-Cost on 2 CPU cores (SmolLM2-135M; NOTES.md: forward 16×40 tokens ≈ 1.2 s, generation ≈ 130
+Cost on 2 CPU cores (SmolLM2-135M, measured: forward 16×40 tokens ≈ 1.2 s, generation ≈ 130
 tokens/s at batch 16, a training step ≈ 5 s). Every model is a cached recipe step, built on
 first use only: WO ≈ 3.5 min (24 candidates × 96 prompt forwards), JT ≈ 2.5 min (20 steps + the
 base's harmful answers), each countermeasure ≈ 2 min (20 steps; WO+SFT and JT+SFT reuse the
 cached WO / JT). The evaluation proper — 5 models × (128 prompts × 48 generated tokens + the
 refusal-score, KL and CE forwards) — is ≈ 5 min, so with the recipes cached the default run
-takes ≈ 5–6 min; the very first run (organism cached, nothing else) is measured in the README.
+takes ≈ 5–6 min; the very first run (organism cached, nothing else) is measured in docs/findings.md.
 
     $ python -m analyses.refusal_direction                        # the organism, defaults below
     $ python -m analyses.refusal_direction --quick --model tiny-llama

@@ -6,7 +6,7 @@
   prompt position, with R the first tokens of this project's refusal templates *for this
   tokenizer* (never hard-coded ids). Positive: about to refuse.
 - ``classify_continuation``: for prefill/insertion attacks, three classes (recovered /
-  harmful / other) instead of a bare "not a refusal", which overstates ASR (NOTES.md).
+  harmful / other) instead of a bare "not a refusal", which overstates ASR (docs/judging.md).
 - ``ClassifierJudge``: an optional Hugging Face safety classifier given by id.
 
 Every number written to a results file names the judge that made it (``JUDGE_ID``).
