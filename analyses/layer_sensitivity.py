@@ -62,8 +62,8 @@ class SensitivityConfig(AnalysisConfig):
         harmful: a .txt/.jsonl/.csv file of harmful prompts used instead of the val split.
         harmless: a file of harmless prompts (utility answers) used instead of the val split.
         kinds: perturbation kinds: param_noise, act_noise, int8, int4.
-        param_sigma: parameter noise, relative to each matrix's Frobenius RMS. 0.3: on the
-            a trial organism, 0.1 moved the refusal score less than its estimation
+        param_sigma: parameter noise, relative to each matrix's Frobenius RMS. 0.3: on a
+            trial organism, 0.1 moved the refusal score less than its estimation
             noise; on the v4 organism 0.2 still did (|S| ≤ 0.5 at every layer, signs mixed,
             run of 2026-12-01), while 0.3 gave drops of 1–2 at the early layers there.
         act_sigma: activation noise on a layer's output, relative to the per-token RMS of the
