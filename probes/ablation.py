@@ -164,7 +164,7 @@ def interpolate_direction(directions: Float[Tensor, "n_layers d_model"], index: 
     n = directions.shape[0]
     if not 0.0 <= index <= n - 1:
         raise ValueError(f"direction index {index} lies outside the layers 0..{n - 1} of the directions.")
-    lo = int(math.floor(index))
+    lo = math.floor(index)
     hi = min(lo + 1, n - 1)
     frac = index - lo
     ends = directions[[lo, hi]].to(torch.float64)
@@ -203,7 +203,7 @@ def _post_norm(block, component: str) -> torch.nn.Module | None:
     ``post_attention_layernorm`` is Llama's *pre*-MLP norm; it is the attention post-norm only
     in blocks that also normalize the MLP output (Gemma 2/3, OLMo 2).
     """
-    has = lambda name: isinstance(getattr(block, name, None), torch.nn.Module)  # noqa: E731
+    has = lambda name: isinstance(getattr(block, name, None), torch.nn.Module)
     mlp_post = next((n for n in _MLP_POST_NORMS if has(n)), None)
     if component == "mlp":
         name = mlp_post
@@ -252,7 +252,7 @@ def _as_unit(model, direction) -> Tensor:
 
 
 def _column_scales(w: Tensor, t: Tensor, weight: float) -> Tensor:
-    """``s_j = ‖W_j‖ / ‖(I − w t tᵀ) W_j‖`` for the columns of ``w`` ([d_model, d_in]); 1 where a column vanishes."""
+    """``s_j = ‖W_j‖ / ‖(I − w t tᵀ) W_j‖`` for the columns of ``w`` ([d_model, d_in]); 1 where one vanishes."""
     w64 = w.to(torch.float64)
     before = w64.norm(dim=0)
     after = (w64 - weight * torch.outer(t, t @ w64)).norm(dim=0)
@@ -375,7 +375,7 @@ def _touched(model, params: AblationParams) -> list[torch.nn.Parameter]:
 
 @torch.no_grad()
 def fold_ablation(model, direction: Float[Tensor, " d_model"], params: AblationParams) -> Folded:
-    """Fold the ablation into the weights of ``model``, in place: ``W ← (I − w t tᵀ) W diag(s)``, ``b ← (I − w t tᵀ) b``.
+    """Fold the ablation into the weights of ``model``, in place: ``W ← P W diag(s)``, ``b ← P b``, ``P = I − w t tᵀ``.
 
     A tied unembedding is untied first when the embeddings are projected (``embed_weight``).
     """

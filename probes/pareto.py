@@ -57,8 +57,8 @@ JOURNAL = "study.journal"
 DIRECTIONS = "directions.pt"
 PROJECTIONS = ("plain", "norm", "search")
 
-__all__ = ["ParetoConfig", "Trial", "ParetoResult", "Objectives", "run_pareto", "search", "pareto_front", "choose",
-           "WOOptRecipe", "recipe"]
+__all__ = ["ParetoConfig", "Trial", "ParetoResult", "Objectives", "first_token_kl", "run_pareto", "search",
+           "pareto_front", "choose", "WOOptRecipe", "recipe"]
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class ParetoConfig:
 # ----------------------------------------------------------------------------- objectives
 
 
-def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+def first_token_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """``KL(P ‖ Q)`` per row of log-probs (float64)."""
     logp, logq = logp.double(), logq.double()
     return (logp.exp() * (logp - logq)).sum(-1).clamp(min=0.0)
@@ -147,7 +147,7 @@ class Objectives:
 
         gen = generate(model, self.harmful, max_new_tokens=self.gen_tokens, batch_size=self.batch_size, progress=False)
         refused = [is_refusal(t) for t in gen.texts]
-        kl = _kl(self.reference, last_logprobs(model, self.harmless, batch_size=self.batch_size))
+        kl = first_token_kl(self.reference, last_logprobs(model, self.harmless, batch_size=self.batch_size))
         return {"refusal": sum(refused) / len(refused), "kl": float(kl.mean()), "n_refused": sum(refused),
                 "n_harmful": len(refused), "kl_max": float(kl.max())}
 
@@ -343,7 +343,7 @@ def validation_prompts(cfg: ParetoConfig) -> tuple[list[str], list[str]]:
 
 
 def layer_directions(model, cfg: ParetoConfig, where: Path, progress: bool = False) -> torch.Tensor:
-    """Last-position difference-in-means directions at every layer's input, from the train splits (cached in ``where``)."""
+    """Last-position difference in means at every layer's input, train splits (cached in ``where``)."""
     from depthlens.data import default_splits
     from probes.directions import compute_candidates
 

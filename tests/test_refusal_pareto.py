@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from depthlens.results import read_run
-from probes.ablation import AblationParams, Kernel
-from probes.pareto import JOURNAL, Objectives, ParetoConfig, Trial, choose, layer_directions, pareto_front, search
+from probes.ablation import AblationParams
+from probes.pareto import (
+    JOURNAL,
+    Objectives,
+    ParetoConfig,
+    Trial,
+    choose,
+    layer_directions,
+    pareto_front,
+    search,
+)
 
 SMALL = ParetoConfig(n_trials=5, n_startup=2, n_train=8, n_val_harmful=4, n_val_harmless=4, gen_tokens=6, batch_size=8)
 
@@ -104,7 +113,12 @@ def test_wo_opt_recipe_is_declared_as_an_entry_point():
 
 def test_quick_run_on_tiny_llama_writes_front_depth_test_and_figures(cache, tmp_path, capsys):
     from analyses.refusal_direction import recipe_info
-    from analyses.refusal_pareto import RefusalParetoConfig, _effective, main, pareto_config
+    from analyses.refusal_pareto import (
+        RefusalParetoConfig,
+        _effective,
+        main,
+        pareto_config,
+    )
     from depthlens.recipes import build_with
     from probes.pareto import WOOptRecipe
 
