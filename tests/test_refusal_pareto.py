@@ -158,3 +158,29 @@ def test_quick_run_on_tiny_llama_writes_front_depth_test_and_figures(cache, tmp_
     for name in ("front", "depth"):
         assert (path.parent / f"refusal_pareto_{name}.html").exists()
     assert "results:" in capsys.readouterr().out
+
+
+def test_front_figure_colours_front_points_by_recovery_and_rings_the_choice():
+    from figures.builders.pareto import refusal_pareto_figures
+
+    trials = [{"trial": i, "val_refusal": r, "val_kl": k, "norm_preserving": i % 2 == 1}
+              for i, (r, k) in enumerate([(0.0, 0.3), (0.02, 0.05), (0.1, 0.02), (0.2, 0.2), (0.5, 0.01)])]
+    depth = {0: 0.1, 1: 0.4, 2: 0.6, 4: 0.9}
+    front = [{**trials[i], "chosen": i == 1, "prefill_asr_k5": 0.9, "prefill_asr_k10": 0.95, "insertion_asr": 0.3,
+              "insertion_recovered": depth[i]} for i in (4, 2, 1, 0)]
+    refs = [{"point": "organism", "val_refusal": 0.8, "val_kl": 0.0, "insertion_recovered": 0.95},
+            {"point": "wo", "val_refusal": 0.0, "val_kl": 0.2, "insertion_recovered": 0.05}]
+    record = {"analysis": "refusal_pareto", "config": {"ks": [0, 5, 10]},
+              "metrics": {"judge": "substring-v1", "continuation_judge": "substring+topic-overlap-v1"},
+              "tables": {"trials": trials, "front": front, "references": refs}}
+    figs = refusal_pareto_figures(record)
+    traces = {t.name: t for t in figs["front"].data}
+    assert list(traces["dominated trials"].x) == [0.2]
+    assert list(traces["Pareto front"].marker.color) == [0.9, 0.6, 0.4, 0.1]
+    assert list(traces["Pareto front"].marker.symbol) == ["circle", "circle", "diamond", "circle"]
+    assert list(traces["WO-opt"].x) == [0.05] and list(traces["wo"].x) == [0.2] and "organism" not in traces
+    assert figs["front"].layout.xaxis.type == "log"
+    depth_lines = {t.name: list(t.y) for t in figs["depth"].data}
+    assert depth_lines["insertion: recovered"] == [0.9, 0.6, 0.4, 0.1]
+    assert set(depth_lines) == {"prefill ASR, k = 5", "prefill ASR, k = 10", "insertion ASR (harmful continuation)",
+                                "insertion: recovered"}
