@@ -32,7 +32,7 @@ def test_quick_run_on_tiny_llama_writes_results_and_figures(cache, tmp_path, cap
     rows = {r["model"]: r for r in rec.tables["side_by_side"]}
     assert list(rows) == list(LABELS)
     assert [rows[k]["spec"] for k in LABELS] == ["tiny-llama", "tiny-llama:wo", "tiny-llama:jt",
-                                                 "tiny-llama:wo+sft", "tiny-llama:jt+sft"]
+                                                 "tiny-llama:wo+sft", "tiny-llama:jt+sft", "tiny-llama:wo-opt"]
     for r in rows.values():
         assert 0 <= r["harmful_refusal"] <= 1 and 0 <= r["asr_compliance"] <= r["harmful_refusal"] + r["asr_compliance"] <= 1
         assert r["harmless_ce"] > 0 and r["first_token_kl"] >= 0
