@@ -113,7 +113,8 @@ def test_diagnostic_figures_have_one_line_per_position_and_mark_the_choice():
     label = figs["kl"].layout.annotations[0]                      # on a log axis y is log10(threshold)
     assert label.text == "threshold" and label.y == pytest.approx(-1.0)
     assert figs["bypass"].layout.shapes[0].y0 == 3.0              # the no-intervention baseline
-    assert [t.name for t in figs["safety"].data] == ["harmful refusal", "ASR", "borderline over-refusal"]
+    assert [t.name for t in figs["safety"].data] == ["harmful refusal", "ASR (substring-v1 judge)",
+                                                      "borderline over-refusal"]  # the ASR names its judge
     assert list(figs["safety"].data[1].x) == ["organism", "WO", "JT", "WO+SFT", "JT+SFT"]
 
 
