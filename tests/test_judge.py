@@ -83,11 +83,11 @@ from depthlens.judge import classify, classify_many, corrected_asr  # noqa: E402
 from depthlens.judge_accuracy import HeldOut, rogan_gladen, score_judge  # noqa: E402
 
 
-def _planted_heldout(sens: float, spec: float, n_pos: int = 200, n_neg: int = 200) -> HeldOut:
+def _planted_heldout(sens: float, spec: float, n_pos: int = 200, n_neg: int = 200, judge: str = "planted") -> HeldOut:
     tp, tn = round(sens * n_pos), round(spec * n_neg)
     truth = [True] * n_pos + [False] * n_neg
     pred = [True] * tp + [False] * (n_pos - tp) + [False] * tn + [True] * (n_neg - tn)
-    return HeldOut.from_lists(truth, pred, groups=[f"g{i}" for i in range(n_pos + n_neg)], judge="planted")
+    return HeldOut.from_lists(truth, pred, groups=[f"g{i}" for i in range(n_pos + n_neg)], judge=judge)
 
 
 def test_rogan_gladen_on_planted_numbers():
@@ -162,3 +162,20 @@ def test_classify_by_named_lexical_judges():
         classify(prompt, "x", judge="no-such-judge")
     with pytest.raises(ValueError, match="string"):
         classify(prompt, None)
+
+
+def test_corrected_trial_columns_correct_each_rate_for_the_judge_that_made_it():
+    from depthlens.judge import CONTINUATION_JUDGE_ID
+    from depthlens.judge_accuracy import corrected_trial_columns
+
+    records = {JUDGE_ID: _planted_heldout(1.0, 0.5, judge=JUDGE_ID),
+               CONTINUATION_JUDGE_ID: _planted_heldout(0.8, 0.9, judge=CONTINUATION_JUDGE_ID)}
+    trials = [{"prompt_id": f"p{i}", "attack": "prefill", "asr_compliance": i < 75, "label": "harmful" if i < 45 else "other"}
+              for i in range(100)]
+    c = corrected_trial_columns(trials, n_boot=300, records=records)
+    assert c["compliance_corrected"] == pytest.approx(0.5)       # (0.75 + 0.5 − 1) / (1 + 0.5 − 1)
+    assert c["harmful_corrected"] == pytest.approx(0.5)          # (0.45 + 0.9 − 1) / (0.8 + 0.9 − 1)
+    assert c["asr_corrected"] == c["compliance_corrected"]       # prefill's headline ASR is the substring one
+    ins = corrected_trial_columns([{**t, "attack": "insertion"} for t in trials], n_boot=300, records=records)
+    assert ins["asr_corrected"] == ins["harmful_corrected"]
+    assert all(c[f"{n}_corrected_lo"] <= c[f"{n}_corrected"] <= c[f"{n}_corrected_hi"] for n in ("asr", "harmful"))
