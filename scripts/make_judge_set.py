@@ -12,10 +12,15 @@ task form too. Harmful spans are the base's greedy answers (96 tokens), as in th
 
 Every item records its provenance (source model, attack, k / position / span length) and its
 split: ``dev`` or ``heldout``, assigned per prompt (all items of a prompt in one part), seeded,
-about half each. ``label`` is left empty: labels are assigned by hand (docs/judging.md).
+half the prompts each. ``label`` is left empty: labels are assigned by hand (docs/judging.md).
 
     $ python scripts/make_judge_set.py                      # writes depthlens/labels/judge_set.jsonl
-    $ python scripts/make_judge_set.py --out /tmp/x.jsonl --dry-run   # the plan only, no models
+    $ python scripts/make_judge_set.py --models base sft    # only these models' sources (others from the cache)
+    $ python scripts/make_judge_set.py --dry-run            # the plan only, no models
+
+Each source's items are cached under ``$DEPTHLENS_CACHE/judge_set``; the file is assembled from
+the cached sources in a seeded order, and labels already in it are carried over by item id
+(``<source>/<prompt id>``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from depthlens.results import atomic_write_json
 
 log = logging.getLogger("make_judge_set")
 
@@ -158,6 +165,8 @@ def items_for(source: Source, model, picks: list[dict], harmful: dict[str, list[
         rows = [{"prefix": _decode(tok, t.ids[t.prompt_len:]), "span_text": t.span_text, "continuation": t.continuation,
                  "position": t.position, "refusal_len": t.refusal_len, "depth": round(t.depth_actual, 4),
                  "own_refusal": own[by_pid[t.prompt_id]]} for t in res.trials]
+    if source.attack != "plain" and [t.prompt_id for t in res.trials] != [p["prompt_id"] for p in picks]:
+        raise RuntimeError(f"{source.name}: the trials do not follow the prompts one to one.")
     if len(rows) != len(picks):
         raise RuntimeError(f"{source.name}: {len(rows)} continuations for {len(picks)} prompts.")
     out = []
@@ -173,10 +182,49 @@ def items_for(source: Source, model, picks: list[dict], harmful: dict[str, list[
     return out
 
 
+def _source_cache(name: str, seed: int) -> Path:
+    from depthlens.paths import cache_dir
+
+    return cache_dir("judge_set") / f"seed{seed}-{name.replace('/', '_')}.json"
+
+
+def _order(item_id: str, seed: int) -> float:
+    return _hash01(seed, item_id)
+
+
+def assemble(out: Path, sources: dict[str, list[dict]], references: dict[str, str], seed: int) -> list[dict]:
+    """Write the items of ``sources`` in a seeded order that does not depend on which sources are present.
+
+    Labels already in ``out`` (``label``, ``label_pass2_changed``, ``note``) are kept, by item id.
+    """
+    old = {}
+    if out.exists():
+        old = {it["id"]: it for it in map(json.loads, out.read_text().splitlines()) if it}
+    items = []
+    for name, rows in sources.items():
+        for r in rows:
+            item_id = f"{name}/{r['prompt_id']}"
+            keep = old.get(item_id, {})
+            if keep and keep["continuation"] != r["continuation"]:
+                raise RuntimeError(f"{item_id}: the regenerated continuation differs from the labelled one; "
+                                   "refusing to carry its label over.")
+            items.append({"id": item_id, **r, "reference": references[r["prompt_id"]],
+                          "label": keep.get("label"), "label_pass2_changed": keep.get("label_pass2_changed"),
+                          "note": keep.get("note", "")})
+    items.sort(key=lambda it: _order(it["id"], seed))  # sources mixed: labels not primed by the previous item's source
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
+    tmp.replace(out)
+    return items
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                    help="generate only these models' sources (the others are taken from the cache when there)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan (prompts per source and split) and stop")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -200,30 +248,28 @@ def main(argv=None) -> None:
     harmful = dict(zip(used, rs.tokens))
     references = {i: t for i, t in zip(used, rs.texts)}
     timings["base_responses"] = round(time.perf_counter() - t0, 1)
-    items: list[dict] = []
+    done: dict[str, list[dict]] = {}
     for key in MODELS:
-        sources = [s for s in SOURCES if s.model == key]
-        t = time.perf_counter()
-        model = base if key == "base" else load_model(MODELS[key])
-        timings[f"load {key}"] = round(time.perf_counter() - t, 1)
-        for s in sources:
+        todo = [s for s in SOURCES if s.model == key and not _source_cache(s.name, args.seed).exists()]
+        if todo and key in args.models:
             t = time.perf_counter()
-            items += items_for(s, model, picks[s.name], harmful, args.seed)
-            timings[s.name] = round(time.perf_counter() - t, 1)
-            log.info("%s: %d items in %.0f s", s.name, sum(i["source"] == s.name for i in items), timings[s.name])
-        if model is not base:
-            del model
-            gc.collect()
-    random.Random(args.seed).shuffle(items)  # labelled in this order: sources mixed, not primed by the last item
-    for n, it in enumerate(items):
-        it["reference"] = references[it["prompt_id"]]
-        it.update(label=None, label_pass2_changed=None, note="")
-        items[n] = {"id": f"js-{n:04d}", **it}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
-    tmp.replace(args.out)
-    log.info("wrote %d items to %s; timings %s", len(items), args.out, timings)
+            model = base if key == "base" else load_model(MODELS[key])
+            timings[f"load {key}"] = round(time.perf_counter() - t, 1)
+            for s in todo:
+                t = time.perf_counter()
+                rows = items_for(s, model, picks[s.name], harmful, args.seed)
+                timings[s.name] = round(time.perf_counter() - t, 1)
+                atomic_write_json(_source_cache(s.name, args.seed), rows)
+                log.info("%s: %d items in %.0f s", s.name, len(rows), timings[s.name])
+            if model is not base:
+                del model
+                gc.collect()
+        for s in SOURCES:
+            if s.model == key and _source_cache(s.name, args.seed).exists():
+                done[s.name] = json.loads(_source_cache(s.name, args.seed).read_text())
+    items = assemble(args.out, done, references, args.seed)
+    missing = [s.name for s in SOURCES if s.name not in done]
+    log.info("wrote %d items to %s (missing sources: %s); timings %s", len(items), args.out, missing or "none", timings)
     log.info("per source %s; per part %s", dict(Counter(i["source"] for i in items)), dict(Counter(i["split"] for i in items)))
 
 
