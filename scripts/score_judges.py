@@ -1,0 +1,129 @@
+"""Score every judge against the hand labels of the judge set (docs/judging.md), and fit the probe judge.
+
+    $ python scripts/score_judges.py --fit-probe      # dev part only: grouped CV picks layer and C, writes the weights
+    $ python scripts/score_judges.py --part dev       # development scores (the only scores looked at while developing)
+    $ python scripts/score_judges.py                  # held-out: the judge table, and depthlens/labels/judge_heldout.json
+
+The held-out run prints, per judge, per-class precision and recall with 95 % intervals from a
+bootstrap over prompts, three-class and binary (harmful vs not) accuracy, and the confusion
+matrix; with ``--write`` it also stores every judge's binary held-out record, which
+``depthlens.judge.corrected_asr`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from depthlens.judge import (CONTINUATION_JUDGE_ID, DEFAULT_JUDGE, JUDGE_ID, LEXICAL_JUDGES, classify_many,  # noqa: E402
+                             judge_id)
+from depthlens.judge_accuracy import CLASSES, HELDOUT_FILE, load_judge_set, labels_sha256, score_judge  # noqa: E402
+
+log = logging.getLogger("score_judges")
+LABELS_DIR = ROOT / "depthlens" / "labels"
+PROBE_LAYERS = tuple(range(2, 30, 2))
+
+
+def judge_ids() -> list[str]:
+    ids = [JUDGE_ID, CONTINUATION_JUDGE_ID] + [j for j in LEXICAL_JUDGES if j not in (JUDGE_ID, CONTINUATION_JUDGE_ID)]
+    if (LABELS_DIR / "probe_judge.npz").exists():
+        ids.append("probe")
+    return ids
+
+
+def predictions(items: list[dict], judge: str) -> list[str]:
+    return classify_many([i["prompt"] for i in items], [i["continuation"] for i in items], [i["prefix"] for i in items],
+                         judge=judge, references=[i["reference"] for i in items])
+
+
+def fit_probe(seed: int) -> None:
+    """Grouped CV on the dev part only; writes depthlens/labels/probe_judge.npz and prints the CV table."""
+    from depthlens.judge_probe import continuation_features, fit_probe as fit
+    from depthlens.models import DEFAULT_MODEL, load_model
+
+    dev = load_judge_set("dev")
+    model = load_model(DEFAULT_MODEL)
+    x = continuation_features(model, [i["prompt"] for i in dev], [i["continuation"] for i in dev],
+                              [i["prefix"] for i in dev], layers=PROBE_LAYERS)
+    weights, table = fit(x, [i["label"] for i in dev], [i["prompt_id"] for i in dev], layers=PROBE_LAYERS, seed=seed,
+                         model=DEFAULT_MODEL)
+    for r in table:
+        print(f"layer {r['layer']:2d}  C {r['C']:<5}  cv acc {r['cv_accuracy']:.3f}  cv binary {r['cv_binary_accuracy']:.3f}")
+    weights.save(LABELS_DIR / "probe_judge.npz")
+    print(f"chosen: layer {weights.layer}, C {weights.C}; {weights.judge_id}; n dev = {len(dev)}")
+
+
+def _pct(v: float) -> str:
+    return "–" if v != v else f"{v:.2f}"
+
+
+def table(scores: dict, part: str, n_items: int) -> str:
+    lines = [f"Judges on the {part} labels ({n_items} items); 95 % intervals: bootstrap over prompts.", "",
+             "| judge | binary acc. (harmful vs not) | 3-class acc. | " +
+             " | ".join(f"{c} P | {c} R" for c in CLASSES) + " |",
+             "|---|---|---|" + "---|---|" * len(CLASSES)]
+    for jid, s in scores.items():
+        cells = [f"{_pct(s.binary_accuracy)} [{_pct(s.binary_lo)}, {_pct(s.binary_hi)}]",
+                 f"{_pct(s.accuracy)} [{_pct(s.accuracy_lo)}, {_pct(s.accuracy_hi)}]"]
+        for c in CLASSES:
+            pc = s.per_class[c]
+            cells += [f"{_pct(pc['precision'])} [{_pct(pc['precision_lo'])}, {_pct(pc['precision_hi'])}]",
+                      f"{_pct(pc['recall'])} [{_pct(pc['recall_lo'])}, {_pct(pc['recall_hi'])}]"]
+        lines.append(f"| `{jid}` | " + " | ".join(cells) + " |")
+    lines += ["", "Confusion matrices (rows: hand label, columns: judge; order " + ", ".join(CLASSES) + "):", ""]
+    for jid, s in scores.items():
+        rows = "; ".join(f"{c}: {s.confusion[i]}" for i, c in enumerate(CLASSES))
+        lines.append(f"- `{jid}`: {rows} (sensitivity {s.sensitivity:.3f}, specificity {s.specificity:.3f})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=("dev", "heldout"), default="heldout")
+    ap.add_argument("--fit-probe", action="store_true", help="fit the probe judge on the dev part and stop")
+    ap.add_argument("--write", action="store_true", help="write depthlens/labels/judge_heldout.json (held-out only)")
+    ap.add_argument("--n-boot", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.fit_probe:
+        fit_probe(args.seed)
+        return
+    items = load_judge_set(args.part)
+    truth = [i["label"] for i in items]
+    groups = [i["prompt_id"] for i in items]
+    scores, preds = {}, {}
+    for j in judge_ids():
+        pred = predictions(items, j)
+        full = judge_id(j)
+        scores[full], preds[full] = score_judge(truth, pred, groups, judge=full, n_boot=args.n_boot, seed=args.seed), pred
+    print(table(scores, args.part, len(items)))
+    print(f"\ndefault judge: {DEFAULT_JUDGE}")
+    if args.write:
+        if args.part != "heldout":
+            raise SystemExit("--write stores the held-out record only; run it without --part dev.")
+        record = {"labels_sha256": labels_sha256(), "part": "heldout", "ids": [i["id"] for i in items], "groups": groups,
+                  "truth": truth, "judges": {
+                      j: {"pred": p, "truth_harmful": [t == "harmful" for t in truth],
+                          "pred_harmful": [c == "harmful" for c in p],
+                          "sensitivity": scores[j].sensitivity, "specificity": scores[j].specificity,
+                          "binary_accuracy": scores[j].binary_accuracy, "accuracy": scores[j].accuracy,
+                          "confusion": scores[j].confusion}
+                      for j, p in preds.items()}}
+        out = LABELS_DIR / HELDOUT_FILE
+        out.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {out}")
+    counts = {c: int(np.sum(np.array(truth) == c)) for c in CLASSES}
+    print(f"labels: {counts}")
+
+
+if __name__ == "__main__":
+    main()
