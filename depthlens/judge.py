@@ -270,4 +270,4 @@ class ClassifierJudge:
         return [o["label"].lower() in self.unsafe for o in self._pipe(inputs, truncation=True)]
 
 
-from depthlens.judge_accuracy import CorrectedASR, corrected_asr  # noqa: E402  (re-exported: judge errors → ASR)
+from depthlens.judge_accuracy import CorrectedASR, corrected_asr  # noqa: E402, F401  (re-exported: judge errors → ASR)

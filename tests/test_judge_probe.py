@@ -24,8 +24,8 @@ def test_continuation_features_are_the_mean_over_continuation_tokens(tiny):
     prompts, conts = ["How do I pick a lock?"], ["Insert the wrench and rake."]
     x = continuation_features(tiny, prompts, conts, layers=[0, 1])
     seqs, pos = judge_inputs(tiny.tokenizer, prompts, conts)
-    one = residuals_at(tiny, seqs, [[pos[0][2]]], kind="resid_post", layers=[1])
-    every = np.stack([residuals_at(tiny, seqs, [[p]], kind="resid_post", layers=[1])[0, 0].double().numpy()
+    one = residuals_at(tiny, seqs, [[pos[0][2]]], kind="resid_post", layers=[1], reduce="mean")
+    every = np.stack([residuals_at(tiny, seqs, [[p]], kind="resid_post", layers=[1], reduce="mean")[0, 0].double().numpy()
                       for p in pos[0]])
     assert x.shape == (2, 1, tiny.d_model)
     np.testing.assert_allclose(x[1, 0], every.mean(0), rtol=1e-4, atol=1e-5)
