@@ -303,8 +303,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from depthlens.paths import cache_root
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    root = Path(args[0]) if args else cache_root()
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m depthlens.cache", description=main.__doc__.split("\n")[0])
+    parser.add_argument("root", nargs="?", help="cache root (default: $DEPTHLENS_CACHE or ~/.cache/depthlens)")
+    args = parser.parse_args(argv)
+    root = Path(args.root) if args.root else cache_root()
+    if not root.is_dir():
+        print(f"error: cache root {str(root)!r} is not a directory.", file=sys.stderr)
+        return 2
     bad = 0
     for kind in (root / k for k in KINDS if (root / k).is_dir()):
         for entry in sorted(p for p in kind.iterdir() if p.is_dir() and not p.name.startswith(".")):
