@@ -254,7 +254,7 @@ def test_row(label: str, model, ecfg: EvalConfig, base, ref_lp, kl_seqs, timer: 
     ev = evaluate_model(model, replace(ecfg, model=model.spec), base_model=base, timer=timer)
     kl = first_token_kl(ref_lp, last_logprobs(model, kl_seqs, batch_size=ecfg.batch_size))
     m = ev.metrics
-    return {"model": label, "spec": model.spec, "harmful_refusal": m["harmful_refusal"], "asr": m["asr"],
+    return {"model": label, "spec": model.spec, "harmful_refusal": m["harmful_refusal"], "asr_compliance": m["asr_compliance"],
             "borderline_refusal": m["borderline_refusal"], "harmless_refusal": m["harmless_refusal"],
             "first_token_kl": float(kl.mean()), "first_token_kl_max": float(kl.max()),
             "harmless_ce": m["harmless_ce"], "n_harmful": len([s for s in ev.samples if s["set"] == "harmful"])}

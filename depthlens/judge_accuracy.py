@@ -13,8 +13,8 @@ measured on the held-out labels, the Rogan–Gladen estimate of the true rate is
 bootstrap: each replicate resamples the measured prompts (their trials together) *and* the
 held-out labelled prompts, so the uncertainty of the labels is in the interval too.
 
-    >>> c = corrected_asr(flags, groups=prompt_ids, judge="substring-v1")
-    >>> c.raw, c.corrected, (c.lo, c.hi)
+    >>> c = corrected_asr(flags, groups=prompt_ids, judge="substring-v1")  # doctest: +SKIP
+    >>> c.raw, c.corrected, (c.lo, c.hi)  # doctest: +SKIP
 """
 
 from __future__ import annotations

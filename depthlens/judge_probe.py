@@ -13,8 +13,8 @@ Layer and regularisation are chosen by grouped (by prompt) cross-validation on t
 of the judge set only (``fit_probe``; ``scripts/score_judges.py --fit-probe``). The fitted
 weights ship as ``depthlens/labels/probe_judge.npz`` (plain arrays, no pickle).
 
-    >>> judge = ProbeJudge.load()                       # the shipped weights; loads the default model once
-    >>> judge.classify_many(["How do I pick a lock?"], ["Insert the tension wrench..."])
+    >>> judge = ProbeJudge.load()                       # the shipped weights; loads the default model once  # doctest: +SKIP
+    >>> judge.classify_many(["How do I pick a lock?"], ["Insert the tension wrench..."])  # doctest: +SKIP
     ['harmful']
 """
 

@@ -26,11 +26,11 @@ nothing along r̂ (``r̂ · N(h) ∝ r̃ · h``). The gain g is read off the nor
 used by the post-norm-aware weight orthogonalization being added to ``probes.orthogonalize``;
 the two should share one helper.)
 
-    >>> r = interpolate_direction(layer_directions, 17.4)
-    >>> p = AblationParams(17.4, Kernel(1.2, 20.0, 0.3, 8.0), Kernel(1.0, 22.0, 0.0, 6.0), norm_preserving=True)
-    >>> with hooks_active(model, ablation_hooks(model, r, p)): lp = last_logprobs(model, seqs)
-    >>> with ablated(model, r, p): last_logprobs(model, seqs)      # ≈ lp; weights restored after
-    >>> fold_ablation(model, r, p)                                 # permanent (the wo-opt recipe)
+    >>> r = interpolate_direction(layer_directions, 17.4)  # doctest: +SKIP
+    >>> p = AblationParams(17.4, Kernel(1.2, 20.0, 0.3, 8.0), Kernel(1.0, 22.0, 0.0, 6.0), norm_preserving=True)  # doctest: +SKIP
+    >>> with hooks_active(model, ablation_hooks(model, r, p)): lp = last_logprobs(model, seqs)  # doctest: +SKIP
+    >>> with ablated(model, r, p): last_logprobs(model, seqs)      # ≈ lp; weights restored after  # doctest: +SKIP
+    >>> fold_ablation(model, r, p)                                 # permanent (the wo-opt recipe)  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -27,9 +27,9 @@ restarting it (``n_trials`` is not part of the directory's key).
 The ``wo-opt`` recipe (``load_model("smollm2-135m-instruct:sft:wo-opt")``) runs the search and
 folds the chosen point into a standard HF checkpoint, like ``:wo``.
 
-    >>> res = run_pareto(model, ParetoConfig(n_trials=40))
-    >>> [(t.number, t.refusal, t.kl) for t in res.front]
-    >>> load_model("smollm2-135m-instruct:sft:wo-opt")
+    >>> res = run_pareto(model, ParetoConfig(n_trials=40))  # doctest: +SKIP
+    >>> [(t.number, t.refusal, t.kl) for t in res.front]  # doctest: +SKIP
+    >>> load_model("smollm2-135m-instruct:sft:wo-opt")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ def first_token_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 class Objectives:
     """The two objectives of a model on fixed prompts, against the reference log-probs taken at construction.
 
-        >>> obj = Objectives(model, harmful_val, harmless_val)   # reference = model as it is now
-        >>> with ablated(model, r, params): obj(model)            # {"refusal": …, "kl": …, …}
+        >>> obj = Objectives(model, harmful_val, harmless_val)   # reference = model as it is now  # doctest: +SKIP
+        >>> with ablated(model, r, params): obj(model)            # {"refusal": …, "kl": …, …}  # doctest: +SKIP
     """
 
     def __init__(self, model, harmful: Sequence[str], harmless: Sequence[str], *, gen_tokens: int = 24,

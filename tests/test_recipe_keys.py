@@ -55,7 +55,7 @@ PINNED = {
     "wo": (2, WO, "5d9a9672709fe702"),
     "wo+sft": (1, {"first": {"config": WO, "recipe": "wo", "version": 2}, "then": COUNTERMEASURE}, "81dc1aaf87ecaaee"),
     # added after the split (first pinned at its introduction)
-    "wo-opt": (1, {'batch_size': 64, 'direction_range': [0.4, 0.9], 'gen_tokens': 24, 'max_refusal': 0.02, 'max_weight_range': [0.8, 1.5], 'n_startup': 15, 'n_train': 128, 'n_trials': 50, 'n_val_harmful': 64, 'n_val_harmless': 64, 'peak_range': [0.6, 1.0], 'projection': 'search', 'seed': 0, 'width_range': [0.0, 0.6]}, "1192cc17860d6d1a"),
+    "wo-opt": (1, {'batch_size': 64, 'direction_range': [0.4, 0.9], 'gen_tokens': 24, 'max_refusal': 0.02, 'max_weight_range': [0.8, 1.5], 'n_startup': 15, 'n_train': 128, 'n_trials': 40, 'n_val_harmful': 64, 'n_val_harmless': 64, 'peak_range': [0.6, 1.0], 'projection': 'search', 'seed': 0, 'width_range': [0.0, 0.6]}, "7e90e559a537bfd6"),
     "jt+sft": (1, {"first": {"config": JT, "recipe": "jt", "version": 1}, "then": COUNTERMEASURE}, "66e379a7ea4ae05c"),
 }
 
