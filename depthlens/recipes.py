@@ -86,6 +86,10 @@ def process_state():
     Without a GPU (or under ``ACCELERATE_USE_CPU``) the processes are CPU ranks over gloo.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ:
+            log.warning("accelerate launch --cpu --num_processes N started this one process only (accelerate starts "
+                        "several CPU processes only through MPI); for N ranks use --config_file "
+                        "configs/accelerate/ddp.yaml.")
         return None
     import torch
     from accelerate import PartialState

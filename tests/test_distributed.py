@@ -139,3 +139,14 @@ def test_an_fsdp_launch_is_refused_rather_than_run_unsharded(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")   # what accelerate launch sets for an FSDP config
     with pytest.raises(NotImplementedError, match="does not shard the weights"):
         train_sft(load_model("tiny-llama"), [Example("q", "a")], TrainConfig(checkpoint_every=0), progress=False)
+
+
+def test_a_cpu_launch_that_started_one_process_says_so(monkeypatch, caplog):
+    from depthlens.recipes import process_state
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")      # what `accelerate launch --cpu --num_processes 2` sets
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with caplog.at_level("WARNING"):
+        assert process_state() is None
+    assert "started this one process only" in caplog.text
