@@ -142,11 +142,14 @@ def test_an_fsdp_launch_is_refused_rather_than_run_unsharded(monkeypatch):
 
 
 def test_a_cpu_launch_that_started_one_process_says_so(monkeypatch, caplog):
+    import depthlens.recipes as recipes
     from depthlens.recipes import process_state
 
+    monkeypatch.setattr(recipes, "_WARNED_ONE_CPU_PROCESS", [])
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")      # what `accelerate launch --cpu --num_processes 2` sets
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     with caplog.at_level("WARNING"):
         assert process_state() is None
-    assert "started this one process only" in caplog.text
+        assert process_state() is None
+    assert caplog.text.count("started this one process only") == 1      # once per process
