@@ -111,12 +111,21 @@ def rebuild_command(spec: str, recipe: Recipe | None = None) -> str:
     return f"`python -m depthlens.recipes --rebuild '{spec}'`"
 
 
+_WARNED_ONE_CPU_PROCESS: list[bool] = []
+
+
 def process_state():
     """accelerate's ``PartialState`` when this process is one of several (``accelerate launch``), else None.
 
     Without a GPU (or under ``ACCELERATE_USE_CPU``) the processes are CPU ranks over gloo.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ \
+                and not _WARNED_ONE_CPU_PROCESS:
+            _WARNED_ONE_CPU_PROCESS.append(True)
+            log.warning("accelerate launch --cpu --num_processes N started this one process only (accelerate starts "
+                        "several CPU processes only through MPI); for N ranks use --config_file "
+                        "configs/accelerate/ddp.yaml.")
         return None
     import torch
     from accelerate import PartialState

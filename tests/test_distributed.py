@@ -139,3 +139,17 @@ def test_an_fsdp_launch_is_refused_rather_than_run_unsharded(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")   # what accelerate launch sets for an FSDP config
     with pytest.raises(NotImplementedError, match="does not shard the weights"):
         train_sft(load_model("tiny-llama"), [Example("q", "a")], TrainConfig(checkpoint_every=0), progress=False)
+
+
+def test_a_cpu_launch_that_started_one_process_says_so(monkeypatch, caplog):
+    import depthlens.recipes as recipes
+    from depthlens.recipes import process_state
+
+    monkeypatch.setattr(recipes, "_WARNED_ONE_CPU_PROCESS", [])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")      # what `accelerate launch --cpu --num_processes 2` sets
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with caplog.at_level("WARNING"):
+        assert process_state() is None
+        assert process_state() is None
+    assert caplog.text.count("started this one process only") == 1      # once per process
