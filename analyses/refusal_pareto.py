@@ -35,7 +35,8 @@ from pathlib import Path
 
 from analyses.common import Timer, finish, setup_logging
 from analyses.evaluate import EvalConfig, evaluate_model, harmless_cross_entropy
-from depthlens.attacks import prefill_attack, random_insertion_attack, wilson_interval
+from depthlens.attack_records import wilson_interval
+from depthlens.attacks import prefill_attack, random_insertion_attack
 from depthlens.cli import parse_config
 from depthlens.data import default_splits
 from depthlens.forward import last_logprobs
