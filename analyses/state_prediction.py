@@ -56,7 +56,8 @@ from depthlens.generate import as_chats
 from depthlens.models import hook_name
 from depthlens.organism import ORGANISM
 from depthlens.stats import diff_in_means
-from probes.linear import LayerAUROC, ProbeReport, grouped_folds, probe_layers
+from probes.grouped_cv import LayerAUROC, grouped_folds
+from probes.linear import ProbeReport, probe_layers
 
 log = logging.getLogger(__name__)
 
