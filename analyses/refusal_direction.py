@@ -47,7 +47,7 @@ from depthlens.data import default_splits
 from depthlens.forward import last_logprobs, residuals_at
 from depthlens.generate import as_chats
 from depthlens.judge import JUDGE_ID, is_refusal
-from depthlens.models import split_spec
+from depthlens.base_models import split_spec
 from depthlens.organism import ORGANISM
 from depthlens.recipes import RECIPE_FILE, build_or_load
 from finetune.jailbreak import ComposedRecipe, CountermeasureConfig, CountermeasureRecipe, JailbreakRecipe, JTConfig

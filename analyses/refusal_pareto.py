@@ -42,7 +42,8 @@ from depthlens.data import default_splits
 from depthlens.forward import last_logprobs
 from depthlens.generate import as_chats
 from depthlens.judge import CONTINUATION_JUDGE_ID, JUDGE_ID, is_refusal
-from depthlens.models import load_model, split_spec
+from depthlens.base_models import split_spec
+from depthlens.models import load_model
 from depthlens.organism import ORGANISM, base_spec
 from depthlens.recipes import build_or_load, get_recipe
 from depthlens.responses import response_set

@@ -58,7 +58,7 @@ from depthlens.errors import UsageError
 from depthlens.forward import PrefixSharedRunner, iter_batches
 from depthlens.generate import Hook, as_chats, hooks_active, plain_hooks
 from depthlens.judge import refusal_token_ids, score_from_logprobs
-from depthlens.models import hook_name
+from depthlens.hooked import hook_name
 from depthlens.stats import diff_in_means
 from probes.orthogonalize import ablation_hooks, addition_hooks
 

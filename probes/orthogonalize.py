@@ -46,7 +46,7 @@ from torch import Tensor
 from depthlens.ablation import ablation_hook, unit_direction
 from depthlens.families import is_post_norm, output_projection, rms_gain, written_output
 from depthlens.generate import Hook
-from depthlens.models import hook_name
+from depthlens.hooked import hook_name
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ recipe = WORecipe()
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m probes.orthogonalize``: build (or load from the cache) the WO model with these settings."""
     from depthlens.cli import parse_config
-    from depthlens.models import DEFAULT_MODEL
+    from depthlens.base_models import DEFAULT_MODEL
     from depthlens.recipes import build_with
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -12,7 +12,7 @@ import torch
 from depthlens.chat import build_chat
 from depthlens.forward import residuals_at
 from depthlens.judge import refusal_score
-from depthlens.models import hook_name
+from depthlens.hooked import hook_name
 from probes.directions import (
     DirectionCandidates,
     compute_candidates,

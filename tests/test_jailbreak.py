@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from depthlens.generate import generate
-from depthlens.models import load_model, split_spec
+from depthlens.base_models import split_spec
+from depthlens.models import load_model
 from depthlens.recipes import RECIPE_FILE, available_recipes, build_with, get_recipe
 from finetune.jailbreak import (
     ComposedRecipe,

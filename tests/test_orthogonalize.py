@@ -10,7 +10,8 @@ import torch
 
 from depthlens.chat import build_chat, pad_batch
 from depthlens.generate import hooks_active
-from depthlens.models import hook_name, load_model
+from depthlens.hooked import hook_name
+from depthlens.models import load_model
 from probes.orthogonalize import (
     WOConfig,
     WORecipe,
