@@ -15,6 +15,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+from depthlens.ablation import ablation_hooks
 from depthlens.chat import build_chat, pad_batch, render_prompt
 from depthlens.families import GEMMA_CHAT_TEMPLATE, TINY_FAMILIES, tiny_family
 from depthlens.forward import PrefixSharedRunner, last_logprobs, residuals_at
@@ -22,7 +23,7 @@ from depthlens.generate import eos_ids, generate, hooks_active
 from depthlens.hooked import hook_name
 from depthlens.models import load_model
 from depthlens.perturb import KINDS, perturb
-from probes.orthogonalize import ablation_hooks, orthogonalize_weights
+from probes.orthogonalize import orthogonalize_weights
 
 SPECS = ["tiny-llama", *TINY_FAMILIES]
 POST_NORM = {"tiny-gemma2", "tiny-gemma3"}
