@@ -7,7 +7,7 @@
 The held-out run prints, per judge, per-class precision and recall with 95 % intervals from a
 bootstrap over prompts, three-class and binary (harmful vs not) accuracy, and the confusion
 matrix; with ``--write`` it also stores every judge's binary held-out record, which
-``depthlens.judge.corrected_asr`` reads.
+``depthlens.judge_accuracy.corrected_asr`` reads.
 """
 
 from __future__ import annotations
