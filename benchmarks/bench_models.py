@@ -16,10 +16,10 @@ import time
 
 import torch
 
+from depthlens.base_models import load_base
 from depthlens.chat import build_chat, pad_batch
 from depthlens.cli import ArgumentParser, add_debug_flag, cli_errors
 from depthlens.generate import generate
-from depthlens.base_models import load_base
 from depthlens.hooked import hook_name
 from depthlens.models import load_model
 

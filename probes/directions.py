@@ -58,8 +58,8 @@ from depthlens.chat import ChatSequence, encode, render_prompt
 from depthlens.errors import UsageError
 from depthlens.forward import PrefixSharedRunner, iter_batches
 from depthlens.generate import Hook, as_chats, hooks_active, plain_hooks
-from depthlens.judge import refusal_token_ids, score_from_logprobs
 from depthlens.hooked import hook_name
+from depthlens.judge import refusal_token_ids, score_from_logprobs
 from depthlens.stats import diff_in_means
 
 log = logging.getLogger(__name__)

@@ -235,8 +235,8 @@ recipe = WORecipe()
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m probes.orthogonalize``: build (or load from the cache) the WO model with these settings."""
-    from depthlens.cli import parse_config
     from depthlens.base_models import DEFAULT_MODEL
+    from depthlens.cli import parse_config
     from depthlens.recipes import build_with
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -46,8 +46,8 @@ def predictions(items: list[dict], judge: str) -> list[str]:
 
 def fit_probe(seed: int) -> None:
     """Grouped CV on the dev part only; writes depthlens/labels/probe_judge.npz and prints the CV table."""
-    from depthlens.judge_probe import continuation_features, fit_probe as fit
     from depthlens.base_models import DEFAULT_MODEL
+    from depthlens.judge_probe import continuation_features, fit_probe as fit
     from depthlens.models import load_model
 
     dev = load_judge_set("dev")

@@ -12,8 +12,8 @@ import torch
 from depthlens.ablation import ablation_hooks, addition_hooks
 from depthlens.chat import build_chat
 from depthlens.forward import residuals_at
-from depthlens.judge import refusal_score
 from depthlens.hooked import hook_name
+from depthlens.judge import refusal_score
 from probes.directions import (
     DirectionCandidates,
     compute_candidates,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from depthlens.generate import generate
 from depthlens.base_models import split_spec
+from depthlens.generate import generate
 from depthlens.models import load_model
 from depthlens.recipes import RECIPE_FILE, available_recipes, build_with, get_recipe
 from finetune.jailbreak import (

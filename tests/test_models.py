@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from depthlens.base_models import split_spec
 from depthlens.chat import build_chat, pad_batch
 from depthlens.errors import UsageError
-from depthlens.base_models import split_spec
 from depthlens.hooked import HOOK_KINDS, hook_name
 from depthlens.models import load_model
 
