@@ -43,7 +43,7 @@ from analyses.common import Timer
 from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, check_spec, load, make_main, prompt_files,
                                prompts_or)
 from analyses.evaluate import EvalConfig, evaluate_model
-from depthlens.attacks import prefill_attack, random_insertion_attack, worst_insertion_attack
+from depthlens.attacks import prefill_attack, random_insertion_attack
 from depthlens.chat import encode
 from depthlens.cli import (add_debug_flag, build_parser, config_from, require_int, require_number, require_numbers,
                            require_text)
@@ -54,6 +54,7 @@ from depthlens.judge import CONTINUATION_JUDGE_ID, JUDGE_ID, is_refusal, refusal
 from depthlens.organism import base_spec
 from depthlens.perturb import perturb
 from depthlens.responses import response_set
+from depthlens.worst_insertion import worst_insertion_attack
 
 log = logging.getLogger(__name__)
 

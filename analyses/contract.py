@@ -158,7 +158,7 @@ def load(spec: str, device: str | None = None, *, flag_name: str = "--model", mo
 
 def check_spec(spec: str, flag_name: str = "--model") -> None:
     """Fail fast on a spec whose recipe suffixes are unknown, before any model is loaded."""
-    from depthlens.models import split_spec
+    from depthlens.base_models import split_spec
     from depthlens.recipes import get_recipe
 
     with spec_errors(flag_name, spec):

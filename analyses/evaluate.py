@@ -28,11 +28,12 @@ from analyses.common import Timer
 from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load, make_main, prompt_files, prompts_or
 from depthlens.chat import build_chat
 from depthlens.cli import flag, require_choice, require_int, require_text
-from depthlens.data import PromptSet, default_splits
+from depthlens.data import default_splits
 from depthlens.forward import token_logprobs
 from depthlens.generate import generate
 from depthlens.judge import JUDGE_ID, attack_success_rate, refusal_rate, refusal_score
 from depthlens.organism import ORGANISM, base_spec
+from depthlens.promptset import PromptSet
 from depthlens.responses import response_set
 from depthlens.stats import auroc
 

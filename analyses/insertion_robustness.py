@@ -21,13 +21,14 @@ from typing import ClassVar
 from analyses.common import Timer
 from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, fmt, load, make_main, prompt_files,
                                prompts_or)
-from depthlens.attacks import random_insertion_attack, worst_insertion_attack
+from depthlens.attacks import random_insertion_attack
 from depthlens.cli import require_int, require_numbers, require_text
 from depthlens.data import default_splits
 from depthlens.errors import UsageError
 from depthlens.judge import CONTINUATION_JUDGE_ID
 from depthlens.organism import ORGANISM, base_spec
 from depthlens.responses import response_set
+from depthlens.worst_insertion import worst_insertion_attack
 
 log = logging.getLogger(__name__)
 

@@ -67,7 +67,7 @@ from depthlens.forward import PrefixSharedRunner, iter_batches
 from depthlens.generate import Hook, LayerwiseContinuer, as_chats, hooks_active, plain_hooks
 from depthlens.judge import (CONTINUATION_JUDGE_ID, classify_continuation, is_refusal, refusal_token_ids,
                              score_from_logprobs)
-from depthlens.models import hook_name
+from depthlens.hooked import hook_name
 from depthlens.organism import ORGANISM
 from depthlens.stats import bootstrap_mean
 

@@ -42,12 +42,12 @@ from analyses.common import Timer
 from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, check_layers, load, make_main, prompt_files,
                                prompts_or)
 from analyses.evaluate import EvalConfig, eval_sets, evaluate_model
+from depthlens.base_models import split_spec
 from depthlens.cli import require_int, require_number, require_numbers
 from depthlens.data import default_splits
 from depthlens.forward import last_logprobs, residuals_at
 from depthlens.generate import as_chats
 from depthlens.judge import JUDGE_ID, is_refusal
-from depthlens.models import split_spec
 from depthlens.organism import ORGANISM
 from depthlens.recipes import RECIPE_FILE, build_or_load
 from finetune.jailbreak import ComposedRecipe, CountermeasureConfig, CountermeasureRecipe, JailbreakRecipe, JTConfig

@@ -35,13 +35,15 @@ from pathlib import Path
 
 from analyses.common import Timer, finish, setup_logging
 from analyses.evaluate import EvalConfig, evaluate_model, harmless_cross_entropy
-from depthlens.attacks import prefill_attack, random_insertion_attack, wilson_interval
+from depthlens.attack_records import wilson_interval
+from depthlens.attacks import prefill_attack, random_insertion_attack
+from depthlens.base_models import split_spec
 from depthlens.cli import parse_config
 from depthlens.data import default_splits
 from depthlens.forward import last_logprobs
 from depthlens.generate import as_chats
 from depthlens.judge import CONTINUATION_JUDGE_ID, JUDGE_ID, is_refusal
-from depthlens.models import load_model, split_spec
+from depthlens.models import load_model
 from depthlens.organism import ORGANISM, base_spec
 from depthlens.recipes import build_or_load, get_recipe
 from depthlens.responses import response_set

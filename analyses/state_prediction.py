@@ -53,10 +53,11 @@ from depthlens.cli import require_choice, require_choices, require_int, require_
 from depthlens.data import default_splits
 from depthlens.forward import BOUNDARY_KINDS, plain_ok, boundary_index, iter_batches, residuals_at, stream_boundaries
 from depthlens.generate import as_chats
-from depthlens.models import hook_name
+from depthlens.hooked import hook_name
 from depthlens.organism import ORGANISM
 from depthlens.stats import diff_in_means
-from probes.linear import LayerAUROC, ProbeReport, grouped_folds, probe_layers
+from probes.grouped_cv import LayerAUROC, grouped_folds
+from probes.linear import ProbeReport, probe_layers
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ class TrialSource:
     """Insertion trials and where they came from.
 
     Attributes:
-        trials: the trial records (dicts as ``depthlens.attacks.Trial``).
+        trials: the trial records (dicts as ``depthlens.attack_records.Trial``).
         path: the insertion_robustness results.json they were read from.
         model: the model spec that made them.
         ran_insertion: True when the run was made here because none was found.

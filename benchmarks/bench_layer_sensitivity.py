@@ -21,10 +21,11 @@ from transformers import AutoModelForCausalLM
 
 from analyses.layer_sensitivity import LayerEvaluator
 from depthlens.chat import build_chat, pad_batch
+from depthlens.checkpoint import hf_state_dict
 from depthlens.cli import ArgumentParser, add_debug_flag, cli_errors
 from depthlens.data import default_splits
 from depthlens.forward import last_logprobs
-from depthlens.models import hf_state_dict, load_model
+from depthlens.models import load_model
 from depthlens.perturb import perturb
 
 

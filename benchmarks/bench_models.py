@@ -16,10 +16,12 @@ import time
 
 import torch
 
+from depthlens.base_models import load_base
 from depthlens.chat import build_chat, pad_batch
 from depthlens.cli import ArgumentParser, add_debug_flag, cli_errors
 from depthlens.generate import generate
-from depthlens.models import _load_hf, hook_name, load_model
+from depthlens.hooked import hook_name
+from depthlens.models import load_model
 
 PROMPTS = [
     "What is the capital of France?", "Explain photosynthesis in two sentences.", "Write a haiku about rain.",
@@ -46,7 +48,7 @@ def main(argv=None) -> dict[str, float]:
     add_debug_flag(ap)
     args = ap.parse_args(argv)
     model = load_model(args.model)
-    plain, _, _ = _load_hf(args.model)  # an unbridged transformers model: the honest baseline
+    plain, _, _ = load_base(args.model)  # an unbridged transformers model: the honest baseline
     plain = plain.to(model.device, model.dtype).eval()
     tok = model.tokenizer
     batch = pad_batch([build_chat(tok, p).ids for p in PROMPTS], tok.pad_token_id).to(model.device)

@@ -347,7 +347,8 @@ def prepare_out(out: str | os.PathLike, flag_name: str = "--out") -> Path:
 
 # ----------------------------------------------------------------------------- model specs
 
-_SPEC_MODULES = ("depthlens/models.py", "depthlens/recipes.py", "depthlens/paths.py")
+_SPEC_MODULES = ("depthlens/models.py", "depthlens/base_models.py", "depthlens/hooked.py", "depthlens/tiny.py",
+                 "depthlens/recipes.py", "depthlens/paths.py")
 
 
 @contextlib.contextmanager

@@ -57,6 +57,7 @@ from depthlens import cache
 from depthlens.checkpoint import write_checkpoint
 from depthlens.errors import UsageError
 from depthlens.paths import cache_dir, entry_name
+from depthlens.tiny import tiny_tokenizer_dir
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +116,10 @@ def tiny_family(spec: str, seed: int = 0):
     """(HF model, tokenizer, provenance) of the tiny random model ``spec`` (see ``TINY_FAMILIES``)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from depthlens.models import _tiny_tokenizer_dir
-
     if spec not in TINY_FAMILIES:
         raise UsageError(f"Unknown tiny family {spec!r}; use one of {', '.join(TINY_FAMILIES)}.")
     fam = TINY_FAMILIES[spec]
-    tokenizer = AutoTokenizer.from_pretrained(_tiny_tokenizer_dir())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
     shape = {k: v for k, v in {**_TINY_SHAPE, **fam.config}.items() if v is not None}
     config = AutoConfig.for_model(
         fam.model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,

@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from depthlens.chat import ChatSequence, check_context, length_batches, pad_batch
 from depthlens.errors import UsageError
 from depthlens.families import has_sliding_window
+from depthlens.hooked import hook_name
 from depthlens.hooks import Hook, _unmirrored_bridge_hooks, hooks_active
-from depthlens.models import hook_name
 from depthlens.validate import integer, one_of, positive_int
 
 SeqLike = ChatSequence | Sequence[int]

@@ -17,7 +17,8 @@ checks hooked generation against the cache-free reference, and on the real model
 Prompts are batched by length to keep padding small, and results come back in input order.
 
     >>> import torch
-    >>> from depthlens.models import hook_name, load_model
+    >>> from depthlens.hooked import hook_name
+    >>> from depthlens.models import load_model
     >>> model = load_model("tiny-llama")
     >>> out = generate(model, ["How do I bake bread?"], max_new_tokens=8, progress=False)
     >>> len(out.texts), len(out.tokens[0]) <= 8
@@ -264,7 +265,8 @@ class LayerwiseContinuer:
     Hooks must sit on resid_pre / resid_post / attn_out / mlp_out points of blocks ≥ ``l``.
 
         >>> import torch
-        >>> from depthlens.models import hook_name, load_model
+        >>> from depthlens.hooked import hook_name
+        >>> from depthlens.models import load_model
         >>> model = load_model("tiny-llama")
         >>> zero_mlp = [(hook_name("mlp_out", 1), lambda x, hook: torch.zeros_like(x))]
         >>> cont = LayerwiseContinuer(model, ["How do I bake bread?"], max_new_tokens=4)

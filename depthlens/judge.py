@@ -269,5 +269,3 @@ class ClassifierJudge:
         inputs = [f"User: {p}\nAssistant: {r}" for p, r in zip(prompts, responses)]
         return [o["label"].lower() in self.unsafe for o in self._pipe(inputs, truncation=True)]
 
-
-from depthlens.judge_accuracy import CorrectedASR, corrected_asr  # noqa: E402, F401  (re-exported: judge errors → ASR)

@@ -290,7 +290,7 @@ def _get(trial, name: str):
 
 def corrected_trial_columns(trials: Sequence, n_boot: int = 2000, seed: int = 0,
                             records: dict[str, HeldOut] | None = None) -> dict[str, float]:
-    """Corrected-ASR columns for a group of attack trials (``depthlens.attacks.Trial`` or its dict).
+    """Corrected-ASR columns for a group of attack trials (``depthlens.attack_records.Trial`` or its dict).
 
     Each raw rate that ``AttackResult.asr_by`` reports as an ASR gets ``<name>_corrected`` and
     its interval, corrected for the judge that made it: ``compliance`` (substring judge),

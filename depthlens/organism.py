@@ -15,7 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from depthlens.models import DEFAULT_MODEL, PROVENANCE_FILE, HookedModel, load_model, split_spec
+from depthlens.base_models import DEFAULT_MODEL, split_spec
+from depthlens.checkpoint import PROVENANCE_FILE
+from depthlens.hooked import HookedModel
+from depthlens.models import load_model
 
 ORGANISM = f"{DEFAULT_MODEL}:sft"
 

@@ -45,7 +45,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from depthlens.errors import UsageError
-from depthlens.models import hook_name
+from depthlens.hooked import hook_name
 
 
 def _layers(model, layer: int | Sequence[int] | None) -> list[int]:

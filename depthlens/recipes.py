@@ -40,8 +40,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from depthlens import cache
+from depthlens.base_models import load_base, load_dir, resolve_device_dtype, split_spec
 from depthlens.checkpoint import write_checkpoint
 from depthlens.errors import UsageError
+from depthlens.hooked import wrap
 from depthlens.paths import cache_dir, entry_name
 
 log = logging.getLogger(__name__)
@@ -147,15 +149,13 @@ def build_or_load(base: str, recipes: list, *, device=None, dtype=None, rebuild_
     rebuild command, unless ``rebuild_damaged`` (what that command passes). Under a
     multi-process launch all ranks build a missing step together and rank 0 publishes it.
     """
-    from depthlens.models import _load_dir, _load_hf, _resolve_device_dtype, wrap
-
     state = process_state()
     if state is not None and device is None:
         device = state.device  # each rank on its own GPU (or the CPU under --cpu)
-    device, dtype = _resolve_device_dtype(device, dtype)
+    device, dtype = resolve_device_dtype(device, dtype)
     objs = [get_recipe(r) if isinstance(r, str) else r for r in recipes]  # fail fast on an unknown suffix
     recipes = [o.name for o in objs]
-    hf, tok, prov = _load_hf(base)
+    hf, tok, prov = load_base(base)
     # the base is wrapped in a bridge (seconds) only if a step must be built from it
     current, key, spec, current_dir, chain = None, base_key(prov), base, None, []
     main_rank = state is None or state.is_main_process
@@ -172,7 +172,7 @@ def build_or_load(base: str, recipes: list, *, device=None, dtype=None, rebuild_
             nonlocal current, hf, tok, prov
             if current is None:  # the parent is the base, or a step that came from the cache
                 if current_dir is not None:
-                    hf, tok, prov = _load_dir(current_dir)
+                    hf, tok, prov = load_dir(current_dir)
                 current = wrap(hf, tok, parent_spec, prov, device, dtype)
             if main_rank:
                 log.info("Building %s (recipe %r, cache key %s) - first use only", spec, name, key[:16])
@@ -202,7 +202,7 @@ def build_or_load(base: str, recipes: list, *, device=None, dtype=None, rebuild_
         current_dir = target
     if current_dir is None:  # no recipes
         return wrap(hf, tok, spec, prov, device, dtype)
-    hf, tok, prov = _load_dir(current_dir)
+    hf, tok, prov = load_dir(current_dir)
     return wrap(hf, tok, spec, {**prov, "recipe_chain": chain, "base": base}, device, dtype)
 
 
@@ -212,8 +212,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     With ``--rebuild``, damaged cache entries on the chain are built again instead of refused.
     Prints ``error: <message>`` and returns 2 on a usage error.
     """
-    from depthlens.models import split_spec
-
     parser = argparse.ArgumentParser(prog="python -m depthlens.recipes", description=main.__doc__.split("\n")[0])
     parser.add_argument("spec", help="model spec with recipe suffixes, e.g. smollm2-135m-instruct:sft")
     parser.add_argument("--rebuild", action="store_true", help="rebuild damaged cache entries on the chain")

@@ -10,6 +10,13 @@ a missing ``--results`` folder is one ``error:`` line and exit status 2 (``--deb
     $ python -m figures                                  # results/ -> figures/out/
     $ python -m figures --results results --formats png   # PNG only (HTML + JSON always)
     $ python -m figures --formats none                    # HTML + JSON only, no Chromium
+    $ python -m figures --gallery                         # docs/gallery/results -> docs/gallery/, PNG only
+
+``--gallery`` rebuilds the README gallery: the records under ``docs/gallery/results/`` (the
+results.json files the gallery is made from, kept in the repository) become PNGs in
+``docs/gallery/<model-tag>/`` and nothing else (the HTML and JSON are built in a temporary
+folder and dropped). Gallery PNGs that no record rebuilt are listed, so a stale picture is
+never mistaken for a reproduced one.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import shutil
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +45,9 @@ from .registry import (
 from .save import STATIC_FORMATS, SavedFigure, export_session
 
 log = logging.getLogger("figures")
+
+GALLERY = Path("docs/gallery")
+GALLERY_RESULTS = GALLERY / "results"
 
 
 @dataclass
@@ -60,11 +72,17 @@ def _parse_formats(text: str) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m figures", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--results", type=Path, default=Path("results"), help="folder searched for results.json files")
-    p.add_argument("--out", type=Path, default=Path("figures/out"), help="folder the figures are written to")
-    p.add_argument("--formats", type=_parse_formats, default=",".join(STATIC_FORMATS),
-                   help="static formats (png,pdf,svg or 'none'); HTML and JSON are always written")
+    # --results/--out/--formats default differently under --gallery, so their defaults are filled in by main()
+    p.add_argument("--results", type=Path, default=argparse.SUPPRESS,
+                   help=f"folder searched for results.json files (default: results; {GALLERY_RESULTS} with --gallery)")
+    p.add_argument("--out", type=Path, default=argparse.SUPPRESS,
+                   help=f"folder the figures are written to (default: figures/out; {GALLERY} with --gallery)")
+    p.add_argument("--formats", type=_parse_formats, default=argparse.SUPPRESS,
+                   help=f"static formats (png,pdf,svg or 'none'); HTML and JSON are always written "
+                        f"(default: {','.join(STATIC_FORMATS)}; png only with --gallery)")
     p.add_argument("--all", action="store_true", help="every run, not only the newest per (analysis, model)")
+    p.add_argument("--gallery", action="store_true",
+                   help=f"rebuild the README gallery: PNGs only, from {GALLERY_RESULTS} into {GALLERY}")
     p.add_argument("--html-js", choices=["embed", "directory"], default="embed",
                    help="embed plotly.js in each HTML, or write one plotly.min.js beside them")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -126,13 +144,14 @@ class _Summary:
         self.failed = True
 
 
-def _build_all(args: argparse.Namespace, runs: list[_Run], chosen: list[_Run], summary: _Summary) -> None:
-    """Per-run figures, then cross-model (``combine=True``) figures of each analysis."""
+def _build_all(args: argparse.Namespace, out_root: Path, runs: list[_Run], chosen: list[_Run],
+               summary: _Summary) -> None:
+    """Per-run figures, then cross-model (``combine=True``) figures of each analysis, under ``out_root``."""
     kw = dict(formats=args.formats, html_js=args.html_js)
     for run in chosen:
         if not has_builders(run.analysis, combine=False):
             continue
-        out = args.out / run.tag / (run.run_id if args.all else "")
+        out = out_root / run.tag / (run.run_id if args.all else "")
         try:
             summary.add(run.analysis, run.tag, run.run_id, build_figures(run.record, out, **kw))
         except Exception as e:  # noqa: BLE001 - one broken builder must not stop the others
@@ -140,22 +159,53 @@ def _build_all(args: argparse.Namespace, runs: list[_Run], chosen: list[_Run], s
     for analysis in sorted({r.analysis for r in chosen if has_builders(r.analysis, combine=True)}):
         recs = [r.record for r in _newest([r for r in runs if r.analysis == analysis])]
         try:
-            summary.add(analysis, "(all models)", "-", build_combined_figures(analysis, recs, args.out, **kw))
+            summary.add(analysis, "(all models)", "-", build_combined_figures(analysis, recs, out_root, **kw))
         except Exception as e:  # noqa: BLE001
             summary.fail(f"{analysis} (all models)", e)
+
+
+def _resolve(args: argparse.Namespace) -> None:
+    """Fill in --results/--out/--formats: the plain defaults, or the gallery's under --gallery."""
+    given = {name for name in ("results", "out", "formats") if hasattr(args, name)}
+    if args.gallery:
+        clash = [flag for flag, on in (("--formats", "formats" in given), ("--all", args.all)) if on]
+        if clash:
+            raise UsageError(f"--gallery writes PNGs of the newest run per analysis and model; drop {' and '.join(clash)}.")
+        args.formats = ["png"]
+    args.results = getattr(args, "results", GALLERY_RESULTS if args.gallery else Path("results"))
+    args.out = getattr(args, "out", GALLERY if args.gallery else Path("figures/out"))
+    if "formats" not in given and not args.gallery:
+        args.formats = list(STATIC_FORMATS)
+
+
+def _publish_pngs(stage: Path, out: Path, results: Path, summary: _Summary) -> list[Path]:
+    """Copy the staged PNGs into ``out`` (same relative paths); return the gallery PNGs no record rebuilt."""
+    written = set()
+    for png in sorted(stage.rglob("*.png")):
+        rel = png.relative_to(stage)
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, out / rel)
+        written.add(rel)
+    summary.rows = [(*row[:4], "png", str(out / Path(row[5]).relative_to(stage))) for row in summary.rows
+                    if "png" in row[4].split(",")]
+    results = results.resolve()
+    return [p for p in sorted(out.rglob("*.png"))
+            if p.relative_to(out) not in written and results not in p.resolve().parents]
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _resolve(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # kaleido/choreographer narrate every browser start at INFO
         for name in ("kaleido", "choreographer", "logistro"):
             logging.getLogger(name).setLevel(logging.WARNING)
     if not args.results.is_dir():
-        raise UsageError(f"--results {str(args.results)!r} is not a folder; pass --results DIR pointing at "
-                         "analysis outputs.")
+        where = ("the gallery's records go there as <analysis>/<model-tag>/<run-id>/results.json"
+                 if args.gallery else "pass --results DIR pointing at analysis outputs")
+        raise UsageError(f"--results {str(args.results)!r} is not a folder; {where}.")
     prepare_out(args.out)
     report = load_builders()
     runs, bad = _find_runs(args.results)
@@ -165,9 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     summary.skipped += [f"{p}: {why}" for p, why in bad]
     summary.skipped += [f"builder module {m}: {why}" for m, why in report.failed.items()]
     buildable = [r for r in chosen if has_builders(r.analysis)]
-    # One browser for the whole rebuild (~3 s saved per figure set), only when it is needed.
-    with export_session() if (args.formats and buildable) else contextlib.nullcontext():
-        _build_all(args, runs, buildable, summary)
+    stale: list[Path] = []
+    with contextlib.ExitStack() as stack:
+        # --gallery builds in a scratch folder and keeps only the PNGs
+        stage = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gallery-"))) if args.gallery else args.out
+        if args.formats and buildable:  # one browser for the whole rebuild (~3 s saved per figure set)
+            stack.enter_context(export_session())
+        _build_all(args, stage, runs, buildable, summary)
+        if args.gallery:
+            stale = _publish_pngs(stage, args.out, args.results, summary)
     unknown = Counter(r.analysis for r in chosen if not has_builders(r.analysis))
     summary.skipped += [f"analysis {a!r} ({n} run{'s' * (n > 1)}): no figure builder registered"
                         for a, n in sorted(unknown.items())]
@@ -177,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         print(_table(summary.rows, ("analysis", "model", "run", "figure", "formats", "folder")))
     for w in sorted(summary.static_warnings):
         print(f"static formats not written: {w}")
+    if args.gallery and summary.static_warnings:
+        summary.failed = True  # a gallery is its PNGs
+    if stale:  # a gallery picture without its record is not reproducible: the rebuild fails until it is
+        summary.failed = True
+        print(f"not rebuilt (no record under {args.results} makes them; add the record or delete the picture):")
+        for p in stale:
+            print(f"  {p}")
     if summary.skipped:
         print("skipped:")
         for line in summary.skipped:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 def build_on(spec: str, recipe, device=None, dtype=None):
     """Apply ``recipe`` (an object) on top of ``spec`` (which may carry recipe suffixes), cached."""
-    from depthlens.models import split_spec
+    from depthlens.base_models import split_spec
     from depthlens.recipes import build_or_load
 
     base, names = split_spec(spec)

@@ -29,7 +29,7 @@ def _parent_entry(model) -> tuple[str, list[dict]] | None:
     None when the provenance does not describe ``model.spec`` (e.g. the parent was built a
     moment ago in the same ``build_or_load`` call and carries its own parent's provenance).
     """
-    from depthlens.models import split_spec
+    from depthlens.base_models import split_spec
     from depthlens.recipes import base_key
 
     prov = model.provenance

@@ -8,7 +8,7 @@ trajectory perturbation training, alone or combined, mixed with utility data.
   so the model learns to return to refusal after any harmful prefix.
 - ``worst_insertion`` (Lyu et al. 2026, random worst-insertion training): the model's own
   refusal r to x (a refusal template where its answer is no refusal or too short), a group of
-  random candidate depths and the span lengths ``wi_span_lengths``; ``depthlens.attacks.
+  random candidate depths and the span lengths ``wi_span_lengths``; ``depthlens.worst_insertion.
   worst_insertion`` picks per prompt the (p, m) that most lowers the next-token refusal score
   of the *model being trained*; the example is ``chat(x) + r[:p] + h[:m] + r′`` with the loss
   on the recovery r′ (a refusal template).
@@ -147,7 +147,7 @@ class DeepConfig(TrainScale):
     seed: int = 0
 
     def __post_init__(self):
-        from depthlens.attacks import OBJECTIVES
+        from depthlens.worst_insertion import OBJECTIVES
 
         for name in ("components", "wi_span_lengths", "traj_span_lengths"):  # a list from Python stays hashable
             object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -254,11 +254,11 @@ def worst_insertion_examples(model, prompts: Sequence[str], refusals: Sequence[S
     """Random worst-insertion states (docs/methods.md §3) → ``chat(x) + r[:p] + h[:m]`` (no loss) + a recovery (loss).
 
     Prompts are taken in groups of ``cfg.wi_group``; each group draws ``cfg.wi_candidates``
-    random depths in [0, 1), and ``depthlens.attacks.worst_insertion`` picks per prompt the
+    random depths in [0, 1), and ``depthlens.worst_insertion.worst_insertion`` picks per prompt the
     (p, m) that is worst for ``model`` under ``cfg.wi_objective``. Prompts whose harmful answer
     is shorter than every span length get no example.
     """
-    from depthlens.attacks import worst_insertion
+    from depthlens.worst_insertion import worst_insertion
 
     shortest = min(cfg.wi_span_lengths) + (1 if cfg.wi_objective == "harmful_loglik" else 0)
     keep = [i for i in range(len(prompts)) if len(harmful[i]) >= shortest and len(refusals[i]) >= 1]

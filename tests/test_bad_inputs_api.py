@@ -19,7 +19,8 @@ from depthlens.chat import build_chat, length_batches
 from depthlens.errors import UsageError
 from depthlens.forward import last_logprobs, residuals_at, token_logprobs
 from depthlens.generate import LayerwiseContinuer, generate
-from depthlens.models import hook_name, load_model
+from depthlens.hooked import hook_name
+from depthlens.models import load_model
 from depthlens.responses import response_set
 
 LONG = "word " * 6000  # about 6,000 tokens: tiny-llama reads 1,024

@@ -270,9 +270,10 @@ def test_four_concurrent_builders_give_one_build_and_three_reuses(fresh_cache, t
 _WRITER = textwrap.dedent('''
     import sys
     import torch
-    from depthlens.models import _tiny_llama, save_checkpoint
+    from depthlens.checkpoint import save_checkpoint
+    from depthlens.tiny import tiny_llama
 
-    model, tok, prov = _tiny_llama()
+    model, tok, prov = tiny_llama()
     for step in range(2):
         with torch.no_grad():
             model.model.norm.weight.fill_(float(sys.argv[2]) + step)

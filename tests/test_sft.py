@@ -67,7 +67,7 @@ def test_sft_config_rejects_shares_outside_the_unit_interval_and_drops_zero_marg
 
 
 def _categorised(n_per: dict[str, int]):
-    from depthlens.data import PromptSet
+    from depthlens.promptset import PromptSet
 
     prompts, cats = [], []
     for cat, n in n_per.items():

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from depthlens.models import hook_name, load_model
+from depthlens.hooked import hook_name
+from depthlens.models import load_model
 from depthlens.spsa import (
     SymmetricPerturbation,
     ZOConfig,

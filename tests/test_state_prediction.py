@@ -1,6 +1,6 @@
 """analyses.state_prediction: sites, probing through the analysis, verdicts, degenerate labels, CLI.
 
-probes/linear.py's own tests cover the probe statistics (planted signal, controls, folds);
+probes/linear.py's and grouped_cv.py's own tests cover the probe statistics (planted signal, controls, folds);
 these check the analysis layer on top: groups come from prompt ids, the verdict is computed
 from the reports, activations are gathered at the right tokens, and bad or degenerate input
 ends in one sentence or an "undetermined" record, never a traceback.
@@ -89,13 +89,13 @@ def test_groups_are_prompt_ids_and_a_leaking_split_is_caught(monkeypatch):
     """Swap the grouped splitter for one that ignores groups: the analysis must refuse the folds."""
     from sklearn.model_selection import StratifiedKFold
 
-    import probes.linear as linear
+    import probes.grouped_cv as grouped_cv
 
     class Leaky(StratifiedKFold):
         def split(self, X, y, groups=None):
             return super().split(X, y)
 
-    monkeypatch.setattr(linear, "StratifiedGroupKFold", Leaky)
+    monkeypatch.setattr(grouped_cv, "StratifiedGroupKFold", Leaky)
     trials, y, acts, _ = synthetic_trials(n_prompts=12)
     with pytest.raises(ValueError, match="both train and test"):
         sp.probe_sites({"span_mean": acts["span_mean"]}, trials, y, None, CFG)

