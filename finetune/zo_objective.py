@@ -37,9 +37,15 @@ def _noise_z(weight: Tensor, seed: int) -> Tensor:
 
 
 def _linear_modules(model, layers: Sequence[int]) -> list[tuple[int, str, torch.nn.Linear]]:
-    """The ``nn.Linear`` modules of the given blocks of ``model.plain()`` (the view the losses run on)."""
+    """The ``nn.Linear`` modules of the given blocks of ``model.plain()`` (the view the losses run on).
+
+    With LoRA adapters injected (the ``lora`` subspace) a map's weight sits in its
+    ``base_layer``: that is the module returned, under the map's own name (so the noise seeds
+    do not change), and the adapters' own ``lora_A`` / ``lora_B`` maps are left out.
+    """
     blocks = model.plain().model.layers
-    return [(l, name, mod) for l in layers for name, mod in blocks[l].named_modules() if isinstance(mod, torch.nn.Linear)]
+    return [(l, name.removesuffix(".base_layer"), mod) for l in layers for name, mod in blocks[l].named_modules()
+            if isinstance(mod, torch.nn.Linear) and "lora_" not in name]
 
 
 @contextmanager
