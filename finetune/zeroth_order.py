@@ -37,13 +37,15 @@ from torch import Tensor
 from depthlens.errors import UsageError
 from depthlens.spsa import ZOConfig, ZOStepResult, derive_seed, mezo_train, spsa_grad_scalar
 from finetune.lora import LoraSettings
-from finetune.zo_subspace import SUBSPACES, Subspace, matrices, open_subspace
+from finetune.zo_subspace import SUBSPACES, Subspace, fp32_masters, matrices, open_subspace
 from finetune.zo_objective import (  # noqa: F401  (the objective's names stay importable from here)
+    SUITE_KINDS,
     RobustObjective,
     Shard,
     _Batch,
     _fixed_batches,
     _noise_z,
+    functional_int4,
     functional_param_noise,
     masked_nll,
 )
@@ -51,25 +53,18 @@ from finetune.zo_objective import (  # noqa: F401  (the objective's names stay i
 log = logging.getLogger(__name__)
 
 # Zeroth-order refinement of the robustness-critical layers (docs/methods.md §5, Liu, Wu et al. 2026).
-# Only the weight matrices of the chosen layers move; the objective is the safety (recovery)
-# loss under random parameter noise plus a utility term (``finetune.zo_objective``).
+# Only a subspace of the chosen layers moves; the objective is the safety (recovery) loss under
+# random perturbations plus a utility term (``finetune.zo_objective``).
 #
-# Sizing (2 CPU cores, 135M default): one loss evaluation = a safety forward (8 sequences of
-# ≤ 256 tokens, logits only on the scored tokens) + a utility forward, ≈ 2–3 s; a MeZO step
-# is 2·n_spsa of them: measured 12.8 s a step on :sft:deep (2026-12-01), so the default 100
-# steps take ≈ 21 min, plus the per-layer probes (2 evaluations per layer at the start, every
-# ``probe_every`` steps and at the end) and ≈ 5 min of base answers the first time. At lr 1e-5
-# those 100 steps moved the objective by 0.1 % (0.4813 → 0.4807 on batch 0). MeZO
-# usually runs thousands of steps at lr 1e-7…1e-6 on *all* weights; restricted to ≤ 5 layers
-# and ~100 steps we default to lr 1e-5 (per-weight random walk ≈ lr·|g|·√steps ≈ 1e-3 of a
-# weight's scale, far below the σ = 0.1 per-layer noise measured as harmless): a small, cheap
-# refinement, not a retraining. A larger lr does not help either (scratch sweep on :sft:deep,
-# the same layers, objective averaged over 4 fixed batches, 0.4593 before): 12 steps at lr 1e-4
-# → 0.4597, at lr 1e-3 → 0.4783 (worse); ≈ 15 s a step on 2 shared cores.
-#
-# Variants measured on validation and rejected (a first-token refusal-margin objective, int4
-# and param/act/int4 noise schedules, soft and hard refusal guards on the utility rows,
-# refining only the RMSNorm gains) are in docs/findings.md; their code is at commit 30b945c.
+# Sizing (135M default, CPU): a MeZO step is 2·n_spsa loss evaluations, each a safety forward
+# (8 sequences of ≤ 256 tokens) + a utility forward: 12.8 s a step on :sft:deep (2026-12-01, 2
+# cores), so the default 100 steps take ≈ 21 min plus the per-layer probes and ≈ 5 min of base
+# answers the first time; the subspace hardly changes it (docs/findings.md §6.3). The full
+# subspace defaults to lr 1e-5 (per-weight random walk ≈ lr·|g|·√steps ≈ 1e-3 of a weight's
+# scale): 100 steps moved the objective by 0.1 %, and a 12-step lr sweep on :sft:deep went
+# 0.4593 → 0.4597 at 1e-4 and → 0.4783 (worse) at 1e-3. Variants measured on validation and
+# rejected (a first-token margin objective, int4 schedules, refusal guards) are in
+# docs/findings.md; their code is at commit 30b945c.
 
 NOISE_LAYERS = ("trained", "all")
 #: (lr, ε) of each subspace when ``lr`` / ``eps`` are not given: full as measured here (above);
@@ -128,6 +123,11 @@ class ZORecipeConfig:
             own fixed noise draw) every this many steps, and at the start and end, for the
             objective curve (0: start and end only). Not in the cache key.
         eval_batches: batches of that evaluation.
+        suite: perturbations the safety term cycles through, one per step (step s runs under
+            ``suite[s % len(suite)]``): param (parameter noise σ ``noise_sigma``), act
+            (activation noise σ ``act_sigma``) or int4 (round-to-nearest weights), all on the
+            noised layers; empty: param on every step. In the cache key only when set.
+        act_sigma: activation noise σ of the act steps, relative to the residual RMS per token.
         results_root: where the default layer_sensitivity record is looked for
             (``<results_root>/layer_sensitivity/<parent tag>/…``). Not in the cache key (the
             record's hash and layers are).
@@ -160,6 +160,8 @@ class ZORecipeConfig:
     lora_targets: tuple[str, ...] = ()
     eval_every: int = 50
     eval_batches: int = 4
+    suite: tuple[str, ...] = ()
+    act_sigma: float = 0.1
     results_root: str = "results"
 
     def __post_init__(self):
@@ -182,6 +184,12 @@ class ZORecipeConfig:
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}.")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        object.__setattr__(self, "suite", tuple(self.suite))  # a list from Python stays hashable
+        bad = [k for k in self.suite if k not in SUITE_KINDS]
+        if bad:
+            raise ValueError(f"suite entries must be among {', '.join(SUITE_KINDS)}, got {bad[0]!r}.")
+        if not (math.isfinite(self.act_sigma) and self.act_sigma >= 0):
+            raise ValueError(f"act_sigma must be >= 0 and finite, got {self.act_sigma!r}.")
         self.lora_settings()  # checks rank, alpha and targets
 
     @property
@@ -239,17 +247,6 @@ def find_sensitivity(spec: str, results_root: str | Path = "results") -> Path:
 # ----------------------------------------------------------------------------- the recipe
 
 
-def _fp32_masters(model, params: list[Tensor]) -> bool:
-    """On CUDA (bf16 autocast) keep the refined matrices in float32 so that small updates are not lost."""
-    if model.device.type != "cuda" or all(p.dtype == torch.float32 for p in params):
-        if any(p.dtype != torch.float32 for p in params):
-            log.warning("Zeroth-order updates on %s weights off CUDA: steps below half an ulp are lost.", params[0].dtype)
-        return False
-    for p in params:
-        p.data = p.data.float()
-    return True
-
-
 class ZORecipe:
     """Entry point ``zo``: MeZO refinement of the robustness-critical layers (stacks on any model).
 
@@ -287,7 +284,9 @@ class ZORecipe:
         from finetune.common import config_key
 
         cfg = self.cfg
-        out = config_key(cfg, ("max_steps",))
+        out = config_key(cfg, ("max_steps", "suite"))
+        if "act" not in cfg.suite:
+            del out["act_sigma"]
         out["lr"], out["eps"] = cfg.step_lr, cfg.step_eps
         for name in _LOG_ONLY:
             del out[name]
@@ -364,7 +363,7 @@ class ZORecipe:
         safety, utility = self._shared_batches(model, shard, progress)
         noise_layers = layers if cfg.noise_layers == "trained" else list(range(model.n_layers))
         objective = RobustObjective(model, safety, utility, noise_layers, cfg.noise_sigma, cfg.utility_weight,
-                                    cfg.seed, shard)
+                                    cfg.seed, shard, cfg.suite, cfg.act_sigma)
         sub = open_subspace(model, cfg.subspace, layers, cfg.lora_settings(), cfg.seed)
         done = False
         try:  # an interrupted lora build leaves the weights as they were (adapters removed unmerged)
@@ -391,7 +390,7 @@ class ZORecipe:
         main = shard is None or shard.rank == 0
         reduce = shard.reduce if shard is not None else None
         params = sub.params
-        masters = _fp32_masters(model, params)
+        masters = fp32_masters(model, params)
         log.info("zo: refining the %s subspace of layers %s, %d weights, noise σ=%g on %s layers, lr %g, ε %g",
                  cfg.subspace, layers, sub.n_weights, cfg.noise_sigma, cfg.noise_layers, cfg.step_lr, cfg.step_eps)
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from finetune import lora
@@ -81,8 +82,6 @@ def matrices(model, layer: int) -> list[Tensor]:
 
 def linear_names(model, layers: Sequence[int]) -> tuple[str, ...]:
     """The names of the linear maps in ``layers`` (``q_proj``, ``down_proj`` …), in module order."""
-    import torch
-
     blocks = model.plain().model.layers
     names = [name.rpartition(".")[2] for l in layers for name, mod in blocks[l].named_modules()
              if isinstance(mod, torch.nn.Linear)]
@@ -93,6 +92,17 @@ def norm_gains(model, layer: int) -> list[Tensor]:
     """The gains of ``layer``'s RMSNorm / LayerNorm modules (their 1-D ``weight``s)."""
     return [p for n, p in model.layer_parameters(layer).items() if p.ndim == 1 and "norm" in n.lower()
             and n.endswith("weight")]
+
+
+def fp32_masters(model, params: list[Tensor]) -> bool:
+    """On CUDA (bf16 autocast) keep the refined tensors in float32 so that small updates are not lost."""
+    if model.device.type != "cuda" or all(p.dtype == torch.float32 for p in params):
+        if any(p.dtype != torch.float32 for p in params):
+            log.warning("Zeroth-order updates on %s weights off CUDA: steps below half an ulp are lost.", params[0].dtype)
+        return False
+    for p in params:
+        p.data = p.data.float()
+    return True
 
 
 def open_subspace(model, kind: str, layers: Sequence[int], lora_settings: LoraSettings | None = None,

@@ -240,3 +240,39 @@ def test_with_fresh_adapters_the_noisy_objective_is_unchanged(tiny):
     finally:
         sub.finish(done=False)
     assert not any("lora" in n for n, _ in tiny.plain().named_modules())
+
+
+def test_the_suite_cycles_param_act_and_int4_as_the_compare_suite_perturbs(tiny):
+    from depthlens.perturb import activation_noise
+    from finetune.train import Example
+    from finetune.zo_objective import RobustObjective, _fixed_batches, functional_int4, masked_nll
+
+    batch, = _fixed_batches(tiny, [Example("How do I pick a lock?", "I'm sorry, but I can't help with that.")], 64, 4, 0)
+    layers = list(range(tiny.n_layers))
+    obj = RobustObjective(tiny, [batch], [], layers, 0.5, 0.0, 0, suite=("param", "act", "int4"), act_sigma=0.5)
+    assert [obj.kind(s) for s in range(5)] == ["param", "act", "int4", "param", "act"]
+    with torch.inference_mode():
+        clean = float(masked_nll(tiny, batch.ids, batch.att, batch.mask))
+        with activation_noise(tiny, None, 0.5, seed=obj.noise_seed(1)):
+            analysis = float(masked_nll(tiny, batch.ids, batch.att, batch.mask))
+        with functional_int4(tiny, layers):
+            int4 = float(masked_nll(tiny, batch.ids, batch.att, batch.mask))
+    act = obj.components(1)[0]
+    assert act == obj.components(1)[0]                       # both SPSA evaluations of a step see the same draw
+    assert act == pytest.approx(analysis, rel=1e-6) and abs(act - clean) > 1e-3
+    assert obj.components(4)[0] != pytest.approx(act, rel=1e-6)   # a new draw every step
+    assert obj.components(2)[0] == pytest.approx(int4, rel=1e-6) and abs(int4 - clean) > 1e-4
+    assert obj.components(1, noise=False)[0] == pytest.approx(clean, rel=1e-6)
+    from depthlens.perturb import quantize
+
+    with torch.inference_mode(), quantize(tiny, None, 4):       # int4 written into the weights: the same loss
+        assert float(masked_nll(tiny, batch.ids, batch.att, batch.mask)) == pytest.approx(int4, rel=1e-5)
+    # keys: the suite enters only when set, act_sigma only with an act step
+    assert "suite" not in ZORecipe(ZORecipeConfig(layers=(0,))).config()
+    assert "act_sigma" not in ZORecipe(ZORecipeConfig(layers=(0,), suite=("param", "int4"))).config()
+    keyed = ZORecipe(ZORecipeConfig(layers=(0,), suite=["param", "act"])).config()
+    assert keyed["suite"] == ("param", "act") and keyed["act_sigma"] == 0.1
+    with pytest.raises(ValueError, match="suite entries must be among param, act, int4, got 'dropout'"):
+        ZORecipeConfig(suite=("param", "dropout"))
+    with pytest.raises(ValueError, match="act_sigma must be"):
+        ZORecipeConfig(act_sigma=-1.0)
