@@ -276,3 +276,17 @@ def test_the_suite_cycles_param_act_and_int4_as_the_compare_suite_perturbs(tiny)
         ZORecipeConfig(suite=("param", "dropout"))
     with pytest.raises(ValueError, match="act_sigma must be"):
         ZORecipeConfig(act_sigma=-1.0)
+
+
+def test_a_damaged_default_zo_entry_names_the_rebuild_command(tmp_path, monkeypatch):
+    from depthlens.recipes import bind, rebuild_command
+
+    monkeypatch.chdir(tmp_path)
+    _plant(tmp_path / "results", [1, 0], "20260101-000000-aaaaaaaa-s0")
+    bound = bind(get_recipe("zo"), "tiny-llama")
+    assert bound.found is not None and bound.config()["resolved_layers"] == [1, 0]
+    assert rebuild_command("tiny-llama:zo", bound) == "`python -m depthlens.recipes --rebuild 'tiny-llama:zo'`"
+    given = ZORecipe(ZORecipeConfig(layers=(0,)))
+    assert rebuild_command("tiny-llama:zo", given).startswith("your build_with")
+    monkeypatch.chdir(tmp_path / "results")    # no record for the installed default here: still an answer
+    assert rebuild_command("tiny-llama:zo", given).startswith("your build_with")
