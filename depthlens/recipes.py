@@ -8,7 +8,9 @@ imports a recipe module by name.
 
 A recipe object has ``name``, ``version`` (bumped when its code changes results), a
 ``config() -> dict`` and ``build(model, workdir) -> None`` that changes ``model`` in place
-(``workdir`` is a scratch directory for resumable checkpoints). ``build_or_load`` caches each
+(``workdir`` is a scratch directory for resumable checkpoints); a recipe whose settings depend
+on the model it is applied to (the ``zo`` recipe's default layers) also has ``for_parent(spec)``,
+which returns it bound to that parent before its key is taken. ``build_or_load`` caches each
 step under ``$DEPTHLENS_CACHE/organisms`` keyed by a hash of the parent's key, the recipe's
 name, version and config. Each step is a ``depthlens.cache`` entry: built by one process
 while others wait for it, published whole with a manifest, checked on load; a damaged entry
@@ -82,6 +84,12 @@ def get_recipe(name: str) -> Recipe:
     return eps[name].load()
 
 
+def bind(recipe: Recipe, parent_spec: str) -> Recipe:
+    """``recipe`` as it applies on top of ``parent_spec`` (``recipe.for_parent``, where it has one)."""
+    for_parent = getattr(recipe, "for_parent", None)
+    return for_parent(parent_spec) if for_parent is not None else recipe
+
+
 def _key(parent_key: str, recipe: Recipe) -> str:
     blob = json.dumps({"parent": parent_key, "recipe": recipe.name, "version": recipe.version,
                        "config": recipe.config()}, sort_keys=True, default=str)
@@ -105,12 +113,23 @@ def rebuild_command(spec: str, recipe: Recipe | None = None) -> str:
     A step made by a recipe object with another config than the installed suffix's is not
     what the spec names, so for it the command is the ``build_with`` call itself.
     """
-    name = spec.rpartition(":")[2]
-    eps = available_recipes()
-    installed = recipe is None or (name in eps and _key("", eps[name].load()) == _key("", recipe))
+    parent, _, name = spec.rpartition(":")
+    installed = recipe is None or _is_installed(name, recipe, parent)
     if not installed:
         return "your build_with(...) call again with rebuild_damaged=True"
     return f"`python -m depthlens.recipes --rebuild '{spec}'`"
+
+
+def _is_installed(name: str, recipe: Recipe, parent: str) -> bool:
+    """Whether ``recipe`` on ``parent`` is what the installed suffix ``name`` builds there."""
+    eps = available_recipes()
+    if name not in eps:
+        return False
+    try:
+        installed = bind(eps[name].load(), parent)
+    except UsageError:  # the default cannot apply here (e.g. no record it needs); ``recipe`` is another config
+        return False
+    return _key("", installed) == _key("", recipe)
 
 
 _WARNED_ONE_CPU_PROCESS: list[bool] = []
@@ -160,6 +179,7 @@ def build_or_load(base: str, recipes: list, *, device=None, dtype=None, rebuild_
     current, key, spec, current_dir, chain = None, base_key(prov), base, None, []
     main_rank = state is None or state.is_main_process
     for name, recipe in zip(recipes, objs):
+        recipe = bind(recipe, spec)  # ``spec`` is still the parent's here
         key = _key(key, recipe)
         parent_spec, spec = spec, f"{spec}:{name}"
         target = entry_dir(spec, key)

@@ -1,42 +1,51 @@
 """The ``zo`` recipe: zeroth-order (MeZO) refinement of the robustness-critical layers.
 
-Spec suffix ``:zo``, stacking on any model (``…:sft:deep:zo``). It runs the MeZO engine of
-``depthlens.spsa`` on the weight matrices of the robustness-critical layers only
-(``critical_layers`` of a layer_sensitivity results file, ``--layers``, or the top ZO probes),
-with the safety/recovery loss under functional random parameter noise plus a utility term,
-per-layer ZO probes logged during the run, resumable checkpoints and fp32 master weights for
-the refined layers on CUDA (bf16 autocast). See the section comment above ``ZORecipeConfig``
-for the objective and its sizing. Under ``accelerate launch`` every rank evaluates the
+Spec suffix ``:zo``, stacking on any model (``…:sft:deep-anchored:zo``). It runs the MeZO
+engine of ``depthlens.spsa`` on a subspace of the robustness-critical layers
+(``finetune.zo_subspace``: their weight matrices, LoRA adapters on them, or their norm gains),
+with the safety/recovery loss under functional random parameter noise plus a utility term.
+The layers come from measurement: ``--layers``, ``--sensitivity RESULTS_JSON``, or by default
+the ``critical_layers`` of the newest layer_sensitivity record of the parent model under
+``--results-root`` (an error naming the command that makes one when there is none). Every
+step's L₊, L₋ and projected gradient and an evaluation of the objective every ``eval_every``
+steps are kept in the entry's info (plotted by ``figures.builders.zo_curve``); per-layer ZO
+probes are logged during the run; checkpoints make it resumable; on CUDA the refined tensors
+keep fp32 masters (bf16 autocast). Under ``accelerate launch`` every rank evaluates the
 objective on its rows of each batch (``Shard``) and the engine all-reduces the two losses of
 each step (``depthlens.spsa``), so every rank applies the same update (tested); rank 0 builds
 the batches and writes the checkpoints.
 
-    $ python -m finetune.zeroth_order --model smollm2-135m-instruct:sft:deep --sensitivity RESULTS_JSON
-    >>> load_model("smollm2-135m-instruct:sft:zo")          # layers chosen by ZO probes
+    $ python -m analyses.layer_sensitivity --model smollm2-135m-instruct:sft:deep-anchored
+    $ python -m finetune.zeroth_order --model smollm2-135m-instruct:sft:deep-anchored --subspace lora
+    >>> load_model("smollm2-135m-instruct:sft:zo")      # layers from results/layer_sensitivity/…
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from depthlens.spsa import ZOConfig, ZOStepResult, derive_seed, mezo_train, zo_layer_probes
+from depthlens.errors import UsageError
+from depthlens.spsa import ZOConfig, ZOStepResult, derive_seed, mezo_train, spsa_grad_scalar
+from finetune.lora import LoraSettings
+from finetune.zo_subspace import SUBSPACES, Subspace, fp32_masters, matrices, open_subspace
 from finetune.zo_objective import (  # noqa: F401  (the objective's names stay importable from here)
+    SUITE_KINDS,
     RobustObjective,
     Shard,
     _Batch,
     _fixed_batches,
     _noise_z,
+    functional_int4,
     functional_param_noise,
     masked_nll,
 )
@@ -44,32 +53,31 @@ from finetune.zo_objective import (  # noqa: F401  (the objective's names stay i
 log = logging.getLogger(__name__)
 
 # Zeroth-order refinement of the robustness-critical layers (docs/methods.md §5, Liu, Wu et al. 2026).
-# Only the weight matrices of the chosen layers move; the objective is the safety (recovery)
-# loss under random parameter noise plus a utility term (``finetune.zo_objective``).
+# Only a subspace of the chosen layers moves; the objective is the safety (recovery) loss under
+# random perturbations plus a utility term (``finetune.zo_objective``).
 #
-# Sizing (2 CPU cores, 135M default): one loss evaluation = a safety forward (8 sequences of
-# ≤ 256 tokens, logits only on the scored tokens) + a utility forward, ≈ 2–3 s; a MeZO step
-# is 2·n_spsa of them: measured 12.8 s a step on :sft:deep (2026-12-01), so the default 100
-# steps take ≈ 21 min, plus the per-layer probes (2 evaluations per layer at the start, every
-# ``probe_every`` steps and at the end) and ≈ 5 min of base answers the first time. At lr 1e-5
-# those 100 steps moved the objective by 0.1 % (0.4813 → 0.4807 on batch 0). MeZO
-# usually runs thousands of steps at lr 1e-7…1e-6 on *all* weights; restricted to ≤ 5 layers
-# and ~100 steps we default to lr 1e-5 (per-weight random walk ≈ lr·|g|·√steps ≈ 1e-3 of a
-# weight's scale, far below the σ = 0.1 per-layer noise measured as harmless): a small, cheap
-# refinement, not a retraining. A larger lr does not help either (scratch sweep on :sft:deep,
-# the same layers, objective averaged over 4 fixed batches, 0.4593 before): 12 steps at lr 1e-4
-# → 0.4597, at lr 1e-3 → 0.4783 (worse); ≈ 15 s a step on 2 shared cores.
-#
-# Variants measured on validation and rejected (a first-token refusal-margin objective, int4
-# and param/act/int4 noise schedules, soft and hard refusal guards on the utility rows,
-# refining only the RMSNorm gains) are in docs/findings.md; their code is at commit 30b945c.
+# Sizing (135M default, CPU): a MeZO step is 2·n_spsa loss evaluations, each a safety forward
+# (8 sequences of ≤ 256 tokens) + a utility forward: 12.8 s a step on :sft:deep (2026-12-01, 2
+# cores), so the default 100 steps take ≈ 21 min plus the per-layer probes and ≈ 5 min of base
+# answers the first time; the subspace hardly changes it (docs/findings.md §6.3). The full
+# subspace defaults to lr 1e-5 (per-weight random walk ≈ lr·|g|·√steps ≈ 1e-3 of a weight's
+# scale): 100 steps moved the objective by 0.1 %, and a 12-step lr sweep on :sft:deep went
+# 0.4593 → 0.4597 at 1e-4 and → 0.4783 (worse) at 1e-3. Variants measured on validation and
+# rejected (a first-token margin objective, int4 schedules, refusal guards) are in
+# docs/findings.md; their code is at commit 30b945c.
 
 NOISE_LAYERS = ("trained", "all")
+#: (lr, ε) of each subspace when ``lr`` / ``eps`` are not given: full as measured here (above);
+#: lora MeZO's LoRA settings (Malladi et al. 2023, App. D); norms the gains-only variant F of
+#: docs/findings.md (`zo` history).
+SUBSPACE_DEFAULTS = {"full": (1e-5, 1e-3), "lora": (5e-5, 1e-2), "norms": (2e-4, 1e-3)}
+#: Settings that change the log, not the weights: never in the cache key.
+_LOG_ONLY = ("eval_every", "eval_batches", "results_root")
 
 
 def zo_parameters(model, layers: Sequence[int]) -> list[Tensor]:
-    """The tensors of ``layers`` that the zo recipe refines: every weight matrix (attention and MLP projections)."""
-    out = [p for l in layers for p in model.layer_parameters(l).values() if p.ndim >= 2]
+    """The tensors of ``layers`` that the ``full`` subspace refines: every weight matrix."""
+    out = [p for l in layers for p in matrices(model, l)]
     if not out:
         raise ValueError(f"Layers {list(layers)} have no weight matrices to refine.")
     return out
@@ -83,11 +91,12 @@ class ZORecipeConfig:
         layers: layers to refine (takes precedence over ``sensitivity``).
         sensitivity: a layer_sensitivity results.json (or its run directory) whose
             ``metrics.critical_layers`` are refined. Without ``layers`` and ``sensitivity`` the
-            ``top_k`` layers with the largest ZO probe c_l of this objective are refined.
-        top_k: how many critical layers to take from the file or the probes.
+            newest layer_sensitivity record of the parent model under ``results_root`` is used.
+        top_k: how many critical layers to take from the record.
         steps: MeZO steps (each 2·n_spsa loss evaluations).
-        eps: SPSA perturbation scale ε (absolute, z ~ N(0, I)).
-        lr: MeZO learning rate.
+        eps: SPSA perturbation scale ε (absolute, z ~ N(0, I)); none: the subspace's default
+            (full 1e-3, lora 1e-2, norms 1e-3).
+        lr: MeZO learning rate; none: the subspace's default (full 1e-5, lora 5e-5, norms 2e-4).
         weight_decay: λ of θ ← θ − η(g z + λθ).
         n_spsa: SPSA estimates averaged per step (n-SPSA / MeZO-n).
         noise_sigma: parameter noise σ of the robust objective, relative (δ = σ‖W‖_F/√n·ζ, as
@@ -103,16 +112,33 @@ class ZORecipeConfig:
         probe_every: per-layer ZO probes c_l are logged every this many steps (and at the
             start and end); 0: start and end only.
         checkpoint_every: save a resumable state every this many steps (0: never).
-        seed: data, direction and noise seed.
+        seed: data, direction, adapter and noise seed.
         max_steps: stop after this many MeZO steps (0: ``steps``); in the cache key only when set.
+        subspace: what moves in the chosen layers: full (every weight matrix), lora (LoRA
+            adapters, merged into the weights at the end) or norms (the norm gains).
+        lora_rank: rank r of the adapters of the lora subspace.
+        lora_alpha: LoRA α, the update being (α/r)·B·A (none: 2·rank, as MeZO's α 16 at r 8).
+        lora_targets: linear maps to adapt, e.g. q_proj,v_proj (default: every linear map).
+        eval_every: evaluate the objective on the first ``eval_batches`` batches (each with its
+            own fixed noise draw) every this many steps, and at the start and end, for the
+            objective curve (0: start and end only). Not in the cache key.
+        eval_batches: batches of that evaluation.
+        suite: perturbations the safety term cycles through, one per step (step s runs under
+            ``suite[s % len(suite)]``): param (parameter noise σ ``noise_sigma``), act
+            (activation noise σ ``act_sigma``) or int4 (round-to-nearest weights), all on the
+            noised layers; empty: param on every step. In the cache key only when set.
+        act_sigma: activation noise σ of the act steps, relative to the residual RMS per token.
+        results_root: where the default layer_sensitivity record is looked for
+            (``<results_root>/layer_sensitivity/<parent tag>/…``). Not in the cache key (the
+            record's hash and layers are).
     """
 
     layers: tuple[int, ...] | None = None
     sensitivity: str | None = None
     top_k: int = 5
     steps: int = 100
-    eps: float = 1e-3
-    lr: float = 1e-5
+    eps: float | None = None
+    lr: float | None = None
     weight_decay: float = 0.0
     n_spsa: int = 1
     noise_sigma: float = 0.1
@@ -128,11 +154,23 @@ class ZORecipeConfig:
     checkpoint_every: int = 10
     seed: int = 0
     max_steps: int = 0
+    subspace: str = "full"
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = ()
+    eval_every: int = 50
+    eval_batches: int = 4
+    suite: tuple[str, ...] = ()
+    act_sigma: float = 0.1
+    results_root: str = "results"
 
     def __post_init__(self):
         if not (isinstance(self.max_steps, int) and self.max_steps >= 0):
             raise ValueError(f"max_steps must be a non-negative integer (0: off), got {self.max_steps!r}.")
-        ZOConfig(steps=self.steps, eps=self.eps, lr=self.lr, weight_decay=self.weight_decay, n_spsa=self.n_spsa)
+        if self.subspace not in SUBSPACES:
+            raise ValueError(f"subspace must be one of {', '.join(SUBSPACES)}, got {self.subspace!r}.")
+        ZOConfig(steps=self.steps, eps=self.step_eps, lr=self.step_lr, weight_decay=self.weight_decay,
+                 n_spsa=self.n_spsa)
         if self.noise_layers not in NOISE_LAYERS:
             raise ValueError(f"noise_layers must be one of {NOISE_LAYERS}, got {self.noise_layers!r}.")
         if not (math.isfinite(self.noise_sigma) and self.noise_sigma >= 0):
@@ -142,6 +180,30 @@ class ZORecipeConfig:
                              f"{self.batch_size}.")
         if self.utility_weight < 0:
             raise ValueError(f"utility_weight must be >= 0, got {self.utility_weight}.")
+        for name in ("eval_every", "eval_batches"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}.")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        object.__setattr__(self, "suite", tuple(self.suite))  # a list from Python stays hashable
+        bad = [k for k in self.suite if k not in SUITE_KINDS]
+        if bad:
+            raise ValueError(f"suite entries must be among {', '.join(SUITE_KINDS)}, got {bad[0]!r}.")
+        if not (math.isfinite(self.act_sigma) and self.act_sigma >= 0):
+            raise ValueError(f"act_sigma must be >= 0 and finite, got {self.act_sigma!r}.")
+        self.lora_settings()  # checks rank, alpha and targets
+
+    @property
+    def step_lr(self) -> float:
+        """The learning rate that runs: ``lr``, or the subspace's default."""
+        return self.lr if self.lr is not None else SUBSPACE_DEFAULTS[self.subspace][0]
+
+    @property
+    def step_eps(self) -> float:
+        """The perturbation scale that runs: ``eps``, or the subspace's default."""
+        return self.eps if self.eps is not None else SUBSPACE_DEFAULTS[self.subspace][1]
+
+    def lora_settings(self) -> LoraSettings:
+        return LoraSettings(self.lora_rank, self.lora_alpha, self.lora_targets)
 
     @property
     def n_steps(self) -> int:
@@ -149,7 +211,7 @@ class ZORecipeConfig:
         return min(self.steps, self.max_steps) if self.max_steps else self.steps
 
     def zo(self) -> ZOConfig:
-        return ZOConfig(steps=self.n_steps, eps=self.eps, lr=self.lr, weight_decay=self.weight_decay,
+        return ZOConfig(steps=self.n_steps, eps=self.step_eps, lr=self.step_lr, weight_decay=self.weight_decay,
                         n_spsa=self.n_spsa, seed=self.seed, log_every=max(1, self.n_steps // 10))
 
 
@@ -168,58 +230,91 @@ def critical_layers_from(path: str | Path, top_k: int | None = None) -> list[int
     return layers[:top_k] if top_k else layers
 
 
+def find_sensitivity(spec: str, results_root: str | Path = "results") -> Path:
+    """The newest layer_sensitivity results.json of model ``spec`` under ``results_root``; a
+    ``UsageError`` naming the command that makes one when there is none."""
+    from depthlens.paths import model_tag
+    from depthlens.results import latest_run
+
+    found = latest_run(results_root, "layer_sensitivity", model_tag(spec))
+    if found is None:
+        raise UsageError(f"The zo recipe refines the critical layers of a layer_sensitivity record, and there is none "
+                         f"for {spec!r} under {str(Path(results_root) / 'layer_sensitivity')!r}: run `python -m "
+                         f"analyses.layer_sensitivity --model {spec}` first, or pass --layers (or --sensitivity).")
+    return found
+
+
 # ----------------------------------------------------------------------------- the recipe
 
 
-def _fp32_masters(model, params: list[Tensor]) -> bool:
-    """On CUDA (bf16 autocast) keep the refined matrices in float32 so that small updates are not lost."""
-    if model.device.type != "cuda" or all(p.dtype == torch.float32 for p in params):
-        if any(p.dtype != torch.float32 for p in params):
-            log.warning("Zeroth-order updates on %s weights off CUDA: steps below half an ulp are lost.", params[0].dtype)
-        return False
-    for p in params:
-        p.data = p.data.float()
-    return True
-
-
 class ZORecipe:
-    """Entry point ``zo``: MeZO refinement of the robustness-critical layers (stacks on any model)."""
+    """Entry point ``zo``: MeZO refinement of the robustness-critical layers (stacks on any model).
+
+    ``build_or_load`` binds it to its parent model first (``for_parent``): without ``layers``
+    or ``sensitivity`` that finds the parent's newest layer_sensitivity record, whose hash and
+    critical layers then enter the cache key.
+    """
 
     name = "zo"
     version = 1
 
-    def __init__(self, cfg: ZORecipeConfig | None = None):
+    def __init__(self, cfg: ZORecipeConfig | None = None, found: Path | None = None):
         self.cfg = cfg or ZORecipeConfig()
+        self.found = found  # the record found for the parent when the config names none
+
+    def for_parent(self, spec: str) -> ZORecipe:
+        """This recipe as it applies on top of ``spec``: with the layer_sensitivity record found
+        for ``spec`` when the config gives neither ``layers`` nor ``sensitivity``."""
+        if self.cfg.layers is not None or self.cfg.sensitivity:
+            return self
+        found = find_sensitivity(spec, self.cfg.results_root)
+        log.info("zo: critical layers of %s from %s", spec, found)
+        return ZORecipe(self.cfg, found=found)
+
+    def _record(self) -> Path | None:
+        """The layer_sensitivity results.json the layers come from (None with ``layers``)."""
+        if self.cfg.layers is not None:
+            return None
+        if self.cfg.sensitivity:
+            path = Path(self.cfg.sensitivity)
+            return path / "results.json" if path.is_dir() else path
+        return self.found
 
     def config(self) -> dict:
         from finetune.common import config_key
 
-        out = config_key(self.cfg, ("max_steps",))
-        if self.cfg.layers is None and self.cfg.sensitivity:
+        cfg = self.cfg
+        out = config_key(cfg, ("max_steps", "suite"))
+        if "act" not in cfg.suite:
+            del out["act_sigma"]
+        out["lr"], out["eps"] = cfg.step_lr, cfg.step_eps
+        for name in _LOG_ONLY:
+            del out[name]
+        if cfg.subspace == "full":  # keys of builds made before the subspaces stay as they were
+            del out["subspace"]
+        if cfg.subspace != "lora":
+            for name in ("lora_rank", "lora_alpha", "lora_targets"):
+                del out[name]
+        record = self._record()
+        if record is not None:
             from depthlens.cache import file_sha256
 
-            path = Path(self.cfg.sensitivity)
-            path = path / "results.json" if path.is_dir() else path
-            out["resolved_layers"] = critical_layers_from(path, self.cfg.top_k)
-            out["sensitivity_sha256"] = file_sha256(path)
+            out["resolved_layers"] = critical_layers_from(record, cfg.top_k)
+            out["sensitivity_sha256"] = file_sha256(record)
         return out
 
-    def _layers(self, model, objective_for_probes, reduce=None) -> tuple[list[int], str, dict[int, float]]:
+    def _layers(self, model) -> tuple[list[int], str]:
         cfg = self.cfg
         if cfg.layers is not None:
-            return list(dict.fromkeys(model.check_layer(int(l)) for l in cfg.layers)), "given", {}
-        if cfg.sensitivity:
-            from depthlens.results import read_run
+            return list(dict.fromkeys(model.check_layer(int(l)) for l in cfg.layers)), "given"
+        record = self._record() or self.for_parent(model.spec).found  # a direct build() call: bind now
+        from depthlens.results import read_run
 
-            layers = [model.check_layer(l) for l in critical_layers_from(cfg.sensitivity, cfg.top_k)]
-            measured_on = read_run(cfg.sensitivity).model
-            if measured_on != model.spec:
-                log.warning("Critical layers were measured on %s; refining %s.", measured_on, model.spec)
-            return layers, f"file:{cfg.sensitivity}", {}
-        probes = zo_layer_probes(model, None, lambda layer: objective_for_probes(), eps=cfg.eps,
-                                 seed=derive_seed(cfg.seed, 0xC1), reduce=reduce)
-        ranked = sorted(probes, key=lambda l: -probes[l])[: cfg.top_k]
-        return sorted(ranked), "zo_probes", probes
+        layers = [model.check_layer(l) for l in critical_layers_from(record, cfg.top_k)]
+        measured_on = read_run(record).model
+        if measured_on != model.spec:
+            log.warning("Critical layers were measured on %s; refining %s.", measured_on, model.spec)
+        return layers, f"file:{record}"
 
     def batches(self, model, progress: bool = True) -> tuple[list[_Batch], list[_Batch]]:
         """The fixed safety (recovery) and utility batches of the objective, for ``model``."""
@@ -264,52 +359,81 @@ class ZORecipe:
         shard = Shard.current()
         main = shard is None or shard.rank == 0
         progress = progress and main
+        layers, source = self._layers(model)
         safety, utility = self._shared_batches(model, shard, progress)
+        noise_layers = layers if cfg.noise_layers == "trained" else list(range(model.n_layers))
+        objective = RobustObjective(model, safety, utility, noise_layers, cfg.noise_sigma, cfg.utility_weight,
+                                    cfg.seed, shard, cfg.suite, cfg.act_sigma)
+        sub = open_subspace(model, cfg.subspace, layers, cfg.lora_settings(), cfg.seed)
+        done = False
+        try:  # an interrupted lora build leaves the weights as they were (adapters removed unmerged)
+            info = self._run(model, sub, objective, layers, workdir, shard, progress)
+            done = True
+        finally:
+            adapter_dir = Path(workdir) / "adapter" if workdir is not None and main else None
+            sub.finish(done, adapter_dir)
+        # fp32 masters stay fp32: the checkpoint is saved in float32 and keeps the small updates.
+        _barrier(shard)
+        state_path = Path(workdir) / "zo_state.pt" if workdir is not None else None
+        if main and state_path is not None and state_path.exists():
+            state_path.unlink()
+        record = self._record()
+        return {"layers": layers, "layer_source": source, "sensitivity": str(record) if record else None,
+                "subspace": cfg.subspace, "lr": cfg.step_lr, "eps": cfg.step_eps,
+                "lora": asdict(cfg.lora_settings()) if cfg.subspace == "lora" else None,
+                "noise_layers": noise_layers, **info, "processes": shard.world if shard is not None else 1}
 
-        def objective_on(noise_layers):
-            return RobustObjective(model, safety, utility, noise_layers, cfg.noise_sigma, cfg.utility_weight, cfg.seed,
-                                   shard)
+    def _run(self, model, sub: Subspace, objective: RobustObjective, layers: list[int], workdir: Path | None,
+             shard: Shard | None, progress: bool) -> dict:
+        """The MeZO steps on ``sub``, with probes, the objective curve and checkpoints; the info of the build."""
+        cfg = self.cfg
+        main = shard is None or shard.rank == 0
+        reduce = shard.reduce if shard is not None else None
+        params = sub.params
+        masters = fp32_masters(model, params)
+        log.info("zo: refining the %s subspace of layers %s, %d weights, noise σ=%g on %s layers, lr %g, ε %g",
+                 cfg.subspace, layers, sub.n_weights, cfg.noise_sigma, cfg.noise_layers, cfg.step_lr, cfg.step_eps)
 
         probe_step = 0  # the probes use batch 0 and one fixed noise draw
-        all_layers = list(range(model.n_layers))
-        selection = functools.cache(lambda: objective_on(all_layers))
-        reduce = shard.reduce if shard is not None else None
-        layers, source, selection_probes = self._layers(model, lambda: selection()(probe_step), reduce)
-        noise_layers = layers if cfg.noise_layers == "trained" else all_layers
-        objective = objective_on(noise_layers)
-        params = zo_parameters(model, layers)
-        masters = _fp32_masters(model, params)
-        n_weights = sum(p.numel() for p in params)
-        log.info("zo: refining layers %s (%s), %d weights, noise σ=%g on %s layers", layers, source, n_weights,
-                 cfg.noise_sigma, cfg.noise_layers)
-
         clean_before = objective.components(probe_step, noise=False)
         noisy_before = objective.total(probe_step)
         state_path = Path(workdir) / "zo_state.pt" if workdir is not None else None
-        start, history, probes = 0, [], []
+        start, history, probes, evals = 0, [], [], []
         if state_path is not None and state_path.exists():
             state = torch.load(state_path, weights_only=True, map_location=model.device)
-            if state["layers"] != layers:
-                raise ValueError(f"The checkpoint in {state_path.parent} refines layers {state['layers']}, not {layers}; "
-                                 "delete it to start over.")
+            if state["layers"] != layers or state.get("subspace", "full") != cfg.subspace:
+                raise ValueError(f"The checkpoint in {state_path.parent} refines layers {state['layers']}, not {layers} "
+                                 f"(subspace {state.get('subspace', 'full')}, not {cfg.subspace}); delete it to "
+                                 "start over.")
             with torch.no_grad():
                 for p, saved in zip(params, state["params"]):
                     p.copy_(saved)
             start, history, probes = int(state["step"]), json.loads(state["history"]), json.loads(state["probes"])
+            evals = json.loads(state.get("evals", "[]"))
             log.info("zo: resuming from step %d of %d", start, cfg.n_steps)
 
-        def probe(step: int) -> None:
-            c = zo_layer_probes(model, layers, lambda layer: objective(probe_step), eps=cfg.eps,
-                                seed=derive_seed(cfg.seed, 0xB0, step), reduce=reduce)
+        def probe(step: int) -> None:  # c_l = |L(θ+εz_l) − L(θ−εz_l)|/2ε, only layer l's part of the subspace moved
+            seed = derive_seed(cfg.seed, 0xB0, step)
+            c = {l: abs(spsa_grad_scalar(ps, lambda: objective(probe_step), cfg.step_eps, derive_seed(seed, l, 0),
+                                         reduce).projected_grad) for l, ps in sub.by_layer.items()}
             probes.extend({"step": step, "layer": l, "c": v} for l, v in c.items())
             log.info("zo probes at step %d: %s", step, ", ".join(f"L{l}={v:.4g}" for l, v in c.items()))
+
+        def evaluate(step: int) -> None:  # the objective on fixed batches, each with its own fixed noise draw
+            parts = [objective.components(i) for i in range(min(cfg.eval_batches, len(objective.safety)))]
+            if not parts:
+                return
+            safety, util = (sum(v) / len(parts) for v in zip(*parts))
+            evals.append({"step": step, "objective": safety + cfg.utility_weight * util, "safety": safety,
+                          "utility": util})
 
         def save(step: int) -> None:  # rank 0 writes (every rank holds the same weights)
             if main:
                 state_path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = state_path.with_suffix(".tmp")
                 torch.save({"params": [p.detach() for p in params], "step": step, "layers": layers,
-                            "history": json.dumps(history), "probes": json.dumps(probes)}, tmp)
+                            "subspace": cfg.subspace, "history": json.dumps(history), "probes": json.dumps(probes),
+                            "evals": json.dumps(evals)}, tmp)
                 tmp.replace(state_path)
             _barrier(shard)
 
@@ -317,31 +441,32 @@ class ZORecipe:
             history.append({"step": step, "loss_plus": res.loss_plus, "loss_minus": res.loss_minus,
                             "projected_grad": res.projected_grad, "stashed": res.stashed})
             done = step + 1
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.n_steps:
+                evaluate(done)
             if cfg.probe_every and done % cfg.probe_every == 0 and done < cfg.n_steps:
                 probe(done)
             if state_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.n_steps:
                 save(done)
 
         if start == 0:
+            evaluate(0)
             probe(0)
         t0 = time.time()
         mezo_train(params, objective, cfg.zo(), progress=progress, on_step=on_step, start=start, reduce=reduce)
         seconds = time.time() - t0
+        evaluate(cfg.n_steps)
         probe(cfg.n_steps)
         clean_after = objective.components(probe_step, noise=False)
         noisy_after = objective.total(probe_step)
-        # fp32 masters stay fp32: the checkpoint is saved in float32 and keeps the small updates.
-        _barrier(shard)
-        if main and state_path is not None and state_path.exists():
-            state_path.unlink()
-        return {"layers": layers, "layer_source": source, "selection_probes": selection_probes,
-                "n_weights": n_weights, "noise_layers": noise_layers, "steps": cfg.n_steps, "resumed_from": start,
-                "seconds": round(seconds, 1), "device": str(model.device), "fp32_masters": masters,
+        ran = cfg.n_steps - start
+        return {"n_weights": sub.n_weights, "steps": cfg.n_steps, "resumed_from": start, "seconds": round(seconds, 1),
+                "seconds_per_step": round(seconds / ran, 3) if ran else None, "device": str(model.device),
+                "fp32_masters": masters,
                 "objective_batch0_before": {"noisy": noisy_before, "safety_clean": clean_before[0],
                                             "utility": clean_before[1]},
                 "objective_batch0_after": {"noisy": noisy_after, "safety_clean": clean_after[0],
                                            "utility": clean_after[1]},
-                "probes": probes, "history": history, "processes": shard.world if shard is not None else 1}
+                "probes": probes, "evals": evals, "history": history}
 
 
 def _barrier(shard: Shard | None) -> None:
@@ -355,7 +480,7 @@ recipe = ZORecipe()
 
 
 def main(argv: Sequence[str] | None = None):
-    """``python -m finetune.zeroth_order --model SPEC --sensitivity RESULTS`` (or ``--layers 0,1,2``)."""
+    """``python -m finetune.zeroth_order --model SPEC [--subspace lora] [--layers 0,1,2 | --sensitivity RESULTS]``."""
     from depthlens.cli import recipe_main
     from finetune.common import build_on
 

@@ -7,7 +7,11 @@
 δ = σ‖W‖_F/√n · ζ on every matrix of the noised layers is applied *functionally*: a forward
 hook on each ``nn.Linear`` adds ``F.linear(x, δ)`` with δ regenerated from a seed, so no weight
 is touched or copied (memory stays at inference memory) and L₊ and L₋ of one MeZO step see the
-same δ (the SPSA difference measures the move along z, not two noise draws). Under
+same δ (the SPSA difference measures the move along z, not two noise draws). With a
+``suite`` the safety term of step s runs under ``suite[s % len(suite)]`` instead: parameter
+noise, activation noise (``depthlens.perturb.activation_noise``, σ relative to the residual
+RMS) or int4 round-to-nearest weights (``functional_int4``), the perturbations of the
+compare noise suite. Under
 ``accelerate launch`` each rank evaluates its rows of every batch (``Shard``) and returns its
 part of L, which the MeZO engine sums over the ranks.
 
@@ -30,6 +34,11 @@ from depthlens.spsa import derive_seed
 from finetune.train import autocast, bucketed_batches, tokenize_examples
 
 
+#: Perturbations the safety term can cycle through, one per step: the three of ``analyses.compare``'s
+#: noise suite (docs/methods.md §5.6): parameter noise, activation noise, int4 weights.
+SUITE_KINDS = ("param", "act", "int4")
+
+
 def _noise_z(weight: Tensor, seed: int) -> Tensor:
     gen = torch.Generator(device=weight.device)
     gen.manual_seed(seed)
@@ -37,9 +46,39 @@ def _noise_z(weight: Tensor, seed: int) -> Tensor:
 
 
 def _linear_modules(model, layers: Sequence[int]) -> list[tuple[int, str, torch.nn.Linear]]:
-    """The ``nn.Linear`` modules of the given blocks of ``model.plain()`` (the view the losses run on)."""
+    """The ``nn.Linear`` modules of the given blocks of ``model.plain()`` (the view the losses run on).
+
+    With LoRA adapters injected (the ``lora`` subspace) a map's weight sits in its
+    ``base_layer``: that is the module returned, under the map's own name (so the noise seeds
+    do not change), and the adapters' own ``lora_A`` / ``lora_B`` maps are left out.
+    """
     blocks = model.plain().model.layers
-    return [(l, name, mod) for l in layers for name, mod in blocks[l].named_modules() if isinstance(mod, torch.nn.Linear)]
+    return [(l, name.removesuffix(".base_layer"), mod) for l in layers for name, mod in blocks[l].named_modules()
+            if isinstance(mod, torch.nn.Linear) and "lora_" not in name]
+
+
+@contextmanager
+def functional_int4(model, layers: Sequence[int]) -> Iterator[None]:
+    """Int4 round-to-nearest weights on every linear map of ``layers``, as ``y += F.linear(x, Q(W) − W)``.
+
+    ``Q`` is ``depthlens.perturb.rtn_quantize`` of the *current* weights (inside an SPSA step it
+    quantizes θ ± εz; with LoRA adapters, the adapted map's own weight); nothing is written to
+    the weights. Acts on ``model.plain()``.
+    """
+    from depthlens.perturb import rtn_quantize
+
+    def hook(mod, args, out):
+        w = mod.weight.detach()
+        return out + torch.nn.functional.linear(args[0], (rtn_quantize(w, 4).float() - w.float()).to(out.dtype))
+
+    handles = []
+    try:
+        for _, _, mod in _linear_modules(model, layers):
+            handles.append(mod.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextmanager
@@ -154,13 +193,35 @@ class RobustObjective:
     """
 
     def __init__(self, model, safety: list[_Batch], utility: list[_Batch], noise_layers: Sequence[int],
-                 sigma: float, utility_weight: float, seed: int, shard: Shard | None = None):
+                 sigma: float, utility_weight: float, seed: int, shard: Shard | None = None,
+                 suite: Sequence[str] = (), act_sigma: float = 0.1):
         if not safety:
             raise ValueError("The zo objective needs at least one safety batch.")
+        bad = [k for k in suite if k not in SUITE_KINDS]
+        if bad:
+            raise ValueError(f"suite entries must be among {SUITE_KINDS}, got {bad[0]!r}.")
         self.model, self.safety, self.utility = model, safety, utility
         self.noise_layers, self.sigma = list(noise_layers), sigma
         self.utility_weight, self.seed = utility_weight, seed
         self.shard = shard
+        self.suite, self.act_sigma = tuple(suite), act_sigma
+
+    def kind(self, step: int) -> str:
+        """The perturbation of ``step``'s safety term: ``suite[step % len(suite)]``, param without a suite."""
+        return self.suite[step % len(self.suite)] if self.suite else "param"
+
+    def perturbation(self, step: int, noise: bool = True):
+        """The context of ``step``'s safety term, a pure function of (step, current weights): both
+        SPSA evaluations of a step see the same draw. ``noise=False``: none."""
+        kind = self.kind(step) if noise else "param"
+        if kind == "int4":
+            return functional_int4(self.model, self.noise_layers)
+        if kind == "act":
+            from depthlens.perturb import activation_noise
+
+            return activation_noise(self.model, self.noise_layers, self.act_sigma, self.noise_seed(step))
+        return functional_param_noise(self.model, self.noise_layers, self.sigma if noise else 0.0,
+                                      self.noise_seed(step))
 
     @property
     def reduce(self):
@@ -175,8 +236,7 @@ class RobustObjective:
         """This rank's parts of ``(NLL_safety, NLL_utility)`` (the whole values in one process)."""
         s = self.safety[step % len(self.safety)]
         with autocast(self.model):
-            with functional_param_noise(self.model, self.noise_layers, self.sigma if noise else 0.0,
-                                        self.noise_seed(step)):
+            with self.perturbation(step, noise):
                 safety = float(batch_nll(self.model, s, self.shard))
             util = 0.0
             if self.utility and self.utility_weight:

@@ -78,47 +78,51 @@ import sys, torch
 from pathlib import Path
 from depthlens.models import load_model
 from depthlens.recipes import process_state
-from finetune.zeroth_order import ZORecipe, ZORecipeConfig, zo_parameters
+from finetune.zeroth_order import ZORecipe, ZORecipeConfig
 
 out = Path(sys.argv[1])
 cfg = ZORecipeConfig(**eval(sys.argv[2]))
 state = process_state()
 model = load_model("tiny-llama", device=state.device)
 info = ZORecipe(cfg).build(model, out / "work", progress=False)
-torch.save({"params": [p.detach().clone() for p in zo_parameters(model, info["layers"])], "info": info},
+torch.save({"weights": {k: v.detach().clone() for k, v in model.plain().state_dict().items()}, "info": info},
            out / f"rank{state.process_index}.pt")
 '''
 
 ZO_SMALL = dict(steps=4, n_safety=8, n_utility=8, harmful_tokens=16, utility_tokens=8, max_len=96, batch_size=4,
-                probe_every=2, checkpoint_every=2, lr=1e-3, top_k=1, layers=None)
+                probe_every=2, checkpoint_every=2, eval_every=2, eval_batches=1, lr=1e-3, layers=(1,))
 
 
-def test_under_mezo_every_rank_applies_the_identical_update(tmp_path, monkeypatch):
+@pytest.mark.parametrize("subspace", ["full", "lora", "norms"])
+def test_under_mezo_every_rank_applies_the_identical_update(tmp_path, monkeypatch, subspace):
     """Each rank evaluates L+ and L- on its rows of the batch, the two scalars are all-reduced:
-    the ranks choose the same layer, end bit-identical, and match one process up to float order."""
+    the ranks end bit-identical in every subspace, and match one process up to float order."""
+    cfg = {**ZO_SMALL, "subspace": subspace}
     script = tmp_path / "zo_worker.py"
     script.write_text(WORKER)
-    launch([str(script), str(tmp_path), repr(ZO_SMALL)], tmp_path / "cache")
+    launch([str(script), str(tmp_path), repr(cfg)], tmp_path / "cache")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [r["info"]["processes"] for r in ranks] == [2, 2]
-    assert ranks[0]["info"]["layers"] == ranks[1]["info"]["layers"]
     assert ranks[0]["info"]["history"] == ranks[1]["info"]["history"]          # the same reduced L+, L-, g
-    for p0, p1 in zip(ranks[0]["params"], ranks[1]["params"]):
-        assert torch.equal(p0, p1)
+    assert ranks[0]["info"]["evals"] == ranks[1]["info"]["evals"]
+    w0, w1 = ranks[0]["weights"], ranks[1]["weights"]
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
 
     for key, value in _env(tmp_path / "cache").items():
         monkeypatch.setenv(key, value)
     from depthlens.models import load_model
-    from finetune.zeroth_order import ZORecipe, ZORecipeConfig, zo_parameters
+    from finetune.zeroth_order import ZORecipe, ZORecipeConfig
 
     model = load_model("tiny-llama")
-    start = [p.detach().clone() for p in zo_parameters(model, ranks[0]["info"]["layers"])]
-    info = ZORecipe(ZORecipeConfig(**ZO_SMALL)).build(model, tmp_path / "one", progress=False)
-    assert info["processes"] == 1 and info["layers"] == ranks[0]["info"]["layers"]
-    single = zo_parameters(model, info["layers"])
-    assert max(float((s - p).abs().max()) for s, p in zip(start, single)) > 1e-4   # the steps moved the weights
-    for p0, p in zip(ranks[0]["params"], single):
-        torch.testing.assert_close(p0, p.detach(), rtol=0, atol=1e-5)
+    start = {k: v.detach().clone() for k, v in model.plain().state_dict().items()}
+    info = ZORecipe(ZORecipeConfig(**cfg)).build(model, tmp_path / "one", progress=False)
+    single = model.plain().state_dict()
+    assert info["processes"] == 1 and info["subspace"] == subspace
+    moved = {k for k in start if not torch.equal(start[k], single[k])}
+    assert moved and all(".layers.1." in k for k in moved)                      # the steps moved layer 1 only
+    assert {k for k in start if not torch.equal(start[k], w0[k])} == moved
+    for k in w0:
+        torch.testing.assert_close(w0[k], single[k].detach(), rtol=0, atol=1e-5)
     g_ranks = [h["projected_grad"] for h in ranks[0]["info"]["history"]]
     assert g_ranks == pytest.approx([h["projected_grad"] for h in info["history"]], rel=1e-3, abs=1e-3)
 
