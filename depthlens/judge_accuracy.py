@@ -245,6 +245,10 @@ class CorrectedASR:
         """``{name}_corrected``, ``{name}_corrected_lo``, ``{name}_corrected_hi``: keys to put beside a raw ASR."""
         return {f"{name}_corrected": self.corrected, f"{name}_corrected_lo": self.lo, f"{name}_corrected_hi": self.hi}
 
+    def raw_columns(self, name: str) -> dict[str, float]:
+        """``{name}``, ``{name}_lo``, ``{name}_hi``: the raw ASR and its bootstrap interval."""
+        return {name: self.raw, f"{name}_lo": self.raw_lo, f"{name}_hi": self.raw_hi}
+
 
 def corrected_asr(flags: Sequence[bool], groups: Sequence | None = None, *, judge: str | None = None,
                   heldout: HeldOut | None = None, n_boot: int = 2000, seed: int = 0,
