@@ -202,6 +202,10 @@ def heldout_record(judge: str) -> HeldOut:
     """The shipped held-out record of ``judge`` (written by ``scripts/score_judges.py``)."""
     data = _heldout_file()
     if judge not in data["judges"]:
+        from depthlens.judge import PROBE_JUDGE, judge_id
+
+        judge = judge_id(judge) if judge == PROBE_JUDGE else judge    # the alias of the shipped probe: its full id
+    if judge not in data["judges"]:
         raise ValueError(f"No held-out record for judge {judge!r}; measured judges are {sorted(data['judges'])}. "
                          "Run scripts/score_judges.py after adding a judge.")
     rec = data["judges"][judge]
@@ -322,10 +326,12 @@ def corrected_trial_columns(trials: Sequence, n_boot: int = 2000, seed: int = 0,
 
 
 def correction_record(judges: Sequence[str]) -> dict:
-    """What results files record about a correction: each judge's measured rates and the labels' hash."""
+    """What results files record about a correction: each judge's measured rates, the labels' hash, the default judge."""
+    from depthlens.judge import judge_id
+
     out = {}
     for j in judges:
         h = heldout_record(j)
         out[j] = {"sensitivity": h.sensitivity, "specificity": h.specificity, "n_labels": int(h.truth.size)}
-    return {"method": "Rogan–Gladen, joint bootstrap of prompts and held-out labels (docs/judging.md)",
-            "labels_sha256": _heldout_file().get("labels_sha256"), "judges": out}
+    return {"method": "Rogan–Gladen, joint bootstrap of prompts and held-out labels (docs/judging.md §2)",
+            "labels_sha256": _heldout_file().get("labels_sha256"), "judges": out, "default_judge": judge_id()}
