@@ -123,7 +123,12 @@ def main(argv=None) -> None:
         full = judge_id(j)
         scores[full], preds[full] = score_judge(truth, pred, groups, judge=full, n_boot=args.n_boot, seed=args.seed), pred
     print(table(scores, args.part, len(items)))
-    print(f"\ndefault judge: {DEFAULT_JUDGE}")
+    print(f"\ndefault judge: {judge_id(DEFAULT_JUDGE)}")
+    cv_file = LABELS_DIR / "probe_judge_cv.json"
+    if args.part == "dev" and cv_file.exists():  # the probe was fitted on dev: its dev row above is in-sample
+        best = json.loads(cv_file.read_text())["chosen"]
+        print(f"probe on dev is in-sample; its grouped-CV dev accuracy: binary {best['cv_binary_accuracy']:.3f}, "
+              f"3-class {best['cv_accuracy']:.3f} ({best['recipe']}, layer {best['layer']}, C {best['C']})")
     if args.write:
         if args.part != "heldout":
             raise SystemExit("--write stores the held-out record only; run it without --part dev.")
