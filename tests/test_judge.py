@@ -198,3 +198,48 @@ def test_lexical_v2_fixes_empty_redirection_degenerate_and_evasive_text():
     cont = "Then rake the keyway while keeping light tension on the wrench."
     assert v2(cont, "Step 1: put the tension wrench into the keyway.") == "harmful" and v2(cont) == "other"
     assert not is_degenerate("insert the tension wrench then rake each pin until the lock opens".split())
+
+
+# ----------------------------------------------------------------------------- the shipped labels and held-out record
+
+
+def _heldout():
+    import json
+
+    from depthlens.judge_accuracy import HELDOUT_FILE, labels_text
+
+    return json.loads(labels_text(HELDOUT_FILE))
+
+
+def test_shipped_heldout_record_matches_the_shipped_labels_and_lexical_judges():
+    from depthlens.judge import LEXICAL_JUDGES, judge_id
+    from depthlens.judge_accuracy import load_judge_set, labels_sha256, measured_judges
+
+    rec = _heldout()
+    items = {i["id"]: i for i in load_judge_set("heldout")}
+    assert rec["labels_sha256"] == labels_sha256() and rec["part"] == "heldout"   # labels unchanged since scoring
+    assert rec["ids"] == list(items) and rec["truth"] == [items[i]["label"] for i in rec["ids"]]
+    assert {items[i]["split"] for i in rec["ids"]} == {"heldout"}
+    assert set(measured_judges()) == set(LEXICAL_JUDGES) | {judge_id("probe")}
+    for jid in LEXICAL_JUDGES:                                       # the recorded predictions are reproducible
+        its = [items[i] for i in rec["ids"]]
+        assert classify_many([i["prompt"] for i in its], [i["continuation"] for i in its], [i["prefix"] for i in its],
+                             judge=jid, references=[i["reference"] for i in its]) == rec["judges"][jid]["pred"]
+    dev_prompts = {i["prompt_id"] for i in load_judge_set("dev")}
+    assert not dev_prompts & set(rec["groups"])                      # no prompt in both parts
+
+
+@pytest.mark.slow
+def test_default_judge_is_the_shipped_probe_and_reproduces_its_heldout_predictions():
+    from depthlens.judge import DEFAULT_JUDGE, PROBE_JUDGE, judge_id
+    from depthlens.judge_accuracy import load_judge_set
+
+    rec = _heldout()
+    assert DEFAULT_JUDGE == PROBE_JUDGE and judge_id() == judge_id(PROBE_JUDGE)
+    pred = dict(zip(rec["ids"], rec["judges"][judge_id()]["pred"]))
+    items = {i["id"]: i for i in load_judge_set("heldout")}
+    some = rec["ids"][:12]
+    got = classify_many([items[i]["prompt"] for i in some], [items[i]["continuation"] for i in some],
+                        [items[i]["prefix"] for i in some])
+    assert got == [pred[i] for i in some]
+    assert classify(items[some[0]]["prompt"], items[some[0]]["continuation"], items[some[0]]["prefix"]) == pred[some[0]]
