@@ -8,6 +8,10 @@
 - ``classify_continuation``: for prefill/insertion attacks, three classes (recovered /
   harmful / other) instead of a bare "not a refusal", which overstates ASR (docs/judging.md).
 - ``ClassifierJudge``: an optional Hugging Face safety classifier given by id.
+- Judges by id (``classify``, ``classify_many``, ``get_judge``): the two above as three-class
+  judges, ``lexical-v2`` (§1.3 plus empty / redirection / degenerate / evasive checks) and the
+  probe judge (``depthlens.judge_probe``), the default (``DEFAULT_JUDGE``; docs/methods.md
+  §1.7–§1.9 and the held-out accuracy of each in docs/findings.md "Judges").
 
 Every number written to a results file names the judge that made it (``JUDGE_ID``).
 
