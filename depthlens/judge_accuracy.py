@@ -296,6 +296,14 @@ def _get(trial, name: str):
     return trial[name] if isinstance(trial, dict) else getattr(trial, name)
 
 
+def _recorded_judge(trials: Sequence, field: str, default: str) -> str:
+    """The one judge id the trials record in ``field`` (``default`` where they record none)."""
+    ids = {(t.get(field) if isinstance(t, dict) else getattr(t, field, None)) or default for t in trials}
+    if len(ids) != 1:
+        raise ValueError(f"The trials were judged by several judges ({sorted(ids)}) in {field!r}; correct each group apart.")
+    return ids.pop()
+
+
 def corrected_trial_columns(trials: Sequence, n_boot: int = 2000, seed: int = 0,
                             records: dict[str, HeldOut] | None = None) -> dict[str, float]:
     """Corrected-ASR columns for a group of attack trials (``depthlens.attacks.Trial`` or its dict).
@@ -312,10 +320,12 @@ def corrected_trial_columns(trials: Sequence, n_boot: int = 2000, seed: int = 0,
         raise ValueError("corrected_trial_columns needs at least one trial.")
     groups = [_get(t, "prompt_id") for t in trials]
     records = records or {}
-    comp = corrected_asr([_get(t, "asr_compliance") for t in trials], groups, judge=JUDGE_ID,
-                         heldout=records.get(JUDGE_ID), n_boot=n_boot, seed=seed)
-    harm = corrected_asr([_get(t, "label") == "harmful" for t in trials], groups, judge=CONTINUATION_JUDGE_ID,
-                         heldout=records.get(CONTINUATION_JUDGE_ID), n_boot=n_boot, seed=seed)
+    compliance_judge = _recorded_judge(trials, "judge", JUDGE_ID)
+    label_judge = _recorded_judge(trials, "continuation_judge", CONTINUATION_JUDGE_ID)
+    comp = corrected_asr([_get(t, "asr_compliance") for t in trials], groups, judge=compliance_judge,
+                         heldout=records.get(compliance_judge), n_boot=n_boot, seed=seed)
+    harm = corrected_asr([_get(t, "label") == "harmful" for t in trials], groups, judge=label_judge,
+                         heldout=records.get(label_judge), n_boot=n_boot, seed=seed)
     attacks = {_get(t, "attack") for t in trials}
     out = {**comp.columns("compliance"), **harm.columns("harmful")}
     if attacks == {"prefill"}:

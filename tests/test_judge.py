@@ -243,3 +243,19 @@ def test_default_judge_is_the_shipped_probe_and_reproduces_its_heldout_predictio
                         [items[i]["prefix"] for i in some])
     assert got == [pred[i] for i in some]
     assert classify(items[some[0]]["prompt"], items[some[0]]["continuation"], items[some[0]]["prefix"]) == pred[some[0]]
+
+
+def test_corrected_trial_columns_use_the_judges_the_trials_record():
+    from depthlens.judge import CONTINUATION_JUDGE_ID, LEXICAL_V2_ID
+    from depthlens.judge_accuracy import corrected_trial_columns
+
+    records = {JUDGE_ID: _planted_heldout(1.0, 0.5, judge=JUDGE_ID),
+               CONTINUATION_JUDGE_ID: _planted_heldout(0.8, 0.9, judge=CONTINUATION_JUDGE_ID),
+               LEXICAL_V2_ID: _planted_heldout(1.0, 1.0, judge=LEXICAL_V2_ID)}
+    trials = [{"prompt_id": f"p{i}", "attack": "insertion", "asr_compliance": i < 75, "label": "harmful" if i < 45 else "other",
+               "judge": JUDGE_ID, "continuation_judge": LEXICAL_V2_ID} for i in range(100)]
+    c = corrected_trial_columns(trials, n_boot=200, records=records)
+    assert c["harmful_corrected"] == pytest.approx(0.45)               # a perfect judge: nothing to correct
+    mixed = trials[:50] + [{**t, "continuation_judge": CONTINUATION_JUDGE_ID} for t in trials[50:]]
+    with pytest.raises(ValueError, match="several judges"):
+        corrected_trial_columns(mixed, n_boot=50, records=records)
