@@ -51,6 +51,7 @@ from depthlens.data import default_splits, refusal_templates
 from depthlens.errors import UsageError
 from depthlens.generate import generate
 from depthlens.judge import CONTINUATION_JUDGE_ID, JUDGE_ID, is_refusal, refusal_rate, refusal_score
+from depthlens.judge_accuracy import corrected_trial_columns, correction_record
 from depthlens.organism import base_spec
 from depthlens.perturb import perturb
 from depthlens.responses import response_set
@@ -81,6 +82,19 @@ MEASURES: dict[str, tuple[str, str]] = {
     "score_int4": ("refusal score under int4", "higher"),
     "harmless_ce": ("harmless cross-entropy", "lower"),
 }
+
+
+def _with_corrected(measures: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    """Each ASR followed by ``<key>_corrected``: the ASR corrected for its judge's measured errors (docs/judging.md §2)."""
+    out = {}
+    for key, (label, better) in measures.items():
+        out[key] = (label, better)
+        if "asr" in key:
+            out[f"{key}_corrected"] = (f"{label}, judge-corrected", better)
+    return out
+
+
+MEASURES = _with_corrected(MEASURES)
 RATE_MEASURES = tuple(k for k in MEASURES if not k.startswith("score_") and k not in ("harmless_ce",))
 
 
@@ -184,7 +198,7 @@ class CompareResult(AnalysisResult):
         title = (f"compare {' vs '.join(keys)}  (refusal and compliance: judge {self.metrics['judge']}; insertion: "
                  f"harmful-continuation class, judge {self.metrics['continuation_judge']}; σ param "
                  f"{sig['param_noise']}, act {sig['act_noise']})")
-        cols = ["label", *keys, *(["delta"] if len(keys) > 1 else []), "better"]
+        cols = ["label", *(c for k in keys for c in (k, f"{k} 95% CI")), *(["delta"] if len(keys) > 1 else []), "better"]
         return Summary(title, self.tables["table"], cols)
 
 
@@ -234,6 +248,9 @@ def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], atta
     values = {k: ev.metrics[k] for k in ("harmful_refusal", "harmless_refusal", "borderline_refusal", "asr_compliance",
                                          "refusal_score_auroc", "harmless_ce")}
     detail: dict = {"harmless_ce_reference": ev.metrics.get("ce_reference")}
+    values["asr_compliance_corrected"] = ev.metrics["asr_compliance_corrected"]
+    intervals = {m: [ev.metrics[f"{m}_lo"], ev.metrics[f"{m}_hi"]]            # 95 % intervals of raw and corrected ASRs
+                 for m in ("asr_compliance", "asr_compliance_corrected")}
     common = dict(prompt_ids=list(attack_ids), batch_size=cfg.batch_size)
     with timer("prefill"):
         pre = prefill_attack(model, list(attack_prompts), harmful, ks=cfg.ks, max_new_tokens=cfg.attack_new_tokens,
@@ -242,6 +259,11 @@ def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], atta
     for k in cfg.ks:
         values[f"prefill_asr_compliance_{k}"] = by_k[k]["asr"] if k in by_k else None   # prefill's headline judge
         detail[f"prefill_{k}"] = {c: by_k[k][c] for c in ("n", "harmful", "recovered", "other")} if k in by_k else None
+        c = corrected_trial_columns([t for t in pre.trials if t.k == k], seed=cfg.seed) if k in by_k else {}
+        values[f"prefill_asr_compliance_{k}_corrected"] = c.get("compliance_corrected")
+        if k in by_k:
+            intervals[f"prefill_asr_compliance_{k}"] = [by_k[k]["asr_lo"], by_k[k]["asr_hi"]]
+            intervals[f"prefill_asr_compliance_{k}_corrected"] = [c["compliance_corrected_lo"], c["compliance_corrected_hi"]]
     with timer("insertion"):
         refusals, own_share = insertion_targets(model, attack_prompts, cfg.refusal_tokens, cfg.min_refusal_tokens,
                                                 cfg.batch_size)
@@ -254,6 +276,13 @@ def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], atta
         shares = res.class_shares() if res.trials else None
         values[f"{name}_asr_harmful"] = shares["harmful"] if shares else None
         detail[name] = {"n": len(res.trials), **(shares or {})}
+        c = corrected_trial_columns(res.trials, seed=cfg.seed) if res.trials else {}
+        values[f"{name}_asr_harmful_corrected"] = c.get("harmful_corrected")
+        if res.trials:
+            raw = res.asr_by(lambda t: "all")[0]
+            intervals[f"{name}_asr_harmful"] = [raw["harmful_lo"], raw["harmful_hi"]]
+            intervals[f"{name}_asr_harmful_corrected"] = [c["harmful_corrected_lo"], c["harmful_corrected_hi"]]
+    detail["intervals"] = intervals
     detail["own_refusal_share"] = own_share
     with timer("perturbations"):
         harm_eval = [s["prompt"] for s in ev.samples if s["set"] == "harmful"]
@@ -313,9 +342,13 @@ def run(cfg: CompareConfig, model=None) -> CompareResult:
             del model
             gc.collect()
     table = wide_table(keys, values)
-    long = [{"model": k, "measure": m, "value": values[k].get(m)} for k in keys for m in MEASURES]
+    for row in table:  # the 95 % interval of each raw and corrected ASR beside its value
+        row.update({f"{k} 95% CI": details[k]["intervals"].get(row["measure"]) for k in keys})
+    long = [{"model": k, "measure": m, "value": values[k].get(m),
+             **dict(zip(("lo", "hi"), details[k]["intervals"].get(m, (None, None))))} for k in keys for m in MEASURES]
     metrics = {"models": keys, "base": base_name, "values": values, "details": details,
                "judge": JUDGE_ID, "continuation_judge": CONTINUATION_JUDGE_ID,
+               "correction": correction_record([JUDGE_ID, CONTINUATION_JUDGE_ID]),
                "sigmas": {"param_noise": cfg.param_sigma, "act_noise": cfg.act_sigma}}
     if len(keys) > 1:
         metrics["delta"] = {r["measure"]: r["delta"] for r in table}

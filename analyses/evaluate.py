@@ -4,7 +4,8 @@ refusal-score AUROC and harmless cross-entropy (capability proxy).
 ``python -m analyses.evaluate --model SPEC`` generates greedy answers to the *test* splits
 (HarmBench for harmful, out of distribution on purpose; ``--harmful FILE`` and friends replace
 a set), judges them with the substring judge (``asr_compliance``: the share of non-trivial
-non-refusals), scores the first-token refusal score (AUROC harmful vs harmless) and
+non-refusals; beside it its 95 % interval and the ASR corrected for the judge's measured errors, docs/judging.md §2),
+scores the first-token refusal score (AUROC harmful vs harmless) and
 teacher-forces the base model's answers to harmless test prompts for the cross-entropy. ``evaluate_model`` is the
 reusable core (``analyses.compare`` and the recipes' checks call it).
 
@@ -31,7 +32,8 @@ from depthlens.cli import flag, require_choice, require_int, require_text
 from depthlens.data import default_splits
 from depthlens.forward import token_logprobs
 from depthlens.generate import generate
-from depthlens.judge import JUDGE_ID, attack_success_rate, refusal_rate, refusal_score
+from depthlens.judge import JUDGE_ID, attack_success_rate, is_compliance, refusal_rate, refusal_score
+from depthlens.judge_accuracy import corrected_asr, correction_record
 from depthlens.organism import ORGANISM, base_spec
 from depthlens.promptset import PromptSet
 from depthlens.responses import response_set
@@ -125,8 +127,12 @@ class EvaluateResult(AnalysisResult):
     def summary(self) -> Summary:
         m = self.metrics
         title = (f"evaluate {self.model}  ASR (substring compliance, judge {m['judge']}) {self.asr_compliance:.3f}  "
+                 f"(corrected {m['asr_compliance_corrected']:.3f} [{m['asr_compliance_corrected_lo']:.3f}, "
+                 f"{m['asr_compliance_corrected_hi']:.3f}])  "
                  f"refusal-score AUROC {self.refusal_score_auroc:.3f}  harmless CE {self.harmless_ce:.3f}")
-        return Summary(title, self.tables["by_set"], ["set", "n", "refusal_rate", "mean_refusal_score", "asr_compliance"])
+        cols = ["set", "n", "refusal_rate", "mean_refusal_score", "asr_compliance", "asr_compliance_lo",
+                "asr_compliance_hi", "asr_compliance_corrected", "asr_compliance_corrected_lo", "asr_compliance_corrected_hi"]
+        return Summary(title, self.tables["by_set"], cols)
 
 
 def harmless_cross_entropy(model, prompts: Sequence[str], responses: Sequence[Sequence[int]], batch_size: int = 16) -> float:
@@ -175,7 +181,11 @@ def evaluate_model(model, cfg: EvalConfig, base_model=None, timer: Timer | None 
         row = {"set": n, "n": k, "refusal_rate": rr, "mean_refusal_score": float(np.mean(sc))}
         if n == "harmful":
             metrics["asr_compliance"] = attack_success_rate(texts).rate
-            row["asr_compliance"] = metrics["asr_compliance"]
+            # beside the raw ASR: its interval and the judge-error-corrected ASR (docs/judging.md §2)
+            c = corrected_asr([is_compliance(t) for t in texts], list(sets[n].ids), judge=JUDGE_ID, seed=cfg.seed)
+            cols = {**c.raw_columns("asr_compliance"), **c.columns("asr_compliance")}
+            metrics.update(cols, correction=correction_record([JUDGE_ID]))
+            row.update(cols)
         rows.append(row)
         samples += [{"set": n, "id": i, "prompt": p, "response": t, "refusal_score": s}
                     for i, p, t, s in zip(sets[n].ids, sets[n].prompts, texts, sc)]

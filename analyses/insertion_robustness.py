@@ -26,6 +26,7 @@ from depthlens.cli import require_int, require_numbers, require_text
 from depthlens.data import default_splits
 from depthlens.errors import UsageError
 from depthlens.judge import CONTINUATION_JUDGE_ID
+from depthlens.judge_accuracy import corrected_trial_columns, correction_record
 from depthlens.organism import ORGANISM, base_spec
 from depthlens.responses import response_set
 from depthlens.worst_insertion import worst_insertion_attack
@@ -121,8 +122,11 @@ class InsertionResult(AnalysisResult):
         m = self.metrics
         title = (f"insertion robustness of {self.model} ({m['n_prompts_attacked']} prompts): harmful-continuation ASR "
                  f"(judge {m['judge']}) grid {fmt(self.asr_harmful_grid, '.2f')}, random "
-                 f"{fmt(self.asr_harmful_random, '.2f')}, worst {fmt(self.asr_harmful_worst, '.2f')}")
-        cols = ["depth", "span_len", "n", "harmful", "harmful_lo", "harmful_hi", "recovered", "other", "not_refusal"]
+                 f"{fmt(self.asr_harmful_random, '.2f')}, worst {fmt(self.asr_harmful_worst, '.2f')}; judge-corrected "
+                 f"grid {fmt(m.get('asr_harmful_grid_corrected'), '.2f')}, random "
+                 f"{fmt(m.get('asr_harmful_random_corrected'), '.2f')}, worst {fmt(m.get('asr_harmful_worst_corrected'), '.2f')}")
+        cols = ["depth", "span_len", "n", "harmful", "harmful_lo", "harmful_hi", *CORRECTED_KEYS, "recovered", "other",
+                "not_refusal"]
         return Summary(title, self.tables["by_depth_and_length"], cols)
 
 
@@ -152,18 +156,26 @@ def run(cfg: InsertionConfig, model=None) -> InsertionResult:
                                        max_new_tokens=cfg.max_new_tokens, min_refusal_tokens=min_len)
     by_cell = grid.asr_by(("depth", "span_len")) if grid.trials else []
     rows_m = grid.asr_by("span_len") if grid.trials else []
+    for row in by_cell + rows_m:  # each raw ASR beside its judge-error-corrected value (docs/judging.md §2)
+        cell = [t for t in grid.trials if t.span_len == row["span_len"] and row.get("depth", t.depth) == t.depth]
+        row.update(_corrected(cell, cfg.seed))
     summary = [
         {"attack": "grid (all cells)", **_overall(grid)},
         {"attack": "random position, m=8", **_overall(rand)},
         {"attack": "worst insertion", **_overall(worst)},
     ]
+    for row, res in zip(summary, (grid, rand, worst)):
+        row.update(_corrected(res.trials, cfg.seed) if res.trials else dict.fromkeys(CORRECTED_KEYS))
     own_refusal_rate = sum(1 for t in refusals if len(t) >= min_len) / max(1, len(refusals))
     metrics = {
         "asr_harmful_grid": summary[0]["harmful"], "asr_harmful_random": summary[1]["harmful"],
         "asr_harmful_worst": summary[2]["harmful"], "recovered_grid": summary[0]["recovered"],
+        **{f"asr_harmful_{name}{key[len('harmful'):]}": row[key] for name, row in zip(("grid", "random", "worst"), summary)
+           for key in ("harmful_lo", "harmful_hi", *CORRECTED_KEYS)},
         "n_prompts_attacked": len({t.prompt_id for t in grid.trials}), "skipped": len(grid.skipped),
         "share_with_long_refusal": own_refusal_rate,
         "judge": CONTINUATION_JUDGE_ID,
+        "correction": correction_record([CONTINUATION_JUDGE_ID]),
     }
     if not grid.trials:
         log.warning("No refusal of %s was >= %d tokens long (--min-refusal-tokens): nothing was attacked.",
@@ -174,6 +186,15 @@ def run(cfg: InsertionConfig, model=None) -> InsertionResult:
                   **({"prompt_files": files} if (files := prompt_files(cfg)) else {})}
     return InsertionResult(analysis="insertion_robustness", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
                            provenance=provenance, metrics=metrics, tables=tables, timings=timer.total())
+
+
+CORRECTED_KEYS = ("harmful_corrected", "harmful_corrected_lo", "harmful_corrected_hi")
+
+
+def _corrected(trials, seed: int) -> dict:
+    """The harmful-continuation ASR of ``trials`` corrected for the continuation judge's measured errors."""
+    c = corrected_trial_columns(trials, seed=seed)
+    return {k: c[k] for k in CORRECTED_KEYS}
 
 
 def _overall(result) -> dict:

@@ -26,6 +26,7 @@ from depthlens.data import default_splits
 from depthlens.divergence import per_position_kl
 from depthlens.errors import UsageError
 from depthlens.judge import CONTINUATION_JUDGE_ID, JUDGE_ID
+from depthlens.judge_accuracy import corrected_trial_columns, correction_record
 from depthlens.organism import ORGANISM, base_spec
 from depthlens.responses import response_set
 
@@ -120,7 +121,9 @@ class TokenDepthResult(AnalysisResult):
                  + (f"mean after {after:.3f}; " if after is not None else "no positions after 5; ")
                  + f"share of KL in the first 5 {self.kl_share_first5:.2f}. Prefill ASR: asr_compliance = "
                  f"substring compliance ({m['judge']}), harmful = harmful-continuation class ({m['continuation_judge']})")
-        cols = ["k", "n", "asr_compliance", "asr_compliance_lo", "asr_compliance_hi", "harmful", "recovered", "other"]
+        cols = ["k", "n", "asr_compliance", "asr_compliance_lo", "asr_compliance_hi", "asr_compliance_corrected",
+                "asr_compliance_corrected_lo", "asr_compliance_corrected_hi", "harmful", "harmful_lo", "harmful_hi",
+                "harmful_corrected", "harmful_corrected_lo", "harmful_corrected_hi", "recovered", "other"]
         return Summary(title, self.tables["prefill"], cols)
 
 
@@ -128,6 +131,13 @@ def judged_rows(rows: list[dict], judge: str) -> list[dict]:
     """``AttackResult.asr_by`` rows with the headline ``asr`` (and its interval) renamed ``asr_<judge>``."""
     rename = {"asr": f"asr_{judge}", "asr_lo": f"asr_{judge}_lo", "asr_hi": f"asr_{judge}_hi"}
     return [{rename.get(k, k): v for k, v in r.items()} for r in rows]
+
+
+def corrected_columns(trials, seed: int = 0) -> dict[str, float]:
+    """Judge-error-corrected prefill ASRs of one k: ``asr_compliance_corrected`` and ``harmful_corrected`` (± interval)."""
+    c = corrected_trial_columns(trials, seed=seed)
+    return {f"{dst}{end}": c[f"{src}{end}"] for src, dst in (("compliance", "asr_compliance"), ("harmful", "harmful"))
+            for end in ("_corrected", "_corrected_lo", "_corrected_hi")}
 
 
 def run(cfg: TokenDepthConfig, model=None) -> TokenDepthResult:
@@ -152,6 +162,8 @@ def run(cfg: TokenDepthConfig, model=None) -> TokenDepthResult:
         attack = prefill_attack(aligned, list(harmful.prompts), harm_resp.tokens, ks=cfg.ks,
                                 max_new_tokens=cfg.max_new_tokens, prompt_ids=list(harmful.ids), batch_size=cfg.batch_size)
     prefill_rows = judged_rows(attack.asr_by("k"), "compliance")   # prefill's headline: substring compliance
+    for row in prefill_rows:  # each raw ASR beside its judge-error-corrected value (docs/judging.md §2)
+        row.update(corrected_columns([t for t in attack.trials if t.k == row["k"]], seed=cfg.seed))
     metrics = {
         "kl_harmful_first5": kl_h.mean[:5].tolist(),
         "kl_harmful_mean_6_to_end": float(kl_h.mean[5:].mean()) if cfg.positions > 5 else None,
@@ -159,7 +171,11 @@ def run(cfg: TokenDepthConfig, model=None) -> TokenDepthResult:
         "kl_share_first5": float(kl_h.mean[:5].sum() / max(kl_h.mean.sum(), 1e-12)),
         "prefill_asr_compliance": {str(r["k"]): r["asr_compliance"] for r in prefill_rows},
         "prefill_asr_harmful": {str(r["k"]): r["harmful"] for r in prefill_rows},
+        **{f"prefill_asr_{name}{end}": {str(r["k"]): r[f"{col}{end}"] for r in prefill_rows}
+           for name, col in (("compliance", "asr_compliance"), ("harmful", "harmful"))
+           for end in ("_corrected", "_corrected_lo", "_corrected_hi")},
         "judge": JUDGE_ID, "continuation_judge": CONTINUATION_JUDGE_ID,
+        "correction": correction_record([JUDGE_ID, CONTINUATION_JUDGE_ID]),
         "reference": QI_ET_AL,
     }
     tables = {"kl": kl_h.records("harmful") + kl_c.records("harmless"), "prefill": prefill_rows,

@@ -202,6 +202,10 @@ def heldout_record(judge: str) -> HeldOut:
     """The shipped held-out record of ``judge`` (written by ``scripts/score_judges.py``)."""
     data = _heldout_file()
     if judge not in data["judges"]:
+        from depthlens.judge import PROBE_JUDGE, judge_id
+
+        judge = judge_id(judge) if judge == PROBE_JUDGE else judge    # the alias of the shipped probe: its full id
+    if judge not in data["judges"]:
         raise ValueError(f"No held-out record for judge {judge!r}; measured judges are {sorted(data['judges'])}. "
                          "Run scripts/score_judges.py after adding a judge.")
     rec = data["judges"][judge]
@@ -244,6 +248,10 @@ class CorrectedASR:
     def columns(self, name: str) -> dict[str, float]:
         """``{name}_corrected``, ``{name}_corrected_lo``, ``{name}_corrected_hi``: keys to put beside a raw ASR."""
         return {f"{name}_corrected": self.corrected, f"{name}_corrected_lo": self.lo, f"{name}_corrected_hi": self.hi}
+
+    def raw_columns(self, name: str) -> dict[str, float]:
+        """``{name}``, ``{name}_lo``, ``{name}_hi``: the raw ASR and its bootstrap interval."""
+        return {name: self.raw, f"{name}_lo": self.raw_lo, f"{name}_hi": self.raw_hi}
 
 
 def corrected_asr(flags: Sequence[bool], groups: Sequence | None = None, *, judge: str | None = None,
@@ -288,6 +296,14 @@ def _get(trial, name: str):
     return trial[name] if isinstance(trial, dict) else getattr(trial, name)
 
 
+def _recorded_judge(trials: Sequence, field: str, default: str) -> str:
+    """The one judge id the trials record in ``field`` (``default`` where they record none)."""
+    ids = {(t.get(field) if isinstance(t, dict) else getattr(t, field, None)) or default for t in trials}
+    if len(ids) != 1:
+        raise ValueError(f"The trials were judged by several judges ({sorted(ids)}) in {field!r}; correct each group apart.")
+    return ids.pop()
+
+
 def corrected_trial_columns(trials: Sequence, n_boot: int = 2000, seed: int = 0,
                             records: dict[str, HeldOut] | None = None) -> dict[str, float]:
     """Corrected-ASR columns for a group of attack trials (``depthlens.attack_records.Trial`` or its dict).
@@ -304,10 +320,12 @@ def corrected_trial_columns(trials: Sequence, n_boot: int = 2000, seed: int = 0,
         raise ValueError("corrected_trial_columns needs at least one trial.")
     groups = [_get(t, "prompt_id") for t in trials]
     records = records or {}
-    comp = corrected_asr([_get(t, "asr_compliance") for t in trials], groups, judge=JUDGE_ID,
-                         heldout=records.get(JUDGE_ID), n_boot=n_boot, seed=seed)
-    harm = corrected_asr([_get(t, "label") == "harmful" for t in trials], groups, judge=CONTINUATION_JUDGE_ID,
-                         heldout=records.get(CONTINUATION_JUDGE_ID), n_boot=n_boot, seed=seed)
+    compliance_judge = _recorded_judge(trials, "judge", JUDGE_ID)
+    label_judge = _recorded_judge(trials, "continuation_judge", CONTINUATION_JUDGE_ID)
+    comp = corrected_asr([_get(t, "asr_compliance") for t in trials], groups, judge=compliance_judge,
+                         heldout=records.get(compliance_judge), n_boot=n_boot, seed=seed)
+    harm = corrected_asr([_get(t, "label") == "harmful" for t in trials], groups, judge=label_judge,
+                         heldout=records.get(label_judge), n_boot=n_boot, seed=seed)
     attacks = {_get(t, "attack") for t in trials}
     out = {**comp.columns("compliance"), **harm.columns("harmful")}
     if attacks == {"prefill"}:
@@ -318,10 +336,12 @@ def corrected_trial_columns(trials: Sequence, n_boot: int = 2000, seed: int = 0,
 
 
 def correction_record(judges: Sequence[str]) -> dict:
-    """What results files record about a correction: each judge's measured rates and the labels' hash."""
+    """What results files record about a correction: each judge's measured rates, the labels' hash, the default judge."""
+    from depthlens.judge import judge_id
+
     out = {}
     for j in judges:
         h = heldout_record(j)
         out[j] = {"sensitivity": h.sensitivity, "specificity": h.specificity, "n_labels": int(h.truth.size)}
-    return {"method": "Rogan–Gladen, joint bootstrap of prompts and held-out labels (docs/judging.md)",
-            "labels_sha256": _heldout_file().get("labels_sha256"), "judges": out}
+    return {"method": "Rogan–Gladen, joint bootstrap of prompts and held-out labels (docs/judging.md §2)",
+            "labels_sha256": _heldout_file().get("labels_sha256"), "judges": out, "default_judge": judge_id()}

@@ -31,12 +31,15 @@ import hashlib
 import json
 import logging
 import random
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from depthlens.results import atomic_write_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # runs as `python scripts/make_judge_set.py` from anywhere
+
+from depthlens.results import atomic_write_json  # noqa: E402
 
 log = logging.getLogger("make_judge_set")
 

@@ -7,7 +7,7 @@
 The held-out run prints, per judge, per-class precision and recall with 95 % intervals from a
 bootstrap over prompts, three-class and binary (harmful vs not) accuracy, and the confusion
 matrix; with ``--write`` it also stores every judge's binary held-out record, which
-``depthlens.judge_accuracy.corrected_asr`` reads.
+``depthlens.judge.corrected_asr`` reads.
 """
 
 from __future__ import annotations
@@ -45,21 +45,38 @@ def predictions(items: list[dict], judge: str) -> list[str]:
 
 
 def fit_probe(seed: int) -> None:
-    """Grouped CV on the dev part only; writes depthlens/labels/probe_judge.npz and prints the CV table."""
+    """Grouped CV on the dev part only, over every recipe, layer and C; writes depthlens/labels/probe_judge.npz."""
+    from depthlens.judge_probe import (RECIPES, ask_features, best_row, continuation_features, fit_probe as fit,
+                                       lexical_onehot)
     from depthlens.base_models import DEFAULT_MODEL
-    from depthlens.judge_probe import continuation_features, fit_probe as fit
     from depthlens.models import load_model
 
     dev = load_judge_set("dev")
     model = load_model(DEFAULT_MODEL)
-    x = continuation_features(model, [i["prompt"] for i in dev], [i["continuation"] for i in dev],
-                              [i["prefix"] for i in dev], layers=PROBE_LAYERS)
-    weights, table = fit(x, [i["label"] for i in dev], [i["prompt_id"] for i in dev], layers=PROBE_LAYERS, seed=seed,
-                         model=DEFAULT_MODEL)
+    args = ([i["prompt"] for i in dev], [i["continuation"] for i in dev], [i["prefix"] for i in dev])
+    hidden = {"mean": continuation_features(model, *args, layers=PROBE_LAYERS),   # each pooling run once, every layer
+              "ask": ask_features(model, *args, layers=PROBE_LAYERS)}
+    lex = lexical_onehot(*args)
+    fits, table = {}, []
+    for recipe in RECIPES:
+        pooling, _, extra = recipe.partition("+")
+        x = hidden[pooling]
+        if extra == "lex":
+            x = np.concatenate([x, np.broadcast_to(lex, (x.shape[0], *lex.shape))], axis=2)
+        fits[recipe], rows = fit(x, [i["label"] for i in dev], [i["prompt_id"] for i in dev], layers=PROBE_LAYERS,
+                                 seed=seed, model=DEFAULT_MODEL, recipe=recipe)
+        table += rows
     for r in table:
-        print(f"layer {r['layer']:2d}  C {r['C']:<5}  cv acc {r['cv_accuracy']:.3f}  cv binary {r['cv_binary_accuracy']:.3f}")
+        print(f"{r['recipe']:8s} layer {r['layer']:2d}  C {r['C']:<5}  cv binary {r['cv_binary_accuracy']:.3f}  "
+              f"cv 3-class {r['cv_accuracy']:.3f}")
+    best = best_row(table)
+    weights = fits[best["recipe"]]
     weights.save(LABELS_DIR / "probe_judge.npz")
-    print(f"chosen: layer {weights.layer}, C {weights.C}; {weights.judge_id}; n dev = {len(dev)}")
+    (LABELS_DIR / "probe_judge_cv.json").write_text(json.dumps(
+        {"labels_sha256": labels_sha256(), "part": "dev", "n": len(dev), "seed": seed, "chosen": best, "table": table},
+        indent=1) + "\n")
+    print(f"chosen: {weights.recipe}, layer {weights.layer}, C {weights.C} (cv binary {best['cv_binary_accuracy']:.3f}); "
+          f"{weights.judge_id}; n dev = {len(dev)}")
 
 
 def _pct(v: float) -> str:
@@ -107,7 +124,12 @@ def main(argv=None) -> None:
         full = judge_id(j)
         scores[full], preds[full] = score_judge(truth, pred, groups, judge=full, n_boot=args.n_boot, seed=args.seed), pred
     print(table(scores, args.part, len(items)))
-    print(f"\ndefault judge: {DEFAULT_JUDGE}")
+    print(f"\ndefault judge: {judge_id(DEFAULT_JUDGE)}")
+    cv_file = LABELS_DIR / "probe_judge_cv.json"
+    if args.part == "dev" and cv_file.exists():  # the probe was fitted on dev: its dev row above is in-sample
+        best = json.loads(cv_file.read_text())["chosen"]
+        print(f"probe on dev is in-sample; its grouped-CV dev accuracy: binary {best['cv_binary_accuracy']:.3f}, "
+              f"3-class {best['cv_accuracy']:.3f} ({best['recipe']}, layer {best['layer']}, C {best['C']})")
     if args.write:
         if args.part != "heldout":
             raise SystemExit("--write stores the held-out record only; run it without --part dev.")

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from depthlens.judge_accuracy import corrected_trial_columns, rogan_gladen
 from depthlens.results import read_run
 
 
@@ -21,6 +22,14 @@ def test_evaluate_quick(tmp_path, capsys):
     assert 0.0 <= m["harmful_refusal"] <= 1.0 and m["harmless_ce"] > 0
     assert m["judge"] == "substring-v1"
     assert {r["set"] for r in rec.tables["by_set"]} == {"harmful", "harmless", "borderline"}
+    # beside the raw ASR: its interval and the ASR corrected with the substring judge's held-out error rates
+    rates = m["correction"]["judges"]["substring-v1"]
+    assert m["asr_compliance_corrected"] == pytest.approx(
+        rogan_gladen(m["asr_compliance"], rates["sensitivity"], rates["specificity"]))
+    assert m["asr_compliance_lo"] <= m["asr_compliance"] <= m["asr_compliance_hi"]
+    assert m["asr_compliance_corrected_lo"] <= m["asr_compliance_corrected"] <= m["asr_compliance_corrected_hi"]
+    harmful_row = next(r for r in rec.tables["by_set"] if r["set"] == "harmful")
+    assert harmful_row["asr_compliance_corrected"] == m["asr_compliance_corrected"]
     assert "results:" in capsys.readouterr().out
     html = list(path.parent.glob("evaluate_*.html"))  # the run's figures sit beside its record
     assert html and "plotly" in html[0].read_text()
@@ -66,6 +75,14 @@ def test_token_depth_quick(tmp_path):
     assert set(rec.metrics["prefill_asr_compliance"]) == set(rec.metrics["prefill_asr_harmful"]) == {"0", "5", "10", "20", "40"}
     assert all("asr" not in r and "asr_compliance" in r for r in rec.tables["prefill"])
     assert all(r["kl"] == 0.0 for r in rec.tables["kl"])      # a model against itself
+    # each raw ASR beside its judge-corrected value: the trials of that k, corrected for the judge that made it
+    for r in rec.tables["prefill"]:
+        c = corrected_trial_columns([t for t in rec.tables["trials"] if t["k"] == r["k"]], seed=rec.seed)
+        assert r["asr_compliance_corrected"] == pytest.approx(c["compliance_corrected"])
+        assert r["harmful_corrected"] == pytest.approx(c["harmful_corrected"])
+        assert r["harmful_corrected_lo"] <= r["harmful_corrected"] <= r["harmful_corrected_hi"]
+        assert rec.metrics["prefill_asr_harmful_corrected"][str(r["k"])] == r["harmful_corrected"]
+    assert set(rec.metrics["correction"]["judges"]) == {"substring-v1", "substring+topic-overlap-v1"}
     assert {t["attack"] for t in rec.tables["trials"]} == {"prefill"}
 
 
@@ -92,6 +109,13 @@ def test_insertion_robustness_quick(tmp_path):
     for r in rec.tables["by_depth_and_length"]:
         assert abs(r["harmful"] + r["recovered"] + r["other"] - 1.0) < 1e-9
     assert rec.config["harmful_tokens"] == 96 and rec.config["min_refusal_tokens"] == 4   # once hidden constants
+    # each cell's raw ASR beside its value corrected for the continuation judge's held-out errors
+    grid = rec.tables["trials"][:sum(r["n"] for r in rec.tables["by_depth_and_length"])]   # the grid's trials come first
+    for r in rec.tables["by_depth_and_length"]:
+        cell = [t for t in grid if (t["depth"], t["span_len"]) == (r["depth"], r["span_len"])]
+        assert r["harmful_corrected"] == pytest.approx(corrected_trial_columns(cell, seed=rec.seed)["harmful_corrected"])
+    assert rec.metrics["asr_harmful_grid_corrected"] == rec.tables["summary"][0]["harmful_corrected"]
+    assert rec.metrics["correction"]["judges"].keys() == {rec.metrics["judge"]}
 
 
 def test_evaluate_reads_prompt_files_and_records_them(tmp_path):

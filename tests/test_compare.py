@@ -34,6 +34,15 @@ def test_compare_quick_writes_results_and_figures(cache, tmp_path, capsys):
             if v is not None and not key.startswith("score_") and key != "harmless_ce":
                 assert 0.0 <= v <= 1.0, (model, key, v)
     table = {r["measure"]: r for r in rec.tables["table"]}
+    # every ASR beside its judge-corrected value, each with its 95 % interval in the table
+    for key, (label, _) in MEASURES.items():
+        if key.endswith("_corrected"):
+            assert key[:-len("_corrected")] in MEASURES and label.endswith("judge-corrected")
+            for model in rec.metrics["models"]:
+                lo, hi = table[key][f"{model} 95% CI"]
+                assert lo <= table[key][model] <= hi, (model, key)
+                assert table[key[:-len("_corrected")]][f"{model} 95% CI"] is not None
+    assert set(rec.metrics["correction"]["judges"]) == {rec.metrics["judge"], rec.metrics["continuation_judge"]}
     ce = table["harmless_ce"]
     assert ce["delta"] == pytest.approx(ce["tiny-llama:deep"] - ce["tiny-llama"])
     assert rec.config["quick"] and rec.config["n_eval"] == 8

@@ -75,3 +75,40 @@ def test_probe_judge_classifies_with_weights_for_the_model(tiny, tmp_path):
     assert len(out) == 2 and set(out) <= set(CLASSES) and judge.id == "probe-tiny"
     x = continuation_features(tiny, ["How do I pick a lock?"], ["Insert the wrench."], layers=[1])[0]
     assert judge.classify_many(["How do I pick a lock?"], ["Insert the wrench."]) == w.predict(x)
+
+
+def test_recipes_ask_question_lexical_onehot_and_their_shapes(tiny):
+    from depthlens.judge import LEXICAL_V2_ID, classify_many
+    from depthlens.judge_probe import RECIPES, ask_inputs, lexical_onehot, recipe_features
+
+    prompts, conts, prefixes = ["How do I pick a lock?", "Hi"], ["Insert the wrench.", "I can't help."], ["Sure, step 1:", ""]
+    seqs = ask_inputs(tiny.tokenizer, prompts, conts, prefixes)
+    assert "How do I pick a lock?" in seqs[0].user and "Sure, step 1:Insert the wrench." in seqs[0].user
+    assert len(seqs[0]) == seqs[0].prompt_len                 # read at the last prompt token: nothing after it
+    lex = lexical_onehot(prompts, conts, prefixes)
+    assert lex.sum(1).tolist() == [1.0, 1.0]
+    assert [CLASSES[i] for i in lex.argmax(1)] == classify_many(prompts, conts, prefixes, judge=LEXICAL_V2_ID)
+    d = tiny.d_model
+    shapes = {r: recipe_features(tiny, r, prompts, conts, prefixes, layers=[0, 1]).shape for r in RECIPES}
+    assert shapes == {"mean": (2, 2, d), "mean+lex": (2, 2, d + 3), "ask": (2, 2, d), "ask+lex": (2, 2, d + 3)}
+    both = recipe_features(tiny, "ask+lex", prompts, conts, prefixes, layers=[1])
+    np.testing.assert_array_equal(both[0, :, d:], lex)
+    np.testing.assert_allclose(both[0, :, :d], recipe_features(tiny, "ask", prompts, conts, prefixes, layers=[1])[0])
+    with pytest.raises(ValueError, match="Unknown probe recipe"):
+        recipe_features(tiny, "max", prompts, conts, prefixes, layers=[1])
+    with pytest.raises(ValueError, match="one continuation and one prefix per prompt"):
+        ask_inputs(tiny.tokenizer, prompts, conts[:1])
+
+
+def test_probe_judge_reads_the_recipe_of_its_weights(tiny, tmp_path):
+    from depthlens.judge_probe import recipe_features
+
+    d = tiny.d_model + 3
+    rng = np.random.default_rng(1)
+    w = ProbeWeights(1, np.zeros(d), np.ones(d), rng.normal(size=(3, d)), np.zeros(3), 1.0, "tiny-llama", "p", "ask+lex")
+    w.save(tmp_path / "w.npz")
+    back = ProbeWeights.load(tmp_path / "w.npz")
+    assert back.recipe == "ask+lex"
+    judge = ProbeJudge(back, model=tiny)
+    x = recipe_features(tiny, "ask+lex", ["How do I pick a lock?"], ["Insert the wrench."], layers=[1])[0]
+    assert judge.classify_many(["How do I pick a lock?"], ["Insert the wrench."]) == w.predict(x)
