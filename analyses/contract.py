@@ -195,6 +195,9 @@ class AnalysisResult(RunRecord):
     def summary(self) -> Summary:
         return Summary(title=f"{self.analysis} of {self.model}", rows=[])
 
+    def keep_files(self, run_dir: Path) -> None:
+        """Copy into the run directory what it keeps beside ``results.json`` (nothing by default)."""
+
     def record(self) -> RunRecord:
         """The plain record (what ``results.json`` holds and ``read_run`` returns)."""
         return RunRecord(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RunRecord)})
@@ -215,7 +218,10 @@ def make_main(config_cls: type, run: Callable[..., AnalysisResult], *,
         setup_logging()
         cfg = parse(config_cls, argv)
         prepare_out(cfg.out)
-        return finish(run(cfg), cfg.out)
+        result = run(cfg)
+        path = finish(result, cfg.out)
+        result.keep_files(path.parent)
+        return path
 
     main.__doc__ = f"Command line of {config_cls.__module__}: flags from ``{config_cls.__name__}``; returns the results.json path."
     return main
