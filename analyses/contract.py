@@ -10,9 +10,9 @@
 - ``make_main(Config, run)``: the ``main(argv=None)`` of an analysis: parse the flags, check
   that ``--out`` can be written, ``run(cfg)``, write ``results.json`` (first, atomically), build
   the figures and print the summary; errors go through ``depthlens.cli.cli_errors``.
-- ``load``, ``check_layers``, ``prompts_or``: model loading that turns a bad spec or NaN weights
-  into one-line errors, layer checks against the loaded model, and ``--harmful FILE``-style
-  prompt sets.
+- ``load``, ``load_with_base``, ``check_layers``, ``prompts_or``: model loading that turns a bad
+  spec or NaN weights into one-line errors (a model with the base it is measured against),
+  layer checks against the loaded model, and ``--harmful FILE``-style prompt sets.
 
     >>> @dataclass(frozen=True)
     ... class Config(AnalysisConfig):
@@ -154,6 +154,18 @@ def load(spec: str, device: str | None = None, *, flag_name: str = "--model", mo
             model = load_model(spec, device=device)
     check_weights(model, flag_name)
     return model
+
+
+def load_with_base(cfg, model=None) -> tuple:
+    """``(model, base)``: ``cfg.model`` (or the loaded ``model``) and the base it is measured
+    against, ``cfg.base`` where the config has one and sets it, else the spec without recipe
+    suffixes; one object when both are the same spec."""
+    from depthlens.organism import base_spec
+
+    model = load(cfg.model, cfg.device, model=model)
+    base_name = getattr(cfg, "base", None) or base_spec(cfg.model)
+    base = model if base_name == cfg.model else load(base_name, cfg.device, flag_name="--base")
+    return model, base
 
 
 def check_spec(spec: str, flag_name: str = "--model") -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from analyses.common import Timer
-from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load, make_main
+from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load_with_base, make_main
 from analyses.evaluate import EvalConfig, evaluate_model, harmless_cross_entropy
 from depthlens.attack_records import wilson_interval
 from depthlens.attacks import prefill_attack, random_insertion_attack
@@ -48,7 +48,7 @@ from depthlens.errors import UsageError
 from depthlens.forward import last_logprobs
 from depthlens.generate import as_chats
 from depthlens.judge import CONTINUATION_JUDGE_ID, JUDGE_ID, is_refusal
-from depthlens.organism import ORGANISM, base_spec
+from depthlens.organism import ORGANISM
 from depthlens.recipes import build_or_load, get_recipe
 from depthlens.responses import response_set
 from probes.ablation import ablated
@@ -329,12 +329,10 @@ def run(cfg: RefusalParetoConfig, model=None) -> RefusalParetoResult:
     base_name, names = split_spec(cfg.model)
     for name in cfg.references:  # an unknown reference recipe fails before the search
         _reference_recipe(name, cfg)
+    if model is not None and model.spec != cfg.model:  # the recipes built beside it (wo-opt, references) sit on cfg.model
+        raise UsageError(f"--model {cfg.model!r} does not name the model given to run ({model.spec!r}).")
     with timer("load"):
-        model = load(cfg.model, cfg.device, model=model)
-        if model.spec != cfg.model:  # the recipes built beside it (wo-opt, references) sit on top of cfg.model
-            raise UsageError(f"--model {cfg.model!r} does not name the model given to run ({model.spec!r}).")
-        ce_reference = base_spec(cfg.model)  # its answers are the harmful prefills and the CE targets
-        base = model if ce_reference == cfg.model else load(ce_reference, model.device)
+        model, base = load_with_base(cfg, model)  # the base's answers are the harmful prefills and the CE targets
     pcfg = pareto_config(cfg)
     with timer("search"):
         res = run_pareto(model, pcfg, where=cfg.search_dir, progress=True)
