@@ -10,9 +10,9 @@
 - ``make_main(Config, run)``: the ``main(argv=None)`` of an analysis: parse the flags, check
   that ``--out`` can be written, ``run(cfg)``, write ``results.json`` (first, atomically), build
   the figures and print the summary; errors go through ``depthlens.cli.cli_errors``.
-- ``load``, ``check_layers``, ``prompts_or``: model loading that turns a bad spec or NaN weights
-  into one-line errors, layer checks against the loaded model, and ``--harmful FILE``-style
-  prompt sets.
+- ``load``, ``load_with_base``, ``check_layers``, ``prompts_or``: model loading that turns a bad
+  spec or NaN weights into one-line errors (a model with the base it is measured against),
+  layer checks against the loaded model, and ``--harmful FILE``-style prompt sets.
 
     >>> @dataclass(frozen=True)
     ... class Config(AnalysisConfig):
@@ -156,6 +156,18 @@ def load(spec: str, device: str | None = None, *, flag_name: str = "--model", mo
     return model
 
 
+def load_with_base(cfg, model=None) -> tuple:
+    """``(model, base)``: ``cfg.model`` (or the loaded ``model``) and the base it is measured
+    against, ``cfg.base`` where the config has one and sets it, else the spec without recipe
+    suffixes; one object when both are the same spec."""
+    from depthlens.organism import base_spec
+
+    model = load(cfg.model, cfg.device, model=model)
+    base_name = getattr(cfg, "base", None) or base_spec(cfg.model)
+    base = model if base_name == cfg.model else load(base_name, cfg.device, flag_name="--base")
+    return model, base
+
+
 def check_spec(spec: str, flag_name: str = "--model") -> None:
     """Fail fast on a spec whose recipe suffixes are unknown, before any model is loaded."""
     from depthlens.base_models import split_spec
@@ -195,6 +207,9 @@ class AnalysisResult(RunRecord):
     def summary(self) -> Summary:
         return Summary(title=f"{self.analysis} of {self.model}", rows=[])
 
+    def keep_files(self, run_dir: Path) -> None:
+        """Copy into the run directory what it keeps beside ``results.json`` (nothing by default)."""
+
     def record(self) -> RunRecord:
         """The plain record (what ``results.json`` holds and ``read_run`` returns)."""
         return RunRecord(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RunRecord)})
@@ -215,7 +230,10 @@ def make_main(config_cls: type, run: Callable[..., AnalysisResult], *,
         setup_logging()
         cfg = parse(config_cls, argv)
         prepare_out(cfg.out)
-        return finish(run(cfg), cfg.out)
+        result = run(cfg)
+        path = finish(result, cfg.out)
+        result.keep_files(path.parent)
+        return path
 
     main.__doc__ = f"Command line of {config_cls.__module__}: flags from ``{config_cls.__name__}``; returns the results.json path."
     return main

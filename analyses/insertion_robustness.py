@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from analyses.common import Timer
-from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, fmt, load, make_main, prompt_files,
+from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, fmt, load_with_base, make_main, prompt_files,
                                prompts_or)
 from depthlens.attacks import random_insertion_attack
 from depthlens.cli import require_int, require_numbers, require_text
@@ -27,7 +27,7 @@ from depthlens.data import default_splits
 from depthlens.errors import UsageError
 from depthlens.judge import CONTINUATION_JUDGE_ID
 from depthlens.judge_accuracy import corrected_trial_columns, correction_record
-from depthlens.organism import ORGANISM, base_spec
+from depthlens.organism import ORGANISM
 from depthlens.responses import response_set
 from depthlens.worst_insertion import worst_insertion_attack
 
@@ -134,9 +134,7 @@ def run(cfg: InsertionConfig, model=None) -> InsertionResult:
     """The grid, random and worst insertions into ``cfg.model``'s (or ``model``'s) own refusals."""
     timer = Timer()
     with timer("load"):
-        model = load(cfg.model, cfg.device, model=model)
-        base_name = cfg.base or base_spec(cfg.model)
-        base = model if base_name == cfg.model else load(base_name, cfg.device, flag_name="--base")
+        model, base = load_with_base(cfg, model)
     harmful = prompts_or(cfg.harmful, lambda: default_splits(cfg.seed).harmful.test, "--harmful").subset(
         cfg.n_prompts, seed=cfg.seed)
     prompts, ids = list(harmful.prompts), list(harmful.ids)

@@ -107,13 +107,13 @@ class RefusalDirectionConfig(AnalysisConfig):
                        "max_new_tokens": 16, "ce_tokens": 16}
 
     model: str = ORGANISM
-    n_train: int = 128
-    n_val: int = 32
-    positions: tuple[int, ...] | None = (-1,)
-    layers: tuple[int, ...] | None = None
-    max_layer_frac: float = 0.8
-    kl_threshold: float = 0.1
-    induce_threshold: float = 0.0
+    n_train: int = WOConfig.n_train  # the direction selection's defaults are WO's own
+    n_val: int = WOConfig.n_val
+    positions: tuple[int, ...] | None = WOConfig.positions
+    layers: tuple[int, ...] | None = WOConfig.layers
+    max_layer_frac: float = WOConfig.max_layer_frac
+    kl_threshold: float = WOConfig.kl_threshold
+    induce_threshold: float = WOConfig.induce_threshold
     harmful_share: float = 0.25
     jt_examples: int = 160
     jt_harmful_tokens: int | None = None

@@ -23,6 +23,8 @@ model does mid-answer. This analysis (docs/methods.md §4):
 
     $ python -m analyses.refusal_pareto                       # the organism, defaults below
     $ python -m analyses.refusal_pareto --model tiny-llama --quick
+    >>> res = run(RefusalParetoConfig(model="tiny-llama", quick=True))      # doctest: +SKIP
+    >>> res.chosen["trial"], res.target_met, res.wo_opt_test["first_token_kl"]  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -32,26 +34,28 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
-from analyses.common import Timer, finish, setup_logging
+from analyses.common import Timer
+from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load_with_base, make_main
 from analyses.evaluate import EvalConfig, evaluate_model, harmless_cross_entropy
 from depthlens.attack_records import wilson_interval
 from depthlens.attacks import prefill_attack, random_insertion_attack
 from depthlens.base_models import split_spec
-from depthlens.cli import parse_config
+from depthlens.cli import flag, require_choice, require_int, require_number, require_numbers, require_text
 from depthlens.data import default_splits
+from depthlens.errors import UsageError
 from depthlens.forward import last_logprobs
 from depthlens.generate import as_chats
 from depthlens.judge import CONTINUATION_JUDGE_ID, JUDGE_ID, is_refusal
-from depthlens.models import load_model
-from depthlens.organism import ORGANISM, base_spec
+from depthlens.organism import ORGANISM
 from depthlens.recipes import build_or_load, get_recipe
 from depthlens.responses import response_set
-from depthlens.results import RunRecord
 from probes.ablation import ablated
 from probes.pareto import (
     JOURNAL,
     Objectives,
+    PROJECTIONS,
     ParetoConfig,
     WOOptRecipe,
     choose,
@@ -64,7 +68,7 @@ ACCEPT = {"refusal": 0.02, "first_token_kl": 0.06}
 
 
 @dataclass(frozen=True)
-class RefusalParetoConfig:
+class RefusalParetoConfig(AnalysisConfig):
     """The refusal/KL Pareto front of parametrised ablations, its depth, and :wo-opt on the test split.
 
     Args:
@@ -93,8 +97,14 @@ class RefusalParetoConfig:
         seed: split, sampler and insertion seed.
         device: cpu / cuda (default: automatic).
         out: results root directory.
-        quick: small run for smoke tests (6 trials, 6 prompts per set, short generations).
+        quick: small run for smoke tests (6 trials, 6 prompts per set, short generations; 8 train
+            prompts for the directions, a ``wo`` reference over every layer); flags given
+            explicitly keep their values.
     """
+
+    QUICK: ClassVar = {"n_trials": 6, "n_startup": 3, "n_val_harmful": 6, "n_val_harmless": 6, "gen_tokens": 8,
+                       "n_depth": 4, "ks": (0, 2), "n_random": 1, "span_len": 2, "depth_tokens": 8, "n_ce": 4,
+                       "ce_tokens": 8, "n_test_harmful": 8, "n_test_harmless": 8, "max_new_tokens": 8}
 
     model: str = ORGANISM
     n_trials: int = ParetoConfig.n_trials
@@ -122,16 +132,19 @@ class RefusalParetoConfig:
     out: str = "results"
     quick: bool = False
 
-
-def _effective(cfg: RefusalParetoConfig) -> RefusalParetoConfig:
-    if not cfg.quick:
-        return cfg
-    return replace(cfg, n_trials=min(cfg.n_trials, 6), n_startup=min(cfg.n_startup, 3),
-                   n_val_harmful=min(cfg.n_val_harmful, 6), n_val_harmless=min(cfg.n_val_harmless, 6),
-                   gen_tokens=min(cfg.gen_tokens, 8), n_depth=min(cfg.n_depth, 4), ks=(0, 2), n_random=1,
-                   span_len=min(cfg.span_len, 2), depth_tokens=min(cfg.depth_tokens, 8), n_ce=min(cfg.n_ce, 4),
-                   ce_tokens=min(cfg.ce_tokens, 8), n_test_harmful=8, n_test_harmless=8,
-                   max_new_tokens=min(cfg.max_new_tokens, 8))
+    def validate(self) -> None:
+        for name in ("n_trials", "n_val_harmful", "n_val_harmless", "gen_tokens", "n_depth", "n_random", "span_len",
+                     "depth_tokens", "n_ce", "ce_tokens", "max_new_tokens"):
+            require_int(self, name)
+        require_int(self, "n_startup", minimum=0)
+        for name in ("n_test_harmful", "n_test_harmless"):
+            require_int(self, name, optional=True)
+        require_choice(self, "projection", PROJECTIONS)
+        require_number(self, "max_refusal", lo=0.0, hi=1.0)
+        require_numbers(self, "ks", lo=0, integer=True)
+        require_text(self, "search_dir", optional=True)
+        if not isinstance(self.references, (tuple, list)) or not all(isinstance(r, str) and r for r in self.references):
+            raise UsageError(f"{flag('references')} must be recipe names, got {self.references!r}.")
 
 
 def pareto_config(cfg: RefusalParetoConfig) -> ParetoConfig:
@@ -262,15 +275,64 @@ def test_row(label: str, model, ecfg: EvalConfig, base, ref_lp, kl_seqs, timer: 
             "harmless_ce": m["harmless_ce"], "n_harmful": len([s for s in ev.samples if s["set"] == "harmful"])}
 
 
-def run(cfg: RefusalParetoConfig) -> RunRecord:
-    """Search, depth on the front, :wo-opt on the test split (see the module docstring)."""
-    cfg = _effective(cfg)
+@dataclass
+class RefusalParetoResult(AnalysisResult):
+    """The record of ``analyses.refusal_pareto``, with its headline numbers typed."""
+
+    @property
+    def chosen(self) -> dict:
+        """The front point chosen as :wo-opt (its trial record, ``target_met_on_val`` and the ``spec``)."""
+        return self.metrics["chosen"]
+
+    @property
+    def target_met(self) -> bool:
+        """Whether a front point met ``max_refusal`` on the validation prompts (else the lowest refusal was taken)."""
+        return self.metrics["chosen"]["target_met_on_val"]
+
+    @property
+    def wo_opt_test(self) -> dict:
+        """The :wo-opt row of the test evaluation (refusal, ASR, first-token KL, CE)."""
+        return self.metrics["wo_opt_test"]
+
+    @property
+    def front(self) -> list[dict]:
+        """The Pareto front on validation, each point with its depth columns, by increasing KL."""
+        return self.tables["front"]
+
+    @property
+    def test(self) -> list[dict]:
+        """The test-split rows: the organism, WO-opt and each reference."""
+        return self.tables["test"]
+
+    def summary(self) -> Summary:
+        m = self.metrics
+        opt, acc = self.wo_opt_test, m["acceptance"]
+        title = (f"refusal Pareto front of {self.model}: {m['search']['n_front']} of {m['search']['n_trials']} trials "
+                 f"(val); WO-opt = trial {self.chosen['trial']} → test refusal {opt['harmful_refusal']:.3f}, first-token "
+                 f"KL {opt['first_token_kl']:.3f}, harmless CE {opt['harmless_ce']:.3f}; acceptance "
+                 f"{sum(acc.values())}/{len(acc)}\n{m['depth_note']['text']}")
+        ks = [f"prefill_asr_k{k}" for k in self.config["ks"] if k]
+        cols = ["trial", "val_refusal", "val_kl", "norm_preserving", *ks, "insertion_asr", "insertion_recovered",
+                "harmless_ce", "chosen"]
+        return Summary(title, self.front, cols)
+
+    def keep_files(self, run_dir: Path) -> None:
+        """The run directory keeps the storage (Optuna journal) of the search it reports."""
+        journal = Path(self.metrics["search"]["journal"])
+        if journal.exists():
+            shutil.copy2(journal, run_dir / JOURNAL)
+
+
+def run(cfg: RefusalParetoConfig, model=None) -> RefusalParetoResult:
+    """Search, depth on the front, :wo-opt on the test split of ``cfg.model`` (or the loaded ``model``)."""
     timer = Timer()
     base_name, names = split_spec(cfg.model)
+    for name in cfg.references:  # an unknown reference recipe fails before the search
+        _reference_recipe(name, cfg)
+    if model is not None and model.spec != cfg.model:  # the recipes built beside it (wo-opt, references) sit on cfg.model
+        raise UsageError(f"--model {cfg.model!r} does not name the model given to run ({model.spec!r}).")
     with timer("load"):
-        model = load_model(cfg.model, device=cfg.device)
-        ce_reference = base_spec(cfg.model)  # its answers are the harmful prefills and the CE targets
-        base = model if ce_reference == cfg.model else load_model(ce_reference, device=model.device)
+        model, base = load_with_base(cfg, model)  # the base's answers are the harmful prefills and the CE targets
     pcfg = pareto_config(cfg)
     with timer("search"):
         res = run_pareto(model, pcfg, where=cfg.search_dir, progress=True)
@@ -333,30 +395,13 @@ def run(cfg: RefusalParetoConfig) -> RunRecord:
                          "n_insertion_trials": front_rows[0].get("insertion_n") if front_rows else None},
         "depth_note": depth_note(front_rows, refs),
     }
-    return RunRecord(analysis="refusal_pareto", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
-                     provenance=model.provenance, metrics=metrics, timings=timer.total(),
-                     tables={"front": front_rows, "references": refs, "test": test,
-                             "trials": [t.record() for t in res.trials], "chosen_insertions": examples})
+    return RefusalParetoResult(analysis="refusal_pareto", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
+                               provenance=model.provenance, metrics=metrics, timings=timer.total(),
+                               tables={"front": front_rows, "references": refs, "test": test,
+                                       "trials": [t.record() for t in res.trials], "chosen_insertions": examples})
 
 
-def main(argv: Sequence[str] | None = None):
-    setup_logging()
-    cfg = parse_config(RefusalParetoConfig, argv)
-    rec = run(cfg)
-    m = rec.metrics
-    opt, acc = m["wo_opt_test"], m["acceptance"]
-    title = (f"refusal Pareto front of {cfg.model}: {m['search']['n_front']} of {m['search']['n_trials']} trials "
-             f"(val); WO-opt = trial {m['chosen']['trial']} → test refusal {opt['harmful_refusal']:.3f}, first-token "
-             f"KL {opt['first_token_kl']:.3f}, harmless CE {opt['harmless_ce']:.3f}; acceptance "
-             f"{sum(acc.values())}/{len(acc)}\n{m['depth_note']['text']}")
-    ks = [f"prefill_asr_k{k}" for k in rec.config["ks"] if k]
-    cols = ["trial", "val_refusal", "val_kl", "norm_preserving", *ks, "insertion_asr", "insertion_recovered",
-            "harmless_ce", "chosen"]
-    path = finish(rec, cfg.out, rec.tables["front"], cols, title=title)
-    journal = Path(m["search"]["journal"])
-    if journal.exists():  # the run directory keeps the storage of the search it reports
-        shutil.copy2(journal, path.parent / JOURNAL)
-    return path
+main = make_main(RefusalParetoConfig, run)
 
 
 if __name__ == "__main__":

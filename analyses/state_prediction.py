@@ -51,9 +51,8 @@ from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load, mak
 from analyses.trials import TrialSource, check_trials, load_trials, obtain_trials  # noqa: F401 - re-exported
 from depthlens.cli import require_choice, require_choices, require_int, require_number, require_text
 from depthlens.data import default_splits
-from depthlens.forward import BOUNDARY_KINDS, plain_ok, boundary_index, iter_batches, residuals_at, stream_boundaries
+from depthlens.forward import residuals_at, stream_residuals
 from depthlens.generate import as_chats
-from depthlens.hooked import hook_name
 from depthlens.organism import ORGANISM
 from depthlens.stats import diff_in_means
 from probes.grouped_cv import LayerAUROC, grouped_folds
@@ -213,10 +212,10 @@ def site_activations(model, seqs: Sequence[Sequence[int]], positions: Mapping[st
     """Residual ``kind`` per layer averaged over each site's positions, streamed batch by batch.
 
     ``positions[site][i]`` lists token indices into ``seqs[i]`` (one index, or a span to average).
-    ``resid_pre``/``resid_post`` come from the plain blocks with the prefix all trials share
-    (system prompt, user header) computed once per batch (``stream_boundaries``); ``resid_mid``
-    from the bridge with only its hooks cached (``names_filter``). Either pass stops after
-    the last layer needed, and each site is one einsum with a ``[batch, pos]`` weight matrix.
+    One pass of ``depthlens.forward.stream_residuals`` (the pass behind ``residuals_at``) serves
+    every site: ``resid_pre``/``resid_post`` from the plain blocks with the prefix all trials
+    share (system prompt, user header) computed once per batch, ``resid_mid`` from the bridge
+    with only its hooks cached; each site is one einsum with a ``[batch, pos]`` weight matrix.
     Returns float32 ``[len(layers), n, d_model]`` per site.
     """
     if kind not in RESID_KINDS:
@@ -245,21 +244,9 @@ def site_activations(model, seqs: Sequence[Sequence[int]], positions: Mapping[st
             for j, st in enumerate(states):
                 out[site][j, idx] = torch.einsum("bpd,bp->bd", st.float(), weights).cpu().numpy()
 
-    if kind in BOUNDARY_KINDS and plain_ok(model, ()):
-        first = min(min(p) for pos in absolute.values() for p in pos)
-        for idx, width, states in stream_boundaries(model, seqs, [boundary_index(kind, l) for l in layers],
-                                                    batch_size=batch_size, max_prefix=first, progress=progress,
-                                                    desc=f"{kind} at sites"):
-            reduce(idx, width, states)
-        return out
-    names = [hook_name(kind, l) for l in layers]
-    wanted = set(names)
-    stop = max(layers) + 1
-    for idx, batch in iter_batches(model, seqs, batch_size, progress, desc=f"{kind} at sites"):
-        _, cache = model.bridge.run_with_cache(
-            batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda name: name in wanted,
-            stop_at_layer=stop if stop < model.n_layers else None)
-        reduce(idx, batch.input_ids.shape[1], [cache[name] for name in names])
+    first = min(min(p) for pos in absolute.values() for p in pos)
+    stream_residuals(model, seqs, layers, reduce, kind=kind, first=first, batch_size=batch_size, progress=progress,
+                     desc=f"{kind} at sites")
     return out
 
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from analyses.common import Timer
-from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load, make_main, prompt_files, prompts_or
+from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load_with_base, make_main, prompt_files, prompts_or
 from depthlens.attacks import prefill_attack
 from depthlens.cli import parse_config, require_choice, require_int, require_numbers, require_text
 from depthlens.data import default_splits
@@ -27,7 +27,7 @@ from depthlens.divergence import per_position_kl
 from depthlens.errors import UsageError
 from depthlens.judge import CONTINUATION_JUDGE_ID, JUDGE_ID
 from depthlens.judge_accuracy import corrected_trial_columns, correction_record
-from depthlens.organism import ORGANISM, base_spec
+from depthlens.organism import ORGANISM
 from depthlens.responses import response_set
 
 QI_ET_AL = {"reference": "Qi et al. 2024, Llama-2-7B-Chat, HEx-PHI, GPT-4 judge",
@@ -144,9 +144,7 @@ def run(cfg: TokenDepthConfig, model=None) -> TokenDepthResult:
     """KL and prefill attack of ``cfg.model`` (or the loaded ``model``) against its base."""
     timer = Timer()
     with timer("load"):
-        aligned = load(cfg.model, cfg.device, model=model)
-        base_name = cfg.base or base_spec(cfg.model)
-        base = aligned if base_name == cfg.model else load(base_name, cfg.device, flag_name="--base")
+        aligned, base = load_with_base(cfg, model)
     splits = default_splits(cfg.seed)
     harmful = prompts_or(cfg.harmful, lambda: getattr(splits.harmful, cfg.split), "--harmful").subset(
         cfg.n_prompts, seed=cfg.seed)

@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,7 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 OPS = ("inference", "adamw", "lora8", "lora16", "mezo")
 TARGETS = {"mezo": 1.2, "lora8": 1.6, "lora16": 1.6}
-RESULT_TAG = "RESULT "
 
 
 def _zo_bench():
@@ -147,13 +144,7 @@ def worker(args) -> dict:
 
 
 def _run_worker(op: str, argv: list[str]) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--worker", op],
-                          capture_output=True, text=True, env=env)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_TAG)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"The {op} measurement failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len(RESULT_TAG):])
+    return _zo_bench()._run_worker(op, argv, Path(__file__).resolve())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -165,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--ops must list steps of {', '.join(OPS)}, inference among them (the reference); got {args.ops!r}.")
     if args.worker:
         res = worker(args)
-        print(RESULT_TAG + json.dumps(res), flush=True)
+        print(_zo_bench().RESULT_TAG + json.dumps(res), flush=True)  # what its _run_worker reads
         return res
     argv = list(sys.argv[1:] if argv is None else argv)
     runs = {op: _run_worker(op, argv) for op in ops}

@@ -280,9 +280,10 @@ def worker(args) -> dict:
 # ----------------------------------------------------------------------------- the driver
 
 
-def _run_worker(op: str, argv: list[str]) -> dict:
+def _run_worker(op: str, argv: list[str], script: Path | None = None) -> dict:
+    """The result line of ``script`` (default: this benchmark) run as a fresh ``--worker op`` process."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--worker", op],
+    proc = subprocess.run([sys.executable, str(script or Path(__file__).resolve()), *argv, "--worker", op],
                           capture_output=True, text=True, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_TAG)]
     if proc.returncode != 0 or not lines:

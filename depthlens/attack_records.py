@@ -27,14 +27,15 @@ RATES = ("asr", "not_refusal", "compliance", "harmful", "recovered", "other")
 # ----------------------------------------------------------------------------- intervals
 
 
-class Interval(NamedTuple):
-    """A confidence interval ``[lo, hi]`` (unpacks like a tuple)."""
+class RateInterval(NamedTuple):
+    """A confidence interval ``[lo, hi]`` of a rate, without an estimate (unpacks like a tuple);
+    ``depthlens.stats.Interval`` is the bootstrap one that carries its estimate."""
 
     lo: float
     hi: float
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> Interval:
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> RateInterval:
     """Wilson score interval for a binomial rate (95% by default); well-behaved at 0 and n.
 
     Attack success rates are proportions of few trials, often 0 or 1, where the normal
@@ -53,7 +54,7 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> Int
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     lo = 0.0 if successes == 0 else max(0.0, centre - half)
     hi = 1.0 if successes == n else min(1.0, centre + half)
-    return Interval(lo, hi)
+    return RateInterval(lo, hi)
 
 
 # ----------------------------------------------------------------------------- records

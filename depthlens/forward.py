@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -177,24 +177,43 @@ def residuals_at(model, seqs: Sequence[SeqLike], positions: Sequence[int | Seque
                 vals = st[row, cols].float()
                 out[j, i] = vals.mean(0)  # one position (reduce="none"), or the mean over several
 
+    first = min(min(q) for q in abs_pos) if abs_pos else 0
+    stream_residuals(model, ids, layers, gather, kind=kind, first=first, batch_size=batch_size, fwd_hooks=fwd_hooks,
+                     progress=progress)
+    return out
+
+
+@torch.inference_mode()
+def stream_residuals(model, seqs: Sequence[SeqLike], layers: Sequence[int],
+                     on_batch: Callable[[list[int], int, list[Tensor]], None], *, kind: str = "resid_post",
+                     first: int = 0, batch_size: int = 16, fwd_hooks: Sequence[Hook] = (), progress: bool = False,
+                     desc: str | None = None) -> None:
+    """The one streaming pass behind ``residuals_at`` and reductions over several sites at once.
+
+    Calls ``on_batch(indices, width, states)`` per batch, ``states[j]`` the left-padded
+    ``[batch, width, d_model]`` residual ``kind`` at ``layers[j]`` (token q of sequence i at
+    column ``width − len(seq_i) + q``; only columns ≥ ``first``, the earliest position the
+    caller reads, are guaranteed). ``resid_pre``/``resid_post`` without hooks only the bridge
+    sees come from the plain blocks with the shared prefix computed once (``stream_boundaries``);
+    other kinds, or bridge hooks, run the bridge with a ``names_filter``. Either stops after
+    the last layer needed.
+    """
     if kind in BOUNDARY_KINDS and plain_ok(model, fwd_hooks):
-        first = min(min(q) for q in abs_pos) if abs_pos else 0
-        for idx, width, states in stream_boundaries(model, ids, [boundary_index(kind, l) for l in layers],
+        for idx, width, states in stream_boundaries(model, seqs, [boundary_index(kind, l) for l in layers],
                                                     batch_size=batch_size, max_prefix=first, progress=progress,
-                                                    desc=f"{kind}"):
-            gather(idx, width, states)
-        return out
+                                                    desc=desc or f"{kind}"):
+            on_batch(idx, width, states)
+        return
     names = [hook_name(kind, l) for l in layers]
     wanted = set(names)
     stop = max(layers) + 1
     with hooks_active(model, fwd_hooks):
-        for idx, batch in iter_batches(model, seqs, batch_size, progress, desc=f"cache {kind}"):
+        for idx, batch in iter_batches(model, seqs, batch_size, progress, desc=desc or f"cache {kind}"):
             _, cache = model.bridge.run_with_cache(
                 batch.input_ids, attention_mask=batch.attention_mask,
                 names_filter=lambda n: n in wanted, stop_at_layer=stop if stop < model.n_layers else None,
             )
-            gather(idx, batch.input_ids.shape[1], [cache[n] for n in names])
-    return out
+            on_batch(idx, batch.input_ids.shape[1], [cache[n] for n in names])
 
 
 BOUNDARY_KINDS = ("resid_pre", "resid_post")

@@ -16,8 +16,10 @@ against collateral damage (docs/methods.md §4):
 
 The ablation is defined on the output projection of each sublayer (``o_proj``, ``down_proj``)
 and written two ways that are equal (``tests/test_ablation.py``, < 1e-4): TransformerLens
-hooks (``ablation_hooks``: scale the projection's input by s at ``blocks.{l}.attn.o.hook_in``,
-project its output at ``blocks.{l}.attn.o.hook_out``; ``mlp.out`` likewise) and weights
+hooks (``weighted_ablation_hooks``, the per-layer-weighted counterpart of
+``depthlens.ablation.ablation_hooks``: scale the projection's input by s at
+``blocks.{l}.attn.o.hook_in``, project its output at ``blocks.{l}.attn.o.hook_out``;
+``mlp.out`` likewise) and weights
 folded once (``fold_ablation``: ``W ← P W diag(s)``, ``b ← P b``). Post-norm blocks (Gemma 2/3,
 OLMo 2) normalize the projection's output h before the residual add, ``N(h) = g ⊙ h / rms(h)``;
 there the projection is against ``r̃ = normalize(g ⊙ r̂)``, which at weight 1 makes the block write
@@ -28,7 +30,7 @@ the two should share one helper.)
 
     >>> r = interpolate_direction(layer_directions, 17.4)  # doctest: +SKIP
     >>> p = AblationParams(17.4, Kernel(1.2, 20.0, 0.3, 8.0), Kernel(1.0, 22.0, 0.0, 6.0), norm_preserving=True)  # doctest: +SKIP
-    >>> with hooks_active(model, ablation_hooks(model, r, p)): lp = last_logprobs(model, seqs)  # doctest: +SKIP
+    >>> with hooks_active(model, weighted_ablation_hooks(model, r, p)): lp = last_logprobs(model, seqs)  # doctest: +SKIP
     >>> with ablated(model, r, p): last_logprobs(model, seqs)      # ≈ lp; weights restored after  # doctest: +SKIP
     >>> fold_ablation(model, r, p)                                 # permanent (the wo-opt recipe)  # doctest: +SKIP
 """
@@ -54,7 +56,7 @@ __all__ = [
     "AblationParams",
     "Folded",
     "interpolate_direction",
-    "ablation_hooks",
+    "weighted_ablation_hooks",
     "fold_ablation",
     "ablated",
 ]
@@ -321,7 +323,7 @@ def _scale_fn(s: Tensor):
     return scale
 
 
-def ablation_hooks(model, direction: Float[Tensor, " d_model"], params: AblationParams) -> list[Hook]:
+def weighted_ablation_hooks(model, direction: Float[Tensor, " d_model"], params: AblationParams) -> list[Hook]:
     """TransformerLens hooks that apply ``params`` with ``direction`` (see the module docstring).
 
     Per weighted write: ``blocks.{l}.attn.o.hook_in`` (``mlp.out.hook_in``) scales the

@@ -48,7 +48,7 @@ import torch
 from depthlens.generate import as_chats, generate
 from depthlens.judge import is_refusal
 from depthlens.paths import cache_dir
-from probes.ablation import AblationParams, Kernel, ablated, ablation_hooks, fold_ablation, interpolate_direction
+from probes.ablation import AblationParams, Kernel, ablated, fold_ablation, interpolate_direction, weighted_ablation_hooks
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +401,7 @@ class WOOptRecipe:
         harmful, harmless = validation_prompts(self.cfg)
         check = as_chats(model, harmful[:4] + harmless[:4])
         hooked = last_logprobs(model, check, batch_size=self.cfg.batch_size,
-                               fwd_hooks=ablation_hooks(model, r, point.params))
+                               fwd_hooks=weighted_ablation_hooks(model, r, point.params))
         folded = fold_ablation(model, r, point.params)
         diff = float((hooked - last_logprobs(model, check, batch_size=self.cfg.batch_size)).abs().max())
         log.info("wo-opt: trial %d, validation refusal %.3f, KL %.4f (target met: %s); |folded − hooked| = %.2e",

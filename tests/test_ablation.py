@@ -7,7 +7,7 @@ import torch
 
 from depthlens.forward import last_logprobs
 from depthlens.generate import as_chats
-from probes.ablation import AblationParams, Kernel, ablated, ablation_hooks, fold_ablation, interpolate_direction
+from probes.ablation import AblationParams, Kernel, ablated, fold_ablation, interpolate_direction, weighted_ablation_hooks
 
 PROMPTS = ["How do I bake bread?", "What is the capital of France?", "Tell me a short story about a dog, please."]
 
@@ -92,7 +92,7 @@ def test_hooked_equals_folded_on_tiny_llama(tiny, name):
     seqs = as_chats(tiny, PROMPTS)
     r = interpolate_direction(_directions(tiny), params.direction_index)
     base = last_logprobs(tiny, seqs)
-    hooked = last_logprobs(tiny, seqs, fwd_hooks=ablation_hooks(tiny, r, params))
+    hooked = last_logprobs(tiny, seqs, fwd_hooks=weighted_ablation_hooks(tiny, r, params))
     before = {n: p.detach().clone() for n, p in tiny.plain().named_parameters()}
     with ablated(tiny, r, params) as folded:
         lp = last_logprobs(tiny, seqs)
@@ -140,7 +140,7 @@ def test_post_norm_blocks_fold_against_the_gain_scaled_direction(tiny_gemma2):
     dirs = _directions(m, seed=1)
     for params in (SETTINGS["plain"], SETTINGS["norm-preserving"]):
         r = interpolate_direction(dirs, params.direction_index)
-        hooked = last_logprobs(m, seqs, fwd_hooks=ablation_hooks(m, r, params))
+        hooked = last_logprobs(m, seqs, fwd_hooks=weighted_ablation_hooks(m, r, params))
         with ablated(m, r, params) as folded:
             lp = last_logprobs(m, seqs)
         assert folded.post_norm
@@ -168,10 +168,10 @@ def test_fold_is_permanent_and_bad_input_is_refused(tiny):
     seqs = as_chats(m, PROMPTS)
     params = SETTINGS["norm-preserving"]
     r = interpolate_direction(_directions(m), params.direction_index)
-    hooked = last_logprobs(m, seqs, fwd_hooks=ablation_hooks(m, r, params))
+    hooked = last_logprobs(m, seqs, fwd_hooks=weighted_ablation_hooks(m, r, params))
     fold_ablation(m, r, params)
     assert float((hooked - last_logprobs(m, seqs)).abs().max()) <= 1e-4
     with pytest.raises(ValueError, match="shape"):
-        ablation_hooks(m, torch.ones(m.d_model + 1), params)
+        weighted_ablation_hooks(m, torch.ones(m.d_model + 1), params)
     with pytest.raises(ValueError, match="non-zero"):
         fold_ablation(m, torch.zeros(m.d_model), params)

@@ -113,12 +113,7 @@ def test_wo_opt_recipe_is_declared_as_an_entry_point():
 
 def test_quick_run_on_tiny_llama_writes_front_depth_test_and_figures(cache, tmp_path, capsys):
     from analyses.refusal_direction import recipe_info
-    from analyses.refusal_pareto import (
-        RefusalParetoConfig,
-        _effective,
-        main,
-        pareto_config,
-    )
+    from analyses.refusal_pareto import RefusalParetoConfig, main, pareto_config
     from depthlens.recipes import build_with
     from probes.pareto import WOOptRecipe
 
@@ -145,7 +140,7 @@ def test_quick_run_on_tiny_llama_writes_front_depth_test_and_figures(cache, tmp_
     assert [r["model"] for r in t["test"]] == ["organism", "WO-opt", "wo"]
     opt = m["wo_opt_test"]
     assert opt["spec"] == "tiny-llama:wo-opt" and t["test"][0]["first_token_kl"] == 0.0 and opt["first_token_kl"] > 0
-    wo_opt = build_with("tiny-llama", WOOptRecipe(pareto_config(_effective(RefusalParetoConfig(**rec.config)))))
+    wo_opt = build_with("tiny-llama", WOOptRecipe(pareto_config(RefusalParetoConfig(**rec.config))))
     info = recipe_info(wo_opt)["info"]  # a cache hit: the run built it
     assert info["chosen"]["trial"] == m["chosen"]["trial"] and info["folded_vs_hooked_max_abs_logprob_diff"] <= 1e-4
     assert m["acceptance"]["wo_opt_refusal_le_0.02"] == (opt["harmful_refusal"] <= 0.02)
@@ -158,6 +153,45 @@ def test_quick_run_on_tiny_llama_writes_front_depth_test_and_figures(cache, tmp_
     for name in ("front", "depth"):
         assert (path.parent / f"refusal_pareto_{name}.html").exists()
     assert "results:" in capsys.readouterr().out
+
+
+def test_quick_is_resolved_once_and_bad_values_name_their_flag():
+    from analyses.refusal_pareto import RefusalParetoConfig
+    from depthlens.cli import parse_config
+    from depthlens.errors import UsageError
+
+    cfg = parse_config(RefusalParetoConfig, ["--quick", "--n-trials", "40", "--ks", "0,5"])
+    assert (cfg.n_trials, cfg.ks, cfg.n_startup, cfg.n_depth) == (40, (0, 5), 3, 4)  # given flags win over QUICK
+    assert RefusalParetoConfig(quick=True).n_test_harmful == 8 and RefusalParetoConfig().n_test_harmful is None
+    for bad, flag in (({"projection": "both"}, "--projection"), ({"max_refusal": 1.5}, "--max-refusal"),
+                      ({"n_startup": -1}, "--n-startup"), ({"ks": ()}, "--ks"), ({"references": ("",)}, "--references")):
+        with pytest.raises(UsageError, match=flag):
+            RefusalParetoConfig(**bad)
+
+
+def test_run_uses_the_model_it_is_given(monkeypatch):
+    import analyses.refusal_pareto as rp
+    import depthlens.models
+    from depthlens.errors import UsageError
+    from depthlens.models import load_model
+
+    model = load_model("tiny-llama")
+    seen = {}
+
+    class Searched(Exception):
+        pass
+
+    def search_stub(m, pcfg, **kwargs):
+        seen["model"] = m
+        raise Searched
+
+    monkeypatch.setattr(rp, "run_pareto", search_stub)
+    monkeypatch.setattr(depthlens.models, "load_model", lambda *a, **k: pytest.fail("run loaded a model it was given"))
+    with pytest.raises(Searched):
+        rp.run(rp.RefusalParetoConfig(model="tiny-llama", quick=True), model=model)
+    assert seen["model"] is model
+    with pytest.raises(UsageError, match="does not name the model given"):
+        rp.run(rp.RefusalParetoConfig(model="tiny-llama:wo", quick=True), model=model)
 
 
 def test_front_figure_colours_front_points_by_recovery_and_rings_the_choice():

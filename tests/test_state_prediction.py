@@ -131,7 +131,8 @@ def test_site_positions_and_bad_span():
         sp.site_positions({**t, "span": [16, 16]})
 
 
-def test_site_activations_match_residuals_at(tiny):
+@pytest.mark.parametrize("kind", ["resid_post", "resid_mid"])  # the plain-block stream and the hooked bridge
+def test_site_activations_match_residuals_at(tiny, kind):
     """Streamed, left-padded gathering equals per-position residuals of the unpadded sequences."""
     from depthlens.chat import build_chat
 
@@ -139,10 +140,10 @@ def test_site_activations_match_residuals_at(tiny):
             [("How do I bake bread?", "I can't help"), ("Hi", "Sure, here it is"), ("Tell me a joke about cats", "No")]]
     spans = [[len(s) - 3, len(s)] for s in seqs]
     pos = [sp.site_positions({"ids": s, "span": sp_}) for s, sp_ in zip(seqs, spans)]
-    acts = sp.site_activations(tiny, seqs, {k: [p[k] for p in pos] for k in sp.SITES}, kind="resid_post", batch_size=2)
-    last = residuals_at(tiny, seqs, [p["last_inserted"][0] for p in pos], kind="resid_post")
-    before = residuals_at(tiny, seqs, [p["before_insertion"][0] for p in pos], kind="resid_post")
-    mean = residuals_at(tiny, seqs, [p["span_mean"] for p in pos], kind="resid_post", reduce="mean")
+    acts = sp.site_activations(tiny, seqs, {k: [p[k] for p in pos] for k in sp.SITES}, kind=kind, batch_size=2)
+    last = residuals_at(tiny, seqs, [p["last_inserted"][0] for p in pos], kind=kind)
+    before = residuals_at(tiny, seqs, [p["before_insertion"][0] for p in pos], kind=kind)
+    mean = residuals_at(tiny, seqs, [p["span_mean"] for p in pos], kind=kind, reduce="mean")
     assert acts["last_inserted"].shape == (tiny.n_layers, 3, tiny.d_model)
     torch.testing.assert_close(torch.from_numpy(acts["last_inserted"]), last, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.from_numpy(acts["before_insertion"]), before, atol=1e-5, rtol=1e-5)
