@@ -3,7 +3,7 @@
 Arditi et al.'s weight orthogonalization (``probes.orthogonalize``) projects one unit
 direction r̂ out of every residual write at full strength. Here the strength is a parameter
 per layer and per write, so that an optimiser (``probes.pareto``) can trade refusal removal
-against collateral damage (docs/methods.md §4):
+against collateral damage (docs/methods.md §4.7):
 
 - **kernel** (``Kernel``): the weight of layer l's attention-out (or MLP-out) write is
   ``max_weight`` at layer ``position``, falling linearly to ``min_weight`` at distance

@@ -5,7 +5,7 @@ a first-token KL the filters cannot push down. Treated as an optimisation (the p
 abliteration tool heretic does this), the ablation of ``probes.ablation`` has 9–10 parameters
 (direction index; per write a kernel peak weight, peak layer, floor weight as a fraction of the
 peak, and half-width; optionally norm preservation), searched with Optuna's multi-objective
-TPE (docs/methods.md §4) for two objectives measured on the *validation* splits:
+TPE (docs/methods.md §4.7) for two objectives measured on the *validation* splits:
 
 1. the refusal rate on harmful validation prompts (DoNotAnswer), greedy answers of
    ``gen_tokens`` tokens judged by the project's substring judge (``depthlens.judge.is_refusal``);

@@ -32,14 +32,16 @@ def _front_figure(record: dict) -> go.Figure:
     fig.add_trace(go.Scatter(x=[t["val_kl"] for t in rest], y=[t["val_refusal"] for t in rest], mode="markers",
                              name="dominated trials", marker=dict(color="#BBBBBB", size=5)))
     depth = [r.get(_DEPTH) for r in front]
+    # one colour scale from 0 to the largest recovery shown (the organism's included), so small shares stay readable
+    top = max([d for d in depth if d is not None] + [r.get(_DEPTH) or 0.0 for r in tables["references"]] + [0.05])
     fig.add_trace(go.Scatter(
         x=[r["val_kl"] for r in front], y=[r["val_refusal"] for r in front], mode="markers+lines", name="Pareto front",
         line=dict(color="#888888", width=0.8, shape="hv"),
         text=[f"trial {r['trial']}" for r in front],
-        marker=dict(size=9, color=depth, colorscale=SEQUENTIAL, cmin=0.0, cmax=1.0, showscale=True,
+        marker=dict(size=9, color=depth, colorscale=SEQUENTIAL, cmin=0.0, cmax=top, showscale=True,
                     symbol=["diamond" if r["norm_preserving"] else "circle" for r in front],
                     line=dict(color="black", width=0.5),
-                    colorbar=dict(title=dict(text="mid-answer recovery"), len=0.8))))
+                    colorbar=dict(title=dict(text=f"recovered after<br>random insertion<br>(HarmBench test,<br>{m['continuation_judge']})"), len=0.8))))
     chosen = [r for r in front if r.get("chosen")]
     if chosen:
         fig.add_trace(go.Scatter(x=[chosen[0]["val_kl"]], y=[chosen[0]["val_refusal"]], mode="markers", name="WO-opt",
@@ -51,10 +53,9 @@ def _front_figure(record: dict) -> go.Figure:
                                  text=[f"{r['point']}: recovery {r.get(_DEPTH, float('nan')):.2f}"]))
     apply_theme(fig, width="double")
     fig.update_xaxes(type="log", title_text="first-token KL on harmless val prompts (nats)")
-    fig.update_yaxes(title_text=f"refusal rate on harmful val prompts ({m['judge']} judge)", rangemode="tozero")
+    fig.update_yaxes(title_text=f"refusal, harmful val ({m['judge']})", rangemode="tozero")
     fig.update_layout(showlegend=True, title_text=(
-        "Refusal vs KL of parametrised ablations (validation); colour: recovery after random insertion "
-        f"into the organism's refusals (HarmBench test, {m['continuation_judge']})"))
+        "Refusal vs KL of parametrised ablations (validation; ◆ norm-preserving, ● plain projection)"))
     return fig
 
 
