@@ -39,7 +39,7 @@ from depthlens.spsa import ZOConfig, ZOStepResult, derive_seed, mezo_train, spsa
 from finetune.lora import LoraSettings
 from finetune.zo_subspace import SUBSPACES, Subspace, fp32_masters, matrices, open_subspace
 from finetune.zo_objective import (  # noqa: F401  (the objective's names stay importable from here)
-    SUITE_KINDS,
+    PERTURBATION_KINDS,
     RobustObjective,
     Shard,
     _Batch,
@@ -123,11 +123,11 @@ class ZORecipeConfig:
             own fixed noise draw) every this many steps, and at the start and end, for the
             objective curve (0: start and end only). Not in the cache key.
         eval_batches: batches of that evaluation.
-        suite: perturbations the safety term cycles through, one per step (step s runs under
-            ``suite[s % len(suite)]``): param (parameter noise σ ``noise_sigma``), act
-            (activation noise σ ``act_sigma``) or int4 (round-to-nearest weights), all on the
+        perturbations: what the safety term runs under, one per step in turn (step s runs under
+            ``perturbations[s % len(perturbations)]``): param (parameter noise σ ``noise_sigma``), act
+            (activation noise σ ``act_noise_sigma``) or int4 (round-to-nearest weights), all on the
             noised layers; empty: param on every step. In the cache key only when set.
-        act_sigma: activation noise σ of the act steps, relative to the residual RMS per token.
+        act_noise_sigma: activation noise σ of the act steps, relative to the residual RMS per token.
         results_root: where the default layer_sensitivity record is looked for
             (``<results_root>/layer_sensitivity/<parent tag>/…``). Not in the cache key (the
             record's hash and layers are).
@@ -160,8 +160,8 @@ class ZORecipeConfig:
     lora_targets: tuple[str, ...] = ()
     eval_every: int = 50
     eval_batches: int = 4
-    suite: tuple[str, ...] = ()
-    act_sigma: float = 0.1
+    perturbations: tuple[str, ...] = ()
+    act_noise_sigma: float = 0.1
     results_root: str = "results"
 
     def __post_init__(self):
@@ -184,12 +184,12 @@ class ZORecipeConfig:
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}.")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        object.__setattr__(self, "suite", tuple(self.suite))  # a list from Python stays hashable
-        bad = [k for k in self.suite if k not in SUITE_KINDS]
+        object.__setattr__(self, "perturbations", tuple(self.perturbations))  # a list from Python stays hashable
+        bad = [k for k in self.perturbations if k not in PERTURBATION_KINDS]
         if bad:
-            raise ValueError(f"suite entries must be among {', '.join(SUITE_KINDS)}, got {bad[0]!r}.")
-        if not (math.isfinite(self.act_sigma) and self.act_sigma >= 0):
-            raise ValueError(f"act_sigma must be >= 0 and finite, got {self.act_sigma!r}.")
+            raise ValueError(f"perturbations must be among {', '.join(PERTURBATION_KINDS)}, got {bad[0]!r}.")
+        if not (math.isfinite(self.act_noise_sigma) and self.act_noise_sigma >= 0):
+            raise ValueError(f"act_noise_sigma must be >= 0 and finite, got {self.act_noise_sigma!r}.")
         self.lora_settings()  # checks rank, alpha and targets
 
     @property
@@ -284,9 +284,9 @@ class ZORecipe:
         from finetune.common import config_key
 
         cfg = self.cfg
-        out = config_key(cfg, ("max_steps", "suite"))
-        if "act" not in cfg.suite:
-            del out["act_sigma"]
+        out = config_key(cfg, ("max_steps", "perturbations"))
+        if "act" not in cfg.perturbations:
+            del out["act_noise_sigma"]
         out["lr"], out["eps"] = cfg.step_lr, cfg.step_eps
         for name in _LOG_ONLY:
             del out[name]
@@ -363,7 +363,7 @@ class ZORecipe:
         safety, utility = self._shared_batches(model, shard, progress)
         noise_layers = layers if cfg.noise_layers == "trained" else list(range(model.n_layers))
         objective = RobustObjective(model, safety, utility, noise_layers, cfg.noise_sigma, cfg.utility_weight,
-                                    cfg.seed, shard, cfg.suite, cfg.act_sigma)
+                                    cfg.seed, shard, cfg.perturbations, cfg.act_noise_sigma)
         sub = open_subspace(model, cfg.subspace, layers, cfg.lora_settings(), cfg.seed)
         done = False
         try:  # an interrupted lora build leaves the weights as they were (adapters removed unmerged)

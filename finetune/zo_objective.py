@@ -8,7 +8,7 @@
 hook on each ``nn.Linear`` adds ``F.linear(x, δ)`` with δ regenerated from a seed, so no weight
 is touched or copied (memory stays at inference memory) and L₊ and L₋ of one MeZO step see the
 same δ (the SPSA difference measures the move along z, not two noise draws). With a
-``suite`` the safety term of step s runs under ``suite[s % len(suite)]`` instead: parameter
+``perturbations`` the safety term of step s runs under ``perturbations[s % len(perturbations)]`` instead: parameter
 noise, activation noise (``depthlens.perturb.activation_noise``, σ relative to the residual
 RMS) or int4 round-to-nearest weights (``functional_int4``), the perturbations of the
 compare noise suite. Under
@@ -35,8 +35,8 @@ from finetune.train import autocast, bucketed_batches, tokenize_examples
 
 
 #: Perturbations the safety term can cycle through, one per step: the three of ``analyses.compare``'s
-#: noise suite (docs/methods.md §5.6): parameter noise, activation noise, int4 weights.
-SUITE_KINDS = ("param", "act", "int4")
+#: the noise suite (docs/methods.md §5.6): parameter noise, activation noise, int4 weights.
+PERTURBATION_KINDS = ("param", "act", "int4")
 
 
 def _noise_z(weight: Tensor, seed: int) -> Tensor:
@@ -194,21 +194,21 @@ class RobustObjective:
 
     def __init__(self, model, safety: list[_Batch], utility: list[_Batch], noise_layers: Sequence[int],
                  sigma: float, utility_weight: float, seed: int, shard: Shard | None = None,
-                 suite: Sequence[str] = (), act_sigma: float = 0.1):
+                 perturbations: Sequence[str] = (), act_noise_sigma: float = 0.1):
         if not safety:
             raise ValueError("The zo objective needs at least one safety batch.")
-        bad = [k for k in suite if k not in SUITE_KINDS]
+        bad = [k for k in perturbations if k not in PERTURBATION_KINDS]
         if bad:
-            raise ValueError(f"suite entries must be among {SUITE_KINDS}, got {bad[0]!r}.")
+            raise ValueError(f"perturbations must be among {PERTURBATION_KINDS}, got {bad[0]!r}.")
         self.model, self.safety, self.utility = model, safety, utility
         self.noise_layers, self.sigma = list(noise_layers), sigma
         self.utility_weight, self.seed = utility_weight, seed
         self.shard = shard
-        self.suite, self.act_sigma = tuple(suite), act_sigma
+        self.perturbations, self.act_noise_sigma = tuple(perturbations), act_noise_sigma
 
     def kind(self, step: int) -> str:
-        """The perturbation of ``step``'s safety term: ``suite[step % len(suite)]``, param without a suite."""
-        return self.suite[step % len(self.suite)] if self.suite else "param"
+        """The perturbation of ``step``'s safety term: ``perturbations[step % len(perturbations)]``, param without any."""
+        return self.perturbations[step % len(self.perturbations)] if self.perturbations else "param"
 
     def perturbation(self, step: int, noise: bool = True):
         """The context of ``step``'s safety term, a pure function of (step, current weights): both
@@ -219,7 +219,7 @@ class RobustObjective:
         if kind == "act":
             from depthlens.perturb import activation_noise
 
-            return activation_noise(self.model, self.noise_layers, self.act_sigma, self.noise_seed(step))
+            return activation_noise(self.model, self.noise_layers, self.act_noise_sigma, self.noise_seed(step))
         return functional_param_noise(self.model, self.noise_layers, self.sigma if noise else 0.0,
                                       self.noise_seed(step))
 

@@ -249,7 +249,7 @@ def test_the_suite_cycles_param_act_and_int4_as_the_compare_suite_perturbs(tiny)
 
     batch, = _fixed_batches(tiny, [Example("How do I pick a lock?", "I'm sorry, but I can't help with that.")], 64, 4, 0)
     layers = list(range(tiny.n_layers))
-    obj = RobustObjective(tiny, [batch], [], layers, 0.5, 0.0, 0, suite=("param", "act", "int4"), act_sigma=0.5)
+    obj = RobustObjective(tiny, [batch], [], layers, 0.5, 0.0, 0, perturbations=("param", "act", "int4"), act_noise_sigma=0.5)
     assert [obj.kind(s) for s in range(5)] == ["param", "act", "int4", "param", "act"]
     with torch.inference_mode():
         clean = float(masked_nll(tiny, batch.ids, batch.att, batch.mask))
@@ -267,15 +267,15 @@ def test_the_suite_cycles_param_act_and_int4_as_the_compare_suite_perturbs(tiny)
 
     with torch.inference_mode(), quantize(tiny, None, 4):       # int4 written into the weights: the same loss
         assert float(masked_nll(tiny, batch.ids, batch.att, batch.mask)) == pytest.approx(int4, rel=1e-5)
-    # keys: the suite enters only when set, act_sigma only with an act step
-    assert "suite" not in ZORecipe(ZORecipeConfig(layers=(0,))).config()
-    assert "act_sigma" not in ZORecipe(ZORecipeConfig(layers=(0,), suite=("param", "int4"))).config()
-    keyed = ZORecipe(ZORecipeConfig(layers=(0,), suite=["param", "act"])).config()
-    assert keyed["suite"] == ("param", "act") and keyed["act_sigma"] == 0.1
-    with pytest.raises(ValueError, match="suite entries must be among param, act, int4, got 'dropout'"):
-        ZORecipeConfig(suite=("param", "dropout"))
-    with pytest.raises(ValueError, match="act_sigma must be"):
-        ZORecipeConfig(act_sigma=-1.0)
+    # keys: the perturbations enters only when set, act_noise_sigma only with an act step
+    assert "perturbations" not in ZORecipe(ZORecipeConfig(layers=(0,))).config()
+    assert "act_noise_sigma" not in ZORecipe(ZORecipeConfig(layers=(0,), perturbations=("param", "int4"))).config()
+    keyed = ZORecipe(ZORecipeConfig(layers=(0,), perturbations=["param", "act"])).config()
+    assert keyed["perturbations"] == ("param", "act") and keyed["act_noise_sigma"] == 0.1
+    with pytest.raises(ValueError, match="perturbations must be among param, act, int4, got 'dropout'"):
+        ZORecipeConfig(perturbations=("param", "dropout"))
+    with pytest.raises(ValueError, match="act_noise_sigma must be"):
+        ZORecipeConfig(act_noise_sigma=-1.0)
 
 
 def test_a_damaged_default_zo_entry_names_the_rebuild_command(tmp_path, monkeypatch):
