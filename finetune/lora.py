@@ -60,6 +60,14 @@ class LoraSettings:
         return (self.alpha if self.alpha is not None else 2.0 * self.rank) / self.rank
 
 
+def linear_names(model, layers: Sequence[int]) -> tuple[str, ...]:
+    """The names of the linear maps in ``layers`` (``q_proj``, ``down_proj`` …), in module order."""
+    blocks = model.plain().model.layers
+    names = [name.rpartition(".")[2] for l in layers for name, mod in blocks[l].named_modules()
+             if isinstance(mod, torch.nn.Linear)]
+    return tuple(dict.fromkeys(names))
+
+
 def attach(model, settings: LoraSettings, seed: int, layers: Sequence[int] | None = None):
     """Inject fresh adapters into ``model.plain()`` (A drawn from ``seed``); return the peft model.
 
@@ -69,8 +77,11 @@ def attach(model, settings: LoraSettings, seed: int, layers: Sequence[int] | Non
     from peft import LoraConfig, get_peft_model
 
     view = model.plain()
+    targets = list(settings.targets)
+    if not targets and layers is not None:  # peft refuses "all-linear" with a layer list: name the layers' linear maps
+        targets = list(linear_names(model, layers))
     config = LoraConfig(r=settings.rank, lora_alpha=settings.scale * settings.rank, lora_dropout=0.0, bias="none",
-                        target_modules=list(settings.targets) or "all-linear",
+                        target_modules=targets or "all-linear",
                         layers_to_transform=list(layers) if layers is not None else None)
     devices = [model.device] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,14 +80,6 @@ def matrices(model, layer: int) -> list[Tensor]:
     return [p for p in model.layer_parameters(layer).values() if p.ndim >= 2]
 
 
-def linear_names(model, layers: Sequence[int]) -> tuple[str, ...]:
-    """The names of the linear maps in ``layers`` (``q_proj``, ``down_proj`` …), in module order."""
-    blocks = model.plain().model.layers
-    names = [name.rpartition(".")[2] for l in layers for name, mod in blocks[l].named_modules()
-             if isinstance(mod, torch.nn.Linear)]
-    return tuple(dict.fromkeys(names))
-
-
 def norm_gains(model, layer: int) -> list[Tensor]:
     """The gains of ``layer``'s RMSNorm / LayerNorm modules (their 1-D ``weight``s)."""
     return [p for n, p in model.layer_parameters(layer).items() if p.ndim == 1 and "norm" in n.lower()
@@ -118,8 +110,6 @@ def open_subspace(model, kind: str, layers: Sequence[int], lora_settings: LoraSe
         by_layer = {l: norm_gains(model, l) for l in layers}
     else:
         settings = lora_settings or LoraSettings(rank=8)
-        if not settings.targets:  # peft refuses "all-linear" with a layer list: name the layers' linear maps
-            settings = replace(settings, targets=linear_names(model, layers))
         peft_model = lora.attach(model, settings, seed, layers)
         by_layer = {l: [] for l in layers}
         for name, p in peft_model.named_parameters():

@@ -101,3 +101,19 @@ def test_bad_lora_settings_are_refused_in_one_sentence():
     with pytest.raises(ValueError, match="do not name linear maps"):
         train_sft(load_model("tiny-llama"), [Example("q", "a")],
                   TrainConfig(checkpoint_every=0, lora=LoraSettings(rank=2, targets=("no_such_proj",))), progress=False)
+
+
+def test_attach_with_a_layer_list_and_no_targets_adapts_every_linear_map_of_those_layers_only():
+    """peft refuses its "all-linear" shorthand beside a layer list; attach names the maps itself."""
+    from finetune.lora import attach, detach, parameters
+
+    model = load_model("tiny-llama")
+    peft_model = attach(model, LoraSettings(rank=2), seed=0, layers=[1])
+    try:
+        names = [n for n, _ in peft_model.named_parameters() if "lora_A" in n]
+        assert names and all(".layers.1." in n for n in names)            # layer 0 has no adapter
+        assert {n.split(".lora_A")[0].rpartition(".")[2] for n in names} == set(ADAPTED)
+        assert sum(p.numel() for p in parameters(peft_model)) > 0
+    finally:
+        detach(peft_model)
+    assert not any("lora_" in n for n, _ in model.plain().named_parameters())
