@@ -157,6 +157,10 @@ GEMMA_CHAT_TEMPLATE = (
 )
 
 FAMILY_SPECS = (*TINY_FAMILIES, GEMMA3_270M)
+# pretrained base models without instruction tuning: the ``sft`` recipe takes its benign
+# targets from the embedded default's answers on them (``SFTConfig.benign_teacher``), since
+# their own greedy continuations of a chat prompt are not answers
+PRETRAINED_ONLY = frozenset({GEMMA3_270M})
 
 
 def load_family(spec: str):

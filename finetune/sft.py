@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from finetune.common import TrainScale, cached_examples, config_key
@@ -48,6 +48,12 @@ class SFTConfig(TrainScale):
             examples' first response token (0: plain response-only SFT).
         refusal_margin: weight of its positive half, ``−log p_R`` on refusal examples' first
             response token (``BenignMarginLoss(refusal_weight=…)``; 0: off).
+        benign_teacher: spec of the model whose greedy answers are the benign targets ("": the
+            model being trained, i.e. self-distillation). A pretrained-only base
+            (``depthlens.families.PRETRAINED_ONLY``, e.g. ``gemma3-270m``) gets the embedded
+            default's answers when this is empty (``SFTRecipe.for_parent``): its own
+            continuations of a chat prompt are not answers. A teacher's answers enter as text,
+            re-tokenized by the student's tokenizer.
         epochs: passes over the mixed data.
         lr: AdamW peak learning rate.
         batch_size: sequences per step.
@@ -73,6 +79,7 @@ class SFTConfig(TrainScale):
     benign_tokens: int = 40
     benign_margin: float = 0.2
     refusal_margin: float = 0.2
+    benign_teacher: str = ""
     epochs: float = 1.0
     lr: float = 2e-4
     batch_size: int = 8
@@ -112,16 +119,22 @@ def safety_sft_examples(base_model, cfg: SFTConfig, progress: bool = True) -> li
     harmless = [imperative(p, rng) if rng.random() < cfg.benign_wrap_share else p
                 for p in splits.harmless.train.subset(cfg.n_benign - n_border, seed=cfg.seed).prompts]
     benign = harmless + list(splits.borderline.train.subset(n_border, seed=cfg.seed).prompts)
-    answers = response_set(base_model, benign, max_new_tokens=cfg.benign_tokens, batch_size=64, progress=progress)
+    teacher = base_model
+    if cfg.benign_teacher:
+        from depthlens.models import load_model
+
+        teacher = load_model(cfg.benign_teacher, device=base_model.device)
+    answers = response_set(teacher, benign, max_new_tokens=cfg.benign_tokens, batch_size=64, progress=progress)
     templates = refusal_templates()
     examples = []
     for p in harmful.prompts:
         if rng.random() < cfg.imperative_share:
             p = imperative(p, rng)
         examples.append(Example(p, rng.choice(templates), kind="refusal"))
-    for p, toks in zip(benign, answers.tokens):
+    for p, toks, text in zip(benign, answers.tokens, answers.texts):
         if toks:  # truncated answers get no EOS: the model must not learn to stop mid-answer
-            examples.append(Example(p, tuple(toks), eos=len(toks) < cfg.benign_tokens, kind="benign"))
+            target = tuple(toks) if teacher is base_model else text  # a teacher's ids mean nothing here
+            examples.append(Example(p, target, eos=len(toks) < cfg.benign_tokens, kind="benign"))
     return examples
 
 
@@ -134,10 +147,21 @@ class SFTRecipe:
     def __init__(self, cfg: SFTConfig | None = None):
         self.cfg = cfg or SFTConfig()
 
+    def for_parent(self, spec: str) -> SFTRecipe:
+        """This recipe as it applies on top of ``spec``: a pretrained-only base gets the embedded
+        default as its benign teacher when the config names none (see ``SFTConfig.benign_teacher``)."""
+        from depthlens.base_models import DEFAULT_MODEL, split_spec
+        from depthlens.families import PRETRAINED_ONLY
+
+        base, names = split_spec(spec)
+        if self.cfg.benign_teacher or names or base not in PRETRAINED_ONLY:
+            return self
+        return SFTRecipe(replace(self.cfg, benign_teacher=DEFAULT_MODEL))
+
     def config(self) -> dict:
         # core_first (harmful prompts from two categories first) was measured worse and removed
         # after v5 (docs/findings.md, code at 30b945c); it sat in every key at False, so it stays
-        return {**config_key(self.cfg, ("benign_margin", "refusal_margin")), "core_first": False}
+        return {**config_key(self.cfg, ("benign_margin", "refusal_margin", "benign_teacher")), "core_first": False}
 
     def build(self, model, workdir: Path) -> dict:
         examples, _ = cached_examples(workdir, "sft_examples", lambda: (safety_sft_examples(model, self.cfg), {}))

@@ -123,9 +123,18 @@ def autocast(model):
     return contextlib.nullcontext()
 
 
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that closes an assistant turn in the chat format (ChatML's, Llama 3's, Gemma's), else EOS."""
+    vocab = tokenizer.get_vocab()
+    return next((vocab[t] for t in END_OF_TURN if t in vocab), tokenizer.eos_token_id)
+
+
 def tokenize_examples(tokenizer, examples: Sequence[Example], max_len: int) -> list[tuple[list[int], list[int]]]:
     """(ids, loss mask) per example; the mask is 1 on response tokens (and the EOS) only."""
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token_id
+    eos = end_of_turn_id(tokenizer)
     out = []
     for ex in examples:
         resp = encode(tokenizer, ex.response) if isinstance(ex.response, str) else list(ex.response)
