@@ -97,6 +97,8 @@ class RefusalDirectionConfig(AnalysisConfig):
         seed: split, recipe and sampling seed.
         device: cpu / cuda (default: automatic).
         out: results root directory.
+        wo_opt: also build and report ``:wo-opt`` (its refusal–KL search, ≈ 20 min on the
+            organism, runs when the entry is not cached); ``--no-wo-opt`` reports the other five.
         quick: small run for smoke tests (8 prompts per set, 16 tokens, 2-step recipes, every
             layer eligible because a 2-layer test model has only layer 0 below 0.8·L); flags
             given explicitly keep their values.
@@ -132,6 +134,7 @@ class RefusalDirectionConfig(AnalysisConfig):
     seed: int = 0
     device: str | None = None
     out: str = "results"
+    wo_opt: bool = True
     quick: bool = False
 
 
@@ -183,7 +186,8 @@ def recipe_chains(cfg: RefusalDirectionConfig) -> dict[str, list]:
     cm = CountermeasureRecipe(CountermeasureConfig(n_examples=cfg.cm_examples, lr=cfg.cm_lr, seed=cfg.seed))
     return {"organism": [], "WO": [wo], "JT": [jt],
             "WO+SFT": [ComposedRecipe("wo+sft", wo, cm)], "JT+SFT": [ComposedRecipe("jt+sft", jt, cm)],
-            "WO-opt": [WOOptRecipe(ParetoConfig(seed=cfg.seed, **(_QUICK_SEARCH if cfg.quick else {})))]}
+            **({"WO-opt": [WOOptRecipe(ParetoConfig(seed=cfg.seed, **(_QUICK_SEARCH if cfg.quick else {})))]}
+               if cfg.wo_opt else {})}
 
 
 def recipe_info(model) -> dict:
@@ -340,7 +344,7 @@ def run(cfg: RefusalDirectionConfig, model=None) -> RefusalDirectionResult:
     return RefusalDirectionResult(
         analysis="refusal_direction", model=cfg.model, config=asdict(cfg), seed=cfg.seed, provenance=provenance,
         metrics=metrics, timings={**timer.total(), **build_seconds},
-        tables={"side_by_side": [rows[k] for k in LABELS], "direction_scores": direction_info["scores"],
+        tables={"side_by_side": [rows[k] for k in LABELS if k in rows], "direction_scores": direction_info["scores"],
                 "candidate_norms": direction_info.get("candidates", []), "projection": projection_rows,
                 "samples": samples})
 

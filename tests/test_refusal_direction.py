@@ -155,3 +155,11 @@ def test_kl_split_separates_answered_and_over_refused_prompts():
     assert got["first_token_kl_answered"] == pytest.approx(0.1)
     none = kl_split(kl, torch.zeros(4, dtype=torch.bool))
     assert none["n_over_refused"] == 0 and none["first_token_kl_over_refused"] is None   # not measured
+
+
+def test_no_wo_opt_leaves_the_search_out_of_the_chains():
+    from analyses.refusal_direction import LABELS, RefusalDirectionConfig, recipe_chains
+
+    assert list(recipe_chains(RefusalDirectionConfig())) == list(LABELS)
+    chains = recipe_chains(RefusalDirectionConfig(wo_opt=False))
+    assert list(chains) == [label for label in LABELS if label != "WO-opt"]
