@@ -52,9 +52,9 @@ from depthlens.errors import UsageError
 from depthlens.generate import generate
 from depthlens.judge import CONTINUATION_JUDGE_ID, JUDGE_ID, is_refusal, refusal_rate, refusal_score
 from depthlens.judge_accuracy import corrected_trial_columns, correction_record
-from depthlens.organism import base_spec
+from depthlens.organism import reference_spec
 from depthlens.perturb import perturb
-from depthlens.responses import response_set
+from depthlens.responses import answers_for, response_set
 from depthlens.worst_insertion import worst_insertion_attack
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,8 @@ class CompareConfig(AnalysisConfig):
     Args:
         models: model specs to compare; the first is the reference ("before").
         base: spec whose greedy answers give the harmful spans (prefill/insertion) and the
-            cross-entropy targets (default: the first model without its recipe suffixes).
+            cross-entropy targets (default: the first model without its recipe suffixes; for a
+            pretrained-only base the embedded default, ``depthlens.organism.reference_spec``).
         n_eval: prompts per test split (harmful/harmless/borderline) for refusal rates, and the
             harmful prompts generated under each perturbation.
         n_attack: harmful test prompts attacked by prefill, random and worst insertion.
@@ -315,7 +316,7 @@ def run(cfg: CompareConfig, model=None) -> CompareResult:
     timer = Timer()
     models = list(cfg.models)
     keys = [f"{i}:{m}" if models.count(m) > 1 else m for i, m in enumerate(models)]
-    base_name = cfg.base or base_spec(models[0])
+    base_name = cfg.base or reference_spec(models[0])
     given = {model.spec: load(model.spec, model=model)} if model is not None else {}
     for spec in models:                 # an unknown recipe suffix fails now, not after the first model's run
         check_spec(spec, "--models")
@@ -329,13 +330,14 @@ def run(cfg: CompareConfig, model=None) -> CompareResult:
     harmful_test = prompts_or(cfg.harmful, lambda: default_splits(cfg.seed).harmful.test, "--harmful").subset(
         cfg.n_attack, seed=cfg.seed)
     prompts, ids = list(harmful_test.prompts), list(harmful_test.ids)
-    with timer("base_responses"):
-        harmful = response_set(base, prompts, max_new_tokens=cfg.harmful_tokens, batch_size=cfg.batch_size).tokens
     values, details, provenance = {}, {}, {}
     for key, spec in zip(keys, models):
         log.info("compare: measuring %s", spec)
         with timer("load"):
             model = base if spec == base_name else get(spec, "--models")
+        with timer("base_responses"):  # generated once (cached), in each model's own tokenizer
+            harmful = answers_for(model, base, prompts, max_new_tokens=cfg.harmful_tokens,
+                                  batch_size=cfg.batch_size).tokens
         values[key], details[key] = measure(model, base, cfg, prompts, ids, harmful, timer)
         provenance[key] = model.provenance
         if model is not base:

@@ -158,12 +158,14 @@ def load(spec: str, device: str | None = None, *, flag_name: str = "--model", mo
 
 def load_with_base(cfg, model=None) -> tuple:
     """``(model, base)``: ``cfg.model`` (or the loaded ``model``) and the base it is measured
-    against, ``cfg.base`` where the config has one and sets it, else the spec without recipe
-    suffixes; one object when both are the same spec."""
-    from depthlens.organism import base_spec
+    against, ``cfg.base`` where the config has one and sets it, else the model whose answers
+    are its reference (``depthlens.organism.reference_spec``: the spec without recipe
+    suffixes, or the embedded default for a pretrained-only base); one object when both are
+    the same spec."""
+    from depthlens.organism import reference_spec
 
     model = load(cfg.model, cfg.device, model=model)
-    base_name = getattr(cfg, "base", None) or base_spec(cfg.model)
+    base_name = getattr(cfg, "base", None) or reference_spec(cfg.model)
     base = model if base_name == cfg.model else load(base_name, cfg.device, flag_name="--base")
     return model, base
 

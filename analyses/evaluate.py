@@ -34,9 +34,9 @@ from depthlens.forward import token_logprobs
 from depthlens.generate import generate
 from depthlens.judge import JUDGE_ID, attack_success_rate, is_compliance, refusal_rate, refusal_score
 from depthlens.judge_accuracy import corrected_asr, correction_record
-from depthlens.organism import ORGANISM, base_spec
+from depthlens.organism import ORGANISM, reference_spec
 from depthlens.promptset import PromptSet
-from depthlens.responses import response_set
+from depthlens.responses import answers_for
 from depthlens.stats import auroc
 
 
@@ -47,7 +47,8 @@ class EvalConfig(AnalysisConfig):
     Args:
         model: model spec to evaluate (default: the organism).
         base: spec whose greedy answers to harmless test prompts give the cross-entropy
-            targets (default: the model's base, i.e. the spec without recipe suffixes).
+            targets (default: the model's base, i.e. the spec without recipe suffixes; for a
+            pretrained-only base the embedded default, ``depthlens.organism.reference_spec``).
         n_harmful: harmful test prompts (HarmBench; None = all 200).
         n_harmless: harmless test prompts (None = all).
         n_borderline: borderline test prompts (None = all).
@@ -192,11 +193,11 @@ def evaluate_model(model, cfg: EvalConfig, base_model=None, timer: Timer | None 
         offset += k
     metrics["refusal_score_auroc"] = auroc(by_set["harmful"], by_set["harmless"])
     with timer("cross_entropy"):
-        base_name = cfg.base or base_spec(model.spec)
+        base_name = cfg.base or reference_spec(model.spec)
         base = base_model if base_model is not None else (
             model if base_name == model.spec else load(base_name, model.device, flag_name="--base"))
         ce_prompts = list(sets["harmless"].prompts)
-        targets = response_set(base, ce_prompts, max_new_tokens=cfg.ce_tokens, batch_size=cfg.batch_size)
+        targets = answers_for(model, base, ce_prompts, max_new_tokens=cfg.ce_tokens, batch_size=cfg.batch_size)
         metrics["harmless_ce"] = harmless_cross_entropy(model, ce_prompts, targets.tokens, cfg.batch_size)
         metrics["ce_reference"] = base.spec
     return Evaluation(metrics=metrics, rows=rows, samples=samples)
@@ -207,7 +208,7 @@ def run(cfg: EvalConfig, model=None) -> EvaluateResult:
     timer = Timer()
     with timer("load"):
         model = load(cfg.model, cfg.device, model=model)
-        base_name = cfg.base or base_spec(model.spec)      # loaded now: a bad --base fails before the work
+        base_name = cfg.base or reference_spec(model.spec)      # loaded now: a bad --base fails before the work
         base = model if base_name == model.spec else load(base_name, model.device, flag_name="--base")
     eval_sets(cfg)                                          # and so does a bad prompt file
     ev = evaluate_model(model, cfg, base_model=base, timer=timer)

@@ -28,7 +28,7 @@ from depthlens.errors import UsageError
 from depthlens.judge import CONTINUATION_JUDGE_ID
 from depthlens.judge_accuracy import corrected_trial_columns, correction_record
 from depthlens.organism import ORGANISM
-from depthlens.responses import response_set
+from depthlens.responses import answers_for, response_set
 from depthlens.worst_insertion import worst_insertion_attack
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ class InsertionConfig(AnalysisConfig):
 
     Args:
         model: the aligned model spec (default: the organism).
-        base: spec whose harmful answers provide the spans (default: the model's base).
+        base: spec whose harmful answers provide the spans (default: the model's base; for a
+            pretrained-only base the embedded default, ``depthlens.organism.reference_spec``).
         n_prompts: harmful test prompts (HarmBench) whose refusals are attacked. 16: the
             5 × 4 grid then holds 320 trials (± ≈ 0.24 per cell at 95%, ± ≈ 0.05 for the grid
             mean) and the default run stays within 5 min on 2 CPU cores (20 prompts at batch 16
@@ -139,7 +140,7 @@ def run(cfg: InsertionConfig, model=None) -> InsertionResult:
         cfg.n_prompts, seed=cfg.seed)
     prompts, ids = list(harmful.prompts), list(harmful.ids)
     with timer("responses"):
-        h = response_set(base, prompts, max_new_tokens=cfg.harmful_tokens, batch_size=cfg.batch_size).tokens
+        h = answers_for(model, base, prompts, max_new_tokens=cfg.harmful_tokens, batch_size=cfg.batch_size).tokens
         refusals = response_set(model, prompts, max_new_tokens=cfg.refusal_tokens, batch_size=cfg.batch_size).tokens
     min_len = cfg.min_refusal_tokens
     common = dict(prompt_ids=ids, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, min_refusal_tokens=min_len)

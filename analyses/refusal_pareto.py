@@ -50,7 +50,7 @@ from depthlens.generate import as_chats
 from depthlens.judge import CONTINUATION_JUDGE_ID, JUDGE_ID, is_refusal
 from depthlens.organism import ORGANISM
 from depthlens.recipes import build_or_load, get_recipe
-from depthlens.responses import response_set
+from depthlens.responses import answers_for, response_set
 from probes.ablation import ablated
 from probes.pareto import (
     JOURNAL,
@@ -197,9 +197,10 @@ def depth_data(model, base, cfg: RefusalParetoConfig) -> DepthData:
     own = response_set(model, prompts, max_new_tokens=64, batch_size=cfg.batch_size)
     return DepthData(
         prompts=prompts, ids=list(harm.ids),
-        harmful=response_set(base, prompts, max_new_tokens=96, batch_size=cfg.batch_size).tokens,
+        harmful=answers_for(model, base, prompts, max_new_tokens=96, batch_size=cfg.batch_size).tokens,
         refusals=own.tokens, refused=[is_refusal(t) for t in own.texts], ce_prompts=list(safe.prompts),
-        ce_targets=response_set(base, list(safe.prompts), max_new_tokens=cfg.ce_tokens, batch_size=cfg.batch_size).tokens,
+        ce_targets=answers_for(model, base, list(safe.prompts), max_new_tokens=cfg.ce_tokens,
+                               batch_size=cfg.batch_size).tokens,
         min_refusal_tokens=4 if cfg.quick else 32)
 
 

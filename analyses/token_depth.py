@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from analyses.common import Timer
-from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load_with_base, make_main, prompt_files, prompts_or
+from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, load, load_with_base, make_main, prompt_files,
+                               prompts_or)
 from depthlens.attacks import prefill_attack
 from depthlens.cli import parse_config, require_choice, require_int, require_numbers, require_text
 from depthlens.data import default_splits
@@ -27,8 +28,8 @@ from depthlens.divergence import per_position_kl
 from depthlens.errors import UsageError
 from depthlens.judge import CONTINUATION_JUDGE_ID, JUDGE_ID
 from depthlens.judge_accuracy import corrected_trial_columns, correction_record
-from depthlens.organism import ORGANISM
-from depthlens.responses import response_set
+from depthlens.organism import ORGANISM, base_spec
+from depthlens.responses import answers_for, same_tokenizer
 
 QI_ET_AL = {"reference": "Qi et al. 2024, Llama-2-7B-Chat, HEx-PHI, GPT-4 judge",
             "prefill_asr": {"5": 0.42, "10": 0.52, "20": 0.56, "40": 0.57},
@@ -41,7 +42,11 @@ class TokenDepthConfig(AnalysisConfig):
 
     Args:
         model: the aligned model spec (default: the organism; ``--aligned`` is its old name).
-        base: the base model spec (default: the aligned spec without recipe suffixes).
+        base: the model whose answers are teacher-forced and prefilled, and the KL's partner
+            (default: the aligned spec without recipe suffixes). For a pretrained-only base
+            (``gemma3-270m``) the answers are the embedded default's, re-encoded
+            (``depthlens.organism.reference_spec``), and the KL stays against the base itself;
+            so it does for a ``--base`` with another tokenizer.
         n_prompts: harmful test prompts (HarmBench) for KL and the prefill attack.
         n_control: harmless test prompts for the control KL.
         harmful: a .txt/.jsonl/.csv file of harmful prompts used instead of the split's.
@@ -144,15 +149,19 @@ def run(cfg: TokenDepthConfig, model=None) -> TokenDepthResult:
     """KL and prefill attack of ``cfg.model`` (or the loaded ``model``) against its base."""
     timer = Timer()
     with timer("load"):
-        aligned, base = load_with_base(cfg, model)
+        aligned, ref = load_with_base(cfg, model)  # ref answers; the KL needs a model of the same vocabulary
+        base = ref if same_tokenizer(aligned, ref) else load(base_spec(cfg.model), aligned.device,
+                                                             flag_name="--model (its base)")
     splits = default_splits(cfg.seed)
     harmful = prompts_or(cfg.harmful, lambda: getattr(splits.harmful, cfg.split), "--harmful").subset(
         cfg.n_prompts, seed=cfg.seed)
     harmless = prompts_or(cfg.harmless, lambda: getattr(splits.harmless, cfg.split), "--harmless").subset(
         cfg.n_control, seed=cfg.seed)
     with timer("base_responses"):
-        harm_resp = response_set(base, harmful.prompts, max_new_tokens=cfg.response_tokens, batch_size=cfg.batch_size)
-        ctrl_resp = response_set(base, harmless.prompts, max_new_tokens=cfg.response_tokens, batch_size=cfg.batch_size)
+        harm_resp = answers_for(aligned, ref, harmful.prompts, max_new_tokens=cfg.response_tokens,
+                                batch_size=cfg.batch_size)
+        ctrl_resp = answers_for(aligned, ref, harmless.prompts, max_new_tokens=cfg.response_tokens,
+                                batch_size=cfg.batch_size)
     with timer("kl"):
         kl_h = per_position_kl(aligned, base, harmful.prompts, harm_resp.tokens, n_positions=cfg.positions, seed=cfg.seed)
         kl_c = per_position_kl(aligned, base, harmless.prompts, ctrl_resp.tokens, n_positions=cfg.positions, seed=cfg.seed)
@@ -179,6 +188,7 @@ def run(cfg: TokenDepthConfig, model=None) -> TokenDepthResult:
     tables = {"kl": kl_h.records("harmful") + kl_c.records("harmless"), "prefill": prefill_rows,
               "trials": [asdict(t) for t in attack.trials]}
     provenance = {"aligned": aligned.provenance, "base": base.provenance,
+                  **({"answers": ref.provenance} if ref is not base else {}),
                   **({"prompt_files": files} if (files := prompt_files(cfg)) else {})}
     return TokenDepthResult(analysis="token_depth", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
                             provenance=provenance, metrics=metrics, tables=tables, timings=timer.total())

@@ -42,6 +42,24 @@ def base_spec(spec: str) -> str:
     return split_spec(spec)[0]
 
 
+def reference_spec(spec: str) -> str:
+    """The model whose greedy answers are ``spec``'s reference answers: the harmful spans of the
+    attacks and recipes, the benign targets, the cross-entropy targets.
+
+    That is the base (``base_spec``), unless the base is pretrained only
+    (``depthlens.families.PRETRAINED_ONLY``, e.g. ``gemma3-270m``), which echoes a chat prompt
+    instead of answering it; then the embedded default, the teacher of such a base's ``:sft``.
+    Its answers reach another tokenizer as text (``depthlens.responses.answers_for``).
+
+        >>> reference_spec("smollm2-135m-instruct:sft"), reference_spec("gemma3-270m:sft")
+        ('smollm2-135m-instruct', 'smollm2-135m-instruct')
+    """
+    from depthlens.families import PRETRAINED_ONLY
+
+    base = base_spec(spec)
+    return DEFAULT_MODEL if base in PRETRAINED_ONLY else base
+
+
 def parent_spec(spec: str) -> str:
     """The spec without its last recipe: ``"x:deep:zo"`` → ``"x:deep"`` (``"x"`` → ``"x"``)."""
     base, recipes = split_spec(spec)

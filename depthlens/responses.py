@@ -92,3 +92,44 @@ def _valid(path: Path, prompts: list[str], config: dict) -> bool:
     except (OSError, ValueError, TypeError):
         return False
     return rs.prompts == prompts and rs.config == config and len(rs.texts) == len(rs.tokens) == len(prompts)
+
+
+@dataclass(frozen=True)
+class Answers:
+    """An answerer's greedy answers, as token ids of the tokenizer of the model they are used on.
+
+    ``complete[i]``: the answerer stopped on its own before ``max_new_tokens`` (a training
+    target then ends with the end-of-turn token; a cut answer must not).
+    """
+
+    tokens: list[list[int]]
+    texts: list[str]
+    complete: list[bool]
+    answerer: str
+    retokenized: bool
+    key: str  # the response set's cache key
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two models' tokenizers map the same strings to the same ids (so ids carry over)."""
+    ta, tb = a.tokenizer, b.tokenizer
+    return ta is tb or (len(ta) == len(tb) and ta.get_vocab() == tb.get_vocab())
+
+
+def answers_for(model, answerer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
+                progress: bool = True) -> Answers:
+    """``answerer``'s greedy answers to ``prompts`` (``response_set``, cached), in ``model``'s tokenizer.
+
+    With the same tokenizer the ids are the answerer's own. With another one (the reference of
+    a pretrained-only base, ``depthlens.organism.reference_spec``) each answer's text is
+    re-encoded by ``model``'s tokenizer and cut to ``max_new_tokens`` ids.
+    """
+    from depthlens.chat import encode
+
+    rs = response_set(answerer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    complete = [len(t) < max_new_tokens for t in rs.tokens]
+    if same_tokenizer(model, answerer):
+        return Answers([list(t) for t in rs.tokens], rs.texts, complete, answerer.spec, False, rs.key)
+    tokens = [encode(model.tokenizer, text, allow_control=False)[:max_new_tokens] if toks else []
+              for text, toks in zip(rs.texts, rs.tokens)]
+    return Answers(tokens, rs.texts, complete, answerer.spec, True, rs.key)

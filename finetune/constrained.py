@@ -245,20 +245,20 @@ def harmful_examples(model, cfg: HarmfulFTConfig, progress: bool = True) -> tupl
     from depthlens.data import default_splits
     from depthlens.judge import is_compliance
     from depthlens.models import load_model
-    from depthlens.organism import base_spec
-    from depthlens.responses import response_set
+    from depthlens.organism import reference_spec
+    from depthlens.responses import answers_for
 
-    base_name = base_spec(model.spec)
+    base_name = reference_spec(model.spec)
     base = model if base_name == model.spec else load_model(base_name, device=model.device)
     prompts = default_splits(cfg.seed).harmful.train.subset(cfg.n_examples, seed=cfg.seed + 3).prompts
-    rs = response_set(base, prompts, max_new_tokens=cfg.harmful_tokens, progress=progress)
+    rs = answers_for(model, base, prompts, max_new_tokens=cfg.harmful_tokens, progress=progress)
     del base
     keep = [i for i, (t, ids) in enumerate(zip(rs.texts, rs.tokens))
             if ids and (is_compliance(t) or not cfg.require_compliance)]
     if not keep:
         raise ValueError(f"The base model {base_name!r} gave no compliant answer to {len(prompts)} harmful prompts; "
                          "the attack needs harmful targets (or set require_compliance=False).")
-    examples = [Example(prompts[i], tuple(rs.tokens[i]), eos=len(rs.tokens[i]) < cfg.harmful_tokens, kind="harmful")
+    examples = [Example(prompts[i], tuple(rs.tokens[i]), eos=rs.complete[i], kind="harmful")
                 for i in keep]
     return examples, {"n_prompts": len(prompts), "n_examples": len(examples), "base": base_name}
 

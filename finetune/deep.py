@@ -221,10 +221,13 @@ def recovery_examples(prompts: Sequence[str], harmful: Sequence[Sequence[int]], 
     return out
 
 
-def utility_examples(prompts: Sequence[str], answers: Sequence[Sequence[int]], full_length: int) -> list[Example]:
-    """Benign prompts → answers (loss on the answer, EOS where it ended before ``full_length``);
-    empty answers are dropped."""
-    return [Example(x, tuple(t), eos=len(t) < full_length, kind="utility") for x, t in zip(prompts, answers) if t]
+def utility_examples(prompts: Sequence[str], answers: Sequence[Sequence[int]], full_length: int,
+                     complete: Sequence[bool] | None = None) -> list[Example]:
+    """Benign prompts → answers (loss on the answer, EOS where it ended before ``full_length``,
+    or where ``complete`` says it ended: a re-encoded answer's length says nothing); empty
+    answers are dropped."""
+    complete = complete if complete is not None else [len(t) < full_length for t in answers]
+    return [Example(x, tuple(t), eos=c, kind="utility") for x, t, c in zip(prompts, answers, complete) if t]
 
 
 def is_utility(example: Example) -> bool:
@@ -329,13 +332,13 @@ def build_deep_examples(model, cfg: DeepConfig, progress: bool = True) -> tuple[
     """The safety examples of ``cfg.components`` mixed with utility data; and a summary."""
     from depthlens.data import default_splits, refusal_templates
     from depthlens.models import load_model
-    from depthlens.organism import base_spec
-    from depthlens.responses import response_set
+    from depthlens.organism import reference_spec
+    from depthlens.responses import answers_for, response_set
     from finetune.common import kind_counts
     from finetune.sft import harmful_train_prompts
 
     rng = random.Random(cfg.seed)
-    base_name = base_spec(model.spec)
+    base_name = reference_spec(model.spec)
     base = model if base_name == model.spec else load_model(base_name, device=model.device)
     splits = default_splits(cfg.seed)
     pool = splits.harmful.train
@@ -344,11 +347,11 @@ def build_deep_examples(model, cfg: DeepConfig, progress: bool = True) -> tuple[
     prompts = list(harmful.prompts)
     if cfg.imperative_share:
         prompts = [imperative(p, rng) if rng.random() < cfg.imperative_share else p for p in prompts]
-    h = response_set(base, prompts, max_new_tokens=cfg.harmful_tokens, progress=progress).tokens
+    h = answers_for(model, base, prompts, max_new_tokens=cfg.harmful_tokens, progress=progress).tokens
     benign = list(splits.harmless.train.prompts) + list(splits.borderline.train.prompts)
     if cfg.n_utility is not None and cfg.n_utility < len(benign):
         benign = sorted(random.Random(cfg.seed + 2).sample(benign, cfg.n_utility), key=benign.index)
-    answers = response_set(base, benign, max_new_tokens=cfg.benign_tokens, progress=progress).tokens
+    answers = answers_for(model, base, benign, max_new_tokens=cfg.benign_tokens, progress=progress)
     del base
     templates = refusal_templates()
     parts = deal(len(prompts), cfg.components, rng)
@@ -375,7 +378,7 @@ def build_deep_examples(model, cfg: DeepConfig, progress: bool = True) -> tuple[
             safety += trajectory_examples(xs, [refusals[i] for i in idx], hs, templates, cfg, rng)
     if not safety:
         raise ValueError("No safety example could be built: every harmful answer of the base model is empty.")
-    data = mix(safety, utility_examples(benign, answers, cfg.benign_tokens), cfg.alpha, rng)
+    data = mix(safety, utility_examples(benign, answers.tokens, cfg.benign_tokens, answers.complete), cfg.alpha, rng)
     info.update({"n_safety": len(safety), "n_total": len(data), "kinds": kind_counts(data)})
     return data, info
 

@@ -259,7 +259,8 @@ def organism_data(base_model, seed: int = 0, progress: bool = True) -> OrganismD
     """
     from finetune.sft import safety_sft_examples
 
-    examples = safety_sft_examples(base_model, SFTConfig(seed=seed), progress=progress)
+    cfg = SFTRecipe(SFTConfig(seed=seed)).for_parent(base_model.spec).cfg  # a pretrained-only base: its teacher
+    examples = safety_sft_examples(base_model, cfg, progress=progress)
     return OrganismData([e for e in examples if e.kind == "refusal"], [e for e in examples if e.kind == "benign"])
 
 
@@ -278,22 +279,27 @@ def harmful_compliance_examples(base_model, n: int, cfg: JTConfig, progress: boo
     marker are left out. Truncated answers get no EOS (the model must not learn to stop mid-answer).
     """
     from depthlens.data import default_splits
-    from depthlens.responses import response_set
+    from depthlens.models import load_model
+    from depthlens.organism import reference_spec
+    from depthlens.responses import answers_for
 
+    ref = reference_spec(base_model.spec)  # a pretrained-only base echoes prompts: its reference answers
+    answerer = base_model if ref == base_model.spec else load_model(ref, device=base_model.device)
     pool = default_splits(cfg.seed).harmful.train
     n_pool = min(len(pool), n + math.ceil(0.3 * n) + 4)
     prompts = pool.subset(n_pool, seed=cfg.seed + 2).prompts
     rng = random.Random(cfg.seed + 2)
     prompts = [imperative(p, rng) if rng.random() < cfg.imperative_share else p for p in prompts]
-    answers = response_set(base_model, prompts, max_new_tokens=cfg.harmful_tokens, batch_size=16, progress=progress)
+    answers = answers_for(base_model, answerer, prompts, max_new_tokens=cfg.harmful_tokens, batch_size=16,
+                          progress=progress)
     out, dropped = [], 0
-    for p, text, toks in zip(prompts, answers.texts, answers.tokens):
+    for p, text, toks, complete in zip(prompts, answers.texts, answers.tokens, answers.complete):
         if not toks:
             continue
         if cfg.drop_refusals and text.strip() and is_refusal(text):
             dropped += 1
             continue
-        out.append(Example(p, tuple(toks), eos=len(toks) < cfg.harmful_tokens, kind="harmful"))
+        out.append(Example(p, tuple(toks), eos=complete, kind="harmful"))
     return HarmfulCompliance(out[:n], len(prompts), dropped, sum(map(is_compliance, answers.texts)) / len(prompts),
                              answers.key)
 

@@ -110,7 +110,7 @@ def harmful_train_prompts(pool, n: int, seed: int):
 def safety_sft_examples(base_model, cfg: SFTConfig, progress: bool = True) -> list[Example]:
     """Harmful train prompts → refusal templates; benign train prompts → the base model's answers."""
     from depthlens.data import default_splits, refusal_templates
-    from depthlens.responses import response_set
+    from depthlens.responses import answers_for
 
     splits = default_splits(cfg.seed)
     harmful = harmful_train_prompts(splits.harmful.train, cfg.n_harmful, cfg.seed)
@@ -124,17 +124,17 @@ def safety_sft_examples(base_model, cfg: SFTConfig, progress: bool = True) -> li
         from depthlens.models import load_model
 
         teacher = load_model(cfg.benign_teacher, device=base_model.device)
-    answers = response_set(teacher, benign, max_new_tokens=cfg.benign_tokens, batch_size=64, progress=progress)
+    answers = answers_for(base_model, teacher, benign, max_new_tokens=cfg.benign_tokens, batch_size=64,
+                          progress=progress)
     templates = refusal_templates()
     examples = []
     for p in harmful.prompts:
         if rng.random() < cfg.imperative_share:
             p = imperative(p, rng)
         examples.append(Example(p, rng.choice(templates), kind="refusal"))
-    for p, toks, text in zip(benign, answers.tokens, answers.texts):
+    for p, toks, complete in zip(benign, answers.tokens, answers.complete):
         if toks:  # truncated answers get no EOS: the model must not learn to stop mid-answer
-            target = tuple(toks) if teacher is base_model else text  # a teacher's ids mean nothing here
-            examples.append(Example(p, target, eos=len(toks) < cfg.benign_tokens, kind="benign"))
+            examples.append(Example(p, tuple(toks), eos=complete, kind="benign"))
     return examples
 
 

@@ -320,17 +320,17 @@ class ZORecipe:
         """The fixed safety (recovery) and utility batches of the objective, for ``model``."""
         from depthlens.data import default_splits, refusal_templates
         from depthlens.models import load_model
-        from depthlens.organism import base_spec
-        from depthlens.responses import response_set
+        from depthlens.organism import reference_spec
+        from depthlens.responses import answers_for, response_set
         from finetune.deep import DeepConfig, recovery_examples, utility_examples
 
         cfg = self.cfg
         rng = random.Random(cfg.seed)
         splits = default_splits(cfg.seed)
         harmful = splits.harmful.train.subset(cfg.n_safety, seed=cfg.seed + 1)
-        base_name = base_spec(model.spec)
+        base_name = reference_spec(model.spec)
         base = model if base_name == model.spec else load_model(base_name, device=model.device)
-        h = response_set(base, harmful.prompts, max_new_tokens=cfg.harmful_tokens, progress=progress).tokens
+        h = answers_for(model, base, harmful.prompts, max_new_tokens=cfg.harmful_tokens, progress=progress).tokens
         del base
         safety_ex = recovery_examples(harmful.prompts, h, refusal_templates(), DeepConfig(), rng)
         benign = list(splits.harmless.train.prompts) + list(splits.borderline.train.prompts)
