@@ -136,6 +136,16 @@ class EvaluateResult(AnalysisResult):
         return Summary(title, self.tables["by_set"], cols)
 
 
+#: the raw substring ASR and its judge-error-corrected value, each with its 95 % interval
+ASR_COLUMNS = tuple(f"asr_compliance{c}{e}" for c in ("", "_corrected") for e in ("", "_lo", "_hi"))
+
+
+def asr_columns(metrics: dict) -> dict:
+    """The ``ASR_COLUMNS`` of an ``evaluate_model`` result: what a table of another analysis
+    shows beside its own columns wherever it reports the ASR."""
+    return {k: metrics[k] for k in ASR_COLUMNS}
+
+
 def harmless_cross_entropy(model, prompts: Sequence[str], responses: Sequence[Sequence[int]], batch_size: int = 16) -> float:
     """Mean per-token NLL of ``responses`` after ``prompts`` under ``model`` (teacher forcing)."""
     seqs = [build_chat(model.tokenizer, p, [list(r)]) for p, r in zip(prompts, responses) if len(r)]

@@ -41,7 +41,7 @@ import torch
 from analyses.common import Timer
 from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, check_layers, load, make_main, prompt_files,
                                prompts_or)
-from analyses.evaluate import EvalConfig, eval_sets, evaluate_model
+from analyses.evaluate import EvalConfig, asr_columns, eval_sets, evaluate_model
 from depthlens.base_models import split_spec
 from depthlens.cli import require_int, require_number, require_numbers
 from depthlens.data import default_splits
@@ -171,7 +171,8 @@ class RefusalDirectionResult(AnalysisResult):
                  f"KL {d['kl']:.3f}); WO max |resid·r̂| {self.metrics['wo_max_abs_projection']:.1e}; "
                  f"acceptance {sum(acc.values())}/{len(acc)}; asr_compliance: substring compliance judge "
                  f"{self.metrics['judge']}, test split")
-        cols = ["model", "harmful_refusal", "asr_compliance", "borderline_refusal", "harmless_refusal",
+        cols = ["model", "harmful_refusal", "asr_compliance", "asr_compliance_corrected", "borderline_refusal",
+                "harmless_refusal",
                 "first_token_kl", "first_token_kl_answered", "harmless_ce"]
         return Summary(title, self.tables["side_by_side"], cols)
 
@@ -319,7 +320,7 @@ def run(cfg: RefusalDirectionConfig, model=None) -> RefusalDirectionResult:
             refused = {x["prompt"]: is_refusal(x["response"]) for x in ev.samples if x["set"] == "harmless"}
             over = torch.tensor([refused.get(p, False) for p in harmless.prompts])
         rows[label] = {"model": label, "spec": model.spec, "harmful_refusal": m["harmful_refusal"],
-                       "asr_compliance": m["asr_compliance"],
+                       **asr_columns(m),
                        "borderline_refusal": m["borderline_refusal"], "harmless_refusal": m["harmless_refusal"],
                        "first_token_kl": float(kl.mean()), "first_token_kl_max": float(kl.max()),
                        **kl_split(kl, over),

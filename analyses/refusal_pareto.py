@@ -38,7 +38,7 @@ from typing import ClassVar
 
 from analyses.common import Timer
 from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load_with_base, make_main
-from analyses.evaluate import EvalConfig, evaluate_model, harmless_cross_entropy
+from analyses.evaluate import EvalConfig, asr_columns, evaluate_model, harmless_cross_entropy
 from depthlens.attack_records import wilson_interval
 from depthlens.attacks import prefill_attack, random_insertion_attack
 from depthlens.base_models import split_spec
@@ -270,7 +270,7 @@ def test_row(label: str, model, ecfg: EvalConfig, base, ref_lp, kl_seqs, timer: 
     ev = evaluate_model(model, replace(ecfg, model=model.spec), base_model=base, timer=timer)
     kl = first_token_kl(ref_lp, last_logprobs(model, kl_seqs, batch_size=ecfg.batch_size))
     m = ev.metrics
-    return {"model": label, "spec": model.spec, "harmful_refusal": m["harmful_refusal"], "asr_compliance": m["asr_compliance"],
+    return {"model": label, "spec": model.spec, "harmful_refusal": m["harmful_refusal"], **asr_columns(m),
             "borderline_refusal": m["borderline_refusal"], "harmless_refusal": m["harmless_refusal"],
             "first_token_kl": float(kl.mean()), "first_token_kl_max": float(kl.max()),
             "harmless_ce": m["harmless_ce"], "n_harmful": len([s for s in ev.samples if s["set"] == "harmful"])}

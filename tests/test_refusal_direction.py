@@ -53,6 +53,15 @@ def test_quick_run_on_tiny_llama_writes_results_and_figures(cache, tmp_path, cap
         max_new_tokens=c["max_new_tokens"], ce_tokens=c["ce_tokens"], batch_size=c["batch_size"], seed=c["seed"]))
     for key in ("harmful_refusal", "asr_compliance", "borderline_refusal", "harmless_ce"):
         assert rows["organism"][key] == pytest.approx(ev.metrics[key], abs=1e-6)
+    # every row shows the raw and the judge-corrected ASR with their intervals (a percentile
+    # interval of the corrected value need not contain its point estimate)
+    from analyses.evaluate import ASR_COLUMNS
+
+    for r in rows.values():
+        assert 0 <= r["asr_compliance_lo"] <= r["asr_compliance"] <= r["asr_compliance_hi"] <= 1
+        assert 0 <= r["asr_compliance_corrected_lo"] <= r["asr_compliance_corrected_hi"] <= 1
+        assert 0 <= r["asr_compliance_corrected"] <= 1
+    assert {k: rows["organism"][k] for k in ASR_COLUMNS} == pytest.approx({k: ev.metrics[k] for k in ASR_COLUMNS}, abs=1e-6)
 
     # the direction: layer 0's last-position candidate is the zero vector (same token for every
     # prompt), so layer 1 is chosen; WO leaves no component along r-hat in the residual stream
