@@ -387,3 +387,15 @@ def test_compare_labels_name_the_judge_of_every_rate():
     assert cats[4] == "random-insertion ASR [harmful-continuation judge] (↓)"
     assert list(figs["scores"].data[0].x) == ["refusal score under int4 (↑)"]
     assert "test" in figs["rates"].layout.title.text
+
+
+def test_compare_rates_grow_with_the_longest_measure_name():
+    from figures.builders.compare import compare_figures
+
+    def height(label):
+        rows = [{"measure": "harmful_refusal", "label": label, "better": "higher", "a": 0.5, "b": 0.2}]
+        return compare_figures(_record("compare", "r1", tables={"table": rows}, metrics={"models": ["a", "b"]})
+                               )["rates"].layout.height
+
+    short, long = height("refusal"), height("random-insertion ASR, harmful continuation, judge-corrected")
+    assert long > short  # the upright names get the room they need instead of running off the image

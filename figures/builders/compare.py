@@ -45,8 +45,11 @@ def _value(v) -> float:
 def _bars(rows: list[dict], models: list[str], ylabel: str, title: str):
     labels = [_label(r) for r in rows]
     series = {m: [_value(r.get(m)) for r in rows] for m in models}
+    # the measure names stand upright under their bars: the plot grows with the longest one
+    # (≈ 0.08 in a character at the theme's font), so no name is cut and none runs into the axis title
+    longest = max((len(label) for label in labels), default=0)
     return grouped_bars(labels, series, xlabel="measure (arrow: better direction)", ylabel=ylabel, title=title,
-                        width="double", height_in=3.6 if len(rows) > 8 else 2.8)
+                        width="double", height_in=max(3.6 if len(rows) > 8 else 2.8, 2.0 + 0.08 * longest))
 
 
 @register("compare")
