@@ -60,6 +60,13 @@ def reference_spec(spec: str) -> str:
     return DEFAULT_MODEL if base in PRETRAINED_ONLY else base
 
 
+def load_reference(model) -> HookedModel:
+    """The model of ``reference_spec(model.spec)``: ``model`` itself when it is that spec, else
+    loaded on ``model``'s device (what a recipe or analysis takes reference answers from)."""
+    name = reference_spec(model.spec)
+    return model if name == model.spec else load_model(name, device=model.device)
+
+
 def parent_spec(spec: str) -> str:
     """The spec without its last recipe: ``"x:deep:zo"`` → ``"x:deep"`` (``"x"`` → ``"x"``)."""
     base, recipes = split_spec(spec)

@@ -105,7 +105,6 @@ class Answers:
     tokens: list[list[int]]
     texts: list[str]
     complete: list[bool]
-    answerer: str
     retokenized: bool
     key: str  # the response set's cache key
 
@@ -129,7 +128,7 @@ def answers_for(model, answerer, prompts: Sequence[str], *, max_new_tokens: int,
     rs = response_set(answerer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     complete = [len(t) < max_new_tokens for t in rs.tokens]
     if same_tokenizer(model, answerer):
-        return Answers([list(t) for t in rs.tokens], rs.texts, complete, answerer.spec, False, rs.key)
+        return Answers([list(t) for t in rs.tokens], rs.texts, complete, False, rs.key)
     tokens = [encode(model.tokenizer, text, allow_control=False)[:max_new_tokens] if toks else []
               for text, toks in zip(rs.texts, rs.tokens)]
-    return Answers(tokens, rs.texts, complete, answerer.spec, True, rs.key)
+    return Answers(tokens, rs.texts, complete, True, rs.key)

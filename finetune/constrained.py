@@ -244,12 +244,11 @@ def harmful_examples(model, cfg: HarmfulFTConfig, progress: bool = True) -> tupl
     """Harmful train prompts with the base model's (compliant) answers as SFT targets."""
     from depthlens.data import default_splits
     from depthlens.judge import is_compliance
-    from depthlens.models import load_model
-    from depthlens.organism import reference_spec
+    from depthlens.organism import load_reference
     from depthlens.responses import answers_for
 
-    base_name = reference_spec(model.spec)
-    base = model if base_name == model.spec else load_model(base_name, device=model.device)
+    base = load_reference(model)
+    base_name = base.spec
     prompts = default_splits(cfg.seed).harmful.train.subset(cfg.n_examples, seed=cfg.seed + 3).prompts
     rs = answers_for(model, base, prompts, max_new_tokens=cfg.harmful_tokens, progress=progress)
     del base

@@ -331,15 +331,13 @@ def mix(safety: list[Example], utility: list[Example], alpha: float, rng: random
 def build_deep_examples(model, cfg: DeepConfig, progress: bool = True) -> tuple[list[Example], dict]:
     """The safety examples of ``cfg.components`` mixed with utility data; and a summary."""
     from depthlens.data import default_splits, refusal_templates
-    from depthlens.models import load_model
-    from depthlens.organism import reference_spec
+    from depthlens.organism import load_reference
     from depthlens.responses import answers_for, response_set
     from finetune.common import kind_counts
     from finetune.sft import harmful_train_prompts
 
     rng = random.Random(cfg.seed)
-    base_name = reference_spec(model.spec)
-    base = model if base_name == model.spec else load_model(base_name, device=model.device)
+    base = load_reference(model)
     splits = default_splits(cfg.seed)
     pool = splits.harmful.train
     harmful = (harmful_train_prompts(pool, cfg.n_safety, cfg.seed + 1) if cfg.harmful_pool == "categories"

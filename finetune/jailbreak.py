@@ -279,12 +279,10 @@ def harmful_compliance_examples(base_model, n: int, cfg: JTConfig, progress: boo
     marker are left out. Truncated answers get no EOS (the model must not learn to stop mid-answer).
     """
     from depthlens.data import default_splits
-    from depthlens.models import load_model
-    from depthlens.organism import reference_spec
+    from depthlens.organism import load_reference
     from depthlens.responses import answers_for
 
-    ref = reference_spec(base_model.spec)  # a pretrained-only base echoes prompts: its reference answers
-    answerer = base_model if ref == base_model.spec else load_model(ref, device=base_model.device)
+    answerer = load_reference(base_model)  # a pretrained-only base echoes prompts: its reference answers
     pool = default_splits(cfg.seed).harmful.train
     n_pool = min(len(pool), n + math.ceil(0.3 * n) + 4)
     prompts = pool.subset(n_pool, seed=cfg.seed + 2).prompts

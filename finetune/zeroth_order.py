@@ -319,8 +319,7 @@ class ZORecipe:
     def batches(self, model, progress: bool = True) -> tuple[list[_Batch], list[_Batch]]:
         """The fixed safety (recovery) and utility batches of the objective, for ``model``."""
         from depthlens.data import default_splits, refusal_templates
-        from depthlens.models import load_model
-        from depthlens.organism import reference_spec
+        from depthlens.organism import load_reference
         from depthlens.responses import answers_for, response_set
         from finetune.deep import DeepConfig, recovery_examples, utility_examples
 
@@ -328,8 +327,7 @@ class ZORecipe:
         rng = random.Random(cfg.seed)
         splits = default_splits(cfg.seed)
         harmful = splits.harmful.train.subset(cfg.n_safety, seed=cfg.seed + 1)
-        base_name = reference_spec(model.spec)
-        base = model if base_name == model.spec else load_model(base_name, device=model.device)
+        base = load_reference(model)
         h = answers_for(model, base, harmful.prompts, max_new_tokens=cfg.harmful_tokens, progress=progress).tokens
         del base
         safety_ex = recovery_examples(harmful.prompts, h, refusal_templates(), DeepConfig(), rng)
