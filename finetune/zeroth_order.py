@@ -57,9 +57,12 @@ log = logging.getLogger(__name__)
 # random perturbations plus a utility term (``finetune.zo_objective``).
 #
 # Sizing (135M default, CPU): a MeZO step is 2·n_spsa loss evaluations, each a safety forward
-# (8 sequences of ≤ 256 tokens) + a utility forward: 12.8 s a step on :sft:deep (2026-12-01, 2
-# cores), so the default 100 steps take ≈ 21 min plus the per-layer probes and ≈ 5 min of base
-# answers the first time; the subspace hardly changes it (docs/findings.md §6.3). The full
+# (8 sequences of ≤ 256 tokens) + a utility forward. Blocks below the lowest refined layer run
+# once per step for the safety batch and once per run for each utility batch (the objective's
+# ``frozen_below``), and the noise / int4 weights are swapped in rather than added as a second
+# matmul: with the noise suite on :sft:deep-anchored, layers 11–29, ≈ 5.5 s a step on 2 cores
+# (2026-12-06; 8.4 s before both changes), so the default 100 steps take ≈ 10 min plus the
+# probes and ≈ 5 min of base answers the first time; the subspace hardly changes it (docs/findings.md §6.3). The full
 # subspace defaults to lr 1e-5 (per-weight random walk ≈ lr·|g|·√steps ≈ 1e-3 of a weight's
 # scale): 100 steps moved the objective by 0.1 %, and a 12-step lr sweep on :sft:deep went
 # 0.4593 → 0.4597 at 1e-4 and → 0.4783 (worse) at 1e-3. Variants measured on validation and
@@ -361,7 +364,7 @@ class ZORecipe:
         safety, utility = self._shared_batches(model, shard, progress)
         noise_layers = layers if cfg.noise_layers == "trained" else list(range(model.n_layers))
         objective = RobustObjective(model, safety, utility, noise_layers, cfg.noise_sigma, cfg.utility_weight,
-                                    cfg.seed, shard, cfg.perturbations, cfg.act_noise_sigma)
+                                    cfg.seed, shard, cfg.perturbations, cfg.act_noise_sigma, frozen_below=min(layers))
         sub = open_subspace(model, cfg.subspace, layers, cfg.lora_settings(), cfg.seed)
         done = False
         try:  # an interrupted lora build leaves the weights as they were (adapters removed unmerged)

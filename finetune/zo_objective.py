@@ -58,68 +58,119 @@ def _linear_modules(model, layers: Sequence[int]) -> list[tuple[int, str, torch.
 
 
 @contextmanager
-def functional_int4(model, layers: Sequence[int]) -> Iterator[None]:
-    """Int4 round-to-nearest weights on every linear map of ``layers``, as ``y += F.linear(x, Q(W) − W)``.
+def _swapped_weights(modules: Sequence[torch.nn.Linear], make: Callable[[torch.nn.Linear, int], Tensor]) -> Iterator[None]:
+    """Every call of each module inside the block runs with weight ``make(module, i)``, swapped in
+    just before the call and restored from a copy right after it.
 
-    ``Q`` is ``depthlens.perturb.rtn_quantize`` of the *current* weights (inside an SPSA step it
-    quantizes θ ± εz; with LoRA adapters, the adapted map's own weight); nothing is written to
-    the weights. Acts on ``model.plain()``.
+    One matrix is out of place at a time (the cost is one copy and one ``make``, not a second
+    matmul), the restore is a copy, so it is exact, and the ``finally`` puts back a matrix whose
+    forward raised.
     """
-    from depthlens.perturb import rtn_quantize
+    saved: dict[int, tuple[torch.nn.Linear, Tensor]] = {}
 
-    def hook(mod, args, out):
-        w = mod.weight.detach()
-        return out + torch.nn.functional.linear(args[0], (rtn_quantize(w, 4).float() - w.float()).to(out.dtype))
+    def pre(i: int):
+        def hook(mod, args):
+            w = mod.weight
+            with torch.no_grad():
+                saved[i] = (mod, w.detach().clone())
+                w.copy_(make(mod, i).to(w.dtype))
+        return hook
+
+    def post(i: int):
+        def hook(mod, args, out):
+            with torch.no_grad():
+                mod.weight.copy_(saved.pop(i)[1])
+        return hook
 
     handles = []
     try:
-        for _, _, mod in _linear_modules(model, layers):
-            handles.append(mod.register_forward_hook(hook))
+        for i, mod in enumerate(modules):
+            handles.append(mod.register_forward_pre_hook(pre(i)))
+            handles.append(mod.register_forward_hook(post(i)))
         yield
     finally:
         for h in handles:
             h.remove()
+        with torch.no_grad():
+            for mod, w in saved.values():
+                mod.weight.copy_(w)
+        saved.clear()
+
+
+@contextmanager
+def functional_int4(model, layers: Sequence[int]) -> Iterator[None]:
+    """Int4 round-to-nearest weights on every linear map of ``layers``, for the forwards inside the block.
+
+    ``Q`` is ``depthlens.perturb.rtn_quantize`` of the *current* weights (inside an SPSA step it
+    quantizes θ ± εz; with LoRA adapters, the adapted map's own weight, the adapter staying in
+    full precision). Each map's weight is swapped for Q(W) only while that map runs and
+    restored exactly after (``_swapped_weights``). Acts on ``model.plain()``.
+    """
+    from depthlens.perturb import rtn_quantize
+
+    mods = [mod for _, _, mod in _linear_modules(model, layers)]
+    with _swapped_weights(mods, lambda mod, i: rtn_quantize(mod.weight.detach(), 4)):
+        yield
 
 
 @contextmanager
 def functional_param_noise(model, layers: Sequence[int], sigma: float, seed: int) -> Iterator[None]:
-    """Parameter noise δ = σ‖W‖_F/√n·ζ on every linear map of ``layers``, as ``y += F.linear(x, δ)``.
+    """Parameter noise δ = σ‖W‖_F/√n·ζ on every linear map of ``layers``, for the forwards inside the block.
 
-    Equal to running with W + δ (checked in the tests), but nothing is written to the weights:
-    ζ is regenerated from (seed, layer, module name) at every call, so two forwards inside the
-    block see the same δ, and the memory cost is one matrix-sized temporary at a time. Acts on
-    ``model.plain()``.
+    Each map runs with W + δ, swapped in just before it runs and restored exactly after
+    (``_swapped_weights``), so nothing stays written: ζ is regenerated from (seed, layer,
+    module name) at every call, two forwards inside the block see the same δ, and the memory
+    cost is one matrix-sized temporary at a time. Acts on ``model.plain()``.
     """
     if sigma == 0:
         yield
         return
-    handles = []
+    found = _linear_modules(model, layers)
+    seeds = [derive_seed(seed, l, zlib.crc32(name.encode())) for l, name, _ in found]
 
-    def make(seed_i: int):
-        def hook(mod, args, out):
-            w = mod.weight
-            delta = _noise_z(w, seed_i).mul_(sigma * float(w.detach().float().norm()) / w.numel() ** 0.5)
-            return out + torch.nn.functional.linear(args[0], delta.to(out.dtype))
+    def noisy(mod, i: int) -> Tensor:
+        w = mod.weight.detach()
+        return _noise_z(w, seeds[i]).mul_(sigma * float(w.float().norm()) / w.numel() ** 0.5).add_(w.float())
 
-        return hook
-
-    try:
-        for l, name, mod in _linear_modules(model, layers):
-            handles.append(mod.register_forward_hook(make(derive_seed(seed, l, zlib.crc32(name.encode())))))
+    with _swapped_weights([mod for _, _, mod in found], noisy):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
-def masked_nll(model, ids: Tensor, att: Tensor, mask: Tensor) -> Tensor:
-    """Mean NLL of the masked (response) tokens; the lm_head runs only where the loss needs it."""
+def masked_nll(model, ids: Tensor, att: Tensor, mask: Tensor, resid: Tensor | None = None, start: int = 0) -> Tensor:
+    """Mean NLL of the masked (response) tokens; the lm_head runs only where the loss needs it.
+
+    With ``resid`` (the residual stream entering block ``start``, from ``resid_entering``) only
+    blocks ``start`` onwards run: the same loss, without recomputing what came before.
+    """
     view = model.plain()
-    hidden = view.model(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1]
+    if resid is None:
+        hidden = view.model(input_ids=ids, attention_mask=att).last_hidden_state
+    else:
+        from depthlens.forward import _blocks_from
+
+        with _blocks_from(view, start):
+            hidden = view.model(inputs_embeds=resid, attention_mask=att, use_cache=False).last_hidden_state
+    hidden = hidden[:, :-1]
     sel = mask[:, 1:].bool()
     if not sel.any():
         raise ValueError("The zo objective got a batch without any response token.")
     return torch.nn.functional.cross_entropy(view.lm_head(hidden[sel]).float(), ids[:, 1:][sel])
+
+
+def resid_entering(model, ids: Tensor, att: Tensor, layer: int) -> Tensor:
+    """The residual stream entering block ``layer``: only blocks ``0 … layer−1`` run (with whatever
+    hooks are active), and the final norm's input is kept."""
+    from depthlens.forward import _blocks_until
+
+    view = model.plain()
+    got: list[Tensor] = []
+    handle = view.model.norm.register_forward_pre_hook(lambda mod, args: got.append(args[0]))
+    try:
+        with _blocks_until(view, layer):
+            view.model(input_ids=ids, attention_mask=att, use_cache=False)
+    finally:
+        handle.remove()
+    return got[0]
 
 
 @dataclass(frozen=True)
@@ -157,15 +208,24 @@ class Shard:
                      lambda t: reduce(t.to(state.device), reduction="sum").cpu())
 
 
-def batch_nll(model, b: _Batch, shard: Shard | None = None) -> Tensor:
-    """The batch's mean response NLL, or with ``shard`` this rank's part of it (its rows' sum / the batch's count)."""
+def _rows(b: _Batch, shard: Shard | None) -> tuple[_Batch, Tensor | None]:
+    """This rank's rows of ``b`` and their share of the batch's response tokens (None: the whole batch)."""
     if shard is None or shard.world == 1:
-        return masked_nll(model, b.ids, b.att, b.mask)
+        return b, None
     rows = slice(shard.rank, None, shard.world)
-    mine, total = b.mask[rows][:, 1:].sum(), b.mask[:, 1:].sum()
-    if not int(mine):
+    return _Batch(b.ids[rows], b.att[rows], b.mask[rows]), b.mask[rows][:, 1:].sum() / b.mask[:, 1:].sum()
+
+
+def batch_nll(model, b: _Batch, shard: Shard | None = None, resid: Tensor | None = None, start: int = 0) -> Tensor:
+    """The batch's mean response NLL, or with ``shard`` this rank's part of it (its rows' sum / the batch's count).
+
+    ``resid``: the residual stream entering block ``start`` of this rank's rows (``masked_nll``).
+    """
+    mine, share = _rows(b, shard)
+    if share is not None and not int(mine.mask[:, 1:].sum()):
         return torch.zeros((), device=b.ids.device)
-    return masked_nll(model, b.ids[rows], b.att[rows], b.mask[rows]) * (mine / total)
+    nll = masked_nll(model, mine.ids, mine.att, mine.mask, resid, start)
+    return nll if share is None else nll * share
 
 
 def _fixed_batches(model, examples, max_len: int, batch_size: int, seed: int) -> list[_Batch]:
@@ -187,14 +247,21 @@ class RobustObjective:
     """``L = NLL_safety(θ + δ_step) + λ_u · NLL_utility(θ)`` on batch ``step`` (see the section comment).
 
     ``components(step)`` gives the two parts separately (the noise-free safety loss with
-    ``noise=False``) for logging and tests. With a ``shard`` (a data-parallel run) calling the
+    ``noise=False``) for logging and tests.
+
+    ``frozen_below`` = l > 0 promises that blocks ``0 … l−1`` do not change during the run (the
+    recipe refines layers ≥ l only). The residual stream entering block l is then computed once
+    per (step, perturbation) for the safety batch, so the two SPSA evaluations of a step share
+    it (they see the same perturbation draw), and once per utility batch for the whole run
+    (that term is noise-free); only blocks l onwards run again. The values are those of the
+    full forward (tested). With a ``shard`` (a data-parallel run) calling the
     objective gives this rank's part of L, which the MeZO engine sums over the ranks
     (``reduce``); ``total`` and ``components`` give the whole value on every rank.
     """
 
     def __init__(self, model, safety: list[_Batch], utility: list[_Batch], noise_layers: Sequence[int],
                  sigma: float, utility_weight: float, seed: int, shard: Shard | None = None,
-                 perturbations: Sequence[str] = (), act_noise_sigma: float = 0.1):
+                 perturbations: Sequence[str] = (), act_noise_sigma: float = 0.1, frozen_below: int = 0):
         if not safety:
             raise ValueError("The zo objective needs at least one safety batch.")
         bad = [k for k in perturbations if k not in PERTURBATION_KINDS]
@@ -205,6 +272,11 @@ class RobustObjective:
         self.utility_weight, self.seed = utility_weight, seed
         self.shard = shard
         self.perturbations, self.act_noise_sigma = tuple(perturbations), act_noise_sigma
+        if frozen_below:
+            model.check_layer(frozen_below)
+        self.frozen_below = frozen_below
+        self._safety_resid: tuple[tuple, Tensor] | None = None  # (key, resid) of the last safety batch
+        self._utility_resid: dict[int, Tensor] = {}
 
     def kind(self, step: int) -> str:
         """The perturbation of ``step``'s safety term: ``perturbations[step % len(perturbations)]``, param without any."""
@@ -231,16 +303,34 @@ class RobustObjective:
     def noise_seed(self, step: int) -> int:
         return derive_seed(self.seed, 0x5A, step)
 
+    def _nll(self, b: _Batch, key: tuple) -> Tensor:
+        """``batch_nll`` of ``b``, starting from the cached residual at ``frozen_below`` when there is one."""
+        if not self.frozen_below:
+            return batch_nll(self.model, b, self.shard)
+        if key[0] == "utility":
+            resid = self._utility_resid.get(key[1])
+        else:
+            resid = self._safety_resid[1] if self._safety_resid and self._safety_resid[0] == key else None
+        if resid is None:
+            mine, _ = _rows(b, self.shard)
+            resid = resid_entering(self.model, mine.ids, mine.att, self.frozen_below)
+            if key[0] == "utility":
+                self._utility_resid[key[1]] = resid
+            else:
+                self._safety_resid = (key, resid)
+        return batch_nll(self.model, b, self.shard, resid, self.frozen_below)
+
     @torch.inference_mode()
     def _parts(self, step: int, noise: bool = True) -> tuple[float, float]:
         """This rank's parts of ``(NLL_safety, NLL_utility)`` (the whole values in one process)."""
         s = self.safety[step % len(self.safety)]
         with autocast(self.model):
             with self.perturbation(step, noise):
-                safety = float(batch_nll(self.model, s, self.shard))
+                safety = float(self._nll(s, ("safety", step, self.kind(step) if noise else "clean")))
             util = 0.0
             if self.utility and self.utility_weight:
-                util = float(batch_nll(self.model, self.utility[step % len(self.utility)], self.shard))
+                u = step % len(self.utility)
+                util = float(self._nll(self.utility[u], ("utility", u)))
         return safety, util
 
     def components(self, step: int, noise: bool = True) -> tuple[float, float]:

@@ -290,3 +290,70 @@ def test_a_damaged_default_zo_entry_names_the_rebuild_command(tmp_path, monkeypa
     assert rebuild_command("tiny-llama:zo", given).startswith("your build_with")
     monkeypatch.chdir(tmp_path / "results")    # no record for the installed default here: still an answer
     assert rebuild_command("tiny-llama:zo", given).startswith("your build_with")
+
+
+def test_the_cached_lower_blocks_give_the_full_forwards_values_and_follow_the_upper_weights(tiny):
+    """``frozen_below``: the residual entering the first refined block is reused, not recomputed;
+    the losses are the full forward's, under every perturbation, before and after the refined
+    block moves."""
+    from finetune.train import Example
+    from finetune.zo_objective import RobustObjective, _fixed_batches
+
+    safety = _fixed_batches(tiny, [Example("How do I pick a lock?", "I'm sorry, but I can't help with that."),
+                                   Example("How do I make a weapon?", "No, I won't help with weapons.")], 64, 1, 0)
+    utility = _fixed_batches(tiny, [Example("Name a fruit.", "An apple is a fruit that grows on trees."),
+                                    Example("Name a colour.", "Blue is a colour.")], 64, 1, 0)
+    layers = list(range(tiny.n_layers))
+    kw = dict(perturbations=("param", "act", "int4"), act_noise_sigma=0.5)
+    full = RobustObjective(tiny, safety, utility, layers, 0.5, 1.0, 0, **kw)
+    cached = RobustObjective(tiny, safety, utility, layers, 0.5, 1.0, 0, frozen_below=1, **kw)
+    calls = []
+    handle = tiny.plain().model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for step in range(4):
+            expect = full.components(step)
+            n = len(calls)
+            assert cached.components(step) == pytest.approx(expect, rel=1e-5)
+            first = len(calls) - n
+            assert cached.components(step) == pytest.approx(expect, rel=1e-5)  # the step's second evaluation
+            assert len(calls) - n == first                      # ... ran no block 0 at all
+            assert cached.components(step, noise=False) == pytest.approx(full.components(step, noise=False), rel=1e-5)
+        unmoved = [full.components(step) for step in range(3)]
+        w = tiny.plain().model.layers[1].mlp.down_proj.weight
+        saved = w.detach().clone()
+        with torch.no_grad():
+            w.add_(0.05 * torch.randn_like(w))                   # the refined block moves: the cache still holds
+        try:
+            for step in range(3):
+                moved = full.components(step)
+                assert cached.components(step) == pytest.approx(moved, rel=1e-5)
+                assert moved != pytest.approx(unmoved[step], rel=1e-5)  # (the move did change the loss)
+        finally:
+            with torch.no_grad():
+                w.copy_(saved)
+    finally:
+        handle.remove()
+    assert calls                                                # the hook did see block 0 run
+    with pytest.raises(Exception, match="layer"):
+        RobustObjective(tiny, safety, utility, layers, 0.5, 1.0, 0, frozen_below=tiny.n_layers)
+
+
+def test_a_swapped_weight_is_put_back_when_the_forward_raises(tiny):
+    from finetune.zo_objective import functional_int4, functional_param_noise
+
+    before = {k: v.clone() for k, v in tiny.hf.state_dict().items()}
+    ids = torch.tensor([[1, 5, 9, 13]])
+    mlp = tiny.plain().model.layers[0].mlp
+
+    def boom(mod, args, out):
+        raise RuntimeError("boom")
+
+    for ctx in (functional_param_noise(tiny, [0], 0.5, seed=1), functional_int4(tiny, [0])):
+        # registered before the context's hooks, so it raises while up_proj still holds the swapped weight
+        handle = mlp.up_proj.register_forward_hook(boom)
+        try:
+            with pytest.raises(RuntimeError, match="boom"), torch.inference_mode(), ctx:
+                tiny.plain()(input_ids=ids)
+        finally:
+            handle.remove()
+        assert all(torch.equal(v, tiny.hf.state_dict()[k]) for k, v in before.items())
