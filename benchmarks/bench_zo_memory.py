@@ -34,10 +34,20 @@ algorithms in one precision. In bf16 the exact restore keeps a copy of each pert
 ``zo`` recipe avoids on CUDA by fp32 master weights of the few layers it refines
 (``--layers`` measures that family).
 
+``--objective suite`` measures the ``zo`` recipe's own step instead (``finetune.zo_objective``):
+the safety NLL under the compare noise suite (parameter noise σ 0.05 on every block, activation
+noise σ 0.1, int4 weights: three MeZO steps, one of each) plus the utility NLL, with the
+residual streams entering the lowest refined layer cached as in a run (``frozen_below``): one
+safety batch and ``--utility-batches`` utility batches (the run's steady state; the cache is
+filled inside the measured operation, so it counts). ``--params lora`` perturbs LoRA adapters
+(rank 8, α 16) of ``--layers`` instead of their matrices (AdamW then trains those adapters).
+
 Targets printed: ZO ≤ 1.2× inference, AdamW ≥ 2.5× inference.
 
     $ python benchmarks/bench_zo_memory.py                          # smollm2-135m-instruct:sft
     $ python benchmarks/bench_zo_memory.py --model tiny-llama --json zo_memory.json
+    $ python benchmarks/bench_zo_memory.py --model smollm2-135m-instruct:sft:deep-anchored \
+        --objective suite --params lora --layers 11,15,29,18,16          # issue 38's C1 step
 """
 
 from __future__ import annotations
@@ -68,8 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     ap.add_argument("--response-len", type=int, default=48, help="last tokens of each sequence that carry the loss")
-    ap.add_argument("--params", choices=("matrices", "all"), default="matrices",
-                    help="parameters ZO perturbs and AdamW trains")
+    ap.add_argument("--params", choices=("matrices", "all", "lora"), default="matrices",
+                    help="parameters ZO perturbs and AdamW trains (lora: rank-8 adapters on --layers)")
+    ap.add_argument("--objective", choices=("nll", "suite"), default="nll",
+                    help="the ZO step's loss: the response NLL, or the zo recipe's noise-suite objective")
+    ap.add_argument("--utility-batches", type=int, default=32,
+                    help="with --objective suite: utility batches whose cached residuals the step holds")
     ap.add_argument("--layers", default=None, help="comma list of blocks (default: all)")
     ap.add_argument("--eps", type=float, default=1e-3, help="MeZO ε")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -212,6 +226,11 @@ def _family(model, kind: str, layers: list[int] | None):
     from finetune.train import trainable_parameters
 
     layers = list(range(model.n_layers)) if layers is None else [model.check_layer(l) for l in layers]
+    if kind == "lora":
+        from finetune.lora import LoraSettings
+        from finetune.zo_subspace import open_subspace
+
+        return open_subspace(model, "lora", layers, LoraSettings(rank=8), seed=0).params
     if kind == "matrices":
         return [p for l in layers for p in model.layer_parameters(l).values() if p.ndim == 2]
     if len(layers) == model.n_layers:
@@ -251,9 +270,23 @@ def worker(args) -> dict:
 
     loss()  # warm-up: lazy initialisations belong to every baseline
 
+    suite = None
+    if args.objective == "suite":
+        from finetune.zo_objective import RobustObjective, _Batch
+
+        batch = _Batch(ids, att, mask)
+        suite = RobustObjective(model, [batch], [batch] * args.utility_batches, list(range(model.n_layers)), 0.05,
+                                1.0, seed=0, perturbations=("param", "act", "int4"), act_noise_sigma=0.1,
+                                frozen_below=min(layers) if layers else 0)
+
     def op():
         if args.worker == "inference":
             loss()
+        elif args.worker == "zo" and suite is not None:
+            for u in range(args.utility_batches):  # the run's steady state: every utility residual cached
+                suite.components(u, noise=False)
+            for step in range(3):  # one step under each perturbation
+                mezo_step(params, lambda step=step: suite(step), ZOConfig(eps=args.eps, lr=1e-6), step_seed=step)
         elif args.worker == "zo":
             mezo_step(params, lambda: loss(), ZOConfig(eps=args.eps, lr=1e-6), step_seed=0)
         else:
@@ -271,6 +304,10 @@ def worker(args) -> dict:
     out = _measure(op, model.device)
     out.update(op=args.worker, model=model.spec, device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
                model_bytes=_model_bytes(model), n_params_family=sum(p.numel() for p in params),
+               objective=args.objective,
+               cached_residual_bytes=sum(t.numel() * t.element_size() for t in suite._utility_resid.values())
+               + (suite._safety_resid[1].numel() * suite._safety_resid[1].element_size() if suite._safety_resid else 0)
+               if suite is not None else 0,
                seconds=round(time.time() - t0, 1))
     # the peak that the ratios compare: absolute on CUDA; weights + increase on CPU
     out["total_bytes"] = out["peak_bytes"] if model.device.type == "cuda" else out["model_bytes"] + out["increase_bytes"]
@@ -294,6 +331,8 @@ def _run_worker(op: str, argv: list[str], script: Path | None = None) -> dict:
 @cli_errors
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
+    if args.objective == "suite" and args.utility_batches < 1:
+        raise UsageError(f"--utility-batches must be >= 1, got {args.utility_batches}.")
     if args.response_len < 1 or args.response_len >= args.seq_len:
         raise UsageError(f"--response-len must lie in 1..{args.seq_len - 1}, got {args.response_len}.")
     if args.worker:
@@ -313,6 +352,9 @@ def main(argv: list[str] | None = None) -> dict:
         r = runs[op]
         print(f"{op:<10} {r['total_bytes'] * mb:>10.1f} {r['increase_bytes'] * mb:>12.1f} {r['total_bytes'] / ref:>12.2f}")
     print(f"(model parameters and buffers: {runs['inference']['model_bytes'] * mb:.1f} MB)")
+    if args.objective == "suite":
+        print(f"(zo: the noise-suite objective, 3 steps; cached residuals held: "
+              f"{runs['zo']['cached_residual_bytes'] * mb:.1f} MB)")
     ratios = {op: runs[op]["total_bytes"] / ref for op in ("zo", "adamw")}
     verdict = {}
     for op, (cmp, target) in TARGETS.items():
