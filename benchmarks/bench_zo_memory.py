@@ -305,9 +305,7 @@ def worker(args) -> dict:
     out.update(op=args.worker, model=model.spec, device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
                model_bytes=_model_bytes(model), n_params_family=sum(p.numel() for p in params),
                objective=args.objective,
-               cached_residual_bytes=sum(t.numel() * t.element_size() for t in suite._utility_resid.values())
-               + (suite._safety_resid[1].numel() * suite._safety_resid[1].element_size() if suite._safety_resid else 0)
-               if suite is not None else 0,
+               cached_residual_bytes=suite.cached_bytes if suite is not None else 0,
                seconds=round(time.time() - t0, 1))
     # the peak that the ratios compare: absolute on CUDA; weights + increase on CPU
     out["total_bytes"] = out["peak_bytes"] if model.device.type == "cuda" else out["model_bytes"] + out["increase_bytes"]

@@ -303,6 +303,12 @@ class RobustObjective:
     def noise_seed(self, step: int) -> int:
         return derive_seed(self.seed, 0x5A, step)
 
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes held by the cached residuals (``frozen_below``): the last safety batch's and every utility batch's."""
+        held = list(self._utility_resid.values()) + ([self._safety_resid[1]] if self._safety_resid else [])
+        return sum(t.numel() * t.element_size() for t in held)
+
     def _nll(self, b: _Batch, key: tuple) -> Tensor:
         """``batch_nll`` of ``b``, starting from the cached residual at ``frozen_below`` when there is one."""
         if not self.frozen_below:
