@@ -28,6 +28,7 @@ from .theme import (
     Width,
     apply_theme,
     color,
+    fit_title,
     pt,
     rgba,
 )
@@ -295,7 +296,14 @@ def ranked_bars(
     fig.update_yaxes(autorange="reversed", showgrid=False, type="category")
     if height_in is None:
         height_in = max(1.4, 0.5 + 0.16 * len(order))
-    return _finish(fig, title, xlabel, None, width, height_in)
+    fig = _finish(fig, title, xlabel, None, width, height_in)
+    # The long layer labels leave a narrow plot, so the title starts at the figure's edge, and a title
+    # still too long for the figure goes over lines above the plot (there is no legend to collide with).
+    wrapped = fit_title(title, fig.layout.width)
+    fig.update_layout(title=dict(text=wrapped, xref="container", pad=dict(l=4, b=4)))
+    if wrapped != title:
+        fig.update_layout(title=dict(yref="paper", y=1, yanchor="bottom"))
+    return fig
 
 
 def grouped_bars(

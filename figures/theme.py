@@ -15,6 +15,7 @@ colour-vision deficiencies), heat maps use cividis (sequential) or ColorBrewer R
 
 from __future__ import annotations
 
+import textwrap
 from typing import Literal
 
 import plotly.graph_objects as go
@@ -36,6 +37,8 @@ FONT_FAMILY = "Times New Roman, Liberation Serif, Times, DejaVu Serif, serif"
 BASE_PT = 9  # axis titles, body text
 SMALL_PT = 8  # ticks, legend, colour bar, cell annotations: the floor
 TITLE_PT = 10
+TITLE_EM_PER_CHAR = 0.44
+"""Mean advance of a title character in em, measured on the serif face (≈ 0.41) plus a margin."""
 
 Width = Literal["single", "double"]
 
@@ -167,6 +170,19 @@ def apply_theme(fig: go.Figure, width: Width | float = "single", height_in: floa
     w, h = figure_size(width, height_in)
     fig.update_layout(template=TEMPLATE_NAME, width=w, height=h, autosize=False)
     return fig
+
+
+def fit_title(text: str | None, width_px: float) -> str | None:
+    """``text`` broken into lines (``<br>``) that fit a figure ``width_px`` wide at the title size.
+
+    Plotly never wraps a title, and a long one runs off the right edge of a static export. A
+    character is taken as ``TITLE_EM_PER_CHAR`` em wide; a title that already has line breaks is
+    left alone.
+    """
+    if not text or "<br>" in text:
+        return text
+    per_line = max(12, int((width_px - 8) / (TITLE_EM_PER_CHAR * pt(TITLE_PT))))
+    return "<br>".join(textwrap.wrap(text, per_line, break_long_words=False)) if len(text) > per_line else text
 
 
 def set_default() -> None:

@@ -399,3 +399,29 @@ def test_compare_rates_grow_with_the_longest_measure_name():
 
     short, long = height("refusal"), height("random-insertion ASR, harmful continuation, judge-corrected")
     assert long > short  # the upright names get the room they need instead of running off the image
+
+
+def test_fit_title_breaks_a_long_title_into_lines_that_fit_and_keeps_every_word():
+    from figures.theme import TITLE_EM_PER_CHAR, TITLE_PT, fit_title, pt
+
+    long = "Sensitivity to parameter noise, σ·rms(W) with σ = 0.05 (whole model: 0.31)"
+    single = fit_title(long, 317)
+    lines = single.split("<br>")
+    assert len(lines) >= 2
+    assert all(len(line) * TITLE_EM_PER_CHAR * pt(TITLE_PT) <= 317 - 8 for line in lines)
+    assert " ".join(lines) == long
+    assert fit_title("Critical layers", 317) == "Critical layers"
+    assert fit_title(long, 662) == long  # a double-column figure holds it on one line
+    assert fit_title("a<br>b", 100) == "a<br>b" and fit_title(None, 317) is None
+
+
+def test_a_ranked_bar_chart_with_a_long_title_puts_it_on_lines_above_the_plot():
+    from figures.plots import ranked_bars
+
+    long = "Sensitivity to parameter noise, σ·rms(W) with σ = 0.05 (whole model: 0.31)"
+    fig = ranked_bars(["layer 0", "layer 1"], [0.2, 0.1], xlabel="S", title=long)
+    assert "<br>" in fig.layout.title.text and fig.layout.title.text.replace("<br>", " ") == long
+    assert fig.layout.title.yref == "paper" and fig.layout.title.yanchor == "bottom"  # the margin grows to hold it
+    short = ranked_bars(["layer 0"], [0.2], title="Critical layers")
+    assert short.layout.title.text == "Critical layers" and short.layout.title.yref is None  # the template's height
+    assert fig.layout.title.xref == short.layout.title.xref == "container"
