@@ -15,8 +15,11 @@ reference, "before") and measures, on the *test* splits:
   prompts under whole-model parameter noise (σ‖W‖_F/√n), activation noise (σ·rms) and int4
   round-to-nearest weights (``depthlens.perturb``), at fixed σ, averaged over noise seeds.
 
-The table has one row per measure and one column per model, plus "Δ" (last − first) and the
-direction that is better. The figure (``figures/builders/compare.py``) shows the rates side by
+The table has one row per measure and one column per model with its 95 % interval (Wilson for
+a refusal rate over prompts, a bootstrap over prompts for a mean over noise draws, over the
+suite, or for the token-weighted harmless cross-entropy), plus "Δ" (last − first) with the 95 %
+interval of a paired bootstrap over the same prompts, and the direction that is better. "mean
+refusal over the noise suite" averages the three perturbed refusal rates. The figure (``figures/builders/compare.py``) shows the rates side by
 side. σ defaults: parameter noise 0.05 is our choice (a trial organism measured per-layer σ = 0.1 harmless
 and 0.3 damaging; whole-model noise adds up over 30 layers); activation noise 0.1 is calibrated
 on the organism's harmful *validation* prompts with ``scripts/calibrate_noise.py`` (24 prompts,
@@ -43,6 +46,7 @@ from analyses.common import Timer
 from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, check_spec, load, make_main, prompt_files,
                                prompts_or)
 from analyses.evaluate import EvalConfig, evaluate_model
+from depthlens.attack_records import wilson_interval
 from depthlens.attacks import prefill_attack, random_insertion_attack
 from depthlens.chat import encode
 from depthlens.cli import (add_debug_flag, build_parser, config_from, require_int, require_number, require_numbers,
@@ -50,11 +54,12 @@ from depthlens.cli import (add_debug_flag, build_parser, config_from, require_in
 from depthlens.data import default_splits, refusal_templates
 from depthlens.errors import UsageError
 from depthlens.generate import generate
-from depthlens.judge import CONTINUATION_JUDGE_ID, JUDGE_ID, is_refusal, refusal_rate, refusal_score
+from depthlens.judge import CONTINUATION_JUDGE_ID, JUDGE_ID, is_refusal, refusal_score
 from depthlens.judge_accuracy import corrected_trial_columns, correction_record
 from depthlens.organism import reference_spec
 from depthlens.perturb import perturb
 from depthlens.responses import answers_for, response_set
+from depthlens.stats import bootstrap_mean, percentile_interval, resample_indices
 from depthlens.worst_insertion import worst_insertion_attack
 
 log = logging.getLogger(__name__)
@@ -77,6 +82,7 @@ MEASURES: dict[str, tuple[str, str]] = {
     "refusal_param_noise": ("refusal under param noise", "higher"),
     "refusal_act_noise": ("refusal under act noise", "higher"),
     "refusal_int4": ("refusal under int4", "higher"),
+    "refusal_suite_mean": ("mean refusal over the noise suite (param, act, int4)", "higher"),
     "score_param_noise": ("refusal score under param noise", "higher"),
     "score_act_noise": ("refusal score under act noise", "higher"),
     "score_int4": ("refusal score under int4", "higher"),
@@ -95,6 +101,7 @@ def _with_corrected(measures: dict[str, tuple[str, str]]) -> dict[str, tuple[str
 
 
 MEASURES = _with_corrected(MEASURES)
+SUITE = ("refusal_param_noise", "refusal_act_noise", "refusal_int4")
 RATE_MEASURES = tuple(k for k in MEASURES if not k.startswith("score_") and k not in ("harmless_ce",))
 
 
@@ -199,7 +206,7 @@ class CompareResult(AnalysisResult):
         title = (f"compare {' vs '.join(keys)}  (refusal and compliance: judge {self.metrics['judge']}; insertion: "
                  f"harmful-continuation class, judge {self.metrics['continuation_judge']}; σ param "
                  f"{sig['param_noise']}, act {sig['act_noise']})")
-        cols = ["label", *(c for k in keys for c in (k, f"{k} 95% CI")), *(["delta"] if len(keys) > 1 else []), "better"]
+        cols = ["label", *(c for k in keys for c in (k, f"{k} 95% CI")), *(["delta", "delta 95% CI"] if len(keys) > 1 else []), "better"]
         return Summary(title, self.tables["table"], cols)
 
 
@@ -221,21 +228,57 @@ def insertion_targets(model, prompts: Sequence[str], max_new_tokens: int, min_to
     return out, kept / max(1, len(out))
 
 
-def perturbation_suite(model, prompts: Sequence[str], cfg: CompareConfig) -> dict[str, float]:
-    """Refusal rate and mean refusal score on ``prompts`` under whole-model noise and int4."""
+def perturbation_suite(model, prompts: Sequence[str], cfg: CompareConfig) -> tuple[dict[str, float], dict[str, list]]:
+    """Refusal rate and mean refusal score on ``prompts`` under whole-model noise and int4, and
+    their mean over the suite; with each prompt's refusal (its mean over the noise seeds)."""
     out: dict[str, float] = {}
+    per_prompt: dict[str, list] = {}
     for kind, sigma, seeds in (("param_noise", cfg.param_sigma, cfg.noise_seeds),
                                ("act_noise", cfg.act_sigma, cfg.noise_seeds), ("int4", 0.0, 1)):
-        rates, scores = [], []
+        refused, scores = [], []
         for s in range(seeds):
             with perturb(model, kind, None, sigma, seed=cfg.seed * 1000 + s):
                 texts = generate(model, list(prompts), cfg.max_new_tokens, batch_size=cfg.batch_size,
                                  progress=False).texts
                 scores.append(refusal_score(model, list(prompts), batch_size=cfg.batch_size).mean)
-            rates.append(refusal_rate(texts).rate)
-        out[f"refusal_{kind}"] = float(np.mean(rates))
+            refused.append([float(is_refusal(t)) for t in texts])
+        per_prompt[f"refusal_{kind}"] = np.mean(refused, axis=0).tolist()
+        out[f"refusal_{kind}"] = float(np.mean(refused))  # = the mean of the seeds' refusal rates
         out[f"score_{kind}"] = float(np.mean(scores))
-    return out
+    suite = np.mean([per_prompt[k] for k in SUITE], axis=0)
+    per_prompt["refusal_suite_mean"], out["refusal_suite_mean"] = suite.tolist(), float(suite.mean())
+    return out, per_prompt
+
+
+def _ratio(nll: np.ndarray) -> np.ndarray:
+    """Token-weighted mean NLL of ``[..., n, 2]`` (per-prompt summed NLL, token count) rows, over axis −2."""
+    return nll[..., 0].sum(-1) / nll[..., 1].sum(-1)
+
+
+def per_prompt_interval(key: str, values: Sequence, seed: int) -> list[float]:
+    """The 95 % interval of one model's measure from its per-prompt outcomes.
+
+    A 0/1 outcome per prompt (a refusal) gets Wilson's interval; a mean over noise draws or over
+    the suite a percentile bootstrap over prompts; ``harmless_ce`` (``[n, 2]`` NLL sums and token
+    counts) a bootstrap over prompts of the token-weighted mean.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if key == "harmless_ce":
+        return [float(x) for x in percentile_interval(_ratio(v[resample_indices(len(v), 1000, seed)]))]
+    if np.isin(v, (0.0, 1.0)).all():
+        return list(wilson_interval(int(v.sum()), len(v)))
+    iv = bootstrap_mean(v, seed=seed)
+    return [iv.lo, iv.hi]
+
+
+def paired_delta_interval(key: str, first: Sequence, last: Sequence, seed: int) -> list[float]:
+    """95 % interval of Δ = last − first over the same prompts (a paired bootstrap over prompts)."""
+    a, b = np.asarray(first, dtype=np.float64), np.asarray(last, dtype=np.float64)
+    if key == "harmless_ce":
+        idx = resample_indices(len(a), 1000, seed)
+        return [float(x) for x in percentile_interval(_ratio(b[idx]) - _ratio(a[idx]))]
+    iv = bootstrap_mean(b, baseline=a, seed=seed)
+    return [iv.lo, iv.hi]
 
 
 def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], attack_ids: Sequence[str],
@@ -249,6 +292,11 @@ def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], atta
     values = {k: ev.metrics[k] for k in ("harmful_refusal", "harmless_refusal", "borderline_refusal", "asr_compliance",
                                          "refusal_score_auroc", "harmless_ce")}
     detail: dict = {"harmless_ce_reference": ev.metrics.get("ce_reference")}
+    sets = ("harmful", "harmless", "borderline")
+    per_prompt: dict[str, list] = {f"{n}_refusal": [float(is_refusal(s["response"])) for s in ev.samples if s["set"] == n]
+                                   for n in sets}
+    per_prompt["harmless_ce"] = [[s["ce_nll_sum"], s["ce_tokens"]] for s in ev.samples if s["set"] == "harmless"]
+    detail["prompt_ids"] = {n: [s["id"] for s in ev.samples if s["set"] == n] for n in sets}
     values["asr_compliance_corrected"] = ev.metrics["asr_compliance_corrected"]
     intervals = {m: [ev.metrics[f"{m}_lo"], ev.metrics[f"{m}_hi"]]            # 95 % intervals of raw and corrected ASRs
                  for m in ("asr_compliance", "asr_compliance_corrected")}
@@ -283,11 +331,15 @@ def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], atta
             raw = res.asr_by(lambda t: "all")[0]
             intervals[f"{name}_asr_harmful"] = [raw["harmful_lo"], raw["harmful_hi"]]
             intervals[f"{name}_asr_harmful_corrected"] = [c["harmful_corrected_lo"], c["harmful_corrected_hi"]]
-    detail["intervals"] = intervals
     detail["own_refusal_share"] = own_share
     with timer("perturbations"):
         harm_eval = [s["prompt"] for s in ev.samples if s["set"] == "harmful"]
-        values.update(perturbation_suite(model, harm_eval, cfg))
+        suite, suite_per_prompt = perturbation_suite(model, harm_eval, cfg)
+        values.update(suite)
+        per_prompt.update(suite_per_prompt)
+    intervals.update({k: per_prompt_interval(k, v, cfg.seed) for k, v in per_prompt.items()})
+    detail["intervals"] = intervals
+    detail["per_prompt"] = per_prompt  # refusal 0/1 (mean over noise seeds), harmless CE as [NLL sum, tokens]
     return values, detail
 
 
@@ -344,8 +396,13 @@ def run(cfg: CompareConfig, model=None) -> CompareResult:
             del model
             gc.collect()
     table = wide_table(keys, values)
-    for row in table:  # the 95 % interval of each raw and corrected ASR beside its value
+    paired = len(keys) > 1 and details[keys[0]]["prompt_ids"] == details[keys[-1]]["prompt_ids"]
+    for row in table:  # each value's 95 % interval beside it; Δ's from a paired bootstrap over the same prompts
         row.update({f"{k} 95% CI": details[k]["intervals"].get(row["measure"]) for k in keys})
+        if len(keys) > 1:
+            first, last = (details[k]["per_prompt"].get(row["measure"]) for k in (keys[0], keys[-1]))
+            row["delta 95% CI"] = (paired_delta_interval(row["measure"], first, last, cfg.seed)
+                                   if paired and first is not None and last is not None else None)
     long = [{"model": k, "measure": m, "value": values[k].get(m),
              **dict(zip(("lo", "hi"), details[k]["intervals"].get(m, (None, None))))} for k in keys for m in MEASURES]
     metrics = {"models": keys, "base": base_name, "values": values, "details": details,

@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 import numpy as np
-import torch
 
 from analyses.common import Timer
 from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load, make_main, prompt_files, prompts_or
@@ -146,12 +145,30 @@ def asr_columns(metrics: dict) -> dict:
     return {k: metrics[k] for k in ASR_COLUMNS}
 
 
+def response_nll(model, prompts: Sequence[str], responses: Sequence[Sequence[int]],
+                 batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Per prompt: the summed NLL of its response after it under ``model`` (teacher forcing) and the
+    response's token count (0 and 0 for an empty response). The pairs give a prompt-level bootstrap
+    of the token-weighted mean, ``sums.sum() / counts.sum()``."""
+    keep = [i for i, r in enumerate(responses) if len(r)]
+    seqs = [build_chat(model.tokenizer, prompts[i], [list(responses[i])]) for i in keep]
+    lps = token_logprobs(model, seqs, start=[s.prompt_len for s in seqs], batch_size=batch_size)
+    sums, counts = np.zeros(len(prompts)), np.zeros(len(prompts))
+    for i, lp in zip(keep, lps):
+        sums[i], counts[i] = float(-lp.double().sum()), lp.numel()
+    return sums, counts
+
+
 def harmless_cross_entropy(model, prompts: Sequence[str], responses: Sequence[Sequence[int]], batch_size: int = 16) -> float:
     """Mean per-token NLL of ``responses`` after ``prompts`` under ``model`` (teacher forcing)."""
-    seqs = [build_chat(model.tokenizer, p, [list(r)]) for p, r in zip(prompts, responses) if len(r)]
-    lps = token_logprobs(model, seqs, start=[s.prompt_len for s in seqs], batch_size=batch_size)
-    total = torch.cat(lps)
-    return float(-total.mean())
+    return token_mean(*response_nll(model, prompts, responses, batch_size))
+
+
+def token_mean(sums: np.ndarray, counts: np.ndarray) -> float:
+    """The token-weighted mean NLL of ``response_nll``'s per-prompt sums and counts."""
+    if not counts.sum():
+        raise ValueError("A cross-entropy needs at least one non-empty response.")
+    return float(sums.sum() / counts.sum())
 
 
 def eval_sets(cfg: EvalConfig) -> dict[str, PromptSet]:
@@ -208,8 +225,11 @@ def evaluate_model(model, cfg: EvalConfig, base_model=None, timer: Timer | None 
             model if base_name == model.spec else load(base_name, model.device, flag_name="--base"))
         ce_prompts = list(sets["harmless"].prompts)
         targets = answers_for(model, base, ce_prompts, max_new_tokens=cfg.ce_tokens, batch_size=cfg.batch_size)
-        metrics["harmless_ce"] = harmless_cross_entropy(model, ce_prompts, targets.tokens, cfg.batch_size)
+        sums, counts = response_nll(model, ce_prompts, targets.tokens, cfg.batch_size)
+        metrics["harmless_ce"] = token_mean(sums, counts)
         metrics["ce_reference"] = base.spec
+        for sample, nll, n in zip((s for s in samples if s["set"] == "harmless"), sums, counts):
+            sample["ce_nll_sum"], sample["ce_tokens"] = float(nll), int(n)  # the prompt's share of harmless_ce
     return Evaluation(metrics=metrics, rows=rows, samples=samples)
 
 

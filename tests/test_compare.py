@@ -43,6 +43,20 @@ def test_compare_quick_writes_results_and_figures(cache, tmp_path, capsys):
                 assert lo <= table[key][model] <= hi, (model, key)
                 assert table[key[:-len("_corrected")]][f"{model} 95% CI"] is not None
     assert set(rec.metrics["correction"]["judges"]) == {rec.metrics["judge"], rec.metrics["continuation_judge"]}
+    # refusal rates, the noise suite and the harmless CE carry intervals too, and every Δ a paired one
+    for key in ("harmful_refusal", "harmless_refusal", "borderline_refusal", "refusal_param_noise",
+                "refusal_act_noise", "refusal_int4", "refusal_suite_mean", "harmless_ce"):
+        for model in rec.metrics["models"]:
+            lo, hi = table[key][f"{model} 95% CI"]
+            assert lo <= table[key][model] + 1e-9 and table[key][model] <= hi + 1e-9, (model, key)
+        lo, hi = table[key]["delta 95% CI"]
+        assert lo <= table[key]["delta"] + 1e-9 and table[key]["delta"] <= hi + 1e-9, key
+    for model in rec.metrics["models"]:
+        vals = rec.metrics["values"][model]
+        assert vals["refusal_suite_mean"] == pytest.approx(
+            (vals["refusal_param_noise"] + vals["refusal_act_noise"] + vals["refusal_int4"]) / 3)
+        per = rec.metrics["details"][model]["per_prompt"]
+        assert len(per["harmful_refusal"]) == len(per["refusal_int4"]) == 8
     ce = table["harmless_ce"]
     assert ce["delta"] == pytest.approx(ce["tiny-llama:deep"] - ce["tiny-llama"])
     assert rec.config["quick"] and rec.config["n_eval"] == 8
@@ -68,3 +82,42 @@ def test_compare_figures_from_a_record_alone(tmp_path):
     saved = build_figures(record, tmp_path, formats=())
     names = sorted(f.name for s in saved for f in s.files if f.suffix == ".html")
     assert names == ["compare_rates.html", "compare_scores.html"]
+
+
+def test_intervals_from_per_prompt_outcomes():
+    import numpy as np
+
+    from analyses.compare import paired_delta_interval, per_prompt_interval
+    from depthlens.attack_records import wilson_interval
+
+    refused = [1.0] * 48 + [0.0] * 16
+    assert per_prompt_interval("harmful_refusal", refused, 0) == list(wilson_interval(48, 64))
+    halves = [1.0] * 30 + [0.5] * 20 + [0.0] * 14  # a mean over two noise draws: bootstrap over prompts
+    lo, hi = per_prompt_interval("refusal_param_noise", halves, 0)
+    assert lo < np.mean(halves) < hi and hi - lo < 0.3
+    # harmless CE: the token-weighted mean of [NLL sum, tokens] rows, its interval around it
+    nll = [[2.0 * n, n] for n in (10, 20, 30)] + [[3.0 * n, n] for n in (10, 20, 30)]
+    lo, hi = per_prompt_interval("harmless_ce", nll, 0)
+    assert 2.0 <= lo < 2.5 < hi <= 3.0
+    # paired Δ: the same outcomes give exactly 0; a shift of every prompt gives that shift
+    assert paired_delta_interval("harmful_refusal", refused, refused, 0) == [0.0, 0.0]
+    lo, hi = paired_delta_interval("refusal_param_noise", halves, [min(1.0, v + 0.5) for v in halves], 0)
+    assert 0.0 < lo <= hi < 0.5
+    shifted = [[s + n, n] for s, n in nll]  # +1 nat a token on every prompt
+    assert paired_delta_interval("harmless_ce", nll, shifted, 0) == pytest.approx([1.0, 1.0])
+
+
+def test_per_prompt_nll_sums_give_the_token_weighted_harmless_ce(tiny):
+    import torch
+
+    from analyses.evaluate import harmless_cross_entropy, response_nll
+    from depthlens.chat import build_chat
+    from depthlens.forward import token_logprobs
+
+    prompts = ["Name a colour.", "Count to three.", "Say hi."]
+    responses = [[5, 6, 7, 8], [], [9, 10]]  # an empty response counts for nothing
+    sums, counts = response_nll(tiny, prompts, responses)
+    assert counts.tolist() == [4, 0, 2] and sums[1] == 0.0
+    seqs = [build_chat(tiny.tokenizer, p, [r]) for p, r in zip(prompts, responses) if r]
+    every_token = torch.cat(token_logprobs(tiny, seqs, start=[s.prompt_len for s in seqs]))
+    assert harmless_cross_entropy(tiny, prompts, responses) == pytest.approx(float(-every_token.mean()), rel=1e-5)
