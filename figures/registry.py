@@ -18,6 +18,7 @@ import importlib
 import json
 import logging
 import pkgutil
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,11 @@ def register(analysis: str, *, combine: bool = False) -> Callable[[Callable], Ca
     """Decorator: ``fn`` draws the figures of ``analysis`` records (all of them if ``combine``)."""
 
     def deco(fn: Callable) -> Callable:
-        key = f"{fn.__module__}.{fn.__qualname__}"
+        module = fn.__module__
+        if module == "__main__":  # a builder module run as ``python -m figures.builders.x`` is imported again
+            spec = getattr(sys.modules["__main__"], "__spec__", None)  # under its own name: one builder, not two
+            module = spec.name if spec is not None else module
+        key = f"{module}.{fn.__qualname__}"
         _REGISTRY.setdefault(analysis, {})[key] = _Entry(fn=fn, combine=combine)
         return fn
 

@@ -9,6 +9,8 @@ records them, and the objective curve is kept and plotted.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -210,6 +212,11 @@ def test_the_curve_figure_plots_every_step_and_the_evaluations(cache, tmp_path):
     assert "norms subspace of layers [0]" in figs["objective"].layout.title.text
     saved = figure_main([model.provenance["source"], "--out", str(tmp_path / "figs")])
     assert {Path(s.stem).name for s in saved} == {"zo_objective", "zo_projected_grad"}
+    # the same as a command: the module run as __main__ is not a second builder of the same figures
+    done = subprocess.run([sys.executable, "-m", "figures.builders.zo_curve", model.provenance["source"], "--out",
+                           str(tmp_path / "cli")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "cli" / "zo_objective.html").exists()
     with pytest.raises(ValueError, match="not a zo build"):
         _not_zo(tmp_path)
 
