@@ -209,9 +209,12 @@ def test_the_curve_figure_plots_every_step_and_the_evaluations(cache, tmp_path):
     assert list(per_step.y) == pytest.approx([(h["loss_plus"] + h["loss_minus"]) / 2 for h in steps])
     assert list(evals.x) == [0, 3, 6] and list(evals.y) == [e["objective"] for e in record["tables"]["evals"]]
     assert list(figs["projected_grad"].data[0].y) == [h["projected_grad"] for h in steps]
-    assert "norms subspace of layers [0]" in figs["objective"].layout.title.text
+    assert "norms subspace of layers [0]" in figs["objective"].layout.xaxis.title.text
+    fixed = figs["fixed_batches"].data[0]
+    assert list(fixed.y) == pytest.approx([e["objective"] - record["tables"]["evals"][0]["objective"]
+                                           for e in record["tables"]["evals"]]) and fixed.y[0] == 0
     saved = figure_main([model.provenance["source"], "--out", str(tmp_path / "figs")])
-    assert {Path(s.stem).name for s in saved} == {"zo_objective", "zo_projected_grad"}
+    assert {Path(s.stem).name for s in saved} == {"zo_objective", "zo_projected_grad", "zo_fixed_batches"}
     # the same as a command: the module run as __main__ is not a second builder of the same figures
     done = subprocess.run([sys.executable, "-m", "figures.builders.zo_curve", model.provenance["source"], "--out",
                            str(tmp_path / "cli")], capture_output=True, text=True)

@@ -8,7 +8,9 @@ builder draws
 - ``objective``: (L₊ + L₋)/2 of every step (each on its own batch and noise draw, so noisy),
   its running mean over 5 % of the steps, and the fixed-batch evaluations (markers), which
   are comparable from step to step;
-- ``projected_grad``: g of every step (MeZO's update is −η·g·z).
+- ``projected_grad``: g of every step (MeZO's update is −η·g·z);
+- ``fixed_batches``: the change since step 0 of the fixed-batch objective and of its safety and
+  utility parts, on a scale of their own.
 
     $ python -m figures.builders.zo_curve ~/.cache/depthlens/organisms/<spec>-zo-<key> --out figures/out
     >>> build_figures(zo_record(entry), "figures/out")
@@ -73,17 +75,32 @@ def zo_curve_figures(record: dict) -> dict:
     if evals:
         obj.add_trace(go.Scatter(x=[e["step"] for e in evals], y=[e["objective"] for e in evals],
                                  name="objective, fixed batches", mode="lines+markers", line=dict(color=color(1))))
+    step_title = f"MeZO step ({what})" if what else "MeZO step"  # the settings go under the axis: a title never wraps
     apply_theme(obj, width="double")
-    obj.update_layout(title_text=f"MeZO objective of {record['model']}{': ' + what if what else ''}")
-    obj.update_xaxes(title_text="MeZO step")
+    obj.update_layout(title_text=f"MeZO objective of {record['model']}")
+    obj.update_xaxes(title_text=step_title)
     obj.update_yaxes(title_text="safety NLL under noise + λ·utility NLL")
     grad = go.Figure(go.Scatter(x=x, y=[r["projected_grad"] for r in steps], mode="markers",
                                 marker=dict(color=color(2), size=3), name="g"))
     apply_theme(grad, width="double")
     grad.update_layout(title_text=f"MeZO projected gradient g = (L₊ − L₋)/2ε of {record['model']}", showlegend=False)
-    grad.update_xaxes(title_text="MeZO step")
+    grad.update_xaxes(title_text=step_title)
     grad.update_yaxes(title_text="g")
-    return {"objective": obj, "projected_grad": grad}
+    figs = {"objective": obj, "projected_grad": grad}
+    if evals:  # the fixed-batch objective on its own scale: its change is far below the per-step spread
+        fixed = go.Figure()
+        for i, (key, name) in enumerate((("objective", "objective"), ("safety", "safety NLL under noise"),
+                                         ("utility", "utility NLL"))):
+            if all(key in e for e in evals):
+                fixed.add_trace(go.Scatter(x=[e["step"] for e in evals], y=[e[key] - evals[0][key] for e in evals],
+                                           name=name, mode="lines+markers", line=dict(color=color(i + 1)),
+                                           marker=dict(size=4)))
+        apply_theme(fixed, width="double")
+        fixed.update_layout(title_text=f"MeZO objective on the fixed evaluation batches, {record['model']}")
+        fixed.update_xaxes(title_text=step_title)
+        fixed.update_yaxes(title_text="change since step 0 (nats)")
+        figs["fixed_batches"] = fixed
+    return figs
 
 
 def main(argv: Sequence[str] | None = None) -> list:
