@@ -16,11 +16,12 @@ reference, "before") and measures, on the *test* splits:
   round-to-nearest weights (``depthlens.perturb``), at fixed σ, averaged over noise seeds.
 
 The table has one row per measure and one column per model with its 95 % interval (Wilson for
-a refusal rate over prompts, a bootstrap over prompts for a mean over noise draws, over the
-suite, or for the token-weighted harmless cross-entropy), plus "Δ" (last − first) with the 95 %
-interval of a paired bootstrap over the same prompts, and the direction that is better. "mean
-refusal over the noise suite" averages the three perturbed refusal rates. The figure (``figures/builders/compare.py``) shows the rates side by
-side. σ defaults: parameter noise 0.05 is our choice (a trial organism measured per-layer σ = 0.1 harmless
+a rate whose per-prompt outcomes are all 0 or 1, a bootstrap over prompts for one with
+fractional outcomes — noise seeds that disagree, the suite mean — and for the token-weighted
+harmless cross-entropy), plus "Δ" (last − first) with the 95 % interval of a paired bootstrap
+over the same prompts, and the direction that is better. "mean refusal over the noise suite"
+averages the three perturbed refusal rates. The figure (``figures/builders/compare.py``) shows
+the rates side by side. σ defaults: parameter noise 0.05 is our choice (a trial organism measured per-layer σ = 0.1 harmless
 and 0.3 damaging; whole-model noise adds up over 30 layers); activation noise 0.1 is calibrated
 on the organism's harmful *validation* prompts with ``scripts/calibrate_noise.py`` (24 prompts,
 48 tokens, 2026-12-01: refusal 0.96 clean, 0.83 at σ 0.05, 0.17 at 0.1, 0 at 0.2 — 0.2, the
@@ -206,7 +207,8 @@ class CompareResult(AnalysisResult):
         title = (f"compare {' vs '.join(keys)}  (refusal and compliance: judge {self.metrics['judge']}; insertion: "
                  f"harmful-continuation class, judge {self.metrics['continuation_judge']}; σ param "
                  f"{sig['param_noise']}, act {sig['act_noise']})")
-        cols = ["label", *(c for k in keys for c in (k, f"{k} 95% CI")), *(["delta", "delta 95% CI"] if len(keys) > 1 else []), "better"]
+        delta = ["delta", "delta 95% CI"] if len(keys) > 1 else []
+        cols = ["label", *(c for k in keys for c in (k, f"{k} 95% CI")), *delta, "better"]
         return Summary(title, self.tables["table"], cols)
 
 
@@ -292,11 +294,11 @@ def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], atta
     values = {k: ev.metrics[k] for k in ("harmful_refusal", "harmless_refusal", "borderline_refusal", "asr_compliance",
                                          "refusal_score_auroc", "harmless_ce")}
     detail: dict = {"harmless_ce_reference": ev.metrics.get("ce_reference")}
-    sets = ("harmful", "harmless", "borderline")
-    per_prompt: dict[str, list] = {f"{n}_refusal": [float(is_refusal(s["response"])) for s in ev.samples if s["set"] == n]
-                                   for n in sets}
-    per_prompt["harmless_ce"] = [[s["ce_nll_sum"], s["ce_tokens"]] for s in ev.samples if s["set"] == "harmless"]
-    detail["prompt_ids"] = {n: [s["id"] for s in ev.samples if s["set"] == n] for n in sets}
+    by_set = {n: [s for s in ev.samples if s["set"] == n] for n in ("harmful", "harmless", "borderline")}
+    per_prompt: dict[str, list] = {f"{n}_refusal": [float(is_refusal(s["response"])) for s in rows]
+                                   for n, rows in by_set.items()}
+    per_prompt["harmless_ce"] = [[s["ce_nll_sum"], s["ce_tokens"]] for s in by_set["harmless"]]
+    detail["prompt_ids"] = {n: [s["id"] for s in rows] for n, rows in by_set.items()}
     values["asr_compliance_corrected"] = ev.metrics["asr_compliance_corrected"]
     intervals = {m: [ev.metrics[f"{m}_lo"], ev.metrics[f"{m}_hi"]]            # 95 % intervals of raw and corrected ASRs
                  for m in ("asr_compliance", "asr_compliance_corrected")}
@@ -333,7 +335,7 @@ def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], atta
             intervals[f"{name}_asr_harmful_corrected"] = [c["harmful_corrected_lo"], c["harmful_corrected_hi"]]
     detail["own_refusal_share"] = own_share
     with timer("perturbations"):
-        harm_eval = [s["prompt"] for s in ev.samples if s["set"] == "harmful"]
+        harm_eval = [s["prompt"] for s in by_set["harmful"]]
         suite, suite_per_prompt = perturbation_suite(model, harm_eval, cfg)
         values.update(suite)
         per_prompt.update(suite_per_prompt)
