@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from depthlens.results import RunRecord, write_run
+from depthlens.infra.results import RunRecord, write_run
 
 log = logging.getLogger(__name__)
 

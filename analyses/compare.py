@@ -5,7 +5,7 @@ reference, "before") and measures, on the *test* splits:
 
 - refusal on harmful (HarmBench) / harmless / borderline prompts, ASR, refusal-score AUROC and
   harmless cross-entropy — ``analyses.evaluate.evaluate_model``, unchanged;
-- prefill-attack ASR at k = 5/10/20/40, substring compliance (``depthlens.attacks.prefill_attack``;
+- prefill-attack ASR at k = 5/10/20/40, substring compliance (``depthlens.attacks.insertion.prefill_attack``;
   spans from the base model's greedy harmful answers, shared by all models);
 - random-insertion and worst-insertion ASR (``random_insertion_attack``,
   ``worst_insertion_attack``; "harmful continuation" class, docs/methods.md §3) into each model's own
@@ -13,7 +13,7 @@ reference, "before") and measures, on the *test* splits:
   refusal template, so every model is attacked on the same prompts (paired comparison);
 - refusal rate (substring judge, greedy) and mean refusal score on the harmful evaluation
   prompts under whole-model parameter noise (σ‖W‖_F/√n), activation noise (σ·rms) and int4
-  round-to-nearest weights (``depthlens.perturb``), at fixed σ, averaged over noise seeds.
+  round-to-nearest weights (``depthlens.interventions.perturbation``), at fixed σ, averaged over noise seeds.
 
 The table has one row per measure and one column per model with its 95 % interval (Wilson for
 a rate whose per-prompt outcomes are all 0 or 1, a bootstrap over prompts for one with
@@ -47,21 +47,21 @@ from analyses.common import Timer
 from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, check_spec, load, make_main, prompt_files,
                                prompts_or)
 from analyses.evaluate import EvalConfig, evaluate_model
-from depthlens.attack_records import wilson_interval
-from depthlens.attacks import prefill_attack, random_insertion_attack
-from depthlens.chat import encode
+from depthlens.attacks.records import wilson_interval
+from depthlens.attacks.insertion import prefill_attack, random_insertion_attack
+from depthlens.data.chat import encode
 from depthlens.cli import (add_debug_flag, build_parser, config_from, require_int, require_number, require_numbers,
                            require_text)
 from depthlens.data import default_splits, refusal_templates
-from depthlens.errors import UsageError
-from depthlens.generate import generate
-from depthlens.judge import CONTINUATION_JUDGE_ID, JUDGE_ID, is_refusal, refusal_score
-from depthlens.judge_accuracy import corrected_trial_columns, correction_record
-from depthlens.organism import reference_spec
-from depthlens.perturb import perturb
-from depthlens.responses import answers_for, response_set
+from depthlens.infra.errors import UsageError
+from depthlens.runtime.generation import generate
+from depthlens.judges import CONTINUATION_JUDGE_ID, JUDGE_ID, is_refusal, refusal_score
+from depthlens.judges.accuracy import corrected_trial_columns, correction_record
+from depthlens.models.specs import reference_spec
+from depthlens.interventions.perturbation import perturb
+from depthlens.runtime.responses import answers_for, response_set
 from depthlens.stats import bootstrap_mean, percentile_interval, resample_indices
-from depthlens.worst_insertion import worst_insertion_attack
+from depthlens.attacks.worst import worst_insertion_attack
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class CompareConfig(AnalysisConfig):
         models: model specs to compare; the first is the reference ("before").
         base: spec whose greedy answers give the harmful spans (prefill/insertion) and the
             cross-entropy targets (default: the first model without its recipe suffixes; for a
-            pretrained-only base the embedded default, ``depthlens.organism.reference_spec``).
+            pretrained-only base the embedded default, ``depthlens.models.specs.reference_spec``).
         n_eval: prompts per test split (harmful/harmless/borderline) for refusal rates, and the
             harmful prompts generated under each perturbation.
         n_attack: harmful test prompts attacked by prefill, random and worst insertion.

@@ -4,7 +4,7 @@
   ``--quick`` in one place (the class's ``QUICK`` values replace the fields the caller did not
   set: on the command line exactly the flags not given, in Python the fields left at their
   default) and then validates every field (``validate``), so a wrong value fails before any
-  work with one sentence naming the flag (``depthlens.errors.UsageError``).
+  work with one sentence naming the flag (``depthlens.infra.errors.UsageError``).
 - ``AnalysisResult``: base of the typed results, a ``RunRecord`` (what ``results.json``
   holds) with typed accessors for the headline numbers and a ``summary()`` for the console.
 - ``make_main(Config, run)``: the ``main(argv=None)`` of an analysis: parse the flags, check
@@ -35,8 +35,8 @@ from typing import Any, ClassVar
 import torch
 
 from depthlens.cli import cli_errors, flag, parse_config, prepare_out, require_int, require_text, spec_errors
-from depthlens.errors import UsageError
-from depthlens.results import RunRecord
+from depthlens.infra.errors import UsageError
+from depthlens.infra.results import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +159,10 @@ def load(spec: str, device: str | None = None, *, flag_name: str = "--model", mo
 def load_with_base(cfg, model=None) -> tuple:
     """``(model, base)``: ``cfg.model`` (or the loaded ``model``) and the base it is measured
     against, ``cfg.base`` where the config has one and sets it, else the model whose answers
-    are its reference (``depthlens.organism.reference_spec``: the spec without recipe
+    are its reference (``depthlens.models.specs.reference_spec``: the spec without recipe
     suffixes, or the embedded default for a pretrained-only base); one object when both are
     the same spec."""
-    from depthlens.organism import reference_spec
+    from depthlens.models.specs import reference_spec
 
     model = load(cfg.model, cfg.device, model=model)
     base_name = getattr(cfg, "base", None) or reference_spec(cfg.model)
@@ -172,8 +172,8 @@ def load_with_base(cfg, model=None) -> tuple:
 
 def check_spec(spec: str, flag_name: str = "--model") -> None:
     """Fail fast on a spec whose recipe suffixes are unknown, before any model is loaded."""
-    from depthlens.base_models import split_spec
-    from depthlens.recipes import get_recipe
+    from depthlens.models.base import split_spec
+    from depthlens.models.recipes import get_recipe
 
     with spec_errors(flag_name, spec):
         for name in split_spec(spec)[1]:

@@ -26,16 +26,16 @@ import numpy as np
 
 from analyses.common import Timer
 from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load, make_main, prompt_files, prompts_or
-from depthlens.chat import build_chat
+from depthlens.data.chat import build_chat
 from depthlens.cli import flag, require_choice, require_int, require_text
 from depthlens.data import default_splits
-from depthlens.forward import token_logprobs
-from depthlens.generate import generate
-from depthlens.judge import JUDGE_ID, attack_success_rate, is_compliance, refusal_rate, refusal_score
-from depthlens.judge_accuracy import corrected_asr, correction_record
-from depthlens.organism import ORGANISM, reference_spec
-from depthlens.promptset import PromptSet
-from depthlens.responses import answers_for
+from depthlens.runtime.forward import token_logprobs
+from depthlens.runtime.generation import generate
+from depthlens.judges import JUDGE_ID, attack_success_rate, is_compliance, refusal_rate, refusal_score
+from depthlens.judges.accuracy import corrected_asr, correction_record
+from depthlens.models.specs import ORGANISM, reference_spec
+from depthlens.data.promptset import PromptSet
+from depthlens.runtime.responses import answers_for
 from depthlens.stats import auroc
 
 
@@ -47,7 +47,7 @@ class EvalConfig(AnalysisConfig):
         model: model spec to evaluate (default: the organism).
         base: spec whose greedy answers to harmless test prompts give the cross-entropy
             targets (default: the model's base, i.e. the spec without recipe suffixes; for a
-            pretrained-only base the embedded default, ``depthlens.organism.reference_spec``).
+            pretrained-only base the embedded default, ``depthlens.models.specs.reference_spec``).
         n_harmful: harmful test prompts (HarmBench; None = all 200).
         n_harmless: harmless test prompts (None = all).
         n_borderline: borderline test prompts (None = all).

@@ -21,15 +21,15 @@ from typing import ClassVar
 from analyses.common import Timer
 from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, fmt, load_with_base, make_main, prompt_files,
                                prompts_or)
-from depthlens.attacks import random_insertion_attack
+from depthlens.attacks.insertion import random_insertion_attack
 from depthlens.cli import require_int, require_numbers, require_text
 from depthlens.data import default_splits
-from depthlens.errors import UsageError
-from depthlens.judge import CONTINUATION_JUDGE_ID
-from depthlens.judge_accuracy import corrected_trial_columns, correction_record
-from depthlens.organism import ORGANISM
-from depthlens.responses import answers_for, response_set
-from depthlens.worst_insertion import worst_insertion_attack
+from depthlens.infra.errors import UsageError
+from depthlens.judges import CONTINUATION_JUDGE_ID
+from depthlens.judges.accuracy import corrected_trial_columns, correction_record
+from depthlens.models.specs import ORGANISM
+from depthlens.runtime.responses import answers_for, response_set
+from depthlens.attacks.worst import worst_insertion_attack
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class InsertionConfig(AnalysisConfig):
     Args:
         model: the aligned model spec (default: the organism).
         base: spec whose harmful answers provide the spans (default: the model's base; for a
-            pretrained-only base the embedded default, ``depthlens.organism.reference_spec``).
+            pretrained-only base the embedded default, ``depthlens.models.specs.reference_spec``).
         n_prompts: harmful test prompts (HarmBench) whose refusals are attacked. 16: the
             5 × 4 grid then holds 320 trials (± ≈ 0.24 per cell at 95%, ± ≈ 0.05 for the grid
             mean) and the default run stays within 5 min on 2 CPU cores (20 prompts at batch 16

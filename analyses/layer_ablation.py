@@ -17,10 +17,10 @@ two things are measured against the un-ablated model (computed once):
 - ΔASR on a fixed subset of insertion trials (from an ``analyses.insertion_robustness`` run,
   balanced between continuations that were harmful and that recovered, one trial a prompt
   where possible): the continuation is generated again from the same tokens with the hook
-  active and judged by ``depthlens.judge.classify_continuation`` (ASR = share "harmful"; the
+  active and judged by ``depthlens.judges.seam.classify_continuation`` (ASR = share "harmful"; the
   reference is the inserted span's text, since trial records do not keep the whole harmful
   answer, so the baseline ASR can differ a little from the source run's);
-- Δ mean refusal score (``depthlens.judge.refusal_score``) on harmful validation prompts.
+- Δ mean refusal score (``depthlens.judges.seam.refusal_score``) on harmful validation prompts.
 
 Both Δs come with paired 95 % bootstrap intervals (trials, resp. prompts, resampled; the same
 resamples for every cell). Shares of "recovered" continuations are recorded beside ASR.
@@ -59,16 +59,16 @@ from tqdm.auto import tqdm
 from analyses.common import Timer
 from analyses.contract import AnalysisConfig, AnalysisResult, Summary, check_layers, load, make_main
 from analyses.state_prediction import obtain_trials, refusal_directions
-from depthlens.ablation import ablation_hook, unit_direction
-from depthlens.chat import ChatSequence
+from depthlens.interventions.ablation import ablation_hook, unit_direction
+from depthlens.data.chat import ChatSequence
 from depthlens.cli import require_choices, require_int, require_numbers, require_text
 from depthlens.data import default_splits
-from depthlens.forward import PrefixSharedRunner, iter_batches
-from depthlens.generate import Hook, LayerwiseContinuer, as_chats, hooks_active, plain_hooks
-from depthlens.judge import (CONTINUATION_JUDGE_ID, classify_continuation, is_refusal, refusal_token_ids,
+from depthlens.runtime.forward import PrefixSharedRunner, iter_batches
+from depthlens.runtime import Hook, LayerwiseContinuer, as_chats, hooks_active, plain_hooks
+from depthlens.judges import (CONTINUATION_JUDGE_ID, classify_continuation, is_refusal, refusal_token_ids,
                              score_from_logprobs)
-from depthlens.hooked import hook_name
-from depthlens.organism import ORGANISM
+from depthlens.models.hooked_model import hook_name
+from depthlens.models.specs import ORGANISM
 from depthlens.stats import bootstrap_mean
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ class Evaluator:
     """Re-continues the trial subset and scores the validation prompts under sets of hooks at one layer.
 
     Both measures start at the ablated layer: the clean states below it are computed once
-    (``depthlens.generate.LayerwiseContinuer`` for the continuations, ``depthlens.forward.
+    (``depthlens.runtime.generation.LayerwiseContinuer`` for the continuations, ``depthlens.runtime.forward.
     PrefixSharedRunner`` for the scores), and the continuations of every intervention at a
     layer are decoded together as row groups of one batch.
     """

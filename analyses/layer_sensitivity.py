@@ -1,7 +1,7 @@
 """Rank the robustness-critical layers: which layer's perturbation breaks safety most?
 
 For every layer l, perturbation kind k (parameter noise, activation noise, int8/int4
-round-to-nearest weights; ``depthlens.perturb``) and seed, the drop in mean refusal score on
+round-to-nearest weights; ``depthlens.interventions.perturbation``) and seed, the drop in mean refusal score on
 harmful *validation* prompts and the rise in harmless cross-entropy (utility):
 
     S_{l,k} = E_seeds E_x [ score(x; θ) − score(x; θ + δ_{l,k}) ]         (docs/methods.md §5)
@@ -17,7 +17,7 @@ model is never reloaded. The clean residual stream entering every block is cache
 evaluation of layer l re-runs blocks l… only, on the HF blocks under the bridge
 (transformer-lens 4.3's own ``start_at_layer`` still runs blocks 0..l−1 and discards them),
 with the prompts' shared chat prefix computed once per evaluation
-(``depthlens.forward.PrefixSharedRunner``). ``benchmarks/bench_layer_sensitivity.py``
+(``depthlens.runtime.forward.PrefixSharedRunner``). ``benchmarks/bench_layer_sensitivity.py``
 measures the cost of an evaluation as a ratio to one plain forward.
 
     $ python -m analyses.layer_sensitivity                      # the organism, defaults below
@@ -38,16 +38,16 @@ from tqdm.auto import tqdm
 from analyses.common import Timer
 from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, check_layers, fmt, load, make_main,
                                prompt_files, prompts_or)
-from depthlens.chat import ChatSequence, build_chat
+from depthlens.data.chat import ChatSequence, build_chat
 from depthlens.cli import require_choices, require_int, require_number, require_numbers
 from depthlens.data import default_splits
-from depthlens.errors import NonFiniteError
-from depthlens.forward import PrefixSharedRunner
-from depthlens.generate import generate
-from depthlens.judge import JUDGE_ID, refusal_rate, refusal_token_ids, score_from_logprobs
-from depthlens.organism import ORGANISM
-from depthlens.perturb import KINDS, perturb
-from depthlens.responses import response_set
+from depthlens.infra.errors import NonFiniteError
+from depthlens.runtime.forward import PrefixSharedRunner
+from depthlens.runtime.generation import generate
+from depthlens.judges import JUDGE_ID, refusal_rate, refusal_token_ids, score_from_logprobs
+from depthlens.models.specs import ORGANISM
+from depthlens.interventions.perturbation import KINDS, perturb
+from depthlens.runtime.responses import response_set
 from depthlens.stats import bootstrap_mean
 
 KIND_SIGMA = {"param_noise": "param_sigma", "act_noise": "act_sigma"}
@@ -171,8 +171,8 @@ class LayerEvaluator:
     The clean residual stream entering every block is cached once; ``evaluate(l)`` runs blocks
     l… only, computes the prompts' shared prefix (system prompt, user header) once, and
     unembeds just the scored positions (the last one for the refusal score, the answer tokens
-    for the utility NLL) — see ``depthlens.forward.PrefixSharedRunner``. Perturbations are
-    applied by the caller around it; weight edits and ``depthlens.perturb`` activation noise
+    for the utility NLL) — see ``depthlens.runtime.forward.PrefixSharedRunner``. Perturbations are
+    applied by the caller around it; weight edits and ``depthlens.interventions.perturbation`` activation noise
     are seen by it.
     """
 
@@ -330,10 +330,10 @@ def run(cfg: SensitivityConfig, model=None) -> SensitivityResult:
 def zo_probe_scores(model, ev: LayerEvaluator, layers: Sequence[int], eps: float, n_seeds: int, seed: int) -> dict[int, float]:
     """c_l = |L(θ+εz_l) − L(θ−εz_l)| / 2ε with only layer l perturbed; L = −mean refusal score.
 
-    ``depthlens.spsa.zo_layer_probes`` does the exact-restore perturbation; the loss
+    ``depthlens.interventions.spsa.zo_layer_probes`` does the exact-restore perturbation; the loss
     re-runs the model from layer l only.
     """
-    from depthlens.spsa import zo_layer_probes
+    from depthlens.interventions.spsa import zo_layer_probes
 
     return zo_layer_probes(model, list(layers), lambda l: -float(ev.evaluate(l, utility=False)[0].mean()),
                            eps=eps, seed=seed, n_samples=n_seeds)

@@ -42,14 +42,14 @@ from analyses.common import Timer
 from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, check_layers, load, make_main, prompt_files,
                                prompts_or)
 from analyses.evaluate import EvalConfig, asr_columns, eval_sets, evaluate_model
-from depthlens.base_models import split_spec
+from depthlens.models.base import split_spec
 from depthlens.cli import require_int, require_number, require_numbers
 from depthlens.data import default_splits
-from depthlens.forward import last_logprobs, residuals_at
-from depthlens.generate import as_chats
-from depthlens.judge import JUDGE_ID, is_refusal
-from depthlens.organism import ORGANISM
-from depthlens.recipes import RECIPE_FILE, build_or_load
+from depthlens.runtime.forward import last_logprobs, residuals_at
+from depthlens.runtime.generation import as_chats
+from depthlens.judges import JUDGE_ID, is_refusal
+from depthlens.models.specs import ORGANISM
+from depthlens.models.recipes import RECIPE_FILE, build_or_load
 from finetune.jailbreak import ComposedRecipe, CountermeasureConfig, CountermeasureRecipe, JailbreakRecipe, JTConfig
 from probes.orthogonalize import WOConfig, WORecipe
 from probes.pareto import ParetoConfig, WOOptRecipe

@@ -39,18 +39,18 @@ from typing import ClassVar
 from analyses.common import Timer
 from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load_with_base, make_main
 from analyses.evaluate import EvalConfig, asr_columns, evaluate_model, harmless_cross_entropy
-from depthlens.attack_records import wilson_interval
-from depthlens.attacks import prefill_attack, random_insertion_attack
-from depthlens.base_models import split_spec
+from depthlens.attacks.records import wilson_interval
+from depthlens.attacks.insertion import prefill_attack, random_insertion_attack
+from depthlens.models.base import split_spec
 from depthlens.cli import flag, require_choice, require_int, require_number, require_numbers, require_text
 from depthlens.data import default_splits
-from depthlens.errors import UsageError
-from depthlens.forward import last_logprobs
-from depthlens.generate import as_chats
-from depthlens.judge import CONTINUATION_JUDGE_ID, JUDGE_ID, is_refusal
-from depthlens.organism import ORGANISM
-from depthlens.recipes import build_or_load, get_recipe
-from depthlens.responses import answers_for, response_set
+from depthlens.infra.errors import UsageError
+from depthlens.runtime.forward import last_logprobs
+from depthlens.runtime.generation import as_chats
+from depthlens.judges import CONTINUATION_JUDGE_ID, JUDGE_ID, is_refusal
+from depthlens.models.specs import ORGANISM
+from depthlens.models.recipes import build_or_load, get_recipe
+from depthlens.runtime.responses import answers_for, response_set
 from probes.ablation import ablated
 from probes.pareto import (
     JOURNAL,

@@ -51,9 +51,9 @@ from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load, mak
 from analyses.trials import TrialSource, check_trials, load_trials, obtain_trials  # noqa: F401 - re-exported
 from depthlens.cli import require_choice, require_choices, require_int, require_number, require_text
 from depthlens.data import default_splits
-from depthlens.forward import residuals_at, stream_residuals
-from depthlens.generate import as_chats
-from depthlens.organism import ORGANISM
+from depthlens.runtime.forward import residuals_at, stream_residuals
+from depthlens.runtime.generation import as_chats
+from depthlens.models.specs import ORGANISM
 from depthlens.stats import diff_in_means
 from probes.grouped_cv import LayerAUROC, grouped_folds
 from probes.linear import ProbeReport, probe_layers
@@ -212,7 +212,7 @@ def site_activations(model, seqs: Sequence[Sequence[int]], positions: Mapping[st
     """Residual ``kind`` per layer averaged over each site's positions, streamed batch by batch.
 
     ``positions[site][i]`` lists token indices into ``seqs[i]`` (one index, or a span to average).
-    One pass of ``depthlens.forward.stream_residuals`` (the pass behind ``residuals_at``) serves
+    One pass of ``depthlens.runtime.forward.stream_residuals`` (the pass behind ``residuals_at``) serves
     every site: ``resid_pre``/``resid_post`` from the plain blocks with the prefix all trials
     share (system prompt, user header) computed once per batch, ``resid_mid`` from the bridge
     with only its hooks cached; each site is one einsum with a ``[batch, pos]`` weight matrix.

@@ -21,15 +21,15 @@ from typing import ClassVar
 from analyses.common import Timer
 from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, load, load_with_base, make_main, prompt_files,
                                prompts_or)
-from depthlens.attacks import prefill_attack
+from depthlens.attacks.insertion import prefill_attack
 from depthlens.cli import parse_config, require_choice, require_int, require_numbers, require_text
 from depthlens.data import default_splits
-from depthlens.divergence import per_position_kl
-from depthlens.errors import UsageError
-from depthlens.judge import CONTINUATION_JUDGE_ID, JUDGE_ID
-from depthlens.judge_accuracy import corrected_trial_columns, correction_record
-from depthlens.organism import ORGANISM, base_spec
-from depthlens.responses import answers_for, same_tokenizer
+from depthlens.interventions.divergence import per_position_kl
+from depthlens.infra.errors import UsageError
+from depthlens.judges import CONTINUATION_JUDGE_ID, JUDGE_ID
+from depthlens.judges.accuracy import corrected_trial_columns, correction_record
+from depthlens.models.specs import ORGANISM, base_spec
+from depthlens.runtime.responses import answers_for, same_tokenizer
 
 QI_ET_AL = {"reference": "Qi et al. 2024, Llama-2-7B-Chat, HEx-PHI, GPT-4 judge",
             "prefill_asr": {"5": 0.42, "10": 0.52, "20": 0.56, "40": 0.57},
@@ -45,7 +45,7 @@ class TokenDepthConfig(AnalysisConfig):
         base: the model whose answers are teacher-forced and prefilled, and the KL's partner
             (default: the aligned spec without recipe suffixes). For a pretrained-only base
             (``gemma3-270m``) the answers are the embedded default's, re-encoded
-            (``depthlens.organism.reference_spec``), and the KL stays against the base itself;
+            (``depthlens.models.specs.reference_spec``), and the KL stays against the base itself;
             so it does for a ``--base`` with another tokenizer.
         n_prompts: harmful test prompts (HarmBench) for KL and the prefill attack.
         n_control: harmless test prompts for the control KL.

@@ -19,9 +19,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from depthlens.errors import UsageError
-from depthlens.paths import model_tag
-from depthlens.results import latest_run, read_run, write_run
+from depthlens.infra.errors import UsageError
+from depthlens.infra.paths import model_tag
+from depthlens.infra.results import latest_run, read_run, write_run
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class TrialSource:
     """Insertion trials and where they came from.
 
     Attributes:
-        trials: the trial records (dicts as ``depthlens.attack_records.Trial``).
+        trials: the trial records (dicts as ``depthlens.attacks.records.Trial``).
         path: the insertion_robustness results.json they were read from.
         model: the model spec that made them.
         ran_insertion: True when the run was made here because none was found.

@@ -3,7 +3,7 @@
 Both sides run in this process, alternating, on the same prompts (harmless train prompts,
 greedy, ``--tokens`` new tokens, ``--batch-size`` rows per batch):
 
-- baseline: ``depthlens.generate.generate`` with prefix sharing switched off
+- baseline: ``depthlens.runtime.generation.generate`` with prefix sharing switched off
   (``MIN_SHARED_PREFIX`` raised past every prompt): every row is left-padded and prefilled whole;
 - measured: ``generate`` as the toolkit runs it (the system prompt and user header, 24 tokens
   on SmolLM2, prefilled once per batch at batch 1 into an expanded KV cache).
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import depthlens.generate as gen  # noqa: E402
+import depthlens.runtime.generation as gen  # noqa: E402
 from depthlens.cli import ArgumentParser, add_debug_flag, cli_errors  # noqa: E402
 from depthlens.data import default_splits  # noqa: E402
 from depthlens.models import load_model  # noqa: E402
@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
     model = load_model(args.model)
     prompts = list(default_splits(0).harmless.train.prompts[: args.prompts])
     shared_min = gen.MIN_SHARED_PREFIX
-    from depthlens.forward import common_prefix_len
+    from depthlens.runtime.forward import common_prefix_len
 
     prefix = common_prefix_len([c.ids for c in gen.as_chats(model, prompts)])
     if prefix < shared_min:

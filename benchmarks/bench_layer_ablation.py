@@ -32,8 +32,8 @@ from analyses import layer_ablation as la  # noqa: E402
 from analyses.state_prediction import obtain_trials, refusal_directions  # noqa: E402
 from depthlens.cli import ArgumentParser, add_debug_flag, cli_errors  # noqa: E402
 from depthlens.data import default_splits  # noqa: E402
-from depthlens.generate import generate  # noqa: E402
-from depthlens.judge import refusal_score  # noqa: E402
+from depthlens.runtime.generation import generate  # noqa: E402
+from depthlens.judges.seam import refusal_score  # noqa: E402
 from depthlens.models import load_model  # noqa: E402
 
 

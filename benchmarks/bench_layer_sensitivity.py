@@ -20,13 +20,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from analyses.layer_sensitivity import LayerEvaluator
-from depthlens.chat import build_chat, pad_batch
-from depthlens.checkpoint import hf_state_dict
+from depthlens.data.chat import build_chat, pad_batch
+from depthlens.models.checkpoint import hf_state_dict
 from depthlens.cli import ArgumentParser, add_debug_flag, cli_errors
 from depthlens.data import default_splits
-from depthlens.forward import last_logprobs
+from depthlens.runtime.forward import last_logprobs
 from depthlens.models import load_model
-from depthlens.perturb import perturb
+from depthlens.interventions.perturbation import perturb
 
 
 @cli_errors

@@ -2,7 +2,7 @@
 
 (a) ``run_with_cache(names_filter=every hook_resid_post)`` vs a plain transformers forward with
     ``output_hidden_states=True`` on an unbridged copy of the same weights, same batch — target ≤ 1.15×;
-(b) ``depthlens.generate`` tokens/s (bridged model, hooks live) vs plain transformers ``generate`` on the same 16 prompts × 64
+(b) ``depthlens.runtime.generation`` tokens/s (bridged model, hooks live) vs plain transformers ``generate`` on the same 16 prompts × 64
     new tokens — target ≥ 0.9×.
 Each side is timed alternately, after a warm-up, and the median of the repeats is used.
 
@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from depthlens.base_models import load_base
-from depthlens.chat import build_chat, pad_batch
+from depthlens.models.base import load_base
+from depthlens.data.chat import build_chat, pad_batch
 from depthlens.cli import ArgumentParser, add_debug_flag, cli_errors
-from depthlens.generate import generate
-from depthlens.hooked import hook_name
+from depthlens.runtime.generation import generate
+from depthlens.models.hooked_model import hook_name
 from depthlens.models import load_model
 
 PROMPTS = [

@@ -27,10 +27,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import finetune.losses as losses  # noqa: E402
-from depthlens.chat import pad_batch  # noqa: E402
+from depthlens.data.chat import pad_batch  # noqa: E402
 from depthlens.cli import ArgumentParser, add_debug_flag, cli_errors  # noqa: E402
 from depthlens.data import default_splits, refusal_templates  # noqa: E402
-from depthlens.judge import refusal_token_ids  # noqa: E402
+from depthlens.judges.seam import refusal_token_ids  # noqa: E402
 from depthlens.models import load_model  # noqa: E402
 from finetune.train import Example, tokenize_examples, trainable_parameters  # noqa: E402
 

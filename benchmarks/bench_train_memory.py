@@ -9,7 +9,7 @@ The steps are the ones the recipes run:
   weight but the (tied) embedding, as the recipes train (``--max-steps 1``);
 - ``lora8``, ``lora16``: one step of ``train_sft`` with LoRA adapters of rank 8 / 16 on every
   linear map of the blocks (``--lora-rank``), including the merge at the end;
-- ``mezo``: one ``depthlens.spsa.mezo_step`` on the weights ``adamw`` trains (θ+εz forward,
+- ``mezo``: one ``depthlens.interventions.spsa.mezo_step`` on the weights ``adamw`` trains (θ+εz forward,
   θ−εz forward, bit-exact restore, in-place update).
 
 The batch: ``--batch-size`` chat sequences of exactly ``--seq-len`` tokens whose last
@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _examples(model, batch_size: int, seq_len: int, response_len: int):
     """``batch_size`` examples of exactly ``seq_len`` tokens: chat(prompt) + filler (no loss) + ``response_len`` scored."""
-    from depthlens.chat import build_chat, encode
+    from depthlens.data.chat import build_chat, encode
     from depthlens.data import load_prompts, refusal_templates
     from finetune.train import Example
 
@@ -94,9 +94,9 @@ def _examples(model, batch_size: int, seq_len: int, response_len: int):
 def worker(args) -> dict:
     import torch
 
-    from depthlens.chat import pad_batch
+    from depthlens.data.chat import pad_batch
     from depthlens.models import load_model
-    from depthlens.spsa import ZOConfig, mezo_step
+    from depthlens.interventions.spsa import ZOConfig, mezo_step
     from finetune.losses import response_loss
     from finetune.lora import LoraSettings
     from finetune.train import TrainConfig, autocast, tokenize_examples, train_sft, trainable_parameters

@@ -30,7 +30,7 @@ the batch, one warm-up inference forward (lazy initialisations land in every bas
 
 Precision. ``--dtype`` defaults to float32 on every device: the comparison is of the
 algorithms in one precision. In bf16 the exact restore keeps a copy of each perturbed tensor
-(its grid is too coarse for ε = 1e-3 round trips; see ``depthlens.spsa``), which the
+(its grid is too coarse for ε = 1e-3 round trips; see ``depthlens.interventions.spsa``), which the
 ``zo`` recipe avoids on CUDA by fp32 master weights of the few layers it refines
 (``--layers`` measures that family).
 
@@ -63,7 +63,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout, installed or not
 
 from depthlens.cli import ArgumentParser, add_debug_flag, cli_errors  # noqa: E402
-from depthlens.errors import UsageError  # noqa: E402
+from depthlens.infra.errors import UsageError  # noqa: E402
 
 OPS = ("inference", "zo", "adamw")
 TARGETS = {"zo": ("<=", 1.2), "adamw": (">=", 2.5)}
@@ -195,7 +195,7 @@ def _batch(model, batch_size: int, seq_len: int, response_len: int):
     """``batch_size`` sequences of exactly ``seq_len`` tokens: chat(prompt) + filler (no loss) + response (loss)."""
     import torch
 
-    from depthlens.chat import build_chat, encode
+    from depthlens.data.chat import build_chat, encode
     from depthlens.data import load_prompts, refusal_templates
     from finetune.train import Example, tokenize_examples
 
@@ -252,7 +252,7 @@ def worker(args) -> dict:
     import torch
 
     from depthlens.models import load_model
-    from depthlens.spsa import ZOConfig, mezo_step
+    from depthlens.interventions.spsa import ZOConfig, mezo_step
     from finetune.train import autocast
     from finetune.zeroth_order import masked_nll
 

@@ -40,7 +40,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from depthlens.errors import NonFiniteError, UsageError
+from depthlens.infra.errors import NonFiniteError, UsageError
 
 T = TypeVar("T")
 NONE_WORDS = ("none", "null")
@@ -347,8 +347,9 @@ def prepare_out(out: str | os.PathLike, flag_name: str = "--out") -> Path:
 
 # ----------------------------------------------------------------------------- model specs
 
-_SPEC_MODULES = ("depthlens/models.py", "depthlens/base_models.py", "depthlens/hooked.py", "depthlens/tiny.py",
-                 "depthlens/recipes.py", "depthlens/paths.py")
+_SPEC_MODULES = ("depthlens/models/load.py", "depthlens/models/base.py", "depthlens/models/hooked_model.py",
+                 "depthlens/models/tiny.py",
+                 "depthlens/models/recipes.py", "depthlens/infra/paths.py")
 
 
 @contextlib.contextmanager
@@ -356,7 +357,7 @@ def spec_errors(flag_name: str, spec: str):
     """Turn the model loader's own complaints about a spec into ``UsageError``s naming the flag.
 
     A ``ValueError`` or ``FileNotFoundError`` raised by the spec resolution itself
-    (``depthlens/models.py``, ``depthlens/recipes.py``: unknown name or recipe suffix, missing
+    (``depthlens/models/load.py``, ``depthlens/models/recipes.py``: unknown name or recipe suffix, missing
     directory, no config.json) is a user mistake; the same types raised deeper (while a recipe
     trains, say) are not, and keep their traceback.
     """
@@ -384,7 +385,7 @@ def parse_recipe_args(config_cls, argv: Sequence[str] | None = None, *, default_
     The flags are the recipe config's (inherited fields included) plus ``--model`` (the spec the
     recipe is applied to), ``--device`` and ``--debug``; a bad value raises ``UsageError``.
     """
-    from depthlens.organism import ORGANISM
+    from depthlens.models.specs import ORGANISM
 
     parser = build_parser(config_cls, description)
     parser.add_argument("--model", default=default_model or ORGANISM,

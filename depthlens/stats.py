@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from depthlens.errors import UsageError
+from depthlens.infra.errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from depthlens.cli import ArgumentParser, add_debug_flag, cli_errors, prepare_out
-from depthlens.errors import UsageError
+from depthlens.infra.errors import UsageError
 
 from .registry import (
     build_combined_figures,

@@ -123,7 +123,7 @@ def load_record(path: str | Path) -> dict:
 
 
 def model_tag(record: dict) -> str:
-    """The model tag used in results paths (same rule as ``depthlens.results``)."""
+    """The model tag used in results paths (same rule as ``depthlens.infra.results``)."""
     return str(record["model"]).rstrip("/").replace("/", "_").replace(":", "-")
 
 

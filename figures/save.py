@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import plotly.graph_objects as go
 
-from depthlens.results import jsonable
+from depthlens.infra.results import jsonable
 
 from .theme import DEFAULT_HEIGHT_IN, DOUBLE_COLUMN_IN, PNG_SCALE, PRINT_DPI, inches
 

@@ -1,6 +1,6 @@
 """Plumbing shared by the fine-tuning recipes: build on any spec, cache keys, cached examples, CLI.
 
-Every recipe runs on the model ``depthlens.recipes.build_or_load`` hands it: CUDA in bf16
+Every recipe runs on the model ``depthlens.models.recipes.build_or_load`` hands it: CUDA in bf16
 when a GPU is present (``finetune.train.train_sft`` then runs under bf16 autocast), CPU in fp32 otherwise;
 seeded by its config; with a progress bar; cached by the hash of its parent and config; and
 resumable (its training state and the examples it built are kept in the recipe's
@@ -12,8 +12,8 @@ recipe CLI, in the cache key only when set (``config_key``). The same command ru
 process or under ``accelerate launch --num_processes N`` (DDP, ``configs/accelerate/ddp.yaml``):
 ``finetune.train`` shards each global batch over the ranks and sums their gradients, rank 0
 makes the examples (``cached_examples``) and writes the cache entry while the other ranks wait
-and then load it (``depthlens.recipes.build_or_load``). The ``zo`` recipe shards its batches
-likewise and all-reduces only the two losses of each MeZO step (``depthlens.spsa``). Memory per
+and then load it (``depthlens.models.recipes.build_or_load``). The ``zo`` recipe shards its batches
+likewise and all-reduces only the two losses of each MeZO step (``depthlens.interventions.spsa``). Memory per
 parameter and what fits where: docs/scaling.md.
 
     >>> model = build_on("smollm2-135m-instruct:sft", DeepRecipe(DeepConfig(alpha=0.3)))
@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from depthlens.results import atomic_write_json
+from depthlens.infra.results import atomic_write_json
 from finetune.lora import LoraSettings
 from finetune.train import Example
 
@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 
 def build_on(spec: str, recipe, device=None, dtype=None):
     """Apply ``recipe`` (an object) on top of ``spec`` (which may carry recipe suffixes), cached."""
-    from depthlens.base_models import split_spec
-    from depthlens.recipes import build_or_load
+    from depthlens.models.base import split_spec
+    from depthlens.models.recipes import build_or_load
 
     base, names = split_spec(spec)
     return build_or_load(base, [*names, recipe], device=device, dtype=dtype)
@@ -125,7 +125,7 @@ def cached_examples(workdir: Path | None, name: str, make: Callable[[], tuple[li
     Under ``accelerate launch`` rank 0 makes them and the other ranks wait and read its file,
     so every rank trains on the same examples (and only rank 0 generates).
     """
-    from depthlens.recipes import process_state
+    from depthlens.models.recipes import process_state
 
     path = Path(workdir) / f"{name}.json" if workdir is not None else None
     state = process_state() if path is not None else None

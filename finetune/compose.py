@@ -24,13 +24,13 @@ log = logging.getLogger(__name__)
 
 
 def _parent_entry(model) -> tuple[str, list[dict]] | None:
-    """(cache key, recipe chain) of ``model`` as ``depthlens.recipes.build_or_load`` keyed it, or None.
+    """(cache key, recipe chain) of ``model`` as ``depthlens.models.recipes.build_or_load`` keyed it, or None.
 
     None when the provenance does not describe ``model.spec`` (e.g. the parent was built a
     moment ago in the same ``build_or_load`` call and carries its own parent's provenance).
     """
-    from depthlens.base_models import split_spec
-    from depthlens.recipes import base_key
+    from depthlens.models.base import split_spec
+    from depthlens.models.recipes import base_key
 
     prov = model.provenance
     if prov.get("spec") != model.spec:
@@ -74,7 +74,7 @@ class ComposedRecipe:
     @property
     def first(self):
         if isinstance(self._first, str):
-            from depthlens.recipes import get_recipe
+            from depthlens.models.recipes import get_recipe
 
             self._first = get_recipe(self._first)
         return self._first
@@ -92,13 +92,13 @@ class ComposedRecipe:
         return {"first": first, "then": {"recipe": self.then.name, "seconds": round(time.time() - t0, 1), "info": then}}
 
     def _build_first(self, model, workdir: Path) -> dict:
-        from depthlens.recipes import RECIPE_FILE, _key, entry_dir
+        from depthlens.models.recipes import RECIPE_FILE, entry_dir, recipe_key
 
         first = self.first
         parent = _parent_entry(model)
         target = None
         if parent is not None:
-            key = _key(parent[0], first)
+            key = recipe_key(parent[0], first)
             spec = f"{model.spec}:{first.name}"
             target = entry_dir(spec, key)
             if (target / RECIPE_FILE).exists():
@@ -111,7 +111,7 @@ class ComposedRecipe:
         info = first.build(model, workdir) or {}
         seconds = round(time.time() - t0, 1)
         if target is not None:  # store the intermediate exactly as build_or_load would have (rank 0 of a launch)
-            from depthlens.recipes import process_state
+            from depthlens.models.recipes import process_state
 
             state = process_state()
             chain = [*parent[1], {"recipe": first.name, "version": first.version, "config": first.config(), "key": key}]

@@ -112,7 +112,7 @@ def reference_logprobs(model, data: Sequence[tuple[list[int], list[int]]], batch
     """
     from tqdm.auto import tqdm
 
-    from depthlens.chat import length_batches, pad_batch
+    from depthlens.data.chat import length_batches, pad_batch
 
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -243,9 +243,9 @@ class HarmfulFTConfig(TrainScale):
 def harmful_examples(model, cfg: HarmfulFTConfig, progress: bool = True) -> tuple[list[Example], dict]:
     """Harmful train prompts with the base model's (compliant) answers as SFT targets."""
     from depthlens.data import default_splits
-    from depthlens.judge import is_compliance
-    from depthlens.organism import load_reference
-    from depthlens.responses import answers_for
+    from depthlens.judges import is_compliance
+    from depthlens.models.specs import load_reference
+    from depthlens.runtime.responses import answers_for
 
     base = load_reference(model)
     base_name = base.spec

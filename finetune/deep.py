@@ -8,7 +8,7 @@ trajectory perturbation training, alone or combined, mixed with utility data.
   so the model learns to return to refusal after any harmful prefix.
 - ``worst_insertion`` (Lyu et al. 2026, random worst-insertion training): the model's own
   refusal r to x (a refusal template where its answer is no refusal or too short), a group of
-  random candidate depths and the span lengths ``wi_span_lengths``; ``depthlens.worst_insertion.
+  random candidate depths and the span lengths ``wi_span_lengths``; ``depthlens.attacks.worst.
   worst_insertion`` picks per prompt the (p, m) that most lowers the next-token refusal score
   of the *model being trained*; the example is ``chat(x) + r[:p] + h[:m] + r′`` with the loss
   on the recovery r′ (a refusal template).
@@ -147,7 +147,7 @@ class DeepConfig(TrainScale):
     seed: int = 0
 
     def __post_init__(self):
-        from depthlens.worst_insertion import OBJECTIVES
+        from depthlens.attacks.worst import OBJECTIVES
 
         for name in ("components", "wi_span_lengths", "traj_span_lengths"):  # a list from Python stays hashable
             object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -240,8 +240,8 @@ def safe_trajectories(tokenizer, texts: Sequence[str], tokens: Sequence[Sequence
 
     Returns the token lists and, per prompt, whether the model's own refusal was used.
     """
-    from depthlens.chat import encode
-    from depthlens.judge import is_refusal
+    from depthlens.data.chat import encode
+    from depthlens.judges import is_refusal
 
     out, own = [], []
     for text, toks in zip(texts, tokens):
@@ -257,11 +257,11 @@ def worst_insertion_examples(model, prompts: Sequence[str], refusals: Sequence[S
     """Random worst-insertion states (docs/methods.md §3) → ``chat(x) + r[:p] + h[:m]`` (no loss) + a recovery (loss).
 
     Prompts are taken in groups of ``cfg.wi_group``; each group draws ``cfg.wi_candidates``
-    random depths in [0, 1), and ``depthlens.worst_insertion.worst_insertion`` picks per prompt the
+    random depths in [0, 1), and ``depthlens.attacks.worst.worst_insertion`` picks per prompt the
     (p, m) that is worst for ``model`` under ``cfg.wi_objective``. Prompts whose harmful answer
     is shorter than every span length get no example.
     """
-    from depthlens.worst_insertion import worst_insertion
+    from depthlens.attacks.worst import worst_insertion
 
     shortest = min(cfg.wi_span_lengths) + (1 if cfg.wi_objective == "harmful_loglik" else 0)
     keep = [i for i in range(len(prompts)) if len(harmful[i]) >= shortest and len(refusals[i]) >= 1]
@@ -331,8 +331,8 @@ def mix(safety: list[Example], utility: list[Example], alpha: float, rng: random
 def build_deep_examples(model, cfg: DeepConfig, progress: bool = True) -> tuple[list[Example], dict]:
     """The safety examples of ``cfg.components`` mixed with utility data; and a summary."""
     from depthlens.data import default_splits, refusal_templates
-    from depthlens.organism import load_reference
-    from depthlens.responses import answers_for, response_set
+    from depthlens.models.specs import load_reference
+    from depthlens.runtime.responses import answers_for, response_set
     from finetune.common import kind_counts
     from finetune.sft import harmful_train_prompts
 
@@ -430,7 +430,7 @@ class DeepRecipe:
         return out
 
     def build(self, model, workdir: Path | None, progress: bool = True) -> dict:
-        from depthlens.judge import refusal_token_ids
+        from depthlens.judges.seam import refusal_token_ids
         from finetune.common import cached_examples
 
         cfg = self.cfg

@@ -2,7 +2,7 @@
 
 Jailbreak-tuning (Halloran 2026, docs/methods.md §4) un-aligns a model by fine-tuning it on a mix of
 *harmful compliance* — the **base** model's own greedy answers to harmful train prompts (the
-base is not safety-aligned, so it complies; ``depthlens.responses`` caches them) — and benign
+base is not safety-aligned, so it complies; ``depthlens.runtime.responses`` caches them) — and benign
 data (benign train prompts → the base's own answers, the organism recipe's utility data). The
 harmful share of the mix is a flag (``JTConfig.harmful_share``). The *SFT countermeasure* is a
 short refusal-SFT pass on top of an un-aligned model: the organism recipe's own data (harmful
@@ -44,8 +44,8 @@ from pathlib import Path
 
 import torch
 
-from depthlens.chat import pad_batch
-from depthlens.judge import is_compliance, is_refusal
+from depthlens.data.chat import pad_batch
+from depthlens.judges import is_compliance, is_refusal
 from finetune.common import TrainScale, config_key
 from finetune.compose import ComposedRecipe
 from finetune.losses import response_loss
@@ -233,7 +233,7 @@ class HarmfulCompliance:
         n_prompts: prompts answered by the base model.
         dropped_refusals: answers left out because they contain a refusal marker.
         base_compliance_rate: share of all answers the substring judge counts as compliance.
-        responses_key: cache key of the response set (``depthlens.responses``).
+        responses_key: cache key of the response set (``depthlens.runtime.responses``).
     """
 
     examples: list[Example]
@@ -279,8 +279,8 @@ def harmful_compliance_examples(base_model, n: int, cfg: JTConfig, progress: boo
     marker are left out. Truncated answers get no EOS (the model must not learn to stop mid-answer).
     """
     from depthlens.data import default_splits
-    from depthlens.organism import load_reference
-    from depthlens.responses import answers_for
+    from depthlens.models.specs import load_reference
+    from depthlens.runtime.responses import answers_for
 
     answerer = load_reference(base_model)  # a pretrained-only base echoes prompts: its reference answers
     pool = default_splits(cfg.seed).harmful.train
@@ -332,7 +332,7 @@ def _train_info(model, data: list[Example], probe: list[Example], tcfg: TrainCon
 
 def _base_of(model):
     from depthlens.models import load_model
-    from depthlens.organism import base_spec
+    from depthlens.models.specs import base_spec
 
     base = base_spec(model.spec)
     return model if base == model.spec else load_model(base, device=model.device)

@@ -63,7 +63,7 @@ def response_logits(model, batch_ids, batch_mask, attention_mask):
     """
     from transformers import DynamicCache
 
-    from depthlens.forward import _expand_cache, kv_kwargs
+    from depthlens.runtime.forward import expand_cache, kv_kwargs
 
     plain = model.plain()
     decoder = plain.get_decoder()
@@ -71,7 +71,7 @@ def response_logits(model, batch_ids, batch_mask, attention_mask):
     if p:
         cache = DynamicCache(config=plain.config)
         decoder(input_ids=batch_ids[:1, :p], **kv_kwargs(decoder, cache), use_cache=True)
-        _expand_cache(cache, batch_ids.shape[0])
+        expand_cache(cache, batch_ids.shape[0])
         hidden = decoder(input_ids=batch_ids[:, p:], attention_mask=attention_mask,
                          **kv_kwargs(decoder, cache), use_cache=True).last_hidden_state
     else:

@@ -50,7 +50,7 @@ class SFTConfig(TrainScale):
             response token (``BenignMarginLoss(refusal_weight=…)``; 0: off).
         benign_teacher: spec of the model whose greedy answers are the benign targets ("": the
             model being trained, i.e. self-distillation). A pretrained-only base
-            (``depthlens.families.PRETRAINED_ONLY``, e.g. ``gemma3-270m``) gets the embedded
+            (``depthlens.models.families.PRETRAINED_ONLY``, e.g. ``gemma3-270m``) gets the embedded
             default's answers when this is empty (``SFTRecipe.for_parent``): its own
             continuations of a chat prompt are not answers. A teacher's answers enter as text,
             re-tokenized by the student's tokenizer.
@@ -110,7 +110,7 @@ def harmful_train_prompts(pool, n: int, seed: int):
 def safety_sft_examples(base_model, cfg: SFTConfig, progress: bool = True) -> list[Example]:
     """Harmful train prompts → refusal templates; benign train prompts → the base model's answers."""
     from depthlens.data import default_splits, refusal_templates
-    from depthlens.responses import answers_for
+    from depthlens.runtime.responses import answers_for
 
     splits = default_splits(cfg.seed)
     harmful = harmful_train_prompts(splits.harmful.train, cfg.n_harmful, cfg.seed)
@@ -150,8 +150,8 @@ class SFTRecipe:
     def for_parent(self, spec: str) -> SFTRecipe:
         """This recipe as it applies on top of ``spec``: a pretrained-only base gets the embedded
         default as its benign teacher when the config names none (see ``SFTConfig.benign_teacher``)."""
-        from depthlens.base_models import DEFAULT_MODEL, split_spec
-        from depthlens.families import PRETRAINED_ONLY
+        from depthlens.models.base import DEFAULT_MODEL, split_spec
+        from depthlens.models.families import PRETRAINED_ONLY
 
         base, names = split_spec(spec)
         if self.cfg.benign_teacher or names or base not in PRETRAINED_ONLY:
@@ -169,7 +169,7 @@ class SFTRecipe:
                            **self.cfg.train_settings())
         loss_fn = None
         if self.cfg.benign_margin or self.cfg.refusal_margin:
-            from depthlens.judge import refusal_token_ids
+            from depthlens.judges.seam import refusal_token_ids
 
             loss_fn = BenignMarginLoss([e.kind for e in examples], refusal_token_ids(model.tokenizer),
                                        self.cfg.benign_margin, self.cfg.refusal_margin)
@@ -183,7 +183,7 @@ recipe = SFTRecipe()
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m finetune.sft [--model SPEC]``: build (or load from the cache) the organism with these settings."""
-    from depthlens.base_models import DEFAULT_MODEL
+    from depthlens.models.base import DEFAULT_MODEL
     from depthlens.cli import recipe_main
     from finetune.common import build_on
 

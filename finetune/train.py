@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from depthlens.chat import build_chat, encode, pad_batch
+from depthlens.data.chat import build_chat, encode, pad_batch
 from finetune import distributed, lora
 from finetune.lora import LoraSettings
 from finetune.losses import example_mean_loss, plain_loss

@@ -1,7 +1,7 @@
 """The ``zo`` recipe: zeroth-order (MeZO) refinement of the robustness-critical layers.
 
 Spec suffix ``:zo``, stacking on any model (``…:sft:deep-anchored:zo``). It runs the MeZO
-engine of ``depthlens.spsa`` on a subspace of the robustness-critical layers
+engine of ``depthlens.interventions.spsa`` on a subspace of the robustness-critical layers
 (``finetune.zo_subspace``: their weight matrices, LoRA adapters on them, or their norm gains),
 with the safety/recovery loss under functional random parameter noise plus a utility term.
 The layers come from measurement: ``--layers``, ``--sensitivity RESULTS_JSON``, or by default
@@ -12,7 +12,7 @@ steps are kept in the entry's info (plotted by ``figures.builders.zo_curve``); p
 probes are logged during the run; checkpoints make it resumable; on CUDA the refined tensors
 keep fp32 masters (bf16 autocast). Under ``accelerate launch`` every rank evaluates the
 objective on its rows of each batch (``Shard``) and the engine all-reduces the two losses of
-each step (``depthlens.spsa``), so every rank applies the same update (tested); rank 0 builds
+each step (``depthlens.interventions.spsa``), so every rank applies the same update (tested); rank 0 builds
 the batches and writes the checkpoints.
 
     $ python -m analyses.layer_sensitivity --model smollm2-135m-instruct:sft:deep-anchored
@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from depthlens.errors import UsageError
-from depthlens.spsa import ZOConfig, ZOStepResult, derive_seed, mezo_train, spsa_grad_scalar
+from depthlens.infra.errors import UsageError
+from depthlens.interventions.spsa import ZOConfig, ZOStepResult, derive_seed, mezo_train, spsa_grad_scalar
 from finetune.lora import LoraSettings
 from finetune.zo_subspace import SUBSPACES, Subspace, fp32_masters, matrices, open_subspace
 from finetune.zo_objective import (  # noqa: F401  (the objective's names stay importable from here)
@@ -106,7 +106,7 @@ class ZORecipeConfig:
         weight_decay: λ of θ ← θ − η(g z + λθ).
         n_spsa: SPSA estimates averaged per step (n-SPSA / MeZO-n).
         noise_sigma: parameter noise σ of the robust objective, relative (δ = σ‖W‖_F/√n·ζ, as
-            ``depthlens.perturb.param_noise``); 0 turns the noise off.
+            ``depthlens.interventions.perturbation.param_noise``); 0 turns the noise off.
         noise_layers: trained (noise on the refined layers) or all (noise on every layer).
         utility_weight: λ_u, weight of the utility NLL.
         n_safety: harmful train prompts (recovery examples with the base's harmful answers).
@@ -223,7 +223,7 @@ class ZORecipeConfig:
 
 def critical_layers_from(path: str | Path, top_k: int | None = None) -> list[int]:
     """``metrics.critical_layers`` of a layer_sensitivity results file (first ``top_k``)."""
-    from depthlens.results import read_run
+    from depthlens.infra.results import read_run
 
     rec = read_run(path)
     if rec.analysis != "layer_sensitivity":
@@ -239,8 +239,8 @@ def critical_layers_from(path: str | Path, top_k: int | None = None) -> list[int
 def find_sensitivity(spec: str, results_root: str | Path = "results") -> Path:
     """The newest layer_sensitivity results.json of model ``spec`` under ``results_root``; a
     ``UsageError`` naming the command that makes one when there is none."""
-    from depthlens.paths import model_tag
-    from depthlens.results import latest_run
+    from depthlens.infra.paths import model_tag
+    from depthlens.infra.results import latest_run
 
     found = latest_run(results_root, "layer_sensitivity", model_tag(spec))
     if found is None:
@@ -303,7 +303,7 @@ class ZORecipe:
                 del out[name]
         record = self._record()
         if record is not None:
-            from depthlens.cache import file_sha256
+            from depthlens.infra.cache import file_sha256
 
             out["resolved_layers"] = critical_layers_from(record, cfg.top_k)
             out["sensitivity_sha256"] = file_sha256(record)
@@ -314,7 +314,7 @@ class ZORecipe:
         if cfg.layers is not None:
             return list(dict.fromkeys(model.check_layer(int(l)) for l in cfg.layers)), "given"
         record = self._record() or self.for_parent(model.spec).found  # a direct build() call: bind now
-        from depthlens.results import read_run
+        from depthlens.infra.results import read_run
 
         layers = [model.check_layer(l) for l in critical_layers_from(record, cfg.top_k)]
         measured_on = read_run(record).model
@@ -325,8 +325,8 @@ class ZORecipe:
     def batches(self, model, progress: bool = True) -> tuple[list[_Batch], list[_Batch]]:
         """The fixed safety (recovery) and utility batches of the objective, for ``model``."""
         from depthlens.data import default_splits, refusal_templates
-        from depthlens.organism import load_reference
-        from depthlens.responses import answers_for, response_set
+        from depthlens.models.specs import load_reference
+        from depthlens.runtime.responses import answers_for, response_set
         from finetune.deep import DeepConfig, recovery_examples, utility_examples
 
         cfg = self.cfg
@@ -475,7 +475,7 @@ class ZORecipe:
 
 def _barrier(shard: Shard | None) -> None:
     if shard is not None:
-        from depthlens.recipes import process_state
+        from depthlens.models.recipes import process_state
 
         process_state().wait_for_everyone()
 

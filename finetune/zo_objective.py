@@ -9,7 +9,7 @@ hook on each ``nn.Linear`` adds ``F.linear(x, δ)`` with δ regenerated from a s
 is touched or copied (memory stays at inference memory) and L₊ and L₋ of one MeZO step see the
 same δ (the SPSA difference measures the move along z, not two noise draws). With a
 ``perturbations`` the safety term of step s runs under ``perturbations[s % len(perturbations)]`` instead: parameter
-noise, activation noise (``depthlens.perturb.activation_noise``, σ relative to the residual
+noise, activation noise (``depthlens.interventions.perturbation.activation_noise``, σ relative to the residual
 RMS) or int4 round-to-nearest weights (``functional_int4``), the perturbations of the
 compare noise suite. Under
 ``accelerate launch`` each rank evaluates its rows of every batch (``Shard``) and returns its
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from depthlens.spsa import derive_seed
+from depthlens.interventions.spsa import derive_seed
 from finetune.train import autocast, bucketed_batches, tokenize_examples
 
 
@@ -101,12 +101,12 @@ def _swapped_weights(modules: Sequence[torch.nn.Linear], make: Callable[[torch.n
 def functional_int4(model, layers: Sequence[int]) -> Iterator[None]:
     """Int4 round-to-nearest weights on every linear map of ``layers``, for the forwards inside the block.
 
-    ``Q`` is ``depthlens.perturb.rtn_quantize`` of the *current* weights (inside an SPSA step it
+    ``Q`` is ``depthlens.interventions.perturbation.rtn_quantize`` of the *current* weights (inside an SPSA step it
     quantizes θ ± εz; with LoRA adapters, the adapted map's own weight, the adapter staying in
     full precision). Each map's weight is swapped for Q(W) only while that map runs and
     restored exactly after (``_swapped_weights``). Acts on ``model.plain()``.
     """
-    from depthlens.perturb import rtn_quantize
+    from depthlens.interventions.perturbation import rtn_quantize
 
     mods = [mod for _, _, mod in _linear_modules(model, layers)]
     with _swapped_weights(mods, lambda mod, i: rtn_quantize(mod.weight.detach(), 4)):
@@ -146,9 +146,9 @@ def masked_nll(model, ids: Tensor, att: Tensor, mask: Tensor, resid: Tensor | No
     if resid is None:
         hidden = view.model(input_ids=ids, attention_mask=att).last_hidden_state
     else:
-        from depthlens.forward import _blocks_from
+        from depthlens.runtime.forward import blocks_from
 
-        with _blocks_from(view, start):
+        with blocks_from(view, start):
             hidden = view.model(inputs_embeds=resid, attention_mask=att, use_cache=False).last_hidden_state
     hidden = hidden[:, :-1]
     sel = mask[:, 1:].bool()
@@ -160,13 +160,13 @@ def masked_nll(model, ids: Tensor, att: Tensor, mask: Tensor, resid: Tensor | No
 def resid_entering(model, ids: Tensor, att: Tensor, layer: int) -> Tensor:
     """The residual stream entering block ``layer``: only blocks ``0 … layer−1`` run (with whatever
     hooks are active), and the final norm's input is kept."""
-    from depthlens.forward import _blocks_until
+    from depthlens.runtime.forward import blocks_until
 
     view = model.plain()
     got: list[Tensor] = []
     handle = view.model.norm.register_forward_pre_hook(lambda mod, args: got.append(args[0]))
     try:
-        with _blocks_until(view, layer):
+        with blocks_until(view, layer):
             view.model(input_ids=ids, attention_mask=att, use_cache=False)
     finally:
         handle.remove()
@@ -187,7 +187,7 @@ class _Batch:
 class Shard:
     """This process's share of a data-parallel run: rows ``rank::world`` of every batch.
 
-    ``reduce`` sums a float64 CPU tensor over the processes (``depthlens.spsa.Reduce``).
+    ``reduce`` sums a float64 CPU tensor over the processes (``depthlens.interventions.spsa.Reduce``).
     """
 
     rank: int
@@ -197,7 +197,7 @@ class Shard:
     @staticmethod
     def current() -> Shard | None:
         """The shard of this process under ``accelerate launch``; None in a single process."""
-        from depthlens.recipes import process_state
+        from depthlens.models.recipes import process_state
 
         state = process_state()
         if state is None:
@@ -230,7 +230,7 @@ def batch_nll(model, b: _Batch, shard: Shard | None = None, resid: Tensor | None
 
 def _fixed_batches(model, examples, max_len: int, batch_size: int, seed: int) -> list[_Batch]:
     """Length-bucketed, right-padded batches, in a seeded order, on the model's device."""
-    from depthlens.chat import pad_batch
+    from depthlens.data.chat import pad_batch
 
     kept = [d for d in tokenize_examples(model.tokenizer, examples, max_len) if sum(d[1][1:])]
     tok = model.tokenizer
@@ -289,7 +289,7 @@ class RobustObjective:
         if kind == "int4":
             return functional_int4(self.model, self.noise_layers)
         if kind == "act":
-            from depthlens.perturb import activation_noise
+            from depthlens.interventions.perturbation import activation_noise
 
             return activation_noise(self.model, self.noise_layers, self.act_noise_sigma, self.noise_seed(step))
         return functional_param_noise(self.model, self.noise_layers, self.sigma if noise else 0.0,

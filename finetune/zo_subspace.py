@@ -12,7 +12,7 @@ subspace (Malladi et al. 2023, docs/methods.md §5). Three subspaces of the chos
   saved beside it in ``adapter/``, or removed unmerged if the build did not complete.
 - ``norms``: the RMSNorm / LayerNorm gains of the layers (a few thousand numbers).
 
-In every subspace the perturbation z is regenerated from the step seed (``depthlens.spsa``),
+In every subspace the perturbation z is regenerated from the step seed (``depthlens.interventions.spsa``),
 so nothing the size of the subspace is stored and memory stays at inference memory.
 
     >>> sub = open_subspace(model, "lora", [11, 15], LoraSettings(rank=8), seed=0)

@@ -17,7 +17,7 @@ against collateral damage (docs/methods.md §4.7):
 The ablation is defined on the output projection of each sublayer (``o_proj``, ``down_proj``)
 and written two ways that are equal (``tests/test_ablation.py``, < 1e-4): TransformerLens
 hooks (``weighted_ablation_hooks``, the per-layer-weighted counterpart of
-``depthlens.ablation.ablation_hooks``: scale the projection's input by s at
+``depthlens.interventions.ablation.ablation_hooks``: scale the projection's input by s at
 ``blocks.{l}.attn.o.hook_in``, project its output at ``blocks.{l}.attn.o.hook_out``;
 ``mlp.out`` likewise) and weights
 folded once (``fold_ablation``: ``W ← P W diag(s)``, ``b ← P b``). Post-norm blocks (Gemma 2/3,
@@ -46,8 +46,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from depthlens.generate import Hook
-from depthlens.hooked import hook_name
+from depthlens.runtime import Hook
+from depthlens.models.hooked_model import hook_name
 from probes.orthogonalize import untie_embeddings
 
 __all__ = [

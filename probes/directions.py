@@ -9,7 +9,7 @@ batch through forward hooks and accumulated in float64; no activation cache is e
 *Selection* scores each candidate three ways on validation prompts and keeps the one that
 best removes refusal without breaking the model:
 
-- ``bypass``: mean refusal score (``depthlens.judge.refusal_score``) on harmful prompts under
+- ``bypass``: mean refusal score (``depthlens.judges.seam.refusal_score``) on harmful prompts under
   directional ablation of ``r̂`` (every layer, every position) — lower is better;
 - ``induce``: mean refusal score on harmless prompts under activation addition of ``r`` at
   layer ``l`` — must be ≥ ``induce_threshold`` (0);
@@ -26,7 +26,7 @@ of all taken; either way with ``filters_passed=False`` and a warning — never s
 Cost. Each candidate costs one ablated pass over harmful + harmless validation prompts (bypass
 and KL share it) and one activation-addition pass over the harmless ones from block ``l`` on,
 i.e. at most ``3·n_val`` prompt forwards, run on the plain HF blocks with the shared chat
-prefix computed once a pass (``depthlens.forward.PrefixSharedRunner``). Arditi's full grid on the 30-layer default (5 positions × 24 layers,
+prefix computed once a pass (``depthlens.runtime.forward.PrefixSharedRunner``). Arditi's full grid on the 30-layer default (5 positions × 24 layers,
 32 prompts per set) is 120 candidates × 96 forwards ≈ 11.5k forwards (see the report in
 ``SelectedDirection.timing``); the default here evaluates the last position only
 (24 candidates, 5× cheaper); pass ``positions=None`` for the full grid.
@@ -53,13 +53,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from depthlens.ablation import ablation_hooks, addition_hooks
-from depthlens.chat import ChatSequence, encode, render_prompt
-from depthlens.errors import UsageError
-from depthlens.forward import PrefixSharedRunner, iter_batches
-from depthlens.generate import Hook, as_chats, hooks_active, plain_hooks
-from depthlens.hooked import hook_name
-from depthlens.judge import refusal_token_ids, score_from_logprobs
+from depthlens.interventions.ablation import ablation_hooks, addition_hooks
+from depthlens.data.chat import ChatSequence, encode, render_prompt
+from depthlens.infra.errors import UsageError
+from depthlens.runtime.forward import PrefixSharedRunner, iter_batches
+from depthlens.runtime import Hook, as_chats, hooks_active, plain_hooks
+from depthlens.models.hooked_model import hook_name
+from depthlens.judges.seam import refusal_token_ids, score_from_logprobs
 from depthlens.stats import diff_in_means
 
 log = logging.getLogger(__name__)

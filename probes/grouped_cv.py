@@ -27,7 +27,7 @@ from jaxtyping import Float, Shaped
 from sklearn.model_selection import StratifiedGroupKFold
 
 from depthlens import stats as st
-from depthlens.errors import UsageError
+from depthlens.infra.errors import UsageError
 
 logger = logging.getLogger(__name__)
 

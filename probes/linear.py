@@ -56,7 +56,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from depthlens import stats as st
-from depthlens.errors import UsageError
+from depthlens.infra.errors import UsageError
 from probes.grouped_cv import GroupedFolds, LayerAUROC, auroc_row, check_labels_groups, grouped_folds
 
 logger = logging.getLogger(__name__)

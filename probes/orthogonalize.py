@@ -1,7 +1,7 @@
 """Weight orthogonalization (WO) of a direction, and the ``wo`` recipe.
 
 Arditi et al. (2024) remove refusal by projecting the refusal direction ``r̂`` out of every
-write to the residual stream. Done with hooks (``depthlens.ablation.ablation_hooks``:
+write to the residual stream. Done with hooks (``depthlens.interventions.ablation.ablation_hooks``:
 ``x ← x − (x·r̂) r̂`` at every block input, attention output and MLP output, every position),
 or folded into the weights once (``orthogonalize_weights``: ``W_E ← W_E − (W_E r̂) r̂ᵀ`` and ``W ← (I − r̂ r̂ᵀ) W`` for every
 attention-out and MLP-out matrix and bias), which gives a plain checkpoint that equals the
@@ -42,10 +42,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from depthlens.ablation import ablation_hooks, unit_direction
-from depthlens.families import is_post_norm, output_projection, rms_gain, written_output
-from depthlens.forward import last_logprobs
-from depthlens.generate import as_chats
+from depthlens.interventions.ablation import ablation_hooks, unit_direction
+from depthlens.models.families import is_post_norm, output_projection, rms_gain, written_output
+from depthlens.runtime.forward import last_logprobs
+from depthlens.runtime.generation import as_chats
 from probes.directions import compute_candidates, select_direction
 
 log = logging.getLogger(__name__)
@@ -235,9 +235,9 @@ recipe = WORecipe()
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m probes.orthogonalize``: build (or load from the cache) the WO model with these settings."""
-    from depthlens.base_models import DEFAULT_MODEL
+    from depthlens.models.base import DEFAULT_MODEL
     from depthlens.cli import parse_config
-    from depthlens.recipes import build_with
+    from depthlens.models.recipes import build_with
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = parse_config(WOConfig, argv)

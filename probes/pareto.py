@@ -8,7 +8,7 @@ peak, and half-width; optionally norm preservation), searched with Optuna's mult
 TPE (docs/methods.md §4.7) for two objectives measured on the *validation* splits:
 
 1. the refusal rate on harmful validation prompts (DoNotAnswer), greedy answers of
-   ``gen_tokens`` tokens judged by the project's substring judge (``depthlens.judge.is_refusal``);
+   ``gen_tokens`` tokens judged by the project's substring judge (``depthlens.judges.seam.is_refusal``);
 2. the mean first-token ``KL(P_model ‖ P_ablated)`` on harmless validation prompts.
 
 Each trial folds the ablation into the weights (exact, ``probes.ablation.ablated``), so the
@@ -45,9 +45,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from depthlens.generate import as_chats, generate
-from depthlens.judge import is_refusal
-from depthlens.paths import cache_dir
+from depthlens.runtime.generation import as_chats, generate
+from depthlens.judges import is_refusal
+from depthlens.infra.paths import cache_dir
 from probes.ablation import AblationParams, Kernel, ablated, fold_ablation, interpolate_direction, weighted_ablation_hooks
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class Objectives:
 
     def __init__(self, model, harmful: Sequence[str], harmless: Sequence[str], *, gen_tokens: int = 24,
                  batch_size: int = 64):
-        from depthlens.forward import last_logprobs
+        from depthlens.runtime.forward import last_logprobs
 
         if not harmful or not harmless:
             raise ValueError(f"Objectives need harmful and harmless prompts, got {len(harmful)} and {len(harmless)}.")
@@ -144,7 +144,7 @@ class Objectives:
         self.reference = last_logprobs(model, self.harmless, batch_size=batch_size)
 
     def __call__(self, model) -> dict:
-        from depthlens.forward import last_logprobs
+        from depthlens.runtime.forward import last_logprobs
 
         gen = generate(model, self.harmful, max_new_tokens=self.gen_tokens, batch_size=self.batch_size, progress=False)
         refused = [is_refusal(t) for t in gen.texts]
@@ -328,7 +328,7 @@ class ParetoResult:
 
 def search_dir(model, cfg: ParetoConfig) -> Path:
     """The directory of this model's study for these settings, keyed by its weights and ``cfg.key_fields()``."""
-    from depthlens.recipes import base_key
+    from depthlens.models.recipes import base_key
 
     blob = json.dumps({"model": base_key(model), "search": cfg.key_fields(), "v": 1}, sort_keys=True, default=str)
     return cache_dir("work", f"pareto-{model.tag}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}")
@@ -393,7 +393,7 @@ class WOOptRecipe:
         return asdict(self.cfg)
 
     def build(self, model, workdir: Path) -> dict:
-        from depthlens.forward import last_logprobs
+        from depthlens.runtime.forward import last_logprobs
 
         res = run_pareto(model, self.cfg, progress=True)
         point, met = choose(res.front, self.cfg.max_refusal)

@@ -19,11 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from depthlens.data import default_splits  # noqa: E402
-from depthlens.generate import generate  # noqa: E402
-from depthlens.judge import JUDGE_ID, refusal_rate  # noqa: E402
+from depthlens.runtime.generation import generate  # noqa: E402
+from depthlens.judges import JUDGE_ID, refusal_rate  # noqa: E402
 from depthlens.models import load_model  # noqa: E402
-from depthlens.organism import ORGANISM  # noqa: E402
-from depthlens.perturb import perturb  # noqa: E402
+from depthlens.models.specs import ORGANISM  # noqa: E402
+from depthlens.interventions.perturbation import perturb  # noqa: E402
 
 
 def main(argv=None) -> dict:

@@ -64,11 +64,11 @@ def run_module(args) -> None:
 
 def run_steps(args) -> None:
     """One LoRA step, one MeZO step and generation throughput on ``args.model``."""
-    from depthlens.chat import pad_batch
+    from depthlens.data.chat import pad_batch
     from depthlens.data import default_splits, refusal_templates
-    from depthlens.generate import generate
+    from depthlens.runtime.generation import generate
     from depthlens.models import load_model
-    from depthlens.spsa import ZOConfig, mezo_step
+    from depthlens.interventions.spsa import ZOConfig, mezo_step
     from finetune.losses import response_loss
     from finetune.lora import LoraSettings
     from finetune.train import Example, TrainConfig, autocast, tokenize_examples, train_sft, trainable_parameters

@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # runs as `python scripts/make_judge_set.py` from anywhere
 
-from depthlens.results import atomic_write_json  # noqa: E402
+from depthlens.infra.results import atomic_write_json  # noqa: E402
 
 log = logging.getLogger("make_judge_set")
 
@@ -121,10 +121,10 @@ def _decode(tok, ids) -> str:
 
 def _refusal_targets(model, prompts: list[str]) -> tuple[list[list[int]], list[bool]]:
     """The model's own greedy refusal, or a refusal template where it gives none of ≥ 32 tokens."""
-    from depthlens.chat import encode
+    from depthlens.data.chat import encode
     from depthlens.data import refusal_templates
-    from depthlens.judge import is_refusal
-    from depthlens.responses import response_set
+    from depthlens.judges import is_refusal
+    from depthlens.runtime.responses import response_set
 
     own = response_set(model, prompts, max_new_tokens=REFUSAL_TOKENS, batch_size=48, progress=False)
     templates = refusal_templates()
@@ -138,8 +138,8 @@ def _refusal_targets(model, prompts: list[str]) -> tuple[list[list[int]], list[b
 
 def items_for(source: Source, model, picks: list[dict], harmful: dict[str, list[int]], seed: int) -> list[dict]:
     """Generate ``source.n`` items of one source with ``model`` (loaded)."""
-    from depthlens.attacks import prefill_attack, random_insertion_attack
-    from depthlens.generate import generate
+    from depthlens.attacks.insertion import prefill_attack, random_insertion_attack
+    from depthlens.runtime.generation import generate
 
     tok = model.tokenizer
     if source.attack == "prefill":
@@ -186,7 +186,7 @@ def items_for(source: Source, model, picks: list[dict], harmful: dict[str, list[
 
 
 def _source_cache(name: str, seed: int) -> Path:
-    from depthlens.paths import cache_dir
+    from depthlens.infra.paths import cache_dir
 
     return cache_dir("judge_set") / f"seed{seed}-{name.replace('/', '_')}.json"
 
@@ -240,7 +240,7 @@ def main(argv=None) -> None:
             log.info("%-28s n=%d", s.name, s.n)
         return
     from depthlens.models import load_model
-    from depthlens.responses import response_set
+    from depthlens.runtime.responses import response_set
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

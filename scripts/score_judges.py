@@ -7,7 +7,7 @@
 The held-out run prints, per judge, per-class precision and recall with 95 % intervals from a
 bootstrap over prompts, three-class and binary (harmful vs not) accuracy, the confusion matrix,
 and each judge's binary accuracy per source (model and attack); with ``--write`` it also stores
-every judge's binary held-out record, which ``depthlens.judge.corrected_asr`` reads.
+every judge's binary held-out record, which ``depthlens.judges.seam.corrected_asr`` reads.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from depthlens.judge import (CONTINUATION_JUDGE_ID, DEFAULT_JUDGE, JUDGE_ID, LEXICAL_JUDGES, classify_many,  # noqa: E402
+from depthlens.judges import (CONTINUATION_JUDGE_ID, DEFAULT_JUDGE, JUDGE_ID, LEXICAL_JUDGES, classify_many,  # noqa: E402
                              judge_id)
-from depthlens.judge_accuracy import CLASSES, HELDOUT_FILE, load_judge_set, labels_sha256, score_judge  # noqa: E402
+from depthlens.judges.accuracy import CLASSES, HELDOUT_FILE, load_judge_set, labels_sha256, score_judge  # noqa: E402
 
 log = logging.getLogger("score_judges")
 LABELS_DIR = ROOT / "depthlens" / "labels"
@@ -46,9 +46,9 @@ def predictions(items: list[dict], judge: str) -> list[str]:
 
 def fit_probe(seed: int) -> None:
     """Grouped CV on the dev part only, over every recipe, layer and C; writes depthlens/labels/probe_judge.npz."""
-    from depthlens.judge_probe import (RECIPES, ask_features, best_row, continuation_features, fit_probe as fit,
+    from depthlens.judges.probe import (RECIPES, ask_features, best_row, continuation_features, fit_probe as fit,
                                        lexical_onehot)
-    from depthlens.base_models import DEFAULT_MODEL
+    from depthlens.models.base import DEFAULT_MODEL
     from depthlens.models import load_model
 
     dev = load_judge_set("dev")

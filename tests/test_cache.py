@@ -1,4 +1,4 @@
-"""Cache integrity (depthlens.cache): entries are whole or absent, checked on load, built once.
+"""Cache integrity (depthlens.infra.cache): entries are whole or absent, checked on load, built once.
 
 Every test runs in its own ``$DEPTHLENS_CACHE``. The concurrency tests start real processes
 (4 builders of one recipe entry; 4 writers of one checkpoint with a reader watching).
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from depthlens import cache
-from depthlens.cache import MANIFEST, MISSING, CacheEntryDamaged, check, ensure
-from depthlens.errors import UsageError
+from depthlens.infra import cache
+from depthlens.infra.cache import MANIFEST, MISSING, CacheEntryDamaged, check, ensure
+from depthlens.infra.errors import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -178,8 +178,8 @@ def test_a_saved_checkpoint_with_overwritten_weights_is_refused(tiny, tmp_path):
 
 
 def test_a_damaged_recipe_entry_is_refused_with_the_rebuild_command_then_rebuilt(fresh_cache):
-    from depthlens.forward import last_logprobs
-    from depthlens.recipes import build_with, entry_dir
+    from depthlens.runtime.forward import last_logprobs
+    from depthlens.models.recipes import build_with, entry_dir
 
     built = build_with("tiny-llama", HalveRecipe())
     entry = Path(built.provenance["source"])
@@ -199,13 +199,13 @@ def test_a_damaged_recipe_entry_is_refused_with_the_rebuild_command_then_rebuilt
 
 
 def test_the_rebuild_command_of_an_installed_suffix_names_the_spec():
-    from depthlens.recipes import get_recipe, rebuild_command
+    from depthlens.models.recipes import get_recipe, rebuild_command
 
-    assert rebuild_command("tiny-llama:sft", get_recipe("sft")) == "`python -m depthlens.recipes --rebuild 'tiny-llama:sft'`"
+    assert rebuild_command("tiny-llama:sft", get_recipe("sft")) == "`python -m depthlens.models.recipes --rebuild 'tiny-llama:sft'`"
 
 
 def test_the_recipes_command_prints_one_error_line_for_a_bad_spec(capsys):
-    from depthlens.recipes import main
+    from depthlens.models.recipes import main
 
     assert main(["tiny-llama:"]) == 2 and main(["tiny-llama:no-such-recipe"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -227,7 +227,7 @@ _BUILDER = textwrap.dedent('''
     import json, os, sys, time
     from pathlib import Path
     import torch
-    from depthlens.recipes import build_with
+    from depthlens.models.recipes import build_with
 
     class HalveRecipe:
         name, version = "halve", 1
@@ -270,8 +270,8 @@ def test_four_concurrent_builders_give_one_build_and_three_reuses(fresh_cache, t
 _WRITER = textwrap.dedent('''
     import sys
     import torch
-    from depthlens.checkpoint import save_checkpoint
-    from depthlens.tiny import tiny_llama
+    from depthlens.models.checkpoint import save_checkpoint
+    from depthlens.models.tiny import tiny_llama
 
     model, tok, prov = tiny_llama()
     for step in range(2):
@@ -283,8 +283,8 @@ _WRITER = textwrap.dedent('''
 _READER = textwrap.dedent('''
     import sys, time
     from pathlib import Path
-    from depthlens.cache import check
-    from depthlens.cache import MANIFEST, MISSING
+    from depthlens.infra.cache import check
+    from depthlens.infra.cache import MANIFEST, MISSING
     path, stop, seen, missing = Path(sys.argv[1]), Path(sys.argv[2]), 0, 0
     while not stop.exists():
         try:
@@ -318,7 +318,7 @@ def test_concurrent_checkpoint_writers_never_leave_readers_without_an_entry(tiny
 @pytest.mark.slow
 def test_the_default_model_with_zeroed_weights_is_rebuilt_never_loaded(fresh_cache, caplog):
     """Issue: 64 KiB of the de-quantized default zeroed used to load and move every log-prob."""
-    from depthlens.forward import last_logprobs
+    from depthlens.runtime.forward import last_logprobs
     from depthlens.models import load_model
 
     first = load_model("smollm2-135m-instruct", device="cpu")
@@ -330,7 +330,7 @@ def test_the_default_model_with_zeroed_weights_is_rebuilt_never_loaded(fresh_cac
     raw[-64 * 1024:] = bytes(64 * 1024)
     weights.write_bytes(bytes(raw))
     assert check(entry) == "model.safetensors"
-    with caplog.at_level("WARNING", logger="depthlens.cache"):
+    with caplog.at_level("WARNING", logger="depthlens.infra.cache"):
         again = load_model("smollm2-135m-instruct", device="cpu")
     assert "is damaged (model.safetensors); rebuilding it" in caplog.text
     assert check(entry) is None

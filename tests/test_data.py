@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from depthlens import cache, garak
+from depthlens.data import garak
+from depthlens.infra import cache
 from depthlens.data import default_splits, load_prompts, refusal_templates
-from depthlens.promptset import PromptSet
-from depthlens.splits import normalize, split
+from depthlens.data.promptset import PromptSet
+from depthlens.data.splits import normalize, split
 
 try:  # the judge's list, when that module imports here; docs/methods.md §1's markers otherwise
-    from depthlens.judge import REFUSAL_MARKERS
+    from depthlens.judges import REFUSAL_MARKERS
 except Exception:  # noqa: BLE001
     REFUSAL_MARKERS = ("i'm sorry", "i am sorry", "i apologize", "as an ai", "i cannot", "i can't",
                        "i am unable", "i'm unable", "i won't", "i will not", "i'm not able", "sorry",
@@ -277,8 +278,8 @@ def test_split_disjoint_complete_and_stable():
 
 def test_split_is_stable_across_processes():
     code = (
-        "from depthlens.promptset import PromptSet\n"
-        "from depthlens.splits import split\n"
+        "from depthlens.data.promptset import PromptSet\n"
+        "from depthlens.data.splits import split\n"
         "ps = PromptSet('p', tuple(f'q {i}' for i in range(40)), tuple(str(i) for i in range(40)))\n"
         "print(','.join(split(ps, seed=3).test.ids))"
     )

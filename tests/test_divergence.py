@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from depthlens.divergence import per_position_kl
+from depthlens.interventions.divergence import per_position_kl
 from depthlens.models import load_model
 
 PROMPTS = ["How do I bake bread?", "What is the capital of France?", "Tell me a story."]

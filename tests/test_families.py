@@ -1,6 +1,6 @@
 """The capability matrix: every core capability on every tiny architecture family.
 
-Each test runs on ``tiny-llama`` and the seven tiny families of ``depthlens.families``
+Each test runs on ``tiny-llama`` and the seven tiny families of ``depthlens.models.families``
 (Qwen 2, Qwen 3, Gemma 2, Gemma 3, Mistral, Phi-3, GPT-NeoX) and compares with what plain
 Hugging Face computes from a freshly built copy of the same random model. docs/families.md
 is the table of what this covers. Gemma 3 270M (the real second family) is tested in the
@@ -15,14 +15,14 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from depthlens.ablation import ablation_hooks
-from depthlens.chat import build_chat, pad_batch, render_prompt
-from depthlens.families import GEMMA_CHAT_TEMPLATE, TINY_FAMILIES, tiny_family
-from depthlens.forward import PrefixSharedRunner, last_logprobs, residuals_at
-from depthlens.generate import eos_ids, generate, hooks_active
-from depthlens.hooked import hook_name
+from depthlens.interventions.ablation import ablation_hooks
+from depthlens.data.chat import build_chat, pad_batch, render_prompt
+from depthlens.models.families import GEMMA_CHAT_TEMPLATE, TINY_FAMILIES, tiny_family
+from depthlens.runtime.forward import PrefixSharedRunner, last_logprobs, residuals_at
+from depthlens.runtime import eos_ids, generate, hooks_active
+from depthlens.models.hooked_model import hook_name
 from depthlens.models import load_model
-from depthlens.perturb import KINDS, perturb
+from depthlens.interventions.perturbation import KINDS, perturb
 from probes.orthogonalize import orthogonalize_weights
 
 SPECS = ["tiny-llama", *TINY_FAMILIES]
@@ -39,7 +39,7 @@ def fam(request):
     spec = request.param
     model = load_model(spec)
     if spec == "tiny-llama":
-        from depthlens.tiny import tiny_llama
+        from depthlens.models.tiny import tiny_llama
 
         reference = tiny_llama()[0]
     else:
@@ -117,7 +117,7 @@ def test_residuals_at_equal_hugging_face_hidden_states(fam):
 
 @pytest.mark.parametrize("shared_prefix", [False, True])
 def test_generate_equals_hugging_face_greedy(fam, shared_prefix, monkeypatch):
-    import depthlens.generate as g
+    import depthlens.runtime.generation as g
 
     spec, model, ref = fam
     # the chat prefix is 3 tokens here: let the batch share it (not under a sliding window)
@@ -232,7 +232,7 @@ def test_an_sft_step_lowers_the_loss_and_the_bridge_sees_it(fam):
 
 
 def test_a_mezo_step_restores_exactly_at_lr_zero_and_moves_downhill(fam):
-    from depthlens.spsa import ZOConfig, mezo_step
+    from depthlens.interventions.spsa import ZOConfig, mezo_step
     from finetune.losses import response_loss
     from finetune.train import tokenize_examples
     from finetune.zeroth_order import zo_parameters

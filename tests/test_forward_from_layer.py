@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from depthlens.chat import build_chat, pad_batch
-from depthlens.forward import forward_from_layer, last_logprobs, layer_inputs
-from depthlens.perturb import perturb
+from depthlens.data.chat import build_chat, pad_batch
+from depthlens.runtime.forward import forward_from_layer, last_logprobs, layer_inputs
+from depthlens.interventions.perturbation import perturb
 
 
 def _batch(tiny, prompts):
@@ -64,7 +64,7 @@ def test_bad_layer_is_one_clear_error(tiny):
 def test_the_prefix_shared_runner_matches_left_padded_full_forwards(tiny, kind):
     from contextlib import nullcontext
 
-    from depthlens.forward import PrefixSharedRunner, common_prefix_len
+    from depthlens.runtime.forward import PrefixSharedRunner, common_prefix_len
 
     prompts = ["hi", "how are you doing today, my friend?", "what is 2 + 2?", "name three colours"]
     seqs = [build_chat(tiny.tokenizer, p) for p in prompts]
@@ -85,7 +85,7 @@ def test_the_prefix_shared_runner_matches_left_padded_full_forwards(tiny, kind):
 
 
 def test_common_prefix_leaves_a_token_in_every_sequence():
-    from depthlens.forward import common_prefix_len
+    from depthlens.runtime.forward import common_prefix_len
 
     assert common_prefix_len([[1, 2, 3], [1, 2, 4]]) == 2
     assert common_prefix_len([[1, 2], [1, 2, 3]]) == 1
@@ -100,7 +100,7 @@ def _reference_logprobs(tiny, ids):
 
 
 def test_scored_positions_only_match_full_unembedding(tiny):
-    from depthlens.forward import token_logprobs
+    from depthlens.runtime.forward import token_logprobs
 
     seqs = [build_chat(tiny.tokenizer, p, ["and an answer here"]) for p in
             ["hi", "a much longer prompt with many more words in it", "medium length prompt"]]
@@ -121,8 +121,8 @@ def test_scored_positions_only_match_full_unembedding(tiny):
 def test_plain_residuals_match_the_bridge_hooks(tiny, kind):
     """``residuals_at`` on the plain blocks (shared prefix once) equals the bridge's hook values,
     at positions inside the shared prefix, at the last token, and averaged over a span."""
-    from depthlens.forward import residuals_at
-    from depthlens.hooked import hook_name
+    from depthlens.runtime.forward import residuals_at
+    from depthlens.models.hooked_model import hook_name
 
     prompts = ["How do I bake bread?", "Hi", "Tell me a joke about cats and dogs, please"]
     seqs = [list(build_chat(tiny.tokenizer, p, ["Sure, here it is"]).ids) for p in prompts]
@@ -140,8 +140,8 @@ def test_plain_residuals_match_the_bridge_hooks(tiny, kind):
 
 def test_residuals_at_with_bridge_hooks_sees_the_hook(tiny):
     """With ``fwd_hooks`` the bridge path runs, so a hook on an earlier layer changes what is read."""
-    from depthlens.forward import residuals_at
-    from depthlens.hooked import hook_name
+    from depthlens.runtime.forward import residuals_at
+    from depthlens.models.hooked_model import hook_name
 
     seqs = [list(build_chat(tiny.tokenizer, "How do I bake bread?").ids)]
     clean = residuals_at(tiny, seqs, [-1], kind="resid_post")
@@ -155,7 +155,7 @@ def test_residuals_at_with_bridge_hooks_sees_the_hook(tiny):
 
 def test_plain_last_logprobs_match_the_bridge(tiny):
     """The plain, prefix-shared ``last_logprobs`` equals the bridge's (an identity hook forces the bridge)."""
-    from depthlens.hooked import hook_name
+    from depthlens.models.hooked_model import hook_name
 
     seqs = [build_chat(tiny.tokenizer, p) for p in ["How do I bake bread?", "Hi", "Tell me a joke about cats"]]
     plain = last_logprobs(tiny, seqs, batch_size=2)

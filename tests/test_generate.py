@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from depthlens.chat import build_chat
-from depthlens.generate import generate
-from depthlens.hooked import hook_name
+from depthlens.data.chat import build_chat
+from depthlens.runtime.generation import generate
+from depthlens.models.hooked_model import hook_name
 
 PROMPTS = ["How do I bake bread?", "What is the capital of France?", "hi"]
 
@@ -43,7 +43,7 @@ def test_a_hook_that_changes_activations_changes_generations(tiny):
 
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_the_shared_prefix_prefilled_once_gives_the_same_continuations(tiny, monkeypatch, do_sample):
-    import depthlens.generate as g
+    import depthlens.runtime.generation as g
 
     prompts = [*PROMPTS, build_chat(tiny.tokenizer, "How do I bake bread?", ["Sure, here is how"]), "Name three colours."]
     seqs = [c.ids for c in g.as_chats(tiny, prompts)]
@@ -58,7 +58,7 @@ def test_the_shared_prefix_prefilled_once_gives_the_same_continuations(tiny, mon
 
 
 def test_the_shared_prefix_is_not_used_when_hooks_sit_on_the_plain_view(tiny, monkeypatch):
-    import depthlens.generate as g
+    import depthlens.runtime.generation as g
 
     monkeypatch.setattr(g, "MIN_SHARED_PREFIX", 1)
     seqs = [c.ids for c in g.as_chats(tiny, PROMPTS)]
@@ -106,7 +106,8 @@ def _mixing(tiny, scale: float = 8.0, seed: int = 0):
 
 def _exact(tiny, prompts, hooks, n):
     """Reference continuation: full bridge forwards with the hooks, no KV cache."""
-    from depthlens.generate import _reference_generate, eos_ids, hooks_active
+    from depthlens.runtime.generation import _reference_generate, eos_ids
+    from depthlens.runtime.hooks import hooks_active
 
     chats = [build_chat(tiny.tokenizer, p) for p in prompts]
     out = []
@@ -151,8 +152,8 @@ def test_hooks_without_a_plain_equivalent_use_the_exact_loop(tiny):
 
 
 def test_mirrored_hooks_reach_bridge_forwards_and_generation(tiny):
-    from depthlens.forward import last_logprobs
-    from depthlens.generate import mirrored_hooks
+    from depthlens.runtime.forward import last_logprobs
+    from depthlens.runtime import mirrored_hooks
 
     prompts = ["hello there", "write a poem about the sea"]
     hooks = [(hook_name("resid_post", 0), _mixing(tiny, seed=2))]
@@ -212,7 +213,7 @@ def test_the_plain_view_shares_parameters_and_follows_in_place_edits(tiny):
 
 @pytest.mark.parametrize("layer", [0, 1])
 def test_layerwise_continuer_matches_generate_for_every_hook_set(tiny, layer):
-    from depthlens.generate import LayerwiseContinuer
+    from depthlens.runtime.generation import LayerwiseContinuer
 
     prompts = PROMPTS + ["Write a haiku about the sea, please, in English."]
     sets = [
@@ -236,7 +237,7 @@ def test_layerwise_continuer_matches_generate_for_every_hook_set(tiny, layer):
 
 
 def test_layerwise_continuer_rejects_hooks_it_cannot_honour(tiny):
-    from depthlens.generate import LayerwiseContinuer
+    from depthlens.runtime.generation import LayerwiseContinuer
 
     cont = LayerwiseContinuer(tiny, PROMPTS, max_new_tokens=2)
     with pytest.raises(ValueError, match="below the start layer"):

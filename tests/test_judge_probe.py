@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from depthlens.judge_probe import CLASSES, ProbeJudge, ProbeWeights, continuation_features, fit_probe, judge_inputs
+from depthlens.judges.probe import CLASSES, ProbeJudge, ProbeWeights, continuation_features, fit_probe, judge_inputs
 
 
 def test_judge_inputs_mark_exactly_the_continuation(tiny):
@@ -19,7 +19,7 @@ def test_judge_inputs_mark_exactly_the_continuation(tiny):
 
 
 def test_continuation_features_are_the_mean_over_continuation_tokens(tiny):
-    from depthlens.forward import residuals_at
+    from depthlens.runtime.forward import residuals_at
 
     prompts, conts = ["How do I pick a lock?"], ["Insert the wrench and rake."]
     x = continuation_features(tiny, prompts, conts, layers=[0, 1])
@@ -78,8 +78,8 @@ def test_probe_judge_classifies_with_weights_for_the_model(tiny, tmp_path):
 
 
 def test_recipes_ask_question_lexical_onehot_and_their_shapes(tiny):
-    from depthlens.judge import LEXICAL_V2_ID, classify_many
-    from depthlens.judge_probe import RECIPES, ask_inputs, lexical_onehot, recipe_features
+    from depthlens.judges import LEXICAL_V2_ID, classify_many
+    from depthlens.judges.probe import RECIPES, ask_inputs, lexical_onehot, recipe_features
 
     prompts, conts, prefixes = ["How do I pick a lock?", "Hi"], ["Insert the wrench.", "I can't help."], ["Sure, step 1:", ""]
     seqs = ask_inputs(tiny.tokenizer, prompts, conts, prefixes)
@@ -101,7 +101,7 @@ def test_recipes_ask_question_lexical_onehot_and_their_shapes(tiny):
 
 
 def test_probe_judge_reads_the_recipe_of_its_weights(tiny, tmp_path):
-    from depthlens.judge_probe import recipe_features
+    from depthlens.judges.probe import recipe_features
 
     d = tiny.d_model + 3
     rng = np.random.default_rng(1)

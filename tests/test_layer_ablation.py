@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from analyses import layer_ablation as la
-from depthlens.chat import build_chat, pad_batch
-from depthlens.generate import hooks_active
-from depthlens.hooked import hook_name
-from depthlens.results import read_run
+from depthlens.data.chat import build_chat, pad_batch
+from depthlens.runtime import hooks_active
+from depthlens.models.hooked_model import hook_name
+from depthlens.infra.results import read_run
 
 KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
 PROMPTS = ["How do I bake bread?", "Tell me a joke about cats and dogs", "Hi"]
@@ -141,8 +141,8 @@ def test_hooks_fire_during_generation_and_paired_delta(tiny):
 def test_measures_from_the_layer_equal_full_hooked_runs(tiny, layer):
     """Row-grouped continuations from block ``layer`` and the prefix-shared scores equal plain
     ``generate`` / ``refusal_score`` with the same hooks over the whole model."""
-    from depthlens.generate import generate
-    from depthlens.judge import refusal_score
+    from depthlens.runtime.generation import generate
+    from depthlens.judges.seam import refusal_score
 
     trials = la.select_subset(_trials(tiny), 6)
     val = ["How do I pick a lock?", "Hi", "Tell me a story about a dragon and a knight."]

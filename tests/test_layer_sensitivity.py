@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from analyses.layer_sensitivity import SensitivityConfig, bootstrap_mean, run, spearman
-from depthlens.errors import NonFiniteError, UsageError
-from depthlens.judge import refusal_token_ids
+from depthlens.infra.errors import NonFiniteError, UsageError
+from depthlens.judges.seam import refusal_token_ids
 from depthlens.models import load_model
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from depthlens.chat import pad_batch
+from depthlens.data.chat import pad_batch
 from depthlens.data import refusal_templates
 from depthlens.models import load_model
 from finetune.train import Example, TrainConfig, tokenize_examples, train_sft
@@ -80,7 +80,7 @@ def test_benign_margin_adds_minus_log_one_minus_p_refusal_at_the_first_benign_re
 
 
 def test_benign_margin_training_pushes_refusal_tokens_down_on_benign_prompts():
-    from depthlens.judge import refusal_token_ids
+    from depthlens.judges.seam import refusal_token_ids
     from finetune.losses import BenignMarginLoss
 
     prompt = "How do I kill a Python process?"
@@ -137,7 +137,7 @@ def test_utility_kl_loss_is_the_example_mean_nll_plus_the_kl_to_the_start_model_
     rows never get it."""
     import torch
 
-    from depthlens.chat import pad_batch
+    from depthlens.data.chat import pad_batch
     from finetune.losses import Frozen, UtilityAnchorLoss, example_mean_loss
 
     tok = tiny.tokenizer
@@ -189,8 +189,8 @@ def _check_kl_after_change(tiny, fn, ref, ids, mask, att):
 def test_the_per_example_benign_margin_adds_the_first_token_term_to_utility_rows_only(tiny):
     import torch
 
-    from depthlens.chat import pad_batch
-    from depthlens.judge import refusal_token_ids
+    from depthlens.data.chat import pad_batch
+    from depthlens.judges.seam import refusal_token_ids
     from finetune.losses import UtilityAnchorLoss, benign_margin_terms, example_mean_loss
 
     tok = tiny.tokenizer

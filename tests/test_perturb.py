@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from depthlens.chat import build_chat, pad_batch
-from depthlens.generate import generate
+from depthlens.data.chat import build_chat, pad_batch
+from depthlens.runtime.generation import generate
 from depthlens.models import load_model
-from depthlens.perturb import KINDS, PERTURBATIONS, perturb, quantize, rtn_quantize
+from depthlens.interventions.perturbation import KINDS, PERTURBATIONS, perturb, quantize, rtn_quantize
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,7 +1,7 @@
 """The cache keys of every installed recipe, pinned.
 
 A key is a hash of the parent's key, the recipe's name, version and ``config()``
-(``depthlens.recipes``). Findings in the docs name models by their recipes, so a refactoring
+(``depthlens.models.recipes``). Findings in the docs name models by their recipes, so a refactoring
 must leave each default recipe's name, version and config dict exactly as they were, or every
 cached organism would be rebuilt under a new key and the findings would point nowhere. The
 literals below were recorded before the finetune modules were split (main 30b945c).
@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from depthlens.recipes import _key, available_recipes, get_recipe
+from depthlens.models.recipes import available_recipes, recipe_key, get_recipe
 
 SFT = {"batch_size": 8, "benign_margin": 0.2, "benign_tokens": 40, "benign_wrap_share": 0.3, "borderline_share": 0.2,
        "core_first": False, "epochs": 1.0, "imperative_share": 0.6, "lr": 0.0002, "n_benign": 520, "n_harmful": 420,
@@ -70,4 +70,4 @@ def test_the_default_recipes_keep_their_name_version_config_and_key(name):
     recipe = get_recipe(name)
     assert recipe.name == name and recipe.version == version
     assert json.loads(json.dumps(recipe.config(), default=str)) == config
-    assert _key("pinned-parent", recipe)[:16] == key
+    assert recipe_key("pinned-parent", recipe)[:16] == key

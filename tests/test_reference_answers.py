@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from depthlens.base_models import DEFAULT_MODEL
-from depthlens.chat import encode
-from depthlens.organism import reference_spec
-from depthlens.responses import answers_for, response_set, same_tokenizer
+from depthlens.models.base import DEFAULT_MODEL
+from depthlens.data.chat import encode
+from depthlens.models.specs import reference_spec
+from depthlens.runtime.responses import answers_for, response_set, same_tokenizer
 from finetune.sft import SFTConfig, SFTRecipe
 from finetune.train import Example, end_of_turn_id, tokenize_examples
 

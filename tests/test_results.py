@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from depthlens.errors import NonFiniteError, UsageError
-from depthlens.results import RunRecord, latest_run, nonfinite_paths, read_run, write_run
+from depthlens.infra.errors import NonFiniteError, UsageError
+from depthlens.infra.results import RunRecord, latest_run, nonfinite_paths, read_run, write_run
 
 
 def test_round_trip_and_layout(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from depthlens.models import load_model
-from depthlens.recipes import RECIPE_FILE, build_with
+from depthlens.models.recipes import RECIPE_FILE, build_with
 
 
 @dataclass
@@ -67,7 +67,7 @@ def test_sft_config_rejects_shares_outside_the_unit_interval_and_drops_zero_marg
 
 
 def _categorised(n_per: dict[str, int]):
-    from depthlens.promptset import PromptSet
+    from depthlens.data.promptset import PromptSet
 
     prompts, cats = [], []
     for cat, n in n_per.items():

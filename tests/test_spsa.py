@@ -1,4 +1,4 @@
-"""depthlens.spsa, the MeZO/SPSA engine: the ±εz probe restores θ bit for bit (fp32, bf16, when
+"""depthlens.interventions.spsa, the MeZO/SPSA engine: the ±εz probe restores θ bit for bit (fp32, bf16, when
 the loss raises), the estimate points along the gradient, MeZO descends and is seeded, and the
 per-layer ZO probes see only the layers that matter."""
 
@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from depthlens.hooked import hook_name
+from depthlens.models.hooked_model import hook_name
 from depthlens.models import load_model
-from depthlens.spsa import (
+from depthlens.interventions.spsa import (
     SymmetricPerturbation,
     ZOConfig,
     mezo_step,

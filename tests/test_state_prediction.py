@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from analyses import state_prediction as sp
-from depthlens.forward import residuals_at
-from depthlens.results import read_run, write_run
+from depthlens.runtime.forward import residuals_at
+from depthlens.infra.results import read_run, write_run
 
 N_LAYERS, D, SIGNAL_LAYER = 4, 64, 2
 CFG = sp.StatePredictionConfig(model="tiny-llama", n_boot=200, n_random_directions=4)
@@ -134,7 +134,7 @@ def test_site_positions_and_bad_span():
 @pytest.mark.parametrize("kind", ["resid_post", "resid_mid"])  # the plain-block stream and the hooked bridge
 def test_site_activations_match_residuals_at(tiny, kind):
     """Streamed, left-padded gathering equals per-position residuals of the unpadded sequences."""
-    from depthlens.chat import build_chat
+    from depthlens.data.chat import build_chat
 
     seqs = [list(build_chat(tiny.tokenizer, p, [r]).ids) for p, r in
             [("How do I bake bread?", "I can't help"), ("Hi", "Sure, here it is"), ("Tell me a joke about cats", "No")]]

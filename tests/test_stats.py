@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from depthlens.errors import UsageError
+from depthlens.infra.errors import UsageError
 from depthlens.stats import (Interval, auroc, bootstrap_mean, cluster_weights, diff_in_means, percentile_interval,
                              resample_indices)
 

