@@ -47,7 +47,7 @@ from analyses.common import Timer
 from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, check_spec, load, make_main, prompt_files,
                                prompts_or)
 from analyses.evaluate import EvalConfig, evaluate_model
-from depthlens.attacks.records import wilson_interval
+from depthlens.stats import wilson_interval
 from depthlens.attacks.insertion import prefill_attack, random_insertion_attack
 from depthlens.data.chat import encode
 from depthlens.cli import (add_debug_flag, build_parser, config_from, require_int, require_number, require_numbers,

@@ -69,7 +69,7 @@ from depthlens.judges import (CONTINUATION_JUDGE_ID, classify_continuation, is_r
                              score_from_logprobs)
 from depthlens.models.hooked_model import hook_name
 from depthlens.models.specs import ORGANISM
-from depthlens.stats import bootstrap_mean
+from depthlens.stats import bootstrap_mean, resample_indices
 
 log = logging.getLogger(__name__)
 
@@ -342,8 +342,8 @@ def run(cfg: LayerAblationConfig, model=None) -> LayerAblationResult:
     with timer("baseline"):
         base = ev.measure(0, [()])[0]
     rng = np.random.default_rng(cfg.seed)
-    idx_trials = rng.integers(0, len(subset), size=(cfg.n_boot, len(subset)))
-    idx_val = rng.integers(0, len(val), size=(cfg.n_boot, len(val)))
+    idx_trials = resample_indices(len(subset), cfg.n_boot, rng)  # both index sets from one stream
+    idx_val = resample_indices(len(val), cfg.n_boot, rng)
 
     rows: list[dict] = []
     cells = [(l, k) for l in layers for k in cfg.interventions]

@@ -39,7 +39,7 @@ from typing import ClassVar
 from analyses.common import Timer
 from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load_with_base, make_main
 from analyses.evaluate import EvalConfig, asr_columns, evaluate_model, harmless_cross_entropy
-from depthlens.attacks.records import wilson_interval
+from depthlens.stats import wilson_interval
 from depthlens.attacks.insertion import prefill_attack, random_insertion_attack
 from depthlens.models.base import split_spec
 from depthlens.cli import flag, require_choice, require_int, require_number, require_numbers, require_text

@@ -1,31 +1,47 @@
-"""One bootstrap, one AUROC, one difference in means: the statistics every analysis shares.
+"""The statistics every room shares: one bootstrap, Wilson, AUROC, Rogan–Gladen, a difference in means.
 
 Results are only comparable across analyses if their intervals and scores are computed the
-same way, so there is one implementation of each here:
+same way, so there is one implementation of each here, and nothing else in the repository
+draws a resample or computes an interval by itself (docs/methods.md; CONVENTIONS "Statistics"):
 
-- ``bootstrap_mean``: a mean with a seeded percentile bootstrap interval (docs/methods.md
-  reports 95 %); ``baseline=`` makes it paired (the mean of ``values − baseline`` with both
-  resampled together), ``groups=`` makes it a cluster bootstrap (whole groups, e.g. prompts,
-  are resampled, never single trials of one), ``indices=`` reuses resamples drawn once for
-  several statistics. ``resample_indices`` and ``cluster_weights`` draw those resamples and
-  ``percentile_interval`` turns bootstrap replicates into an interval.
-- ``auroc``: P(a positive scores above a negative), ties counted ½, optionally under
-  resampling weights (one AUROC per bootstrap replicate, in one vectorized pass).
+- **bootstrap** — ``bootstrap_mean``: a mean with a seeded percentile interval (95 % by
+  default). Plain by default; ``groups=`` makes it a cluster bootstrap (whole groups, e.g.
+  prompts, are resampled, never single trials of one: the rule for a rate over trials that
+  share prompts); ``baseline=`` makes it paired (the mean of ``values − baseline`` with both
+  resampled together: the rule for a difference on the same prompts); both together give a
+  paired cluster bootstrap. ``indices=`` reuses resamples drawn once for several statistics.
+  The building blocks are public for statistics other than a mean (ratios, AUROCs, a
+  corrected rate): ``resample_indices`` (plain resamples), ``cluster_weights`` (cluster
+  resamples as multiplicities) and ``percentile_interval`` (replicates → interval).
+- **Wilson** — ``wilson_interval(successes, n)``: the interval of a binomial rate where each
+  prompt gives one outcome; honest at 0 and n, where the normal interval collapses.
+- **AUROC** — ``auroc``: P(a positive scores above a negative), ties counted ½, optionally
+  under resampling weights (one AUROC per bootstrap replicate, in one vectorized pass).
+- **Rogan–Gladen** — ``rogan_gladen(p_obs, se, sp)``: a rate measured by an imperfect judge,
+  corrected for its sensitivity and specificity (``depthlens.judges.accuracy`` bootstraps it).
 - ``diff_in_means``: ``mean(a) − mean(b)`` over one axis in float64, optionally normalized.
+
+Every function takes a ``seed`` (an int or one ``np.random.Generator`` to draw several
+resample sets from one stream) where it draws, and raises ``UsageError`` on misuse.
 
     >>> ci = bootstrap_mean([1.0, 2.0, 3.0, 4.0], n_boot=500, seed=0)
     >>> ci.estimate, bool(ci.lo < 2.5 < ci.hi)
     (2.5, True)
+    >>> tuple(round(x, 3) for x in wilson_interval(3, 10))
+    (0.108, 0.603)
     >>> auroc([2.0, 3.0], [0.0, 2.0])
     0.875
+    >>> round(rogan_gladen(0.5, sensitivity=0.9, specificity=0.8), 4)
+    0.4286
     >>> diff_in_means(np.array([[1.0, 0.0], [3.0, 0.0]]), np.array([[0.0, 1.0]]), unit=True)
     array([ 0.89442719, -0.4472136 ])
 """
-
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -46,6 +62,14 @@ class Interval:
 
     def __iter__(self):
         return iter((self.estimate, self.lo, self.hi))
+
+
+class RateInterval(NamedTuple):
+    """A confidence interval ``[lo, hi]`` of a rate, without an estimate (unpacks like a tuple);
+    ``Interval`` is the bootstrap one that carries its estimate."""
+
+    lo: float
+    hi: float
 
 
 def _rng(seed: int | np.random.Generator) -> np.random.Generator:
@@ -187,6 +211,45 @@ def auroc(pos, neg, *, pos_weights=None, neg_weights=None) -> float | np.ndarray
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where(den > 0, num / den, np.nan)
     return out if weighted else float(out[0])
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> RateInterval:
+    """Wilson score interval for a binomial rate (95% by default); well-behaved at 0 and n.
+
+    For a rate where each prompt gives one outcome. Attack success rates are proportions of
+    few trials, often 0 or 1, where the normal interval collapses to a point; Wilson's stays
+    honest there. Trials that share prompts need ``bootstrap_mean(..., groups=prompts)`` instead.
+
+        >>> tuple(round(x, 3) for x in wilson_interval(0, 10))
+        (0.0, 0.278)
+    """
+    if n < 1:
+        raise UsageError(f"wilson_interval needs n >= 1 trials, got n={n}.")
+    if not 0 <= successes <= n:
+        raise UsageError(f"successes must lie in 0..n={n}, got {successes}.")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return RateInterval(lo, hi)
+
+
+def rogan_gladen(p_obs, sensitivity, specificity):
+    """``(p_obs + sp − 1) / (se + sp − 1)`` clipped to [0, 1]; NaN where ``se + sp ≤ 1`` (an uninformative judge).
+
+    The true rate behind a rate ``p_obs`` observed through a judge of sensitivity ``se`` and
+    specificity ``sp``. Scalars give a float; arrays (e.g. bootstrap replicates) an array.
+
+        >>> rogan_gladen([0.1, 0.5], 0.9, 0.9).round(6).tolist(), rogan_gladen(0.3, 0.5, 0.5)
+        ([0.0, 0.5], nan)
+    """
+    p, se, sp = (np.asarray(x, float) for x in (p_obs, sensitivity, specificity))
+    den = se + sp - 1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(den > 0, np.clip((p + sp - 1) / np.where(den > 0, den, 1), 0.0, 1.0), np.nan)
+    return float(out) if out.ndim == 0 else out
 
 
 def diff_in_means(a, b, *, axis: int = 0, unit: bool = False):

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from depthlens.judges.accuracy import corrected_trial_columns, rogan_gladen
+from depthlens.judges.accuracy import corrected_trial_columns
+from depthlens.stats import rogan_gladen
 from depthlens.infra.results import read_run
 
 

@@ -8,7 +8,8 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-from depthlens.attacks.records import AttackResult, Trial, wilson_interval
+from depthlens.attacks.records import AttackResult, Trial
+from depthlens.stats import wilson_interval
 from depthlens.attacks.plumbing import harmful_response_ids, relative_position
 from depthlens.attacks.insertion import prefill_attack, random_insertion_attack
 from depthlens.data.chat import build_chat, encode

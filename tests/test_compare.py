@@ -88,7 +88,7 @@ def test_intervals_from_per_prompt_outcomes():
     import numpy as np
 
     from analyses.compare import paired_delta_interval, per_prompt_interval
-    from depthlens.attacks.records import wilson_interval
+    from depthlens.stats import wilson_interval
 
     refused = [1.0] * 48 + [0.0] * 16
     assert per_prompt_interval("harmful_refusal", refused, 0) == list(wilson_interval(48, 64))

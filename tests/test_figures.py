@@ -317,7 +317,7 @@ def test_layer_sensitivity_heatmap_one_panel_and_scale_per_kind():
 
 
 def _rate_row(key: dict, n: int, **rates: int) -> dict:
-    from depthlens.attacks.records import wilson_interval
+    from depthlens.stats import wilson_interval
 
     row = dict(key, n=n)
     for name, k in rates.items():

@@ -80,7 +80,8 @@ def test_refusal_token_set_is_derived_from_the_templates_for_this_tokenizer(tiny
 import numpy as np  # noqa: E402
 
 from depthlens.judges.seam import classify, classify_many  # noqa: E402
-from depthlens.judges.accuracy import HeldOut, corrected_asr, rogan_gladen, score_judge  # noqa: E402
+from depthlens.judges.accuracy import HeldOut, corrected_asr, score_judge  # noqa: E402
+from depthlens.stats import rogan_gladen  # noqa: E402
 
 
 def _planted_heldout(sens: float, spec: float, n_pos: int = 200, n_neg: int = 200, judge: str = "planted") -> HeldOut:

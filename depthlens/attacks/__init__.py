@@ -10,7 +10,7 @@ It imports the rooms below it, up to `depthlens.judges`.
 
 from __future__ import annotations
 
-from depthlens.attacks.records import RATES, RateInterval, wilson_interval, Trial, AttackResult
+from depthlens.attacks.records import RATES, Trial, AttackResult
 from depthlens.attacks.plumbing import (
     harmful_response_ids, relative_position, Plan, check_inputs, check_lengths, decode, run_and_judge,
     insertion_sequence, usable_refusals,
@@ -22,8 +22,6 @@ from depthlens.attacks.worst import OBJECTIVES, WorstInsertion, worst_insertion,
 
 __all__ = [
     "RATES",
-    "RateInterval",
-    "wilson_interval",
     "Trial",
     "AttackResult",
     "harmful_response_ids",

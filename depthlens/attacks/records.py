@@ -5,56 +5,19 @@ Every attack in :mod:`depthlens.attacks.insertion` and :mod:`depthlens.attacks.w
 judges' verdicts), so that a results file can be re-judged and regrouped later, and
 :meth:`AttackResult.asr_by` turns them into rates per group with Wilson intervals.
 Attack success rates are proportions of few trials, often 0 or 1, which is why the
-interval here is Wilson's (docs/methods.md §2), not a bootstrap.
-
-    >>> tuple(round(x, 3) for x in wilson_interval(3, 10))
-    (0.108, 0.603)
+interval here is Wilson's (docs/methods.md §2, ``depthlens.stats.wilson_interval``), not a bootstrap.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
 
 from depthlens.infra.errors import UsageError
 from depthlens.judges import CONTINUATION_JUDGE_ID, JUDGE_ID
+from depthlens.stats import wilson_interval
 
 RATES = ("asr", "not_refusal", "compliance", "harmful", "recovered", "other")
-
-
-# ----------------------------------------------------------------------------- intervals
-
-
-class RateInterval(NamedTuple):
-    """A confidence interval ``[lo, hi]`` of a rate, without an estimate (unpacks like a tuple);
-    ``depthlens.stats.Interval`` is the bootstrap one that carries its estimate."""
-
-    lo: float
-    hi: float
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> RateInterval:
-    """Wilson score interval for a binomial rate (95% by default); well-behaved at 0 and n.
-
-    Attack success rates are proportions of few trials, often 0 or 1, where the normal
-    interval collapses to a point; Wilson's stays honest there.
-
-        >>> tuple(round(x, 3) for x in wilson_interval(0, 10))
-        (0.0, 0.278)
-    """
-    if n < 1:
-        raise UsageError(f"wilson_interval needs n >= 1 trials, got n={n}.")
-    if not 0 <= successes <= n:
-        raise UsageError(f"successes must lie in 0..n={n}, got {successes}.")
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo = 0.0 if successes == 0 else max(0.0, centre - half)
-    hi = 1.0 if successes == n else min(1.0, centre + half)
-    return RateInterval(lo, hi)
 
 
 # ----------------------------------------------------------------------------- records

@@ -24,8 +24,8 @@ from depthlens.judges.seam import (
     score_from_logprobs, RefusalScores, refusal_score, ClassifierJudge,
 )
 from depthlens.judges.accuracy import (
-    JUDGE_SET_FILE, HELDOUT_FILE, PARTS, labels_text, load_judge_set, labels_sha256, cluster_weights, JudgeScore,
-    score_judge, HeldOut, measured_judges, heldout_record, rogan_gladen, CorrectedASR, corrected_asr,
+    JUDGE_SET_FILE, HELDOUT_FILE, PARTS, labels_text, load_judge_set, labels_sha256, JudgeScore,
+    score_judge, HeldOut, measured_judges, heldout_record, CorrectedASR, corrected_asr,
     corrected_trial_columns, correction_record,
 )
 
@@ -78,13 +78,11 @@ __all__ = [
     "labels_text",
     "load_judge_set",
     "labels_sha256",
-    "cluster_weights",
     "JudgeScore",
     "score_judge",
     "HeldOut",
     "measured_judges",
     "heldout_record",
-    "rogan_gladen",
     "CorrectedASR",
     "corrected_asr",
     "corrected_trial_columns",

@@ -28,6 +28,8 @@ from importlib import resources
 
 import numpy as np
 
+from depthlens.stats import cluster_weights, percentile_interval, rogan_gladen
+
 CLASSES: tuple[str, ...] = ("harmful", "recovered", "other")
 JUDGE_SET_FILE = "judge_set.jsonl"
 HELDOUT_FILE = "judge_heldout.json"
@@ -61,7 +63,7 @@ def labels_sha256() -> str:
     return hashlib.sha256(labels_text(JUDGE_SET_FILE).encode()).hexdigest()
 
 
-# ----------------------------------------------------------------------------- bootstrap helpers
+# ----------------------------------------------------------------------------- grouping
 
 
 def _group_codes(groups: Sequence | None, n: int) -> np.ndarray:
@@ -71,23 +73,6 @@ def _group_codes(groups: Sequence | None, n: int) -> np.ndarray:
         raise ValueError(f"groups must have one entry per item ({n}), got {len(groups)}.")
     _, codes = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
     return codes
-
-
-def cluster_weights(codes: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """``[n_boot, n_items]`` multiplicities of a cluster bootstrap: clusters drawn with replacement."""
-    n_groups = int(codes.max()) + 1 if len(codes) else 0
-    draws = rng.integers(0, n_groups, size=(n_boot, n_groups))
-    counts = np.zeros((n_boot, n_groups))
-    np.add.at(counts, (np.arange(n_boot)[:, None], draws), 1.0)
-    return counts[:, codes]
-
-
-def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return float("nan"), float("nan")
-    a = (1 - level) / 2
-    return float(np.quantile(values, a)), float(np.quantile(values, 1 - a))
 
 
 # ----------------------------------------------------------------------------- judge accuracy
@@ -137,14 +122,14 @@ def score_judge(truth: Sequence[str], pred: Sequence[str], groups: Sequence | No
         raise ValueError(f"Unknown class(es) {bad}; the classes are {CLASSES}.")
     t = np.array([CLASSES.index(c) for c in truth])
     p = np.array([CLASSES.index(c) for c in pred])
-    w = np.vstack([np.ones(len(t)), cluster_weights(_group_codes(groups, len(t)), n_boot, np.random.default_rng(seed))])
+    w = np.vstack([np.ones(len(t)), cluster_weights(_group_codes(groups, len(t)), n_boot, seed)])
     per_class = {}
     for c in range(len(CLASSES)):
         tp = w @ ((t == c) & (p == c))
         prec, rec = _ratio(tp, w @ (p == c)), _ratio(tp, w @ (t == c))
         row = {"support": int((t == c).sum()), "predicted": int((p == c).sum())}
         for name, v in (("precision", prec), ("recall", rec)):
-            lo, hi = _percentiles(v[1:], level)
+            lo, hi = percentile_interval(v[1:], level)
             row.update({name: float(v[0]), f"{name}_lo": lo, f"{name}_hi": hi})
         per_class[CLASSES[c]] = row
     acc = _ratio(w @ (t == p), w.sum(1))
@@ -153,8 +138,8 @@ def score_judge(truth: Sequence[str], pred: Sequence[str], groups: Sequence | No
     confusion = [[int(((t == i) & (p == j)).sum()) for j in range(len(CLASSES))] for i in range(len(CLASSES))]
     sens = float(_ratio(np.array([(hb_t & hb_p).sum()]), np.array([hb_t.sum()]))[0])
     spec = float(_ratio(np.array([(~hb_t & ~hb_p).sum()]), np.array([(~hb_t).sum()]))[0])
-    return JudgeScore(judge, len(t), per_class, confusion, float(acc[0]), *_percentiles(acc[1:], level),
-                      float(bacc[0]), *_percentiles(bacc[1:], level), sens, spec)
+    return JudgeScore(judge, len(t), per_class, confusion, float(acc[0]), *percentile_interval(acc[1:], level),
+                      float(bacc[0]), *percentile_interval(bacc[1:], level), sens, spec)
 
 
 # ----------------------------------------------------------------------------- corrected ASR
@@ -210,15 +195,6 @@ def heldout_record(judge: str) -> HeldOut:
                          "Run scripts/score_judges.py after adding a judge.")
     rec = data["judges"][judge]
     return HeldOut.from_lists(rec["truth_harmful"], rec["pred_harmful"], data["groups"], judge)
-
-
-def rogan_gladen(p_obs, sensitivity, specificity):
-    """``(p_obs + sp − 1) / (se + sp − 1)`` clipped to [0, 1]; NaN where ``se + sp ≤ 1`` (an uninformative judge)."""
-    p, se, sp = (np.asarray(x, float) for x in (p_obs, sensitivity, specificity))
-    den = se + sp - 1
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(den > 0, np.clip((p + sp - 1) / np.where(den > 0, den, 1), 0.0, 1.0), np.nan)
-    return float(out) if out.ndim == 0 else out
 
 
 @dataclass(frozen=True)
@@ -284,8 +260,8 @@ def corrected_asr(flags: Sequence[bool], groups: Sequence | None = None, *, judg
     spec = _ratio(w_lab @ (~t & ~p), w_lab @ ~t)
     boots = rogan_gladen(p_obs, sens, spec)
     raw = float(flags_a.mean())
-    return CorrectedASR(raw, *_percentiles(p_obs, level), rogan_gladen(raw, heldout.sensitivity, heldout.specificity),
-                        *_percentiles(np.asarray(boots, float), level), heldout.sensitivity, heldout.specificity,
+    return CorrectedASR(raw, *percentile_interval(p_obs, level), rogan_gladen(raw, heldout.sensitivity, heldout.specificity),
+                        *percentile_interval(np.asarray(boots, float), level), heldout.sensitivity, heldout.specificity,
                         heldout.judge or (judge or ""), int(flags_a.size), int(t.size))
 
 
