@@ -282,3 +282,136 @@ def diff_in_means(a, b, *, axis: int = 0, unit: bool = False):
             raise UsageError(f"the means coincide{f' at {where}' if where else ''}; no direction is defined there.")
         diff = diff / norms
     return diff if as_torch else diff.numpy()
+
+
+# ----------------------------------------------------------------------------- rates over prompts
+
+#: the names a record gives the interval of a rate (``RateEstimate.method``)
+PROMPT_BOOTSTRAP = "prompt_bootstrap"
+PAIRED_PROMPT_BOOTSTRAP = "paired_prompt_bootstrap"
+WILSON = "wilson"
+
+
+@dataclass(frozen=True)
+class RateEstimate:
+    """A rate over trials with its interval and the name of the method that made the interval.
+
+    Attributes:
+        rate: successes / trials (for a difference: ``rate(b) − rate(a)``).
+        lo, hi: the interval (95 % by default).
+        n: trials; n_prompts: distinct prompts among them.
+        method: ``"wilson"`` (each prompt gave one outcome), ``"prompt_bootstrap"`` (whole
+            prompts resampled with all their trials) or ``"paired_prompt_bootstrap"``.
+    """
+
+    rate: float
+    lo: float
+    hi: float
+    n: int
+    n_prompts: int
+    method: str
+
+    def __iter__(self):
+        return iter((self.rate, self.lo, self.hi))
+
+
+def _prompt_codes(groups, n: int, what: str) -> np.ndarray:
+    if groups is None:
+        return np.arange(n)
+    g = np.asarray(groups).reshape(-1)
+    if g.size != n:
+        raise UsageError(f"{what} has {g.size} prompt labels but {n} outcomes; give one label per trial.")
+    if g.dtype == object:  # mixed labels (e.g. None beside strings) compare as their text
+        g = g.astype(str)
+    return np.unique(g, return_inverse=True)[1].reshape(-1)
+
+
+def _outcomes(outcomes, what: str) -> np.ndarray:
+    x = np.asarray(outcomes, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        raise UsageError(f"{what} needs at least one trial.")
+    if not np.all((x == 0) | (x == 1)):
+        raise UsageError(f"{what} needs 0/1 (or boolean) outcomes, one per trial.")
+    return x
+
+
+def rate_interval(outcomes, groups=None, *, n_boot: int = 2000, seed: int | np.random.Generator = 0,
+                  level: float = 0.95) -> RateEstimate:
+    """A rate over 0/1 trials and its interval, chosen by how the trials share prompts.
+
+    Where every prompt (``groups``: one prompt id per trial; None: every trial its own prompt)
+    gave one outcome the trials are independent and the interval is Wilson's. Where some
+    prompt gave several, trials of one prompt are correlated and the interval is a prompt-level
+    (cluster) percentile bootstrap: whole prompts are resampled with all their trials and the
+    rate is recomputed as successes / trials of the resample.
+
+        >>> r = rate_interval([1, 1, 0, 0, 0, 0], groups=["a", "a", "b", "b", "c", "c"], n_boot=500)
+        >>> r.method, round(r.rate, 3)
+        ('prompt_bootstrap', 0.333)
+    """
+    x = _outcomes(outcomes, "rate_interval")
+    codes = _prompt_codes(groups, x.size, "rate_interval")
+    n_prompts = int(codes.max()) + 1
+    if n_prompts == x.size:  # one outcome per prompt
+        from depthlens.attack_records import wilson_interval
+
+        lo, hi = wilson_interval(int(x.sum()), int(x.size), z=_z(level))
+        return RateEstimate(float(x.mean()), lo, hi, int(x.size), n_prompts, WILSON)
+    counts = _prompt_draws(n_prompts, n_boot, seed)  # [B, prompts]: how often each prompt was drawn
+    succ, trials = np.bincount(codes, weights=x, minlength=n_prompts), np.bincount(codes, minlength=n_prompts)
+    lo, hi = percentile_interval(counts @ succ / (counts @ trials), level)
+    return RateEstimate(float(x.mean()), lo, hi, int(x.size), n_prompts, PROMPT_BOOTSTRAP)
+
+
+def _prompt_draws(n_prompts: int, n_boot: int, seed) -> np.ndarray:
+    """``[n_boot, n_prompts]`` multiplicities of resamples of whole prompts (multinomial, as ``cluster_weights``)."""
+    b = _n_boot(n_boot)
+    draws = _rng(seed).integers(0, n_prompts, size=(b, n_prompts)) + n_prompts * np.arange(b)[:, None]
+    return np.bincount(draws.reshape(-1), minlength=b * n_prompts).reshape(b, n_prompts).astype(np.float64)
+
+
+def paired_rate_difference(a, b, groups_a=None, groups_b=None, *, n_boot: int = 2000,
+                           seed: int | np.random.Generator = 0, level: float = 0.95) -> RateEstimate:
+    """``rate(b) − rate(a)`` of two sets of 0/1 trials on the same prompts, with a paired prompt bootstrap.
+
+    Each replicate draws the prompts once (with replacement) and recomputes both rates on the
+    same draw, so what the prompts share (an easy prompt is easy for both) cancels. ``groups_*``
+    are prompt ids per trial (None: trial i of ``a`` and of ``b`` is prompt i, which needs equal
+    lengths). A prompt present in one set only still counts for that set's rate.
+
+        >>> d = paired_rate_difference([0, 0, 1, 0], [1, 0, 1, 1], n_boot=500)
+        >>> d.method, d.rate
+        ('paired_prompt_bootstrap', 0.5)
+    """
+    xa, xb = _outcomes(a, "paired_rate_difference"), _outcomes(b, "paired_rate_difference")
+    if groups_a is None and groups_b is None:
+        if xa.size != xb.size:
+            raise UsageError(f"paired_rate_difference without prompt ids needs equal lengths, got {xa.size} and "
+                             f"{xb.size}; pass groups_a and groups_b.")
+        ga = gb = np.arange(xa.size).astype(str)
+    elif groups_a is None or groups_b is None:
+        raise UsageError("paired_rate_difference needs prompt ids for both sets or for neither.")
+    else:
+        ga, gb = (np.asarray(g, dtype=object).reshape(-1).astype(str) for g in (groups_a, groups_b))
+    if ga.size != xa.size or gb.size != xb.size:
+        raise UsageError(f"paired_rate_difference needs one prompt id per trial: {ga.size} ids for {xa.size} trials "
+                         f"and {gb.size} ids for {xb.size}.")
+    if not set(ga.tolist()) & set(gb.tolist()):
+        raise UsageError("paired_rate_difference found no prompt in both sets; an unpaired comparison needs "
+                         "rate_interval on each.")
+    codes = np.unique(np.concatenate([ga, gb]), return_inverse=True)[1].reshape(-1)
+    ca, cb, k = codes[:xa.size], codes[xa.size:], int(codes.max()) + 1
+    counts = _prompt_draws(k, n_boot, seed)              # one draw of prompts for both sets
+    rate = lambda c, x: (counts @ np.bincount(c, weights=x, minlength=k)) / (counts @ np.bincount(c, minlength=k))  # noqa: E731
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boots = rate(cb, xb) - rate(ca, xa)              # NaN: a draw without one set's prompts
+    lo, hi = percentile_interval(boots, level)
+    return RateEstimate(float(xb.mean() - xa.mean()), lo, hi, int(xa.size + xb.size), k, PAIRED_PROMPT_BOOTSTRAP)
+
+
+def _z(level: float) -> float:
+    from scipy.stats import norm
+
+    if not 0.0 < level < 1.0:
+        raise UsageError(f"level must lie strictly between 0 and 1, got {level!r}.")
+    return float(norm.ppf(0.5 + level / 2))
