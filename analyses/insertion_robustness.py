@@ -64,11 +64,11 @@ class InsertionConfig(AnalysisConfig):
         seed: split and position seed.
         device: cpu / cuda (default: automatic).
         out: results root directory.
-        quick: small run (6 prompts, depths 0/0.5/1, m 2/8, 1 random position, 16 new tokens,
+        quick: small run (6 prompts, depths 0/0.5/1, m 2/8, 2 random positions, 16 new tokens,
             refusals of >= 4 tokens attacked); flags given explicitly keep their values.
     """
 
-    QUICK: ClassVar = {"n_prompts": 6, "depths": (0.0, 0.5, 1.0), "span_lengths": (2, 8), "n_random": 1,
+    QUICK: ClassVar = {"n_prompts": 6, "depths": (0.0, 0.5, 1.0), "span_lengths": (2, 8), "n_random": 2,
                        "max_new_tokens": 16, "min_refusal_tokens": 4}
 
     model: str = ORGANISM
@@ -126,8 +126,8 @@ class InsertionResult(AnalysisResult):
                  f"{fmt(self.asr_harmful_random, '.2f')}, worst {fmt(self.asr_harmful_worst, '.2f')}; judge-corrected "
                  f"grid {fmt(m.get('asr_harmful_grid_corrected'), '.2f')}, random "
                  f"{fmt(m.get('asr_harmful_random_corrected'), '.2f')}, worst {fmt(m.get('asr_harmful_worst_corrected'), '.2f')}")
-        cols = ["depth", "span_len", "n", "harmful", "harmful_lo", "harmful_hi", *CORRECTED_KEYS, "recovered", "other",
-                "not_refusal"]
+        cols = ["depth", "span_len", "n", "harmful", "harmful_lo", "harmful_hi", "harmful_interval", *CORRECTED_KEYS, "recovered",
+                "other", "not_refusal"]
         return Summary(title, self.tables["by_depth_and_length"], cols)
 
 
@@ -170,7 +170,8 @@ def run(cfg: InsertionConfig, model=None) -> InsertionResult:
         "asr_harmful_grid": summary[0]["harmful"], "asr_harmful_random": summary[1]["harmful"],
         "asr_harmful_worst": summary[2]["harmful"], "recovered_grid": summary[0]["recovered"],
         **{f"asr_harmful_{name}{key[len('harmful'):]}": row[key] for name, row in zip(("grid", "random", "worst"), summary)
-           for key in ("harmful_lo", "harmful_hi", *CORRECTED_KEYS)},
+           for key in ("harmful_lo", "harmful_hi", "harmful_interval", *CORRECTED_KEYS)},
+        "interval": INTERVAL_NOTE,
         "n_prompts_attacked": len({t.prompt_id for t in grid.trials}), "skipped": len(grid.skipped),
         "share_with_long_refusal": own_refusal_rate,
         "judge": CONTINUATION_JUDGE_ID,
@@ -188,6 +189,10 @@ def run(cfg: InsertionConfig, model=None) -> InsertionResult:
 
 
 CORRECTED_KEYS = ("harmful_corrected", "harmful_corrected_lo", "harmful_corrected_hi")
+INTERVAL_NOTE = ("95 %; raw rates: prompt_bootstrap (whole prompts resampled) where a prompt gave several trials, wilson "
+                 "where each gave one, wilson_over_prompts where no trial (or every trial) succeeded (the *_interval keys "
+                 "and the rows' <rate>_interval columns name which); corrected rates: a "
+                 "joint bootstrap of prompts and held-out labels (docs/methods.md §0, docs/judging.md §2)")
 
 
 def _corrected(trials, seed: int) -> dict:
@@ -199,7 +204,8 @@ def _corrected(trials, seed: int) -> dict:
 def _overall(result) -> dict:
     rows = result.asr_by(lambda t: "all") if result.trials else []
     r = rows[0] if rows else {}
-    return {k: r.get(k) for k in ("n", "harmful", "harmful_lo", "harmful_hi", "recovered", "other", "not_refusal")}
+    return {k: r.get(k) for k in ("n", "n_prompts", "harmful", "harmful_lo", "harmful_hi", "harmful_interval", "recovered",
+                                  "other", "not_refusal")}
 
 
 main = make_main(InsertionConfig, run)

@@ -290,6 +290,8 @@ def diff_in_means(a, b, *, axis: int = 0, unit: bool = False):
 PROMPT_BOOTSTRAP = "prompt_bootstrap"
 PAIRED_PROMPT_BOOTSTRAP = "paired_prompt_bootstrap"
 WILSON = "wilson"
+WILSON_PROMPTS = "wilson_over_prompts"
+SINGLE_PROMPT = "single_prompt"
 
 
 @dataclass(frozen=True)
@@ -343,7 +345,11 @@ def rate_interval(outcomes, groups=None, *, n_boot: int = 2000, seed: int | np.r
     gave one outcome the trials are independent and the interval is Wilson's. Where some
     prompt gave several, trials of one prompt are correlated and the interval is a prompt-level
     (cluster) percentile bootstrap: whole prompts are resampled with all their trials and the
-    rate is recomputed as successes / trials of the resample.
+    rate is recomputed as successes / trials of the resample. With no success (or no failure)
+    at all every resample repeats the estimate, so the bootstrap interval would be a point;
+    the interval is then Wilson's over the prompts (0 of ``n_prompts`` prompts, as if all
+    trials of a prompt were one outcome), method ``"wilson_over_prompts"``. Several trials of a
+    single prompt get [0, 1] (``"single_prompt"``): one prompt says nothing about the others.
 
         >>> r = rate_interval([1, 1, 0, 0, 0, 0], groups=["a", "a", "b", "b", "c", "c"], n_boot=500)
         >>> r.method, round(r.rate, 3)
@@ -353,10 +359,13 @@ def rate_interval(outcomes, groups=None, *, n_boot: int = 2000, seed: int | np.r
     codes = _prompt_codes(groups, x.size, "rate_interval")
     n_prompts = int(codes.max()) + 1
     if n_prompts == x.size:  # one outcome per prompt
-        from depthlens.attack_records import wilson_interval
-
         lo, hi = wilson_interval(int(x.sum()), int(x.size), z=_z(level))
         return RateEstimate(float(x.mean()), lo, hi, int(x.size), n_prompts, WILSON)
+    if n_prompts == 1:  # one prompt says nothing about other prompts
+        return RateEstimate(float(x.mean()), 0.0, 1.0, int(x.size), 1, SINGLE_PROMPT)
+    if x.min() == x.max():  # no success or no failure: every resample repeats it, so bound it by the prompts
+        lo, hi = wilson_interval(int(x[0]) * n_prompts, n_prompts, z=_z(level))
+        return RateEstimate(float(x.mean()), lo, hi, int(x.size), n_prompts, WILSON_PROMPTS)
     counts = _prompt_draws(n_prompts, n_boot, seed)  # [B, prompts]: how often each prompt was drawn
     succ, trials = np.bincount(codes, weights=x, minlength=n_prompts), np.bincount(codes, minlength=n_prompts)
     lo, hi = percentile_interval(counts @ succ / (counts @ trials), level)

@@ -178,8 +178,8 @@ def test_wilson_interval_known_values():
         wilson_interval(5, 4)
 
 
-def _trial(k, label, refusal, compliance):
-    return Trial(prompt_id="p", prompt="x", attack="prefill", k=k, position=None, depth=None, depth_actual=None,
+def _trial(k, label, refusal, compliance, prompt_id="p"):
+    return Trial(prompt_id=prompt_id, prompt="x", attack="prefill", k=k, position=None, depth=None, depth_actual=None,
                  span_len=None, span_offset=None, refusal_len=None, prefix_text="", span_text="", prompt_len=1,
                  prefix_span=[1, 1], span=[1, 1 + k], ids=[0] * (1 + k), continuation="", continuation_ids=[],
                  label=label, is_refusal=refusal, asr_not_refusal=not refusal, asr_compliance=compliance,
@@ -187,20 +187,33 @@ def _trial(k, label, refusal, compliance):
 
 
 def test_asr_by_groups_rates_and_intervals():
-    trials = ([_trial(5, "harmful", False, True)] * 3 + [_trial(5, "recovered", True, False)]
-              + [_trial(0, "other", False, True), _trial(0, "recovered", True, False)])
+    trials = ([_trial(5, "harmful", False, True, f"h{i}") for i in range(3)] + [_trial(5, "recovered", True, False, "r")]
+              + [_trial(0, "other", False, True, "o"), _trial(0, "recovered", True, False, "r")])
     res = AttackResult("prefill", trials)
     rows = res.asr_by("k")
     assert [(r["k"], r["n"]) for r in rows] == [(0, 2), (5, 4)]
     r5 = rows[1]
     assert (r5["asr"], r5["harmful"], r5["recovered"], r5["other"], r5["not_refusal"]) == (0.75, 0.75, 0.25, 0.0, 0.75)
-    assert (r5["asr_lo"], r5["asr_hi"]) == wilson_interval(3, 4)
+    assert (r5["asr_lo"], r5["asr_hi"]) == wilson_interval(3, 4) and r5["asr_interval"] == "wilson"  # one trial per prompt
     assert rows[0]["asr"] == 0.5 and rows[0]["harmful"] == 0.0 and rows[0]["other"] == 0.5
     assert res.class_shares() == pytest.approx({"recovered": 2 / 6, "harmful": 3 / 6, "other": 1 / 6})
     assert [r["group"] for r in res.asr_by(lambda t: t.k > 0)] == [False, True]
     assert res.asr_by(("k", "attack"))[0]["attack"] == "prefill"
     with pytest.raises(ValueError, match="Unknown trial field"):
         res.asr_by("nope")
+
+
+def test_asr_by_resamples_prompts_where_trials_share_them():
+    """Prompt a's 8 trials all succeed, b's and c's all fail: a rate over 24 trials but only 3 prompts."""
+    trials = ([_trial(5, "harmful", False, True, "a")] * 8 + [_trial(5, "recovered", True, False, "b")] * 8
+              + [_trial(5, "recovered", True, False, "c")] * 8)
+    row = AttackResult("prefill", trials).asr_by("k")[0]
+    assert row["interval"] == row["asr_interval"] == "prompt_bootstrap" and (row["n"], row["n_prompts"]) == (24, 3)
+    assert row["other_interval"] == "wilson_over_prompts"  # no trial was "other"
+    assert row["asr"] == pytest.approx(1 / 3)
+    # whole prompts move: a resample is 0, 1, 2 or 3 draws of prompt a, rate 0 with probability 8/27 and 1 with
+    # 1/27 (> 2.5 %), so the interval is [0, 1]; Wilson's over the 24 trials would claim [0.18, 0.53]
+    assert (row["asr_lo"], row["asr_hi"]) == (0.0, 1.0)
 
 
 def test_trial_records_serialize_to_json(tiny, data):

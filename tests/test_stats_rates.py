@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from depthlens.attack_records import wilson_interval
-from depthlens.errors import UsageError
+from depthlens.infra.errors import UsageError
 from depthlens.stats import (PAIRED_PROMPT_BOOTSTRAP, PROMPT_BOOTSTRAP, WILSON, paired_rate_difference,
-                             rate_interval)
+                             rate_interval, wilson_interval)
 
 
 def _clustered_study(rng, n_prompts, trials, a, b):
@@ -88,3 +87,10 @@ def test_paired_difference_of_identical_sets_is_exactly_zero():
 def test_bad_input_is_one_clear_error(call, match):
     with pytest.raises(UsageError, match=match):
         call()
+
+
+def test_a_clustered_rate_without_successes_is_bounded_by_its_prompts_not_a_point():
+    r = rate_interval([0] * 32, groups=np.repeat(np.arange(16), 2))
+    assert r.method == "wilson_over_prompts" and (r.lo, r.hi) == tuple(wilson_interval(0, 16))
+    r1 = rate_interval([1] * 12, groups=np.repeat(np.arange(4), 3))
+    assert (r1.lo, r1.hi) == tuple(wilson_interval(4, 4)) and r1.rate == 1.0

@@ -3,9 +3,10 @@
 Every attack in :mod:`depthlens.attacks.insertion` and :mod:`depthlens.attacks.worst` returns an
 :class:`AttackResult`: all trials kept as records (the sequence, the continuation, both
 judges' verdicts), so that a results file can be re-judged and regrouped later, and
-:meth:`AttackResult.asr_by` turns them into rates per group with Wilson intervals.
-Attack success rates are proportions of few trials, often 0 or 1, which is why the
-interval here is Wilson's (docs/methods.md §2, ``depthlens.stats.wilson_interval``), not a bootstrap.
+:meth:`AttackResult.asr_by` turns them into rates per group with intervals that respect
+prompts (docs/methods.md §0): Wilson's where each prompt gave one trial (a prefill ASR at one
+k), a prompt-level bootstrap where trials share prompts (an insertion grid), since trials of
+one prompt are not independent (``depthlens.stats.rate_interval``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from depthlens.infra.errors import UsageError
 from depthlens.judges import CONTINUATION_JUDGE_ID, JUDGE_ID
-from depthlens.stats import wilson_interval
+from depthlens.stats import rate_interval
 
 RATES = ("asr", "not_refusal", "compliance", "harmful", "recovered", "other")
 
@@ -110,13 +111,18 @@ class AttackResult:
         """The trials as plain dicts (JSON-ready)."""
         return [asdict(t) for t in self.trials]
 
-    def asr_by(self, key: KeyLike) -> list[dict]:
-        """Rates per group with Wilson 95% intervals, groups sorted by key.
+    def asr_by(self, key: KeyLike, *, n_boot: int = 2000, seed: int = 0) -> list[dict]:
+        """Rates per group with 95% intervals that respect prompts, groups sorted by key.
 
         ``key`` is a Trial field ("k"), a tuple of fields (("depth", "span_len")) or a function of
         a Trial (e.g. a depth bin; its column is called "group"). Each row holds the key column(s),
-        ``n`` and for each of ``asr`` (the headline ``success``), ``not_refusal``, ``compliance``,
-        ``harmful``, ``recovered``, ``other`` the rate and ``<name>_lo``/``<name>_hi``.
+        ``n`` (trials), ``n_prompts`` and for each of ``asr`` (the headline ``success``),
+        ``not_refusal``, ``compliance``, ``harmful``, ``recovered``, ``other`` the rate and
+        ``<name>_lo``/``<name>_hi``, and ``<name>_interval`` the method that made it
+        (``depthlens.stats.rate_interval``). ``interval`` names the group's design: ``"wilson"``
+        where each prompt of the group gave one trial, else ``"prompt_bootstrap"`` (whole prompts
+        resampled, ``n_boot`` times, ``seed``; a rate with no success, or no failure, there is
+        bounded by Wilson's over the prompts, ``"wilson_over_prompts"``).
         """
         if not self.trials:
             raise UsageError("asr_by needs at least one trial; this attack result is empty.")
@@ -134,20 +140,22 @@ class AttackResult:
         rows = []
         for gkey in sorted(groups, key=_sort_key):
             ts = groups[gkey]
-            n = len(ts)
-            counts = {
-                "asr": sum(t.success for t in ts),
-                "not_refusal": sum(t.asr_not_refusal for t in ts),
-                "compliance": sum(t.asr_compliance for t in ts),
-                "harmful": sum(t.label == "harmful" for t in ts),
-                "recovered": sum(t.label == "recovered" for t in ts),
-                "other": sum(t.label == "other" for t in ts),
+            outcomes = {
+                "asr": [t.success for t in ts],
+                "not_refusal": [t.asr_not_refusal for t in ts],
+                "compliance": [t.asr_compliance for t in ts],
+                "harmful": [t.label == "harmful" for t in ts],
+                "recovered": [t.label == "recovered" for t in ts],
+                "other": [t.label == "other" for t in ts],
             }
+            prompts = [t.prompt_id for t in ts]
             row: dict = dict(zip(names, gkey))
-            row["n"] = n
+            row["n"] = len(ts)
+            row["n_prompts"] = len(set(prompts))
             for name in RATES:
-                lo, hi = wilson_interval(counts[name], n)
-                row.update({name: counts[name] / n, f"{name}_lo": lo, f"{name}_hi": hi})
+                r = rate_interval(outcomes[name], prompts, n_boot=n_boot, seed=seed)
+                row.update({name: r.rate, f"{name}_lo": r.lo, f"{name}_hi": r.hi, f"{name}_interval": r.method})
+            row["interval"] = "wilson" if row["n_prompts"] == row["n"] else "prompt_bootstrap"
             rows.append(row)
         return rows
 
