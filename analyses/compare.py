@@ -18,8 +18,10 @@ reference, "before") and measures, on the *test* splits:
 The table has one row per measure and one column per model with its 95 % interval (Wilson for
 a rate whose per-prompt outcomes are all 0 or 1, a bootstrap over prompts for one with
 fractional outcomes — noise seeds that disagree, the suite mean — and for the token-weighted
-harmless cross-entropy), plus "Δ" (last − first) with the 95 % interval of a paired bootstrap
-over the same prompts, and the direction that is better. "mean refusal over the noise suite"
+harmless cross-entropy; attack rates over trials that share prompts, the insertion rows, a
+prompt-level bootstrap, ``depthlens.stats.rate_interval``), plus "Δ" (last − first) with the
+95 % interval of a paired bootstrap over the same prompts (for attack rates the trials' prompts,
+``paired_rate_difference``), and the direction that is better. "mean refusal over the noise suite"
 averages the three perturbed refusal rates. The figure (``figures/builders/compare.py``) shows
 the rates side by side. σ defaults: parameter noise 0.05 is our choice (a trial organism measured per-layer σ = 0.1 harmless
 and 0.3 damaging; whole-model noise adds up over 30 layers); activation noise 0.1 is calibrated
@@ -60,8 +62,8 @@ from depthlens.judges.accuracy import corrected_trial_columns, correction_record
 from depthlens.models.specs import reference_spec
 from depthlens.interventions.perturbation import perturb
 from depthlens.runtime.responses import answers_for, response_set
-from depthlens.stats import bootstrap_mean, percentile_interval, resample_indices
 from depthlens.attacks.worst import worst_insertion_attack
+from depthlens.stats import bootstrap_mean, paired_rate_difference, percentile_interval, resample_indices
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +259,11 @@ def _ratio(nll: np.ndarray) -> np.ndarray:
     return nll[..., 0].sum(-1) / nll[..., 1].sum(-1)
 
 
+def _trial_outcomes(trials, field: str) -> dict:
+    """``{"prompt_ids", "outcomes"}``: one 0/1 outcome (``field`` of each trial) per attack trial."""
+    return {"prompt_ids": [t.prompt_id for t in trials], "outcomes": [int(getattr(t, field)) for t in trials]}
+
+
 def per_prompt_interval(key: str, values: Sequence, seed: int) -> list[float]:
     """The 95 % interval of one model's measure from its per-prompt outcomes.
 
@@ -302,6 +309,7 @@ def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], atta
     values["asr_compliance_corrected"] = ev.metrics["asr_compliance_corrected"]
     intervals = {m: [ev.metrics[f"{m}_lo"], ev.metrics[f"{m}_hi"]]            # 95 % intervals of raw and corrected ASRs
                  for m in ("asr_compliance", "asr_compliance_corrected")}
+    trials: dict[str, dict] = {}  # attack rates' 0/1 outcome per trial with its prompt, for paired Δ intervals
     common = dict(prompt_ids=list(attack_ids), batch_size=cfg.batch_size)
     with timer("prefill"):
         pre = prefill_attack(model, list(attack_prompts), harmful, ks=cfg.ks, max_new_tokens=cfg.attack_new_tokens,
@@ -314,6 +322,7 @@ def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], atta
         values[f"prefill_asr_compliance_{k}_corrected"] = c.get("compliance_corrected")
         if k in by_k:
             intervals[f"prefill_asr_compliance_{k}"] = [by_k[k]["asr_lo"], by_k[k]["asr_hi"]]
+            trials[f"prefill_asr_compliance_{k}"] = _trial_outcomes([t for t in pre.trials if t.k == k], "success")
             intervals[f"prefill_asr_compliance_{k}_corrected"] = [c["compliance_corrected_lo"], c["compliance_corrected_hi"]]
     with timer("insertion"):
         refusals, own_share = insertion_targets(model, attack_prompts, cfg.refusal_tokens, cfg.min_refusal_tokens,
@@ -331,7 +340,8 @@ def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], atta
         values[f"{name}_asr_harmful_corrected"] = c.get("harmful_corrected")
         if res.trials:
             raw = res.asr_by(lambda t: "all")[0]
-            intervals[f"{name}_asr_harmful"] = [raw["harmful_lo"], raw["harmful_hi"]]
+            intervals[f"{name}_asr_harmful"] = [raw["harmful_lo"], raw["harmful_hi"]]  # a prompt bootstrap
+            trials[f"{name}_asr_harmful"] = _trial_outcomes(res.trials, "asr_harmful")
             intervals[f"{name}_asr_harmful_corrected"] = [c["harmful_corrected_lo"], c["harmful_corrected_hi"]]
     detail["own_refusal_share"] = own_share
     with timer("perturbations"):
@@ -341,6 +351,7 @@ def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], atta
         per_prompt.update(suite_per_prompt)
     intervals.update({k: per_prompt_interval(k, v, cfg.seed) for k, v in per_prompt.items()})
     detail["intervals"] = intervals
+    detail["trial_outcomes"] = trials
     detail["per_prompt"] = per_prompt  # refusal 0/1 (mean over noise seeds), harmless CE as [NLL sum, tokens]
     return values, detail
 
@@ -405,6 +416,11 @@ def run(cfg: CompareConfig, model=None) -> CompareResult:
             first, last = (details[k]["per_prompt"].get(row["measure"]) for k in (keys[0], keys[-1]))
             row["delta 95% CI"] = (paired_delta_interval(row["measure"], first, last, cfg.seed)
                                    if paired and first is not None and last is not None else None)
+            ta, tb = (details[k]["trial_outcomes"].get(row["measure"]) for k in (keys[0], keys[-1]))
+            if row["delta 95% CI"] is None and ta and tb:  # attack trials: a paired bootstrap over the shared prompts
+                d = paired_rate_difference(ta["outcomes"], tb["outcomes"], ta["prompt_ids"], tb["prompt_ids"],
+                                           seed=cfg.seed)
+                row["delta 95% CI"] = [d.lo, d.hi]
     long = [{"model": k, "measure": m, "value": values[k].get(m),
              **dict(zip(("lo", "hi"), details[k]["intervals"].get(m, (None, None))))} for k in keys for m in MEASURES]
     metrics = {"models": keys, "base": base_name, "values": values, "details": details,

@@ -22,8 +22,8 @@ two things are measured against the un-ablated model (computed once):
   answer, so the baseline ASR can differ a little from the source run's);
 - Δ mean refusal score (``depthlens.judges.seam.refusal_score``) on harmful validation prompts.
 
-Both Δs come with paired 95 % bootstrap intervals (trials, resp. prompts, resampled; the same
-resamples for every cell). Shares of "recovered" continuations are recorded beside ASR.
+Both Δs come with paired 95 % bootstrap intervals (the trials' prompts, with all their trials, resp.
+the validation prompts resampled; the same resamples for every cell). Shares of "recovered" continuations are recorded beside ASR.
 
 Cost (2 CPU cores, SmolLM2-135M, fp32, measured 2026-12-01). The work is what it is — the
 trials' prefill (16 × ≈ 130 tokens) through blocks l… for each of 5 interventions, plus 16
@@ -303,8 +303,13 @@ class Evaluator:
         return out
 
 
-def paired_delta(base: np.ndarray, new: np.ndarray, idx: np.ndarray) -> tuple[float, float, float]:
-    """Mean of ``new − base`` with a 95 % percentile interval over the resampled items ``idx [B, n]``."""
+def paired_delta(base: np.ndarray, new: np.ndarray, idx: np.ndarray | None = None, *, groups=None, n_boot: int = 1000,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``new − base`` with a 95 % percentile interval: over the resampled items ``idx [B, n]``,
+    or, with ``groups`` (prompt ids), over whole prompts resampled with all their trials (the same
+    draw for every call with the same ``n_boot`` and ``seed``)."""
+    if groups is not None:
+        return tuple(bootstrap_mean(new, baseline=base, groups=groups, n_boot=n_boot, seed=seed))
     return tuple(bootstrap_mean(new, baseline=base, indices=idx))
 
 
@@ -342,7 +347,7 @@ def run(cfg: LayerAblationConfig, model=None) -> LayerAblationResult:
     with timer("baseline"):
         base = ev.measure(0, [()])[0]
     rng = np.random.default_rng(cfg.seed)
-    idx_trials = resample_indices(len(subset), cfg.n_boot, rng)  # both index sets from one stream
+    trial_prompts = [str(t["prompt_id"]) for t in subset]  # trials of one prompt are resampled together
     idx_val = resample_indices(len(val), cfg.n_boot, rng)
 
     rows: list[dict] = []
@@ -358,7 +363,7 @@ def run(cfg: LayerAblationConfig, model=None) -> LayerAblationResult:
                 hook_sets.append(intervention_hooks(model, kind, layer, means=means,
                                                     direction=None if dirs is None else torch.from_numpy(dirs[layer])))
             for kind, m in zip(kinds, ev.measure(layer, hook_sets) if kinds else []):
-                d_asr = paired_delta(base.harmful, m.harmful, idx_trials)
+                d_asr = paired_delta(base.harmful, m.harmful, groups=trial_prompts, n_boot=cfg.n_boot, seed=cfg.seed)
                 d_score = paired_delta(base.scores, m.scores, idx_val)
                 rows.append({"layer": layer, "intervention": kind, "note": "",
                              "asr_harmful": float(m.harmful.mean()), "delta_asr_harmful": d_asr[0],
@@ -378,7 +383,9 @@ def run(cfg: LayerAblationConfig, model=None) -> LayerAblationResult:
                              if (r := max(done, key=lambda r: sign * r[key], default=None)) else None)
     metrics = {
         "baseline": baseline, "layers": layers, "interventions": list(cfg.interventions),
-        "n_trials": len(subset), "n_val": len(val), "n_cells": len(cells),
+        "n_trials": len(subset), "n_trial_prompts": len(set(trial_prompts)), "n_val": len(val), "n_cells": len(cells),
+        "interval": ("95 %; delta_asr_harmful: paired prompt bootstrap (the trials' prompts resampled with all their "
+                     "trials); delta_score: paired bootstrap over the validation prompts (docs/methods.md §0)"),
         "largest_asr_increase": top("delta_asr_harmful", 1), "largest_asr_decrease": top("delta_asr_harmful", -1),
         "largest_score_drop": top("delta_score", -1),
         "continuation_judge": CONTINUATION_JUDGE_ID, "score_judge": "refusal-score(first-token, docs/methods.md §1)",

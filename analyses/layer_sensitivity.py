@@ -7,8 +7,10 @@ harmful *validation* prompts and the rise in harmless cross-entropy (utility):
     S_{l,k} = E_seeds E_x [ score(x; θ) − score(x; θ + δ_{l,k}) ]         (docs/methods.md §5)
 
 with a 95% interval from a paired bootstrap over prompts (seeds averaged per prompt), the
-whole-model perturbation at the same σ as reference, a ranking by the mean of S over kinds,
-``critical_layers`` (top-k) for the zeroth-order recipe, and the cheap ZO-probe estimator
+whole-model perturbation at the same σ as reference, a ranking by the mean of S over kinds
+whose every score carries a prompt-bootstrap interval and P(layer in top-k) over the same
+resamples, ``critical_layers`` (the top k by score, each with its P(top-k)) for the
+zeroth-order recipe, and the cheap ZO-probe estimator
 ``c_l = |L(θ+εz_l) − L(θ−εz_l)| / 2ε`` with its Spearman correlation to the ranking.
 
 Cost: prompts are batched, the clean baseline is computed once, only the perturbed layer is
@@ -48,9 +50,12 @@ from depthlens.judges import JUDGE_ID, refusal_rate, refusal_token_ids, score_fr
 from depthlens.models.specs import ORGANISM
 from depthlens.interventions.perturbation import KINDS, perturb
 from depthlens.runtime.responses import response_set
-from depthlens.stats import bootstrap_mean
+from depthlens.stats import bootstrap_mean, percentile_interval, resample_indices, top_k_probability
 
 KIND_SIGMA = {"param_noise": "param_sigma", "act_noise": "act_sigma"}
+CRITICAL_RULE = ("the top {k} layers by the point estimate of the score (rank_layers), most sensitive first; each "
+                 "with its score's prompt-bootstrap interval and p_top_k = P(layer in the top {k}) over the same "
+                 "resamples (docs/methods.md §5)")
 
 
 @dataclass(frozen=True)
@@ -231,6 +236,38 @@ def rank_layers(rows: Sequence[dict], layers: Sequence[int]) -> list[dict]:
     return ranking
 
 
+def normalized_scores(per_kind: dict[str, np.ndarray]) -> np.ndarray:
+    """``rank_layers``'s score for stacks of sensitivities: ``per_kind[kind]`` is ``[..., n_layers]``.
+
+    Each kind is divided by its largest layer sensitivity (over the last axis; a kind whose
+    largest is ≤ 0 contributes 0), then the kinds are averaged.
+    """
+    normed = []
+    for v in per_kind.values():
+        scale = v.max(axis=-1, keepdims=True)
+        normed.append(np.where(scale > 0, v / np.where(scale > 0, scale, 1.0), 0.0))
+    return np.mean(normed, axis=0)
+
+
+def ranking_uncertainty(per_prompt: dict[str, np.ndarray], layers: Sequence[int], top_k: int, n_boot: int,
+                        seed: int) -> dict[int, dict]:
+    """Each layer's score with its prompt-bootstrap interval and P(layer in the top ``top_k``).
+
+    ``per_prompt[kind]`` is ``[n_layers, n_prompts]``: the drop in refusal score per prompt
+    (seeds averaged). Each of ``n_boot`` replicates resamples the prompts (the same draw as the
+    per-row intervals, ``depthlens.stats.resample_indices``), recomputes every S_{l,k} and the
+    normalized score, and ranks the layers; P(top-k) is the share of replicates in which a
+    layer ranks in the top k (docs/methods.md §5).
+    """
+    n = next(iter(per_prompt.values())).shape[1]
+    idx = resample_indices(n, n_boot, seed)
+    boots = normalized_scores({k: v[:, idx].mean(axis=-1).T for k, v in per_prompt.items()})  # [B, n_layers]
+    p_top = top_k_probability(boots, min(top_k, len(layers)))
+    lo, hi = percentile_interval(boots)
+    return {l: {"score_lo": float(lo[i]), "score_hi": float(hi[i]), "p_top_k": float(p_top[i])}
+            for i, l in enumerate(layers)}
+
+
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     """Spearman's rank correlation; None (not measured) with fewer than 3 layers or a constant input."""
     from scipy.stats import spearmanr
@@ -291,12 +328,20 @@ def run(cfg: SensitivityConfig, model=None) -> SensitivityResult:
         (whole if layer is None else rows).append(row)
 
     ranking = rank_layers(rows, layers)
-    critical = [{"layer": r["layer"], "score": r["score"]} for r in ranking[: cfg.top_k]]
+    per_prompt = {k: np.stack([np.mean(drops[(l, k)], axis=0) for l in layers]) for k in cfg.kinds}
+    uncertainty = ranking_uncertainty(per_prompt, layers, cfg.top_k, cfg.n_boot, cfg.seed)
+    for r in ranking:
+        r.update(uncertainty[r["layer"]])
+    critical = [{"layer": r["layer"], "score": r["score"], "score_lo": r["score_lo"], "score_hi": r["score_hi"],
+                 "p_top_k": r["p_top_k"]} for r in ranking[: cfg.top_k]]
 
     metrics = {"judge": "refusal score (docs/methods.md §1) on harmful val; utility = NLL of own answers on harmless val",
                "clean_mean_refusal_score": float(clean_scores.mean()),
                "clean_utility_nll": float(clean_nll.mean()) if util else None,
-               "critical_layers": critical, "n_harmful": len(harm), "n_utility": len(util),
+               "critical_layers": critical, "critical_layers_rule": CRITICAL_RULE.format(k=cfg.top_k),
+               "ranking_interval": ("95 % percentile bootstrap over the harmful prompts (every S_{l,k} and the "
+                                    f"normalized score recomputed per resample, {cfg.n_boot} resamples)"),
+               "n_harmful": len(harm), "n_utility": len(util),
                "n_evaluations": len(jobs)}
 
     if cfg.zo_probe:

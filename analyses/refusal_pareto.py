@@ -19,7 +19,8 @@ model does mid-answer. This analysis (docs/methods.md §4):
    beside the organism and ``:wo`` (refusal and ASR on all 200 HarmBench prompts, first-token
    KL and CE on the harmless test prompts);
 4. **the depth note** — whether low-KL front points keep mid-answer recovery that high-KL
-   points lose (``metrics["depth_note"]``, pooled Wilson intervals of the two halves).
+   points lose (``metrics["depth_note"]``: prompt-bootstrap intervals of the two halves, a paired prompt
+   bootstrap of their difference).
 
     $ python -m analyses.refusal_pareto                       # the organism, defaults below
     $ python -m analyses.refusal_pareto --model tiny-llama --quick
@@ -39,7 +40,6 @@ from typing import ClassVar
 from analyses.common import Timer
 from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load_with_base, make_main
 from analyses.evaluate import EvalConfig, asr_columns, evaluate_model, harmless_cross_entropy
-from depthlens.stats import wilson_interval
 from depthlens.attacks.insertion import prefill_attack, random_insertion_attack
 from depthlens.models.base import split_spec
 from depthlens.cli import flag, require_choice, require_int, require_number, require_numbers, require_text
@@ -51,6 +51,7 @@ from depthlens.judges import CONTINUATION_JUDGE_ID, JUDGE_ID, is_refusal
 from depthlens.models.specs import ORGANISM
 from depthlens.models.recipes import build_or_load, get_recipe
 from depthlens.runtime.responses import answers_for, response_set
+from depthlens.stats import paired_rate_difference, rate_interval
 from probes.ablation import ablated
 from probes.pareto import (
     JOURNAL,
@@ -213,41 +214,58 @@ def depth_columns(model, d: DepthData, cfg: RefusalParetoConfig) -> tuple[dict, 
                                   n_random=cfg.n_random, seed=cfg.seed, min_refusal_tokens=d.min_refusal_tokens,
                                   **{**common, "prompt_ids": ids}) if prompts else None
     out: dict = {}
-    for r in pre.asr_by("k"):
-        out.update({f"prefill_asr_k{r['k']}": r["asr"], f"prefill_recovered_k{r['k']}": r["recovered"]})
+    for r in pre.asr_by("k"):  # one trial per prompt at each k: Wilson intervals
+        k = r["k"]
+        out.update({f"prefill_asr_k{k}": r["asr"], f"prefill_asr_k{k}_lo": r["asr_lo"], f"prefill_asr_k{k}_hi": r["asr_hi"],
+                    f"prefill_recovered_k{k}": r["recovered"]})
     if ins is not None and ins.trials:
-        a = ins.asr_by(lambda t: "all")[0]
+        a = ins.asr_by(lambda t: "all")[0]  # several positions per prompt: prompt bootstrap intervals
         out.update(insertion_asr=a["harmful"], insertion_asr_lo=a["harmful_lo"], insertion_asr_hi=a["harmful_hi"],
                    insertion_recovered=a["recovered"], insertion_recovered_lo=a["recovered_lo"],
-                   insertion_recovered_hi=a["recovered_hi"], insertion_n=a["n"])
+                   insertion_recovered_hi=a["recovered_hi"], insertion_n=a["n"], insertion_n_prompts=a["n_prompts"],
+                   insertion_interval=a["harmful_interval"])
+        out["insertion_outcomes"] = {"prompt_ids": [t.prompt_id for t in ins.trials],
+                                     "recovered": [int(t.label == "recovered") for t in ins.trials]}
     out["harmless_ce"] = harmless_cross_entropy(model, d.ce_prompts, d.ce_targets, cfg.batch_size)
     examples = [{"prompt_id": t.prompt_id, "prefix": t.prefix_text, "span": t.span_text,
                  "continuation": t.continuation, "label": t.label} for t in (ins.trials if ins else [])]
     return out, examples
 
 
-def depth_note(front_rows: Sequence[dict], references: Sequence[dict]) -> dict:
-    """Do low-KL front points keep the mid-answer recovery that high-KL points lose? (pooled Wilson intervals)."""
-    rows = sorted((r for r in front_rows if r.get("insertion_recovered") is not None), key=lambda r: r["val_kl"])
+def depth_note(front_rows: Sequence[dict], references: Sequence[dict], outcomes: dict) -> dict:
+    """Do low-KL front points keep the mid-answer recovery that high-KL points lose?
+
+    The two halves of the front pool their insertion trials; every point attacks the same
+    prompts, so each half's recovered share gets a prompt-level bootstrap interval and the
+    difference (high − low) a paired prompt bootstrap (``depthlens.stats``). ``outcomes`` maps a
+    front point's trial number to its ``{"prompt_ids", "recovered"}`` per insertion trial.
+    """
+    rows = sorted((r for r in front_rows if r.get("insertion_recovered") is not None and outcomes.get(r["trial"])),
+                  key=lambda r: r["val_kl"])
     if len(rows) < 2:
         return {"text": f"Only {len(rows)} front point(s) with insertion trials: no low- vs high-KL comparison.",
                 "verdict": "too few points"}
     half = len(rows) // 2
     parts = {"low_kl": rows[:half], "high_kl": rows[-half:]}
-    summary = {}
+    summary, pooled = {}, {}
     for name, part in parts.items():
-        k = sum(round(r["insertion_recovered"] * r["insertion_n"]) for r in part)
-        n = sum(r["insertion_n"] for r in part)
-        lo, hi = wilson_interval(k, n)
+        ids = [p for r in part for p in outcomes[r["trial"]]["prompt_ids"]]
+        rec = [x for r in part for x in outcomes[r["trial"]]["recovered"]]
+        pooled[name] = (rec, ids)
+        est = rate_interval(rec, ids)
         summary[name] = {"points": [r["trial"] for r in part], "val_kl_max": max(r["val_kl"] for r in part),
-                         "val_kl_min": min(r["val_kl"] for r in part), "recovered": k / n, "lo": lo, "hi": hi, "n": n}
+                         "val_kl_min": min(r["val_kl"] for r in part), "recovered": est.rate, "lo": est.lo,
+                         "hi": est.hi, "n": est.n, "n_prompts": est.n_prompts, "interval": est.method}
     low, high = summary["low_kl"], summary["high_kl"]
-    if low["lo"] > high["hi"]:
+    (low_rec, low_ids), (high_rec, high_ids) = pooled["low_kl"], pooled["high_kl"]
+    diff = paired_rate_difference(low_rec, high_rec, low_ids, high_ids)
+    summary["difference_high_minus_low"] = {"estimate": diff.rate, "lo": diff.lo, "hi": diff.hi, "interval": diff.method}
+    if diff.hi < 0:
         verdict = "low-KL ablations keep mid-answer recovery that high-KL ablations lose"
-    elif high["lo"] > low["hi"]:
+    elif diff.lo > 0:
         verdict = "low-KL ablations lose mid-answer recovery that high-KL ablations keep"
     else:
-        verdict = "no difference in mid-answer recovery between low- and high-KL ablations beyond the 95% intervals"
+        verdict = "no difference in mid-answer recovery between low- and high-KL ablations beyond the 95% interval"
     from scipy.stats import spearmanr
 
     rho = spearmanr([r["val_kl"] for r in rows], [r["insertion_recovered"] for r in rows]).statistic
@@ -258,8 +276,9 @@ def depth_note(front_rows: Sequence[dict], references: Sequence[dict]) -> dict:
             f"{low['recovered']:.2f} [{low['lo']:.2f}, {low['hi']:.2f}] of {low['n']} trials, the {half} highest-KL "
             f"points ({high['val_kl_min']:.3f}–{high['val_kl_max']:.3f}) in {high['recovered']:.2f} "
             f"[{high['lo']:.2f}, {high['hi']:.2f}]; Spearman ρ(KL, recovered) over all {len(rows)} points = "
-            f"{rho:+.2f}. Reference: {refs or 'none'}. Verdict: {verdict} (pooled intervals treat the shared "
-            f"prompts as independent, so they are if anything too narrow).")
+            f"{rho:+.2f}. Reference: {refs or 'none'}. Difference high − low {diff.rate:+.2f} [{diff.lo:+.2f}, "
+            f"{diff.hi:+.2f}] (paired prompt bootstrap over the {diff.n_prompts} prompts; each half's interval "
+            f"resamples prompts). Verdict: {verdict}.")
     return {"text": text, "verdict": verdict, "spearman_kl_recovered": float(rho), **summary}
 
 
@@ -346,10 +365,12 @@ def run(cfg: RefusalParetoConfig, model=None) -> RefusalParetoResult:
     with timer("depth"):
         cols, _ = depth_columns(model, data, cfg)
         refs.append({"point": "organism", "val_refusal": res.baseline["refusal"], "val_kl": 0.0, **cols})
-        front_rows, examples = [], []
+        cols.pop("insertion_outcomes", None)
+        front_rows, examples, outcomes = [], [], {}
         for t in res.front:
             with ablated(model, res.direction(t.params), t.params):
                 cols, ex = depth_columns(model, data, cfg)
+            outcomes[t.number] = cols.pop("insertion_outcomes", None)
             front_rows.append({**t.record(), "chosen": t.number == chosen.number, **cols})
             if t.number == chosen.number:
                 examples = ex
@@ -359,6 +380,7 @@ def run(cfg: RefusalParetoConfig, model=None) -> RefusalParetoResult:
             ref = build_or_load(base_name, chain, device=model.device)
             vals = objectives(ref)
             cols, _ = depth_columns(ref, data, cfg)
+            cols.pop("insertion_outcomes", None)
             refs.append({"point": name, "spec": ref.spec, "val_refusal": vals["refusal"], "val_kl": vals["kl"], **cols})
             del ref
             gc.collect()
@@ -394,7 +416,7 @@ def run(cfg: RefusalParetoConfig, model=None) -> RefusalParetoResult:
                        "wo_opt_first_token_kl_le_0.06": opt["first_token_kl"] <= ACCEPT["first_token_kl"]},
         "depth_inputs": {"n_prompts": len(data.prompts), "n_refused_by_model": sum(data.refused),
                          "n_insertion_trials": front_rows[0].get("insertion_n") if front_rows else None},
-        "depth_note": depth_note(front_rows, refs),
+        "depth_note": depth_note(front_rows, refs, outcomes),
     }
     return RefusalParetoResult(analysis="refusal_pareto", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
                                provenance=model.provenance, metrics=metrics, timings=timer.total(),

@@ -424,3 +424,25 @@ def _z(level: float) -> float:
     if not 0.0 < level < 1.0:
         raise UsageError(f"level must lie strictly between 0 and 1, got {level!r}.")
     return float(norm.ppf(0.5 + level / 2))
+
+
+def top_k_probability(boots, k: int) -> np.ndarray:
+    """``[n_items]`` share of bootstrap replicates ``boots [B, n_items]`` in which each item ranks in the top ``k``.
+
+    The stability of a ranking: an item with P = 1 is in the top k on every resample of the
+    data, one with P ≈ k / n is there by chance. Ties are broken by item order (stable sort);
+    a replicate with a NaN score is left out.
+
+        >>> top_k_probability([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0]], 1).tolist()
+        [0.5, 0.5, 0.0]
+    """
+    b = np.asarray(boots, dtype=np.float64)
+    if b.ndim != 2 or b.shape[1] == 0:
+        raise UsageError(f"top_k_probability needs replicates of shape [B, n_items], got {b.shape}.")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k:
+        raise UsageError(f"k must be an integer >= 1, got {k!r}.")
+    b = b[~np.isnan(b).any(axis=1)]
+    if b.shape[0] == 0:
+        return np.full(b.shape[1], np.nan)
+    ranks = np.argsort(np.argsort(-b, axis=1, kind="stable"), axis=1, kind="stable")
+    return (ranks < k).mean(axis=0)

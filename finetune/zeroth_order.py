@@ -221,6 +221,17 @@ class ZORecipeConfig:
                         n_spsa=self.n_spsa, seed=self.seed, log_every=max(1, self.n_steps // 10))
 
 
+def critical_layer_stability(path: str | Path, layers: list[int]) -> dict[int, float | None]:
+    """P(layer in top-k) over the prompt bootstrap, as the layer_sensitivity record gives it, for ``layers``
+    (None where the record predates the ranking bootstrap or does not list the layer)."""
+    from depthlens.results import read_run
+
+    rec = read_run(path)
+    rows = rec.metrics.get("critical_layers") or []
+    known = {int(c["layer"]): c.get("p_top_k") for c in rows if isinstance(c, dict)}
+    return {l: known.get(l) for l in layers}
+
+
 def critical_layers_from(path: str | Path, top_k: int | None = None) -> list[int]:
     """``metrics.critical_layers`` of a layer_sensitivity results file (first ``top_k``)."""
     from depthlens.infra.results import read_run
@@ -382,7 +393,9 @@ class ZORecipe:
         if main and state_path is not None and state_path.exists():
             state_path.unlink()
         record = self._record()
+        stability = ({str(l): p for l, p in critical_layer_stability(record, layers).items()} if record else None)
         return {"layers": layers, "layer_source": source, "sensitivity": str(record) if record else None,
+                "layers_p_top_k": stability,  # how stable the ranking that chose them is (not in the cache key)
                 "subspace": cfg.subspace, "lr": cfg.step_lr, "eps": cfg.step_eps,
                 "lora": asdict(cfg.lora_settings()) if cfg.subspace == "lora" else None,
                 "noise_layers": noise_layers, **info, "processes": shard.world if shard is not None else 1}

@@ -51,6 +51,13 @@ def test_compare_quick_writes_results_and_figures(cache, tmp_path, capsys):
             assert lo <= table[key][model] + 1e-9 and table[key][model] <= hi + 1e-9, (model, key)
         lo, hi = table[key]["delta 95% CI"]
         assert lo <= table[key]["delta"] + 1e-9 and table[key]["delta"] <= hi + 1e-9, key
+    # attack rates: the insertion rows' intervals resample prompts, and their Δ is a paired prompt bootstrap
+    outcomes = rec.metrics["details"]["tiny-llama"]["trial_outcomes"]
+    assert {"random_insertion_asr_harmful", "worst_insertion_asr_harmful"} <= set(outcomes)
+    for key in outcomes:
+        row = table[key]
+        lo, hi = row["delta 95% CI"]
+        assert lo <= row["delta"] + 1e-9 and row["delta"] <= hi + 1e-9, key
     for model in rec.metrics["models"]:
         vals = rec.metrics["values"][model]
         assert vals["refusal_suite_mean"] == pytest.approx(

@@ -314,6 +314,20 @@ def test_layer_sensitivity_heatmap_one_panel_and_scale_per_kind():
         bar = figs[f"ranked_{kind}"].data[0]
         assert bar.error_x.array is not None and len(bar.y) == 15
         assert list(bar.x) == sorted(bar.x, reverse=True)
+    assert figs["ranking"].data[0].error_x.array is None  # a record without the ranking bootstrap: no invented bars
+
+
+def test_layer_sensitivity_ranking_shows_score_intervals_and_top_k_probability():
+    from figures.builders.core import layer_sensitivity_figures
+
+    rec = _sensitivity_record(6)
+    rec["config"]["top_k"] = 2
+    for i, r in enumerate(rec["tables"]["ranking"]):
+        r.update(score_lo=r["score"] - 0.1, score_hi=r["score"] + 0.05, p_top_k=[0.97, 0.6, 0.3, 0.1, 0.03, 0.0][i])
+    bar = layer_sensitivity_figures(rec)["ranking"].data[0]
+    top = rec["tables"]["ranking"][0]
+    assert bar.y[0] == f"layer {top['layer']} · P(top 2) 0.97"
+    assert list(bar.error_x.array)[0] == pytest.approx(0.05) and list(bar.error_x.arrayminus)[0] == pytest.approx(0.1)
 
 
 def _rate_row(key: dict, n: int, **rates: int) -> dict:

@@ -41,6 +41,10 @@ def test_the_fragile_layer_ranks_first_and_a_drowned_layer_scores_zero(tmp_path,
     layer0 = next(r for r in ranking if r["layer"] == 0)
     assert abs(layer0["param_noise"]) < 1e-6
     assert ranking[0]["param_noise"] > 0 and ranking[0]["act_noise"] > 0
+    # the fragile layer is in the top 1 on (nearly) every resample of the prompts, and its score's interval holds it
+    crit = rec.metrics["critical_layers"][0]
+    assert crit["p_top_k"] >= 0.9 and crit["score_lo"] <= crit["score"] <= crit["score_hi"]
+    assert sum(r["p_top_k"] for r in ranking) == pytest.approx(1.0)  # each resample has exactly one top layer
 
 
 def test_weights_are_untouched_by_the_sweep(tmp_path):
@@ -91,3 +95,28 @@ def test_a_nan_sensitivity_fails_the_ranking_instead_of_ranking_as_zero():
     rows = [{"layer": 0, "kind": "int4", "sensitivity": float("nan")}, {"layer": 1, "kind": "int4", "sensitivity": 0.2}]
     with pytest.raises(NonFiniteError, match="layer 0 int4"):
         rank_layers(rows, [0, 1])
+
+
+def test_ranking_uncertainty_separates_a_consistent_layer_from_noisy_ties():
+    import numpy as np
+
+    from analyses.layer_sensitivity import normalized_scores, rank_layers, ranking_uncertainty
+
+    rng = np.random.default_rng(0)
+    n = 40
+    # layer 0: a large drop on every prompt; layers 1-3: the same mean drop, noisy per prompt (a three-way tie)
+    per_prompt = {"act_noise": np.stack([np.full(n, 5.0) + rng.normal(0, 0.1, n),
+                                         *[1.0 + rng.normal(0, 2.0, n) for _ in range(3)]]),
+                  "int4": np.stack([np.full(n, 0.5), *[0.1 + rng.normal(0, 0.2, n) for _ in range(3)]])}
+    layers = [0, 1, 2, 3]
+    u = ranking_uncertainty(per_prompt, layers, top_k=2, n_boot=1000, seed=0)
+    assert u[0]["p_top_k"] == 1.0
+    tied = [u[l]["p_top_k"] for l in (1, 2, 3)]
+    assert sum(tied) == pytest.approx(1.0) and max(tied) < 0.9  # one slot shared among the three
+    # the normalized score of the means is rank_layers' score
+    rows = [{"layer": l, "kind": k, "sensitivity": float(v[i].mean())} for k, v in per_prompt.items()
+            for i, l in enumerate(layers)]
+    point = normalized_scores({k: v.mean(axis=1) for k, v in per_prompt.items()})
+    assert [r["score"] for r in sorted(rank_layers(rows, layers), key=lambda r: r["layer"])] == pytest.approx(point)
+    for l in layers:
+        assert u[l]["score_lo"] <= point[l] <= u[l]["score_hi"]

@@ -148,6 +148,7 @@ def test_quick_run_on_tiny_llama_writes_front_depth_test_and_figures(cache, tmp_
     assert m["acceptance"]["wo_opt_first_token_kl_le_0.06"] == (opt["first_token_kl"] <= 0.06)
     assert m["chosen"]["trial"] == next(r["trial"] for r in t["front"] if r["chosen"])
     assert m["depth_note"]["text"]
+    assert all(r["insertion_interval"] in ("prompt_bootstrap", "wilson_over_prompts", "wilson") for r in t["front"])
 
     # the search's journal is kept in the run directory; the figures are built
     assert (path.parent / JOURNAL).exists() and Path(m["search"]["journal"]).exists()
@@ -219,3 +220,22 @@ def test_front_figure_colours_front_points_by_recovery_and_rings_the_choice():
     assert depth_lines["insertion: recovered"] == [0.9, 0.6, 0.4, 0.1]
     assert set(depth_lines) == {"prefill ASR, k = 5", "prefill ASR, k = 10", "insertion ASR (harmful continuation)",
                                 "insertion: recovered"}
+
+
+def test_depth_note_compares_the_halves_by_a_paired_prompt_bootstrap():
+    from analyses.refusal_pareto import depth_note
+
+    ids = [f"p{i}" for i in range(12) for _ in range(2)]  # 12 prompts × 2 insertion positions
+    low = [1] * 24                                        # low-KL points: every trial recovers
+    high = [int(i % 3 == 0) for i in range(12) for _ in range(2)]  # high-KL points: a third of the prompts
+    rows = [{"trial": n, "val_kl": kl, "insertion_recovered": sum(o) / len(o)}
+            for n, kl, o in ((1, 0.01, low), (2, 0.02, low), (3, 0.5, high), (4, 0.6, high))]
+    out = depth_note(rows, [], {n: {"prompt_ids": ids, "recovered": o}
+                                for n, o in ((1, low), (2, low), (3, high), (4, high))})
+    d = out["difference_high_minus_low"]
+    assert d["interval"] == "paired_prompt_bootstrap" and d["estimate"] == pytest.approx(1 / 3 - 1)
+    assert d["hi"] < 0 and out["verdict"].startswith("low-KL ablations keep")
+    assert out["high_kl"]["interval"] == "prompt_bootstrap" and out["high_kl"]["n_prompts"] == 12
+    same = depth_note(rows[:2] + [{**r, "trial": r["trial"] + 10} for r in rows[:2]], [],
+                      {n: {"prompt_ids": ids, "recovered": low} for n in (1, 2, 11, 12)})
+    assert same["verdict"].startswith("no difference")

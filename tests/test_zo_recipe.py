@@ -42,7 +42,8 @@ def cache(tmp_path, monkeypatch):
 
 
 def _sensitivity_file(out: Path, layers=(1, 0), analysis="layer_sensitivity") -> Path:
-    crit = [{"rank": i + 1, "layer": l, "mean_sensitivity": 1.0 / (i + 1)} for i, l in enumerate(layers)]
+    crit = [{"rank": i + 1, "layer": l, "mean_sensitivity": 1.0 / (i + 1), "p_top_k": 0.9 - 0.5 * i}
+            for i, l in enumerate(layers)]
     return write_run(RunRecord(analysis=analysis, model="tiny-llama", metrics={"critical_layers": crit}), out)
 
 
@@ -67,6 +68,7 @@ def test_zo_runs_end_to_end_on_the_critical_layers_of_a_results_file(cache, tmp_
     meta = json.loads((Path(model.provenance["source"]) / RECIPE_FILE).read_text())
     info, chain = meta["info"], meta["chain"][0]
     assert info["layers"] == [1] and info["layer_source"] == f"file:{path}"
+    assert info["layers_p_top_k"] == {"1": 0.9}  # the stability of the ranking it took the layer from
     assert chain["config"]["resolved_layers"] == [1] and len(chain["config"]["sensitivity_sha256"]) == 64
     assert [h["step"] for h in info["history"]] == list(range(6)) and info["resumed_from"] == 0
     assert {(p["step"], p["layer"]) for p in info["probes"]} == {(0, 1), (3, 1), (6, 1)}

@@ -99,10 +99,14 @@ def layer_sensitivity_figures(record: dict) -> dict:
                               f"(docs/methods.md §5; {where})")
     figs = {"heatmap": heat}
     ranking = record["tables"]["ranking"]
+    k = record.get("config", {}).get("top_k", 5)
+    has_ci = all("score_lo" in r for r in ranking)  # records before the ranking bootstrap have no intervals
     figs["ranking"] = ranked_bars(
-        [f"layer {r['layer']}" for r in ranking], [r.get("score", r["mean_sensitivity"]) for r in ranking],
-        xlabel="score: mean over kinds of S / max over layers of S", title=f"Robustness-critical layers ({where})",
-        top_k=min(15, len(ranking)))
+        [f"layer {r['layer']}" + (f" · P(top {k}) {r['p_top_k']:.2f}" if "p_top_k" in r else "") for r in ranking],
+        [r.get("score", r["mean_sensitivity"]) for r in ranking],
+        lo=[r["score_lo"] for r in ranking] if has_ci else None, hi=[r["score_hi"] for r in ranking] if has_ci else None,
+        xlabel="score: mean over kinds of S / max over layers of S" + (" (95% prompt-bootstrap CI)" if has_ci else ""),
+        title=f"Robustness-critical layers ({where})", top_k=min(15, len(ranking)))
     for kind in kinds:
         here = [cell[(l, kind)] for l in layers if (l, kind) in cell]
         figs[f"ranked_{kind}"] = ranked_bars(
