@@ -369,7 +369,10 @@ def run(cfg: SensitivityConfig, model=None) -> SensitivityResult:
     return SensitivityResult(analysis="layer_sensitivity", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
                              provenance=provenance, metrics=metrics, timings=t,
                              tables={"sensitivity": rows, "whole_model": whole, "ranking": ranking,
-                                     "generation": gen_rows})
+                                     "generation": gen_rows,
+                                     # drops per prompt (seeds averaged): the ranking's bootstrap can be redone from it
+                                     "per_prompt_drop": [{"layer": l, "kind": k, "drop": per_prompt[k][i].tolist()}
+                                                         for k in cfg.kinds for i, l in enumerate(layers)]})
 
 
 def zo_probe_scores(model, ev: LayerEvaluator, layers: Sequence[int], eps: float, n_seeds: int, seed: int) -> dict[int, float]:
