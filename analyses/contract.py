@@ -36,7 +36,7 @@ import torch
 
 from depthlens.cli import cli_errors, flag, parse_config, prepare_out, require_int, require_text, spec_errors
 from depthlens.infra.errors import UsageError
-from depthlens.infra.results import RunRecord
+from depthlens.infra.results import RunRecord, start_stamp
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,9 @@ def make_main(config_cls: type, run: Callable[..., AnalysisResult], *,
         setup_logging()
         cfg = parse(config_cls, argv)
         prepare_out(cfg.out)
+        started = start_stamp()  # the code this run runs, before it can change under it
         result = run(cfg)
+        result.started = started
         path = finish(result, cfg.out)
         result.keep_files(path.parent)
         return path

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from depthlens.infra.errors import UsageError
 from depthlens.infra.paths import model_tag
-from depthlens.infra.results import latest_run, read_run, write_run
+from depthlens.infra.results import latest_run, read_run, start_stamp, write_run
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,9 @@ def obtain_trials(model: str, trials: str | None, out: str, *, seed: int = 0, de
 
     log.info("No insertion_robustness run of %s under %s: running one first.", model, out)
     icfg = insertion_robustness.InsertionConfig(model=model, seed=seed, device=device, out=out, quick=quick)
+    started = start_stamp()
     rec = insertion_robustness.run(icfg, model=loaded)   # ``loaded``: the model, if already loaded
+    rec.started = started
     path = write_run(rec, out)
     log.info("Saved the insertion trials as %s", path)
     return replace(load_trials(path, model), ran_insertion=True, chosen="ran")

@@ -72,3 +72,50 @@ def test_missing_and_malformed(tmp_path):
     bad.write_text("{oops")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_run(bad)
+
+
+def test_provenance_is_the_start_of_the_run_and_a_change_before_the_end_is_recorded(tmp_path, monkeypatch):
+    import depthlens.infra.results as results
+    from depthlens.infra.results import RunRecord, read_run, start_stamp, write_run
+
+    state = {"commit": "a" * 40, "dirty": False, "tree": "tree-at-start"}
+    monkeypatch.setattr(results, "git_commit", lambda: state["commit"])
+    monkeypatch.setattr(results, "git_dirty", lambda: state["dirty"])
+    monkeypatch.setattr(results, "tree_fingerprint", lambda: state["tree"])
+
+    stamp = start_stamp()
+    assert stamp["git_commit"] == "a" * 40 and stamp["versions"]["numpy"] and stamp["time"]
+    quiet = write_run(RunRecord(analysis="evaluate", model="tiny-llama", started=dict(stamp)), tmp_path)
+    rec = read_run(quiet)
+    assert rec.git_commit == "a" * 40 and rec.started["tree_changed_before_end"] is False
+    assert rec.started["stamped"] == "at start" and "git_commit_at_end" not in rec.started
+
+    stamp = start_stamp()
+    state.update(commit="b" * 40, dirty=True, tree="tree-after-an-edit")  # a commit and an edit during the run
+    rec = read_run(write_run(RunRecord(analysis="evaluate", model="tiny-llama", started=dict(stamp)), tmp_path / "2"))
+    assert rec.git_commit == "a" * 40 and rec.git_dirty is False  # what the run started on
+    assert rec.started["tree_changed_before_end"] is True
+    assert (rec.started["git_commit_at_end"], rec.started["git_dirty_at_end"]) == ("b" * 40, True)
+
+    rec = read_run(write_run(RunRecord(analysis="evaluate", model="tiny-llama"), tmp_path / "3"))
+    assert rec.started == {"stamped": "when written (no start stamp)"} and rec.git_commit == "b" * 40
+
+
+def test_the_tree_fingerprint_sees_an_edit_and_a_commit(tmp_path):
+    import subprocess
+
+    from depthlens.infra.results import tree_fingerprint
+
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    fp = tree_fingerprint(tmp_path)
+    assert fp is not None and tree_fingerprint(tmp_path) == fp  # stable while nothing changes
+    (tmp_path / "code.py").write_text("x = 2\n")
+    edited = tree_fingerprint(tmp_path)
+    assert edited != fp
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "two")
+    assert tree_fingerprint(tmp_path) not in (fp, edited)
+    assert tree_fingerprint(tmp_path / "not-a-repo") is None

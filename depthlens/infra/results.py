@@ -2,7 +2,10 @@
 
 A record holds everything needed to trust and reproduce a number: the config, the model
 spec and provenance, the seed, timings, package versions, the git commit (and whether the work
-tree had uncommitted changes), scalar metrics and tables (lists of row dicts). It lives at
+tree had uncommitted changes), scalar metrics and tables (lists of row dicts). Commit, dirty
+flag and versions are those of the run's start (``start_stamp``, taken by every analysis CLI
+before it loads a model); ``started["tree_changed_before_end"]`` says whether the work tree
+changed (an edit, a commit, a checkout) before the record was written. It lives at
 ``<out>/<analysis>/<model-tag>/<run-id>/results.json``; ``read_run`` refuses a file of another
 schema version with one clear sentence.
 
@@ -57,6 +60,7 @@ class RunRecord:
     versions: dict = field(default_factory=dict)
     git_commit: str | None = None
     git_dirty: bool | None = None
+    started: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -95,6 +99,55 @@ def git_dirty() -> bool | None:
         return bool(res.stdout.strip()) if res.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def tree_fingerprint(root: str | Path | None = None) -> str | None:
+    """A hash of ``HEAD`` and of the uncommitted changes to tracked files of the depthlens work
+    tree (or of ``root``); None outside git.
+
+    Equal fingerprints at the start and the end of a run mean the code it ran was not
+    edited, committed or checked out in between.
+    """
+    try:
+        root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, check=False)
+        diff = subprocess.run(["git", "-C", str(root), "diff", "HEAD", "--no-color", "--no-ext-diff"],
+                              capture_output=True, timeout=20, check=False)
+        if head.returncode != 0 or diff.returncode != 0:
+            return None
+        return hashlib.sha256(head.stdout.encode() + b"\0" + diff.stdout).hexdigest()[:16]
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def start_stamp() -> dict:
+    """What a run records about its code when it starts: time, commit, dirty flag, versions, tree fingerprint.
+
+    ``write_run`` takes commit, dirty flag and versions from it (not from the end of the run)
+    and says in ``started["tree_changed_before_end"]`` whether the work tree changed meanwhile.
+    """
+    return {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
+            "git_dirty": git_dirty(), "versions": package_versions(), "tree_fingerprint": tree_fingerprint()}
+
+
+def _apply_start(record: RunRecord) -> None:
+    """Provenance from the start stamp; a change of the work tree before the end is recorded, not hidden."""
+    st = dict(record.started)
+    if not st:  # a record made without a start stamp (library use): stamped now, and it says so
+        record.started = {"stamped": "when written (no start stamp)"}
+        return
+    record.git_commit = record.git_commit or st.get("git_commit")
+    if record.git_dirty is None:
+        record.git_dirty = st.get("git_dirty")
+    record.versions = record.versions or st.get("versions") or {}
+    end = tree_fingerprint()
+    st["stamped"] = "at start"
+    st["tree_changed_before_end"] = None if end is None or st.get("tree_fingerprint") is None else end != st["tree_fingerprint"]
+    if st["tree_changed_before_end"]:
+        st["git_commit_at_end"], st["git_dirty_at_end"] = git_commit(), git_dirty()
+    st.pop("versions", None)  # kept once, as the record's versions
+    record.started = st
 
 
 def nonfinite_paths(obj: Any, where: str = "") -> list[str]:
@@ -152,6 +205,7 @@ def write_run(record: RunRecord, out: str | Path = "results") -> Path:
     """
     now = _dt.datetime.now(_dt.timezone.utc)
     record.created = record.created or now.isoformat(timespec="seconds")
+    _apply_start(record)
     record.versions = record.versions or package_versions()
     record.git_commit = record.git_commit or git_commit()
     if record.git_dirty is None:
