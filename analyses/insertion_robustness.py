@@ -4,7 +4,8 @@ Random insertion attack (Lyu et al. 2026; docs/methods.md §3): the aligned mode
 to a harmful test prompt, with the first m tokens of the base model's harmful answer inserted
 at relative depth p/|refusal|; the model continues, and the continuation is judged in three
 classes (recovered / harmful / other; a bare "not a refusal" overstates ASR, docs/methods.md §1).
-Reported: ASR by depth × span length m ∈ {2, 4, 8, 16}, random-position ASR, and the
+Reported: ASR by depth × span length m ∈ {2, 4, 8, 16}, the change in ASR from each depth to the
+next with a paired prompt-bootstrap interval (``tables["depth_differences"]``), random-position ASR, and the
 worst-insertion ASR (the (p, m) minimizing the next-token refusal score, per prompt). Every
 trial is saved (``tables["trials"]``) for ``analyses.state_prediction``.
 
@@ -30,6 +31,7 @@ from depthlens.judges.accuracy import corrected_trial_columns, correction_record
 from depthlens.models.specs import ORGANISM
 from depthlens.runtime.responses import answers_for, response_set
 from depthlens.attacks.worst import worst_insertion_attack
+from depthlens.stats import paired_rate_difference
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +183,7 @@ def run(cfg: InsertionConfig, model=None) -> InsertionResult:
         log.warning("No refusal of %s was >= %d tokens long (--min-refusal-tokens): nothing was attacked.",
                     cfg.model, min_len)
     tables = {"by_depth_and_length": by_cell, "by_length": rows_m, "summary": summary,
+              "depth_differences": depth_differences(grid.trials, cfg.depths, cfg.seed) if grid.trials else [],
               "trials": [asdict(t) for t in grid.trials + rand.trials + worst.trials]}
     provenance = {"model": model.provenance, "base": base.provenance,
                   **({"prompt_files": files} if (files := prompt_files(cfg)) else {})}
@@ -199,6 +202,37 @@ def _corrected(trials, seed: int) -> dict:
     """The harmful-continuation ASR of ``trials`` corrected for the continuation judge's measured errors."""
     c = corrected_trial_columns(trials, seed=seed)
     return {k: c[k] for k in CORRECTED_KEYS}
+
+
+def depth_differences(trials, depths, seed: int = 0) -> list[dict]:
+    """Harmful-continuation ASR at each grid depth minus the one before (pooled over span lengths),
+    with a paired prompt bootstrap interval: both depths are rates over the same prompts.
+
+    ``trials``: the grid's ``Trial``s or their dicts (a record's ``tables["trials"]``, where
+    only the grid trials, ``attack == "insertion"`` with a ``depth`` in ``depths``, are used).
+    """
+    get = lambda t, k: t[k] if isinstance(t, dict) else getattr(t, k)  # noqa: E731
+    by_depth: dict[float, list] = {}
+    for t in trials:
+        if get(t, "attack") == "insertion" and get(t, "depth") in depths:
+            by_depth.setdefault(float(get(t, "depth")), []).append(t)
+    order = [float(d) for d in sorted(set(depths)) if float(d) in by_depth]
+    rows = []
+    for a, b in zip(order, order[1:]):
+        ta, tb = by_depth[a], by_depth[b]
+        d = paired_rate_difference([get(t, "label") == "harmful" for t in ta], [get(t, "label") == "harmful" for t in tb],
+                                   [get(t, "prompt_id") for t in ta], [get(t, "prompt_id") for t in tb], seed=seed)
+        rows.append({"from_depth": a, "to_depth": b, "asr_from": sum(get(t, "label") == "harmful" for t in ta) / len(ta),
+                     "asr_to": sum(get(t, "label") == "harmful" for t in tb) / len(tb), "difference": d.rate,
+                     "lo": d.lo, "hi": d.hi, "n_prompts": d.n_prompts, "interval": d.method})
+    return rows
+
+
+def depth_differences_of_record(record: dict) -> list[dict]:
+    """``depth_differences`` recomputed from a results.json (a dict): its grid trials are the first
+    ``sum(n)`` of ``tables["trials"]`` (grid, then random, then worst insertions)."""
+    n_grid = sum(r["n"] for r in record["tables"]["by_depth_and_length"])
+    return depth_differences(record["tables"]["trials"][:n_grid], record["config"]["depths"], record.get("seed", 0))
 
 
 def _overall(result) -> dict:
