@@ -85,7 +85,10 @@ class SensitivityConfig(AnalysisConfig):
             within 5 min on 2 cores with a margin for a slower machine: 32 + 12 took 6.7 min,
             24 + 8 took 5.2 min and, on a day the same machine ran ≈ 25% slower, 20 + 8 took
             6.2 min (sweep 261 s for 155 evaluations, ZO probes 76 s). The cost is linear in
-            the prompts; utility adds ≈ 60% to an evaluation.
+            the prompts; utility adds ≈ 60% to an evaluation. At 16 the organism's first three
+            (and four) critical layers are in the top 5 with P ≥ 0.8 (estimated from its record:
+            ``scripts/ranking_stability.py``, docs/findings.md §5); its fifth is a near tie that
+            188 prompts would not resolve, which the record's ``p_top_k`` shows.
         n_harmless: harmless validation prompts whose own greedy answers give the utility CE.
         utility_tokens: length of those answers. 6 × 16 tokens, measured on the first seed of
             each layer × kind only: utility is the secondary measure (its interval is over
