@@ -12,7 +12,7 @@ reference, "before") and measures, on the *test* splits:
   refusal — or, where its answer is no refusal of ≥ ``min_refusal_tokens`` tokens, into a
   refusal template, so every model is attacked on the same prompts (paired comparison);
 - refusal rate (substring judge, greedy) and mean refusal score on the harmful evaluation
-  prompts under whole-model parameter noise (σ‖W‖_F/√n), activation noise (σ·rms) and int4
+  prompts under whole-model parameter noise (σ‖W‖_F/√n), activation noise (σ · the robust per-token scale) and int4
   round-to-nearest weights (``depthlens.interventions.perturbation``), at fixed σ, averaged over noise seeds.
 
 The table has one row per measure and one column per model with its 95 % interval (Wilson for
@@ -131,7 +131,10 @@ class CompareConfig(AnalysisConfig):
         min_refusal_tokens: shorter own answers (or non-refusals) are replaced by a template.
         harmful_tokens: length of the base's harmful answers (≥ the largest k).
         param_sigma: whole-model parameter noise σ (relative to each matrix's RMS).
-        act_sigma: whole-model activation noise σ (relative to the residual RMS per token).
+        act_sigma: whole-model activation noise σ, relative to the robust per-token scale of the
+            residual stream (1.4826 · median |x| over channels, ``depthlens.perturb``, the same
+            disturbance in every family). 0.2: about the 0.1 × RMS calibrated below, SmolLM2's
+            RMS being 1.5–2.2 times its robust scale (``scripts/activation_scales.py``).
         noise_seeds: seeds averaged for the two noise kinds (int4 is deterministic).
         max_new_tokens: greedy tokens per answer (evaluation and perturbation suite).
         attack_new_tokens: tokens generated after a prefill or insertion.
@@ -162,7 +165,7 @@ class CompareConfig(AnalysisConfig):
     min_refusal_tokens: int = 32
     harmful_tokens: int = 96
     param_sigma: float = 0.05
-    act_sigma: float = 0.1
+    act_sigma: float = 0.2
     noise_seeds: int = 2
     max_new_tokens: int = 48
     attack_new_tokens: int = 32

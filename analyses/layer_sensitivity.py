@@ -52,7 +52,7 @@ from depthlens.interventions.perturbation import KINDS, perturb
 from depthlens.runtime.responses import response_set
 from depthlens.stats import bootstrap_mean, percentile_interval, resample_indices, top_k_probability
 
-KIND_SIGMA = {"param_noise": "param_sigma", "act_noise": "act_sigma"}
+KIND_SIGMA = {"param_noise": "param_sigma", "act_noise": "act_sigma", "act_noise_rms": "act_sigma"}
 CRITICAL_RULE = ("the top {k} layers by the point estimate of the score (rank_layers), most sensitive first; each "
                  "with its score's prompt-bootstrap interval and p_top_k = P(layer in the top {k}) over the same "
                  "resamples (docs/methods.md §5)")
@@ -66,14 +66,19 @@ class SensitivityConfig(AnalysisConfig):
         model: model spec (default: the organism, built on first use).
         harmful: a .txt/.jsonl/.csv file of harmful prompts used instead of the val split.
         harmless: a file of harmless prompts (utility answers) used instead of the val split.
-        kinds: perturbation kinds: param_noise, act_noise, int8, int4.
+        kinds: perturbation kinds: param_noise, act_noise, int8, int4 (act_noise_rms: activation
+            noise relative to the per-token RMS, the scale of records made before the robust one).
         param_sigma: parameter noise, relative to each matrix's Frobenius RMS. 0.3: on a
             trial organism, 0.1 moved the refusal score less than its estimation
             noise; on the v4 organism 0.2 still did (|S| ≤ 0.5 at every layer, signs mixed,
             run of 2026-12-01), while 0.3 gave drops of 1–2 at the early layers there.
-        act_sigma: activation noise on a layer's output, relative to the per-token RMS of the
-            residual stream. 0.5: a perturbation of half the signal's RMS on one layer, large
-            enough to separate layers, small enough that the clean model is not destroyed.
+        act_sigma: activation noise on a layer's output, relative to the robust per-token scale
+            of the residual stream, 1.4826 · median |x| over channels (``depthlens.perturb``;
+            older records used the per-token RMS, which Gemma's massive activations inflate:
+            kind act_noise_rms). 1.0: on SmolLM2 the per-token RMS is 1.5–2.2 times the robust scale
+            (median over tokens, by layer: ``scripts/activation_scales.py``), so 1.0 is about
+            the 0.5 × RMS its records were measured at, large enough to separate layers, small
+            enough that the clean model is not destroyed.
         seeds: parameter-noise seeds per layer (quantization is deterministic: one run).
         act_seeds: activation-noise seeds per layer. 1 by default: one layer's activation noise
             moves the refusal score by several units with a prompt-bootstrap interval of about
@@ -117,7 +122,7 @@ class SensitivityConfig(AnalysisConfig):
     harmless: str | None = None
     kinds: tuple[str, ...] = ("param_noise", "act_noise", "int4")
     param_sigma: float = 0.3
-    act_sigma: float = 0.5
+    act_sigma: float = 1.0
     seeds: int = 2
     act_seeds: int = 1
     n_harmful: int = 16
@@ -285,7 +290,7 @@ def _sigma(cfg: SensitivityConfig, kind: str) -> float:
 
 
 def _n_seeds(cfg: SensitivityConfig, kind: str) -> int:
-    return {"param_noise": cfg.seeds, "act_noise": cfg.act_seeds}.get(kind, 1)
+    return {"param_noise": cfg.seeds, "act_noise": cfg.act_seeds, "act_noise_rms": cfg.act_seeds}.get(kind, 1)
 
 
 def run(cfg: SensitivityConfig, model=None) -> SensitivityResult:

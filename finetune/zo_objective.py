@@ -291,7 +291,8 @@ class RobustObjective:
         if kind == "act":
             from depthlens.interventions.perturbation import activation_noise
 
-            return activation_noise(self.model, self.noise_layers, self.act_noise_sigma, self.noise_seed(step))
+            # the RMS scale its builds were made with (their cache keys do not name a scale)
+            return activation_noise(self.model, self.noise_layers, self.act_noise_sigma, self.noise_seed(step), scale="rms")
         return functional_param_noise(self.model, self.noise_layers, self.sigma if noise else 0.0,
                                       self.noise_seed(step))
 

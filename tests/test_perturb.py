@@ -124,9 +124,9 @@ def test_bad_bits_and_shapes(fresh):
 
 
 def test_registry_describes_every_kind():
-    assert set(PERTURBATIONS) == set(KINDS) == {"param_noise", "act_noise", "int8", "int4"}
-    assert [k for k, v in PERTURBATIONS.items() if v.stochastic] == ["param_noise", "act_noise"]
-    assert PERTURBATIONS["act_noise"].target == "activations"
+    assert set(PERTURBATIONS) == set(KINDS) == {"param_noise", "act_noise", "act_noise_rms", "int8", "int4"}
+    assert [k for k, v in PERTURBATIONS.items() if v.stochastic] == ["param_noise", "act_noise", "act_noise_rms"]
+    assert PERTURBATIONS["act_noise"].target == PERTURBATIONS["act_noise_rms"].target == "activations"
 
 
 def test_quantization_is_deterministic_and_rounds_rows_to_the_grid(fresh):
@@ -139,3 +139,35 @@ def test_quantization_is_deterministic_and_rounds_rows_to_the_grid(fresh):
     steps = w / (w.abs().amax(1, keepdim=True) / 7)
     assert torch.allclose(steps, steps.round(), atol=1e-4)
     assert all(len(row.unique()) <= 15 for row in w)
+
+
+def test_the_robust_activation_scale_ignores_massive_channels_and_equals_the_rms_of_a_gaussian_stream():
+    from depthlens.perturb import activation_scale
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 576, generator=g) * 3.0                    # an ordinary stream, sd 3
+    assert activation_scale(x, "robust").mean().item() == pytest.approx(3.0, rel=0.05)
+    assert activation_scale(x, "rms").mean().item() == pytest.approx(3.0, rel=0.05)
+    massive = x.clone()
+    massive[:, :2] = 400.0                                          # two massive-activation channels
+    assert activation_scale(massive, "robust").mean().item() == pytest.approx(3.0, rel=0.06)
+    assert activation_scale(massive, "rms").mean().item() > 7 * 3.0  # the RMS is inflated by them
+
+
+def test_the_same_sigma_is_the_same_disturbance_with_or_without_massive_channels(fresh):
+    """Activation noise on the ordinary channels: σ × their scale (robust), or inflated by two massive ones (rms)."""
+    from depthlens.perturb import activation_noise_hooks
+
+    x = torch.randn(1, 32, fresh.d_model, generator=torch.Generator().manual_seed(1))
+    massive = x.clone()
+    massive[..., :2] = 100.0
+
+    def noise_sd(scale, inp):
+        (_, add), = activation_noise_hooks(fresh, 0, 0.5, seed=0, scale=scale)
+        return (add(inp, None) - inp)[..., 2:].std().item()
+
+    assert noise_sd("robust", massive) == pytest.approx(noise_sd("robust", x), rel=0.1)
+    assert noise_sd("robust", x) == pytest.approx(0.5, rel=0.1)
+    assert noise_sd("rms", massive) > 5 * noise_sd("rms", x)
+    with pytest.raises(Exception, match="Unknown activation-noise scale"):
+        activation_noise_hooks(fresh, 0, 0.5, scale="max")

@@ -6,9 +6,14 @@ restore. Each perturbation is a context manager; ``layer=None`` perturbs every l
 whole-model reference).
 
 - ``param_noise``: every weight matrix W of the layer gets ``W += σ ‖W‖_F/√n · z``.
-- ``activation_noise``: ``x ← x + σ · rms(x) · z`` on the layer's output
-  (``blocks.{l}.hook_resid_post``; rms per token over d_model), also during generation and on
-  the hook-free view ``model.plain()`` that ``depthlens.runtime.forward.forward_from_layer`` runs.
+- ``activation_noise``: ``x ← x + σ · s(x) · z`` on the layer's output
+  (``blocks.{l}.hook_resid_post``), also during generation and on the hook-free view
+  ``model.plain()`` that ``depthlens.runtime.forward.forward_from_layer`` runs. The scale s(x) is per
+  token, by default the robust one, ``1.4826 · median_c |x_c|`` over the d_model channels
+  (``scale="robust"``: the RMS of a Gaussian stream, blind to a few massive-activation
+  channels, so the same σ is the same disturbance of the ordinary channels in every family;
+  docs/methods.md §5.1); ``scale="rms"`` is the per-token RMS, which a family with massive
+  activations (Gemma) inflates many times over. Kind ``act_noise_rms`` keeps the RMS scale.
 - ``quantize``: round-to-nearest, symmetric, per output channel, int8 or int4 (simulated).
 
 Weights are restored from copies of exactly the touched tensors (one layer is small), never by
@@ -120,30 +125,46 @@ def quantize(model, layer: int | None, bits: int) -> Iterator[None]:
         yield
 
 
+ACT_SCALES = ("robust", "rms")
+_MAD_TO_SD = 1.482602218505602  # 1 / Φ⁻¹(3/4): median |x| of N(0, σ²) is σ / 1.4826
+
+
+def activation_scale(x: Float[Tensor, "... d_model"], scale: str = "robust") -> Float[Tensor, "... 1"]:
+    """The per-token scale activation noise is relative to: ``1.4826 · median_c |x_c|`` or the RMS."""
+    if scale == "robust":
+        return _MAD_TO_SD * x.float().abs().median(dim=-1, keepdim=True).values
+    if scale == "rms":
+        return x.float().pow(2).mean(-1, keepdim=True).sqrt()
+    raise UsageError(f"Unknown activation-noise scale {scale!r}; use one of {', '.join(ACT_SCALES)}.")
+
+
 def activation_noise_hooks(model, layer: int | Sequence[int] | None, sigma: float,
-                           seed: int = 0) -> list[tuple[str, Callable]]:
-    """Hooks adding ``σ · rms(x) · z`` to ``hook_resid_post`` of the layer(s); seeded per context."""
+                           seed: int = 0, scale: str = "robust") -> list[tuple[str, Callable]]:
+    """Hooks adding ``σ · s(x) · z`` to ``hook_resid_post`` of the layer(s) (``activation_scale``); seeded per context."""
     _check_sigma(sigma)
+    if scale not in ACT_SCALES:
+        raise UsageError(f"Unknown activation-noise scale {scale!r}; use one of {', '.join(ACT_SCALES)}.")
     hooks = []
     for l in _layers(model, layer):
         gen = _generator(seed, f"act{l}", model.device)
 
         def add_noise(x, hook, gen=gen):
-            rms = x.float().pow(2).mean(-1, keepdim=True).sqrt()
+            s = activation_scale(x, scale)
             z = torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float32)
-            return (x.float() + sigma * rms * z).to(x.dtype)
+            return (x.float() + sigma * s * z).to(x.dtype)
 
         hooks.append((hook_name("resid_post", l), add_noise))
     return hooks
 
 
 @contextmanager
-def activation_noise(model, layer: int | Sequence[int] | None, sigma: float, seed: int = 0) -> Iterator[None]:
+def activation_noise(model, layer: int | Sequence[int] | None, sigma: float, seed: int = 0,
+                     scale: str = "robust") -> Iterator[None]:
     """Activation noise active for every forward (and generation step) inside the block."""
     from depthlens.runtime import mirrored_hooks
 
     # on the bridge and on the hook-free view (forward_from_layer, generate's KV-cache path) alike
-    with mirrored_hooks(model, activation_noise_hooks(model, layer, sigma, seed)):
+    with mirrored_hooks(model, activation_noise_hooks(model, layer, sigma, seed, scale)):
         yield
 
 
@@ -169,6 +190,8 @@ class PerturbationKind:
 PERTURBATIONS: dict[str, PerturbationKind] = {
     "param_noise": PerturbationKind("param_noise", param_noise, "weights", True, True),
     "act_noise": PerturbationKind("act_noise", activation_noise, "activations", True, True),
+    "act_noise_rms": PerturbationKind("act_noise_rms", lambda model, layer, sigma, seed: activation_noise(
+        model, layer, sigma, seed, scale="rms"), "activations", True, True),
     "int8": PerturbationKind("int8", lambda model, layer, sigma, seed: quantize(model, layer, 8), "weights", False, False),
     "int4": PerturbationKind("int4", lambda model, layer, sigma, seed: quantize(model, layer, 4), "weights", False, False),
 }
@@ -177,7 +200,7 @@ KINDS = tuple(PERTURBATIONS)
 
 @contextmanager
 def perturb(model, kind: str, layer: int | None, sigma: float = 0.0, seed: int = 0) -> Iterator[None]:
-    """Dispatch to one perturbation by name: ``param_noise``, ``act_noise``, ``int8``, ``int4``."""
+    """Dispatch to one perturbation by name: ``param_noise``, ``act_noise``, ``act_noise_rms``, ``int8``, ``int4``."""
     if kind not in PERTURBATIONS:
         raise UsageError(f"Unknown perturbation kind {kind!r}; use one of {', '.join(KINDS)}.")
     _check_sigma(sigma)
