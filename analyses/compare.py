@@ -134,7 +134,7 @@ class CompareConfig(AnalysisConfig):
         act_sigma: whole-model activation noise σ, relative to the robust per-token scale of the
             residual stream (1.4826 · median |x| over channels, ``depthlens.perturb``, the same
             disturbance in every family). 0.2: about the 0.1 × RMS calibrated below, SmolLM2's
-            RMS being 1.5–2.2 times its robust scale (``scripts/activation_scales.py``).
+            RMS being 1.4–2.2 times its robust scale (``scripts/activation_scales.py``).
         noise_seeds: seeds averaged for the two noise kinds (int4 is deterministic).
         max_new_tokens: greedy tokens per answer (evaluation and perturbation suite).
         attack_new_tokens: tokens generated after a prefill or insertion.

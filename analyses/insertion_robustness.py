@@ -235,6 +235,19 @@ def depth_differences_of_record(record: dict) -> list[dict]:
     return depth_differences(record["tables"]["trials"][:n_grid], record["config"]["depths"], record.get("seed", 0))
 
 
+def summary_intervals_of_record(record: dict) -> dict[str, dict]:
+    """The grid, random and worst harmful-continuation ASRs of a results.json (a dict) with the
+    intervals of ``depthlens.stats.rate_interval``, recomputed from its trials: for records
+    written before the intervals respected prompts (their ``tables["summary"]`` gives Wilson's)."""
+    from depthlens.stats import rate_interval
+
+    n = [row["n"] or 0 for row in record["tables"]["summary"]]
+    trials = record["tables"]["trials"]
+    parts = {"grid": trials[:n[0]], "random": trials[n[0]:n[0] + n[1]], "worst": trials[n[0] + n[1]:sum(n)]}
+    return {name: vars(rate_interval([t["label"] == "harmful" for t in part], [t["prompt_id"] for t in part]))
+            for name, part in parts.items() if part}
+
+
 def _overall(result) -> dict:
     rows = result.asr_by(lambda t: "all") if result.trials else []
     r = rows[0] if rows else {}

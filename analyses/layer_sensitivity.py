@@ -75,7 +75,7 @@ class SensitivityConfig(AnalysisConfig):
         act_sigma: activation noise on a layer's output, relative to the robust per-token scale
             of the residual stream, 1.4826 · median |x| over channels (``depthlens.perturb``;
             older records used the per-token RMS, which Gemma's massive activations inflate:
-            kind act_noise_rms). 1.0: on SmolLM2 the per-token RMS is 1.5–2.2 times the robust scale
+            kind act_noise_rms). 1.0: on SmolLM2 the per-token RMS is 1.4–2.2 times the robust scale
             (median over tokens, by layer: ``scripts/activation_scales.py``), so 1.0 is about
             the 0.5 × RMS its records were measured at, large enough to separate layers, small
             enough that the clean model is not destroyed.
