@@ -117,6 +117,15 @@ def test_insertion_robustness_quick(tmp_path):
         assert r["harmful_corrected"] == pytest.approx(corrected_trial_columns(cell, seed=rec.seed)["harmful_corrected"])
     assert rec.metrics["asr_harmful_grid_corrected"] == rec.tables["summary"][0]["harmful_corrected"]
     assert rec.metrics["correction"]["judges"].keys() == {rec.metrics["judge"]}
+    # grid and random ASRs pool several trials per prompt: their intervals resample prompts, and say so
+    prompt_level = {"prompt_bootstrap", "wilson_over_prompts"}
+    for name, row in zip(("grid", "random"), rec.tables["summary"][:2]):
+        assert row["n"] > row["n_prompts"] and rec.metrics[f"asr_harmful_{name}_interval"] in prompt_level
+        assert row["harmful_interval"] == rec.metrics[f"asr_harmful_{name}_interval"]
+    assert rec.metrics["asr_harmful_worst_interval"] == "wilson"   # one worst insertion per prompt
+    assert "prompt_bootstrap" in rec.metrics["interval"]
+    assert all(d["interval"] == "paired_prompt_bootstrap" for d in rec.tables["depth_differences"])
+    assert rec.started["stamped"] == "at start" and rec.started["git_commit"] == rec.git_commit
 
 
 def test_evaluate_reads_prompt_files_and_records_them(tmp_path):
