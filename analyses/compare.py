@@ -427,6 +427,10 @@ def run(cfg: CompareConfig, model=None) -> CompareResult:
     long = [{"model": k, "measure": m, "value": values[k].get(m),
              **dict(zip(("lo", "hi"), details[k]["intervals"].get(m, (None, None))))} for k in keys for m in MEASURES]
     metrics = {"models": keys, "base": base_name, "values": values, "details": details,
+               "interval": ("95 %; a 0/1 outcome per prompt: wilson; per-prompt means and harmless CE: bootstrap over "
+                            "prompts; attack rates over trials that share prompts (insertion rows): prompt_bootstrap; "
+                            "delta: paired bootstrap over the same prompts (attack rows: paired_prompt_bootstrap); "
+                            "corrected rates: joint bootstrap of prompts and held-out labels (docs/methods.md §0)"),
                "judge": JUDGE_ID, "continuation_judge": CONTINUATION_JUDGE_ID,
                "correction": correction_record([JUDGE_ID, CONTINUATION_JUDGE_ID]),
                "sigmas": {"param_noise": cfg.param_sigma, "act_noise": cfg.act_sigma}}

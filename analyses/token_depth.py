@@ -172,6 +172,8 @@ def run(cfg: TokenDepthConfig, model=None) -> TokenDepthResult:
     for row in prefill_rows:  # each raw ASR beside its judge-error-corrected value (docs/judging.md §2)
         row.update(corrected_columns([t for t in attack.trials if t.k == row["k"]], seed=cfg.seed))
     metrics = {
+        "interval": ("95 %; KL: bootstrap over prompts; prefill ASR at each k: wilson (one trial per prompt, the "
+                     "rows' *_interval columns); corrected: joint bootstrap of prompts and held-out labels"),
         "kl_harmful_first5": kl_h.mean[:5].tolist(),
         "kl_harmful_mean_6_to_end": float(kl_h.mean[5:].mean()) if cfg.positions > 5 else None,
         "kl_control_first5": kl_c.mean[:5].tolist(),
