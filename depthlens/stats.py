@@ -20,6 +20,10 @@ draws a resample or computes an interval by itself (docs/methods.md; CONVENTIONS
 - **Rogan–Gladen** — ``rogan_gladen(p_obs, se, sp)``: a rate measured by an imperfect judge,
   corrected for its sensitivity and specificity (``depthlens.judges.accuracy`` bootstraps it).
 - ``diff_in_means``: ``mean(a) − mean(b)`` over one axis in float64, optionally normalized.
+- ``rate_interval``: a rate over 0/1 trials with the interval that respects prompts (Wilson
+  where each prompt gave one trial, else a prompt-level bootstrap), ``paired_rate_difference``
+  the paired prompt bootstrap of a difference of two such rates on the same prompts, and
+  ``top_k_probability`` how stable a ranking is over bootstrap replicates (docs/methods.md §0).
 
 Every function takes a ``seed`` (an int or one ``np.random.Generator`` to draw several
 resample sets from one stream) where it draws, and raises ``UsageError`` on misuse.
@@ -303,7 +307,9 @@ class RateEstimate:
         lo, hi: the interval (95 % by default).
         n: trials; n_prompts: distinct prompts among them.
         method: ``"wilson"`` (each prompt gave one outcome), ``"prompt_bootstrap"`` (whole
-            prompts resampled with all their trials) or ``"paired_prompt_bootstrap"``.
+            prompts resampled with all their trials), ``"wilson_over_prompts"`` (a clustered
+            rate without a success or without a failure), ``"single_prompt"`` (several trials
+            of one prompt: [0, 1]) or ``"paired_prompt_bootstrap"`` (a difference).
     """
 
     rate: float
