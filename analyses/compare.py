@@ -24,10 +24,11 @@ prompt-level bootstrap, ``depthlens.stats.rate_interval``), plus "Δ" (last − 
 ``paired_rate_difference``), and the direction that is better. "mean refusal over the noise suite"
 averages the three perturbed refusal rates. The figure (``figures/builders/compare.py``) shows
 the rates side by side. σ defaults: parameter noise 0.05 is our choice (a trial organism measured per-layer σ = 0.1 harmless
-and 0.3 damaging; whole-model noise adds up over 30 layers); activation noise 0.1 is calibrated
-on the organism's harmful *validation* prompts with ``scripts/calibrate_noise.py`` (24 prompts,
-48 tokens, 2026-12-01: refusal 0.96 clean, 0.83 at σ 0.05, 0.17 at 0.1, 0 at 0.2 — 0.2, the
-old default, leaves nothing to compare; 0.1 leaves room to show a gain).
+and 0.3 damaging; whole-model noise adds up over 30 layers); activation noise was calibrated
+on the organism's harmful *validation* prompts with ``scripts/calibrate_noise.py`` on the RMS
+scale (24 prompts, 48 tokens: refusal 0.96 clean, 0.83 at σ 0.05, 0.17 at 0.1, 0 at 0.2 × RMS;
+0.1 × RMS left room to show a gain), and 0.2 on the robust scale is about that 0.1 × RMS on
+SmolLM2 (``act_sigma`` below); a re-calibration on the robust scale is still to be run.
 
     $ python -m analyses.compare --models smollm2-135m-instruct:sft smollm2-135m-instruct:sft:deep
     $ python -m analyses.compare --models tiny-llama tiny-llama --quick
