@@ -133,7 +133,7 @@ class CompareConfig(AnalysisConfig):
         harmful_tokens: length of the base's harmful answers (≥ the largest k).
         param_sigma: whole-model parameter noise σ (relative to each matrix's RMS).
         act_sigma: whole-model activation noise σ, relative to the robust per-token scale of the
-            residual stream (1.4826 · median |x| over channels, ``depthlens.perturb``, the same
+            residual stream (1.4826 · median |x| over channels, ``depthlens.interventions.perturbation``, the same
             disturbance in every family). 0.2: about the 0.1 × RMS calibrated below, SmolLM2's
             RMS being 1.4–2.2 times its robust scale (``scripts/activation_scales.py``).
         noise_seeds: seeds averaged for the two noise kinds (int4 is deterministic).

@@ -73,7 +73,7 @@ class SensitivityConfig(AnalysisConfig):
             noise; on the v4 organism 0.2 still did (|S| ≤ 0.5 at every layer, signs mixed,
             run of 2026-12-01), while 0.3 gave drops of 1–2 at the early layers there.
         act_sigma: activation noise on a layer's output, relative to the robust per-token scale
-            of the residual stream, 1.4826 · median |x| over channels (``depthlens.perturb``;
+            of the residual stream, 1.4826 · median |x| over channels (``depthlens.interventions.perturbation``;
             older records used the per-token RMS, which Gemma's massive activations inflate:
             kind act_noise_rms). 1.0: on SmolLM2 the per-token RMS is 1.4–2.2 times the robust scale
             (median over tokens, by layer: ``scripts/activation_scales.py``), so 1.0 is about

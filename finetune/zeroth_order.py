@@ -224,7 +224,7 @@ class ZORecipeConfig:
 def critical_layer_stability(path: str | Path, layers: list[int]) -> dict[int, float | None]:
     """P(layer in top-k) over the prompt bootstrap, as the layer_sensitivity record gives it, for ``layers``
     (None where the record predates the ranking bootstrap or does not list the layer)."""
-    from depthlens.results import read_run
+    from depthlens.infra.results import read_run
 
     rec = read_run(path)
     rows = rec.metrics.get("critical_layers") or []

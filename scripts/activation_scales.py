@@ -2,7 +2,7 @@
 
 For each layer's output (``hook_resid_post``) on a few harmful validation prompts, the ratio of
 the per-token RMS to the robust per-token scale ``1.4826 · median_c |x_c|``
-(``depthlens.perturb.activation_scale``): the median ratio over tokens and the largest. Activation
+(``depthlens.interventions.perturbation.activation_scale``): the median ratio over tokens and the largest. Activation
 noise σ relative to the RMS is a disturbance ratio × σ of the ordinary channels, so where the
 ratio differs between families the same σ is not the same disturbance; relative to the robust
 scale it is. The result is a record (``results/activation_scales/<model-tag>/<run-id>/results.json``).
@@ -20,13 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from depthlens.chat import build_chat  # noqa: E402
+from depthlens.data.chat import build_chat  # noqa: E402
 from depthlens.data import default_splits  # noqa: E402
-from depthlens.forward import last_logprobs  # noqa: E402
-from depthlens.hooks import mirrored_hooks  # noqa: E402
+from depthlens.runtime.forward import last_logprobs  # noqa: E402
+from depthlens.runtime.hooks import mirrored_hooks  # noqa: E402
 from depthlens.models import load_model  # noqa: E402
-from depthlens.perturb import activation_noise_hooks, activation_scale  # noqa: E402
-from depthlens.results import RunRecord, start_stamp, write_run  # noqa: E402
+from depthlens.interventions.perturbation import activation_noise_hooks, activation_scale  # noqa: E402
+from depthlens.infra.results import RunRecord, start_stamp, write_run  # noqa: E402
 
 
 def scale_ratios(model, prompts: list[str]) -> list[dict]:

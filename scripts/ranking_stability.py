@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analyses.layer_sensitivity import normalized_scores  # noqa: E402
-from depthlens.results import RunRecord, read_run, start_stamp, write_run  # noqa: E402
+from depthlens.infra.results import RunRecord, read_run, start_stamp, write_run  # noqa: E402
 from depthlens.stats import top_k_probability  # noqa: E402
 
 Z95 = 1.959963984540054

@@ -142,7 +142,7 @@ def test_quantization_is_deterministic_and_rounds_rows_to_the_grid(fresh):
 
 
 def test_the_robust_activation_scale_ignores_massive_channels_and_equals_the_rms_of_a_gaussian_stream():
-    from depthlens.perturb import activation_scale
+    from depthlens.interventions.perturbation import activation_scale
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 576, generator=g) * 3.0                    # an ordinary stream, sd 3
@@ -156,7 +156,7 @@ def test_the_robust_activation_scale_ignores_massive_channels_and_equals_the_rms
 
 def test_the_same_sigma_is_the_same_disturbance_with_or_without_massive_channels(fresh):
     """Activation noise on the ordinary channels: σ × their scale (robust), or inflated by two massive ones (rms)."""
-    from depthlens.perturb import activation_noise_hooks
+    from depthlens.interventions.perturbation import activation_noise_hooks
 
     x = torch.randn(1, 32, fresh.d_model, generator=torch.Generator().manual_seed(1))
     massive = x.clone()

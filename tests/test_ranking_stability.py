@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from depthlens.results import RunRecord, read_run, write_run
+from depthlens.infra.results import RunRecord, read_run, write_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
