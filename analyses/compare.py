@@ -50,7 +50,6 @@ from analyses.common import Timer
 from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, check_spec, load, make_main, prompt_files,
                                prompts_or)
 from analyses.evaluate import EvalConfig, evaluate_model
-from depthlens.stats import wilson_interval
 from depthlens.attacks.insertion import prefill_attack, random_insertion_attack
 from depthlens.data.chat import encode
 from depthlens.cli import (add_debug_flag, build_parser, config_from, require_int, require_number, require_numbers,
@@ -64,7 +63,7 @@ from depthlens.models.specs import reference_spec
 from depthlens.interventions.perturbation import perturb
 from depthlens.runtime.responses import answers_for, response_set
 from depthlens.attacks.worst import worst_insertion_attack
-from depthlens.stats import bootstrap_mean, paired_rate_difference, percentile_interval, resample_indices
+from depthlens.stats import bootstrap_mean, paired_rate_difference, percentile_interval, resample_indices, wilson_interval
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from depthlens.judges.accuracy import corrected_trial_columns, correction_record
 from depthlens.models.specs import ORGANISM
 from depthlens.runtime.responses import answers_for, response_set
 from depthlens.attacks.worst import worst_insertion_attack
-from depthlens.stats import paired_rate_difference
+from depthlens.stats import paired_rate_difference, rate_interval
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +239,6 @@ def summary_intervals_of_record(record: dict) -> dict[str, dict]:
     """The grid, random and worst harmful-continuation ASRs of a results.json (a dict) with the
     intervals of ``depthlens.stats.rate_interval``, recomputed from its trials: for records
     written before the intervals respected prompts (their ``tables["summary"]`` gives Wilson's)."""
-    from depthlens.stats import rate_interval
-
     n = [row["n"] or 0 for row in record["tables"]["summary"]]
     trials = record["tables"]["trials"]
     parts = {"grid": trials[:n[0]], "random": trials[n[0]:n[0] + n[1]], "worst": trials[n[0] + n[1]:sum(n)]}
