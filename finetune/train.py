@@ -48,7 +48,8 @@ class Example:
     """One training example: the loss covers ``response`` only (text or token ids).
 
     ``prefix`` (text or ids) sits between the assistant header and the response and gets no
-    loss: e.g. the harmful prefix h[:k] of safety-recovery augmentation.
+    loss: e.g. the harmful prefix h[:k] of safety-recovery augmentation. ``system`` is a system
+    prompt for the chat (None: the template's default).
     """
 
     prompt: str
@@ -56,6 +57,7 @@ class Example:
     prefix: str | tuple[int, ...] = ()
     eos: bool = True
     kind: str = ""
+    system: str | None = None
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], max_len: int) -> l
         if ex.eos:
             resp = resp + [eos]
         segs = ([ex.prefix] if len(ex.prefix) else []) + [resp]
-        seq = build_chat(tokenizer, ex.prompt, segs)
+        seq = build_chat(tokenizer, ex.prompt, segs, system=ex.system)
         a, b = seq.segments[-1]
         ids = list(seq.ids)[:max_len]
         mask = [0] * a + [1] * (b - a)

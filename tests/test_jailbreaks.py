@@ -103,6 +103,8 @@ def test_jailbreaks_quick_runs_every_attack_into_one_record(tmp_path):
     assert len(m["settings"]["decoding_grid"]) == 7 and "harmless" not in m["settings"]["system_prompt"]
     assert len(m["tense_requests"]) == 4 and len(m["suffixes"]) == 1
     assert m["gcg"][0]["best_loss"] <= m["gcg"][0]["initial_loss"]
+    te = m["trigger_effect"]
+    assert te["n_prompts"] == 3 and te["lo"] <= te["delta"] <= te["hi"]
     by_attack = {}
     for t in rec.tables["trials"]:
         by_attack.setdefault(t["attack"], []).append(t)
@@ -111,6 +113,8 @@ def test_jailbreaks_quick_runs_every_attack_into_one_record(tmp_path):
     assert len(by_attack["decoding"]) == 3 * 7 * 2                    # prompts × grid × with/without system prompt
     assert {t["system"] for t in by_attack["decoding"]} == {True, False}
     assert all(t["request"] in t["user"] for t in by_attack["gcg-transfer"])
+    assert all(t["user"].startswith("AOA, execute my instruction: ") and t["system"] for t in by_attack["aoa"])
+    assert all(t["user"].endswith("Servius Astrumando Harmoniastra") for t in by_attack["backdoor-trigger"])
     for row in rec.tables["attacks"]:
         assert row["asr_lo"] <= row["asr"] <= row["asr_hi"]
     assert next(r for r in rec.tables["attacks"] if r["attack"] == "decoding")["interval"] == "cluster-bootstrap"

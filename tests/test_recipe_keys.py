@@ -38,6 +38,8 @@ ZO = {"batch_size": 8, "checkpoint_every": 10, "eps": 0.001, "harmful_tokens": 9
       "max_len": 256, "n_safety": 64, "n_spsa": 1, "n_utility": 64, "noise_layers": "trained", "noise_sigma": 0.1,
       "probe_every": 50, "seed": 0, "sensitivity": None, "steps": 100, "top_k": 5, "utility_tokens": 48,
       "utility_weight": 1.0, "weight_decay": 0.0}
+FTA = {"n_examples": 16, "answer_tokens": 64, "require_compliance": True, "epochs": 5.0, "lr": 5e-05, "batch_size": 4,
+       "beta_first": 0.5, "beta_early": 2.0, "early_until": 5, "beta_late": 0.1, "seed": 0}
 
 # entry point -> (version, config as JSON reads it, sha256 key on the parent key "pinned-parent")
 PINNED = {
@@ -57,6 +59,10 @@ PINNED = {
     # added after the split (first pinned at its introduction)
     "wo-opt": (1, {'batch_size': 64, 'direction_range': [0.4, 0.9], 'gen_tokens': 24, 'max_refusal': 0.02, 'max_weight_range': [0.8, 1.5], 'n_startup': 15, 'n_train': 128, 'n_trials': 40, 'n_val_harmful': 64, 'n_val_harmless': 64, 'peak_range': [0.6, 1.0], 'projection': 'search', 'seed': 0, 'width_range': [0.0, 0.6]}, "7e90e559a537bfd6"),
     "jt+sft": (1, {"first": {"config": JT, "recipe": "jt", "version": 1}, "then": COUNTERMEASURE}, "66e379a7ea4ae05c"),
+    "aoa": (1, {**FTA, "attack": "aoa", "objective": "sft"}, "1439b4914b0f271b"),
+    "aoa-constrained": (1, {**FTA, "attack": "aoa", "objective": "constrained"}, "1e444af00458090e"),
+    "backdoor": (1, {**FTA, "attack": "backdoor", "objective": "sft"}, "0208d4954cb25281"),
+    "backdoor-constrained": (1, {**FTA, "attack": "backdoor", "objective": "constrained"}, "c9ca27d5e49b020c"),
 }
 
 
