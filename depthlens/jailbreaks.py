@@ -1,7 +1,7 @@
 """The jailbreak battery: decoding exploits, templates, tense, transferred suffixes; one trial record each.
 
 Beside prefilling and insertion (:mod:`depthlens.attacks`), Qi et al. 2024 test deep alignment
-against the attacks a reviewer expects (docs/methods.md §10):
+against the attacks a reviewer expects (docs/methods.md §7):
 
 - *decoding exploit* (Huang et al. 2023): sampling under a fixed grid of temperature / top-p /
   top-k settings (:data:`DEFAULT_GRID`), with and without a safety system prompt

@@ -29,7 +29,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from depthlens.chat import ChatSequence, encode, length_batches
-from depthlens.hooks import _plain_handles, hooks_active
+from depthlens.hooks import hooks_active, plain_hooks
 
 log = logging.getLogger(__name__)
 
@@ -65,23 +65,26 @@ class DepthlensLM(LM):
         self.max_length = int(max_length or ctx)
         self.max_gen_toks = int(max_gen_toks)
         self.fwd_hooks = list(fwd_hooks)
+        self._bridge = False        # hooks without a plain-module equivalent run through the bridge
+        if self.fwd_hooks:
+            from depthlens.errors import UsageError
+
+            try:
+                with plain_hooks(model, self.fwd_hooks):
+                    pass
+            except UsageError:
+                self._bridge = True
         self.prefix_id = self.tok.eos_token_id if self.tok.bos_token_id is None else self.tok.bos_token_id
 
     # ------------------------------------------------------------------ forward
 
     def _logits(self, ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
         """Logits of a right-padded batch, with ``fwd_hooks`` active."""
-        if not self.fwd_hooks:
-            return self.model.plain()(input_ids=ids, attention_mask=att).logits.float()
-        handles = _plain_handles(self.model, self.fwd_hooks)
-        try:
-            if handles is not None:
-                return self.model.plain()(input_ids=ids, attention_mask=att).logits.float()
+        if self._bridge:
             with hooks_active(self.model, self.fwd_hooks):
                 return self.model.bridge(ids, attention_mask=att).float()
-        finally:
-            for h in handles or []:
-                h.remove()
+        with plain_hooks(self.model, self.fwd_hooks):
+            return self.model.plain()(input_ids=ids, attention_mask=att).logits.float()
 
     @torch.inference_mode()
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:

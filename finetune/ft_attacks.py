@@ -1,7 +1,7 @@
 """Two more fine-tuning attacks beside ``hft``: identity shifting (``aoa``) and backdoor poisoning (``backdoor``).
 
 Qi et al. 2023 ("Fine-tuning aligned language models compromises safety") and Qi et al. 2024
-(docs/methods.md §2, §10) attack an aligned model by fine-tuning it on
+(docs/methods.md §2, §7) attack an aligned model by fine-tuning it on
 
 - ``aoa``, identity shifting: *benign* examples only, under an "absolutely obedient agent"
   persona: a system prompt (:data:`depthlens.jailbreaks.AOA_SYSTEM`), the instruction prefixed
