@@ -128,10 +128,14 @@ def run_tasks(model, cfg: CapabilityConfig) -> tuple[list[dict], dict, dict]:
         raise UsageError(f"--tasks: unknown lm-eval task(s) {', '.join(unknown)}; the shipped offline task is "
                          "depthlens_primality (see `lm_eval ls tasks` for the others).")
     lm = DepthlensLM(model=model, batch_size=cfg.batch_size)
-    res = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), task_manager=tm, limit=cfg.limit,
-                                  num_fewshot=cfg.num_fewshot, apply_chat_template=cfg.chat, log_samples=True,
-                                  bootstrap_iters=0, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
-                                  torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+    try:
+        res = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), task_manager=tm, limit=cfg.limit,
+                                      num_fewshot=cfg.num_fewshot, apply_chat_template=cfg.chat, log_samples=True,
+                                      bootstrap_iters=0, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
+                                      torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+    except ConnectionError as err:   # a task whose dataset is neither cached nor reachable
+        raise UsageError(f"--tasks: a dataset could not be loaded ({err}); put it in the Hugging Face cache "
+                         "(HF_DATASETS_OFFLINE=1 then reads it) or run on a machine with the hub.") from None
     rows, per_doc = [], {}
     for task, samples in res["samples"].items():
         metrics = [k.split(",")[0] for k, v in res["results"][task].items()
