@@ -111,3 +111,19 @@ def test_capability_rejects_an_unknown_task(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--model", "tiny-llama", "--tasks", "no_such_task", "--no-hallucination"])
     assert exc.value.code == 2 and "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err
+
+
+def test_a_hook_without_a_plain_equivalent_runs_through_the_bridge(tiny):
+    from depthlens.lm_eval_model import DepthlensLM
+
+    zero_v = [("blocks.1.attn.v.hook_out", lambda x, hook: torch.zeros_like(x))]
+    req = [_req("loglikelihood", "The sky is", " blue")]
+    lm = DepthlensLM(model=tiny, fwd_hooks=zero_v)
+    ids = torch.tensor([tiny.tokenizer("The sky is blue", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad(), tiny.bridge.hooks(fwd_hooks=zero_v):
+        logp = F.log_softmax(tiny.bridge(ids)[0].float(), -1)
+    n = len(tiny.tokenizer("The sky is", add_special_tokens=False)["input_ids"])
+    want = sum(float(logp[t - 1, ids[0, t]]) for t in range(n, ids.shape[1]))
+    got = lm.loglikelihood(req)[0][0]
+    assert lm._bridge and got == pytest.approx(want, abs=1e-3)
+    assert got != pytest.approx(DepthlensLM(model=tiny).loglikelihood(req)[0][0], abs=1e-3)
