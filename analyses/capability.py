@@ -3,8 +3,8 @@
 Does a safety intervention cost capability, or raise hallucination? ``python -m analyses.capability``
 runs, on one model spec (recipe chain included):
 
-- any lm-eval task (``--tasks``; ``depthlens.lm_eval_model.DepthlensLM`` is the model, the shipped
-  offline task ``depthlens_primality`` is the default, ``depthlens.lm_eval_tasks``): each task's
+- any lm-eval task (``--tasks``; ``depthlens.runtime.lm_eval_model.DepthlensLM`` is the model, the shipped
+  offline task ``depthlens_primality`` is the default, ``depthlens.data.lm_eval_tasks``): each task's
   metrics as lm-eval reports them, with a 95 % interval over documents (Wilson where the metric is
   0/1 per document, else a bootstrap over documents) and every document's score kept for paired
   comparisons (``analyses.compare --tasks``);
@@ -30,9 +30,9 @@ import numpy as np
 
 from analyses.common import Timer
 from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load, make_main
-from depthlens.attack_records import wilson_interval
+from depthlens.stats import wilson_interval
 from depthlens.cli import require_int
-from depthlens.errors import UsageError
+from depthlens.infra.errors import UsageError
 from depthlens.stats import bootstrap_mean
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def doc_interval(values, seed: int = 0) -> tuple[float, float, str]:
 def task_manager():
     from lm_eval.tasks import TaskManager
 
-    from depthlens.lm_eval_tasks import task_dir
+    from depthlens.data.lm_eval_tasks import task_dir
 
     return TaskManager(include_path=str(task_dir()))
 
@@ -120,7 +120,7 @@ def run_tasks(model, cfg: CapabilityConfig) -> tuple[list[dict], dict, dict]:
     """lm-eval on ``cfg.tasks``: metric rows, per-document scores ``{task: {metric: {doc_id: v}}}``, and lm-eval's config."""
     import lm_eval
 
-    from depthlens.lm_eval_model import DepthlensLM
+    from depthlens.runtime.lm_eval_model import DepthlensLM
 
     tm = task_manager()
     unknown = [t for t in cfg.tasks if t not in tm.all_tasks]
@@ -155,7 +155,7 @@ def run_tasks(model, cfg: CapabilityConfig) -> tuple[list[dict], dict, dict]:
 
 def answer_class(text: str, truth: bool) -> str:
     """``"correct"``, ``"hallucination"`` (starts with the wrong yes/no) or ``"other"``."""
-    from depthlens.jailbreak_data import STARTS_NO, STARTS_YES
+    from depthlens.data.jailbreak_data import STARTS_NO, STARTS_YES
 
     t = text.strip()
     yes, no = re.match(STARTS_YES, t, flags=re.I), re.match(STARTS_NO, t, flags=re.I)
@@ -168,8 +168,8 @@ def answer_class(text: str, truth: bool) -> str:
 
 def hallucination(model, cfg: CapabilityConfig) -> tuple[list[dict], list[dict]]:
     """Per ground-truth set (and overall): hallucination and accuracy rates; and every answer."""
-    from depthlens.generate import generate
-    from depthlens.jailbreak_data import GROUND_TRUTH, ground_truth, sample
+    from depthlens.runtime.generation import generate
+    from depthlens.data.jailbreak_data import GROUND_TRUTH, ground_truth, sample
 
     answers = []
     for name in GROUND_TRUTH:

@@ -204,7 +204,7 @@ class CompareConfig(AnalysisConfig):
 
     def validate(self) -> None:
         if self.judge is not None:
-            from depthlens.judge import judge_id
+            from depthlens.judges.seam import judge_id
 
             try:
                 judge_id(self.judge)
@@ -427,7 +427,7 @@ def extra_measures(model, base, cfg: CompareConfig, prompts: Sequence[str], ids:
 
 def extra_rows(cfg: CompareConfig, values: dict[str, dict]) -> dict[str, tuple[str, str]]:
     """Label and better direction of the rows ``extra_measures`` added (in the table's order)."""
-    from depthlens.judge import judge_id
+    from depthlens.judges.seam import judge_id
 
     out: dict[str, tuple[str, str]] = {}
     if cfg.jailbreaks:
@@ -529,7 +529,7 @@ def run(cfg: CompareConfig, model=None) -> CompareResult:
 
 
 def _judge_id(judge: str | None) -> str:
-    from depthlens.judge import judge_id
+    from depthlens.judges.seam import judge_id
 
     return judge_id(judge)
 

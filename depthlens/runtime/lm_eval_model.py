@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from depthlens.chat import ChatSequence, encode, length_batches
-from depthlens.hooks import hooks_active, plain_hooks
+from depthlens.data.chat import ChatSequence, encode, length_batches
+from depthlens.runtime.hooks import hooks_active, plain_hooks
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class DepthlensLM(LM):
         self.fwd_hooks = list(fwd_hooks)
         self._bridge = False        # hooks without a plain-module equivalent run through the bridge
         if self.fwd_hooks:
-            from depthlens.errors import UsageError
+            from depthlens.infra.errors import UsageError
 
             try:
                 with plain_hooks(model, self.fwd_hooks):
@@ -138,7 +138,7 @@ class DepthlensLM(LM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from depthlens.generate import generate
+        from depthlens.runtime.generation import generate
 
         out: list[str] = [""] * len(requests)
         groups: dict = {}

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from depthlens.chat import ChatSequence, control_tokens, encode, render_prompt
-from depthlens.errors import UsageError
+from depthlens.data.chat import ChatSequence, control_tokens, encode, render_prompt
+from depthlens.infra.errors import UsageError
 
 log = logging.getLogger(__name__)
 

