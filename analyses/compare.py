@@ -68,7 +68,8 @@ from depthlens.models.specs import reference_spec
 from depthlens.interventions.perturbation import perturb
 from depthlens.runtime.responses import answers_for
 from depthlens.attacks.worst import worst_insertion_attack
-from depthlens.stats import bootstrap_mean, paired_rate_difference, percentile_interval, resample_indices, wilson_interval
+from depthlens.stats import (bootstrap_mean, paired_rate_difference, percentile_interval, rate_interval, resample_indices,
+                             wilson_interval)
 
 log = logging.getLogger(__name__)
 
@@ -369,9 +370,12 @@ def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], atta
         suite, suite_per_prompt = perturbation_suite(model, harm_eval, cfg)
         values.update(suite)
         per_prompt.update(suite_per_prompt)
-    extra_values, extra_per_prompt, detail["extra"] = extra_measures(model, base, cfg, attack_prompts, attack_ids, timer)
-    values.update(extra_values)
-    per_prompt.update(extra_per_prompt)
+    extra = extra_measures(model, base, cfg, attack_prompts, attack_ids, timer)
+    values.update(extra["values"])
+    per_prompt.update(extra["per_prompt"])
+    trials.update(extra["trial_outcomes"])
+    intervals.update(extra["intervals"])
+    detail["extra"] = extra["detail"]
     intervals.update({k: per_prompt_interval(k, v, cfg.seed) for k, v in per_prompt.items()})
     detail["intervals"] = intervals
     detail["trial_outcomes"] = trials
@@ -380,10 +384,15 @@ def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], atta
 
 
 def extra_measures(model, base, cfg: CompareConfig, prompts: Sequence[str], ids: Sequence[str],
-                   timer: Timer) -> tuple[dict, dict, dict]:
-    """The --jailbreaks / --tasks / --hallucination rows of one model: values, per-prompt outcomes (sorted by
-    prompt, document or question id, the same for every model) and details."""
-    values, per_prompt, detail = {}, {}, {}
+                   timer: Timer) -> dict:
+    """The --jailbreaks / --tasks / --hallucination rows of one model.
+
+    ``values``; ``per_prompt``: one outcome per prompt, document or question (sorted by id, the same
+    for every model: "any variant" rows, task scores, hallucination); ``trial_outcomes`` and
+    ``intervals``: the battery's attack rows, whose trials share prompts (``rate_interval``; Δ by
+    ``paired_rate_difference``); ``detail``.
+    """
+    values, per_prompt, trial_outcomes, intervals, detail = {}, {}, {}, {}, {}
     if cfg.jailbreaks:
         from analyses.jailbreaks import JailbreaksConfig, battery, per_prompt as battery_per_prompt
 
@@ -392,9 +401,12 @@ def extra_measures(model, base, cfg: CompareConfig, prompts: Sequence[str], ids:
         with timer("jailbreaks"):
             jb = battery(model, base, jcfg, prompts, ids, timer)
         for attack, per in battery_per_prompt(jb["trials"]).items():
+            ts = jb["trials"][attack]
+            r = rate_interval([int(t.success) for t in ts], [t.prompt_id for t in ts], seed=cfg.seed)
+            values[f"jb_{attack}"], intervals[f"jb_{attack}"] = r.rate, [r.lo, r.hi]
+            trial_outcomes[f"jb_{attack}"] = {"prompt_ids": [t.prompt_id for t in ts],
+                                              "outcomes": [int(t.success) for t in ts]}
             pids = sorted(per)
-            per_prompt[f"jb_{attack}"] = [per[p] for p in pids]
-            values[f"jb_{attack}"] = float(np.mean(per_prompt[f"jb_{attack}"]))
             if attack in JAILBREAK_ANY:
                 per_prompt[f"jb_{attack}_any"] = [float(per[p] > 0) for p in pids]
                 values[f"jb_{attack}_any"] = float(np.mean(per_prompt[f"jb_{attack}_any"]))
@@ -422,7 +434,8 @@ def extra_measures(model, base, cfg: CompareConfig, prompts: Sequence[str], ids:
                 answers = sorted(answers, key=lambda a: a["id"])
                 per_prompt["hallucination_rate"] = [float(a["class"] == "hallucination") for a in answers]
                 values["hallucination_rate"] = float(np.mean(per_prompt["hallucination_rate"]))
-    return values, per_prompt, detail
+    return {"values": values, "per_prompt": per_prompt, "trial_outcomes": trial_outcomes, "intervals": intervals,
+            "detail": detail}
 
 
 def extra_rows(cfg: CompareConfig, values: dict[str, dict]) -> dict[str, tuple[str, str]]:
@@ -512,7 +525,7 @@ def run(cfg: CompareConfig, model=None) -> CompareResult:
              **dict(zip(("lo", "hi"), details[k]["intervals"].get(m, (None, None))))} for k in keys for m in measures]
     metrics = {"models": keys, "base": base_name, "values": values, "details": details,
                "interval": ("95 %; a 0/1 outcome per prompt: wilson; per-prompt means and harmless CE: bootstrap over "
-                            "prompts; attack rates over trials that share prompts (insertion rows): prompt_bootstrap; "
+                            "prompts; attack rates over trials that share prompts (insertion and battery rows): prompt_bootstrap; "
                             "delta: paired bootstrap over the same prompts (attack rows: paired_prompt_bootstrap); "
                             "corrected rates: joint bootstrap of prompts and held-out labels (docs/methods.md §0)"),
                "judge": JUDGE_ID, "continuation_judge": CONTINUATION_JUDGE_ID,

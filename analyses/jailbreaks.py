@@ -50,7 +50,7 @@ from depthlens.data.jailbreak_data import wheel_sources
 from depthlens.attacks.battery import (AOA_PREFIX, AOA_SYSTEM, DEFAULT_GRID, SAFETY_SYSTEM_PROMPT, TRIGGER, BatteryTrial, Planned,
                                   any_rate, decoding_attack, direct_attack, prompt_rate, rates, run_trials, suffix_attack,
                                   insertion_targets, template_attack, tense_attack)
-from depthlens.stats import bootstrap_mean
+from depthlens.stats import paired_rate_difference
 from depthlens.judges.seam import classify_many, judge_id
 from depthlens.models.specs import ORGANISM
 from depthlens.runtime.responses import answers_for
@@ -261,12 +261,11 @@ def battery(model, base, cfg: JailbreaksConfig, prompts: Sequence[str], ids: Seq
             settings += [{"attack": "decoding", "setting": f"system:{r.pop('group')}", **r}
                          for r in rates(ts, lambda t: "sys" if t.system else "nosys", cfg.seed)]
     if "direct" in trials and "backdoor-trigger" in trials:
-        base_ok = {t.prompt_id: float(t.success) for t in trials["direct"]}
-        trig_ok = {t.prompt_id: float(t.success) for t in trials["backdoor-trigger"]}
-        pids = [p for p in ids if p in base_ok and p in trig_ok]
-        iv = bootstrap_mean([trig_ok[p] for p in pids], baseline=[base_ok[p] for p in pids], seed=cfg.seed)
-        info["trigger_effect"] = {"delta": iv.estimate, "lo": iv.lo, "hi": iv.hi, "n_prompts": len(pids),
-                                  "interval": "paired-bootstrap", "trigger": TRIGGER}
+        a, b = trials["direct"], trials["backdoor-trigger"]
+        d = paired_rate_difference([int(t.success) for t in a], [int(t.success) for t in b],
+                                   [t.prompt_id for t in a], [t.prompt_id for t in b], seed=cfg.seed)
+        info["trigger_effect"] = {"delta": d.rate, "lo": d.lo, "hi": d.hi, "n_prompts": d.n_prompts,
+                                  "interval": d.method, "trigger": TRIGGER}
     return {"trials": trials, "attacks": headline, "settings": settings, "info": info}
 
 

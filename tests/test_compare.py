@@ -151,4 +151,6 @@ def test_compare_adds_the_jailbreak_battery_and_capability_rows_with_paired_inte
         assert row["delta"] == 0.0 and row["delta 95% CI"] == [0.0, 0.0], key
     per = rec.metrics["details"][keys[0]]["per_prompt"]
     assert len(per["task:depthlens_primality/acc"]) == 6 and len(per["hallucination_rate"]) == 12
-    assert len(per["jb_decoding"]) == 4 and all(0.0 <= v <= 1.0 for v in per["jb_decoding"])   # n_attack prompts
+    dec = rec.metrics["details"][keys[0]]["trial_outcomes"]["jb_decoding"]      # the attack rows keep every trial
+    assert len(set(dec["prompt_ids"])) == 4 and len(dec["outcomes"]) == 4 * 7 * 2  # n_attack prompts × grid × system
+    assert len(per["jb_decoding_any"]) == 4 and set(per["jb_decoding_any"]) <= {0.0, 1.0}

@@ -74,18 +74,19 @@ def _trial(pid, success, setting="s"):
 
 
 def test_rates_are_wilson_for_one_trial_a_prompt_and_a_cluster_bootstrap_otherwise():
-    from depthlens.stats import wilson_interval
     from depthlens.attacks.battery import any_rate, prompt_rate
-    from depthlens.stats import bootstrap_mean
+    from depthlens.stats import wilson_interval
 
     one = [_trial(f"p{i}", i < 3) for i in range(10)]
     r = prompt_rate(one)
     assert r["interval"] == "wilson" and (r["asr_lo"], r["asr_hi"]) == tuple(wilson_interval(3, 10))
+    # three trials a prompt, all of a prompt alike: the interval is as wide as ten prompts allow, not thirty trials
+    alike = [_trial(f"p{i}", i < 3, f"s{j}") for i in range(10) for j in range(3)]
+    r = prompt_rate(alike, seed=4)
+    assert r["interval"] == "prompt_bootstrap" and r["n_prompts"] == 10 and r["n_trials"] == 30
+    lo30, hi30 = wilson_interval(9, 30)
+    assert r["asr"] == pytest.approx(0.3) and r["asr_hi"] - r["asr_lo"] > hi30 - lo30
     many = [_trial(f"p{i}", (i + j) % 3 == 0, f"s{j}") for i in range(10) for j in range(3)]
-    r = prompt_rate(many, seed=4)
-    iv = bootstrap_mean([float(t.success) for t in many], seed=4, groups=[t.prompt_id for t in many])
-    assert r["interval"] == "cluster-bootstrap" and (r["asr_lo"], r["asr_hi"]) == (iv.lo, iv.hi)
-    assert r["n_prompts"] == 10 and r["n_trials"] == 30
     a = any_rate(many)                        # every prompt has one success among its three settings
     assert a["asr"] == 1.0 and a["n_prompts"] == 10 and a["interval"] == "wilson"
 
@@ -117,7 +118,8 @@ def test_jailbreaks_quick_runs_every_attack_into_one_record(tmp_path):
     assert all(t["user"].endswith("Servius Astrumando Harmoniastra") for t in by_attack["backdoor-trigger"])
     for row in rec.tables["attacks"]:
         assert row["asr_lo"] <= row["asr"] <= row["asr_hi"]
-    assert next(r for r in rec.tables["attacks"] if r["attack"] == "decoding")["interval"] == "cluster-bootstrap"
+    assert next(r for r in rec.tables["attacks"] if r["attack"] == "decoding")["interval"] in (
+        "prompt_bootstrap", "wilson_over_prompts")
     assert set(m["per_prompt"]["decoding"]) == set(m["prompt_ids"])
     assert (path.parent / "jailbreaks_battery.html").exists() and (path.parent / "jailbreaks_decoding.html").exists()
 

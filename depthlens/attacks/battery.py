@@ -39,7 +39,7 @@ from depthlens.infra.errors import UsageError
 from depthlens.runtime.generation import generate
 from depthlens.data.jailbreak_data import Item, Template, fill
 from depthlens.judges.seam import classify_many
-from depthlens.stats import bootstrap_mean
+from depthlens.stats import rate_interval
 
 log = logging.getLogger(__name__)
 
@@ -258,22 +258,14 @@ def insertion_targets(model, prompts: Sequence[str], max_new_tokens: int, min_to
 # ----------------------------------------------------------------------------- rates
 
 
-def prompt_rate(trials: Sequence[BatteryTrial], seed: int = 0, n_boot: int = 1000) -> dict:
-    """ASR of ``trials`` with its 95 % interval over prompts: Wilson where every prompt has one trial, else a
-    cluster bootstrap (whole prompts resampled)."""
+def prompt_rate(trials: Sequence[BatteryTrial], seed: int = 0) -> dict:
+    """ASR of ``trials`` with its 95 % interval over prompts (``depthlens.stats.rate_interval``: Wilson where
+    every prompt has one trial, else a prompt-level bootstrap), and the interval's method."""
     if not trials:
         raise UsageError("A rate needs at least one trial.")
-    ok = [float(t.success) for t in trials]
-    pids = [t.prompt_id for t in trials]
-    n_prompts = len(set(pids))
-    if n_prompts == len(trials):
-        lo, hi = wilson_interval(int(sum(ok)), len(ok))
-        method = "wilson"
-    else:
-        iv = bootstrap_mean(ok, n_boot=n_boot, seed=seed, groups=pids)
-        lo, hi, method = iv.lo, iv.hi, "cluster-bootstrap"
-    return {"asr": sum(ok) / len(ok), "asr_lo": lo, "asr_hi": hi, "n_trials": len(ok), "n_prompts": n_prompts,
-            "interval": method}
+    r = rate_interval([int(t.success) for t in trials], [t.prompt_id for t in trials], seed=seed)
+    return {"asr": r.rate, "asr_lo": r.lo, "asr_hi": r.hi, "n_trials": r.n, "n_prompts": r.n_prompts,
+            "interval": r.method}
 
 
 def rates(trials: Sequence[BatteryTrial], key: Callable[[BatteryTrial], Hashable], seed: int = 0) -> list[dict]:
