@@ -55,6 +55,11 @@ class TrainScale:
         lora_targets: linear maps to adapt, e.g. q_proj,v_proj (default: every linear map of the blocks).
         micro_batch_size: at most this many sequences per forward pass on a process (0: no
             cap). It changes memory, not the update, so it is not part of the cache key.
+        fsdp: shard the weights, gradients and optimizer state over the processes of a
+            launch with FSDP2 (``finetune.sharding``; an FSDP2 launch config sets it too). The
+            same update: not part of the cache key.
+        grad_checkpointing: recompute each decoder block's activations in the backward pass
+            (memory for compute; the same gradients): not part of the cache key.
     """
 
     max_steps: int = 0
@@ -62,6 +67,8 @@ class TrainScale:
     lora_alpha: float | None = None
     lora_targets: tuple[str, ...] = ()
     micro_batch_size: int = 0
+    fsdp: bool = False
+    grad_checkpointing: bool = False
 
     def validate(self) -> None:
         """Check the settings together (the recipe command line calls this before any work)."""
@@ -73,23 +80,27 @@ class TrainScale:
             raise ValueError(f"lora_alpha={self.lora_alpha!r} and lora_targets={self.lora_targets!r} need "
                              "lora_rank >= 1 (0 means full fine-tuning).")
         lora = LoraSettings(self.lora_rank, self.lora_alpha, tuple(self.lora_targets)) if self.lora_rank else None
-        return {"max_steps": self.max_steps, "micro_batch_size": self.micro_batch_size, "lora": lora}
+        return {"max_steps": self.max_steps, "micro_batch_size": self.micro_batch_size, "lora": lora,
+                "fsdp": self.fsdp, "grad_checkpointing": self.grad_checkpointing}
 
 
-#: TrainScale fields that enter a cache key when set; micro_batch_size never does.
+#: TrainScale fields that enter a cache key when set; ``UPDATE_NEUTRAL_FIELDS`` never do.
 SCALE_KEY_FIELDS = ("max_steps", "lora_rank", "lora_alpha", "lora_targets")
+#: TrainScale fields that change memory or the process layout, not the update.
+UPDATE_NEUTRAL_FIELDS = ("micro_batch_size", "fsdp", "grad_checkpointing")
 
 
 def config_key(cfg, added: Sequence[str]) -> dict:
     """``asdict(cfg)`` without the ``added`` fields that are 0: options added later keep old cache keys when off.
 
-    The ``TrainScale`` settings of a first-order recipe count as added (``micro_batch_size``
-    never enters the key).
+    The ``TrainScale`` settings of a first-order recipe count as added (the
+    ``UPDATE_NEUTRAL_FIELDS`` never enter the key).
     """
     out = asdict(cfg)
     if isinstance(cfg, TrainScale):
         added = (*added, *SCALE_KEY_FIELDS)
-        del out["micro_batch_size"]
+        for name in UPDATE_NEUTRAL_FIELDS:
+            del out[name]
     for name in added:
         if not out[name]:
             del out[name]

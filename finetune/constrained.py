@@ -99,7 +99,9 @@ def token_weights(logp: Tensor, ref_logp: Tensor, betas: Tensor) -> Tensor:
 
 def _token_logp(model, ids: Tensor, att: Tensor) -> Tensor:
     """log π(ids[t+1] | ids[≤t]) for every position, as ``response_loss`` computes it (−cross-entropy)."""
-    logits = model.plain()(input_ids=ids, attention_mask=att).logits[:, :-1].float()
+    from finetune.losses import loss_path
+
+    logits = loss_path(model)(ids, att)[:, :-1].float()
     return -F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
 
 

@@ -19,12 +19,11 @@ the global step loss, which is what one process computes; after the all-reduce e
 holds the same gradient and takes the same AdamW step. Gradient clipping then sees the global
 gradient too.
 
-FSDP. ``accelerate`` shards a model by wrapping the module whose ``forward`` is called, and
-gathers the shards in that ``forward``'s hooks; the loss path above bypasses it, and accelerate
-1.16 runs no FSDP on CPU (``--cpu`` with an FSDP config falls back to one process), so the
-sharded path could not be built or tested here: under an FSDP config the loop stops with one
-sentence saying so (``check_supported``) rather than train unsharded. docs/scaling.md says
-what fits without it (LoRA, MeZO) and what sharding would take.
+FSDP. Sharded runs (``--fsdp``, or ``configs/accelerate/fsdp2.yaml``) do not go through
+accelerate's own FSDP wrapping: ``finetune.sharding`` applies FSDP2 itself, to the losses'
+``LossPath``, and uses the accelerator here only for the ranks and the process group
+(an FSDP launch's variables are hidden from ``Accelerator`` so that it does not wrap or
+cast anything). DeepSpeed and Megatron launches are refused in one sentence.
 
     >>> accelerator = accelerator_for(model)
     >>> value = sync_gradients(accelerator, params, value)     # after the step's backward passes
@@ -50,32 +49,35 @@ def accelerator_for(model):
 
     ``split_batches``: the recipes' ``batch_size`` is the global batch, so the prepared
     schedule steps once per optimizer step whatever the number of processes. Mixed precision
-    is the model's own (bf16 weights and autocast on CUDA, fp32 on CPU), not accelerate's
-    (a launch's ``--mixed_precision`` is overridden: the weights are not fp32 masters).
+    is the loop's own (``finetune.precision``: fp32 masters and bf16 autocast on CUDA, fp32
+    on CPU), not accelerate's (a launch's ``--mixed_precision`` is overridden).
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    accelerator = Accelerator(cpu=model.device.type == "cpu", device_placement=False, mixed_precision="no",
-                              dataloader_config=DataLoaderConfiguration(split_batches=True),
-                              step_scheduler_with_optimizer=True)
+    check_launch()
+    hidden = {k: os.environ.pop(k) for k in ("ACCELERATE_USE_FSDP",) if k in os.environ}
+    try:  # finetune.sharding shards the model itself: accelerate must not see the FSDP launch
+        accelerator = Accelerator(cpu=model.device.type == "cpu", device_placement=False, mixed_precision="no",
+                                  dataloader_config=DataLoaderConfiguration(split_batches=True),
+                                  step_scheduler_with_optimizer=True)
+    finally:
+        os.environ.update(hidden)
     check_supported(accelerator, model)
     return accelerator
 
 
+def check_launch() -> None:
+    """Refuse, in one sentence, a launch engine this loop does not implement (DeepSpeed, Megatron-LM)."""
+    for engine in ("DEEPSPEED", "MEGATRON_LM"):
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true"):
+            raise NotImplementedError(
+                f"The training loop shards with FSDP2 (configs/accelerate/fsdp2.yaml) or runs data-parallel "
+                f"(configs/accelerate/ddp.yaml) and got a {engine} launch, which it does not implement.")
+
+
 def check_supported(accelerator, model) -> None:
     """Refuse, in one sentence each, the launch set-ups this loop does not implement."""
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type.value
-    for engine in ("FSDP", "DEEPSPEED"):  # also asked for where accelerate itself fell back (FSDP on CPU)
-        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true"):
-            kind = engine
-    if kind in (DistributedType.FSDP.value, DistributedType.DEEPSPEED.value, DistributedType.MEGATRON_LM.value):
-        raise NotImplementedError(
-            f"The training loop runs data-parallel only (one process or DDP) and got a {kind} launch: it does not "
-            "shard the weights (see finetune.distributed and docs/scaling.md); use configs/accelerate/ddp.yaml, with "
-            "--lora-rank where the full AdamW state does not fit one device.")
     want, have = accelerator.device, model.device
     if accelerator.num_processes > 1 and (want.type != have.type or (want.type != "cpu" and want.index != have.index)):
         raise RuntimeError(f"Rank {accelerator.process_index} trains a model on {model.device} but accelerate gave it "
@@ -101,6 +103,13 @@ def sync_gradients(accelerator, params: Sequence[torch.Tensor], value: float) ->
         for g in bucket:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+    return sum_value(accelerator, value)
+
+
+def sum_value(accelerator, value: float) -> float:
+    """The sum over the ranks of each rank's part of a step's loss (one process: ``value``)."""
+    if accelerator.num_processes == 1:
+        return value
     total = accelerator.reduce(torch.tensor([value], dtype=torch.float64, device=accelerator.device), reduction="sum")
     return float(total[0])
 

@@ -26,7 +26,7 @@ def response_loss(model, batch_ids, batch_mask, attention_mask, reduction: str =
     With ``reduction="mean"`` only response positions are unembedded (``response_logits``).
     """
     if reduction == "none":
-        logits = model.plain()(input_ids=batch_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        logits = loss_path(model)(batch_ids, attention_mask)[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch_ids[:, 1:], reduction="none")
         return nll, batch_mask[:, 1:].float()
     logits, targets, _ = response_logits(model, batch_ids, batch_mask, attention_mask)
@@ -59,30 +59,63 @@ def response_logits(model, batch_ids, batch_mask, attention_mask):
     through it and the loss and its gradient are those of the full batch (tested). ``keep``
     is the ``[batch, positions]`` mask of the returned rows, counted from column ``p``.
     Logits are fp32; only response positions are unembedded (on a 135M model with a 49k
-    vocabulary the unembedding is about a third of the compute per token).
+    vocabulary the unembedding is about a third of the compute per token). Runs as one
+    forward of ``loss_path(model)``.
     """
-    from transformers import DynamicCache
+    return loss_path(model)(batch_ids, attention_mask, batch_mask)
 
-    from depthlens.runtime.forward import expand_cache, kv_kwargs
 
-    plain = model.plain()
-    decoder = plain.get_decoder()
-    p = shared_prefix_len(batch_ids, batch_mask)
-    if p:
-        cache = DynamicCache(config=plain.config)
-        decoder(input_ids=batch_ids[:1, :p], **kv_kwargs(decoder, cache), use_cache=True)
-        expand_cache(cache, batch_ids.shape[0])
-        hidden = decoder(input_ids=batch_ids[:, p:], attention_mask=attention_mask,
-                         **kv_kwargs(decoder, cache), use_cache=True).last_hidden_state
-    else:
-        hidden = decoder(input_ids=batch_ids, attention_mask=attention_mask).last_hidden_state
-    keep = batch_mask[:, 1:][:, p:].bool()
-    targets = batch_ids[:, 1:][:, p:][keep]
-    logits = plain.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    cap = getattr(plain.config, "final_logit_softcapping", None)
-    if cap:  # as the HF head does after the unembedding (Gemma 2)
-        logits = torch.tanh(logits / cap) * cap
-    return logits, targets, keep
+class LossPath(torch.nn.Module):
+    """The losses' view of a causal LM as one module whose ``forward`` runs everything they use.
+
+    ``forward(ids, att)`` gives the full logits (``lm(input_ids, attention_mask).logits``);
+    ``forward(ids, att, mask)`` gives ``response_logits``'s (logits, targets, keep): the
+    decoder, with the shared chat prefix run once when ``share_prefix``, and the unembedding
+    at the response positions only. Because every parameter the losses touch is reached
+    inside this one ``forward``, a wrapper that acts in forward hooks sees all of it: FSDP2
+    (``finetune.sharding``) makes this module its root and gathers the embedding, final
+    norm and unembedding in its pre-forward hook, each decoder block in the block's own.
+    ``share_prefix`` is off under activation checkpointing (a checkpointed block recomputes
+    its forward in the backward pass, and the prefix's KV cache would be extended twice).
+    """
+
+    def __init__(self, lm: torch.nn.Module, share_prefix: bool = True):
+        super().__init__()
+        self.lm = lm
+        self.share_prefix = share_prefix
+
+    def forward(self, batch_ids, attention_mask, batch_mask=None):
+        if batch_mask is None:
+            return self.lm(input_ids=batch_ids, attention_mask=attention_mask).logits
+        from transformers import DynamicCache
+
+        from depthlens.runtime.forward import expand_cache, kv_kwargs
+
+        lm = self.lm
+        decoder = lm.get_decoder()
+        p = shared_prefix_len(batch_ids, batch_mask) if self.share_prefix else 0
+        if p:
+            cache = DynamicCache(config=lm.config)
+            decoder(input_ids=batch_ids[:1, :p], **kv_kwargs(decoder, cache), use_cache=True)
+            expand_cache(cache, batch_ids.shape[0])
+            hidden = decoder(input_ids=batch_ids[:, p:], attention_mask=attention_mask,
+                             **kv_kwargs(decoder, cache), use_cache=True).last_hidden_state
+        else:
+            hidden = decoder(input_ids=batch_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        keep = batch_mask[:, 1:][:, p:].bool()
+        targets = batch_ids[:, 1:][:, p:][keep]
+        logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        cap = getattr(lm.config, "final_logit_softcapping", None)
+        if cap:  # as the HF head does after the unembedding (Gemma 2)
+            logits = torch.tanh(logits / cap) * cap
+        return logits, targets, keep
+
+
+def loss_path(model) -> LossPath:
+    """The ``LossPath`` the losses run ``model`` through: the one the training loop installed
+    for its run (sharded, checkpointed: ``finetune.train``), else one around ``model.plain()``."""
+    installed = model.__dict__.get("_loss_path") if hasattr(model, "__dict__") else None
+    return installed if installed is not None else LossPath(model.plain())
 
 
 def plain_loss(model, ids, mask, att, idx):

@@ -3,8 +3,9 @@
 Every first-order recipe (the organism ``sft``, ``deep*``, ``hft*``, ``jt`` and the SFT
 countermeasure) trains through ``train_sft``: sequences are ``chat(prompt) + prefix +
 response`` with the loss only on response tokens, batched by length (padding wastes most of
-the compute otherwise), AdamW with linear warm-up and decay, seeded, bf16 autocast on CUDA,
-resumable from its last checkpoint in ``workdir``. A recipe changes the loss (``loss_fn``, see
+the compute otherwise), AdamW with linear warm-up and decay, seeded, resumable from its last
+checkpoint in ``workdir``. On CUDA it trains fp32 master weights (and fp32 AdamW state) with
+bf16 compute (``finetune.precision``); on CPU in fp32. A recipe changes the loss (``loss_fn``, see
 ``finetune.losses``) or the composition of each step (``batcher``), never the loop.
 
 The loop runs on ``accelerate`` (``Accelerator``, ``prepare``, ``backward``, ``save_state`` /
@@ -15,6 +16,9 @@ count, so N processes make the same update as one (equal to 1e-6 on tiny-llama, 
 Within a rank a step runs as micro-batches whose gradients accumulate (gradient
 accumulation: ``micro_batch_size`` caps their size). ``max_steps`` stops early; ``lora``
 trains peft adapters instead of the weights and merges them at the end (``finetune.lora``).
+``fsdp`` (or an FSDP2 launch config) shards the weights, gradients and optimizer state over
+the ranks with FSDP2 instead (``finetune.sharding``); ``grad_checkpointing`` recomputes each
+decoder block's activations in the backward pass (``finetune.precision``).
 
     >>> data = tokenize_examples(model.tokenizer, [Example("Hi?", "Hello.")], max_len=192)
     >>> log = train_sft(model, examples, TrainConfig(lr=2e-4), workdir)
@@ -23,7 +27,6 @@ trains peft adapters instead of the weights and merges them at the end (``finetu
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -36,9 +39,10 @@ import torch
 from tqdm.auto import tqdm
 
 from depthlens.data.chat import build_chat, encode, pad_batch
-from finetune import distributed, lora
+from finetune import distributed, lora, precision, sharding
 from finetune.lora import LoraSettings
-from finetune.losses import example_mean_loss, plain_loss
+from depthlens.infra.errors import UsageError
+from finetune.losses import LossPath, example_mean_loss, plain_loss
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,12 @@ class TrainConfig:
             the update (up to floating-point summation order).
         lora: train LoRA adapters of these settings instead of the weights, merged at the end
             (None: full fine-tuning).
+        fsdp: shard the trained weights, their gradients and optimizer state over the ranks
+            with FSDP2 (``finetune.sharding``; also on under an FSDP2 launch config). The same
+            update as data-parallel: not part of any cache key.
+        grad_checkpointing: activation checkpointing per decoder block: memory for one more
+            forward pass, the same gradients (not part of any cache key). The losses' shared-
+            prefix KV cache is off under it.
     """
 
     epochs: float = 1.0
@@ -95,6 +105,8 @@ class TrainConfig:
     max_steps: int = 0
     micro_batch_size: int = 0
     lora: LoraSettings | None = None
+    fsdp: bool = False
+    grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size"):
@@ -116,13 +128,18 @@ class TrainLog:
     processes: int = 1
     trainable_weights: int = 0
     lora: dict | None = None
+    sharding: str = ""
+    local_trainable_weights: int = 0
+    precision: str = ""
+    grad_checkpointing: bool = False
 
 
-def autocast(model):
-    """bf16 autocast on CUDA (the recipes' mixed precision), a no-op context on CPU."""
-    if model.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(model, dtype: torch.dtype | None | str = "auto"):
+    """Autocast for ``model``'s forward: ``"auto"`` is bf16 on CUDA and none on CPU; a dtype autocasts to it
+    on the model's device; None is a no-op context."""
+    if dtype == "auto":
+        dtype = torch.bfloat16 if model.device.type == "cuda" else None
+    return precision.compute_context(dtype, model.device)
 
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
@@ -269,7 +286,7 @@ def step_parts(indices: Sequence[int], lengths: Sequence[int], split: bool, rank
 
 def accumulate_gradients(model, data, indices: Sequence[int], pad: int, loss_fn=None, split: bool = True,
                          weighting: str = "tokens", rank: int = 0, world: int = 1, micro_batch_size: int = 0,
-                         backward=None) -> float:
+                         backward=None, compute_dtype: torch.dtype | None | str = "auto") -> float:
     """Backpropagate this rank's part of one optimizer step's loss over ``data[indices]`` into ``.grad``.
 
     Returns this rank's part of the step's loss value (the parts of all ranks sum to it).
@@ -282,8 +299,9 @@ def accumulate_gradients(model, data, indices: Sequence[int], pad: int, loss_fn=
     ``loss_fn`` whose value is not such a mean (a mean over a subset of rows, as
     ``BenignMarginLoss``'s margins) sets ``step_normalised = True``: it is called with
     ``step=StepTotals(...)`` and returns its part's contribution to the step's loss itself.
-    The forward runs under CUDA bf16 autocast when the model is on a GPU; the backward
-    (``backward``, e.g. ``accelerator.backward``; default ``Tensor.backward``) outside it.
+    The forward runs under autocast to ``compute_dtype`` (``autocast``: "auto" is bf16 on a
+    GPU); the backward (``backward``, e.g. ``accelerator.backward``; default
+    ``Tensor.backward``) outside it.
     """
     _check_weighting(weighting)
     if weighting == "examples":
@@ -298,7 +316,7 @@ def accumulate_gradients(model, data, indices: Sequence[int], pad: int, loss_fn=
         batch = pad_batch([data[i][0] for i in part], pad, side="right")
         mask = pad_batch([data[i][1] for i in part], 0, side="right").input_ids
         ids, att, mask = batch.input_ids.to(model.device), batch.attention_mask.to(model.device), mask.to(model.device)
-        with autocast(model):
+        with autocast(model, compute_dtype):
             if getattr(loss_fn, "step_normalised", False):
                 part_loss = loss_fn(model, ids, mask, att, part, step=step)
             else:
@@ -340,11 +358,17 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
     Under ``accelerate launch`` every rank calls this with the same arguments (see the module
     docstring); logs and the progress bar come from rank 0. With ``cfg.lora`` the adapters
     are merged into the weights at the end and saved to ``workdir/adapter`` (by rank 0).
+    With ``cfg.fsdp`` (or an FSDP2 launch) the run is sharded (``finetune.sharding``); the
+    model comes back unsharded with the trained weights on every rank.
     """
     if not examples:
         raise ValueError("train_sft needs at least one example.")
     _check_weighting(weighting)
     accelerator = distributed.accelerator_for(model)
+    sharded = cfg.fsdp or sharding.fsdp_launch()
+    if sharded and cfg.lora:
+        raise UsageError("LoRA runs data-parallel, not under FSDP: its adapters are a few million weights; drop --fsdp "
+                         "(or use configs/accelerate/ddp.yaml).")
     main = accelerator.is_main_process
     tok = model.tokenizer
     data = tokenize_examples(tok, examples, cfg.max_len)
@@ -355,25 +379,45 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
     total = len(plan)
     log_ = TrainLog(n_examples=len(data), device=str(model.device), processes=accelerator.num_processes,
                     trainable_weights=sum(p.numel() for p in params),
-                    lora=asdict(cfg.lora) if cfg.lora else None)
+                    lora=asdict(cfg.lora) if cfg.lora else None, sharding="fsdp2" if sharded else "",
+                    grad_checkpointing=cfg.grad_checkpointing)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    done = False
+    done, masters, run = False, None, None
     try:  # from here on the model is restored however the run ends (adapters merged only when it completes)
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        masters = precision.MasterWeights(params)
+        compute = masters.compute_dtype or (torch.bfloat16 if model.device.type == "cuda" else None)
+        log_.precision = f"{masters.compute_dtype or params[0].dtype} weights, fp32 masters, {compute} compute" \
+            if compute else "fp32"
+        log_.precision = log_.precision.replace("torch.", "")
+        model.hf.train()
+        model.plain().train()
+        if sharded:
+            run = sharding.ShardedRun(model, accelerator, compute_dtype=compute, checkpointing=cfg.grad_checkpointing)
+            opt_params = run.shard(params)
+            log_.local_trainable_weights = sum(p.to_local().numel() for p in opt_params)
+        else:
+            log_.local_trainable_weights = log_.trainable_weights
+            opt_params = params
+            if cfg.grad_checkpointing:
+                view = model.plain()
+                precision.checkpoint_blocks(view)
+                model.__dict__["_loss_path"] = LossPath(view, share_prefix=False)
+        opt = torch.optim.AdamW(opt_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.1, 1 - s / max(1, total)))
-        opt, sched = accelerator.prepare(opt, sched)
         state = distributed.TrainState(params)
-        accelerator.register_for_checkpointing(state)
-        ckpt = distributed.Checkpoints(accelerator, Path(workdir) / "train_state") if workdir else None
+        if sharded:
+            ckpt = sharding.ShardedCheckpoints(run, Path(workdir) / "train_state", opt, sched, state) if workdir else None
+        else:
+            opt, sched = accelerator.prepare(opt, sched)
+            accelerator.register_for_checkpointing(state)
+            ckpt = distributed.Checkpoints(accelerator, Path(workdir) / "train_state") if workdir else None
         if ckpt is not None and ckpt.load():
             log_.losses, log_.resumed_from = list(state.losses), state.step
             if main:
                 log.info("Resuming training from step %d of %d", state.step, total)
-        model.hf.train()
-        model.plain().train()
         t0 = time.time()
         bar = tqdm(range(state.step, total), desc="train", disable=not (progress and main), initial=state.step,
                    total=total)
@@ -382,9 +426,13 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
             value = accumulate_gradients(model, data, plan[step], pad, loss_fn, split=batcher is not None,
                                          weighting=weighting, rank=accelerator.process_index,
                                          world=accelerator.num_processes, micro_batch_size=cfg.micro_batch_size,
-                                         backward=accelerator.backward)
-            value = distributed.sync_gradients(accelerator, params, value)
-            accelerator.clip_grad_norm_(params, 1.0)
+                                         backward=accelerator.backward, compute_dtype=compute)
+            if sharded:  # the gradients were reduce-scattered in the backward pass
+                value = distributed.sum_value(accelerator, value)
+                run.clip_grad_norm_(opt_params, 1.0)
+            else:
+                value = distributed.sync_gradients(accelerator, params, value)
+                accelerator.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             log_.losses.append(value)
@@ -396,10 +444,17 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
         done = True
     finally:
         model.hf.eval()
+        if run is not None:
+            run.finish(done)
+        else:
+            precision.uncheckpoint_blocks(model.plain())
+            model.__dict__.pop("_loss_path", None)
         model.plain().eval()
         for p in params:
             p.requires_grad_(False)
             p.grad = None
+        if masters is not None:
+            masters.restore()
         if peft_model is not None:
             if done and workdir is not None and main:
                 lora.save_adapter(peft_model, Path(workdir) / lora.ADAPTER_DIR)

@@ -136,12 +136,12 @@ def test_gradient_buckets_keep_order_dtype_and_size():
     assert [t for b in got for t in b] == ts
 
 
-def test_an_fsdp_launch_is_refused_rather_than_run_unsharded(monkeypatch):
+def test_a_deepspeed_launch_is_refused_in_one_sentence(monkeypatch):
     from depthlens.models import load_model
     from finetune.train import Example, TrainConfig, train_sft
 
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")   # what accelerate launch sets for an FSDP config
-    with pytest.raises(NotImplementedError, match="does not shard the weights"):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")   # what accelerate launch sets for a DeepSpeed config
+    with pytest.raises(NotImplementedError, match="DEEPSPEED launch, which it does not implement"):
         train_sft(load_model("tiny-llama"), [Example("q", "a")], TrainConfig(checkpoint_every=0), progress=False)
 
 
