@@ -12,8 +12,9 @@ gradients in fp32 (``finetune.sharding``). A model in fp32 (CPU) trains in fp32 
 LoRA adapters are fp32 already (peft); only the full-fine-tuning weights are upcast.
 
 ``checkpoint_blocks`` turns on activation checkpointing per decoder block (transformers'
-non-reentrant ``torch.utils.checkpoint``): a block keeps only its input for the backward pass
-and recomputes the rest, the same gradients (tested to 1e-6) for about one more forward.
+non-reentrant ``torch.utils.checkpoint`` around each block's ``forward``, inside the module
+hooks, so FSDP2's all-gather hooks run once): a block keeps only its input for the backward
+pass and recomputes the rest, the same gradients (tested to 1e-6) for about one more forward.
 
     >>> masters = MasterWeights(params)        # fp32 copies in place of bf16 weights
     >>> with compute_context(masters.compute_dtype, model.device): loss = ...
@@ -75,11 +76,32 @@ def checkpoint_blocks(lm: torch.nn.Module) -> None:
     """Activation checkpointing on every decoder block of the HF causal LM ``lm`` (non-reentrant)."""
     if not getattr(lm, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(lm).__name__} does not support activation checkpointing.")
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def uncheckpoint_blocks(lm: torch.nn.Module) -> None:
     """Undo ``checkpoint_blocks``."""
-    name = "is_activation_checkpointing" if hasattr(type(lm), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    if getattr(lm, name, False):
+    if hasattr(type(lm), "is_activation_checkpointing"):
+        if lm.is_activation_checkpointing:
+            lm.activation_checkpointing_disable()
+    elif getattr(lm, "is_gradient_checkpointing", False):
         lm.gradient_checkpointing_disable()
+
+
+def checkpoint_model(model) -> None:
+    """Activation checkpointing for one training run of ``model`` (a ``HookedModel``): every block of
+    ``model.plain()`` checkpointed and the losses' ``LossPath`` installed without the shared-prefix cache."""
+    from finetune.losses import LossPath
+
+    view = model.plain()
+    checkpoint_blocks(view)
+    model.__dict__["_loss_path"] = LossPath(view, share_prefix=False)
+
+
+def uncheckpoint_model(model) -> None:
+    """Undo ``checkpoint_model`` (and remove any installed ``LossPath``)."""
+    path = model.__dict__.pop("_loss_path", None)
+    uncheckpoint_blocks(path.lm if path is not None else model.plain())

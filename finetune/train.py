@@ -42,7 +42,7 @@ from depthlens.data.chat import build_chat, encode, pad_batch
 from finetune import distributed, lora, precision, sharding
 from finetune.lora import LoraSettings
 from depthlens.infra.errors import UsageError
-from finetune.losses import LossPath, example_mean_loss, plain_loss
+from finetune.losses import example_mean_loss, plain_loss
 
 log = logging.getLogger(__name__)
 
@@ -401,9 +401,7 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
             log_.local_trainable_weights = log_.trainable_weights
             opt_params = params
             if cfg.grad_checkpointing:
-                view = model.plain()
-                precision.checkpoint_blocks(view)
-                model.__dict__["_loss_path"] = LossPath(view, share_prefix=False)
+                precision.checkpoint_model(model)
         opt = torch.optim.AdamW(opt_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.1, 1 - s / max(1, total)))
@@ -447,8 +445,7 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
         if run is not None:
             run.finish(done)
         else:
-            precision.uncheckpoint_blocks(model.plain())
-            model.__dict__.pop("_loss_path", None)
+            precision.uncheckpoint_model(model)
         model.plain().eval()
         for p in params:
             p.requires_grad_(False)

@@ -81,7 +81,8 @@ out, mode = Path(sys.argv[1]), sys.argv[2]
 state = process_state()
 model = load_model("tiny-llama", device=state.device if state else None)
 examples = [Example(f"question {i}", f"answer number {i} is here") for i in range(16)]
-cfg = TrainConfig(lr=1e-3, batch_size=4, max_steps=4, checkpoint_every=2, fsdp=mode != "single")
+cfg = TrainConfig(lr=1e-3, batch_size=4, max_steps=4, checkpoint_every=2, fsdp=mode != "single",
+                  grad_checkpointing=mode == "checkpointed")
 calls = {"n": 0}
 
 def flaky(model, ids, mask, att, idx):
@@ -98,6 +99,7 @@ torch.save({"weights": {k: v.detach().clone() for k, v in model.plain().state_di
 
 
 def test_an_interrupted_sharded_run_resumes_from_its_dcp_checkpoint_to_the_uninterrupted_weights(tmp_path):
+    """Also: the sharded run equals one process, and with activation checkpointing per block it is unchanged."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -108,6 +110,7 @@ def test_an_interrupted_sharded_run_resumes_from_its_dcp_checkpoint_to_the_unint
     assert (step2 / "complete").exists() and (step2 / "dcp" / ".metadata").exists()
     assert sorted(p.name for p in (step2 / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # a shard each
     torchrun([str(script), str(resumed), "resume"], tmp_path / "cache")
+    torchrun([str(script), str(tmp_path / "ckpt"), "checkpointed"], tmp_path / "cache")   # FSDP2 + activation ckpt
     subprocess.run([sys.executable, str(script), str(tmp_path / "single"), "single"], cwd=REPO,
                    env=_env(tmp_path / "cache"), check=True, capture_output=True, timeout=600)
     a, b = (torch.load(d / f"{m}-rank0.pt", weights_only=True) for d, m in ((straight, "straight"), (resumed, "resume")))
@@ -115,6 +118,7 @@ def test_an_interrupted_sharded_run_resumes_from_its_dcp_checkpoint_to_the_unint
     assert a["resumed_from"] == 0 and b["resumed_from"] == 2 and len(b["losses"]) == 4
     assert b["losses"] == pytest.approx(a["losses"], rel=1e-6)
     rank1 = torch.load(resumed / "resume-rank1.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "ckpt" / "checkpointed-rank0.pt", weights_only=True)
     from depthlens.models import load_model
 
     start = load_model("tiny-llama").plain().state_dict()
@@ -123,6 +127,7 @@ def test_an_interrupted_sharded_run_resumes_from_its_dcp_checkpoint_to_the_unint
         torch.testing.assert_close(b["weights"][k], a["weights"][k], rtol=0, atol=1e-6, msg=k)   # resumed = straight
         torch.testing.assert_close(rank1["weights"][k], b["weights"][k], rtol=0, atol=0, msg=k)  # every rank whole
         torch.testing.assert_close(a["weights"][k], one["weights"][k], rtol=0, atol=1e-5, msg=k)  # sharded = one process
+        torch.testing.assert_close(ckpt["weights"][k], a["weights"][k], rtol=0, atol=1e-6, msg=k)  # + checkpointing
     assert not (resumed / "work" / "train_state").exists()
 
 
