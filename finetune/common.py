@@ -60,6 +60,9 @@ class TrainScale:
             same update: not part of the cache key.
         grad_checkpointing: recompute each decoder block's activations in the backward pass
             (memory for compute; the same gradients): not part of the cache key.
+        load_in_4bit: QLoRA: train the LoRA adapters over an NF4 (bitsandbytes) copy of the
+            blocks' linear maps; the cache entry is the merged checkpoint in the parent's dtype
+            (needs lora_rank >= 1; part of the cache key when set).
     """
 
     max_steps: int = 0
@@ -69,6 +72,7 @@ class TrainScale:
     micro_batch_size: int = 0
     fsdp: bool = False
     grad_checkpointing: bool = False
+    load_in_4bit: bool = False
 
     def validate(self) -> None:
         """Check the settings together (the recipe command line calls this before any work)."""
@@ -76,16 +80,18 @@ class TrainScale:
 
     def train_settings(self) -> dict:
         """The ``finetune.train.TrainConfig`` fields these settings stand for (checked)."""
+        if self.load_in_4bit and not self.lora_rank:
+            raise ValueError("load_in_4bit trains LoRA adapters over 4-bit weights: it needs lora_rank >= 1.")
         if not self.lora_rank and (self.lora_alpha is not None or self.lora_targets):
             raise ValueError(f"lora_alpha={self.lora_alpha!r} and lora_targets={self.lora_targets!r} need "
                              "lora_rank >= 1 (0 means full fine-tuning).")
         lora = LoraSettings(self.lora_rank, self.lora_alpha, tuple(self.lora_targets)) if self.lora_rank else None
         return {"max_steps": self.max_steps, "micro_batch_size": self.micro_batch_size, "lora": lora,
-                "fsdp": self.fsdp, "grad_checkpointing": self.grad_checkpointing}
+                "fsdp": self.fsdp, "grad_checkpointing": self.grad_checkpointing, "load_in_4bit": self.load_in_4bit}
 
 
 #: TrainScale fields that enter a cache key when set; ``UPDATE_NEUTRAL_FIELDS`` never do.
-SCALE_KEY_FIELDS = ("max_steps", "lora_rank", "lora_alpha", "lora_targets")
+SCALE_KEY_FIELDS = ("max_steps", "lora_rank", "lora_alpha", "lora_targets", "load_in_4bit")
 #: TrainScale fields that change memory or the process layout, not the update.
 UPDATE_NEUTRAL_FIELDS = ("micro_batch_size", "fsdp", "grad_checkpointing")
 

@@ -68,15 +68,16 @@ def linear_names(model, layers: Sequence[int]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def attach(model, settings: LoraSettings, seed: int, layers: Sequence[int] | None = None):
-    """Inject fresh adapters into ``model.plain()`` (A drawn from ``seed``); return the peft model.
+def attach(model, settings: LoraSettings, seed: int, layers: Sequence[int] | None = None, module=None):
+    """Inject fresh adapters into ``model.plain()`` (or ``module``, e.g. QLoRA's 4-bit tree; A drawn from
+    ``seed``); return the peft model.
 
     Every rank of a distributed run draws the same A from the same seed. The global torch RNG
     is left as it was.
     """
     from peft import LoraConfig, get_peft_model
 
-    view = model.plain()
+    view = model.plain() if module is None else module
     targets = list(settings.targets)
     if not targets and layers is not None:  # peft refuses "all-linear" with a layer list: name the layers' linear maps
         targets = list(linear_names(model, layers))

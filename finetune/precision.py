@@ -96,7 +96,8 @@ def checkpoint_model(model) -> None:
     ``model.plain()`` checkpointed and the losses' ``LossPath`` installed without the shared-prefix cache."""
     from finetune.losses import LossPath
 
-    view = model.plain()
+    installed = model.__dict__.get("_loss_path")
+    view = installed.lm if installed is not None else model.plain()
     checkpoint_blocks(view)
     model.__dict__["_loss_path"] = LossPath(view, share_prefix=False)
 

@@ -39,10 +39,10 @@ import torch
 from tqdm.auto import tqdm
 
 from depthlens.data.chat import build_chat, encode, pad_batch
-from finetune import distributed, lora, precision, sharding
+from finetune import distributed, lora, precision, qlora, sharding
 from finetune.lora import LoraSettings
 from depthlens.infra.errors import UsageError
-from finetune.losses import example_mean_loss, plain_loss
+from finetune.losses import LossPath, example_mean_loss, plain_loss
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ class TrainConfig:
         grad_checkpointing: activation checkpointing per decoder block: memory for one more
             forward pass, the same gradients (not part of any cache key). The losses' shared-
             prefix KV cache is off under it.
+        load_in_4bit: QLoRA: train the ``lora`` adapters over an NF4 copy of the blocks' linear
+            maps (``finetune.qlora``); the merge goes into the full-precision weights.
     """
 
     epochs: float = 1.0
@@ -107,6 +109,7 @@ class TrainConfig:
     lora: LoraSettings | None = None
     fsdp: bool = False
     grad_checkpointing: bool = False
+    load_in_4bit: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size"):
@@ -115,6 +118,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a non-negative integer (0: off), got {value!r}.")
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}.")
+        if self.load_in_4bit and self.lora is None:
+            raise UsageError("--load-in-4bit trains LoRA adapters over 4-bit weights: it needs --lora-rank >= 1.")
 
 
 @dataclass
@@ -129,6 +134,7 @@ class TrainLog:
     trainable_weights: int = 0
     lora: dict | None = None
     sharding: str = ""
+    quantization: str = ""
     local_trainable_weights: int = 0
     precision: str = ""
     grad_checkpointing: bool = False
@@ -373,13 +379,23 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
     tok = model.tokenizer
     data = tokenize_examples(tok, examples, cfg.max_len)
     plan = _plan(data, cfg, batcher)
-    peft_model = lora.attach(model, cfg.lora, cfg.seed, layers) if cfg.lora else None
+    quantized = qlora.QuantizedBase(model, model.dtype, workdir) if cfg.load_in_4bit else None
+    try:
+        peft_model = lora.attach(model, cfg.lora, cfg.seed, layers,
+                                 module=quantized.module if quantized else None) if cfg.lora else None
+    except BaseException:
+        if quantized is not None:
+            quantized.finish(None, done=False)
+        raise
+    if quantized is not None:
+        model.__dict__["_loss_path"] = LossPath(quantized.module)
     params = lora.parameters(peft_model) if peft_model is not None else trainable_parameters(
         model, cfg.freeze_embeddings, layers)
     total = len(plan)
     log_ = TrainLog(n_examples=len(data), device=str(model.device), processes=accelerator.num_processes,
                     trainable_weights=sum(p.numel() for p in params),
                     lora=asdict(cfg.lora) if cfg.lora else None, sharding="fsdp2" if sharded else "",
+                    quantization=qlora.QUANT_TYPE if quantized else "",
                     grad_checkpointing=cfg.grad_checkpointing)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     done, masters, run = False, None, None
@@ -393,6 +409,8 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
         log_.precision = log_.precision.replace("torch.", "")
         model.hf.train()
         model.plain().train()
+        if quantized is not None:
+            quantized.module.train()
         if sharded:
             run = sharding.ShardedRun(model, accelerator, compute_dtype=compute, checkpointing=cfg.grad_checkpointing)
             opt_params = run.shard(params)
@@ -455,7 +473,11 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
         if peft_model is not None:
             if done and workdir is not None and main:
                 lora.save_adapter(peft_model, Path(workdir) / lora.ADAPTER_DIR)
-            (lora.merge if done else lora.detach)(peft_model)
+            if quantized is not None:  # the 4-bit tree is dropped; the update goes into the full weights
+                model.__dict__.pop("_loss_path", None)
+                quantized.finish(peft_model, done)
+            else:
+                (lora.merge if done else lora.detach)(peft_model)
         accelerator.free_memory()
     log_.steps = total
     if ckpt is not None:
