@@ -7,9 +7,13 @@ The steps are the ones the recipes run:
   under ``torch.inference_mode``: the reference;
 - ``adamw``: one optimizer step of ``finetune.train.train_sft``, full fine-tuning of every
   weight but the (tied) embedding, as the recipes train (``--max-steps 1``);
+- ``adamw-ckpt``: ``adamw`` with activation checkpointing per decoder block
+  (``--grad-checkpointing``: each block keeps only its input for the backward pass);
 - ``lora8``, ``lora16``: one step of ``train_sft`` with LoRA adapters of rank 8 / 16 on every
   linear map of the blocks (``--lora-rank``), including the merge at the end;
-- ``mezo``: one ``depthlens.interventions.spsa.mezo_step`` on the weights ``adamw`` trains (θ+εz forward,
+- ``qlora16``: ``lora16`` over NF4 block weights (``--load-in-4bit``, bitsandbytes; the
+  full-precision block weights wait on disk during the step, ``finetune.qlora``);
+- ``mezo``: one ``depthlens.spsa.mezo_step`` on the weights ``adamw`` trains (θ+εz forward,
   θ−εz forward, bit-exact restore, in-place update).
 
 The batch: ``--batch-size`` chat sequences of exactly ``--seq-len`` tokens whose last
@@ -29,6 +33,7 @@ docs/scaling.md projects the numbers to 1B, 8B and 70B models.
 
     $ python benchmarks/bench_train_memory.py                      # the organism, smollm2-135m-instruct:sft
     $ python benchmarks/bench_train_memory.py --model tiny-llama --micro-batch-size 1 --json mem.json
+    $ python benchmarks/bench_train_memory.py --ops inference,adamw,adamw-ckpt,lora16,qlora16
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout, installed or not
 
-OPS = ("inference", "adamw", "lora8", "lora16", "mezo")
+OPS = ("inference", "adamw", "adamw-ckpt", "lora8", "lora16", "qlora16", "mezo")
 TARGETS = {"mezo": 1.2, "lora8": 1.6, "lora16": 1.6}
 
 
@@ -118,7 +123,7 @@ def worker(args) -> dict:
             return float(response_loss(model, ids, mask, att))
 
     loss()  # warm-up: lazy initialisations belong to every baseline
-    rank = {"lora8": 8, "lora16": 16}.get(args.worker)
+    rank = {"lora8": 8, "lora16": 16, "qlora16": 16}.get(args.worker)
     log: dict = {}
 
     def op():
@@ -129,7 +134,8 @@ def worker(args) -> dict:
         else:
             cfg = TrainConfig(batch_size=args.batch_size, max_steps=1, warmup_steps=1, checkpoint_every=0,
                               max_len=args.seq_len, micro_batch_size=args.micro_batch_size,
-                              lora=LoraSettings(rank) if rank else None)
+                              lora=LoraSettings(rank) if rank else None, load_in_4bit=args.worker == "qlora16",
+                              grad_checkpointing=args.worker == "adamw-ckpt")
             log["trained"] = train_sft(model, examples, cfg, progress=False).trainable_weights
 
     out = zo_bench._measure(op, model.device)
@@ -170,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         r = runs[op]
         print(f"{op:<10} {r['total_bytes'] * mb:>10.1f} {r['total_bytes'] / ref['total_bytes']:>12.2f} "
               f"{r['bytes_per_param']:>12.2f} {r['trained_weights']:>16,}")
-    ratios = {op: runs[op]["total_bytes"] / ref["total_bytes"] for op in ops if op != "inference"}
+    ratios = {f"{op}": runs[op]["total_bytes"] / ref["total_bytes"] for op in ops if op != "inference"}
     met = {}
     for op, ratio in ratios.items():
         if op in TARGETS:
@@ -178,6 +184,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{op}_vs_inference: {ratio:.2f}  (target <= {TARGETS[op]}: {'met' if met[op] else 'NOT met'})")
         else:
             print(f"{op}_vs_inference: {ratio:.2f}  (as measured)")
+    for op, ref_op in (("adamw-ckpt", "adamw"), ("qlora16", "lora16")):
+        if op in runs and ref_op in runs:
+            ratios[f"{op}_vs_{ref_op}"] = runs[op]["total_bytes"] / runs[ref_op]["total_bytes"]
+            print(f"{op}_vs_{ref_op}: {ratios[f'{op}_vs_{ref_op}']:.2f}")
     result = {"config": {k: v for k, v in vars(args).items() if k != "worker"}, "runs": runs, "ratios": ratios,
               "targets_met": met}
     if args.json:

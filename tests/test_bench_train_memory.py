@@ -23,7 +23,7 @@ def test_bench_prints_every_method_per_parameter_and_against_inference(tmp_path,
     res = bench.main(["--model", "tiny-llama", "--batch-size", "4", "--seq-len", "64", "--response-len", "16",
                       "--micro-batch-size", "2", "--json", str(out)])
     printed = capsys.readouterr().out
-    rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(inference|adamw|lora8|lora16|mezo)\s+([\d.]+)\s", printed, re.M)}
+    rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(inference|adamw-ckpt|adamw|lora8|lora16|qlora16|mezo)\s+([\d.]+)\s", printed, re.M)}
     assert set(rows) == set(bench.OPS) and all(v > 0 for v in rows.values())
     for op in ("mezo", "lora8", "lora16"):
         assert re.search(rf"^{op}_vs_inference: [\d.]+ +\(target <= 1\.[26]: (met|NOT met)\)", printed, re.M)
@@ -37,3 +37,6 @@ def test_bench_prints_every_method_per_parameter_and_against_inference(tmp_path,
     assert runs["adamw"]["trained_weights"] == runs["mezo"]["trained_weights"] > runs["lora16"]["trained_weights"]
     # an AdamW step holds gradients and two moments on top of a forward: it must cost more than inference
     assert runs["adamw"]["total_bytes"] > runs["inference"]["total_bytes"]
+    assert runs["adamw-ckpt"]["trained_weights"] == runs["adamw"]["trained_weights"]
+    assert runs["qlora16"]["trained_weights"] == runs["lora16"]["trained_weights"]
+    assert re.search(r"^adamw-ckpt_vs_adamw: [\d.]+$", printed, re.M) and re.search(r"^qlora16_vs_lora16: [\d.]+$", printed, re.M)
