@@ -53,6 +53,10 @@ SHAPES: dict[str, dict] = {
     "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
                          tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=131072),
+    # scripts/gpu_check.sh's real-scale step (not in the default set: 8 B parameters)
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                         rope_theta=500000.0, max_position_embeddings=131072),
     # two small shapes for the smoke test of this script (not in the default set)
     "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
@@ -86,8 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def build_model(shape: str):
-    """A ``HookedModel`` with random fp32 weights of ``shape`` on the CPU (seed 0)."""
+def build_model(shape: str, device: str = "cpu", dtype=None):
+    """A ``HookedModel`` with random weights of ``shape`` (seed 0), made on ``device`` in ``dtype`` (default fp32)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -98,11 +102,11 @@ def build_model(shape: str):
     cfg = dict(SHAPES[shape])
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg, bos_token_id=tok.bos_token_id,
                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    with torch.random.fork_rng():
+    dtype = dtype or torch.float32
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(0)
-        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return wrap(hf, tok, f"random-{shape}", {"source": f"random weights, {shape} shapes"}, torch.device("cpu"),
-                torch.float32)
+        hf = AutoModelForCausalLM.from_config(config, dtype=dtype)   # initialised where it will run
+    return wrap(hf, tok, f"random-{shape}", {"source": f"random weights, {shape} shapes"}, torch.device(device), dtype)
 
 
 def _examples(model):

@@ -4,8 +4,11 @@
 #   2. the organism recipe :sft built with --max-steps 20 (the accelerate training loop),
 #   3. one LoRA (r = 16) step and one MeZO step,
 #   4. greedy generation throughput,
+#   5. at real scale, on a random-weight model with Llama-3.1-8B's shapes in bf16: a forward with residual
+#      capture at every layer, generation at batch 16, one layer_sensitivity kind on one layer, one LoRA step,
+#      one QLoRA step, one MeZO step and one FSDP2 step on one rank (tokens/s each),
 # each with its wall time and peak memory (CUDA max_memory_allocated), then a summary table.
-# On CUDA the models run in bf16 (the toolkit's default there).
+# On CUDA the models run in bf16 (the toolkit's default there); on CPU step 5 runs on a small shape.
 #
 #   bash scripts/gpu_check.sh                            # CUDA, the embedded default model
 #   bash scripts/gpu_check.sh --quick                    # CUDA, fewer prompts and tokens
@@ -19,7 +22,7 @@ QUICK=0
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (the only option is --quick)." >&2; exit 2 ;;
   esac
 done
@@ -42,16 +45,19 @@ if [ "$DEVICE" = cpu ]; then          # CI: every step on the random 2-layer mod
   LS_ARGS=(--model tiny-llama --quick)
   SFT_DATA=(--n-harmful 16 --n-benign 16)
   STEPS=(--batch-size 4 --gen-prompts 16 --gen-tokens 16 --gen-batch-size 8)
+  SHAPE=tiny2
 elif [ "$QUICK" = 1 ]; then
   BASE=smollm2-135m-instruct
   LS_ARGS=(--quick)
   SFT_DATA=(--n-harmful 64 --n-benign 64)
   STEPS=(--batch-size 8 --gen-prompts 64 --gen-tokens 32 --gen-batch-size 32)
+  SHAPE=llama-3.1-8b
 else
   BASE=smollm2-135m-instruct
   LS_ARGS=()
   SFT_DATA=()
   STEPS=(--batch-size 8 --gen-prompts 128 --gen-tokens 64 --gen-batch-size 64)
+  SHAPE=llama-3.1-8b
 fi
 
 check() { "$PY" scripts/gpu_check.py --device "$DEVICE" --report "$REPORT" "$@"; }
@@ -60,4 +66,7 @@ echo "gpu_check: device $DEVICE, base model $BASE, results in $OUT"
 check module layer_sensitivity analyses.layer_sensitivity "${LS_ARGS[@]}" --device "$DEVICE" --out "$OUT/layer_sensitivity"
 check module "sft --max-steps 20" finetune.sft --model "$BASE" --max-steps 20 "${SFT_DATA[@]}" --device "$DEVICE"
 check steps --model "$BASE" "${STEPS[@]}"
-check summary --expect layer_sensitivity "sft --max-steps 20" "lora r=16 step" "mezo step" generation
+check scale --shape "$SHAPE"
+check summary --expect layer_sensitivity "sft --max-steps 20" "lora r=16 step" "mezo step" generation \
+  "scale forward+capture" "scale generation b16" "scale layer_sensitivity" "scale lora step" "scale qlora step" \
+  "scale mezo step" "scale fsdp2 step"

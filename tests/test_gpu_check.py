@@ -11,6 +11,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["layer_sensitivity", "sft --max-steps 20", "lora r=16 step", "mezo step", "generation"]
+SCALE = ["scale forward+capture", "scale generation b16", "scale layer_sensitivity", "scale lora step",
+         "scale qlora step", "scale mezo step", "scale fsdp2 step"]
 
 
 def _run(tmp_path: Path, *args: str, device: str = "cpu") -> subprocess.CompletedProcess:
@@ -26,11 +28,16 @@ def _run(tmp_path: Path, *args: str, device: str = "cpu") -> subprocess.Complete
 def test_the_quick_cpu_check_runs_every_step_and_reports_time_memory_and_throughput(tmp_path):
     out = _run(tmp_path, "--quick")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "gpu_check: all 5 steps passed" in out.stdout
+    assert "gpu_check: all 12 steps passed" in out.stdout
     rows = [json.loads(line) for line in (tmp_path / "out" / "report.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == STEPS
+    assert [r["step"] for r in rows] == STEPS + SCALE
     assert all(r["seconds"] > 0 and r["peak_mb"] > 0 for r in rows)
-    gen = rows[-1]
+    scale = {r["step"]: r for r in rows[len(STEPS):]}
+    assert all(r["tokens_per_s"] > 0 and r["shape"] == "tiny2" for r in scale.values())
+    assert scale["scale forward+capture"]["captured_layers"] == 4                 # every layer's residual
+    assert scale["scale fsdp2 step"]["blocks"] == 4 and scale["scale fsdp2 step"]["loss"] > 0
+    assert scale["scale qlora step"]["trained_weights"] == scale["scale lora step"]["trained_weights"] > 0
+    gen = rows[len(STEPS) - 1]
     assert gen["tokens_per_s"] > 0 and gen["new_tokens"] > 0
     lora, mezo = rows[2], rows[3]
     assert lora["trained_weights"] > 0 and lora["loss"] > 0 and mezo["loss"] > 0
