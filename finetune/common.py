@@ -1,14 +1,17 @@
 """Plumbing shared by the fine-tuning recipes: build on any spec, cache keys, cached examples, CLI.
 
-Every recipe runs on the model ``depthlens.models.recipes.build_or_load`` hands it: CUDA in bf16
-when a GPU is present (``finetune.train.train_sft`` then runs under bf16 autocast), CPU in fp32 otherwise;
+Every recipe runs on the model ``depthlens.recipes.build_or_load`` hands it: CUDA in bf16
+when a GPU is present (``finetune.train.train_sft`` then trains fp32 master weights under bf16
+autocast, ``finetune.precision``), CPU in fp32 otherwise;
 seeded by its config; with a progress bar; cached by the hash of its parent and config; and
 resumable (its training state and the examples it built are kept in the recipe's
 ``workdir`` until the step completes).
 
 Scale. Every first-order recipe config inherits ``TrainScale``: ``--max-steps``,
-``--lora-rank`` (with ``--lora-alpha``, ``--lora-targets``) and ``--micro-batch-size`` on every
-recipe CLI, in the cache key only when set (``config_key``). The same command runs in one
+``--lora-rank`` (with ``--lora-alpha``, ``--lora-targets``, ``--load-in-4bit`` for QLoRA),
+``--micro-batch-size``, ``--fsdp`` (FSDP2, ``configs/accelerate/fsdp2.yaml``) and
+``--grad-checkpointing`` on every recipe CLI, in the cache key only when set and only those
+that change the update (``config_key``). The same command runs in one
 process or under ``accelerate launch --num_processes N`` (DDP, ``configs/accelerate/ddp.yaml``):
 ``finetune.train`` shards each global batch over the ranks and sums their gradients, rank 0
 makes the examples (``cached_examples``) and writes the cache entry while the other ranks wait
