@@ -58,13 +58,6 @@ class MasterWeights:
                     p.data = p.data.to(dtype)
 
 
-def run_dtype(model, params: Sequence[torch.Tensor]) -> torch.dtype | None:
-    """The autocast dtype of a run: the model's half dtype when its weights are half (bf16 on CUDA), else None."""
-    dtypes = {p.dtype for p in model.hf.parameters()}
-    halves = [d for d in HALF if d in dtypes]
-    return halves[0] if halves else None
-
-
 def compute_context(dtype: torch.dtype | None, device: torch.device):
     """Autocast to ``dtype`` on ``device`` (bf16 compute over fp32 masters); a no-op context for None."""
     if dtype is None:

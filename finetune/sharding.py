@@ -131,8 +131,7 @@ class ShardedRun:
 
     def clip_grad_norm_(self, params: Sequence[torch.Tensor], max_norm: float) -> None:
         """Clip the global gradient norm of sharded gradients (a DTensor reduction over the ranks)."""
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
-        del norm
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """The full (gathered) weights on every rank, under ``model.plain()``'s names (a collective)."""

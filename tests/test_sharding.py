@@ -143,3 +143,37 @@ def test_an_fsdp1_launch_and_lora_under_fsdp_are_refused_in_one_sentence(monkeyp
     monkeypatch.setenv("FSDP_VERSION", "2")
     with pytest.raises(UsageError, match="LoRA runs data-parallel"):
         train_sft(tiny, [Example("q", "a")], TrainConfig(checkpoint_every=0, lora=LoraSettings(4)), progress=False)
+
+
+BF16_WORKER = '''
+import sys, torch
+from depthlens.models import load_model
+from depthlens.recipes import process_state
+from finetune.train import Example, TrainConfig, train_sft
+
+state = process_state()
+model = load_model("tiny-llama", device=state.device if state else None, dtype="bfloat16")
+examples = [Example(f"question {i}", f"answer number {i} is here") for i in range(16)]
+log = train_sft(model, examples, TrainConfig(lr=1e-3, batch_size=4, max_steps=3, checkpoint_every=0,
+                                             fsdp=state is not None), progress=False)
+if state is None or state.is_main_process:
+    torch.save({"weights": {k: v.clone() for k, v in model.plain().state_dict().items()}, "precision": log.precision,
+                "sharding": log.sharding, "losses": log.losses}, sys.argv[1])
+'''
+
+
+def test_fsdp2_mixed_precision_bf16_compute_over_fp32_masters_matches_one_process_within_bf16(tmp_path):
+    """The CUDA precision path, run on CPU: a bf16 model sharded with MixedPrecisionPolicy(bf16, fp32 reduce)
+    over fp32 master shards ends in bf16 within a few bf16 ulps of the one-process autocast run."""
+    script = tmp_path / "bf16.py"
+    script.write_text(BF16_WORKER)
+    torchrun([str(script), str(tmp_path / "fsdp.pt")], tmp_path / "cache")
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], cwd=REPO, env=_env(tmp_path / "cache"),
+                   check=True, capture_output=True, timeout=600)
+    a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("fsdp.pt", "one.pt"))
+    assert a["sharding"] == "fsdp2" and b["sharding"] == ""
+    assert a["precision"] == b["precision"] == "bfloat16 weights, fp32 masters, bfloat16 compute"
+    assert {v.dtype for v in a["weights"].values()} == {torch.bfloat16}
+    assert a["losses"] == pytest.approx(b["losses"], rel=1e-3)
+    for k in a["weights"]:   # bf16 compute in two orders: a few ulps (2^-8 relative) of the weights
+        torch.testing.assert_close(a["weights"][k].float(), b["weights"][k].float(), rtol=1.6e-2, atol=2e-3, msg=k)
