@@ -25,8 +25,9 @@ weights and of the optimizer state; no rank gathers them), with the step, the lo
 learning-rate schedule beside them in JSON; a resumed run continues to the same weights
 (tested). At the end the full weights are gathered once into the model's own (bridged)
 parameters on every rank, and rank 0 writes the standard checkpoint into the cache entry as
-after any build. The model is still loaded whole on every rank before it is sharded (that
-copy is moved to host memory during the run on CUDA): what is sharded is the training state.
+after any build. The model is still loaded whole on every rank before it is sharded, and that
+copy stays where it was loaded during the run (the loop reads ``model.device`` from it): what
+is sharded is the training state (fp32 masters, gradients, AdamW moments).
 
 LoRA (and QLoRA) runs train a few million adapter weights and stay data-parallel
 (``configs/accelerate/ddp.yaml``); under ``--fsdp`` they are refused in one sentence.
@@ -86,7 +87,6 @@ class ShardedRun:
         self.compute_dtype, self.checkpointing = compute_dtype, checkpointing
         self.path = None
         self._originals: dict[str, torch.nn.Parameter] = {}
-        self._homes: dict[int, torch.device] = {}
 
     def shard(self, params: Sequence[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
         """Shard the model (``params`` already marked trainable); return the trainable sharded parameters."""
@@ -120,10 +120,6 @@ class ShardedRun:
                 module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
         self.path = path
         self.model.__dict__["_loss_path"] = path
-        if device.type == "cuda":  # the loaded copy waits in host memory while the shards train
-            for p in {id(p): p for p in self._originals.values()}.values():
-                self._homes[id(p)] = p.device
-                p.data = p.data.to("cpu")
         sharded = [p for p in path.parameters() if p.requires_grad]
         log.info("FSDP2 over %d ranks: %d blocks + root sharded, %d trained tensors", self.accelerator.num_processes,
                  len(view.model.layers), len(sharded))
@@ -148,9 +144,6 @@ class ShardedRun:
         """
         full = self.full_state() if done else {}
         with torch.no_grad():
-            for p in {id(p): p for p in self._originals.values()}.values():
-                if id(p) in self._homes:
-                    p.data = p.data.to(self._homes[id(p)])
             for name, p in self._originals.items():
                 if name in full:
                     p.copy_(full[name].to(p.device, p.dtype))
