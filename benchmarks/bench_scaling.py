@@ -8,13 +8,13 @@ depends on shapes, not on what the weights say). Seven fixed small workloads, ea
 subprocess (so one cell that runs out of memory cannot take the others down):
 
 - ``forward``: one bridge forward over a fixed batch (8 × 128 tokens), no cache;
-- ``generate``: 32 new tokens at batch 8 (``depthlens.generate.generate``, greedy);
+- ``generate``: 32 new tokens at batch 8 (``depthlens.runtime.generation.generate``, greedy);
 - ``sensitivity``: one layer_sensitivity kind on one layer: ``param_noise`` σ = 0.2 on the
   middle block, then ``LayerEvaluator.evaluate`` from that block over 16 chat prompts;
 - ``adamw``, ``lora``, ``qlora``: one optimizer step of ``finetune.train.train_sft`` on 8 chat
   sequences × 128 tokens (48 scored): full AdamW (embedding frozen), LoRA r = 16 on every
   linear map of the blocks, LoRA r = 16 over NF4 block weights (``--load-in-4bit``);
-- ``mezo``: one ``depthlens.spsa.mezo_step`` on the weights ``adamw`` trains.
+- ``mezo``: one ``depthlens.interventions.spsa.mezo_step`` on the weights ``adamw`` trains.
 
 Time is the workload's wall time after one warm-up forward; memory is the peak as
 ``benchmarks/bench_zo_memory.py`` measures it (on CPU the model's bytes plus the rise of the
@@ -95,8 +95,8 @@ def build_model(shape: str, device: str = "cpu", dtype=None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from depthlens.hooked import wrap
-    from depthlens.tiny import tiny_tokenizer_dir
+    from depthlens.models.hooked_model import wrap
+    from depthlens.models.tiny import tiny_tokenizer_dir
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
     cfg = dict(SHAPES[shape])
@@ -110,7 +110,7 @@ def build_model(shape: str, device: str = "cpu", dtype=None):
 
 
 def _examples(model):
-    from depthlens.chat import build_chat, encode
+    from depthlens.data.chat import build_chat, encode
     from finetune.train import Example
 
     tok = model.tokenizer
@@ -126,7 +126,7 @@ def _examples(model):
 def worker(shape: str, workload: str) -> dict:
     import torch
 
-    from depthlens.chat import build_chat, pad_batch
+    from depthlens.data.chat import build_chat, pad_batch
     from finetune.lora import LoraSettings
     from finetune.losses import response_loss
     from finetune.train import TrainConfig, tokenize_examples, train_sft, trainable_parameters
@@ -148,14 +148,14 @@ def worker(shape: str, workload: str) -> dict:
                 model.bridge(ids)
         tokens = ids.numel()
     elif workload == "generate":
-        from depthlens.generate import generate
+        from depthlens.runtime.generation import generate
 
         def op():
             generate(model, prompts[:BATCH], NEW_TOKENS, batch_size=BATCH, progress=False)
         tokens = BATCH * NEW_TOKENS
     elif workload == "sensitivity":
         from analyses.layer_sensitivity import LayerEvaluator
-        from depthlens.perturb import perturb
+        from depthlens.interventions.perturbation import perturb
 
         layer = model.n_layers // 2
         ev = LayerEvaluator(model, [build_chat(model.tokenizer, p) for p in prompts], [], batch_size=N_PROMPTS)
@@ -164,7 +164,7 @@ def worker(shape: str, workload: str) -> dict:
             with perturb(model, "param_noise", layer, 0.2, seed=0):
                 ev.evaluate(layer)
     elif workload == "mezo":
-        from depthlens.spsa import ZOConfig, mezo_step
+        from depthlens.interventions.spsa import ZOConfig, mezo_step
 
         family = trainable_parameters(model, freeze_embeddings=True)
 

@@ -13,7 +13,7 @@ The steps are the ones the recipes run:
   linear map of the blocks (``--lora-rank``), including the merge at the end;
 - ``qlora16``: ``lora16`` over NF4 block weights (``--load-in-4bit``, bitsandbytes; the
   full-precision block weights wait on disk during the step, ``finetune.qlora``);
-- ``mezo``: one ``depthlens.spsa.mezo_step`` on the weights ``adamw`` trains (θ+εz forward,
+- ``mezo``: one ``depthlens.interventions.spsa.mezo_step`` on the weights ``adamw`` trains (θ+εz forward,
   θ−εz forward, bit-exact restore, in-place update).
 
 The batch: ``--batch-size`` chat sequences of exactly ``--seq-len`` tokens whose last

@@ -1,6 +1,6 @@
 """Plumbing shared by the fine-tuning recipes: build on any spec, cache keys, cached examples, CLI.
 
-Every recipe runs on the model ``depthlens.recipes.build_or_load`` hands it: CUDA in bf16
+Every recipe runs on the model ``depthlens.models.recipes.build_or_load`` hands it: CUDA in bf16
 when a GPU is present (``finetune.train.train_sft`` then trains fp32 master weights under bf16
 autocast, ``finetune.precision``), CPU in fp32 otherwise;
 seeded by its config; with a progress bar; cached by the hash of its parent and config; and

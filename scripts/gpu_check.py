@@ -157,10 +157,10 @@ def _one_rank_group(device: str) -> None:
 def run_scale(args) -> None:
     """The real-scale steps on a random-weight model of ``args.shape`` (see the module docstring)."""
     from analyses.layer_sensitivity import LayerEvaluator
-    from depthlens.chat import build_chat, pad_batch
-    from depthlens.generate import generate
-    from depthlens.perturb import perturb
-    from depthlens.spsa import ZOConfig, mezo_step
+    from depthlens.data.chat import build_chat, pad_batch
+    from depthlens.runtime.generation import generate
+    from depthlens.interventions.perturbation import perturb
+    from depthlens.interventions.spsa import ZOConfig, mezo_step
     from finetune.losses import response_loss
     from finetune.lora import LoraSettings
     from finetune.train import TrainConfig, autocast, tokenize_examples, train_sft, trainable_parameters

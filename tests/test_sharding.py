@@ -148,7 +148,7 @@ def test_an_fsdp1_launch_and_lora_under_fsdp_are_refused_in_one_sentence(monkeyp
 BF16_WORKER = '''
 import sys, torch
 from depthlens.models import load_model
-from depthlens.recipes import process_state
+from depthlens.models.recipes import process_state
 from finetune.train import Example, TrainConfig, train_sft
 
 state = process_state()
