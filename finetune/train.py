@@ -7,14 +7,15 @@ the compute otherwise), AdamW with linear warm-up and decay, seeded, bf16 autoca
 resumable from its last checkpoint in ``workdir``. A recipe changes the loss (``loss_fn``, see
 ``finetune.losses``) or the composition of each step (``batcher``), never the loop.
 
-The loop runs on ``accelerate`` (``Accelerator``, ``prepare``, ``backward``, ``save_state`` /
-``load_state``), in one process or under ``accelerate launch --num_processes N`` (DDP, see
+The loop runs on ``accelerate`` (``Accelerator``, ``prepare``, ``backward``; checkpoints through
+``finetune.distributed.save_loop_state`` / ``load_loop_state``, JSON and safetensors only), in
+one process or under ``accelerate launch --num_processes N`` (DDP, see
 ``finetune.distributed``): ``batch_size`` is the *global* batch; every rank takes a fixed shard
 of each step's examples and every loss is normalised by the step's global token (or example)
-count, so N processes make the same update as one (equal to 1e-6 on tiny-llama, tested).
-Within a rank a step runs as micro-batches whose gradients accumulate (gradient
-accumulation: ``micro_batch_size`` caps their size). ``max_steps`` stops early; ``lora``
-trains peft adapters instead of the weights and merges them at the end (``finetune.lora``).
+count, so N processes make the same update as one (equal to 1e-6 on tiny-llama, tested). Within
+a rank a step runs as micro-batches whose gradients accumulate (gradient accumulation:
+``micro_batch_size`` caps their size). ``max_steps`` stops early; ``lora`` trains peft adapters
+instead of the weights and merges them at the end (``finetune.lora``).
 
     >>> data = tokenize_examples(model.tokenizer, [Example("Hi?", "Hello.")], max_len=192)
     >>> log = train_sft(model, examples, TrainConfig(lr=2e-4), workdir)
@@ -366,8 +367,7 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
             opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.1, 1 - s / max(1, total)))
         opt, sched = accelerator.prepare(opt, sched)
         state = distributed.TrainState(params)
-        accelerator.register_for_checkpointing(state)
-        ckpt = distributed.Checkpoints(accelerator, Path(workdir) / "train_state") if workdir else None
+        ckpt = distributed.Checkpoints(accelerator, Path(workdir) / "train_state", opt, sched, state) if workdir else None
         if ckpt is not None and ckpt.load():
             log_.losses, log_.resumed_from = list(state.losses), state.step
             if main:
