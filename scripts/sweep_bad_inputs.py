@@ -551,11 +551,9 @@ def _(work):
 
 @kind("cache-vanishes", "runs", "a loaded checkpoint directory deleted before its tokenizer is read")
 def _(work):
-    from depthlens import base_models
+    import transformers
 
     p = tiny_checkpoint("vanish")
-    real = base_models.AutoTokenizer if hasattr(base_models, "AutoTokenizer") else None
-    import transformers
     orig = transformers.AutoTokenizer.from_pretrained
 
     def vanish(path, *a, **k):
