@@ -34,8 +34,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from depthlens.cli import cli_errors, flag, parse_config, prepare_out, require_int, require_text, spec_errors
+from depthlens.cli import (check_device, check_launch_env, cli_errors, flag, parse_config, prepare_out, require_int,
+                           require_text, spec_errors)
 from depthlens.infra.errors import UsageError
+from depthlens.infra.paths import cache_root
 from depthlens.infra.results import RunRecord, start_stamp
 
 log = logging.getLogger(__name__)
@@ -91,16 +93,22 @@ class AnalysisConfig:
                 require_text(self, name)
         if "seed" in names:
             require_int(self, "seed", minimum=0)
+            if self.seed >= 2 ** 63:
+                raise UsageError(f"--seed must be below 2**63, got {self.seed}.")
         if "batch_size" in names:
             require_int(self, "batch_size")
-        if "device" in names and self.device is not None:
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                raise UsageError(f"--device must be cpu, cuda, cuda:N or mps, got {self.device!r}.") from None
+        if "device" in names:
+            check_device(self.device)
+        check_launch_env()
+        cache_root()  # a bad DEPTHLENS_CACHE is named before any work
+        seen: dict[str, str] = {}
         for name in PROMPT_FLAGS:
             if name in names and getattr(self, name) is not None:
-                read_prompt_file(getattr(self, name), flag(name))
+                digest = read_prompt_file(getattr(self, name), flag(name)).source.get("sha256")
+                if digest in seen:  # one set in two roles: every contrast between them is 0 by construction
+                    raise UsageError(f"{seen[digest]} and {flag(name)} name the same prompts "
+                                     f"({str(getattr(self, name))!r}); give each role its own file.")
+                seen[digest] = flag(name)
 
 
 def read_prompt_file(path: str, flag_name: str):

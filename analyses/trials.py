@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from depthlens.infra.errors import UsageError
-from depthlens.infra.paths import model_tag
 from depthlens.infra.results import latest_run, read_run, start_stamp, write_run
 
 log = logging.getLogger(__name__)
@@ -113,8 +112,7 @@ def obtain_trials(model: str, trials: str | None, out: str, *, seed: int = 0, de
     (its defaults, or its quick settings) and save it. ``TrialSource.chosen`` says which."""
     if trials is not None:
         return load_trials(trials, model)
-    tag = model_tag(model)
-    found = latest_run(out, "insertion_robustness", tag)
+    found = latest_run(out, "insertion_robustness", model=model)
     if found is not None:
         log.warning("--trials not given: using the newest insertion_robustness run of %s under %s: %s "
                     "(pass --trials to choose another).", model, out, found)

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import traceback
@@ -211,7 +212,22 @@ def config_from(cls: type[T], values: Mapping[str, Any]) -> T:
     except UsageError:
         raise
     except ValueError as err:  # a config's own check of a value given on the command line
-        raise UsageError(str(err)) from err
+        raise UsageError(flagged(str(err), cls)) from err
+
+
+def flagged(message: str, cls) -> str:
+    """``message`` with every field name of config ``cls`` written as the user's flag (``n_harmful`` → ``--n-harmful``).
+
+    A config checks its fields by name; on the command line the user typed the flag, so the
+    one error line names that.
+    """
+    names = sorted(getattr(cls, "__dataclass_fields__", {}), key=len, reverse=True)
+    for name in names:
+        if "_" in name or len(name) > 2:
+            message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w])", flag(name), message)
+        else:
+            message = re.sub(rf"^{re.escape(name)}(?= must)", flag(name), message)
+    return message
 
 
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None,
@@ -239,7 +255,15 @@ def cli_errors(main: Callable[..., T]) -> Callable[..., T]:
         debug = _wants_debug(sys.argv[1:] if argv is None else argv)
         try:
             return main(argv, *args, **kwargs)
-        except (UsageError, NonFiniteError, ValueError, FileNotFoundError) as err:
+        except FileNotFoundError as err:
+            if debug or not (vanished := _vanished_cache_entry(err)):
+                if not _from_loader(err) or debug:
+                    raise
+                print(f"error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
+            print(f"error: {vanished}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except (UsageError, NonFiniteError, ValueError) as err:
             usage = isinstance(err, UsageError) or (not isinstance(err, NonFiniteError) and _from_loader(err))
             if debug or not (usage or isinstance(err, NonFiniteError)):
                 raise
@@ -247,6 +271,24 @@ def cli_errors(main: Callable[..., T]) -> Callable[..., T]:
             raise SystemExit(2 if usage else 1) from None
 
     return wrapper
+
+
+def _vanished_cache_entry(err: FileNotFoundError) -> str | None:
+    """One sentence when ``err`` is a file of the cache that disappeared while this run used it."""
+    from depthlens.infra.paths import cache_root
+
+    if not err.filename:
+        return None
+    try:
+        root = cache_root().resolve()
+        path = Path(err.filename).absolute()
+    except (UsageError, OSError):
+        return None
+    if root not in path.parents:
+        return None
+    entry = root.joinpath(*path.relative_to(root).parts[:2])
+    return (f"cache entry {str(entry)!r} vanished while this run used it ({path.name} is gone): another process "
+            "or a clean-up deleted it; run the command again to rebuild it.")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -306,6 +348,9 @@ def require_numbers(obj, name: str, lo: float | None = None, hi: float | None = 
         rng = _range_text(lo, hi, lo_open)
         raise UsageError(f"{flag(name)} must be a non-empty comma list of {kind}{' ' + rng if rng else ''}, "
                          f"got {_shown(v) if isinstance(v, (tuple, list)) else repr(v)!s}.")
+    repeated = sorted({x for x in v if list(v).count(x) > 1})
+    if repeated:  # a grid value listed twice would be measured twice and counted as independent evidence
+        raise UsageError(f"{flag(name)} lists {', '.join(map(str, repeated))} more than once; give each value once.")
 
 
 def require_choice(obj, name: str, allowed: Collection[str]) -> None:
@@ -330,18 +375,32 @@ def require_text(obj, name: str, optional: bool = False) -> None:
         raise UsageError(f"{flag(name)} must be a non-empty string, got {v!r}.")
 
 
-def prepare_out(out: str | os.PathLike, flag_name: str = "--out") -> Path:
+OUT_BYTES = 64 << 20
+"""Free space ``prepare_out`` asks for: a results.json, its figures, and room to spare."""
+
+
+def prepare_out(out: str | os.PathLike, flag_name: str = "--out", need_bytes: int = OUT_BYTES) -> Path:
     """Create the output folder and prove it can be written, before any work (``UsageError`` otherwise)."""
+    if not str(out).strip():
+        raise UsageError(f"{flag_name} must name a folder, got {str(out)!r}.")
     path = Path(out).expanduser()
+    long = [p for p in path.parts if len(os.fsencode(p)) > 255]
+    if long:
+        raise UsageError(f"{flag_name} has a folder name of {len(os.fsencode(long[0]))} bytes; a file system allows "
+                         "at most 255 per name.")
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag_name} {str(out)!r} is a file; pass a folder.")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
             pass
+        free = shutil.disk_usage(path).free
     except OSError as err:
         raise UsageError(f"{flag_name} {str(out)!r} cannot be written ({err.strerror or err}); "
                          "pass a writable folder.") from None
+    if free < need_bytes:  # a results.json and its figures; a full disk would lose the run's work at the end
+        raise UsageError(f"{flag_name} {str(out)!r} has {free / 2**20:.0f} MiB free and a run writes up to "
+                         f"{need_bytes / 2**20:.0f} MiB there; free some space or pass another folder.")
     return path
 
 
@@ -397,16 +456,99 @@ def parse_recipe_args(config_cls, argv: Sequence[str] | None = None, *, default_
     ns.pop("debug", None)
     if not spec.strip():
         raise UsageError("--model must be a non-empty model spec.")
+    check_device(device)
+    world, rank = check_launch_env()
+    from depthlens.infra.paths import cache_root
+
+    cache_root()  # a bad DEPTHLENS_CACHE is named before any work
+    check_recipe_values(config_cls, ns)
     cfg = config_from(config_cls, ns)
     try:  # checks that span several fields (e.g. a LoRA alpha without a rank), where a config has them
         getattr(cfg, "validate", lambda: None)()
     except UsageError:
         raise
     except ValueError as err:
-        raise UsageError(str(err)) from err
-    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch only rank 0 logs below WARNING
+        raise UsageError(flagged(str(err), config_cls)) from err
+    if rank != 0:  # under accelerate launch only rank 0 logs below WARNING
         logging.getLogger().setLevel(logging.WARNING)
     return cfg, spec, device
+
+
+_POSITIVE = re.compile(r"^(lr|epochs|batch_size|max_len|.*_tokens|.*_steps_per_.*|eps|.*_eps)$")
+_SHARE = re.compile(r"^.*_(share|frac|fraction)$")
+
+
+def check_recipe_values(config_cls, values: Mapping[str, Any]) -> None:
+    """The ranges every recipe shares, checked on the flags given (one ``UsageError`` naming the flag).
+
+    Numbers are finite; ``--seed`` and counts (``--n-…``) are >= 0; learning rates, epochs,
+    batch sizes, lengths and token counts are > 0; shares lie in [0, 1]. A recipe's own
+    config may check more (its messages are rewritten to name flags, see ``flagged``).
+    """
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v):
+            raise UsageError(f"{flag(name)} must be a finite number, got {v!r}.")
+        if (name == "seed" or name.startswith("n_")) and v < 0:
+            raise UsageError(f"{flag(name)} must be >= 0, got {v!r}.")
+        if name == "seed" and v >= 2 ** 63:
+            raise UsageError(f"{flag(name)} must be below 2**63, got {v!r}.")
+        if _POSITIVE.match(name) and not v > 0:
+            raise UsageError(f"{flag(name)} must be > 0, got {v!r}.")
+        if _SHARE.match(name) and not 0 <= v <= 1:
+            raise UsageError(f"{flag(name)} must lie in [0, 1], got {v!r}.")
+
+
+def check_device(device, flag_name: str = "--device") -> None:
+    """A device string torch knows and this machine has (CUDA visible for ``cuda``), else one ``UsageError``."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"{flag_name} must be cpu, cuda, cuda:N or mps, got {device!r}.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag_name} {device!r} asks for a GPU, but torch sees no CUDA device here; "
+                             "use --device cpu (or leave --device out).")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag_name} {device!r}: this machine has CUDA devices 0..{torch.cuda.device_count() - 1}.")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"{flag_name} {device!r} asks for Apple's MPS, which this machine does not have; use --device cpu.")
+
+
+LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+
+
+def check_launch_env() -> tuple[int, int]:
+    """``(world size, rank)`` from the launcher's variables, or one ``UsageError`` naming a variable set oddly.
+
+    ``accelerate launch`` and ``torchrun`` set ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` and
+    ``MASTER_ADDR``; the same variables left in a shell (or set by hand) would make a run wait
+    for ranks that never come, or fail deep inside torch.
+    """
+    values = {}
+    for name in LAUNCH_VARS:
+        raw = os.environ.get(name)
+        if raw is None:
+            continue
+        try:
+            values[name] = int(raw)
+        except ValueError:
+            raise UsageError(f"{name}={raw!r} is not an integer; it is set by a launcher (accelerate launch, "
+                             f"torchrun): unset it to run one process.") from None
+    world, rank = values.get("WORLD_SIZE", 1), values.get("RANK", 0)
+    if world < 1:
+        raise UsageError(f"WORLD_SIZE={world} must be >= 1; unset it to run one process.")
+    if not 0 <= rank < world:
+        raise UsageError(f"RANK={rank} must lie in 0..WORLD_SIZE-1 (WORLD_SIZE={world}); unset both to run one process.")
+    if world > 1 and not os.environ.get("MASTER_ADDR"):
+        raise UsageError(f"WORLD_SIZE={world} is set but no launcher set MASTER_ADDR, so the other ranks would never "
+                         "come; start the run with accelerate launch (or torchrun), or unset WORLD_SIZE.")
+    return world, rank
 
 
 def recipe_main(config_cls, build: Callable[[Any, str, str | None], Any], argv: Sequence[str] | None = None, *,

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from depthlens.cli import ArgumentParser, add_debug_flag, cli_errors, prepare_out
 from depthlens.infra.errors import UsageError
+from depthlens.infra.paths import results_tag, safe_segment
 
 from .registry import (
     build_combined_figures,
@@ -40,7 +41,6 @@ from .registry import (
     has_builders,
     load_builders,
     load_record,
-    model_tag,
 )
 from .save import STATIC_FORMATS, SavedFigure, export_session
 
@@ -91,10 +91,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _tag_from_path(path: Path, record: dict) -> str:
+    """The model folder of a record: its results folder's name, else the spec's ``results_tag``; one safe segment."""
     parts = path.parts
     if len(parts) >= 4 and parts[-4] == record["analysis"]:
-        return parts[-3]
-    return model_tag(record)
+        return safe_segment(parts[-3])
+    return safe_segment(results_tag(str(record["model"])))
 
 
 def _find_runs(root: Path) -> tuple[list[_Run], list[tuple[Path, str]]]:
@@ -105,7 +106,13 @@ def _find_runs(root: Path) -> tuple[list[_Run], list[tuple[Path, str]]]:
         except (ValueError, OSError) as e:
             bad.append((path, str(e)))
             continue
-        runs.append(_Run(path, rec, rec["analysis"], _tag_from_path(path, rec), str(rec["run_id"])))
+        runs.append(_Run(path, rec, rec["analysis"], _tag_from_path(path, rec), safe_segment(str(rec["run_id"]))))
+    by_tag: dict[tuple[str, str], set[str]] = {}
+    for r in runs:
+        by_tag.setdefault((r.analysis, r.tag), set()).add(str(r.record["model"]))
+    for r in runs:  # specs that share a folder of an older depthlens (':' vs '-') get one folder each
+        if len(by_tag[(r.analysis, r.tag)]) > 1:
+            r.tag = safe_segment(results_tag(str(r.record["model"])))
     return runs, bad
 
 

@@ -123,8 +123,10 @@ def load_record(path: str | Path) -> dict:
 
 
 def model_tag(record: dict) -> str:
-    """The model tag used in results paths (same rule as ``depthlens.infra.results``)."""
-    return str(record["model"]).rstrip("/").replace("/", "_").replace(":", "-")
+    """The model tag used in results paths (``depthlens.infra.paths.results_tag``), one safe path segment."""
+    from depthlens.infra.paths import results_tag, safe_segment
+
+    return safe_segment(results_tag(str(record["model"])))
 
 
 # --- Building. --------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 One process or ``accelerate launch --num_processes N`` (configs in ``configs/accelerate``):
 ``finetune.train.train_sft`` makes an ``Accelerator`` here, prepares its optimizer and
 learning-rate schedule, backpropagates through ``accelerator.backward`` and checkpoints with
-``save_state`` / ``load_state``.
+``save_loop_state`` / ``load_loop_state`` (JSON and safetensors: nothing is unpickled).
 
 **Why the gradients are all-reduced here and not by DistributedDataParallel.** DDP's reducer
 averages gradients from autograd hooks that its wrapper's ``forward`` arms, and it keeps a
@@ -31,6 +31,7 @@ cast anything). DeepSpeed and Megatron launches are refused in one sentence.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -130,10 +131,9 @@ def _buckets(tensors: Sequence[torch.Tensor], limit: int) -> Iterator[list[torch
 
 
 class TrainState:
-    """The loop's own checkpointed state (``accelerator.register_for_checkpointing``): trained weights, step, losses.
+    """The loop's own checkpointed state: trained weights, step, losses (saved by ``save_loop_state``).
 
-    Only the trainable tensors are saved (the adapters of a LoRA run), not the whole model;
-    the optimizer and schedule are saved by accelerate itself.
+    Only the trainable tensors are saved (the adapters of a LoRA run), not the whole model.
     """
 
     def __init__(self, params: Sequence[torch.Tensor]):
@@ -141,30 +141,21 @@ class TrainState:
         self.step = 0
         self.losses: list[float] = []
 
-    def state_dict(self) -> dict:
-        return {"params": [p.detach().cpu() for p in self.params], "step": self.step, "losses": list(self.losses)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["params"]) != len(self.params):
-            raise ValueError(f"The checkpoint holds {len(state['params'])} trained tensors, this run trains "
-                             f"{len(self.params)}; delete it to start over.")
-        with torch.no_grad():
-            for p, saved in zip(self.params, state["params"]):
-                p.copy_(saved)
-        self.step, self.losses = int(state["step"]), list(state["losses"])
 
 
 class Checkpoints:
-    """Resumable training state under ``root``: ``accelerator.save_state`` into ``step-NNNNNN`` folders.
+    """Resumable training state under ``root``: ``save_loop_state`` into ``step-NNNNNN`` folders.
 
     A folder counts once rank 0 has written ``complete`` in it, after every rank has saved
-    its part (accelerate writes the optimizer and registered state from rank 0 and one RNG
-    file per rank); older folders are then removed, so an interruption at any moment leaves
-    the last complete checkpoint.
+    its part (rank 0 the weights, optimizer and schedule, every rank its own RNG state);
+    older folders are then removed, so an interruption at any moment leaves the last complete
+    checkpoint. Nothing in a folder is unpickled (see ``save_loop_state``): the work folder may
+    sit in a cache that other users can write.
     """
 
-    def __init__(self, accelerator, root: Path):
+    def __init__(self, accelerator, root: Path, optimizer=None, scheduler=None, state: TrainState | None = None):
         self.accelerator, self.root = accelerator, Path(root)
+        self.optimizer, self.scheduler, self.state = optimizer, scheduler, state
 
     def _complete(self) -> list[Path]:
         if not self.root.is_dir():
@@ -172,18 +163,17 @@ class Checkpoints:
         return sorted(p for p in self.root.glob("step-*") if (p / "complete").exists())
 
     def load(self) -> bool:
-        """Restore the latest complete checkpoint, if any; whether one was found."""
+        """Restore the latest complete checkpoint, if any; whether one was found and restored."""
         found = self._complete()
         if not found:
             return False
-        self.accelerator.load_state(str(found[-1]))
-        return True
+        return load_loop_state(found[-1], self.accelerator, self.optimizer, self.scheduler, self.state)
 
     def save(self, step: int) -> None:
         acc = self.accelerator
         target = self.root / f"step-{step:06d}"
         acc.wait_for_everyone()
-        acc.save_state(str(target))
+        save_loop_state(target, acc, self.optimizer, self.scheduler, self.state)
         acc.wait_for_everyone()
         if acc.is_main_process:
             (target / "complete").write_text(str(step))
@@ -197,3 +187,144 @@ class Checkpoints:
         if self.accelerator.is_main_process and self.root.exists():
             shutil.rmtree(self.root, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------- the loop's state on disk
+
+LOOP_STATE_FORMAT = 1
+_LOOP_JSON, _LOOP_TENSORS = "loop.json", "loop.safetensors"
+
+
+def save_loop_state(directory: Path, accelerator, optimizer, scheduler, state: TrainState) -> None:
+    """Write the loop's resumable state into ``directory`` as JSON and safetensors only (no pickle).
+
+    Rank 0 writes ``loop.safetensors`` (the trained tensors and the optimizer's per-parameter
+    tensors) and ``loop.json`` (step, losses, the optimizer's hyper-parameters, the schedule's
+    counters, the names of the tensors, a sha256 of the tensor file); every rank writes
+    ``rng-<rank>.safetensors`` / ``rng-<rank>.json``. ``load_loop_state`` reads them back.
+    """
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rank = accelerator.process_index
+    rng_tensors, rng_json = _rng_state()
+    save_file(rng_tensors, directory / f"rng-{rank}.safetensors")
+    (directory / f"rng-{rank}.json").write_text(json.dumps(rng_json))
+    if not accelerator.is_main_process:
+        return
+    tensors = {f"param.{i}": p.detach().to("cpu").contiguous().clone() for i, p in enumerate(state.params)}
+    opt = optimizer.state_dict()
+    opt_state: dict[str, dict] = {}
+    for index, values in opt["state"].items():
+        plain = {}
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{index}.{name}"] = value.detach().to("cpu").contiguous().clone()
+            else:
+                plain[name] = value
+        opt_state[str(index)] = plain
+    save_file(tensors, directory / _LOOP_TENSORS)
+    meta = {"format": LOOP_STATE_FORMAT, "step": int(state.step), "losses": [float(x) for x in state.losses],
+            "n_params": len(state.params), "tensors": sorted(tensors),
+            "tensors_sha256": hashlib.sha256((directory / _LOOP_TENSORS).read_bytes()).hexdigest(),
+            "optimizer": {"param_groups": opt["param_groups"], "state": opt_state},
+            "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}}
+    (directory / _LOOP_JSON).write_text(json.dumps(meta))
+
+
+def load_loop_state(directory: Path, accelerator, optimizer, scheduler, state: TrainState) -> bool:
+    """Restore what ``save_loop_state`` wrote; False (with a warning) for a folder it cannot trust.
+
+    Only ``loop.json``, ``loop.safetensors`` and ``rng-<rank>.*`` are read, with ``json`` and
+    ``safetensors``: a pickle file in the folder (``*.pkl``, ``*.bin``: what ``accelerate
+    save_state`` writes, or what someone else put there) is never opened. A folder without
+    ``loop.json``, of another format, whose tensor file does not match the sha256 recorded
+    beside it, or that holds another number of trained tensors is not loaded, and the
+    training starts over from step 0.
+    """
+    import hashlib
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+
+    def refuse(why: str) -> bool:
+        log.warning("Not resuming from %s: %s; training starts from step 0.", directory, why)
+        return False
+
+    try:
+        meta = json.loads((directory / _LOOP_JSON).read_text())
+    except FileNotFoundError:
+        return refuse(f"it holds no {_LOOP_JSON} (a checkpoint of an older depthlens, written with pickle, "
+                      "which is never loaded)")
+    except (OSError, ValueError) as err:
+        return refuse(f"{_LOOP_JSON} cannot be read ({err})")
+    if not isinstance(meta, dict) or meta.get("format") != LOOP_STATE_FORMAT:
+        return refuse(f"{_LOOP_JSON} is not format {LOOP_STATE_FORMAT}")
+    if meta.get("n_params") != len(state.params):
+        return refuse(f"it holds {meta.get('n_params')} trained tensors and this run trains {len(state.params)}")
+    path = directory / _LOOP_TENSORS
+    try:
+        if hashlib.sha256(path.read_bytes()).hexdigest() != meta.get("tensors_sha256"):
+            return refuse(f"{_LOOP_TENSORS} does not match the sha256 in {_LOOP_JSON}")
+        tensors = load_file(path)
+        rank = accelerator.process_index
+        rng_tensors = load_file(directory / f"rng-{rank}.safetensors")
+        rng_json = json.loads((directory / f"rng-{rank}.json").read_text())
+    except (OSError, ValueError, SafetensorError) as err:
+        return refuse(f"a state file cannot be read ({err})")
+    try:
+        opt_meta = meta["optimizer"]
+        opt_state: dict[int, dict] = {int(i): dict(v) for i, v in opt_meta["state"].items()}
+        for key, value in tensors.items():
+            kind, index, *name = key.split(".", 2)
+            if kind == "opt":
+                opt_state.setdefault(int(index), {})[name[0]] = value
+        groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in opt_meta["param_groups"]]
+        params = [tensors[f"param.{i}"] for i in range(len(state.params))]
+        if any(s.shape != p.shape for s, p in zip(params, state.params)):
+            return refuse("its trained tensors have other shapes than this run's")
+        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(groups)})
+        _set_rng_state(rng_tensors, rng_json)
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        return refuse(f"its state does not fit this run ({type(err).__name__}: {err})")
+    with torch.no_grad():
+        for p, saved in zip(state.params, params):
+            p.copy_(saved)
+    state.step, state.losses = int(meta["step"]), [float(x) for x in meta["losses"]]
+    return True
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    import random
+
+    import numpy as np
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, t in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = t
+    version, ints, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return tensors, {"python": [version, list(ints), gauss],
+                     "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], values: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, ints, gauss = values["python"]
+    random.setstate((int(version), tuple(int(i) for i in ints), gauss))
+    name, keys, pos, has_gauss, cached = values["numpy"]
+    np.random.set_state((str(name), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))

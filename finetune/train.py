@@ -8,8 +8,9 @@ checkpoint in ``workdir``. On CUDA it trains fp32 master weights (and fp32 AdamW
 bf16 compute (``finetune.precision``); on CPU in fp32. A recipe changes the loss (``loss_fn``, see
 ``finetune.losses``) or the composition of each step (``batcher``), never the loop.
 
-The loop runs on ``accelerate`` (``Accelerator``, ``prepare``, ``backward``, ``save_state`` /
-``load_state``), in one process or under ``accelerate launch --num_processes N`` (DDP, see
+The loop runs on ``accelerate`` (``Accelerator``, ``prepare``, ``backward``; checkpoints through
+``finetune.distributed.save_loop_state`` / ``load_loop_state``, JSON and safetensors only), in
+one process or under ``accelerate launch --num_processes N`` (DDP, see
 ``finetune.distributed``): ``batch_size`` is the *global* batch; every rank takes a fixed shard
 of each step's examples and every loss is normalised by the step's global token (or example)
 count, so N processes make the same update as one (equal to 1e-6 on tiny-llama, tested).
@@ -428,8 +429,7 @@ def train_sft(model, examples: Sequence[Example], cfg: TrainConfig, workdir: Pat
             ckpt = sharding.ShardedCheckpoints(run, Path(workdir) / "train_state", opt, sched, state) if workdir else None
         else:
             opt, sched = accelerator.prepare(opt, sched)
-            accelerator.register_for_checkpointing(state)
-            ckpt = distributed.Checkpoints(accelerator, Path(workdir) / "train_state") if workdir else None
+            ckpt = distributed.Checkpoints(accelerator, Path(workdir) / "train_state", opt, sched, state) if workdir else None
         if ckpt is not None and ckpt.load():
             log_.losses, log_.resumed_from = list(state.losses), state.step
             if main:

@@ -250,10 +250,9 @@ def critical_layers_from(path: str | Path, top_k: int | None = None) -> list[int
 def find_sensitivity(spec: str, results_root: str | Path = "results") -> Path:
     """The newest layer_sensitivity results.json of model ``spec`` under ``results_root``; a
     ``UsageError`` naming the command that makes one when there is none."""
-    from depthlens.infra.paths import model_tag
     from depthlens.infra.results import latest_run
 
-    found = latest_run(results_root, "layer_sensitivity", model_tag(spec))
+    found = latest_run(results_root, "layer_sensitivity", model=spec)
     if found is None:
         raise UsageError(f"The zo recipe refines the critical layers of a layer_sensitivity record, and there is none "
                          f"for {spec!r} under {str(Path(results_root) / 'layer_sensitivity')!r}: run `python -m "

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 STUDY = "refusal-pareto"
 JOURNAL = "study.journal"
-DIRECTIONS = "directions.pt"
+DIRECTIONS = "directions.safetensors"
 PROJECTIONS = ("plain", "norm", "search")
 
 __all__ = ["ParetoConfig", "Trial", "ParetoResult", "Objectives", "first_token_kl", "run_pareto", "search",
@@ -348,16 +348,22 @@ def layer_directions(model, cfg: ParetoConfig, where: Path, progress: bool = Fal
     from depthlens.data import default_splits
     from probes.directions import compute_candidates
 
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
     path = Path(where) / DIRECTIONS
-    if path.exists():
-        return torch.load(path)
+    if path.exists():  # safetensors, never a pickle: the work folder may be shared
+        try:
+            return load_file(path)["directions"]
+        except (SafetensorError, KeyError, OSError) as err:
+            log.warning("Recomputing the directions: %s cannot be read (%s).", path, err)
     s = default_splits(cfg.seed)
     cands = compute_candidates(model, s.harmful.train.subset(cfg.n_train, seed=cfg.seed).prompts,
                                s.harmless.train.subset(cfg.n_train, seed=cfg.seed).prompts, n_pos=1,
                                batch_size=cfg.batch_size, progress=progress)
     dirs = cands.directions[0].to(torch.float32).contiguous()
     tmp = path.with_suffix(".tmp")
-    torch.save(dirs, tmp)
+    save_file({"directions": dirs}, tmp)
     tmp.replace(path)
     return dirs
 

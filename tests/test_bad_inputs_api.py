@@ -94,7 +94,7 @@ ROWS = [
     ("arg", "no prompts", lambda t, p: generate(t, [], progress=False), ["prompts is empty"]),
     ("arg", "batch_size=0", lambda t, p: generate(t, ["Hi"], batch_size=0, progress=False), ["batch_size", ">= 1"]),
     ("arg", "temperature=0", lambda t, p: generate(t, ["Hi"], do_sample=True, temperature=0, progress=False),
-     ["temperature must be a number > 0"]),
+     ["temperature must be a finite number > 0"]),
     ("arg", "top_p=1.5", lambda t, p: generate(t, ["Hi"], do_sample=True, top_p=1.5, progress=False), ["top_p", "(0, 1]"]),
     ("arg", "do_sample='yes'", lambda t, p: generate(t, ["Hi"], do_sample="yes", progress=False), ["do_sample must be True or False"]),
     ("arg", "continuer max_new_tokens=0", lambda t, p: LayerwiseContinuer(t, ["Hi"], max_new_tokens=0), ["max_new_tokens"]),

@@ -131,9 +131,9 @@ def test_a_truncated_safetensors_file_is_not_whole(tmp_path):
 
     path = tmp_path / "w.safetensors"
     save_file({"w": torch.ones(64)}, path)
-    assert cache._safetensors_complete(path)
+    assert cache.safetensors_complete(path)
     path.write_bytes(path.read_bytes()[:-10])
-    assert not cache._safetensors_complete(path)
+    assert not cache.safetensors_complete(path)
 
 
 def test_a_builder_that_fails_leaves_nothing_and_stale_temps_are_cleared(tmp_path):

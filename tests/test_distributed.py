@@ -101,7 +101,7 @@ def test_under_mezo_every_rank_applies_the_identical_update(tmp_path, monkeypatc
     script = tmp_path / "zo_worker.py"
     script.write_text(WORKER)
     launch([str(script), str(tmp_path), repr(cfg)], tmp_path / "cache")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert [r["info"]["processes"] for r in ranks] == [2, 2]
     assert ranks[0]["info"]["history"] == ranks[1]["info"]["history"]          # the same reduced L+, L-, g
     assert ranks[0]["info"]["evals"] == ranks[1]["info"]["evals"]

@@ -92,7 +92,7 @@ def test_bad_lora_settings_are_refused_in_one_sentence():
         LoraSettings(rank=0)
     with pytest.raises(ValueError, match="alpha must be positive"):
         LoraSettings(rank=4, alpha=-1.0)
-    with pytest.raises(ValueError, match="need lora_rank >= 1"):
+    with pytest.raises(ValueError, match="need --lora-rank >= 1"):
         parse_recipe_cli(SFTConfig, ["--lora-alpha", "16"])          # α without a rank
     cfg, _, _ = parse_recipe_cli(SFTConfig, ["--lora-rank", "8", "--lora-targets", "q_proj,v_proj"])
     assert cfg.train_settings()["lora"] == LoraSettings(8, None, ("q_proj", "v_proj"))

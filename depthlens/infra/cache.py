@@ -176,10 +176,11 @@ def looks_complete(entry: str | Path, required: Sequence[str] = ("config.json",)
             json.loads(path.read_text())
         except (OSError, ValueError):
             return False
-    return all(_safetensors_complete(p) for p in entry.rglob("*.safetensors"))
+    return all(safetensors_complete(p) for p in entry.rglob("*.safetensors"))
 
 
-def _safetensors_complete(path: Path) -> bool:
+def safetensors_complete(path: Path) -> bool:
+    """Whether a .safetensors file holds every byte its header promises (a copy cut short does not)."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -197,11 +198,23 @@ def _safetensors_complete(path: Path) -> bool:
 
 
 @contextmanager
-def lock(entry: str | Path) -> Iterator[None]:
-    """Hold the cross-process lock of ``entry`` (a ``.<name>.lock`` file beside it) for the block."""
+def lock(entry: str | Path, beside: bool = True) -> Iterator[None]:
+    """Hold the cross-process lock of ``entry`` for the block.
+
+    The lock is a ``.<name>.lock`` file beside a cache entry, or (``beside=False``, for a
+    folder of the user's such as a saved checkpoint) a file under the cache's ``locks/``
+    named by a hash of the entry's absolute path, so nothing is left next to it.
+    """
     entry = Path(entry)
     entry.parent.mkdir(parents=True, exist_ok=True)
-    held = FileLock(str(entry.parent / f".{entry.name}.lock"))
+    if beside:
+        where = entry.parent / f".{entry.name}.lock"
+    else:
+        from depthlens.infra.paths import cache_dir
+
+        digest = hashlib.sha256(str(entry.absolute()).encode()).hexdigest()[:24]
+        where = cache_dir("locks") / f"{digest}.lock"
+    held = FileLock(str(where))
     try:
         held.acquire(timeout=0)
     except Timeout:
@@ -243,6 +256,7 @@ def ensure(entry: str | Path, build: Callable[[Path], object], *, command: str |
         tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.tmp-"))
         try:
             build(tmp)
+            tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would hide the entry from the rest of a team cache
             publish(tmp, entry)
         finally:
             remove(tmp)
@@ -285,6 +299,13 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def umask() -> int:
+    """The process's file-creation mask (read without changing it for longer than a call)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -308,7 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m depthlens.infra.cache", description=main.__doc__.split("\n")[0])
     parser.add_argument("root", nargs="?", help="cache root (default: $DEPTHLENS_CACHE or ~/.cache/depthlens)")
     args = parser.parse_args(argv)
-    root = Path(args.root) if args.root else cache_root()
+    try:
+        root = Path(args.root) if args.root else cache_root()
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not root.is_dir():
         print(f"error: cache root {str(root)!r} is not a directory.", file=sys.stderr)
         return 2

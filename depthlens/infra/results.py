@@ -29,7 +29,9 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import glob
 import os
+import secrets
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -65,7 +67,10 @@ class RunRecord:
 
     @property
     def model_tag(self) -> str:
-        return self.model.rstrip("/").replace("/", "_").replace(":", "-")
+        """The results folder of this model (``depthlens.infra.paths.results_tag``: one per spec)."""
+        from depthlens.infra.paths import results_tag
+
+        return results_tag(self.model)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -210,11 +215,7 @@ def write_run(record: RunRecord, out: str | Path = "results") -> Path:
     record.git_commit = record.git_commit or git_commit()
     if record.git_dirty is None:
         record.git_dirty = git_dirty()
-    if not record.run_id:
-        digest = hashlib.sha256(json.dumps(jsonable(record.config), sort_keys=True).encode()).hexdigest()[:8]
-        record.run_id = f"{now.strftime('%Y%m%d-%H%M%S')}-{digest}-s{record.seed}"
-    run_dir = Path(out) / record.analysis / record.model_tag / record.run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _new_run_dir(record, Path(out), now)
     bad = nonfinite_paths({"metrics": record.metrics, "tables": record.tables})
     if bad:
         invalid = run_dir / "results.invalid.json"
@@ -225,6 +226,37 @@ def write_run(record: RunRecord, out: str | Path = "results") -> Path:
     path = run_dir / "results.json"
     atomic_write_json(path, jsonable(record.to_dict()))
     return path
+
+
+def _new_run_dir(record: RunRecord, out: Path, now) -> Path:
+    """Create the run's folder ``<out>/<analysis>/<tag>/<run id>`` exclusively: two runs never share one.
+
+    A generated run id is ``<UTC time>-<config hash>-s<seed>-<6 random hex>``, made again in
+    the unlikely case its folder exists; a run id set by the caller must be one path segment
+    and is refused when its folder already holds a results.json.
+    """
+    from depthlens.infra.paths import safe_segment
+
+    parent = out / record.analysis / record.model_tag
+    parent.mkdir(parents=True, exist_ok=True)
+    if record.run_id:
+        if safe_segment(record.run_id) != record.run_id:
+            raise UsageError(f"run id {record.run_id!r} is not one safe folder name; use letters, digits, '-' and '_'.")
+        run_dir = parent / record.run_id
+        if (run_dir / "results.json").exists():
+            raise UsageError(f"{str(run_dir)!r} already holds a results.json; choose another run id or --out.")
+        run_dir.mkdir(exist_ok=True)
+        return run_dir
+    digest = hashlib.sha256(json.dumps(jsonable(record.config), sort_keys=True).encode()).hexdigest()[:8]
+    stamp = f"{now.strftime('%Y%m%d-%H%M%S')}-{digest}-s{record.seed}"
+    while True:
+        run_id = f"{stamp}-{secrets.token_hex(3)}"
+        try:
+            (parent / run_id).mkdir()
+        except FileExistsError:
+            continue
+        record.run_id = run_id
+        return parent / run_id
 
 
 def _raw(obj: Any) -> Any:
@@ -295,9 +327,30 @@ def _check_scores(rec: RunRecord, path: Path) -> None:
                         f"score, or one not measured); re-run analyses.{rec.analysis} and use its new results.json.")
 
 
-def latest_run(out: str | Path, analysis: str, model_tag: str | None = None) -> Path | None:
-    """Path of the newest ``results.json`` of ``analysis`` (optionally for one model tag), or None."""
+def latest_run(out: str | Path, analysis: str, model_tag: str | None = None, *, model: str | None = None) -> Path | None:
+    """Path of the newest ``results.json`` of ``analysis`` (optionally for one model tag), or None.
+
+    With ``model`` (a spec), the runs of that spec: its ``results_tag`` folder and the older
+    ``model_tag`` folder (shared by specs that differ only in ``:`` and ``-``), keeping only
+    records whose ``model`` is exactly ``model``.
+    """
     root = Path(out) / analysis
-    pattern = f"{model_tag}/*/results.json" if model_tag else "*/*/results.json"
-    runs = sorted(root.glob(pattern), key=lambda p: p.parent.name)
+    if model is not None:
+        from depthlens.infra.paths import model_tag as legacy_tag
+        from depthlens.infra.paths import results_tag
+
+        runs = [p for tag in dict.fromkeys((results_tag(model), legacy_tag(model)))
+                for p in root.glob(f"{glob.escape(tag)}/*/results.json") if _record_model(p) == model]
+    else:
+        pattern = f"{glob.escape(model_tag)}/*/results.json" if model_tag else "*/*/results.json"
+        runs = list(root.glob(pattern))
+    runs = sorted(runs, key=lambda p: p.parent.name)
     return runs[-1] if runs else None
+
+
+def _record_model(path: Path) -> str | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("model") if isinstance(data, dict) else None

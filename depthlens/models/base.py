@@ -56,6 +56,8 @@ def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.d
         dev = torch.device(device) if device is not None else default_device()
     except (RuntimeError, TypeError):
         raise UsageError(f"Unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"Device {str(dev)!r} asks for a GPU, but torch sees no CUDA device here; use 'cpu'.")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None) if dtype in _DTYPES else dtype
     if dtype is None:
@@ -79,6 +81,9 @@ def split_spec(spec: str) -> tuple[str, list[str]]:
     """
     if not isinstance(spec, str) or not spec.strip():
         raise UsageError(f"A model spec must be a non-empty string, got {spec!r}.")
+    if any(len(part.encode()) > 255 for part in spec.split("/")):
+        raise UsageError(f"Model spec {spec[:40]!r}... has a name of more than 255 bytes, which no file system or "
+                         "model name allows.")
     if Path(spec).expanduser().exists():
         return spec, []
     hub = spec.startswith("hf:")
@@ -119,7 +124,15 @@ def load_base(base: str):
 
 
 def load_dir(path: Path):
-    """``(HF model, tokenizer, provenance)`` of a checkpoint directory, refused if its manifest no longer matches."""
+    """``(HF model, tokenizer, provenance)`` of a checkpoint directory, verified before it is used.
+
+    Refused with one ``UsageError`` naming the file: a manifest that no longer matches; a
+    config.json that is not a JSON object, names no architecture transformers knows, or asks
+    for the checkpoint's own code (``auto_map``: depthlens never runs it); no safetensors
+    weights (a pickled ``.bin``/``.pt`` is never unpickled) or a truncated file; tensors the
+    config does not have, lacks, or has in another shape; a tokenizer that is missing or has
+    more tokens than the embedding has rows.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").exists():
@@ -127,13 +140,116 @@ def load_dir(path: Path):
     if (path / cache.MANIFEST).exists() and (problem := cache.check(path)) is not None:
         raise UsageError(f"Checkpoint {str(path)!r} is damaged ({problem}): it no longer matches its "
                          f"{cache.MANIFEST}; save it again or delete it.")
+    config = _checked_config(path)
+    weights = _checked_weights(path)
     prov: dict = {"source": str(path.resolve())}
     if (path / PROVENANCE_FILE).exists():
-        prov["saved_from"] = json.loads((path / PROVENANCE_FILE).read_text())
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            prov["saved_from"] = json.loads((path / PROVENANCE_FILE).read_text())
+        except (OSError, ValueError) as err:
+            raise UsageError(f"{str(path / PROVENANCE_FILE)!r} is not valid JSON ({err}); restore it or delete it.") from None
+    _check_tensors(path, config, weights)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
+                                                           trust_remote_code=False, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        _check_still_there(path)
+        raise UsageError(f"Checkpoint {str(path)!r} cannot be loaded ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]}).") from None
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        what = "; ".join(f"{k.replace('_', ' ')} {v[:3]}" for k, v in problems.items() if v)
+        raise UsageError(f"The weights in {str(path)!r} do not fit its config.json ({what}); a layer would be "
+                         "randomly initialised, so the checkpoint is refused.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        _check_still_there(path)
+        raise UsageError(f"Checkpoint {str(path)!r} has no usable tokenizer ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:160]}); save the tokenizer into it.") from None
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise UsageError(f"The tokenizer in {str(path)!r} has {len(tokenizer)} tokens but the embedding in "
+                         f"{weights[0].name} has {rows} rows; tokenizer and weights come from different models.")
     prov["weights_sha256"] = _dir_weights_hash(path)
     return model, tokenizer, prov
+
+
+def _check_still_there(path: Path) -> None:
+    """One sentence when the checkpoint folder disappeared while it was being read (a cache clean-up, another process)."""
+    if not (path / "config.json").is_file():
+        raise UsageError(f"Checkpoint folder {str(path)!r} vanished while it was being loaded (another process or a "
+                         "clean-up deleted it); restore it, or run the command again to rebuild a cache entry.")
+
+
+def _checked_config(path: Path) -> dict:
+    """config.json as a dict, refused when it is not JSON, names no known architecture, or wants remote code."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    file = path / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{str(file)!r} is not valid JSON ({err}); restore the checkpoint's config.") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{str(file)!r} holds a JSON {type(config).__name__}, not the object a config must be.")
+    if config.get("auto_map") or config.get("trust_remote_code"):
+        raise UsageError(f"{str(file)!r} asks for the checkpoint's own Python code (auto_map); depthlens never runs "
+                         "code from a model folder (trust_remote_code stays off).")
+    kind = config.get("model_type")
+    if kind not in CONFIG_MAPPING_NAMES:
+        raise UsageError(f"{str(file)!r} has model_type {kind!r}, which is not an architecture transformers knows; "
+                         "depthlens does not run a checkpoint's own code.")
+    expected = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(kind)
+    archs = config.get("architectures")
+    if expected is None:
+        raise UsageError(f"{str(file)!r} has model_type {kind!r}, which is not a causal language model.")
+    if isinstance(archs, list) and archs and expected not in archs:
+        raise UsageError(f"{str(file)!r} says model_type {kind!r} but architectures {archs}; the config was edited "
+                         "or comes from another model.")
+    return config
+
+
+def _checked_weights(path: Path) -> list[Path]:
+    """The checkpoint's safetensors files, refused when there are none (or only pickles) or one is truncated."""
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+        if pickles:
+            raise UsageError(f"Checkpoint {str(path)!r} holds pickled weights ({pickles[0]}), which depthlens never "
+                             "loads (unpickling can run code); convert them to safetensors where you trust the file.")
+        raise UsageError(f"Checkpoint {str(path)!r} holds no weights (no *.safetensors file).")
+    for file in weights:
+        if not cache.safetensors_complete(file):
+            raise UsageError(f"{str(file)!r} is truncated or not a safetensors file; copy or save the checkpoint again.")
+    return weights
+
+
+def _check_tensors(path: Path, config: dict, weights: list[Path]) -> None:
+    """Every tensor in the files is one the config's model has, in the same shape (read from the headers)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(cfg).state_dict().items()}
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as err:
+        raise UsageError(f"{str(path / 'config.json')!r} does not describe a model transformers can build "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:160]}).") from None
+    for file in weights:
+        with open(file, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if name not in shapes:
+                raise UsageError(f"{str(file)!r} holds tensor {name!r}, which the model of config.json does not have; "
+                                 "the weights and the config come from different models.")
+            if tuple(entry.get("shape", ())) != shapes[name]:
+                raise UsageError(f"Tensor {name!r} in {str(file)!r} has shape {tuple(entry['shape'])} but config.json "
+                                 f"makes it {shapes[name]}; the weights and the config come from different models.")
 
 
 def _load_hub(model_id: str):

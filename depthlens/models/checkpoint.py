@@ -50,24 +50,80 @@ def clean_key(key: str) -> str:
     return key.replace("._original_component", "").replace("_original_component.", "")
 
 
-def save_checkpoint(hf_model, tokenizer, path: str | Path, provenance: dict, files: dict[str, str] | None = None) -> Path:
+def save_checkpoint(hf_model, tokenizer, path: str | Path, provenance: dict, files: dict[str, str] | None = None,
+                    overwrite: bool = False) -> Path:
     """Save an HF checkpoint to ``path``: whole or not at all, with a manifest, one writer at a time.
 
     The files are written into a sibling temporary directory (``write_checkpoint``), a
     ``manifest.json`` of their sizes and hashes is added last, and the directory takes
     ``path``'s place in one atomic step (``depthlens.infra.cache.publish``): a reader sees the old
-    checkpoint or the new one, never none, and concurrent writers queue on a file lock.
-    ``files`` are extra text files written into the checkpoint.
+    checkpoint or the new one, never none, and concurrent writers queue on a file lock (kept
+    in the cache, not beside ``path``). ``files`` are extra text files written into the checkpoint.
+
+    Replacing ``path`` deletes what was in it, so ``check_save_target`` refuses a folder that
+    holds files but is not a depthlens checkpoint (unless ``overwrite``), the working
+    directory or one of its parents, and a file. The new folder keeps the old one's mode.
     """
-    path = Path(path).expanduser()
-    with cache.lock(path):
+    path = check_save_target(path, overwrite)
+    mode = path.stat().st_mode & 0o7777 if path.is_dir() else None
+    with cache.lock(path, beside=False):
+        check_free_space(path.parent, _checkpoint_bytes(hf_model), f"the checkpoint folder {str(path)!r}")
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
         try:
             write_checkpoint(hf_model, tokenizer, tmp, provenance, files)
+            tmp.chmod(mode if mode is not None else 0o777 & ~cache.umask())
             cache.publish(tmp, path)
         finally:
             cache.remove(tmp)
     return path
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a folder that depthlens wrote (``save_checkpoint`` or a cache build)."""
+    return path.is_dir() and (path / PROVENANCE_FILE).is_file() and (path / cache.MANIFEST).is_file()
+
+
+def check_save_target(path: str | Path, overwrite: bool = False) -> Path:
+    """``path`` as an absolute path where ``save_checkpoint`` may replace what is there, else one ``UsageError``."""
+    from depthlens.infra.errors import UsageError
+
+    if not str(path).strip():
+        raise UsageError("A checkpoint path must be a non-empty folder name.")
+    path = Path(path).expanduser().absolute()
+    try:
+        resolved, cwd = path.resolve(), Path.cwd().resolve()
+    except OSError as err:
+        raise UsageError(f"Cannot save a checkpoint to {str(path)!r}: {err.strerror or err}.") from None
+    if resolved == cwd or resolved in cwd.parents or resolved.parent == resolved:
+        raise UsageError(f"Refusing to save a checkpoint to {str(path)!r}: it is the working directory (or holds it), "
+                         "whose files saving would replace; name a new folder, e.g. ./checkpoint.")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"Cannot save a checkpoint to {str(path)!r}: it is a file; name a folder.")
+    if path.is_dir() and not overwrite and not is_checkpoint(path) and any(path.iterdir()):
+        raise UsageError(f"Refusing to save a checkpoint to {str(path)!r}: the folder holds files and is not a "
+                         "depthlens checkpoint, and saving replaces the whole folder; name a new or empty folder "
+                         "(or pass overwrite=True to delete its contents).")
+    if not path.parent.is_dir():
+        raise UsageError(f"Cannot save a checkpoint to {str(path)!r}: its parent folder does not exist.")
+    return path
+
+
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """A ``UsageError`` before any work when ``folder``'s file system has less than ``need`` bytes free."""
+    import shutil
+
+    from depthlens.infra.errors import UsageError
+
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise UsageError(f"Not enough free space for {what}: it needs about {need / 2**20:.0f} MiB and "
+                         f"{str(folder)!r} has {free / 2**20:.0f} MiB free; free some space or write elsewhere.")
+
+
+def _checkpoint_bytes(hf_model) -> int:
+    """What ``write_checkpoint`` writes, about: fp32 weights (tied ones once), plus room for the tokenizer."""
+    seen = {p.data_ptr(): p.numel() for p in hf_model.parameters()}
+    return 4 * sum(seen.values()) + (32 << 20)
 
 
 def write_checkpoint(hf_model, tokenizer, directory: str | Path, provenance: dict,

@@ -168,9 +168,15 @@ class HookedModel:
         return any(isinstance(m, HookPoint) and (m._forward_hooks or m._forward_pre_hooks)
                    for m in self.bridge.modules())
 
-    def save(self, path: str | Path, extra: dict | None = None, files: dict[str, str] | None = None) -> Path:
-        """Write an HF-format checkpoint (safetensors + tokenizer + provenance) atomically."""
-        return save_checkpoint(self.hf, self.tokenizer, path, {**self.provenance, **(extra or {})}, files)
+    def save(self, path: str | Path, extra: dict | None = None, files: dict[str, str] | None = None,
+             overwrite: bool = False) -> Path:
+        """Write an HF-format checkpoint (safetensors + tokenizer + provenance) atomically.
+
+        ``path`` is replaced as a whole: a folder holding other files than a depthlens
+        checkpoint is refused unless ``overwrite`` (see ``depthlens.models.checkpoint.check_save_target``).
+        """
+        return save_checkpoint(self.hf, self.tokenizer, path, {**self.provenance, **(extra or {})}, files,
+                               overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------- booting the bridge

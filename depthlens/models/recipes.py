@@ -43,7 +43,7 @@ from typing import Any, Protocol
 
 from depthlens.infra import cache
 from depthlens.models.base import load_base, load_dir, resolve_device_dtype, split_spec
-from depthlens.models.checkpoint import write_checkpoint
+from depthlens.models.checkpoint import check_free_space, write_checkpoint
 from depthlens.infra.errors import UsageError
 from depthlens.models.hooked_model import wrap
 from depthlens.infra.paths import cache_dir, entry_name
@@ -207,6 +207,9 @@ def build_or_load(base: str, recipes: list, *, device=None, dtype=None, rebuild_
             if (workdir / "adapter").is_dir():  # a LoRA build's adapter, kept beside the merged weights
                 shutil.copytree(workdir / "adapter", tmp / "adapter", dirs_exist_ok=True)
 
+        if cache.check(target) is not None:  # a build: room for its checkpoint, before the training
+            check_free_space(target.parent, 4 * sum(p.numel() for p in (current.hf if current else hf).parameters())
+                             + (32 << 20), f"the cache entry of {spec!r}")
         command = None if rebuild_damaged else rebuild_command(spec, recipe)
         adopt = lambda e: cache.looks_complete(e, ("config.json", RECIPE_FILE))  # noqa: E731
         if state is not None and cache.check(target) is not None:

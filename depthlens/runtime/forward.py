@@ -60,6 +60,34 @@ def _ids(s: SeqLike) -> tuple[int, ...]:
     return s.ids if isinstance(s, ChatSequence) else tuple(s)
 
 
+def _checked_ids(model, seqs) -> list[tuple[int, ...]]:
+    ids = [_ids(s) for s in seqs]
+    check_token_ids(model, ids)
+    return ids
+
+
+def check_token_ids(model, ids: Sequence[Sequence[int]]) -> None:
+    """Every id an integer in ``0..d_vocab-1`` (a float id would be truncated, a large one index past the
+    embedding); else one ``UsageError`` naming the sequence and position."""
+    import operator
+
+    vocab = int(model.bridge.cfg.d_vocab)
+    for i, seq in enumerate(ids):
+        if not all(type(t) is int for t in seq):
+            for j, t in enumerate(seq):
+                try:
+                    ok = not isinstance(t, (bool, float)) and operator.index(t) is not None
+                except TypeError:
+                    ok = False
+                if not ok:
+                    raise UsageError(f"Token id {t!r} (sequence {i}, position {j}) is not an integer; pass integer ids.")
+            seq = [operator.index(t) for t in seq]
+        lo, hi = min(seq), max(seq)
+        if lo < 0 or hi >= vocab:
+            j, t = next((j, t) for j, t in enumerate(seq) if not 0 <= t < vocab)
+            raise UsageError(f"Token id {t} (sequence {i}, position {j}) is outside the vocabulary 0..{vocab - 1}.")
+
+
 def _pad_id(model) -> int:
     tok = model.tokenizer
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -70,7 +98,7 @@ def iter_batches(model, seqs: Sequence[SeqLike], batch_size: int, progress: bool
 
     Sequences longer than the model's context are refused (``depthlens.data.chat.check_context``).
     """
-    ids = [_ids(s) for s in seqs]
+    ids = _checked_ids(model, seqs)
     if any(len(s) == 0 for s in ids):
         raise UsageError("Cannot run a forward pass on an empty sequence.")
     check_context(model, [len(s) for s in ids])
@@ -112,7 +140,7 @@ def token_logprobs(model, seqs: Sequence[SeqLike], *, start: Sequence[int] | Non
     Returns for sequence i a tensor of length ``len_i - start_i`` (log p(token_t | tokens<t) for
     t = start_i … len_i−1), or with ``full_dist`` the full ``[len_i - start_i, vocab]`` log-softmax.
     """
-    ids = [_ids(s) for s in seqs]
+    ids = _checked_ids(model, seqs)
     starts = [integer("start", s) for s in start] if start is not None else [1] * len(ids)
     if len(starts) != len(ids):
         raise UsageError(f"start has {len(starts)} entries for {len(ids)} sequences; give one per sequence.")
@@ -154,7 +182,7 @@ def residuals_at(model, seqs: Sequence[SeqLike], positions: Sequence[int | Seque
     one_of("reduce", reduce, REDUCTIONS)
     positive_int("batch_size", batch_size)
     layers = list(range(model.n_layers)) if layers is None else [model.check_layer(l) for l in layers]
-    ids = [_ids(s) for s in seqs]
+    ids = _checked_ids(model, seqs)
     if isinstance(positions, (str, bytes)) or len(positions) != len(ids):
         raise UsageError(f"positions must hold one entry per sequence ({len(ids)}), got {positions!r:.80}.")
     abs_pos = []
@@ -251,7 +279,7 @@ def stream_boundaries(model, seqs: Sequence[SeqLike], boundaries: Sequence[int],
     bad = [b for b in boundaries if not 0 <= b <= model.n_layers]
     if bad:
         raise UsageError(f"Block boundaries run from 0 to {model.n_layers}; got {bad}.")
-    ids = [_ids(s) for s in seqs]
+    ids = _checked_ids(model, seqs)
     check_context(model, [len(s) for s in ids])  # the batches below hold suffixes only
     p = 0 if has_sliding_window(model.hf.config) else common_prefix_len(ids)  # see has_sliding_window
     if max_prefix is not None:
@@ -424,7 +452,7 @@ class PrefixSharedRunner:
             raise UsageError("PrefixSharedRunner needs at least one sequence.")
         self.model = model
         self._cache_cls = DynamicCache
-        ids = [_ids(s) for s in seqs]
+        ids = _checked_ids(model, seqs)
         check_context(model, [len(s) for s in ids])  # the batches below hold suffixes only
         self.prefix_len = p = 0 if has_sliding_window(model.hf.config) else common_prefix_len(ids)
         view = model.plain()

@@ -144,8 +144,8 @@ def as_chats(model, prompts: Sequence[str | ChatSequence]) -> list[ChatSequence]
 def _check_sampling(do_sample, temperature, top_p, seed, top_k=0) -> None:
     if not isinstance(do_sample, bool):
         raise UsageError(f"do_sample must be True or False, got {do_sample!r}.")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise UsageError(f"temperature must be a number > 0, got {temperature!r}.")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+        raise UsageError(f"temperature must be a finite number > 0, got {temperature!r}.")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise UsageError(f"top_p must be a number in (0, 1], got {top_p!r}.")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
