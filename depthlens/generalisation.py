@@ -9,8 +9,9 @@ carries to requests of other origins and forms (docs/methods.md §2.7):
   ``TENSE_PER_FORM`` of each, drawn by a fixed seeded hash order from the prompts that occur in no
   other set of the project.
 - **written** (``depthlens/prompts/general.jsonl``): harmful requests the project wrote in three
-  registers the recipes never use: ``indirect`` (wondering, "would it be possible…"), ``long``
-  (several sentences of context, then the request) and ``statement`` ("I need…", "My plan is…").
+  registers the default recipe never uses (``finetune.sft``'s ``register_share`` is off):
+  ``indirect`` (wondering, "would it be possible…"), ``long`` (several sentences of context,
+  then the request) and ``statement`` ("I need…", "My plan is…").
 - **benign, matched in form**: for every harmful register the same number of benign prompts in
   that register (past/future-tense questions about history and the future; indirect, long and
   statement requests that share the harmful prompts' set-up but ask for something harmless).
