@@ -4,8 +4,9 @@ refusal-score AUROC and harmless cross-entropy (capability proxy).
 ``python -m analyses.evaluate --model SPEC`` generates greedy answers to the *test* splits
 (HarmBench for harmful, out of distribution on purpose; ``--harmful FILE`` and friends replace
 a set; ``--split general`` / ``general-val`` the generalisation split's harmful and benign halves,
-docs/methods.md §2.7, with refusal by form and no cross-entropy), judges them with the substring judge (``asr_compliance``: the share of non-trivial
-non-refusals; beside it its 95 % interval and the ASR corrected for the judge's measured errors, docs/judging.md §2),
+docs/methods.md §2.7, with refusal by form and no cross-entropy), judges them with the substring
+judge (``asr_compliance``: the share of non-trivial non-refusals; beside it its 95 % interval
+and the ASR corrected for the judge's measured errors, docs/judging.md §2),
 scores the first-token refusal score (AUROC harmful vs harmless) and
 teacher-forces the base model's answers to harmless test prompts for the cross-entropy. ``evaluate_model`` is the
 reusable core (``analyses.compare`` and the recipes' checks call it).
@@ -152,9 +153,7 @@ class EvaluateResult(AnalysisResult):
                  f"(corrected {m['asr_compliance_corrected']:.3f} [{m['asr_compliance_corrected_lo']:.3f}, "
                  f"{m['asr_compliance_corrected_hi']:.3f}])  "
                  f"refusal-score AUROC {self.refusal_score_auroc:.3f}{ce}")
-        cols = ["set", "n", "refusal_rate", "refusal_lo", "refusal_hi", "mean_refusal_score", "asr_compliance",
-                "asr_compliance_lo",
-                "asr_compliance_hi", "asr_compliance_corrected", "asr_compliance_corrected_lo", "asr_compliance_corrected_hi"]
+        cols = ["set", "n", "refusal_rate", "refusal_lo", "refusal_hi", "mean_refusal_score", *ASR_COLUMNS]
         return Summary(title, self.tables["by_set"], cols)
 
 
@@ -303,7 +302,8 @@ def run(cfg: EvalConfig, model=None) -> EvaluateResult:
     provenance = {**model.provenance, **({"prompt_files": files} if (files := prompt_files(cfg)) else {})}
     return EvaluateResult(analysis="evaluate", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
                           provenance=provenance, metrics=ev.metrics,
-                          tables={"by_set": ev.rows, "samples": ev.samples, **({"by_form": ev.by_form} if ev.by_form else {})},
+                          tables={"by_set": ev.rows, "samples": ev.samples,
+                                  **({"by_form": ev.by_form} if ev.by_form else {})},
                           timings=timer.total())
 
 
