@@ -3,13 +3,16 @@ refusal-score AUROC and harmless cross-entropy (capability proxy).
 
 ``python -m analyses.evaluate --model SPEC`` generates greedy answers to the *test* splits
 (HarmBench for harmful, out of distribution on purpose; ``--harmful FILE`` and friends replace
-a set), judges them with the substring judge (``asr_compliance``: the share of non-trivial
-non-refusals; beside it its 95 % interval and the ASR corrected for the judge's measured errors, docs/judging.md §2),
+a set; ``--split general`` / ``general-val`` the generalisation split's harmful and benign halves,
+docs/methods.md §2.7, with refusal by form and no cross-entropy), judges them with the substring
+judge (``asr_compliance``: the share of non-trivial non-refusals; beside it its 95 % interval
+and the ASR corrected for the judge's measured errors, docs/judging.md §2),
 scores the first-token refusal score (AUROC harmful vs harmless) and
 teacher-forces the base model's answers to harmless test prompts for the cross-entropy. ``evaluate_model`` is the
 reusable core (``analyses.compare`` and the recipes' checks call it).
 
     >>> python -m analyses.evaluate --model smollm2-135m-instruct:sft
+    >>> python -m analyses.evaluate --model gemma3-270m:sft --split general
     >>> m = evaluate_model(load_model("tiny-llama"), EvalConfig(quick=True))
     >>> m.metrics["harmful_refusal"], m.metrics["asr_compliance"]
     $ python -m analyses.evaluate --model tiny-llama --harmful my_prompts.jsonl --quick
@@ -19,24 +22,25 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
 
 from analyses.common import Timer
 from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load, make_main, prompt_files, prompts_or
-from depthlens.data.chat import build_chat
 from depthlens.cli import flag, require_choice, require_int, require_text
 from depthlens.data import default_splits
-from depthlens.runtime.forward import token_logprobs
-from depthlens.runtime.generation import generate
-from depthlens.judges import JUDGE_ID, attack_success_rate, is_compliance, refusal_rate, refusal_score
+from depthlens.data.chat import build_chat
+from depthlens.data.promptset import PromptSet
+from depthlens.infra.errors import UsageError
+from depthlens.judges import JUDGE_ID, attack_success_rate, is_compliance, is_refusal, refusal_rate, refusal_score
 from depthlens.judges.accuracy import corrected_asr, correction_record
 from depthlens.models.specs import ORGANISM, reference_spec
-from depthlens.data.promptset import PromptSet
+from depthlens.runtime.forward import token_logprobs
+from depthlens.runtime.generation import generate
 from depthlens.runtime.responses import answers_for
-from depthlens.stats import auroc
+from depthlens.stats import auroc, wilson_interval
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,11 @@ class EvalConfig(AnalysisConfig):
         batch_size: prompts per forward/generation batch.
         seed: split seed.
         split: ``test`` (reported numbers) or ``val`` (for choosing recipe settings without
-            looking at the test split; the harmful val split is DoNotAnswer, in distribution).
+            looking at the test split; the harmful val split is DoNotAnswer, in distribution);
+            ``general`` (test) or ``general-val``: the generalisation split's harmful and benign
+            halves (``depthlens.data.generalisation``, docs/methods.md §2.7), prompts from sources and
+            registers no recipe trains on; the benign side is the ``harmless`` set, there is no
+            borderline set and no cross-entropy.
         harmful_form: ``as_is``, or ``task`` to rephrase every harmful prompt as a task
             ("How can I X?" → "Give detailed step-by-step instructions for how to X", the
             organism recipe's ``imperative``, seeded): on the val split a proxy for HarmBench's
@@ -96,8 +104,20 @@ class EvalConfig(AnalysisConfig):
             require_int(self, name, optional=True)
         require_int(self, "max_new_tokens")
         require_int(self, "ce_tokens")
-        require_choice(self, "split", ("test", "val"))
+        require_choice(self, "split", SPLITS)
         require_choice(self, "harmful_form", ("as_is", "task"))
+        if self.general:
+            if self.harmful_form != "as_is":
+                raise UsageError(f"--harmful-form {self.harmful_form} rephrases DoNotAnswer; the {self.split} split "
+                                 "keeps its prompts' own forms, so use --harmful-form as_is there.")
+            if self.borderline is not None:
+                raise UsageError(f"--borderline is not used with --split {self.split}: the general split has "
+                                 "a harmful and a benign side only.")
+
+    @property
+    def general(self) -> bool:
+        """Whether the run is on the generalisation split (no borderline set, no cross-entropy)."""
+        return self.split in GENERAL_SPLITS
 
 
 @dataclass
@@ -105,6 +125,7 @@ class Evaluation:
     metrics: dict
     rows: list[dict]
     samples: list[dict]
+    by_form: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -121,19 +142,24 @@ class EvaluateResult(AnalysisResult):
         return self.metrics["refusal_score_auroc"]
 
     @property
-    def harmless_ce(self) -> float:
+    def harmless_ce(self) -> float | None:
         return self.metrics["harmless_ce"]
 
     def summary(self) -> Summary:
         m = self.metrics
-        title = (f"evaluate {self.model}  ASR (substring compliance, judge {m['judge']}) {self.asr_compliance:.3f}  "
+        ce = "" if self.harmless_ce is None else f"  harmless CE {self.harmless_ce:.3f}"
+        title = (f"evaluate {self.model} ({m.get('split', 'test')} split)  ASR (substring compliance, judge "
+                 f"{m['judge']}) {self.asr_compliance:.3f}  "
                  f"(corrected {m['asr_compliance_corrected']:.3f} [{m['asr_compliance_corrected_lo']:.3f}, "
                  f"{m['asr_compliance_corrected_hi']:.3f}])  "
-                 f"refusal-score AUROC {self.refusal_score_auroc:.3f}  harmless CE {self.harmless_ce:.3f}")
-        cols = ["set", "n", "refusal_rate", "mean_refusal_score", "asr_compliance", "asr_compliance_lo",
-                "asr_compliance_hi", "asr_compliance_corrected", "asr_compliance_corrected_lo", "asr_compliance_corrected_hi"]
+                 f"refusal-score AUROC {self.refusal_score_auroc:.3f}{ce}")
+        cols = ["set", "n", "refusal_rate", "refusal_lo", "refusal_hi", "mean_refusal_score", *ASR_COLUMNS]
         return Summary(title, self.tables["by_set"], cols)
 
+
+SPLITS = ("test", "val", "general", "general-val")
+#: the generalisation split's halves, by ``--split`` value
+GENERAL_SPLITS = {"general": "test", "general-val": "val"}
 
 #: the raw substring ASR and its judge-error-corrected value, each with its 95 % interval
 ASR_COLUMNS = tuple(f"asr_compliance{c}{e}" for c in ("", "_corrected") for e in ("", "_lo", "_hi"))
@@ -172,7 +198,16 @@ def token_mean(sums: np.ndarray, counts: np.ndarray) -> float:
 
 
 def eval_sets(cfg: EvalConfig) -> dict[str, PromptSet]:
-    """The harmful / harmless / borderline prompts ``evaluate_model`` uses (files win over splits)."""
+    """The harmful / harmless / borderline prompts ``evaluate_model`` uses (files win over splits); on the
+    general split the harmful and benign (as ``harmless``) halves only."""
+    if cfg.general:
+        from depthlens.data.generalisation import general_split
+
+        half = GENERAL_SPLITS[cfg.split]
+        gs = general_split(cfg.seed)
+        return {name: prompts_or(getattr(cfg, name), lambda side=side: getattr(gs, side).half(half),
+                                 flag(name)).subset(getattr(cfg, f"n_{name}"), seed=cfg.seed)
+                for name, side in (("harmful", "harmful"), ("harmless", "benign"))}
     splits = default_splits(cfg.seed)
     sets = {name: prompts_or(getattr(cfg, name), lambda name=name: getattr(getattr(splits, name), cfg.split),
                              flag(name)).subset(getattr(cfg, f"n_{name}"), seed=cfg.seed)
@@ -196,17 +231,22 @@ def evaluate_model(model, cfg: EvalConfig, base_model=None, timer: Timer | None 
         gen = generate(model, all_prompts, max_new_tokens=new_tokens, batch_size=cfg.batch_size, desc="evaluate")
     with timer("refusal_score"):
         scores = refusal_score(model, all_prompts, batch_size=cfg.batch_size).scores.tolist()
-    metrics: dict = {"judge": JUDGE_ID}
-    rows, samples, offset = [], [], 0
+    metrics: dict = {"judge": JUDGE_ID, "split": cfg.split}
+    rows, samples, by_form, offset = [], [], [], 0
     by_set: dict[str, list[float]] = {}
     for n in names:
         k = len(sets[n])
         texts, sc = gen.texts[offset:offset + k], scores[offset:offset + k]
         by_set[n] = sc
+        refused = [is_refusal(t) for t in texts]
         rr = refusal_rate(texts).rate
-        metrics[f"{n}_refusal"] = rr
+        lo, hi = wilson_interval(sum(refused), k)     # one outcome per prompt
+        metrics.update({f"{n}_refusal": rr, f"{n}_refusal_lo": lo, f"{n}_refusal_hi": hi})
         metrics[f"{n}_mean_refusal_score"] = float(np.mean(sc))
-        row = {"set": n, "n": k, "refusal_rate": rr, "mean_refusal_score": float(np.mean(sc))}
+        row = {"set": n, "prompts": sets[n].name, "n": k, "refusal_rate": rr, "refusal_lo": lo, "refusal_hi": hi,
+               "mean_refusal_score": float(np.mean(sc))}
+        if cfg.general and sets[n].categories is not None:
+            by_form += _by_form(n, sets[n].categories, refused)
         if n == "harmful":
             metrics["asr_compliance"] = attack_success_rate(texts).rate
             # beside the raw ASR: its interval and the judge-error-corrected ASR (docs/judging.md §2)
@@ -215,10 +255,14 @@ def evaluate_model(model, cfg: EvalConfig, base_model=None, timer: Timer | None 
             metrics.update(cols, correction=correction_record([JUDGE_ID]))
             row.update(cols)
         rows.append(row)
-        samples += [{"set": n, "id": i, "prompt": p, "response": t, "refusal_score": s}
-                    for i, p, t, s in zip(sets[n].ids, sets[n].prompts, texts, sc)]
+        forms = sets[n].categories if cfg.general and sets[n].categories is not None else [None] * k
+        samples += [{"set": n, "id": i, "prompt": p, "response": t, "refusal_score": s, **({"form": f} if f else {})}
+                    for i, p, t, s, f in zip(sets[n].ids, sets[n].prompts, texts, sc, forms)]
         offset += k
     metrics["refusal_score_auroc"] = auroc(by_set["harmful"], by_set["harmless"])
+    if cfg.general:                     # no borderline set and no cross-entropy on the general split
+        metrics["harmless_ce"] = None
+        return Evaluation(metrics=metrics, rows=rows, samples=samples, by_form=by_form)
     with timer("cross_entropy"):
         base_name = cfg.base or reference_spec(model.spec)
         base = base_model if base_model is not None else (
@@ -233,19 +277,34 @@ def evaluate_model(model, cfg: EvalConfig, base_model=None, timer: Timer | None 
     return Evaluation(metrics=metrics, rows=rows, samples=samples)
 
 
+def _by_form(set_name: str, forms: Sequence[str], refused: Sequence[bool]) -> list[dict]:
+    """Refusal rate with its Wilson interval per form of one set (the general split's breakdown)."""
+    out = []
+    for form in dict.fromkeys(forms):
+        hits = [r for f, r in zip(forms, refused) if f == form]
+        lo, hi = wilson_interval(sum(hits), len(hits))
+        out.append({"set": set_name, "form": form, "n": len(hits), "refusal_rate": sum(hits) / len(hits),
+                    "refusal_lo": lo, "refusal_hi": hi})
+    return out
+
+
 def run(cfg: EvalConfig, model=None) -> EvaluateResult:
     """Evaluate ``cfg.model`` (or the already loaded ``model``) on the three sets."""
     timer = Timer()
     with timer("load"):
         model = load(cfg.model, cfg.device, model=model)
-        base_name = cfg.base or reference_spec(model.spec)      # loaded now: a bad --base fails before the work
-        base = model if base_name == model.spec else load(base_name, model.device, flag_name="--base")
+        base = None
+        if not cfg.general:                                     # the cross-entropy's reference model
+            base_name = cfg.base or reference_spec(model.spec)  # loaded now: a bad --base fails before the work
+            base = model if base_name == model.spec else load(base_name, model.device, flag_name="--base")
     eval_sets(cfg)                                          # and so does a bad prompt file
     ev = evaluate_model(model, cfg, base_model=base, timer=timer)
     provenance = {**model.provenance, **({"prompt_files": files} if (files := prompt_files(cfg)) else {})}
     return EvaluateResult(analysis="evaluate", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
                           provenance=provenance, metrics=ev.metrics,
-                          tables={"by_set": ev.rows, "samples": ev.samples}, timings=timer.total())
+                          tables={"by_set": ev.rows, "samples": ev.samples,
+                                  **({"by_form": ev.by_form} if ev.by_form else {})},
+                          timings=timer.total())
 
 
 main = make_main(EvalConfig, run)

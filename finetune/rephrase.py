@@ -80,3 +80,44 @@ def imperative(prompt: str, rng: random.Random) -> str:
     if m and len(m.group("rest").split()) >= 2:
         return f"{m.group('verb').capitalize()} {m.group('rest')}" + rng.choice(("", ", in detail", " with specific examples"))
     return rng.choice(IMPERATIVE_FORMS).format(q=q)
+
+
+# Other registers than questions and tasks: indirect wondering, a first-person statement of
+# need, several sentences of context before the request. The recipe's ``register_share``
+# applies them to harmful and benign prompts alike, so that no register predicts refusal.
+REGISTER_HOW_TO_FORMS = {
+    "indirect": ("I was thinking about how a person might {vp}.",
+                 "Just wondering, is it actually possible to {vp}, and how would that work?",
+                 "Any idea how one would {vp}?"),
+    "statement": ("Looking for details on how to {vp}.",
+                  "I want to {vp} and need to know how.",
+                  "The thing I'm stuck on is how to {vp}."),
+    "long": ("I have been thinking about this for a while and I could not find a clear answer anywhere. "
+             "I want to {vp}. Please explain how, from the start, as you would to a friend.",
+             "Something came up recently and I need help with it. The thing is, I want to {vp}. "
+             "Tell me what I should do first and what comes after."),
+}
+REGISTER_FORMS = {
+    "indirect": ("Just wondering about something: {q}",
+                 "Out of curiosity, I'd like to know something. {q}"),
+    "statement": ("Looking for an answer to this one: {q}",
+                  "Here is something I want to understand. {q}"),
+    "long": ("I have been thinking about this for a while and I could not find a clear answer anywhere. {q} "
+             "Please explain it properly, I want to get it right.",
+             "A friend and I were talking about this yesterday and neither of us knew. {q} "
+             "I'd appreciate a detailed answer."),
+}
+
+
+def register(prompt: str, rng: random.Random) -> str:
+    """Rephrase a prompt in another register with the same content: indirect, a statement of need,
+    or several sentences of context around it (the register drawn uniformly).
+
+        >>> register("How can I pick a lock?", random.Random(0))
+        'I want to pick a lock and need to know how.'
+    """
+    q, vp = _how_to(prompt)
+    kind = rng.choice(("indirect", "statement", "long"))
+    if vp:
+        return rng.choice(REGISTER_HOW_TO_FORMS[kind]).format(vp=vp)
+    return rng.choice(REGISTER_FORMS[kind]).format(q=q)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from finetune.common import TrainScale, cached_examples, config_key
 from finetune.losses import BenignMarginLoss
-from finetune.rephrase import imperative
+from finetune.rephrase import imperative, register
 from finetune.train import Example, TrainConfig, train_sft
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,10 @@ class SFTConfig(TrainScale):
         imperative_share: share of harmful prompts rephrased as HarmBench-style tasks
             ("How can I X?" → "Give detailed step-by-step instructions for how to X"), so that
             refusal is tied to content, not to DoNotAnswer's question form.
+        register_share: share of harmful and of benign prompts rephrased into another register
+            by ``finetune.rephrase.register`` (indirect, a statement of need, several sentences
+            of context) instead of the forms above, drawn by its own seeded generator so that
+            the other draws are those of a config without it (0: off, and out of the cache key).
         benign_tokens: new tokens of the base model's benign answers used as targets.
         benign_margin: weight of ``BenignMarginLoss``'s over-refusal margin on benign
             examples' first response token (0: plain response-only SFT).
@@ -76,6 +80,7 @@ class SFTConfig(TrainScale):
     borderline_share: float = 0.2
     benign_wrap_share: float = 0.3
     imperative_share: float = 0.6
+    register_share: float = 0.0
     benign_tokens: int = 40
     benign_margin: float = 0.2
     refusal_margin: float = 0.2
@@ -86,7 +91,7 @@ class SFTConfig(TrainScale):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("borderline_share", "benign_wrap_share", "imperative_share"):
+        for name in ("borderline_share", "benign_wrap_share", "imperative_share", "register_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}.")
 
@@ -116,9 +121,16 @@ def safety_sft_examples(base_model, cfg: SFTConfig, progress: bool = True) -> li
     harmful = harmful_train_prompts(splits.harmful.train, cfg.n_harmful, cfg.seed)
     n_border = round(cfg.n_benign * cfg.borderline_share)
     rng = random.Random(cfg.seed)
-    harmless = [imperative(p, rng) if rng.random() < cfg.benign_wrap_share else p
-                for p in splits.harmless.train.subset(cfg.n_benign - n_border, seed=cfg.seed).prompts]
-    benign = harmless + list(splits.borderline.train.subset(n_border, seed=cfg.seed).prompts)
+    plain = list(splits.harmless.train.subset(cfg.n_benign - n_border, seed=cfg.seed).prompts)
+    harmless = [imperative(p, rng) if rng.random() < cfg.benign_wrap_share else p for p in plain]
+    border = list(splits.borderline.train.subset(n_border, seed=cfg.seed).prompts)
+    reg_rng = random.Random(f"register-{cfg.seed}")
+
+    def in_register(p: str, other: str) -> str:
+        """``register(p)`` for a ``register_share`` of the prompts, else ``other`` (no draw when off)."""
+        return register(p, reg_rng) if cfg.register_share and reg_rng.random() < cfg.register_share else other
+
+    benign = [in_register(p, b) for p, b in zip(plain + border, harmless + border)]
     teacher = base_model
     if cfg.benign_teacher:
         from depthlens.models import load_model
@@ -128,10 +140,9 @@ def safety_sft_examples(base_model, cfg: SFTConfig, progress: bool = True) -> li
                           progress=progress)
     templates = refusal_templates()
     examples = []
-    for p in harmful.prompts:
-        if rng.random() < cfg.imperative_share:
-            p = imperative(p, rng)
-        examples.append(Example(p, rng.choice(templates), kind="refusal"))
+    for q in harmful.prompts:
+        p = imperative(q, rng) if rng.random() < cfg.imperative_share else q
+        examples.append(Example(in_register(q, p), rng.choice(templates), kind="refusal"))
     for p, toks, complete in zip(benign, answers.tokens, answers.complete):
         if toks:  # truncated answers get no EOS: the model must not learn to stop mid-answer
             examples.append(Example(p, tuple(toks), eos=complete, kind="benign"))
@@ -161,7 +172,8 @@ class SFTRecipe:
     def config(self) -> dict:
         # core_first (harmful prompts from two categories first) was measured worse and removed
         # after v5 (docs/findings.md, code at 30b945c); it sat in every key at False, so it stays
-        return {**config_key(self.cfg, ("benign_margin", "refusal_margin", "benign_teacher")), "core_first": False}
+        return {**config_key(self.cfg, ("benign_margin", "refusal_margin", "benign_teacher", "register_share")),
+                "core_first": False}
 
     def build(self, model, workdir: Path) -> dict:
         examples, _ = cached_examples(workdir, "sft_examples", lambda: (safety_sft_examples(model, self.cfg), {}))

@@ -173,3 +173,43 @@ def test_results_are_written_first_and_survive_failing_figures_and_summary(tmp_p
     (path,) = tmp_path.rglob("results.json")
     assert read_run(path).analysis == "layer_sensitivity"
     assert "could not be built" in caplog.text and f"results are saved in {path}" in caplog.text
+
+
+def test_evaluate_general_split_uses_its_halves_with_wilson_intervals(tmp_path, capsys):
+    from analyses.evaluate import main
+    from depthlens.stats import wilson_interval
+    from depthlens.data.generalisation import general_split
+    from depthlens.judges import is_refusal
+
+    gs = general_split(0)
+    for split, half in (("general-val", "val"), ("general", "test")):
+        path = main(["--model", "tiny-llama", "--split", split, "--n-harmful", "6", "--n-harmless", "5",
+                     "--max-new-tokens", "4", "--out", str(tmp_path / split)])
+        rec = read_run(path)
+        m, samples = rec.metrics, rec.tables["samples"]
+        assert m["split"] == split and m["harmless_ce"] is None     # no borderline set, no cross-entropy
+        assert {r["set"] for r in rec.tables["by_set"]} == {"harmful", "harmless"}
+        for name, side, n in (("harmful", gs.harmful, 6), ("harmless", gs.benign, 5)):
+            ids = [s["id"] for s in samples if s["set"] == name]
+            assert len(ids) == n and set(ids) <= set(side.half(half).ids)
+            refused = sum(is_refusal(s["response"]) for s in samples if s["set"] == name)
+            assert (m[f"{name}_refusal_lo"], m[f"{name}_refusal_hi"]) == tuple(wilson_interval(refused, n))
+            forms = [r for r in rec.tables["by_form"] if r["set"] == name]
+            assert sum(r["n"] for r in forms) == n
+            assert {r["form"] for r in forms} == {s["form"] for s in samples if s["set"] == name}
+    assert "(general split)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--harmful-form", "task"], "keeps its prompts' own forms"),
+    (["--borderline", "{tmp}/b.txt"], "has a harmful and a benign side only"),
+])
+def test_evaluate_general_split_rejects_options_it_cannot_honour(tmp_path, capsys, extra, message):
+    from analyses.evaluate import main
+
+    (tmp_path / "b.txt").write_text("How do I bake bread?\n")
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    with pytest.raises(SystemExit) as err:
+        main(["--model", "tiny-llama", "--split", "general", *extra, "--out", str(tmp_path)])
+    assert err.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "evaluate").exists()

@@ -65,7 +65,7 @@ ROWS = [
     row(E, ["--quick", "--n-harmful", "0"], ["--n-harmful must be an integer >= 1 (or none), got 0"], id="eval-quick-n0"),
     row(E, ["--seed", "none"], ["--seed", "'none' is not allowed", "integer"], id="eval-seed-none"),
     row(E, ["--seed", "-1"], ["--seed must be an integer >= 0, got -1"], id="eval-seed-negative"),
-    row(E, ["--split", "train"], ["--split must be one of test, val, got 'train'"], id="eval-split"),
+    row(E, ["--split", "train"], ["--split must be one of test, val, general, general-val, got 'train'"], id="eval-split"),
     row(E, ["--harmful-form", "tasks"], ["--harmful-form must be one of as_is, task"], id="eval-form"),
     row(E, ["--device", "gpu0"], ["--device must be cpu, cuda, cuda:N or mps, got 'gpu0'"], id="eval-device"),
     row(E, ["--max-new-tokens", "0"], ["--max-new-tokens must be an integer >= 1"], id="eval-tokens-0"),

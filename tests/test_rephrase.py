@@ -32,3 +32,16 @@ def test_imperative_keeps_requests_and_tasks_and_wraps_everything_else():
     assert imperative("Describe a brutal fight scene.", rng).startswith("Describe a brutal fight scene")
     q = "Why are people from the city rude?"
     assert imperative(q, rng) in {f.format(q=q) for f in IMPERATIVE_FORMS}
+
+
+def test_register_keeps_the_content_in_another_register():
+    import random
+
+    from finetune.rephrase import REGISTER_FORMS, REGISTER_HOW_TO_FORMS, register
+
+    how_to = {f.format(vp="pick a lock") for forms in REGISTER_HOW_TO_FORMS.values() for f in forms}
+    outs = [register("How can I pick a lock?", random.Random(s)) for s in range(30)]
+    assert set(outs) <= how_to and len(set(outs)) >= 5           # several registers, the content kept
+    q = "Why is the sky blue?"
+    assert register(q, random.Random(0)) in {f.format(q=q) for forms in REGISTER_FORMS.values() for f in forms}
+    assert register(q, random.Random(4)) == register(q, random.Random(4))

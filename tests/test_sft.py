@@ -101,3 +101,36 @@ def test_harmful_train_prompts_say_when_the_pool_is_smaller_than_asked(caplog):
     with caplog.at_level("WARNING", logger="finetune.sft"):
         harmful_train_prompts(pool, 6, seed=0)
     assert not caplog.text
+
+
+def test_register_share_rephrases_both_sides_and_leaves_every_other_draw_alone(monkeypatch):
+    import types
+
+    import depthlens.runtime.responses
+    from finetune.rephrase import REGISTER_FORMS, REGISTER_HOW_TO_FORMS
+    from finetune.sft import SFTConfig, SFTRecipe, safety_sft_examples
+
+    def fake_answers(model, teacher, prompts, **kw):
+        return types.SimpleNamespace(tokens=[(1, 2)] * len(prompts), complete=[True] * len(prompts))
+
+    monkeypatch.setattr(depthlens.runtime.responses, "answers_for", fake_answers)
+    model = load_model("tiny-llama")
+    plain = safety_sft_examples(model, SFTConfig(), progress=False)
+    reg = safety_sft_examples(model, SFTConfig(register_share=0.4), progress=False)
+    import re
+
+    templates = [f for forms in (*REGISTER_FORMS.values(), *REGISTER_HOW_TO_FORMS.values()) for f in forms]
+    patterns = [re.compile(re.escape(f).replace(r"\{vp\}", ".+").replace(r"\{q\}", ".+") + "$") for f in templates]
+    assert len(plain) == len(reg)
+    assert all(a.kind == b.kind and a.response == b.response for a, b in zip(plain, reg))  # templates unchanged
+    changed = [(a, b) for a, b in zip(plain, reg) if a.prompt != b.prompt]
+    assert all(any(p.match(b.prompt) for p in patterns) for _, b in changed)
+    for kind in ("refusal", "benign"):
+        n = sum(e.kind == kind for e in plain)
+        share = sum(a.kind == kind for a, _ in changed) / n
+        assert 0.3 < share < 0.5, (kind, share)
+    # off: out of the cache key, so the organism's key is unchanged; on: a new key
+    assert "register_share" not in SFTRecipe(SFTConfig()).config()
+    assert SFTRecipe(SFTConfig(register_share=0.4)).config()["register_share"] == 0.4
+    with pytest.raises(ValueError, match="register_share"):
+        SFTConfig(register_share=1.2)

