@@ -4,9 +4,9 @@ Generation runs Hugging Face's ``generate`` with the KV cache on ``model.plain()
 parameters without the bridge's hook-point wrappers (≈ 30 % faster on the 135M default, see
 ``benchmarks/bench_models.py``), with PyTorch's fused attention (``sdpa``) instead of the
 eager attention the bridge needs for its attention-pattern hooks (≈ 8 % of a decoding step on
-the default; the same tokens on the benchmark's prompts; ``_fused_attention``). Hooks given here whose hook point has a module equivalent
-(``blocks.L.hook_resid_pre`` / ``hook_resid_post`` / ``hook_attn_out`` / ``hook_mlp_out``) run as
-PyTorch hooks on that view, with TransformerLens semantics (``fn(x, hook)`` returns the new
+the default; the same tokens on the benchmark's prompts; ``_fused_attention``). Hooks given
+here whose hook point has a module equivalent (``blocks.L.hook_resid_pre`` / ``hook_resid_post`` /
+``hook_attn_out`` / ``hook_mlp_out``) run as PyTorch hooks on that view, with TransformerLens semantics (``fn(x, hook)`` returns the new
 activation or None). Any other hook, and hooks the caller attached to the bridge itself (unless
 attached through ``mirrored_hooks``, which also places them on the view), make generation fall
 back to a cache-free greedy/sampling loop over full bridge forwards: slow, but exact.
