@@ -1,4 +1,4 @@
-"""depthlens.verbosity: a recipe build keeps accelerate's checkpoint lines off the terminal unless asked, and ends with its cache entry."""
+"""depthlens.infra.verbosity: a recipe build keeps accelerate's checkpoint lines off the terminal unless asked, and ends with its cache entry."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from depthlens.verbosity import QUIET_LOGGERS, VERBOSE_ENV, quiet_build, verbose
+from depthlens.infra.verbosity import QUIET_LOGGERS, VERBOSE_ENV, quiet_build, verbose
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD = """
 import sys
 from analyses.common import setup_logging
-from depthlens.recipes import build_with
+from depthlens.models.recipes import build_with
 from finetune.train import Example, TrainConfig, train_sft
 
 setup_logging()
