@@ -56,8 +56,8 @@ from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, check_sp
                                prompts_or)
 from analyses.evaluate import EvalConfig, evaluate_model
 from depthlens.attacks.insertion import prefill_attack, random_insertion_attack
-from depthlens.cli import (add_debug_flag, build_parser, config_from, require_int, require_number, require_numbers,
-                           require_text)
+from depthlens.cli import (add_debug_flag, add_verbose_flag, apply_verbose_flag, build_parser, config_from, require_int,
+                           require_number, require_numbers, require_text)
 from depthlens.data import default_splits
 from depthlens.infra.errors import UsageError
 from depthlens.runtime.generation import generate
@@ -551,10 +551,12 @@ def parse_args(argv: Sequence[str] | None = None) -> CompareConfig:
     """Flags from ``CompareConfig``; ``--models`` takes specs separated by spaces (or commas)."""
     parser = build_parser(CompareConfig)
     add_debug_flag(parser)
+    add_verbose_flag(parser)
     action = parser._option_string_actions["--models"]
     action.nargs, action.type, action.metavar = "+", str, "SPEC"
     ns = vars(parser.parse_args(argv))
     ns.pop("debug", None)
+    apply_verbose_flag(ns)
     if "models" in ns:
         ns["models"] = tuple(s.strip() for item in ns["models"] for s in str(item).split(",") if s.strip())
     return config_from(CompareConfig, ns)

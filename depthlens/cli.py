@@ -10,7 +10,8 @@ Every entry point runs through ``cli_errors``: a ``UsageError`` (a bad flag, val
 spec; argparse's own errors included; the model loader's complaints about a spec) prints one
 line ``error: ...`` on stderr and exits 2, a ``NonFiniteError`` (a NaN metric) prints one line
 and exits 1, ``--debug`` shows the traceback instead, and any other exception is a bug and
-keeps its traceback.
+keeps its traceback. ``--verbose`` lets libraries' log lines through while a model is built
+(``depthlens.infra.verbosity``).
 
     >>> from dataclasses import dataclass
     >>> @dataclass(frozen=True)
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from depthlens.infra.errors import NonFiniteError, UsageError
+from depthlens.infra.verbosity import VERBOSE_FLAG, set_verbose
 
 T = TypeVar("T")
 NONE_WORDS = ("none", "null")
@@ -197,6 +199,18 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
                         help="show the full traceback of an error instead of one line")
 
 
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    """``--verbose``: let libraries' log lines (accelerate's checkpoints …) through during a build."""
+    parser.add_argument(VERBOSE_FLAG, action="store_true", default=False,
+                        help="show every library's log lines during a model build (accelerate's checkpoints …)")
+
+
+def apply_verbose_flag(ns: dict) -> None:
+    """Pop ``--verbose`` from parsed flags and turn verbose builds on when it was given."""
+    if ns.pop("verbose", False):
+        set_verbose(True)
+
+
 def config_from(cls: type[T], values: Mapping[str, Any]) -> T:
     """``cls(**values)`` where ``values`` are exactly the flags given; a bad value is a ``UsageError``.
 
@@ -235,8 +249,10 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
     """Parse ``argv`` into an instance of the config dataclass ``cls`` (``--debug`` is accepted and ignored)."""
     parser = build_parser(cls, description, aliases)
     add_debug_flag(parser)
+    add_verbose_flag(parser)
     ns = vars(parser.parse_args(argv))
     ns.pop("debug", None)
+    apply_verbose_flag(ns)
     return config_from(cls, ns)
 
 
@@ -451,9 +467,11 @@ def parse_recipe_args(config_cls, argv: Sequence[str] | None = None, *, default_
                         help=f"model spec the recipe is applied to (default: {default_model or ORGANISM})")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: automatic; CUDA runs in bf16)")
     add_debug_flag(parser)
+    add_verbose_flag(parser)
     ns = vars(parser.parse_args(argv))
     spec, device = ns.pop("model"), ns.pop("device")
     ns.pop("debug", None)
+    apply_verbose_flag(ns)
     if not spec.strip():
         raise UsageError("--model must be a non-empty model spec.")
     check_device(device)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -112,15 +112,15 @@ def harmful_train_prompts(pool, n: int, seed: int):
     return out
 
 
-def safety_sft_examples(base_model, cfg: SFTConfig, progress: bool = True) -> list[Example]:
-    """Harmful train prompts → refusal templates; benign train prompts → the base model's answers."""
-    from depthlens.data import default_splits, refusal_templates
-    from depthlens.runtime.responses import answers_for
+def benign_prompts(cfg: SFTConfig, splits, rng: random.Random) -> tuple[list[str], Callable[[str, str], str]]:
+    """The benign train prompts whose teacher answers are targets, and the register rephrasing of the recipe.
 
-    splits = default_splits(cfg.seed)
-    harmful = harmful_train_prompts(splits.harmful.train, cfg.n_harmful, cfg.seed)
+    Harmless prompts (a ``benign_wrap_share`` rephrased by ``imperative``, drawing from ``rng``,
+    the recipe's generator seeded with ``cfg.seed``) + borderline ones, each put in another
+    register for a ``register_share``. ``in_register(p, other)`` is that rephrasing, which
+    ``safety_sft_examples`` goes on applying to the harmful side with the same generator.
+    """
     n_border = round(cfg.n_benign * cfg.borderline_share)
-    rng = random.Random(cfg.seed)
     plain = list(splits.harmless.train.subset(cfg.n_benign - n_border, seed=cfg.seed).prompts)
     harmless = [imperative(p, rng) if rng.random() < cfg.benign_wrap_share else p for p in plain]
     border = list(splits.borderline.train.subset(n_border, seed=cfg.seed).prompts)
@@ -130,7 +130,18 @@ def safety_sft_examples(base_model, cfg: SFTConfig, progress: bool = True) -> li
         """``register(p)`` for a ``register_share`` of the prompts, else ``other`` (no draw when off)."""
         return register(p, reg_rng) if cfg.register_share and reg_rng.random() < cfg.register_share else other
 
-    benign = [in_register(p, b) for p, b in zip(plain + border, harmless + border)]
+    return [in_register(p, b) for p, b in zip(plain + border, harmless + border)], in_register
+
+
+def safety_sft_examples(base_model, cfg: SFTConfig, progress: bool = True) -> list[Example]:
+    """Harmful train prompts → refusal templates; benign train prompts → the base model's answers."""
+    from depthlens.data import default_splits, refusal_templates
+    from depthlens.runtime.responses import answers_for
+
+    splits = default_splits(cfg.seed)
+    harmful = harmful_train_prompts(splits.harmful.train, cfg.n_harmful, cfg.seed)
+    rng = random.Random(cfg.seed)
+    benign, in_register = benign_prompts(cfg, splits, rng)
     teacher = base_model
     if cfg.benign_teacher:
         from depthlens.models import load_model

@@ -29,6 +29,7 @@ from depthlens.infra.errors import UsageError
 from depthlens.models.families import FAMILY_SPECS, load_family
 from depthlens.infra.paths import cache_dir, entry_name
 from depthlens.models.tiny import tiny_llama
+from depthlens.infra.verbosity import quiet_build
 
 log = logging.getLogger(__name__)
 
@@ -307,12 +308,13 @@ def _smollm2():
 
     def dequantize(tmp: Path) -> None:
         log.info("De-quantizing %s once into the cache (about 20 s)", gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # A GGUF-loaded model refuses save_pretrained: rebuild it from its config first.
-        fresh = AutoModelForCausalLM.from_config(model.config)
-        fresh.load_state_dict(model.state_dict())
-        write_checkpoint(fresh, tokenizer, tmp, {"spec": DEFAULT_MODEL, "source": str(gguf), "gguf_sha256": sha})
+        with quiet_build():  # transformers' four bars (convert, load, write, load) would be one phase's
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            # A GGUF-loaded model refuses save_pretrained: rebuild it from its config first.
+            fresh = AutoModelForCausalLM.from_config(model.config)
+            fresh.load_state_dict(model.state_dict())
+            write_checkpoint(fresh, tokenizer, tmp, {"spec": DEFAULT_MODEL, "source": str(gguf), "gguf_sha256": sha})
 
     target = cache.ensure(cache_dir("models") / entry_name(DEFAULT_MODEL, sha, 12), dequantize,
                           adopt=cache.looks_complete)

@@ -47,6 +47,7 @@ from depthlens.models.checkpoint import check_free_space, write_checkpoint
 from depthlens.infra.errors import UsageError
 from depthlens.models.hooked_model import wrap
 from depthlens.infra.paths import cache_dir, entry_name
+from depthlens.infra.verbosity import quiet_build, set_verbose
 
 log = logging.getLogger(__name__)
 GROUP = "depthlens.recipes"
@@ -212,21 +213,33 @@ def build_or_load(base: str, recipes: list, *, device=None, dtype=None, rebuild_
                              + (32 << 20), f"the cache entry of {spec!r}")
         command = None if rebuild_damaged else rebuild_command(spec, recipe)
         adopt = lambda e: cache.looks_complete(e, ("config.json", RECIPE_FILE))  # noqa: E731
-        if state is not None and cache.check(target) is not None:
-            train()  # every rank: the training steps are collective
-            if main_rank:
-                cache.ensure(target, write, command=None, adopt=adopt)
-            state.wait_for_everyone()  # the other ranks load rank 0's entry below
-            current = None
-        else:
-            cache.ensure(target, lambda tmp: (train(), write(tmp)), command=command, adopt=adopt)
-            if not built:  # reused: the next step (if built) starts from this entry on disk
+        t0 = time.time()
+        with quiet_build():  # accelerate's checkpoint lines stay off the terminal unless --verbose
+            if state is not None and cache.check(target) is not None:
+                train()  # every rank: the training steps are collective
+                if main_rank:
+                    cache.ensure(target, write, command=None, adopt=adopt)
+                state.wait_for_everyone()  # the other ranks load rank 0's entry below
                 current = None
+            else:
+                cache.ensure(target, lambda tmp: (train(), write(tmp)), command=command, adopt=adopt)
+                if not built:  # reused: the next step (if built) starts from this entry on disk
+                    current = None
+        if built and main_rank:
+            log.info("Built %s in %s: cache entry %s", spec, _duration(time.time() - t0), target)
         current_dir = target
     if current_dir is None:  # no recipes
         return wrap(hf, tok, spec, prov, device, dtype)
     hf, tok, prov = load_dir(current_dir)
     return wrap(hf, tok, spec, {**prov, "recipe_chain": chain, "base": base}, device, dtype)
+
+
+def _duration(seconds: float) -> str:
+    """``"4 min 07 s"`` / ``"12.3 s"``: a build time for the log line."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s:02d} s"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -238,7 +251,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m depthlens.models.recipes", description=main.__doc__.split("\n")[0])
     parser.add_argument("spec", help="model spec with recipe suffixes, e.g. smollm2-135m-instruct:sft")
     parser.add_argument("--rebuild", action="store_true", help="rebuild damaged cache entries on the chain")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every library's log lines during the build (accelerate's checkpoints …)")
     args = parser.parse_args(argv)
+    if args.verbose:
+        set_verbose(True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         base, names = split_spec(args.spec)
