@@ -65,10 +65,6 @@ def register(analysis: str, *, combine: bool = False) -> Callable[[Callable], Ca
     return deco
 
 
-def registered_analyses() -> list[str]:
-    return sorted(_REGISTRY)
-
-
 def has_builders(analysis: str, *, combine: bool | None = None) -> bool:
     return any(combine is None or e.combine == combine for e in _REGISTRY.get(analysis, {}).values())
 

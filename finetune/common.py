@@ -177,12 +177,3 @@ def kind_counts(examples) -> dict[str, int]:
         k = e.kind.split(":")[0]
         out[k] = out.get(k, 0) + 1
     return out
-
-
-def parse_recipe_cli(cls, argv=None, default_model: str | None = None, description: str | None = None):
-    """``(cfg, model_spec, device)`` from a recipe command line: ``depthlens.cli.parse_recipe_args``."""
-    from depthlens.cli import parse_recipe_args
-
-    return parse_recipe_args(cls, argv, default_model=default_model, description=description)
-
-

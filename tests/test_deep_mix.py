@@ -171,12 +171,12 @@ def test_entry_points_name_their_components():
     for name in ("deep-wi", "deep-traj", "deep-all"):
         assert get_recipe(name).name == name
     assert recipe_name(["recovery"]) == "deep" and recipe_name(["trajectory"]) == "deep-traj-norec"
-    from finetune.common import parse_recipe_cli
+    from depthlens.cli import parse_recipe_args
 
     flags = ["--harmful-pool", "all", "--imperative-share", "0", "--benign-tokens", "48", "--max-len", "256"]
-    cfg, _, _ = parse_recipe_cli(DeepConfig, ["--components", "recovery,trajectory", *flags])
+    cfg, _, _ = parse_recipe_args(DeepConfig, ["--components", "recovery,trajectory", *flags])
     assert DeepRecipe(cfg).config() == get_recipe("deep-traj").config()   # the module docstring's command line
-    assert parse_recipe_cli(DeepConfig, [])[0] == get_recipe("deep").cfg
+    assert parse_recipe_args(DeepConfig, [])[0] == get_recipe("deep").cfg
     with pytest.raises(ValueError, match="components must be distinct"):
         DeepConfig(components=("recovery", "bogus"))
 

@@ -85,7 +85,7 @@ def test_an_interrupted_lora_run_leaves_the_weights_and_the_view_as_they_were():
 
 
 def test_bad_lora_settings_are_refused_in_one_sentence():
-    from finetune.common import parse_recipe_cli
+    from depthlens.cli import parse_recipe_args
     from finetune.sft import SFTConfig, SFTRecipe
 
     with pytest.raises(ValueError, match="rank must be an integer >= 1"):
@@ -93,8 +93,8 @@ def test_bad_lora_settings_are_refused_in_one_sentence():
     with pytest.raises(ValueError, match="alpha must be positive"):
         LoraSettings(rank=4, alpha=-1.0)
     with pytest.raises(ValueError, match="need --lora-rank >= 1"):
-        parse_recipe_cli(SFTConfig, ["--lora-alpha", "16"])          # α without a rank
-    cfg, _, _ = parse_recipe_cli(SFTConfig, ["--lora-rank", "8", "--lora-targets", "q_proj,v_proj"])
+        parse_recipe_args(SFTConfig, ["--lora-alpha", "16"])          # α without a rank
+    cfg, _, _ = parse_recipe_args(SFTConfig, ["--lora-rank", "8", "--lora-targets", "q_proj,v_proj"])
     assert cfg.train_settings()["lora"] == LoraSettings(8, None, ("q_proj", "v_proj"))
     assert SFTRecipe(cfg).config()["lora_targets"] == ("q_proj", "v_proj")
     assert "micro_batch_size" not in SFTRecipe(cfg).config()

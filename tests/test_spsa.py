@@ -16,12 +16,23 @@ from depthlens.interventions.spsa import (
     ZOConfig,
     mezo_step,
     mezo_train,
-    perturb_inplace,
-    perturbation_direction,
     spsa_grad_scalar,
     symmetric_perturbation,
     zo_layer_probes,
 )
+from depthlens.interventions.spsa import _increment, _z
+
+
+def perturbation_direction(params, seed):
+    """The directions z (float32, one per tensor) that ``seed`` stands for in the engine."""
+    return [_z(p, seed, i) for i, p in enumerate(params)]
+
+
+def perturb_inplace(params, seed, scale):
+    """Plain arithmetic θ += scale·z with the engine's rounded increments (what the engine must NOT do)."""
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.add_(_increment(p, seed, i, scale))
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -23,7 +23,7 @@ _EXPORTS = {
     "PERTURBATIONS": "perturbation", "perturb": "perturbation",
     "PositionKL": "divergence", "per_position_kl": "divergence",
     "Reduce": "spsa", "ZOConfig": "spsa", "ZOStepResult": "spsa", "derive_seed": "spsa",
-    "perturbation_direction": "spsa", "perturb_inplace": "spsa", "SymmetricPerturbation": "spsa",
+    "SymmetricPerturbation": "spsa",
     "symmetric_perturbation": "spsa", "spsa_grad_scalar": "spsa", "mezo_step": "spsa", "mezo_train": "spsa",
     "zo_layer_probes": "spsa",
 }
@@ -38,6 +38,6 @@ if TYPE_CHECKING:  # the same names, spelled out for type checkers and editors
     )
     from depthlens.interventions.divergence import PositionKL, per_position_kl
     from depthlens.interventions.spsa import (
-        Reduce, ZOConfig, ZOStepResult, derive_seed, perturbation_direction, perturb_inplace,
+        Reduce, ZOConfig, ZOStepResult, derive_seed,
         SymmetricPerturbation, symmetric_perturbation, spsa_grad_scalar, mezo_step, mezo_train, zo_layer_probes,
     )

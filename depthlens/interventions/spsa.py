@@ -184,14 +184,6 @@ def _increment(p: Tensor, seed: int, index: int, scale: float) -> Tensor:
     return (scale * _z(p, seed, index)).to(torch.bfloat16).to(p.dtype)
 
 
-def perturbation_direction(params: Sequence[Tensor], seed: int) -> list[Tensor]:
-    """The directions z (float32, one per tensor) that ``seed`` stands for.
-
-    Allocates as much as ``params`` itself: for analysis and tests, not for training loops.
-    """
-    return [_z(p, seed, i) for i, p in enumerate(params)]
-
-
 def _check_params(params: Sequence[Tensor]) -> list[Tensor]:
     params = list(params)
     if not params:
@@ -205,17 +197,6 @@ def _check_params(params: Sequence[Tensor]) -> list[Tensor]:
             raise UsageError(f"Parameter {i} appears twice (tied weights?); pass each tensor once.")
         seen.add(key)
     return params
-
-
-def perturb_inplace(params: Sequence[Tensor], seed: int, scale: float) -> None:
-    """θ += scale·z in place, one tensor at a time (z regenerated from ``seed``; see ``_increment``).
-
-    Plain arithmetic: ``+ε, −2ε, +ε`` does *not* restore θ bit for bit. For a probe that
-    must restore, use ``symmetric_perturbation`` (or ``spsa_grad_scalar``).
-    """
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            p.add_(_increment(p, seed, i, scale))
 
 
 # ----------------------------------------------------------------------------- exact ±εz probe

@@ -38,7 +38,7 @@ _EXPORTS = {
     "entry_dir": "recipes", "rebuild_command": "recipes", "process_state": "recipes", "build_with": "recipes",
     "build_or_load": "recipes",
     "load_model": "load",
-    "ORGANISM": "specs", "load_organism": "specs", "base_spec": "specs", "reference_spec": "specs",
+    "ORGANISM": "specs", "base_spec": "specs", "reference_spec": "specs",
     "load_reference": "specs", "parent_spec": "specs",
 }
 __all__ = list(_EXPORTS)
@@ -62,4 +62,4 @@ if TYPE_CHECKING:  # the same names, spelled out for type checkers and editors
         rebuild_command, process_state, build_with, build_or_load,
     )
     from depthlens.models.load import load_model
-    from depthlens.models.specs import ORGANISM, load_organism, base_spec, reference_spec, load_reference, parent_spec
+    from depthlens.models.specs import ORGANISM, base_spec, reference_spec, load_reference, parent_spec

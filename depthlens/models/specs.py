@@ -1,15 +1,14 @@
-"""The embedded model organism: SmolLM2-135M-Instruct after a shallow safety SFT.
+"""Model specs as strings: the organism's spec, and a spec's base, parent and reference model.
 
-The default is not safety-aligned (it answers harmful requests), so the toolkit aligns it
-the way a lab would (``finetune.sft``: harmful → refusal, benign → own answers) and studies
-that. ``load_organism()`` builds it on first use (progress bar, 11–16 min on the 2 CPU cores here, expected to take
-about a minute on a GPU, not measured: no GPU was lent) and caches it under ``$DEPTHLENS_CACHE/organisms`` keyed by the recipe hash.
+The embedded default is not safety-aligned (it answers harmful requests), so the toolkit aligns
+it the way a lab would (``finetune.sft``: harmful → refusal, benign → own answers) and studies
+that: ``ORGANISM`` (``smollm2-135m-instruct:sft``), which ``load_model(ORGANISM)`` builds on
+first use (with a progress bar) and caches under ``$DEPTHLENS_CACHE`` keyed by its recipe hash.
+A spec is a base followed by recipe suffixes; these helpers take it apart.
 
-    >>> organism = load_organism()   # smollm2-135m-instruct:sft, built on first use  # doctest: +SKIP
     >>> base_spec("smollm2-135m-instruct:sft:zo"), parent_spec("smollm2-135m-instruct:deep:zo")
     ('smollm2-135m-instruct', 'smollm2-135m-instruct:deep')
 """
-
 from __future__ import annotations
 
 import json
@@ -21,11 +20,6 @@ from depthlens.models.hooked_model import HookedModel
 from depthlens.models.load import load_model
 
 ORGANISM = f"{DEFAULT_MODEL}:sft"
-
-
-def load_organism(device=None, dtype=None) -> HookedModel:
-    """The default organism, built once and then loaded from the cache."""
-    return load_model(ORGANISM, device=device, dtype=dtype)
 
 
 def base_spec(spec: str) -> str:
