@@ -144,8 +144,9 @@ def test_quick_run_on_tiny_llama_writes_front_depth_test_and_figures(cache, tmp_
     wo_opt = build_with("tiny-llama", WOOptRecipe(pareto_config(RefusalParetoConfig(**rec.config))))
     info = recipe_info(wo_opt)["info"]  # a cache hit: the run built it
     assert info["chosen"]["trial"] == m["chosen"]["trial"] and info["folded_vs_hooked_max_abs_logprob_diff"] <= 1e-4
-    assert m["acceptance"]["wo_opt_refusal_le_0.02"] == (opt["harmful_refusal"] <= 0.02)
-    assert m["acceptance"]["wo_opt_first_token_kl_le_0.06"] == (opt["first_token_kl"] <= 0.06)
+    assert m["targets"]["wo_opt_harmful_refusal"] == {"value": opt["harmful_refusal"], "target": "<= 0.02",
+                                                      "met": opt["harmful_refusal"] <= 0.02}
+    assert m["targets"]["wo_opt_first_token_kl"]["met"] == (opt["first_token_kl"] <= 0.06)
     assert m["chosen"]["trial"] == next(r["trial"] for r in t["front"] if r["chosen"])
     assert m["depth_note"]["text"]
     assert all(r["insertion_interval"] in ("prompt_bootstrap", "wilson_over_prompts", "wilson") for r in t["front"])
