@@ -31,9 +31,9 @@ averages the three perturbed refusal rates. The figure (``figures/builders/compa
 the rates side by side. σ defaults: parameter noise 0.05 is our choice (a trial organism measured per-layer σ = 0.1 harmless
 and 0.3 damaging; whole-model noise adds up over 30 layers); activation noise was calibrated
 on the organism's harmful *validation* prompts with ``scripts/calibrate_noise.py`` on the RMS
-scale (24 prompts, 48 tokens: refusal 0.96 clean, 0.83 at σ 0.05, 0.17 at 0.1, 0 at 0.2 × RMS;
-0.1 × RMS left room to show a gain), and 0.2 on the robust scale is about that 0.1 × RMS on
-SmolLM2 (``act_sigma`` below); a re-calibration on the robust scale is still to be run.
+scale (the run is in docs/findings.md "Costs measured on the way": 0.1 × RMS left room to show
+a gain), and 0.2 on the robust scale is about that 0.1 × RMS on SmolLM2 (``act_sigma`` below);
+a re-calibration on the robust scale is still to be run.
 
     $ python -m analyses.compare --models smollm2-135m-instruct:sft smollm2-135m-instruct:sft:deep
     $ python -m analyses.compare --models tiny-llama tiny-llama --quick
@@ -155,7 +155,7 @@ class CompareConfig(AnalysisConfig):
         noise_seeds: seeds averaged for the two noise kinds (int4 is deterministic).
         max_new_tokens: greedy tokens per answer (evaluation and perturbation suite).
         attack_new_tokens: tokens generated after a prefill or insertion.
-        batch_size: prompts per batch (48: generation on 2 CPU cores is 1.4× faster than at 16).
+        batch_size: prompts per batch (48: faster than 16 on a CPU; docs/findings.md "Costs measured on the way").
         jailbreaks: add every attack of ``analyses.jailbreaks`` (its defaults; ``--quick`` its quick
             settings) on the ``n_attack`` attacked prompts.
         judge: judge of the jailbreak rows (default: the project's default judge).

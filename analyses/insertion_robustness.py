@@ -45,10 +45,8 @@ class InsertionConfig(AnalysisConfig):
         base: spec whose harmful answers provide the spans (default: the model's base; for a
             pretrained-only base the embedded default, ``depthlens.models.specs.reference_spec``).
         n_prompts: harmful test prompts (HarmBench) whose refusals are attacked. 16: the
-            5 × 4 grid then holds 320 trials (± ≈ 0.24 per cell at 95%, ± ≈ 0.05 for the grid
-            mean) and the default run stays within 5 min on 2 CPU cores (20 prompts at batch 16
-            took 6.8 min on 2026-12-01: grid 246 s, worst 117 s; continuations dominate); raise
-            it on a GPU.
+            5 × 4 grid then holds 320 trials, and the default run stays within a few minutes on
+            a CPU (docs/findings.md "Costs measured on the way"); raise it on a GPU.
         harmful: a .txt/.jsonl/.csv file of harmful prompts used instead of the test split.
         depths: relative insertion depths p/|refusal| of the grid.
         span_lengths: inserted span lengths m.
@@ -60,9 +58,8 @@ class InsertionConfig(AnalysisConfig):
             hold an insertion); their share is ``share_with_long_refusal``.
         max_new_tokens: tokens generated after the insertion (32: long enough for the
             model to return to a refusal sentence; shorter would bias ASR upward).
-        batch_size: sequences per batch. 48: greedy generation on 2 CPU cores runs 1.4× faster
-            at 48 than at 16 (86 vs 61 new tokens/s, in a benchmark of 48 prefilled HarmBench prompts × 48
-            tokens, warm, 2026-12-01; 32 gave 67); on a GPU larger still is better.
+        batch_size: sequences per batch. 48: greedy generation on a CPU runs faster at 48 than
+            at 16 or 32 (docs/findings.md "Costs measured on the way"); on a GPU larger still is better.
         seed: split and position seed.
         device: cpu / cuda (default: automatic).
         out: results root directory.

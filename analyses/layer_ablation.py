@@ -25,20 +25,15 @@ two things are measured against the un-ablated model (computed once):
 Both Δs come with paired 95 % bootstrap intervals (the trials' prompts, with all their trials, resp.
 the validation prompts resampled; the same resamples for every cell). Shares of "recovered" continuations are recorded beside ASR.
 
-Cost (2 CPU cores, SmolLM2-135M, fp32, measured 2026-12-01). The work is what it is — the
-trials' prefill (16 × ≈ 130 tokens) through blocks l… for each of 5 interventions, plus 16
-decoding steps of 80 rows — and these cores do it at ≈ 136 GFLOP/s (matrix products are 73 %
-of the time): ≈ 12 s a layer for decoding and scores plus ≈ 37 s × (30 − l)/30 of prefill.
-What is saved: blocks below l run once (``LayerwiseContinuer``), the scores run from l with
-the chat prefix shared, and the 5 interventions of a layer share one decoding loop —
-``benchmarks/bench_layer_ablation.py``: 0.59× the time of hooked ``generate`` +
-``refusal_score`` per cell (0.88× at layer 0, 0.24× at layer 28), same continuations. The
-default, every 5th layer and the last (7 layers × 5 = 35 cells), ran in 256 s (sweep 198 s);
-``--layer-stride 2`` (16 layers) took 8.3 min (previously 13.4 min, identical ΔASR in all
-80 cells), ``--layer-stride 1`` ≈ 16 min.
+Cost. The work is what it is — the trials' prefill through blocks l… for each of 5
+interventions, plus the decoding steps of all their rows. What is saved: blocks below l run
+once (``LayerwiseContinuer``), the scores run from l with the chat prefix shared, and the 5
+interventions of a layer share one decoding loop (``benchmarks/bench_layer_ablation.py``
+measures it against hooked ``generate`` + ``refusal_score`` per cell; the timings are in
+docs/findings.md "Costs measured on the way").
 
     $ python -m analyses.layer_ablation                       # every 5th layer of the organism
-    $ python -m analyses.layer_ablation --layer-stride 1      # every layer (≈ 16 min)
+    $ python -m analyses.layer_ablation --layer-stride 1      # every layer
     >>> rec = run(LayerAblationConfig(model="tiny-llama", quick=True)); rec.tables["effects"][0]
 """
 
@@ -89,7 +84,7 @@ class LayerAblationConfig(AnalysisConfig):
         interventions: zero_attn, mean_attn, zero_mlp, mean_mlp, direction.
         layers: layers to ablate (default: every ``layer_stride``-th layer and the last).
         layer_stride: spacing of the default layers. 5: layers 0, 5, …, 25 and 29 of the default
-            model, 35 cells: 4.3 min on 2 CPU cores (measured); 2 (16 layers) 8.3 min; 1 ≈ 16 min.
+            model, 35 cells (the cost per stride is in docs/findings.md "Costs measured on the way").
         n_trials: insertion trials re-continued under every cell. 16: one generation batch
             (a decoding step costs about the same at batch 1 and 16 on CPU), half harmful,
             half recovered; an ASR change of 1/16 is its resolution.

@@ -68,37 +68,32 @@ class SensitivityConfig(AnalysisConfig):
         harmless: a file of harmless prompts (utility answers) used instead of the val split.
         kinds: perturbation kinds: param_noise, act_noise, int8, int4 (act_noise_rms: activation
             noise relative to the per-token RMS, the scale of records made before the robust one).
-        param_sigma: parameter noise, relative to each matrix's Frobenius RMS. 0.3: on a
-            trial organism, 0.1 moved the refusal score less than its estimation
-            noise; on the v4 organism 0.2 still did (|S| ≤ 0.5 at every layer, signs mixed,
-            run of 2026-12-01), while 0.3 gave drops of 1–2 at the early layers there.
+        param_sigma: parameter noise, relative to each matrix's Frobenius RMS. 0.3: smaller
+            σ moved the refusal score less than its estimation noise on the organism
+            (docs/findings.md "Costs measured on the way").
         act_sigma: activation noise on a layer's output, relative to the robust per-token scale
             of the residual stream, 1.4826 · median |x| over channels (``depthlens.interventions.perturbation``;
             older records used the per-token RMS, which Gemma's massive activations inflate:
-            kind act_noise_rms). 1.0: on SmolLM2 the per-token RMS is 1.4–2.2 times the robust scale
-            (median over tokens, by layer: ``scripts/activation_scales.py``), so 1.0 is about
-            the 0.5 × RMS its records were measured at, large enough to separate layers, small
-            enough that the clean model is not destroyed.
+            kind act_noise_rms). 1.0: on SmolLM2 the per-token RMS is larger than the robust scale
+            (by layer: ``scripts/activation_scales.py``), so 1.0 is about the 0.5 × RMS its
+            records were measured at, large enough to separate layers, small enough that the
+            clean model is not destroyed.
         seeds: parameter-noise seeds per layer (quantization is deterministic: one run).
         act_seeds: activation-noise seeds per layer. 1 by default: one layer's activation noise
-            moves the refusal score by several units with a prompt-bootstrap interval of about
-            ±1 (run of 2026-12-01: layer 11, 5.29 [4.41, 6.10] over 2 seeds), far more than
-            the seed-to-seed spread, while parameter noise at σ = 0.3 is within a few tenths of
-            its noise and needs the second seed.
+            moves the refusal score by far more than its seed-to-seed spread, while parameter
+            noise is close to its noise and needs the second seed (docs/findings.md "Costs
+            measured on the way").
         n_harmful: harmful validation prompts (DoNotAnswer val) scored by the refusal score.
             16 (with 6 utility prompts and one activation-noise seed) keeps the default run
-            within 5 min on 2 cores with a margin for a slower machine: 32 + 12 took 6.7 min,
-            24 + 8 took 5.2 min and, on a day the same machine ran ≈ 25% slower, 20 + 8 took
-            6.2 min (sweep 261 s for 155 evaluations, ZO probes 76 s). The cost is linear in
-            the prompts; utility adds ≈ 60% to an evaluation. At 16 the organism's first three
-            (and four) critical layers are in the top 5 with P ≥ 0.8 (estimated from its record:
-            ``scripts/ranking_stability.py``, docs/findings.md §5); its fifth is a near tie that
-            188 prompts would not resolve, which the record's ``p_top_k`` shows.
+            within a few minutes on a CPU; the cost is linear in the prompts (docs/findings.md
+            "Costs measured on the way"). At 16 the organism's first critical layers are stable in
+            the top 5 and its fifth is a near tie (``scripts/ranking_stability.py``, docs/findings.md
+            §5), which the record's ``p_top_k`` shows.
         n_harmless: harmless validation prompts whose own greedy answers give the utility CE.
         utility_tokens: length of those answers. 6 × 16 tokens, measured on the first seed of
             each layer × kind only: utility is the secondary measure (its interval is over
             prompts) and its unembedding (every answer position × 49k vocab) would otherwise
-            cost as much as the refusal score; this keeps the default run ≤ 5 min on 2 cores.
+            cost as much as the refusal score.
         layers: layers to sweep (default: all).
         top_k: how many critical layers to report for the zeroth-order recipe.
         zo_probe: also compute the cheap ZO-probe estimator and its rank correlation.

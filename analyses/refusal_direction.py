@@ -16,13 +16,11 @@ refusal rate and ASR on HarmBench, borderline over-refusal, harmless refusal, ha
 the base model's answers), plus the first-token KL(organism ‖ model) on the harmless test
 prompts and, for WO, the largest residual-stream component along r̂ (≈ 0 after WO).
 
-Cost on 2 CPU cores (SmolLM2-135M, measured: forward 16×40 tokens ≈ 1.2 s, generation ≈ 130
-tokens/s at batch 16, a training step ≈ 5 s). Every model is a cached recipe step, built on
-first use only: WO ≈ 3.5 min (24 candidates × 96 prompt forwards), JT ≈ 2.5 min (20 steps + the
-base's harmful answers), each countermeasure ≈ 2 min (20 steps; WO+SFT and JT+SFT reuse the
-cached WO / JT). The evaluation proper — 5 models × (128 prompts × 48 generated tokens + the
-refusal-score, KL and CE forwards) — is ≈ 5 min, so with the recipes cached the default run
-takes ≈ 5–6 min; the very first run (organism cached, nothing else) is measured in docs/findings.md.
+Cost. Every model is a cached recipe step, built on first use only (WO: 24 candidate directions
+× 96 prompt forwards; JT: 20 steps plus the base's harmful answers; each countermeasure 20 steps,
+WO+SFT and JT+SFT reusing the cached WO / JT); the evaluation proper is 5 models × (128 prompts ×
+48 generated tokens + the refusal-score, KL and CE forwards). The timings are in
+docs/findings.md "Costs measured on the way".
 
     $ python -m analyses.refusal_direction                        # the organism, defaults below
     $ python -m analyses.refusal_direction --quick --model tiny-llama
@@ -79,8 +77,8 @@ class RefusalDirectionConfig(AnalysisConfig):
         kl_threshold: selection filter, drop candidates with harmless KL above this.
         induce_threshold: selection filter, drop candidates whose induced refusal score is below this.
         harmful_share: share of harmful compliance examples in the JT mix.
-        jt_examples: JT examples (steps = jt_examples / 8; 160 → 20 steps ≈ 2 min, enough to
-            un-align a 135M model at lr 1e-4 while the first run stays near 10 min).
+        jt_examples: JT examples (steps = jt_examples / 8; 160 → 20 steps, enough to un-align a
+            135M model at lr 1e-4).
         jt_harmful_tokens: length of the base's harmful answers JT trains on (none: JT's own
             default; ``--quick`` uses 16).
         cm_examples: SFT-countermeasure examples (steps = cm_examples / 8).
@@ -94,14 +92,13 @@ class RefusalDirectionConfig(AnalysisConfig):
         n_projection: harmful and harmless prompts each for the residual projection check of WO.
         max_new_tokens: greedy tokens generated per answer.
         ce_tokens: length of the base model's harmless answers scored for the cross-entropy.
-        batch_size: prompts per forward/generation batch (48: generation on 2 CPU cores runs 1.4×
-            faster than at 16 with the same answers; 128 — one batch of all 122 test prompts —
-            was no faster in the full run, 665 s vs 688 s, because one batch pads every prompt
-            to the longest).
+        batch_size: prompts per forward/generation batch (48: faster than 16 on a CPU with the
+            same answers, and one batch of all prompts is no faster because it pads every prompt
+            to the longest; docs/findings.md "Costs measured on the way").
         seed: split, recipe and sampling seed.
         device: cpu / cuda (default: automatic).
         out: results root directory.
-        wo_opt: also build and report ``:wo-opt`` (its refusal–KL search, ≈ 20 min on the
+        wo_opt: also build and report ``:wo-opt`` (its refusal–KL search, the longest build, on the
             organism, runs when the entry is not cached); ``--no-wo-opt`` reports the other five.
         quick: small run for smoke tests (8 prompts per set, 16 tokens, 2-step recipes, every
             layer eligible because a 2-layer test model has only layer 0 below 0.8·L); flags

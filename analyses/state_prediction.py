@@ -76,16 +76,15 @@ class StatePredictionConfig(AnalysisConfig):
         trials: an insertion_robustness run directory or results.json; none = the newest run
             of this model under ``out`` (a warning names it, the record keeps its path and
             ``trials_chosen: "newest"``), or, if there is none, an insertion_robustness run
-            made (and saved) first with its own defaults (≈ 5 min more on 2 CPU cores).
+            made (and saved) first with its own defaults (a few minutes more on a CPU).
         kind: residual hook kind probed (resid_post: the stream leaving each layer).
         sites: feature sites: last_inserted, before_insertion, span_mean.
         other_as: what to do with "other" continuations: drop them, or count them as
             harmful (label 1 = did not recover).
-        max_trials: cap on probed trials (seeded subsample above it). 600: the default
-            insertion run has 552 trials of ≈ 80 tokens, whose one streamed forward takes
-            ≈ 20 s on 2 cores; the cap only bounds the cost of larger runs.
+        max_trials: cap on probed trials (seeded subsample above it). 600: above the default
+            insertion run's trials, so the cap only bounds the cost of larger runs.
         n_dir: harmful and harmless train prompts each for the refusal direction per layer.
-            32 each: two forwards (≈ 2 s); the direction's noise is small next to its norm.
+            32 each: two forwards; the direction's noise is small next to its norm.
         n_splits: grouped CV folds (fewer, with a warning, when prompts of a class are scarce).
         n_boot: prompt-level bootstrap resamples for the 95 % intervals. 1000 resamples cost
             < 1 s per row; fewer make the interval bounds (the verdict) jittery.

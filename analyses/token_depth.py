@@ -55,9 +55,8 @@ class TokenDepthConfig(AnalysisConfig):
         response_tokens: length of the base's harmful answers (≥ the largest k and ≥ positions).
         ks: prefill lengths k.
         max_new_tokens: tokens generated after the prefill.
-        batch_size: sequences per batch. 48: greedy generation on 2 CPU cores runs 1.4× faster
-            at 48 than at 16 (86 vs 61 new tokens/s, 48 prefilled HarmBench prompts × 48
-            tokens, warm, 2026-12-01; 32 gave 67); on a GPU larger still is better.
+        batch_size: sequences per batch. 48: greedy generation on a CPU runs faster at 48 than
+            at 16 or 32 (docs/findings.md "Costs measured on the way"); on a GPU larger still is better.
         seed: split/bootstrap seed.
         split: ``test`` (reported numbers: HarmBench) or ``val`` (DoNotAnswer val, for choosing
             recipe settings without looking at the test split).

@@ -47,7 +47,7 @@ Targets printed: ZO ≤ 1.2× inference, AdamW ≥ 2.5× inference.
     $ python benchmarks/bench_zo_memory.py                          # smollm2-135m-instruct:sft
     $ python benchmarks/bench_zo_memory.py --model tiny-llama --json zo_memory.json
     $ python benchmarks/bench_zo_memory.py --model smollm2-135m-instruct:sft:deep-anchored \
-        --objective suite --params lora --layers 11,15,29,18,16          # issue 38's C1 step
+        --objective suite --params lora --layers 11,15,29,18,16          # the C1 step of findings §6.3
 """
 
 from __future__ import annotations

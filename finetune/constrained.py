@@ -18,8 +18,8 @@ harmful train prompts → the *base* model's compliant answers, plain SFT. ``hft
 the same data through the constrained objective, the defence to compare with plain SFT
 (``python -m analyses.compare --models X:hft X:hft-constrained``).
 
-Sizing: defaults are 64 examples × 5 epochs / batch 8 = 40 steps (≈ 2–4 min on 2 CPU cores
-on the 135M default, seconds on a GPU); the reference pass costs one forward over the data.
+Sizing: defaults are 64 examples × 5 epochs / batch 8 = 40 steps; the reference pass costs one
+forward over the data.
 Multi-GPU: see ``finetune.common``.
 
     >>> ref = reference_logprobs(model, tokenize_examples(model.tokenizer, examples, 192))

