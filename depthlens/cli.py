@@ -100,8 +100,8 @@ def _base_type(tp: Any) -> tuple[Any, bool, bool]:
         elem, seq, _ = _base_type(args[0])
         return elem, seq, len(args) < len(typing.get_args(tp))
     if origin in (tuple, list, Sequence):
-        args = typing.get_args(tp)
-        return (args[0] if args else str), True, False
+        items = typing.get_args(tp)
+        return (items[0] if items else str), True, False
     return tp, False, False
 
 
@@ -180,7 +180,7 @@ def build_parser(cls, description: str | None = None, aliases: Mapping[str, str]
         if not f.init:
             continue
         name = flag(f.name)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
         elem, is_seq, optional = _base_type(hints[f.name])
         helptext = f"{docs.get(f.name, '')} (default: {_shown(default)})".strip().replace("%", "%%")
         names = [name, *(a for a, field_name in aliases.items() if field_name == f.name)]

@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -113,7 +113,7 @@ def cluster_weights(groups, n_boot: int, seed: int | np.random.Generator = 0) ->
     return counts[:, codes].astype(np.float64)
 
 
-def percentile_interval(boots, level: float = 0.95) -> tuple:
+def percentile_interval(boots, level: float = 0.95) -> tuple[Any, Any]:
     """The ``(1 − level)/2`` and ``(1 + level)/2`` quantiles of bootstrap replicates over axis 0, NaNs ignored."""
     if not 0.0 < level < 1.0:
         raise UsageError(f"level must lie strictly between 0 and 1, got {level!r}.")

@@ -362,7 +362,7 @@ def small_multiples(
     colours: dict[str, str] = {}
     seen: set[str] = set()
     mode = "lines+markers" if markers else "lines"
-    for p, (panel, series) in enumerate(panels.items()):
+    for p, series in enumerate(panels.values()):
         r, c = divmod(p, cols)
         for name, value in series.items():
             colour = colours.setdefault(name, color(len(colours)))

@@ -259,7 +259,7 @@ def test_four_concurrent_builders_give_one_build_and_three_reuses(fresh_cache, t
     env = {**os.environ, "DEPTHLENS_CACHE": str(fresh_cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     procs = [_spawn(_BUILDER, tmp_path, i, 4, env=env) for i in range(4)]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert len((tmp_path / "builds.log").read_text().split()) == 1  # one build ...

@@ -29,7 +29,7 @@ def synthetic_trials(n_prompts: int = 40, per_prompt: int = 4, signal: float = 3
     rng = np.random.default_rng(seed)
     trials, y = [], []
     for p in range(n_prompts):
-        for k in range(per_prompt):
+        for _ in range(per_prompt):
             trials.append({"prompt_id": f"p{p:03d}", "position": int(rng.integers(0, 64)), "depth_actual": rng.random(),
                            "span_len": int(rng.choice([2, 4, 8, 16])), "prompt_len": 30 + p % 7, "label": "x"})
             y.append(int(rng.integers(0, 2)))

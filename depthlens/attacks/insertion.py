@@ -118,7 +118,7 @@ def random_insertion_attack(model, prompts: Sequence[str], refusals: Sequence[Se
         if n_random:
             spots = [(p / len(r), p) for p in (rng.randint(0, len(r)) for _ in range(n_random))]
         else:
-            spots = [(d, relative_position(d, len(r))) for d in depths]
+            spots = [(d, relative_position(d, len(r))) for d in depths]  # type: ignore[union-attr]
         for m in span_lengths:
             if m > len(h):
                 skipped.append({"prompt_id": pids[i], "span_len": m, "reason": f"harmful response has {len(h)} < m tokens"})

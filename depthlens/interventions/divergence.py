@@ -69,5 +69,5 @@ def per_position_kl(aligned, base, prompts: Sequence[str], responses: Sequence[S
     n = (~np.isnan(values)).sum(0)
     mean = np.nanmean(np.where(n > 0, values, 0.0), axis=0)  # 0, not NaN, where no response is that long
     ci = bootstrap_mean(values, n_boot, seed, skip_nan=True)  # resamples examples; NaN: response too short
-    return PositionKL(values=values, mean=mean, lo=ci.lo, hi=ci.hi, n=n)
+    return PositionKL(values=values, mean=mean, lo=np.asarray(ci.lo), hi=np.asarray(ci.hi), n=n)
 

@@ -232,8 +232,8 @@ class SymmetricPerturbation:
             if self._stage[i] != 0:
                 raise RuntimeError("plus() called twice without restore().")
             d = _increment(p, self.seed, i, self.eps)
-            self._stash[i] = _plan_restore(p, d)
-            self.n_stashed += p.numel() if self._stash[i][0] == "dense" else self._stash[i][1].numel()
+            plan = self._stash[i] = _plan_restore(p, d)
+            self.n_stashed += p.numel() if plan[0] == "dense" else plan[1].numel()
             p.add_(d)
             self._stage[i] = 1
 
@@ -251,7 +251,7 @@ class SymmetricPerturbation:
         """Return every tensor to θ exactly, from whichever stage it is in."""
         for i, p in enumerate(self.params):
             stage, stash = self._stage[i], self._stash[i]
-            if stage == 0:
+            if stage == 0 or stash is None:
                 continue
             if stash[0] == "dense":
                 p.copy_(stash[1])

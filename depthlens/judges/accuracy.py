@@ -40,7 +40,7 @@ PARTS = ("dev", "heldout")
 
 
 def labels_text(name: str) -> str:
-    return resources.files("depthlens").joinpath("labels", name).read_text(encoding="utf-8")
+    return resources.files("depthlens").joinpath("labels").joinpath(name).read_text(encoding="utf-8")
 
 
 @functools.lru_cache(maxsize=2)
@@ -127,7 +127,7 @@ def score_judge(truth: Sequence[str], pred: Sequence[str], groups: Sequence | No
     for c in range(len(CLASSES)):
         tp = w @ ((t == c) & (p == c))
         prec, rec = _ratio(tp, w @ (p == c)), _ratio(tp, w @ (t == c))
-        row = {"support": int((t == c).sum()), "predicted": int((p == c).sum())}
+        row: dict[str, float] = {"support": int((t == c).sum()), "predicted": int((p == c).sum())}
         for name, v in (("precision", prec), ("recall", rec)):
             lo, hi = percentile_interval(v[1:], level)
             row.update({name: float(v[0]), f"{name}_lo": lo, f"{name}_hi": hi})

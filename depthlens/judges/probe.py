@@ -163,7 +163,7 @@ class ProbeWeights:
     @classmethod
     def load(cls, path: str | Path | None = None) -> ProbeWeights:
         """From ``path`` or the shipped ``depthlens/labels/probe_judge.npz``."""
-        src = resources.files("depthlens").joinpath("labels", PROBE_FILE) if path is None else Path(path)
+        src = resources.files("depthlens").joinpath("labels").joinpath(PROBE_FILE) if path is None else Path(path)
         with src.open("rb") as fh, np.load(fh, allow_pickle=False) as z:
             if tuple(str(c) for c in z["classes"]) != CLASSES:
                 raise ValueError(f"Probe weights in {src} are for classes {list(z['classes'])}, expected {list(CLASSES)}.")

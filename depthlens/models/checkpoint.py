@@ -37,7 +37,7 @@ def hf_state_dict(hf_model, keys) -> dict[str, torch.Tensor]:
     The bridge wraps modules in place, so the raw state dict also carries wrapper names and
     aliases of the same tensors; every expected key must be found.
     """
-    state = {}
+    state: dict = {}
     for k, v in hf_model.state_dict().items():
         state.setdefault(clean_key(k), v)
     missing = [k for k in keys if k not in state]

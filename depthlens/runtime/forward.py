@@ -48,7 +48,7 @@ def kv_kwargs(module, cache) -> dict:
     in 5.40); the range in ``pyproject.toml`` spans both, so the name is read from the
     module's signature (once per class).
     """
-    return {_kv_name(type(module)): cache}
+    return {_kv_name(type(module)): cache}  # type: ignore[arg-type]  # a class is hashable
 
 
 @functools.cache
@@ -191,7 +191,7 @@ def residuals_at(model, seqs: Sequence[SeqLike], positions: Sequence[int | Seque
         if not single and reduce == "none":
             raise UsageError(f"positions[{i}] is a list {p!r:.60}, but reduce='none' takes one index per sequence; "
                              "pass reduce='mean' to average over several positions.")
-        plist = [integer(f"positions[{i}]", v) for v in ([p] if single else list(p))]
+        plist = [integer(f"positions[{i}]", v) for v in ([p] if single else list(p))]  # type: ignore[arg-type]
         q = [v if v >= 0 else len(ids[i]) + v for v in plist]
         if not q or min(q) < 0 or max(q) >= len(ids[i]):
             raise UsageError(f"Sequence {i} has {len(ids[i])} tokens; positions {plist} fall outside it.")
@@ -473,7 +473,7 @@ class PrefixSharedRunner:
         cache = self._cache_cls(config=view.config)
         dev = self.model.device
         with blocks_from(view, layer):
-            view.model(inputs_embeds=self.prefix_resid[layer], attention_mask=torch.ones(1, p, dtype=torch.long, device=dev),
+            view.model(inputs_embeds=self.prefix_resid[layer], attention_mask=torch.ones(1, p, dtype=torch.long, device=dev),  # type: ignore[index]
                        position_ids=torch.arange(p, device=dev)[None], **kv_kwargs(view.model, cache), use_cache=True)
         # blocks below ``layer`` did not run; their (never read) cache slots only carry the length
         ref = cache.layers[layer]
