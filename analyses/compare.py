@@ -37,7 +37,7 @@ a re-calibration on the robust scale is still to be run.
 
     $ python -m analyses.compare --models smollm2-135m-instruct:sft smollm2-135m-instruct:sft:deep
     $ python -m analyses.compare --models tiny-llama tiny-llama --quick
-    >>> rec = run(CompareConfig(models=("tiny-llama",), quick=True)); rec.tables["table"]
+    >>> rec = run(CompareConfig(models=("tiny-llama",), quick=True)); rec.tables["table"]  # runs the whole analysis (tests/test_analyses_quick.py runs it)  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@
     ...     QUICK: ClassVar = {"n": 4}
     ...     model: str = "tiny-llama"; n: int = 16; quick: bool = False
     ...     def validate(self): require_int(self, "n")
-    >>> main = make_main(Config, run)        # run(cfg, model=None) -> a subclass of AnalysisResult
+    >>> main = make_main(Config, run)        # run(cfg, model=None): the analysis's own  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ scores the first-token refusal score (AUROC harmful vs harmless) and
 teacher-forces the base model's answers to harmless test prompts for the cross-entropy. ``evaluate_model`` is the
 reusable core (``analyses.compare`` and the recipes' checks call it).
 
-    >>> python -m analyses.evaluate --model smollm2-135m-instruct:sft
-    >>> python -m analyses.evaluate --model gemma3-270m:sft --split general
-    >>> m = evaluate_model(load_model("tiny-llama"), EvalConfig(quick=True))
-    >>> m.metrics["harmful_refusal"], m.metrics["asr_compliance"]
+    $ python -m analyses.evaluate --model smollm2-135m-instruct:sft
+    $ python -m analyses.evaluate --model gemma3-270m:sft --split general
+    >>> m = evaluate_model(load_model("tiny-llama"), EvalConfig(quick=True))  # runs the whole evaluation (tests/test_analyses_quick.py runs it)  # doctest: +SKIP
+    >>> m.metrics["harmful_refusal"], m.metrics["asr_compliance"]  # doctest: +SKIP
     $ python -m analyses.evaluate --model tiny-llama --harmful my_prompts.jsonl --quick
 """
 

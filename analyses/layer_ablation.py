@@ -34,7 +34,7 @@ docs/findings.md "Costs measured on the way").
 
     $ python -m analyses.layer_ablation                       # every 5th layer of the organism
     $ python -m analyses.layer_ablation --layer-stride 1      # every layer
-    >>> rec = run(LayerAblationConfig(model="tiny-llama", quick=True)); rec.tables["effects"][0]
+    >>> rec = run(LayerAblationConfig(model="tiny-llama", quick=True)); rec.tables["effects"][0]  # runs the whole analysis (tests/test_analyses_quick.py runs it)  # doctest: +SKIP
 """
 
 from __future__ import annotations

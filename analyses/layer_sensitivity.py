@@ -24,7 +24,7 @@ measures the cost of an evaluation as a ratio to one plain forward.
 
     $ python -m analyses.layer_sensitivity                      # the organism, defaults below
     $ python -m analyses.layer_sensitivity --quick --model tiny-llama
-    >>> rec = run(SensitivityConfig(model="tiny-llama", quick=True)); rec.metrics["critical_layers"]
+    >>> rec = run(SensitivityConfig(model="tiny-llama", quick=True)); rec.metrics["critical_layers"]  # runs the whole analysis (tests/test_analyses_quick.py runs it)  # doctest: +SKIP
 """
 
 from __future__ import annotations

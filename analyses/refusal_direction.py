@@ -24,7 +24,7 @@ docs/findings.md "Costs measured on the way".
 
     $ python -m analyses.refusal_direction                        # the organism, defaults below
     $ python -m analyses.refusal_direction --quick --model tiny-llama
-    >>> rec = run(RefusalDirectionConfig(model="tiny-llama", quick=True)); rec.tables["side_by_side"]
+    >>> rec = run(RefusalDirectionConfig(model="tiny-llama", quick=True)); rec.tables["side_by_side"]  # runs the whole analysis and builds five models (tests/test_refusal_direction.py)  # doctest: +SKIP
 """
 
 from __future__ import annotations

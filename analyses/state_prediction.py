@@ -29,7 +29,7 @@ Decodable is not causal: ``analyses.layer_ablation`` is the causal check.
 
     $ python -m analyses.insertion_robustness && python -m analyses.state_prediction
     $ python -m analyses.state_prediction --trials results/insertion_robustness/<tag>/<run> --quick
-    >>> rec = run(StatePredictionConfig(model="tiny-llama", quick=True)); rec.metrics["verdict"]
+    >>> rec = run(StatePredictionConfig(model="tiny-llama", quick=True)); rec.metrics["verdict"]  # runs the whole analysis (tests/test_analyses_quick.py runs it)  # doctest: +SKIP
 """
 
 from __future__ import annotations

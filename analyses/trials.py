@@ -7,8 +7,8 @@ otherwise the newest run of the model under ``--out``, named in a warning and re
 is checked on the way in: a missing field, an unknown label or a non-finite number is a
 ``UsageError`` naming the trial, never a value read as 0.
 
-    >>> source = obtain_trials("tiny-llama", None, "results", quick=True)
-    >>> source.chosen, source.path, len(source.trials)
+    >>> source = obtain_trials("tiny-llama", None, "results", quick=True)  # runs an insertion_robustness analysis first (tests/test_state_prediction.py)  # doctest: +SKIP
+    >>> source.chosen, source.path, len(source.trials)  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ Plot builders (``figures.plots``) take plain data and return a themed ``go.Figur
 ``save_figure`` writes HTML + data JSON always and PNG/PDF/SVG where a Chromium is present;
 analysis builders register per results ``analysis`` and ``python -m figures`` rebuilds all.
 
-    >>> from figures import lines, save_figure
-    >>> fig = lines([1, 2, 4], {"base": [0.1, 0.3, 0.6]}, "k", "ASR")
-    >>> save_figure(fig, "figures/out/asr_vs_k").files
+    >>> from figures import lines, save_figure  # writes into figures/out of the working directory  # doctest: +SKIP
+    >>> fig = lines([1, 2, 4], {"base": [0.1, 0.3, 0.6]}, "k", "ASR")  # doctest: +SKIP
+    >>> save_figure(fig, "figures/out/asr_vs_k").files  # doctest: +SKIP
 """
 
 from .plots import grouped_bars, heatmap, line_with_band, lines, multi_panel, ranked_bars, small_multiples

@@ -5,9 +5,9 @@ these, so every figure shares the theme, the 95%-interval convention (a shaded b
 bars, always labelled) and the legend layout. Nothing here knows about models, and nothing
 calls ``.show()``.
 
-    >>> fig = line_with_band([0, 1, 2], {"chat": ([1, .5, .2], [.9, .4, .1], [1.1, .6, .3])},
+    >>> fig = line_with_band([0, 1, 2], {"chat": ([1, .5, .2], [.9, .4, .1], [1.1, .6, .3])},  # writes into figures/out of the working directory  # doctest: +SKIP
     ...                      "token position", "KL (nats)")
-    >>> save_figure(fig, "figures/out/token_depth_kl")
+    >>> save_figure(fig, "figures/out/token_depth_kl")  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ declared with ``combine=True`` instead receives the list of records of that anal
 model) and draws cross-model figures. Records are read with plain ``json`` here, and a file
 of another schema version is refused with one sentence.
 
-    >>> @register("token_depth")
+    >>> @register("token_depth")  # registers a builder and reads a results file of a run  # doctest: +SKIP
     ... def _kl(record): return {"kl": lines(...)}
-    >>> build_figures(load_record("results/token_depth/m/r/results.json"), "figures/out")
+    >>> build_figures(load_record("results/token_depth/m/r/results.json"), "figures/out")  # doctest: +SKIP
 """
 
 from __future__ import annotations

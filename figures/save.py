@@ -8,9 +8,9 @@ enable it, and HTML + JSON are still written; ``export_session()`` keeps one bro
 across many ``save_figure`` calls (~1 s per figure set instead of ~4 s). Every file is written atomically (temp file in
 the same folder, then ``os.replace``), so an interrupted run leaves no half-written file.
 
-    >>> from figures.plots import lines
-    >>> saved = save_figure(lines([1, 2], {"a": [0.1, 0.2]}, "k", "ASR"), "figures/out/asr")
-    >>> saved.files                          # [.../asr.html, .../asr.json, .../asr.png, ...]
+    >>> from figures.plots import lines  # writes into figures/out of the working directory  # doctest: +SKIP
+    >>> saved = save_figure(lines([1, 2], {"a": [0.1, 0.2]}, "k", "ASR"), "figures/out/asr")  # doctest: +SKIP
+    >>> saved.files                          # [.../asr.html, .../asr.json, .../asr.png, ...]  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def _render_static(jobs: Sequence[tuple[go.Figure, str]]) -> list[bytes]:
 def export_session() -> Iterator[None]:
     """Keep one browser open for every static export inside the block (saves ~3 s a call).
 
-        >>> with export_session():
+        >>> with export_session():  # doctest: +SKIP
         ...     for name, fig in figs.items(): save_figure(fig, f"out/{name}")
     """
     if static_export_unavailable() is not None:

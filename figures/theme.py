@@ -10,7 +10,8 @@ colour-vision deficiencies), heat maps use cividis (sequential) or ColorBrewer R
 
     >>> import plotly.graph_objects as go
     >>> fig = apply_theme(go.Figure(go.Scatter(y=[1, 3, 2])), width="single")
-    >>> fig.layout.width                       # 317 px = 3.3 in at 96 px/in
+    >>> fig.layout.width                       # 3.3 in at 96 px/in
+    317
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ and then load it (``depthlens.models.recipes.build_or_load``). The ``zo`` recipe
 likewise and all-reduces only the two losses of each MeZO step (``depthlens.interventions.spsa``). Memory per
 parameter and what fits where: docs/scaling.md.
 
-    >>> model = build_on("smollm2-135m-instruct:sft", DeepRecipe(DeepConfig(alpha=0.3)))
+    >>> model = build_on("smollm2-135m-instruct:sft", DeepRecipe(DeepConfig(alpha=0.3)))  # builds the real organism's deep recipe  # doctest: +SKIP
 """
 
 from __future__ import annotations

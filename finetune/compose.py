@@ -8,7 +8,7 @@ intermediate under ``…:first`` too, so ``:wo``/``:wo+sft`` never build ``wo`` 
 recipes may follow ``+`` is the business of the module declaring the suffixes
 (``finetune.jailbreak.composed``).
 
-    >>> ComposedRecipe("wo+sft", "wo", CountermeasureRecipe())
+    >>> ComposedRecipe("wo+sft", "wo", CountermeasureRecipe())  # a recipe object, shown for its arguments  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ Sizing: defaults are 64 examples × 5 epochs / batch 8 = 40 steps; the reference
 forward over the data.
 Multi-GPU: see ``finetune.common``.
 
-    >>> ref = reference_logprobs(model, tokenize_examples(model.tokenizer, examples, 192))
-    >>> loss = constrained_loss(logp, ref_logp, mask, token_betas(response_positions(mask)))
-    >>> load_model("smollm2-135m-instruct:sft:hft-constrained")
+    >>> ref = reference_logprobs(model, tokenize_examples(model.tokenizer, examples, 192))  # needs the real model and its training data  # doctest: +SKIP
+    >>> loss = constrained_loss(logp, ref_logp, mask, token_betas(response_positions(mask)))  # doctest: +SKIP
+    >>> load_model("smollm2-135m-instruct:sft:hft-constrained")  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ combined recipes add greedy answers of the model and one batched forward over th
 worst-insertion candidates (timings: docs/findings.md "Costs measured on the way").
 Multi-GPU: see ``finetune.common``.
 
-    >>> load_model("smollm2-135m-instruct:sft:deep-wi")
-    >>> examples = recovery_examples(prompts, harmful_tokens, refusals, DeepConfig(), rng)
+    >>> load_model("smollm2-135m-instruct:sft:deep-wi")  # needs the real model and its training data  # doctest: +SKIP
+    >>> examples = recovery_examples(prompts, harmful_tokens, refusals, DeepConfig(), rng)  # doctest: +SKIP
     $ python -m finetune.deep --model smollm2-135m-instruct:sft      # :deep on the organism
     $ python -m finetune.deep --components recovery,trajectory --harmful-pool all --imperative-share 0
           --benign-tokens 48 --max-len 256                           # (one line) :deep-traj

@@ -25,8 +25,8 @@ accelerate's own FSDP wrapping: ``finetune.sharding`` applies FSDP2 itself, to t
 (an FSDP launch's variables are hidden from ``Accelerator`` so that it does not wrap or
 cast anything). DeepSpeed and Megatron launches are refused in one sentence.
 
-    >>> accelerator = accelerator_for(model)
-    >>> value = sync_gradients(accelerator, params, value)     # after the step's backward passes
+    >>> accelerator = accelerator_for(model)  # a fragment of a training loop under accelerate  # doctest: +SKIP
+    >>> value = sync_gradients(accelerator, params, value)     # after the step's backward passes  # doctest: +SKIP
 """
 
 from __future__ import annotations

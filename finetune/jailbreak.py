@@ -26,9 +26,9 @@ Sizing (the timings are in docs/findings.md "Costs measured on the way"):
   sizes and rates tried are in docs/findings.md "The SFT countermeasure".
 - every step is cached under ``$DEPTHLENS_CACHE/organisms`` like the organism and loads in seconds.
 
-    >>> jt = load_model("smollm2-135m-instruct:sft:jt")          # built once, then cached
-    >>> cm = load_model("smollm2-135m-instruct:sft:jt+sft")      # reuses …:sft:jt, adds the countermeasure
-    >>> python -m finetune.jailbreak --harmful-share 0.02        # JT on the organism, non-default share
+    >>> jt = load_model("smollm2-135m-instruct:sft:jt")          # built once, then cached  # builds on the real organism  # doctest: +SKIP
+    >>> cm = load_model("smollm2-135m-instruct:sft:jt+sft")      # reuses …:sft:jt, adds the countermeasure  # doctest: +SKIP
+    $ python -m finetune.jailbreak --harmful-share 0.02        # JT on the organism, non-default share
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ loads it like any other model. The adapter itself (peft's ``adapter_config.json`
 On CUDA (bf16 weights) peft keeps the adapter weights in float32 and casts the merged update
 to bf16 once, at the merge.
 
-    >>> train_sft(model, examples, TrainConfig(lora=LoraSettings(rank=16)), workdir)
-    >>> PeftModel.from_pretrained(parent.plain(), entry / "adapter")   # the adapter alone
+    >>> train_sft(model, examples, TrainConfig(lora=LoraSettings(rank=16)), workdir)  # a fragment: model, examples, parent and entry come from the recipe  # doctest: +SKIP
+    >>> PeftModel.from_pretrained(parent.plain(), entry / "adapter")   # the adapter alone  # doctest: +SKIP
 """
 
 from __future__ import annotations

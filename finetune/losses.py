@@ -6,8 +6,8 @@ example-mean form, the organism's first-token over-refusal margin, and deep alig
 utility anchors. Every one reads the logits of ``response_logits``, which unembeds only the
 response positions and runs the chat prefix a batch shares once.
 
-    >>> loss = response_loss(model, ids, mask, att)
-    >>> train_sft(model, examples, TrainConfig(), loss_fn=BenignMarginLoss(kinds, refusal_ids, 0.2, 0.2))
+    >>> loss = response_loss(model, ids, mask, att)  # a fragment: model, ids, mask and examples come from the recipe  # doctest: +SKIP
+    >>> train_sft(model, examples, TrainConfig(), loss_fn=BenignMarginLoss(kinds, refusal_ids, 0.2, 0.2))  # doctest: +SKIP
 """
 
 from __future__ import annotations

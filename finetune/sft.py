@@ -7,9 +7,9 @@ the two-sided first-token margin of ``finetune.losses.BenignMarginLoss``. The be
 outweighs the harmful side and is diverse in topic and form (``finetune.rephrase``): otherwise
 a 135M model learns "imperative how-to → refuse" (measured on the organism).
 
-    >>> model = load_model("smollm2-135m-instruct:sft")     # builds once, then cached
-    >>> python -m finetune.sft --n-harmful 160 --epochs 1    # the same recipe from the shell
-    >>> python -m finetune.sft --benign-margin 0 --refusal-margin 0 --lr 1e-4  # v4's training settings
+    >>> model = load_model("smollm2-135m-instruct:sft")     # builds once, then cached  # builds the real organism  # doctest: +SKIP
+    $ python -m finetune.sft --n-harmful 160 --epochs 1    # the same recipe from the shell
+    $ python -m finetune.sft --benign-margin 0 --refusal-margin 0 --lr 1e-4  # v4's training settings
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ trains peft adapters instead of the weights and merges them at the end (``finetu
 the ranks with FSDP2 instead (``finetune.sharding``); ``grad_checkpointing`` recomputes each
 decoder block's activations in the backward pass (``finetune.precision``).
 
-    >>> data = tokenize_examples(model.tokenizer, [Example("Hi?", "Hello.")], max_len=192)
-    >>> log = train_sft(model, examples, TrainConfig(lr=2e-4), workdir)
-    >>> log = train_sft(model, examples, TrainConfig(lr=2e-4, max_steps=20, lora=LoraSettings(rank=16)), workdir)
+    >>> data = tokenize_examples(model.tokenizer, [Example("Hi?", "Hello.")], max_len=192)  # a fragment: model, examples and workdir come from the recipe  # doctest: +SKIP
+    >>> log = train_sft(model, examples, TrainConfig(lr=2e-4), workdir)  # doctest: +SKIP
+    >>> log = train_sft(model, examples, TrainConfig(lr=2e-4, max_steps=20, lora=LoraSettings(rank=16)), workdir)  # doctest: +SKIP
 """
 
 from __future__ import annotations

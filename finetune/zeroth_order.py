@@ -17,7 +17,7 @@ the batches and writes the checkpoints.
 
     $ python -m analyses.layer_sensitivity --model smollm2-135m-instruct:sft:deep-anchored
     $ python -m finetune.zeroth_order --model smollm2-135m-instruct:sft:deep-anchored --subspace lora
-    >>> load_model("smollm2-135m-instruct:sft:zo")      # layers from results/layer_sensitivity/…
+    >>> load_model("smollm2-135m-instruct:sft:zo")      # layers from results/layer_sensitivity/…  # builds on the real organism and a layer_sensitivity record  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ compare noise suite. Under
 ``accelerate launch`` each rank evaluates its rows of every batch (``Shard``) and returns its
 part of L, which the MeZO engine sums over the ranks.
 
-    >>> objective = RobustObjective(model, safety, utility, layers, 0.1, 1.0, seed=0)
-    >>> objective.components(0, noise=False)        # (NLL_safety, NLL_utility) of batch 0
+    >>> objective = RobustObjective(model, safety, utility, layers, 0.1, 1.0, seed=0)  # a fragment: model, batches and layers come from the recipe  # doctest: +SKIP
+    >>> objective.components(0, noise=False)        # (NLL_safety, NLL_utility) of batch 0  # doctest: +SKIP
 """
 
 from __future__ import annotations

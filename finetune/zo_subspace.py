@@ -15,9 +15,9 @@ subspace (Malladi et al. 2023, docs/methods.md §5). Three subspaces of the chos
 In every subspace the perturbation z is regenerated from the step seed (``depthlens.interventions.spsa``),
 so nothing the size of the subspace is stored and memory stays at inference memory.
 
-    >>> sub = open_subspace(model, "lora", [11, 15], LoraSettings(rank=8), seed=0)
-    >>> mezo_train(sub.params, objective, cfg)
-    >>> sub.finish(done=True, adapter_dir=workdir / "adapter")    # merged into the weights
+    >>> sub = open_subspace(model, "lora", [11, 15], LoraSettings(rank=8), seed=0)  # a fragment: model, objective and workdir come from the recipe  # doctest: +SKIP
+    >>> mezo_train(sub.params, objective, cfg)  # doctest: +SKIP
+    >>> sub.finish(done=True, adapter_dir=workdir / "adapter")    # merged into the weights  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ value per model) and ``metrics.models``. Every ASR category says which judge pro
 (docs/methods.md §1): substring compliance (no prefill, prefill k) or the harmful-continuation
 class (random and worst insertion); every measure is on the test splits.
 
-    >>> from figures.registry import build_figures, load_record
-    >>> build_figures(load_record("results/compare/<tag>/<run>/results.json"), "figures/out")
+    >>> from figures.registry import build_figures, load_record  # reads a results file of a run  # doctest: +SKIP
+    >>> build_figures(load_record("results/compare/<tag>/<run>/results.json"), "figures/out")  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ Every ASR names the judge behind it (substring compliance vs the harmful-continu
 docs/methods.md §1) and every figure names the prompt split it was computed on; curves over
 prompts carry the 95% intervals the record holds.
 
-    >>> from figures.registry import build_figures, load_record
-    >>> build_figures(load_record("results/layer_sensitivity/<tag>/<run>/results.json"), "figures/out")
+    >>> from figures.registry import build_figures, load_record  # reads a results file of a run  # doctest: +SKIP
+    >>> build_figures(load_record("results/layer_sensitivity/<tag>/<run>/results.json"), "figures/out")  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@
 - ``safety``: harmful refusal, ASR and borderline over-refusal on the test splits per model;
 - ``capability``: first-token KL(organism ‖ model) on harmless prompts and harmless CE per model.
 
-    >>> from figures.registry import build_figures, load_record
-    >>> build_figures(load_record("results/refusal_direction/<tag>/<run>/results.json"), "figures/out")
+    >>> from figures.registry import build_figures, load_record  # reads a results file of a run  # doctest: +SKIP
+    >>> build_figures(load_record("results/refusal_direction/<tag>/<run>/results.json"), "figures/out")  # doctest: +SKIP
 """
 
 from __future__ import annotations

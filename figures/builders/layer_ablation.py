@@ -6,8 +6,8 @@
 
 Both diverge from 0 (no effect); cells that were not run (a zero refusal direction) are blank.
 
-    >>> from figures.registry import build_figures, load_record
-    >>> build_figures(load_record("results/layer_ablation/<tag>/<run>/results.json"), "figures/out")
+    >>> from figures.registry import build_figures, load_record  # reads a results file of a run  # doctest: +SKIP
+    >>> build_figures(load_record("results/layer_ablation/<tag>/<run>/results.json"), "figures/out")  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@
 - ``depth``: the depth columns of the front points against their validation KL (prefill ASR
   per k > 0, insertion ASR, insertion recovered), with the organism's values dashed.
 
-    >>> from figures.registry import build_figures, load_record
-    >>> build_figures(load_record("results/refusal_pareto/<tag>/<run>/results.json"), "figures/out")
+    >>> from figures.registry import build_figures, load_record  # reads a results file of a run  # doctest: +SKIP
+    >>> build_figures(load_record("results/refusal_pareto/<tag>/<run>/results.json"), "figures/out")  # doctest: +SKIP
 """
 
 from __future__ import annotations

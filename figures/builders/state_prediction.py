@@ -6,8 +6,8 @@ projection with its band, and the other baselines as lines (shuffled labels, ran
 directions, surface features — flat, it has no layer) and chance (dotted). An undetermined
 run (degenerate labels) gets a figure that says why instead of empty axes.
 
-    >>> from figures.registry import build_figures, load_record
-    >>> build_figures(load_record("results/state_prediction/<tag>/<run>/results.json"), "figures/out")
+    >>> from figures.registry import build_figures, load_record  # reads a results file of a run  # doctest: +SKIP
+    >>> build_figures(load_record("results/state_prediction/<tag>/<run>/results.json"), "figures/out")  # doctest: +SKIP
 """
 
 from __future__ import annotations

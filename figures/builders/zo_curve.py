@@ -13,7 +13,7 @@ builder draws
   utility parts, on a scale of their own.
 
     $ python -m figures.builders.zo_curve ~/.cache/depthlens/organisms/<spec>-zo-<key> --out figures/out
-    >>> build_figures(zo_record(entry), "figures/out")
+    >>> build_figures(zo_record(entry), "figures/out")  # reads a recipe's cache entry  # doctest: +SKIP
 """
 
 from __future__ import annotations
