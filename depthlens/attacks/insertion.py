@@ -22,6 +22,8 @@ judged, never the prefilled or inserted harmful tokens.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 import random
 from collections.abc import Sequence
@@ -32,6 +34,9 @@ from depthlens.attacks.plumbing import (Plan, check_inputs, check_lengths, decod
 from depthlens.data.chat import build_chat
 from depthlens.infra.errors import UsageError
 from depthlens.runtime import Hook
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,7 @@ SPAN_SOURCES = ("start", "random")
 # ----------------------------------------------------------------------------- prefill
 
 
-def prefill_attack(model, prompts: Sequence[str], harmful_responses: Sequence[Sequence[int]],
+def prefill_attack(model: HookedModel, prompts: Sequence[str], harmful_responses: Sequence[Sequence[int]],
                    ks: Sequence[int] = DEFAULT_KS, max_new_tokens: int = 64, prompt_ids: Sequence | None = None,
                    batch_size: int = 16, *, fwd_hooks: Sequence[Hook] = (), progress: bool = False) -> AttackResult:
     """Prefill the first k harmful tokens after the assistant header; the model continues greedily.
@@ -78,7 +83,7 @@ def prefill_attack(model, prompts: Sequence[str], harmful_responses: Sequence[Se
 # ----------------------------------------------------------------------------- random insertion
 
 
-def random_insertion_attack(model, prompts: Sequence[str], refusals: Sequence[Sequence[int]],
+def random_insertion_attack(model: HookedModel, prompts: Sequence[str], refusals: Sequence[Sequence[int]],
                             harmful_responses: Sequence[Sequence[int]], depths: Sequence[float] | None = DEFAULT_DEPTHS,
                             span_lengths: Sequence[int] = DEFAULT_SPAN_LENGTHS, span_source: str = "start",
                             max_new_tokens: int = 48, prompt_ids: Sequence | None = None, batch_size: int = 16, *,

@@ -14,6 +14,8 @@ worst insertion build exactly the same sequences.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 import math
 from collections.abc import Sequence
@@ -24,6 +26,9 @@ from depthlens.data.chat import ChatSequence, build_chat
 from depthlens.infra.errors import UsageError
 from depthlens.runtime.generation import generate
 from depthlens.judges import classify_continuation, is_compliance, is_refusal
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +90,7 @@ def decode(tok, ids: Sequence[int]) -> str:
     return tok.decode(list(ids), skip_special_tokens=True)
 
 
-def run_and_judge(model, attack: str, plans: list[Plan], prompts, pids, references: list[str], *,
+def run_and_judge(model: HookedModel, attack: str, plans: list[Plan], prompts, pids, references: list[str], *,
                    max_new_tokens: int, batch_size: int, fwd_hooks, progress: bool) -> list[Trial]:
     """Generate all planned sequences in one call and judge every continuation."""
     if not plans:

@@ -11,6 +11,8 @@ like every other attack.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +25,9 @@ from depthlens.data.chat import ChatSequence
 from depthlens.infra.errors import UsageError
 from depthlens.runtime import Hook
 from depthlens.judges.seam import refusal_token_ids, score_from_logprobs
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +81,7 @@ def _candidate_positions(candidate_positions, length: int) -> list[int]:
     return sorted(out)
 
 
-def worst_insertion(model, prompts: Sequence[str], refusals: Sequence[Sequence[int]],
+def worst_insertion(model: HookedModel, prompts: Sequence[str], refusals: Sequence[Sequence[int]],
                     harmful_responses: Sequence[Sequence[int]],
                     candidate_positions: Sequence[float | int] = DEFAULT_DEPTHS,
                     span_lengths: Sequence[int] = DEFAULT_SPAN_LENGTHS, objective: str = "refusal_score", *,
@@ -152,7 +157,7 @@ def worst_insertion(model, prompts: Sequence[str], refusals: Sequence[Sequence[i
     return out
 
 
-def worst_insertion_attack(model, prompts: Sequence[str], refusals: Sequence[Sequence[int]],
+def worst_insertion_attack(model: HookedModel, prompts: Sequence[str], refusals: Sequence[Sequence[int]],
                            harmful_responses: Sequence[Sequence[int]],
                            candidate_positions: Sequence[float | int] = DEFAULT_DEPTHS,
                            span_lengths: Sequence[int] = DEFAULT_SPAN_LENGTHS, objective: str = "refusal_score",

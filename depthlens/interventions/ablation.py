@@ -17,6 +17,8 @@ one layer's input (``c = +1`` induces refusal, ``−1`` bypasses it).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from collections.abc import Callable
 
 import torch
@@ -26,6 +28,9 @@ from torch import Tensor
 from depthlens.infra.errors import UsageError
 from depthlens.models.hooked_model import hook_name
 from depthlens.runtime.hooks import Hook
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 
 def unit_direction(direction, d_model: int, *, normalize: bool = True) -> Float[Tensor, " d_model"]:
@@ -85,7 +90,7 @@ class _Cast:
         return self._cache[key]
 
 
-def ablation_hooks(model, direction: Float[Tensor, " d_model"]) -> list[Hook]:
+def ablation_hooks(model: HookedModel, direction: Float[Tensor, " d_model"]) -> list[Hook]:
     """Hooks that project ``r̂`` out at every layer's resid_pre, attn_out and mlp_out (all positions).
 
     The direction is normalized here; the projection is computed in the activation's dtype.
@@ -95,7 +100,7 @@ def ablation_hooks(model, direction: Float[Tensor, " d_model"]) -> list[Hook]:
     return [(hook_name(kind, l), ablate) for l in range(model.n_layers) for kind in ("resid_pre", "attn_out", "mlp_out")]
 
 
-def addition_hooks(model, direction: Float[Tensor, " d_model"], layer: int, coeff: float = 1.0) -> list[Hook]:
+def addition_hooks(model: HookedModel, direction: Float[Tensor, " d_model"], layer: int, coeff: float = 1.0) -> list[Hook]:
     """A hook adding ``coeff · r`` (raw, not normalized) to ``blocks.{layer}.hook_resid_pre`` at all positions."""
     model.check_layer(layer)
     r = _Cast(_as_direction(model, direction, normalize=False) * float(coeff))

@@ -39,6 +39,8 @@ Cost: a perturbation of layer l leaves every earlier layer unchanged, so a sweep
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -51,6 +53,9 @@ from torch import Tensor
 
 from depthlens.infra.errors import UsageError
 from depthlens.models.hooked_model import hook_name
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 
 def _layers(model, layer: int | Sequence[int] | None) -> list[int]:
@@ -89,7 +94,7 @@ def _check_sigma(sigma: float) -> None:
 
 
 @contextmanager
-def param_noise(model, layer: int | None, sigma: float, seed: int = 0) -> Iterator[None]:
+def param_noise(model: HookedModel, layer: int | None, sigma: float, seed: int = 0) -> Iterator[None]:
     """Gaussian noise ``σ‖W‖_F/√n · z`` on every weight matrix of ``layer`` (None: all layers)."""
     _check_sigma(sigma)
     params = _matrices(model, _layers(model, layer))
@@ -114,7 +119,7 @@ def rtn_quantize(weight: Float[Tensor, "out inp"], bits: int) -> Float[Tensor, "
 
 
 @contextmanager
-def quantize(model, layer: int | None, bits: int) -> Iterator[None]:
+def quantize(model: HookedModel, layer: int | None, bits: int) -> Iterator[None]:
     """RTN int8/int4 weights (per output channel) for the matrices of ``layer`` (None: all)."""
     if bits not in (4, 8):
         raise UsageError(f"Quantization supports 4 or 8 bits, got {bits}.")
@@ -138,7 +143,7 @@ def activation_scale(x: Float[Tensor, "... d_model"], scale: str = "robust") -> 
     raise UsageError(f"Unknown activation-noise scale {scale!r}; use one of {', '.join(ACT_SCALES)}.")
 
 
-def activation_noise_hooks(model, layer: int | Sequence[int] | None, sigma: float,
+def activation_noise_hooks(model: HookedModel, layer: int | Sequence[int] | None, sigma: float,
                            seed: int = 0, scale: str = "robust") -> list[tuple[str, Callable]]:
     """Hooks adding ``σ · s(x) · z`` to ``hook_resid_post`` of the layer(s) (``activation_scale``); seeded per context."""
     _check_sigma(sigma)
@@ -158,7 +163,7 @@ def activation_noise_hooks(model, layer: int | Sequence[int] | None, sigma: floa
 
 
 @contextmanager
-def activation_noise(model, layer: int | Sequence[int] | None, sigma: float, seed: int = 0,
+def activation_noise(model: HookedModel, layer: int | Sequence[int] | None, sigma: float, seed: int = 0,
                      scale: str = "robust") -> Iterator[None]:
     """Activation noise active for every forward (and generation step) inside the block."""
     from depthlens.runtime import mirrored_hooks
@@ -199,7 +204,7 @@ KINDS = tuple(PERTURBATIONS)
 
 
 @contextmanager
-def perturb(model, kind: str, layer: int | None, sigma: float = 0.0, seed: int = 0) -> Iterator[None]:
+def perturb(model: HookedModel, kind: str, layer: int | None, sigma: float = 0.0, seed: int = 0) -> Iterator[None]:
     """Dispatch to one perturbation by name: ``param_noise``, ``act_noise``, ``act_noise_rms``, ``int8``, ``int4``."""
     if kind not in PERTURBATIONS:
         raise UsageError(f"Unknown perturbation kind {kind!r}; use one of {', '.join(KINDS)}.")

@@ -67,6 +67,8 @@ the loss)::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -78,6 +80,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from depthlens.infra.errors import UsageError
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +397,7 @@ def mezo_train(params: Sequence[Tensor], loss_fn: Callable[[int], float], cfg: Z
 # ----------------------------------------------------------------------------- layer probes
 
 
-def zo_layer_probes(model, layers: Sequence[int] | None, loss_fn: Callable[[int], float], eps: float = 1e-3,
+def zo_layer_probes(model: HookedModel, layers: Sequence[int] | None, loss_fn: Callable[[int], float], eps: float = 1e-3,
                     seed: int = 0, n_samples: int = 1, reduce: Reduce | None = None) -> dict[int, float]:
     """Cheap layer sensitivity ``c_l = |L(θ+εz_l) − L(θ−εz_l)| / 2ε``, only layer l's matrices perturbed.
 

@@ -25,6 +25,8 @@ Recipe, layer and regularisation are chosen by grouped (by prompt) cross-validat
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +34,9 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +69,7 @@ def judge_inputs(tokenizer, prompts: Sequence[str], continuations: Sequence[str]
     return seqs, positions
 
 
-def continuation_features(model, prompts: Sequence[str], continuations: Sequence[str],
+def continuation_features(model: HookedModel, prompts: Sequence[str], continuations: Sequence[str],
                           prefixes: Sequence[str] | None = None, layers: Sequence[int] | None = None,
                           batch_size: int = 16) -> np.ndarray:
     """``[len(layers), n, d_model]`` mean ``resid_post`` over each continuation's tokens (float64)."""
@@ -87,7 +92,7 @@ def ask_inputs(tokenizer, prompts: Sequence[str], continuations: Sequence[str], 
             for p, c, x in zip(prompts, continuations, prefixes)]
 
 
-def ask_features(model, prompts: Sequence[str], continuations: Sequence[str], prefixes: Sequence[str] | None = None,
+def ask_features(model: HookedModel, prompts: Sequence[str], continuations: Sequence[str], prefixes: Sequence[str] | None = None,
                  layers: Sequence[int] | None = None, batch_size: int = 16) -> np.ndarray:
     """``[len(layers), n, d_model]`` ``resid_post`` at the last token of the judge question (float64)."""
     from depthlens.runtime.forward import residuals_at
@@ -104,7 +109,7 @@ def lexical_onehot(prompts: Sequence[str], continuations: Sequence[str], prefixe
     return np.array([[c == k for k in CLASSES] for c in pred], float)
 
 
-def recipe_features(model, recipe: str, prompts: Sequence[str], continuations: Sequence[str],
+def recipe_features(model: HookedModel, recipe: str, prompts: Sequence[str], continuations: Sequence[str],
                     prefixes: Sequence[str] | None = None, layers: Sequence[int] | None = None,
                     batch_size: int = 16) -> np.ndarray:
     """``[len(layers), n, d]`` features of ``recipe`` (one of ``RECIPES``; see the module docstring)."""
@@ -248,7 +253,7 @@ class ProbeJudge:
         self.batch_size = batch_size
 
     @classmethod
-    def load(cls, path: str | Path | None = None, model=None) -> ProbeJudge:
+    def load(cls, path: str | Path | None = None, model: HookedModel | None=None) -> ProbeJudge:
         return cls(ProbeWeights.load(path), model)
 
     @property

@@ -25,6 +25,8 @@ Every number written to a results file names the judge that made it (``JUDGE_ID`
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,6 +36,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from depthlens.judges.lexical import LEXICAL_JUDGES, LexicalJudge
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 PROBE_JUDGE = "probe"  # alias of the shipped probe judge (its full id names the model, recipe and layer)
 # The default judge: the highest dev binary accuracy (the probe's grouped CV against the lexical judges'), by the rule
@@ -122,7 +127,7 @@ class RefusalScores:
         return float(self.scores.mean())
 
 
-def refusal_score(model, prompts, *, batch_size: int = 16, fwd_hooks=(), progress: bool = False) -> RefusalScores:
+def refusal_score(model: HookedModel, prompts, *, batch_size: int = 16, fwd_hooks=(), progress: bool = False) -> RefusalScores:
     """Refusal score at the last position of each prompt (user strings or ``ChatSequence``s)."""
     from depthlens.runtime.forward import last_logprobs
     from depthlens.runtime.generation import as_chats

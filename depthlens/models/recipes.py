@@ -39,7 +39,7 @@ import time
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TYPE_CHECKING
 
 from depthlens.infra import cache
 from depthlens.models.base import load_base, load_dir, resolve_device_dtype, split_spec
@@ -48,6 +48,9 @@ from depthlens.infra.errors import UsageError
 from depthlens.models.hooked_model import wrap
 from depthlens.infra.paths import cache_dir, entry_name
 from depthlens.infra.verbosity import quiet_build, set_verbose
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 GROUP = "depthlens.recipes"
@@ -97,7 +100,7 @@ def recipe_key(parent_key: str, recipe: Recipe) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def base_key(model) -> str:
+def base_key(model: HookedModel | dict) -> str:
     """The cache key of a loaded model's weights (a ``HookedModel`` or its provenance dict)."""
     prov = model if isinstance(model, dict) else model.provenance
     return str(prov.get("gguf_sha256") or prov.get("weights_sha256") or prov.get("revision") or prov.get("source"))

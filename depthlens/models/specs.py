@@ -54,7 +54,7 @@ def reference_spec(spec: str) -> str:
     return DEFAULT_MODEL if base in PRETRAINED_ONLY else base
 
 
-def load_reference(model) -> HookedModel:
+def load_reference(model: HookedModel) -> HookedModel:
     """The model of ``reference_spec(model.spec)``: ``model`` itself when it is that spec, else
     loaded on ``model``'s device (what a recipe or analysis takes reference answers from)."""
     name = reference_spec(model.spec)

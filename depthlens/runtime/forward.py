@@ -21,6 +21,8 @@ asked for, so a 30-layer cache is never materialized.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import functools
 import inspect
 from collections.abc import Callable, Sequence
@@ -37,6 +39,9 @@ from depthlens.models.families import has_sliding_window
 from depthlens.models.hooked_model import hook_name
 from depthlens.runtime.hooks import Hook, unmirrored_bridge_hooks, hooks_active
 from depthlens.infra.validate import integer, one_of, positive_int
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 SeqLike = ChatSequence | Sequence[int]
 
@@ -93,7 +98,7 @@ def _pad_id(model) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
-def iter_batches(model, seqs: Sequence[SeqLike], batch_size: int, progress: bool = False, desc: str = "forward"):
+def iter_batches(model: HookedModel, seqs: Sequence[SeqLike], batch_size: int, progress: bool = False, desc: str = "forward"):
     """Yield ``(indices, Batch)`` over length-bucketed, left-padded batches on the model's device.
 
     Sequences longer than the model's context are refused (``depthlens.data.chat.check_context``).
@@ -108,7 +113,7 @@ def iter_batches(model, seqs: Sequence[SeqLike], batch_size: int, progress: bool
 
 
 @torch.inference_mode()
-def last_logprobs(model, seqs: Sequence[SeqLike], *, batch_size: int = 16, fwd_hooks: Sequence[Hook] = (),
+def last_logprobs(model: HookedModel, seqs: Sequence[SeqLike], *, batch_size: int = 16, fwd_hooks: Sequence[Hook] = (),
                   progress: bool = False) -> Float[Tensor, "n vocab"]:
     """Log-softmax of the next-token logits after the last token of each sequence (float32, CPU).
 
@@ -133,7 +138,7 @@ def last_logprobs(model, seqs: Sequence[SeqLike], *, batch_size: int = 16, fwd_h
 
 
 @torch.inference_mode()
-def token_logprobs(model, seqs: Sequence[SeqLike], *, start: Sequence[int] | None = None, batch_size: int = 16,
+def token_logprobs(model: HookedModel, seqs: Sequence[SeqLike], *, start: Sequence[int] | None = None, batch_size: int = 16,
                    fwd_hooks: Sequence[Hook] = (), full_dist: bool = False, progress: bool = False) -> list[Tensor]:
     """Per-token log-probs of each sequence's own tokens from position ``start[i]`` on.
 
@@ -166,7 +171,7 @@ def token_logprobs(model, seqs: Sequence[SeqLike], *, start: Sequence[int] | Non
 
 
 @torch.inference_mode()
-def residuals_at(model, seqs: Sequence[SeqLike], positions: Sequence[int | Sequence[int]], *,
+def residuals_at(model: HookedModel, seqs: Sequence[SeqLike], positions: Sequence[int | Sequence[int]], *,
                  kind: str = "resid_post", layers: Sequence[int] | None = None, batch_size: int = 16,
                  reduce: str = "none", fwd_hooks: Sequence[Hook] = (), progress: bool = False,
                  ) -> Float[Tensor, "layer n d_model"]:
@@ -212,7 +217,7 @@ def residuals_at(model, seqs: Sequence[SeqLike], positions: Sequence[int | Seque
 
 
 @torch.inference_mode()
-def stream_residuals(model, seqs: Sequence[SeqLike], layers: Sequence[int],
+def stream_residuals(model: HookedModel, seqs: Sequence[SeqLike], layers: Sequence[int],
                      on_batch: Callable[[list[int], int, list[Tensor]], None], *, kind: str = "resid_post",
                      first: int = 0, batch_size: int = 16, fwd_hooks: Sequence[Hook] = (), progress: bool = False,
                      desc: str | None = None) -> None:
@@ -256,7 +261,7 @@ def boundary_index(kind: str, layer: int) -> int:
 
 
 @torch.inference_mode()
-def stream_boundaries(model, seqs: Sequence[SeqLike], boundaries: Sequence[int], *, batch_size: int = 16,
+def stream_boundaries(model: HookedModel, seqs: Sequence[SeqLike], boundaries: Sequence[int], *, batch_size: int = 16,
                       max_prefix: int | None = None, final: bool = False, progress: bool = False,
                       desc: str = "residuals"):
     """Yield ``(indices, width, states)`` per batch: the residual stream at block boundaries.
@@ -328,7 +333,7 @@ def blocks_until(view, stop: int):
         view.model.layers = blocks
 
 
-def plain_ok(model, fwd_hooks: Sequence[Hook]) -> bool:
+def plain_ok(model: HookedModel, fwd_hooks: Sequence[Hook]) -> bool:
     """Whether the plain HF model computes what the bridge would: no hooks it cannot see, no soft-capping."""
     if fwd_hooks or getattr(model.plain().config, "final_logit_softcapping", None):
         return False
@@ -341,7 +346,7 @@ def position_ids(attention_mask: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def layer_inputs(model, input_ids: Tensor, attention_mask: Tensor, past_key_values=None) -> list[Tensor]:
+def layer_inputs(model: HookedModel, input_ids: Tensor, attention_mask: Tensor, past_key_values=None) -> list[Tensor]:
     """The residual stream entering every block (``hook_resid_pre``), from one plain forward.
 
     With ``past_key_values`` (an empty ``DynamicCache``) the same pass also fills the cache.
@@ -371,7 +376,7 @@ def _block_inputs(view):
 
 
 @torch.inference_mode()
-def forward_from_layer(model, resid: Tensor, layer: int, attention_mask: Tensor, logits_to_keep: int = 0) -> Tensor:
+def forward_from_layer(model: HookedModel, resid: Tensor, layer: int, attention_mask: Tensor, logits_to_keep: int = 0) -> Tensor:
     """Logits of the model continued from ``resid`` entering block ``layer``; blocks before it never run.
 
     This is what ``start_at_layer`` promises; transformer-lens 4.3's bridge still runs blocks

@@ -31,6 +31,8 @@ Prompts are batched by length to keep padding small, and results come back in in
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
@@ -44,6 +46,9 @@ from depthlens.infra.errors import UsageError
 from depthlens.runtime.forward import blocks_from, expand_cache, common_prefix_len, kv_kwargs, layer_inputs, position_ids
 from depthlens.runtime.hooks import PLAIN_POINT, Hook, plain_handles, unmirrored_bridge_hooks, hooks_active, plain_hooks
 from depthlens.infra.validate import integer, positive_int, prompt_list
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +167,7 @@ def _shared_prefix_inputs(model, seqs: Sequence[Sequence[int]], pad_id: int):
     return ids, mask, kv_kwargs(view, expand_cache(cache, len(seqs)))
 
 
-def as_chats(model, prompts: Sequence[str | ChatSequence]) -> list[ChatSequence]:
+def as_chats(model: HookedModel, prompts: Sequence[str | ChatSequence]) -> list[ChatSequence]:
     """Every prompt as a ``ChatSequence``: user strings are chat-formatted, sequences kept as they are."""
     return [p if isinstance(p, ChatSequence) else build_chat(model.tokenizer, p) for p in prompts]
 
@@ -181,7 +186,7 @@ def _check_sampling(do_sample, temperature, top_p, seed, top_k=0) -> None:
 
 @torch.inference_mode()
 def generate(
-    model,
+    model: HookedModel,
     prompts: Sequence[str | ChatSequence],
     max_new_tokens: int = 64,
     *,

@@ -23,18 +23,23 @@ plain-view generation see them. Every hook is removed when its block ends, error
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import re
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 from depthlens.infra.errors import UsageError
 
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
+
 Hook = tuple[str, Callable]
 """A TransformerLens forward hook: (hook-point name, ``fn(activation, hook) -> new activation or None``)."""
 
 
 @contextmanager
-def hooks_active(model, fwd_hooks: Sequence[Hook] = ()):
+def hooks_active(model: HookedModel, fwd_hooks: Sequence[Hook] = ()):
     """Attach TransformerLens forward hooks for the duration of the block; always removed."""
     if not fwd_hooks:
         yield
@@ -78,7 +83,7 @@ def _plain_target(model, name: str):
     return sublayer_module(block, "attn" if point == "attn.hook_out" else "mlp"), "post"
 
 
-def plain_handles(model, fwd_hooks: Sequence[Hook]) -> list | None:
+def plain_handles(model: HookedModel, fwd_hooks: Sequence[Hook]) -> list | None:
     """Register ``fwd_hooks`` as PyTorch hooks on ``model.plain()``; None (nothing registered) if one cannot be."""
     targets = [_plain_target(model, name) for name, _ in fwd_hooks]
     if any(t is None or t[0] is None for t in targets):
@@ -108,7 +113,7 @@ def plain_handles(model, fwd_hooks: Sequence[Hook]) -> list | None:
 
 
 @contextmanager
-def plain_hooks(model, fwd_hooks: Sequence[Hook]):
+def plain_hooks(model: HookedModel, fwd_hooks: Sequence[Hook]):
     """Attach TransformerLens-style hooks as PyTorch hooks on ``model.plain()`` only, for the block.
 
     For code that drives the plain HF modules itself (``depthlens.runtime.forward.PrefixSharedRunner``,
@@ -126,7 +131,7 @@ def plain_hooks(model, fwd_hooks: Sequence[Hook]):
 
 
 @contextmanager
-def mirrored_hooks(model, fwd_hooks: Sequence[Hook]):
+def mirrored_hooks(model: HookedModel, fwd_hooks: Sequence[Hook]):
     """Attach hooks to the bridge *and* to ``model.plain()``, so bridge forwards and ``generate``
     both see them (``generate`` keeps its KV-cache fast path). Every hook must have a plain
     equivalent (see ``PLAIN_POINT``)."""
@@ -151,7 +156,7 @@ def mirrored_hooks(model, fwd_hooks: Sequence[Hook]):
             h.remove()
 
 
-def unmirrored_bridge_hooks(model) -> bool:
+def unmirrored_bridge_hooks(model: HookedModel) -> bool:
     """Whether a hook attached to the bridge is not also on ``model.plain()`` (then only the bridge sees it)."""
     from transformer_lens.hook_points import HookPoint
 
