@@ -47,7 +47,7 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import ClassVar, TYPE_CHECKING
 
 import numpy as np
 
@@ -70,6 +70,9 @@ from depthlens.runtime.responses import answers_for
 from depthlens.attacks.worst import worst_insertion_attack
 from depthlens.stats import (bootstrap_mean, paired_rate_difference, percentile_interval, rate_interval, resample_indices,
                              wilson_interval)
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +314,7 @@ def paired_delta_interval(key: str, first: Sequence, last: Sequence, seed: int) 
     return [iv.lo, iv.hi]
 
 
-def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], attack_ids: Sequence[str],
+def measure(model: HookedModel, base, cfg: CompareConfig, attack_prompts: Sequence[str], attack_ids: Sequence[str],
             harmful: Sequence[Sequence[int]], timer: Timer) -> tuple[dict, dict]:
     """Every measure of ``MEASURES`` for one loaded model; and details (class shares, counts)."""
     ecfg = EvalConfig(model=model.spec, n_harmful=cfg.n_eval, n_harmless=cfg.n_eval, n_borderline=cfg.n_eval,
@@ -383,7 +386,7 @@ def measure(model, base, cfg: CompareConfig, attack_prompts: Sequence[str], atta
     return values, detail
 
 
-def extra_measures(model, base, cfg: CompareConfig, prompts: Sequence[str], ids: Sequence[str],
+def extra_measures(model: HookedModel, base, cfg: CompareConfig, prompts: Sequence[str], ids: Sequence[str],
                    timer: Timer) -> dict:
     """The --jailbreaks / --tasks / --hallucination rows of one model.
 
@@ -475,7 +478,7 @@ def wide_table(models: Sequence[str], values: dict[str, dict],
     return rows
 
 
-def run(cfg: CompareConfig, model=None) -> CompareResult:
+def run(cfg: CompareConfig, model: HookedModel | None=None) -> CompareResult:
     """Measure every model of ``cfg.models``; ``model`` (loaded) stands in for the spec it was loaded as."""
     timer = Timer()
     models = list(cfg.models)

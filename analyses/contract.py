@@ -30,7 +30,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, InitVar, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TYPE_CHECKING
 
 import torch
 
@@ -39,6 +39,9 @@ from depthlens.cli import (check_device, check_launch_env, cli_errors, flag, par
 from depthlens.infra.errors import UsageError
 from depthlens.infra.paths import cache_root
 from depthlens.infra.results import RunRecord, start_stamp
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +148,7 @@ def prompt_files(cfg) -> dict:
 # ----------------------------------------------------------------------------- models
 
 
-def check_weights(model, flag_name: str = "--model") -> None:
+def check_weights(model: HookedModel, flag_name: str = "--model") -> None:
     """A model whose weights hold NaN or inf cannot give a measurement: ``UsageError`` naming a tensor."""
     for name, p in model.hf.named_parameters():
         if not torch.isfinite(p).all():
@@ -188,7 +191,7 @@ def check_spec(spec: str, flag_name: str = "--model") -> None:
             get_recipe(name)
 
 
-def check_layers(model, layers: Sequence[int] | None, flag_name: str = "--layers") -> list[int] | None:
+def check_layers(model: HookedModel, layers: Sequence[int] | None, flag_name: str = "--layers") -> list[int] | None:
     """``layers`` checked against the loaded model (``UsageError`` naming the flag), or None."""
     if layers is None:
         return None

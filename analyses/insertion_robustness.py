@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import ClassVar, TYPE_CHECKING
 
 from analyses.common import Timer
 from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, fmt, load_with_base, make_main, prompt_files,
@@ -32,6 +32,9 @@ from depthlens.models.specs import ORGANISM
 from depthlens.runtime.responses import answers_for, response_set
 from depthlens.attacks.worst import worst_insertion_attack
 from depthlens.stats import paired_rate_difference, rate_interval
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +133,7 @@ class InsertionResult(AnalysisResult):
         return Summary(title, self.tables["by_depth_and_length"], cols)
 
 
-def run(cfg: InsertionConfig, model=None) -> InsertionResult:
+def run(cfg: InsertionConfig, model: HookedModel | None=None) -> InsertionResult:
     """The grid, random and worst insertions into ``cfg.model``'s (or ``model``'s) own refusals."""
     timer = Timer()
     with timer("load"):

@@ -43,7 +43,7 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import ClassVar, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -65,6 +65,9 @@ from depthlens.judges import (CONTINUATION_JUDGE_ID, classify_continuation, is_r
 from depthlens.models.hooked_model import hook_name
 from depthlens.models.specs import ORGANISM
 from depthlens.stats import bootstrap_mean, resample_indices
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +170,7 @@ class ComponentMeans:
 
 
 @torch.inference_mode()
-def component_means(model, prompts: Sequence[str | ChatSequence], batch_size: int = 16) -> ComponentMeans:
+def component_means(model: HookedModel, prompts: Sequence[str | ChatSequence], batch_size: int = 16) -> ComponentMeans:
     """Mean attention and MLP output of every layer over all positions of ``prompts`` (one pass)."""
     if not prompts:
         raise ValueError("component_means needs at least one prompt.")
@@ -190,7 +193,7 @@ def component_means(model, prompts: Sequence[str | ChatSequence], batch_size: in
     return ComponentMeans((sums["attn_out"] / n).cpu(), (sums["mlp_out"] / n).cpu(), n)
 
 
-def intervention_hooks(model, kind: str, layer: int, *, means: ComponentMeans | None = None,
+def intervention_hooks(model: HookedModel, kind: str, layer: int, *, means: ComponentMeans | None = None,
                        direction: Float[Tensor, " d_model"] | None = None) -> list[Hook]:
     """The TransformerLens hooks of one intervention at one layer (see the module docstring)."""
     model.check_layer(layer)
@@ -316,7 +319,7 @@ def default_layers(n_layers: int, stride: int) -> list[int]:
     return sorted(set(range(0, n_layers, stride)) | {n_layers - 1})
 
 
-def run(cfg: LayerAblationConfig, model=None) -> LayerAblationResult:
+def run(cfg: LayerAblationConfig, model: HookedModel | None=None) -> LayerAblationResult:
     """The sweep of the module docstring; ``model`` (already loaded) overrides ``cfg.model``."""
     timer = Timer()
     with timer("load"):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import ClassVar, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -51,6 +51,9 @@ from depthlens.models.specs import ORGANISM
 from depthlens.interventions.perturbation import KINDS, perturb
 from depthlens.runtime.responses import response_set
 from depthlens.stats import bootstrap_mean, percentile_interval, resample_indices, top_k_probability
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 KIND_SIGMA = {"param_noise": "param_sigma", "act_noise": "act_sigma", "act_noise_rms": "act_sigma"}
 CRITICAL_RULE = ("the top {k} layers by the point estimate of the score (rank_layers), most sensitive first; each "
@@ -288,7 +291,7 @@ def _n_seeds(cfg: SensitivityConfig, kind: str) -> int:
     return {"param_noise": cfg.seeds, "act_noise": cfg.act_seeds, "act_noise_rms": cfg.act_seeds}.get(kind, 1)
 
 
-def run(cfg: SensitivityConfig, model=None) -> SensitivityResult:
+def run(cfg: SensitivityConfig, model: HookedModel | None=None) -> SensitivityResult:
     """The sweep of the module docstring; ``model`` (already loaded) overrides ``cfg.model``."""
     timer = Timer()
     with timer("load"):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TYPE_CHECKING
 
 import torch
 
@@ -51,6 +51,9 @@ from depthlens.models.recipes import RECIPE_FILE, build_or_load
 from finetune.jailbreak import ComposedRecipe, CountermeasureConfig, CountermeasureRecipe, JailbreakRecipe, JTConfig
 from probes.orthogonalize import WOConfig, WORecipe
 from probes.pareto import ParetoConfig, WOOptRecipe
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 LABELS = ("organism", "WO", "JT", "WO+SFT", "JT+SFT", "WO-opt")
 # the targets of docs/methods.md §4.6: (model, measure, ">=" or "<=", bound), by the name of the measure
@@ -192,7 +195,7 @@ def recipe_chains(cfg: RefusalDirectionConfig) -> dict[str, list]:
                if cfg.wo_opt else {})}
 
 
-def recipe_info(model) -> dict:
+def recipe_info(model: HookedModel) -> dict:
     """The build report a recipe step stored beside its cached checkpoint (``recipe.json``)."""
     path = Path(str(model.provenance.get("source", ""))) / RECIPE_FILE
     if not path.exists():
@@ -270,7 +273,7 @@ def _targets(rows: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-def run(cfg: RefusalDirectionConfig, model=None) -> RefusalDirectionResult:
+def run(cfg: RefusalDirectionConfig, model: HookedModel | None=None) -> RefusalDirectionResult:
     """Build (or load) the five models and evaluate them side by side (see the module docstring)."""
     timer = Timer()
     base_name, names = split_spec(cfg.model)

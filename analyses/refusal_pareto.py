@@ -35,7 +35,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TYPE_CHECKING
 
 from analyses.common import Timer
 from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load_with_base, make_main
@@ -64,6 +64,9 @@ from probes.pareto import (
     run_pareto,
     validation_prompts,
 )
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 # the targets of the refusal–KL search (docs/methods.md §4.7) on the test split: (measure, bound), both "at most"
 TARGETS = {"wo_opt_harmful_refusal": ("harmful_refusal", 0.02), "wo_opt_first_token_kl": ("first_token_kl", 0.06)}
@@ -286,7 +289,7 @@ def depth_note(front_rows: Sequence[dict], references: Sequence[dict], outcomes:
 # ----------------------------------------------------------------------------- test evaluation
 
 
-def test_row(label: str, model, ecfg: EvalConfig, base, ref_lp, kl_seqs, timer: Timer) -> dict:
+def test_row(label: str, model: HookedModel, ecfg: EvalConfig, base, ref_lp, kl_seqs, timer: Timer) -> dict:
     ev = evaluate_model(model, replace(ecfg, model=model.spec), base_model=base, timer=timer)
     kl = first_token_kl(ref_lp, last_logprobs(model, kl_seqs, batch_size=ecfg.batch_size))
     m = ev.metrics
@@ -344,7 +347,7 @@ class RefusalParetoResult(AnalysisResult):
             shutil.copy2(journal, run_dir / JOURNAL)
 
 
-def run(cfg: RefusalParetoConfig, model=None) -> RefusalParetoResult:
+def run(cfg: RefusalParetoConfig, model: HookedModel | None=None) -> RefusalParetoResult:
     """Search, depth on the front, :wo-opt on the test split of ``cfg.model`` (or the loaded ``model``)."""
     timer = Timer()
     base_name, names = split_spec(cfg.model)

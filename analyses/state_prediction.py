@@ -40,7 +40,7 @@ import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import ClassVar, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ from depthlens.models.specs import ORGANISM
 from depthlens.stats import diff_in_means
 from probes.grouped_cv import LayerAUROC, grouped_folds
 from probes.linear import ProbeReport, probe_layers
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +208,7 @@ def site_positions(trial: Mapping) -> dict[str, list[int]]:
 
 
 @torch.inference_mode()
-def site_activations(model, seqs: Sequence[Sequence[int]], positions: Mapping[str, Sequence[Sequence[int]]], *,
+def site_activations(model: HookedModel, seqs: Sequence[Sequence[int]], positions: Mapping[str, Sequence[Sequence[int]]], *,
                      kind: str = "resid_post", layers: Sequence[int] | None = None, batch_size: int = 16,
                      progress: bool = False) -> dict[str, Float[np.ndarray, "layer n d_model"]]:
     """Residual ``kind`` per layer averaged over each site's positions, streamed batch by batch.
@@ -338,7 +341,7 @@ def _subsample(trials: list[dict], y: np.ndarray, cap: int, seed: int) -> tuple[
     return [trials[i] for i in keep], y[keep]
 
 
-def run(cfg: StatePredictionConfig, model=None) -> StatePredictionResult:
+def run(cfg: StatePredictionConfig, model: HookedModel | None=None) -> StatePredictionResult:
     """Probe the insertion trials (see the module docstring); ``model`` (loaded) overrides ``cfg.model``."""
     timer = Timer()
     with timer("trials"):

@@ -29,6 +29,8 @@ Multi-GPU: see ``finetune.common``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +43,9 @@ from torch import Tensor
 
 from finetune.common import TrainScale, config_key
 from finetune.train import Example, TrainConfig, TrainLog, autocast, tokenize_examples, train_sft
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +111,7 @@ def _token_logp(model, ids: Tensor, att: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def reference_logprobs(model, data: Sequence[tuple[list[int], list[int]]], batch_size: int = 8,
+def reference_logprobs(model: HookedModel, data: Sequence[tuple[list[int], list[int]]], batch_size: int = 8,
                        progress: bool = False) -> list[Tensor]:
     """log π_ref of each tokenized example's tokens (``tokenize_examples`` output), once, float32 on CPU.
 
@@ -174,7 +179,7 @@ class ConstrainedLog:
     mean_early_weight: list[float] = field(default_factory=list)
 
 
-def train_constrained(model, examples: Sequence[Example], cfg: TrainConfig, betas: Betas = Betas(),
+def train_constrained(model: HookedModel, examples: Sequence[Example], cfg: TrainConfig, betas: Betas = Betas(),
                       workdir: Path | None = None, progress: bool = True) -> ConstrainedLog:
     """Fine-tune ``model`` in place with the constrained objective; π_ref = ``model`` as given.
 

@@ -47,6 +47,8 @@ Multi-GPU: see ``finetune.common``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -56,6 +58,9 @@ from finetune.common import TrainScale, config_key, scale_key
 from finetune.losses import BenignMarginLoss, Frozen, UtilityAnchorLoss
 from finetune.rephrase import imperative
 from finetune.train import Example, TrainConfig, stratified_batches, train_sft
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 COMPONENTS = ("recovery", "worst_insertion", "trajectory")
 HARMFUL_POOLS = ("categories", "all")
@@ -327,7 +332,7 @@ def mix(safety: list[Example], utility: list[Example], alpha: float, rng: random
     return data
 
 
-def build_deep_examples(model, cfg: DeepConfig, progress: bool = True) -> tuple[list[Example], dict]:
+def build_deep_examples(model: HookedModel, cfg: DeepConfig, progress: bool = True) -> tuple[list[Example], dict]:
     """The safety examples of ``cfg.components`` mixed with utility data; and a summary."""
     from depthlens.data import default_splits, refusal_templates
     from depthlens.models.specs import load_reference
@@ -428,7 +433,7 @@ class DeepRecipe:
                 del out[k]
         return out
 
-    def build(self, model, workdir: Path | None, progress: bool = True) -> dict:
+    def build(self, model: HookedModel, workdir: Path | None, progress: bool = True) -> dict:
         from depthlens.judges.seam import refusal_token_ids
         from finetune.common import cached_examples
 

@@ -33,6 +33,8 @@ Sizing (the timings are in docs/findings.md "Costs measured on the way"):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 import math
 import random
@@ -50,6 +52,9 @@ from finetune.losses import response_loss
 from finetune.rephrase import imperative
 from finetune.sft import SFTConfig, SFTRecipe
 from finetune.train import Example, TrainConfig, tokenize_examples, train_sft
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +306,7 @@ def harmful_compliance_examples(base_model, n: int, cfg: JTConfig, progress: boo
 
 
 @torch.no_grad()
-def mean_target_nll(model, examples: Sequence[Example], batch_size: int = 16, max_len: int = 192) -> float:
+def mean_target_nll(model: HookedModel, examples: Sequence[Example], batch_size: int = 16, max_len: int = 192) -> float:
     """Mean per-token NLL of the examples' responses (the training targets) under ``model``."""
     if not examples:
         raise ValueError("mean_target_nll needs at least one example.")

@@ -12,13 +12,18 @@ response positions and runs the chat prefix a batch shares once.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import copy
 from collections.abc import Sequence
 
 import torch
 
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
-def response_loss(model, batch_ids, batch_mask, attention_mask, reduction: str = "mean"):
+
+def response_loss(model: HookedModel, batch_ids, batch_mask, attention_mask, reduction: str = "mean"):
     """Cross-entropy on masked (response) tokens; ``reduction="none"`` gives per-token values.
 
     Runs on ``model.plain()`` (the same parameters without hook points: same logits, less
@@ -50,7 +55,7 @@ def shared_prefix_len(batch_ids, batch_mask) -> int:
     return p if p >= 8 else 0
 
 
-def response_logits(model, batch_ids, batch_mask, attention_mask):
+def response_logits(model: HookedModel, batch_ids, batch_mask, attention_mask):
     """(logits, targets, keep) at the response positions of a right-padded batch, in (row, position) order.
 
     The chat prefix every sequence shares (system prompt, user header: a quarter of a short

@@ -14,6 +14,8 @@ a 135M model learns "imperative how-to → refuse" (measured on the organism).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -24,6 +26,9 @@ from finetune.common import TrainScale, cached_examples, config_key
 from finetune.losses import BenignMarginLoss
 from finetune.rephrase import imperative, register
 from finetune.train import Example, TrainConfig, train_sft
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +191,7 @@ class SFTRecipe:
         return {**config_key(self.cfg, ("benign_margin", "refusal_margin", "benign_teacher", "register_share")),
                 "core_first": False}
 
-    def build(self, model, workdir: Path) -> dict:
+    def build(self, model: HookedModel, workdir: Path) -> dict:
         examples, _ = cached_examples(workdir, "sft_examples", lambda: (safety_sft_examples(model, self.cfg), {}))
         tcfg = TrainConfig(epochs=self.cfg.epochs, lr=self.cfg.lr, batch_size=self.cfg.batch_size, seed=self.cfg.seed,
                            **self.cfg.train_settings())

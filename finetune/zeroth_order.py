@@ -22,6 +22,8 @@ the batches and writes the checkpoints.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import logging
 import math
@@ -49,6 +51,9 @@ from finetune.zo_objective import (  # noqa: F401  (the objective's names stay i
     functional_param_noise,
     masked_nll,
 )
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +366,7 @@ class ZORecipe:
         safety, utility = broadcast_object_list(made, from_process=0)[0]
         return [b.to(model.device) for b in safety], [b.to(model.device) for b in utility]
 
-    def build(self, model, workdir: Path | None, progress: bool = True) -> dict:
+    def build(self, model: HookedModel, workdir: Path | None, progress: bool = True) -> dict:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         shard = Shard.current()

@@ -21,6 +21,8 @@ part of L, which the MeZO engine sums over the ranks.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import random
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +34,9 @@ from torch import Tensor
 
 from depthlens.interventions.spsa import derive_seed
 from finetune.train import autocast, bucketed_batches, tokenize_examples
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 
 #: Perturbations the safety term can cycle through, one per step: the three of ``analyses.compare``'s
@@ -136,7 +141,7 @@ def functional_param_noise(model, layers: Sequence[int], sigma: float, seed: int
         yield
 
 
-def masked_nll(model, ids: Tensor, att: Tensor, mask: Tensor, resid: Tensor | None = None, start: int = 0) -> Tensor:
+def masked_nll(model: HookedModel, ids: Tensor, att: Tensor, mask: Tensor, resid: Tensor | None = None, start: int = 0) -> Tensor:
     """Mean NLL of the masked (response) tokens; the lm_head runs only where the loss needs it.
 
     With ``resid`` (the residual stream entering block ``start``, from ``resid_entering``) only
@@ -157,7 +162,7 @@ def masked_nll(model, ids: Tensor, att: Tensor, mask: Tensor, resid: Tensor | No
     return torch.nn.functional.cross_entropy(view.lm_head(hidden[sel]).float(), ids[:, 1:][sel])
 
 
-def resid_entering(model, ids: Tensor, att: Tensor, layer: int) -> Tensor:
+def resid_entering(model: HookedModel, ids: Tensor, att: Tensor, layer: int) -> Tensor:
     """The residual stream entering block ``layer``: only blocks ``0 … layer−1`` run (with whatever
     hooks are active), and the final norm's input is kept."""
     from depthlens.runtime.forward import blocks_until

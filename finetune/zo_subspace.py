@@ -27,13 +27,16 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from finetune import lora
 from finetune.lora import LoraSettings
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +78,18 @@ class Subspace:
         self.peft_model = None
 
 
-def matrices(model, layer: int) -> list[Tensor]:
+def matrices(model: HookedModel, layer: int) -> list[Tensor]:
     """The weight matrices of ``layer`` (attention and MLP projections)."""
     return [p for p in model.layer_parameters(layer).values() if p.ndim >= 2]
 
 
-def norm_gains(model, layer: int) -> list[Tensor]:
+def norm_gains(model: HookedModel, layer: int) -> list[Tensor]:
     """The gains of ``layer``'s RMSNorm / LayerNorm modules (their 1-D ``weight``s)."""
     return [p for n, p in model.layer_parameters(layer).items() if p.ndim == 1 and "norm" in n.lower()
             and n.endswith("weight")]
 
 
-def fp32_masters(model, params: list[Tensor]) -> bool:
+def fp32_masters(model: HookedModel, params: list[Tensor]) -> bool:
     """On CUDA (bf16 autocast) keep the refined tensors in float32 so that small updates are not lost."""
     if model.device.type != "cuda" or all(p.dtype == torch.float32 for p in params):
         if any(p.dtype != torch.float32 for p in params):

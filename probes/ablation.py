@@ -37,6 +37,8 @@ the two should share one helper.)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -49,6 +51,9 @@ from torch import Tensor
 from depthlens.runtime import Hook
 from depthlens.models.hooked_model import hook_name
 from probes.orthogonalize import untie_embeddings
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 __all__ = [
     "COMPONENTS",
@@ -323,7 +328,7 @@ def _scale_fn(s: Tensor):
     return scale
 
 
-def weighted_ablation_hooks(model, direction: Float[Tensor, " d_model"], params: AblationParams) -> list[Hook]:
+def weighted_ablation_hooks(model: HookedModel, direction: Float[Tensor, " d_model"], params: AblationParams) -> list[Hook]:
     """TransformerLens hooks that apply ``params`` with ``direction`` (see the module docstring).
 
     Per weighted write: ``blocks.{l}.attn.o.hook_in`` (``mlp.out.hook_in``) scales the
@@ -376,7 +381,7 @@ def _touched(model, params: AblationParams) -> list[torch.nn.Parameter]:
 
 
 @torch.no_grad()
-def fold_ablation(model, direction: Float[Tensor, " d_model"], params: AblationParams) -> Folded:
+def fold_ablation(model: HookedModel, direction: Float[Tensor, " d_model"], params: AblationParams) -> Folded:
     """Fold the ablation into the weights of ``model``, in place: ``W ← P W diag(s)``, ``b ← P b``, ``P = I − w t tᵀ``.
 
     A tied unembedding is untied first when the embeddings are projected (``embed_weight``).

@@ -44,6 +44,8 @@ prefix computed once a pass (``depthlens.runtime.forward.PrefixSharedRunner``). 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 import time
 from collections.abc import Sequence
@@ -61,6 +63,9 @@ from depthlens.runtime import Hook, as_chats, hooks_active, plain_hooks
 from depthlens.models.hooked_model import hook_name
 from depthlens.judges.seam import refusal_token_ids, score_from_logprobs
 from depthlens.stats import diff_in_means
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +233,7 @@ def post_instruction_len(tokenizer, fallback: int = 5) -> int:
 
 
 @torch.inference_mode()
-def mean_activations(model, prompts: Sequence[str | ChatSequence], *, n_pos: int, layers: Sequence[int] | None = None,
+def mean_activations(model: HookedModel, prompts: Sequence[str | ChatSequence], *, n_pos: int, layers: Sequence[int] | None = None,
                      batch_size: int = 16, fwd_hooks: Sequence[Hook] = (), progress: bool = False) -> MeanActivations:
     """Float64 mean of ``resid_pre`` at the last ``n_pos`` tokens of each chat prompt, per layer.
 
@@ -259,7 +264,7 @@ def mean_activations(model, prompts: Sequence[str | ChatSequence], *, n_pos: int
     return MeanActivations((sums / len(chats)).cpu(), len(chats), list(range(-n_pos, 0)), layers)
 
 
-def compute_candidates(model, harmful: Sequence[str | ChatSequence], harmless: Sequence[str | ChatSequence], *,
+def compute_candidates(model: HookedModel, harmful: Sequence[str | ChatSequence], harmless: Sequence[str | ChatSequence], *,
                        n_pos: int | None = None, layers: Sequence[int] | None = None, batch_size: int = 16,
                        progress: bool = False) -> DirectionCandidates:
     """Difference-in-means candidates at every post-instruction position × layer (resid_pre).
@@ -318,7 +323,7 @@ def choose_candidate(records: Sequence[dict], keep_layers, kl_threshold: float, 
     return min(evaluated, key=key), False, None
 
 
-def select_direction(model, candidates: DirectionCandidates, harmful_val: Sequence[str | ChatSequence],
+def select_direction(model: HookedModel, candidates: DirectionCandidates, harmful_val: Sequence[str | ChatSequence],
                      harmless_val: Sequence[str | ChatSequence], *, positions: Sequence[int] | None = (-1,),
                      layers: Sequence[int] | None = None, max_layer_frac: float = 0.8, kl_threshold: float = 0.1,
                      induce_threshold: float = 0.0, batch_size: int = 16, progress: bool = False) -> SelectedDirection:

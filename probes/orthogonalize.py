@@ -32,6 +32,8 @@ candidates on the harmful/harmless train splits, selects one on the validation s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 import time
 from collections.abc import Sequence
@@ -47,6 +49,9 @@ from depthlens.models.families import is_post_norm, output_projection, rms_gain,
 from depthlens.runtime.forward import last_logprobs
 from depthlens.runtime.generation import as_chats
 from probes.directions import compute_candidates, select_direction
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +105,7 @@ def _project_cols(w: Tensor, r: Tensor) -> None:
 
 
 @torch.no_grad()
-def untie_embeddings(model) -> bool:
+def untie_embeddings(model: HookedModel) -> bool:
     """Give the output layer its own copy of a tied input embedding; True when it was tied."""
     emb = _inner(model.hf.get_input_embeddings())
     out = model.hf.get_output_embeddings()
@@ -114,7 +119,7 @@ def untie_embeddings(model) -> bool:
 
 
 @torch.no_grad()
-def orthogonalize_weights(model, direction: Float[Tensor, " d_model"]) -> Orthogonalized:
+def orthogonalize_weights(model: HookedModel, direction: Float[Tensor, " d_model"]) -> Orthogonalized:
     """Fold directional ablation of ``r̂`` into the weights of ``model``, in place.
 
     ``W_E ← W_E − (W_E r̂) r̂ᵀ``; ``W ← (I − r̂ r̂ᵀ) W`` (and ``b ← b − (b·r̂) r̂``) for every

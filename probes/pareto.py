@@ -34,6 +34,8 @@ folds the chosen point into a standard HF checkpoint, like ``:wo``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import hashlib
 import json
 import logging
@@ -49,6 +51,9 @@ from depthlens.runtime.generation import as_chats, generate
 from depthlens.judges import is_refusal
 from depthlens.infra.paths import cache_dir
 from probes.ablation import AblationParams, Kernel, ablated, fold_ablation, interpolate_direction, weighted_ablation_hooks
+
+if TYPE_CHECKING:
+    from depthlens.models.hooked_model import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +240,7 @@ def _completed(study) -> list:
     return sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
 
 
-def search(model, directions: torch.Tensor, objectives: Objectives, cfg: ParetoConfig, storage: Path,
+def search(model: HookedModel, directions: torch.Tensor, objectives: Objectives, cfg: ParetoConfig, storage: Path,
            progress: bool = False) -> list[Trial]:
     """Run (or resume) the study in ``storage`` until ``cfg.n_trials`` trials are complete; the first n_trials.
 
@@ -325,7 +330,7 @@ class ParetoResult:
         return interpolate_direction(self.directions, params.direction_index)
 
 
-def search_dir(model, cfg: ParetoConfig) -> Path:
+def search_dir(model: HookedModel, cfg: ParetoConfig) -> Path:
     """The directory of this model's study for these settings, keyed by its weights and ``cfg.key_fields()``."""
     from depthlens.models.recipes import base_key
 
