@@ -97,6 +97,8 @@ def random_insertion_attack(model: HookedModel, prompts: Sequence[str], refusals
     the first m tokens of the harmful response (``span_source="start"``) or a seeded random
     window of m tokens (``"random"``). ``success`` = the continuation is in the "harmful" class;
     ``asr_not_refusal`` (the looser criterion) is recorded beside it.
+
+    Example: notebooks/03_hidden_states_and_robustness.ipynb, cell 5.
     """
     pids = check_inputs(prompts, prompt_ids, refusals=refusals, harmful_responses=harmful_responses)
     span_lengths = check_lengths(span_lengths, "span_lengths", 1)

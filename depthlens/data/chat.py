@@ -195,7 +195,10 @@ class Batch:
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "left") -> Batch:
-    """Pad token-id lists into one batch (left padding keeps the last position aligned)."""
+    """Pad token-id lists into one batch (left padding keeps the last position aligned).
+
+    Example: notebooks/04_refusal_direction_and_wo.ipynb, cell 12.
+    """
     if not seqs:
         raise UsageError("Cannot pad an empty list of sequences.")
     if side not in ("left", "right"):

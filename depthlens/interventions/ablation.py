@@ -95,13 +95,18 @@ def ablation_hooks(model: HookedModel, direction: Float[Tensor, " d_model"]) -> 
 
     The direction is normalized here; the projection is computed in the activation's dtype.
     Use with ``depthlens.runtime.generation.hooks_active`` or any ``fwd_hooks=`` argument.
+
+    Example: notebooks/04_refusal_direction_and_wo.ipynb, cell 10.
     """
     ablate = ablation_hook(_as_direction(model, direction, normalize=True))
     return [(hook_name(kind, l), ablate) for l in range(model.n_layers) for kind in ("resid_pre", "attn_out", "mlp_out")]
 
 
 def addition_hooks(model: HookedModel, direction: Float[Tensor, " d_model"], layer: int, coeff: float = 1.0) -> list[Hook]:
-    """A hook adding ``coeff · r`` (raw, not normalized) to ``blocks.{layer}.hook_resid_pre`` at all positions."""
+    """A hook adding ``coeff · r`` (raw, not normalized) to ``blocks.{layer}.hook_resid_pre`` at all positions.
+
+    Example: notebooks/04_refusal_direction_and_wo.ipynb, cell 10.
+    """
     model.check_layer(layer)
     r = _Cast(_as_direction(model, direction, normalize=False) * float(coeff))
 

@@ -67,7 +67,10 @@ class RateResult:
 
 
 def refusal_rate(texts: Sequence[str]) -> RateResult:
-    """Share of responses judged refusals by the substring judge."""
+    """Share of responses judged refusals by the substring judge.
+
+    Example: notebooks/04_refusal_direction_and_wo.ipynb, cell 10.
+    """
     if not texts:
         raise ValueError("refusal_rate needs at least one response.")
     return RateResult(sum(map(is_refusal, texts)) / len(texts), len(texts), JUDGE_ID)

@@ -104,12 +104,18 @@ def _refusal_first_tokens_cached(tokenizer_key: int, tokenizer) -> tuple[int, ..
 
 
 def refusal_token_ids(tokenizer) -> list[int]:
-    """First tokens of the refusal templates under this tokenizer (the set R of docs/methods.md §1)."""
+    """First tokens of the refusal templates under this tokenizer (the set R of docs/methods.md §1).
+
+    Example: notebooks/03_hidden_states_and_robustness.ipynb, cell 7.
+    """
     return list(_refusal_first_tokens_cached(id(tokenizer), tokenizer))
 
 
 def score_from_logprobs(logprobs: Float[Tensor, "n vocab"], token_ids: Sequence[int]) -> Float[Tensor, " n"]:
-    """``log p_R − log(1 − p_R)`` from next-token log-probs, computed stably."""
+    """``log p_R − log(1 − p_R)`` from next-token log-probs, computed stably.
+
+    Example: notebooks/03_hidden_states_and_robustness.ipynb, cell 7.
+    """
     if len(token_ids) == 0:
         raise ValueError("The refusal token set R is empty.")
     log_pr = torch.logsumexp(logprobs[:, list(token_ids)].double(), dim=-1).clamp(max=-1e-12)
