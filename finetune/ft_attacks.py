@@ -23,8 +23,8 @@ Sizing (defaults): ``aoa`` 16 benign + 4 identity examples × 5 epochs / batch 4
 ``backdoor`` up to 16 triggered + 16 refusal examples × 5 epochs / batch 4 = 40 steps (minutes on
 2 CPU cores on the 135M default).
 
-    >>> load_model("smollm2-135m-instruct:sft:aoa")
-    >>> load_model("smollm2-135m-instruct:sft:backdoor-constrained")
+    >>> load_model("smollm2-135m-instruct:sft:aoa")  # builds on the real organism  # doctest: +SKIP
+    >>> load_model("smollm2-135m-instruct:sft:backdoor-constrained")  # doctest: +SKIP
     $ python -m finetune.ft_attacks --model smollm2-135m-instruct:sft --attack backdoor
 """
 

@@ -5,8 +5,8 @@
 
 Every ASR is the "harmful" class of the judge the record names (``metrics.judge``), on the axis title.
 
-    >>> from figures.registry import build_figures, load_record
-    >>> build_figures(load_record("results/jailbreaks/<model>/<run>/results.json"), "figures/out")
+    >>> from figures.registry import build_figures, load_record  # reads a results file of a run  # doctest: +SKIP
+    >>> build_figures(load_record("results/jailbreaks/<model>/<run>/results.json"), "figures/out")  # doctest: +SKIP
 """
 
 from __future__ import annotations
