@@ -223,7 +223,6 @@ def _(work):
 
 @kind("figures-traversal-runid", "security", "figures --all on a results.json whose run_id is '../../../outside/x'")
 def _(work):
-    from depthlens.infra.results import RunRecord, write_run
 
     res = work / "res"
     data = json.loads(GALLERY_RECORD.read_text())
@@ -236,7 +235,6 @@ def _(work):
 
 @kind("figures-traversal-model", "security", "figures on a loose results.json whose model is '..'")
 def _(work):
-    from depthlens.infra.results import RunRecord, write_run
 
     res = work / "res"
     data = json.loads(GALLERY_RECORD.read_text())
@@ -337,7 +335,6 @@ def _(work):
 
 @kind("pareto-directions-pickle", "security", "probes.pareto directions file in the work cache replaced by a pickle payload")
 def _(work):
-    import torch
     from probes import pareto
 
     where = work / "w"

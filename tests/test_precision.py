@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from depthlens.data.chat import pad_batch
 from depthlens.models import load_model
 from finetune.losses import response_loss
 from finetune.precision import MasterWeights, checkpoint_model, uncheckpoint_model

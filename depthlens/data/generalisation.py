@@ -137,12 +137,12 @@ def _sample_tense(tense: PromptSet, excluded: set[str]) -> PromptSet:
     for form in ("past_tense", "future_tense"):
         seen: set[str] = set()
         pool = []
-        for i, (p, c) in enumerate(zip(tense.prompts, tense.categories)):
+        for i, (p, c) in enumerate(zip(tense.prompts, tense.categories)):  # type: ignore[arg-type]
             key = normalize(p)
             if c == form and key not in excluded and key not in seen:
                 seen.add(key)
                 pool.append(i)
-        drawn = []
+        drawn: list = []
         for i in sorted(pool, key=lambda i: _hash_order(tense.prompts[i])):
             if len(drawn) < TENSE_PER_FORM and group[i] not in used:
                 used.add(group[i])
@@ -155,7 +155,7 @@ def _sample_tense(tense: PromptSet, excluded: set[str]) -> PromptSet:
 
 
 def _written() -> tuple[list[tuple[int, dict]], str]:
-    text = resources.files("depthlens").joinpath("prompts", GENERAL_FILE).read_text(encoding="utf-8")
+    text = resources.files("depthlens").joinpath("prompts").joinpath(GENERAL_FILE).read_text(encoding="utf-8")
     where = f"depthlens/prompts/{GENERAL_FILE}"
     records = parse_jsonl(text, where)
     for line_no, rec in records:
@@ -186,7 +186,7 @@ def general_pool() -> tuple[PromptSet, PromptSet]:
         rows = [(f"general-{i:04d}", rec["prompt"].strip(), rec["form"]) for i, (_, rec) in enumerate(records)
                 if rec["side"] == side]
         if side == "harmful":
-            rows = list(zip(tense.ids, tense.prompts, tense.categories)) + rows
+            rows = list(zip(tense.ids, tense.prompts, tense.categories)) + rows  # type: ignore[arg-type]
         sides[side] = PromptSet(f"general/{side}", tuple(r[1] for r in rows), tuple(r[0] for r in rows),
                                 categories=tuple(r[2] for r in rows), source=source)
     harmful_forms, benign_forms = Counter(sides["harmful"].categories), Counter(sides["benign"].categories)
@@ -203,7 +203,7 @@ def _halve(ps: PromptSet, side: str, seed: int) -> Halves:
     parts: dict[str, list[int]] = {h: [] for h in HALVES}
     index = {pid: i for i, pid in enumerate(ps.ids)}
     for form in FORMS:
-        stratum = ps.take([i for i, c in enumerate(ps.categories) if c == form])
+        stratum = ps.take([i for i, c in enumerate(ps.categories) if c == form])  # type: ignore[arg-type]
         if not len(stratum):
             continue
         cut = split(stratum, (0.5, 0.5), seed=seed)

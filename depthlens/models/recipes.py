@@ -206,7 +206,7 @@ def build_or_load(base: str, recipes: list, *, device=None, dtype=None, rebuild_
             built.append({"chain": chain, "build_seconds": round(time.time() - t0, 1), "info": info})
 
         def write(tmp: Path, spec=spec, chain=list(chain), workdir=workdir) -> None:
-            write_checkpoint(current.hf, current.tokenizer, tmp, {**current.provenance, "spec": spec, "recipe_chain": chain},
+            write_checkpoint(current.hf, current.tokenizer, tmp, {**current.provenance, "spec": spec, "recipe_chain": chain},  # type: ignore[union-attr]  # train() ran first
                              files={RECIPE_FILE: json.dumps(built[-1], indent=2, default=str)})
             if (workdir / "adapter").is_dir():  # a LoRA build's adapter, kept beside the merged weights
                 shutil.copytree(workdir / "adapter", tmp / "adapter", dirs_exist_ok=True)
@@ -225,7 +225,7 @@ def build_or_load(base: str, recipes: list, *, device=None, dtype=None, rebuild_
                 state.wait_for_everyone()  # the other ranks load rank 0's entry below
                 current = None
             else:
-                cache.ensure(target, lambda tmp: (train(), write(tmp)), command=command, adopt=adopt)
+                cache.ensure(target, lambda tmp: (train(), write(tmp)), command=command, adopt=adopt)  # type: ignore[func-returns-value]
                 if not built:  # reused: the next step (if built) starts from this entry on disk
                     current = None
         if built and main_rank:
@@ -251,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     With ``--rebuild``, damaged cache entries on the chain are built again instead of refused.
     Prints ``error: <message>`` and returns 2 on a usage error.
     """
-    parser = argparse.ArgumentParser(prog="python -m depthlens.models.recipes", description=main.__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m depthlens.models.recipes", description=(main.__doc__ or "").split("\n")[0])
     parser.add_argument("spec", help="model spec with recipe suffixes, e.g. smollm2-135m-instruct:sft")
     parser.add_argument("--rebuild", action="store_true", help="rebuild damaged cache entries on the chain")
     parser.add_argument("--verbose", action="store_true",

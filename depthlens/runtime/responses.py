@@ -215,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from depthlens.models.base import load_base
     from depthlens.infra.errors import UsageError
 
-    parser = argparse.ArgumentParser(prog="python -m depthlens.runtime.responses", description=main.__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m depthlens.runtime.responses", description=(main.__doc__ or "").split("\n")[0])
     parser.add_argument("command", choices=["ship"])
     parser.add_argument("name", help="the response set's cache entry, e.g. smollm2-135m-instruct-413e409c5f50c0c86718")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="the (base) model that generated it")
