@@ -38,7 +38,7 @@ GENERATED = ("results/", "figures/out/", "runs/", "~/", "$", "/tmp/", "out/", "g
 # names that are dotted but are not Python objects: the entry-point group the recipes are declared in
 NOT_OBJECTS = {"depthlens.recipes"}
 # a line that runs another tool: its flags are that tool's
-OTHER_TOOLS = re.compile(r"\b(pip|accelerate|torchrun|git|pytest|jupyter|apt-get)\b")
+OTHER_TOOLS = re.compile(r"\b(pip|accelerate|torchrun|git|pytest|jupyter|apt-get|heretic)\b")
 # flags of other tools that the docs name without the tool on the same line (pip install --no-deps)
 OTHER_FLAGS = {"--no-deps"}
 # the docs' own examples of a module to be written (``analyses.my_analysis``) and placeholders (``analyses.<name>``)
