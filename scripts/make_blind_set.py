@@ -6,8 +6,8 @@ k = 10 and insertion m = 8), plain greedy answers of the base ``smollm2-135m-ins
 ``:sft:wo`` and of ``:sft:jt``, and ``:sft:deep-anchored`` under insertion (m = 8), all on
 HarmBench prompts (the *test* side of the default splits; never a DoNotAnswer prompt). Each
 source draws its prompts by a seeded sample of its own. Harmful spans are the reference model's
-greedy answers (``depthlens.organism.reference_spec``: SmolLM2-135M-Instruct for both families;
-for Gemma its text re-encoded, ``depthlens.responses.answers_for``), as in the analyses. The
+greedy answers (``depthlens.models.specs.reference_spec``: SmolLM2-135M-Instruct for both families;
+for Gemma its text re-encoded, ``depthlens.runtime.responses.answers_for``), as in the analyses. The
 insertion position is drawn uniformly from 0..|refusal| (seeded), the refusal being the model's
 own greedy refusal when it gives one of at least 32 tokens, else a refusal template.
 
@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # runs as `python scripts/make_blind_set.py` from anywhere
 
-from depthlens.results import atomic_write_json  # noqa: E402
+from depthlens.infra.results import atomic_write_json  # noqa: E402
 
 log = logging.getLogger("make_blind_set")
 
@@ -102,11 +102,11 @@ def _decode(tok, ids) -> str:
 
 def _refusals(model, prompts: list[str]) -> tuple[list[list[int]], list[bool]]:
     """The model's own greedy refusal, or a refusal template where it gives none of ≥ 32 tokens (no judge:
-    the check is the refusal markers of ``depthlens.lexical.is_refusal``, applied to the model's own refusal)."""
-    from depthlens.chat import encode
+    the check is the refusal markers of ``depthlens.judges.lexical.is_refusal``, applied to the model's own refusal)."""
+    from depthlens.data.chat import encode
     from depthlens.data import refusal_templates
-    from depthlens.lexical import is_refusal
-    from depthlens.responses import response_set
+    from depthlens.judges.lexical import is_refusal
+    from depthlens.runtime.responses import response_set
 
     own = response_set(model, prompts, max_new_tokens=REFUSAL_TOKENS, batch_size=48, progress=False)
     templates = refusal_templates()
@@ -120,10 +120,10 @@ def _refusals(model, prompts: list[str]) -> tuple[list[list[int]], list[bool]]:
 
 def rows_for(source: Source, model, reference, picks: list[dict], seed: int) -> list[dict]:
     """``source.n`` rows of one source with ``model`` (loaded); harmful spans from ``reference``'s answers."""
-    from depthlens.attack_trials import insertion_sequence
-    from depthlens.chat import build_chat
-    from depthlens.generate import generate
-    from depthlens.responses import answers_for
+    from depthlens.attacks.plumbing import insertion_sequence
+    from depthlens.data.chat import build_chat
+    from depthlens.runtime.generation import generate
+    from depthlens.runtime.responses import answers_for
 
     tok = model.tokenizer
     extra: list[dict]
@@ -163,7 +163,7 @@ def rows_for(source: Source, model, reference, picks: list[dict], seed: int) -> 
 
 
 def _source_cache(name: str, seed: int) -> Path:
-    from depthlens.paths import cache_dir
+    from depthlens.infra.paths import cache_dir
 
     return cache_dir("blind_set") / f"seed{seed}-{name.replace('/', '_')}.json"
 
@@ -204,7 +204,7 @@ def main(argv=None) -> None:
             log.info("%-28s %-16s n=%d", s.name, MODELS[s.model], s.n)
         return
     from depthlens.models import load_model
-    from depthlens.organism import reference_spec
+    from depthlens.models.specs import reference_spec
 
     timings: dict[str, float] = {}
     refs_loaded: dict[str, object] = {}
