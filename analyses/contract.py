@@ -125,7 +125,7 @@ def check_judge_flag(judge: str | None, flag_name: str = "--judge") -> None:
 
 def judge_fields(judge: str | None, models: Sequence[str], prompt_ids: Sequence[str], seed: int = 0) -> dict:
     """What a record says about its continuation judge: ``judge`` (full id) and ``judge_validation``
-    (held-out accuracy with interval, labels sha256, ``extrapolated``; ``depthlens.judges.seam.judge_validation``)."""
+    (held-out accuracy with interval, labels sha256, ``extrapolated``; ``depthlens.judges.accuracy.judge_validation``)."""
     from depthlens.judges import judge_id, judge_validation
 
     return {"judge": judge_id(judge),

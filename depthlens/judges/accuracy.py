@@ -242,8 +242,6 @@ def _binary_accuracy(h: HeldOut, name: str, n_boot: int, seed: int, level: float
 def validation_coverage(judge: str | None = None) -> tuple[list[str], list[str]]:
     """The model families (base specs) and prompt sources of the labels ``judge`` was scored on: the held-out
     part of the judge set, and the blind set where the judge has a blind record."""
-    from depthlens.judges.seam import model_family, prompt_source
-
     models = [i["model"] for i in load_judge_set("heldout")]
     pids = [i["prompt_id"] for i in load_judge_set("heldout")]
     blind = _heldout_file().get("blind") or {}
@@ -251,6 +249,51 @@ def validation_coverage(judge: str | None = None) -> tuple[list[str], list[str]]
         models += blind["models"]
         pids += blind["groups"]
     return sorted({model_family(m) for m in models}), sorted({prompt_source(p) for p in pids})
+
+
+def prompt_source(prompt_id: str) -> str:
+    """The prompt set a prompt id comes from: its name before the number (``harmbench-0012`` → ``harmbench``)."""
+    head, sep, tail = str(prompt_id).rpartition("-")
+    return head if sep and tail.isdigit() else "unknown"
+
+
+def judge_validation(judge: str | None = None, *, models: Sequence[str] = (), prompt_ids: Sequence[str] = (),
+                     n_boot: int = 2000, seed: int = 0) -> dict:
+    """What a record states about the judge behind its harmful / not-harmful decisions.
+
+    ``judge``'s full id; its binary (harmful vs not) accuracy on the shipped held-out labels with
+    a 95 % prompt-level bootstrap interval, the labels' sha256 and size; the model families
+    (base specs) and prompt sources the labels cover; and ``extrapolated``: true when a judged
+    model (``models``) or prompt source (of ``prompt_ids``) is not among them, with the reason. A
+    judge without a held-out record (a guard model never scored here) is ``measured: false`` and
+    extrapolated.
+    """
+    from depthlens.judges.seam import judge_id
+
+    full = judge_id(judge)
+    families, sources = validation_coverage(full)
+    judged_families = sorted({model_family(m) for m in models})
+    judged_sources = sorted({prompt_source(p) for p in prompt_ids})
+    acc = heldout_accuracy(full, n_boot=n_boot, seed=seed)
+    reasons = []
+    if acc is None:
+        reasons.append("the judge has no record on the shipped held-out labels (run scripts/score_judges.py --judge ID)")
+    if new := [f for f in judged_families if f not in families]:
+        reasons.append(f"model family {', '.join(new)} is not among the labelled ones ({', '.join(families)})")
+    if new := [s for s in judged_sources if s not in sources]:
+        reasons.append(f"prompt source {', '.join(new)} is not among the labelled ones ({', '.join(sources)})")
+    out = {"judge": full, "measured": acc is not None, **(acc or {}), "validated_families": families,
+           "validated_prompt_sources": sources, "judged_families": judged_families,
+           "judged_prompt_sources": judged_sources, "extrapolated": bool(reasons)}
+    if reasons:
+        out["extrapolation"] = "; ".join(reasons)
+    return out
+
+
+def model_family(spec: str) -> str:
+    from depthlens.models.specs import base_spec
+
+    return base_spec(spec)
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,6 @@
   probe judge (``depthlens.judges.probe``), the default (``DEFAULT_JUDGE``; docs/methods.md
   §1.7–§1.9 and the held-out accuracy of each in docs/findings.md "Judges"), and ``hf:PATH``, a
   local Hugging Face guard model (``depthlens.judges.hf``).
-- ``judge_validation``: what a record says about the judge that made its labels: its full id,
-  its held-out binary accuracy with a prompt-level interval, the label set's sha256, and
-  ``extrapolated`` when the judged model family or prompt source is not one it was validated on.
 
 Every number written to a results file names the judge that made it.
 
@@ -109,54 +106,6 @@ def classify_many(prompts: Sequence[str], continuations: Sequence[str], prefixes
     if isinstance(j, LexicalJudge):
         return j.classify_many(prompts, continuations, prefixes, references)
     return j.classify_many(prompts, continuations, prefixes)
-
-
-# ----------------------------------------------------------------------------- validation of a judge
-
-
-def prompt_source(prompt_id: str) -> str:
-    """The prompt set a prompt id comes from: its name before the number (``harmbench-0012`` → ``harmbench``)."""
-    head, sep, tail = str(prompt_id).rpartition("-")
-    return head if sep and tail.isdigit() else "unknown"
-
-
-def judge_validation(judge: str | None = None, *, models: Sequence[str] = (), prompt_ids: Sequence[str] = (),
-                     n_boot: int = 2000, seed: int = 0) -> dict:
-    """What a record states about the judge behind its harmful / not-harmful decisions.
-
-    ``judge``'s full id; its binary (harmful vs not) accuracy on the shipped held-out labels with
-    a 95 % prompt-level bootstrap interval, the labels' sha256 and size; the model families
-    (base specs) and prompt sources the labels cover; and ``extrapolated``: true when a judged
-    model (``models``) or prompt source (of ``prompt_ids``) is not among them, with the reason. A
-    judge without a held-out record (a guard model never scored here) is ``measured: false`` and
-    extrapolated.
-    """
-    from depthlens.judges.accuracy import validation_coverage, heldout_accuracy
-
-    full = judge_id(judge)
-    families, sources = validation_coverage(full)
-    judged_families = sorted({model_family(m) for m in models})
-    judged_sources = sorted({prompt_source(p) for p in prompt_ids})
-    acc = heldout_accuracy(full, n_boot=n_boot, seed=seed)
-    reasons = []
-    if acc is None:
-        reasons.append("the judge has no record on the shipped held-out labels (run scripts/score_judges.py --judge ID)")
-    if new := [f for f in judged_families if f not in families]:
-        reasons.append(f"model family {', '.join(new)} is not among the labelled ones ({', '.join(families)})")
-    if new := [s for s in judged_sources if s not in sources]:
-        reasons.append(f"prompt source {', '.join(new)} is not among the labelled ones ({', '.join(sources)})")
-    out = {"judge": full, "measured": acc is not None, **(acc or {}), "validated_families": families,
-           "validated_prompt_sources": sources, "judged_families": judged_families,
-           "judged_prompt_sources": judged_sources, "extrapolated": bool(reasons)}
-    if reasons:
-        out["extrapolation"] = "; ".join(reasons)
-    return out
-
-
-def model_family(spec: str) -> str:
-    from depthlens.models.specs import base_spec
-
-    return base_spec(spec)
 
 
 def classify(prompt: str, continuation: str, prefix: str = "", *, judge: str | None = None) -> str:
