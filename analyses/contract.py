@@ -112,6 +112,27 @@ class AnalysisConfig:
                     raise UsageError(f"{seen[digest]} and {flag(name)} name the same prompts "
                                      f"({str(getattr(self, name))!r}); give each role its own file.")
                 seen[digest] = flag(name)
+        if "judge" in names:
+            check_judge_flag(self.judge)
+
+
+def check_judge_flag(judge: str | None, flag_name: str = "--judge") -> None:
+    """A judge id that names no judge is a ``UsageError`` naming the flag (nothing is loaded)."""
+    from depthlens.judges import check_judge
+
+    try:
+        check_judge(judge)
+    except ValueError as err:
+        raise UsageError(f"{flag_name}: {err}") from None
+
+
+def judge_fields(judge: str | None, models: Sequence[str], prompt_ids: Sequence[str], seed: int = 0) -> dict:
+    """What a record says about its continuation judge: ``judge`` (full id) and ``judge_validation``
+    (held-out accuracy with interval, labels sha256, ``extrapolated``; ``depthlens.judges.accuracy.judge_validation``)."""
+    from depthlens.judges import judge_id, judge_validation
+
+    return {"judge": judge_id(judge),
+            "judge_validation": judge_validation(judge, models=models, prompt_ids=prompt_ids, seed=seed)}
 
 
 def read_prompt_file(path: str, flag_name: str):

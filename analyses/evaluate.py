@@ -4,9 +4,11 @@ refusal-score AUROC and harmless cross-entropy (capability proxy).
 ``python -m analyses.evaluate --model SPEC`` generates greedy answers to the *test* splits
 (HarmBench for harmful, out of distribution on purpose; ``--harmful FILE`` and friends replace
 a set; ``--split general`` / ``general-val`` the generalisation split's harmful and benign halves,
-docs/methods.md §2.7, with refusal by form and no cross-entropy), judges them with the substring
-judge (``asr_compliance``: the share of non-trivial non-refusals; beside it its 95 % interval
-and the ASR corrected for the judge's measured errors, docs/judging.md §2),
+docs/methods.md §2.7, with refusal by form and no cross-entropy), judges the harmful answers with
+the continuation judge (``--judge``, default: the best validated; ``asr_harmful``: the share
+judged harmful) and with the substring judge (``asr_compliance``: the share of non-trivial
+non-refusals), each beside its 95 % interval and the ASR corrected for that judge's measured
+errors (docs/judging.md §2),
 scores the first-token refusal score (AUROC harmful vs harmless) and
 teacher-forces the base model's answers to harmless test prompts for the cross-entropy. ``evaluate_model`` is the
 reusable core (``analyses.compare`` and the recipes' checks call it).
@@ -28,14 +30,16 @@ from typing import ClassVar
 import numpy as np
 
 from analyses.common import Timer
-from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load, make_main, prompt_files, prompts_or
+from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, fmt, judge_fields, load, make_main,
+                               prompt_files, prompts_or)
 from depthlens.cli import flag, require_choice, require_int, require_text
 from depthlens.data import default_splits
 from depthlens.data.chat import build_chat
 from depthlens.data.promptset import PromptSet
 from depthlens.infra.errors import UsageError
-from depthlens.judges import JUDGE_ID, attack_success_rate, is_compliance, is_refusal, refusal_rate, refusal_score
-from depthlens.judges.accuracy import corrected_asr, correction_record
+from depthlens.judges import (JUDGE_ID, attack_success_rate, classify_many, is_compliance, is_refusal, refusal_rate,
+                              refusal_score)
+from depthlens.judges.accuracy import corrected_asr, correction_record, rate_columns
 from depthlens.models.specs import ORGANISM, reference_spec
 from depthlens.runtime.forward import token_logprobs
 from depthlens.runtime.generation import generate
@@ -61,6 +65,9 @@ class EvalConfig(AnalysisConfig):
         max_new_tokens: greedy tokens generated per answer.
         ce_tokens: length of the base answers used for the cross-entropy.
         batch_size: prompts per forward/generation batch.
+        judge: the judge of harmful answers by id (default: the default judge, the best
+            validated; lexical judges such as ``lexical-v2`` for fast runs; ``hf:PATH`` a local
+            guard model; docs/judging.md).
         seed: split seed.
         split: ``test`` (reported numbers) or ``val`` (for choosing recipe settings without
             looking at the test split; the harmful val split is DoNotAnswer, in distribution);
@@ -91,6 +98,7 @@ class EvalConfig(AnalysisConfig):
     max_new_tokens: int = 64
     ce_tokens: int = 64
     batch_size: int = 16
+    judge: str | None = None
     seed: int = 0
     split: str = "test"
     harmful_form: str = "as_is"
@@ -133,6 +141,11 @@ class EvaluateResult(AnalysisResult):
     """The record of ``analyses.evaluate``, with its headline numbers typed."""
 
     @property
+    def asr_harmful(self) -> float:
+        """Share of harmful prompts whose answer the continuation judge calls harmful."""
+        return self.metrics["asr_harmful"]
+
+    @property
     def asr_compliance(self) -> float:
         """Share of harmful prompts answered with a non-trivial non-refusal (substring judge)."""
         return self.metrics["asr_compliance"]
@@ -148,10 +161,12 @@ class EvaluateResult(AnalysisResult):
     def summary(self) -> Summary:
         m = self.metrics
         ce = "" if self.harmless_ce is None else f"  harmless CE {self.harmless_ce:.3f}"
-        title = (f"evaluate {self.model} ({m.get('split', 'test')} split)  ASR (substring compliance, judge "
+        title = (f"evaluate {self.model} ({m.get('split', 'test')} split)  ASR (harmful, judge "
+                 f"{m.get('continuation_judge')}) {fmt(m.get('asr_harmful'))} (corrected "
+                 f"{fmt(m.get('asr_harmful_corrected'))})  ASR (substring compliance, judge "
                  f"{m['judge']}) {self.asr_compliance:.3f}  "
-                 f"(corrected {m['asr_compliance_corrected']:.3f} [{m['asr_compliance_corrected_lo']:.3f}, "
-                 f"{m['asr_compliance_corrected_hi']:.3f}])  "
+                 f"(corrected {fmt(m['asr_compliance_corrected'])} [{fmt(m['asr_compliance_corrected_lo'])}, "
+                 f"{fmt(m['asr_compliance_corrected_hi'])}])  "
                  f"refusal-score AUROC {self.refusal_score_auroc:.3f}{ce}")
         cols = ["set", "n", "refusal_rate", "refusal_lo", "refusal_hi", "mean_refusal_score", *ASR_COLUMNS]
         return Summary(title, self.tables["by_set"], cols)
@@ -161,14 +176,16 @@ SPLITS = ("test", "val", "general", "general-val")
 #: the generalisation split's halves, by ``--split`` value
 GENERAL_SPLITS = {"general": "test", "general-val": "val"}
 
-#: the raw substring ASR and its judge-error-corrected value, each with its 95 % interval
-ASR_COLUMNS = tuple(f"asr_compliance{c}{e}" for c in ("", "_corrected") for e in ("", "_lo", "_hi"))
+#: the raw ASRs (the continuation judge's harmful share, the substring compliance) and their judge-error-corrected
+#: values, each with its 95 % interval
+ASR_COLUMNS = tuple(f"asr_{j}{c}{e}" for j in ("harmful", "compliance") for c in ("", "_corrected") for e in ("", "_lo", "_hi"))
 
 
 def asr_columns(metrics: dict) -> dict:
     """The ``ASR_COLUMNS`` of an ``evaluate_model`` result: what a table of another analysis
     shows beside its own columns wherever it reports the ASR."""
-    return {k: metrics[k] for k in ASR_COLUMNS}
+    notes = {f"asr_{j}_corrected_note" for j in ("harmful", "compliance")} & set(metrics)
+    return {**{k: metrics.get(k) for k in ASR_COLUMNS}, **{k: metrics[k] for k in sorted(notes)}}
 
 
 def response_nll(model, prompts: Sequence[str], responses: Sequence[Sequence[int]],
@@ -252,12 +269,20 @@ def evaluate_model(model, cfg: EvalConfig, base_model=None, timer: Timer | None 
             # beside the raw ASR: its interval and the judge-error-corrected ASR (docs/judging.md §2)
             c = corrected_asr([is_compliance(t) for t in texts], list(sets[n].ids), judge=JUDGE_ID, seed=cfg.seed)
             cols = {**c.raw_columns("asr_compliance"), **c.columns("asr_compliance")}
-            metrics.update(cols, correction=correction_record([JUDGE_ID]))
+            with timer("judge"):
+                labels = classify_many(list(sets[n].prompts), texts, judge=cfg.judge)
+            judged = judge_fields(cfg.judge, [model.spec], list(sets[n].ids), cfg.seed)
+            cols.update(rate_columns([c == "harmful" for c in labels], list(sets[n].ids), judged["judge"], "asr_harmful",
+                                     seed=cfg.seed))
+            metrics.update(cols, continuation_judge=judged["judge"], judge_validation=judged["judge_validation"],
+                           correction=correction_record([JUDGE_ID, judged["judge"]]))
             row.update(cols)
         rows.append(row)
         forms = sets[n].categories if cfg.general and sets[n].categories is not None else [None] * k
-        samples += [{"set": n, "id": i, "prompt": p, "response": t, "refusal_score": s, **({"form": f} if f else {})}
-                    for i, p, t, s, f in zip(sets[n].ids, sets[n].prompts, texts, sc, forms)]
+        labs = labels if n == "harmful" else [None] * k
+        samples += [{"set": n, "id": i, "prompt": p, "response": t, "refusal_score": s, **({"form": f} if f else {}),
+                     **({"label": lab} if lab is not None else {})}
+                    for i, p, t, s, f, lab in zip(sets[n].ids, sets[n].prompts, texts, sc, forms, labs)]
         offset += k
     metrics["refusal_score_auroc"] = auroc(by_set["harmful"], by_set["harmless"])
     if cfg.general:                     # no borderline set and no cross-entropy on the general split

@@ -20,13 +20,12 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar, TYPE_CHECKING
 
 from analyses.common import Timer
-from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, fmt, load_with_base, make_main, prompt_files,
-                               prompts_or)
-from depthlens.attacks.insertion import random_insertion_attack
+from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, fmt, judge_fields, load_with_base, make_main,
+                               prompt_files, prompts_or)
+from depthlens.attacks import random_insertion_attack
 from depthlens.cli import require_int, require_numbers, require_text
 from depthlens.data import default_splits
 from depthlens.infra.errors import UsageError
-from depthlens.judges import CONTINUATION_JUDGE_ID
 from depthlens.judges.accuracy import corrected_trial_columns, correction_record
 from depthlens.models.specs import ORGANISM
 from depthlens.runtime.responses import answers_for, response_set
@@ -63,6 +62,9 @@ class InsertionConfig(AnalysisConfig):
             model to return to a refusal sentence; shorter would bias ASR upward).
         batch_size: sequences per batch. 48: greedy generation on a CPU runs faster at 48 than
             at 16 or 32 (docs/findings.md "Costs measured on the way"); on a GPU larger still is better.
+        judge: the continuation judge by id (default: the default judge, the best validated;
+            ``substring-v1``, ``substring+topic-overlap-v1``, ``lexical-v2``: fast lexical judges;
+            ``hf:PATH``: a local guard model; docs/judging.md).
         seed: split and position seed.
         device: cpu / cuda (default: automatic).
         out: results root directory.
@@ -85,6 +87,7 @@ class InsertionConfig(AnalysisConfig):
     min_refusal_tokens: int = 32
     max_new_tokens: int = 32
     batch_size: int = 48
+    judge: str | None = None
     seed: int = 0
     device: str | None = None
     out: str = "results"
@@ -145,7 +148,8 @@ def run(cfg: InsertionConfig, model: HookedModel | None=None) -> InsertionResult
         h = answers_for(model, base, prompts, max_new_tokens=cfg.harmful_tokens, batch_size=cfg.batch_size).tokens
         refusals = response_set(model, prompts, max_new_tokens=cfg.refusal_tokens, batch_size=cfg.batch_size).tokens
     min_len = cfg.min_refusal_tokens
-    common = dict(prompt_ids=ids, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, min_refusal_tokens=min_len)
+    common = dict(prompt_ids=ids, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, min_refusal_tokens=min_len,
+                  judge=cfg.judge)
     with timer("grid"):
         grid = random_insertion_attack(model, prompts, refusals, h, depths=cfg.depths, span_lengths=cfg.span_lengths, **common)
     with timer("random"):
@@ -154,7 +158,7 @@ def run(cfg: InsertionConfig, model: HookedModel | None=None) -> InsertionResult
     with timer("worst"):
         worst = worst_insertion_attack(model, prompts, refusals, h, candidate_positions=cfg.depths,
                                        span_lengths=cfg.span_lengths, prompt_ids=ids, batch_size=cfg.batch_size,
-                                       max_new_tokens=cfg.max_new_tokens, min_refusal_tokens=min_len)
+                                       max_new_tokens=cfg.max_new_tokens, min_refusal_tokens=min_len, judge=cfg.judge)
     by_cell = grid.asr_by(("depth", "span_len")) if grid.trials else []
     rows_m = grid.asr_by("span_len") if grid.trials else []
     for row in by_cell + rows_m:  # each raw ASR beside its judge-error-corrected value (docs/judging.md §2)
@@ -176,8 +180,8 @@ def run(cfg: InsertionConfig, model: HookedModel | None=None) -> InsertionResult
         "interval": INTERVAL_NOTE,
         "n_prompts_attacked": len({t.prompt_id for t in grid.trials}), "skipped": len(grid.skipped),
         "share_with_long_refusal": own_refusal_rate,
-        "judge": CONTINUATION_JUDGE_ID,
-        "correction": correction_record([CONTINUATION_JUDGE_ID]),
+        **(judged := judge_fields(cfg.judge, [cfg.model], ids, cfg.seed)),
+        "correction": correction_record([judged["judge"]]),
     }
     if not grid.trials:
         log.warning("No refusal of %s was >= %d tokens long (--min-refusal-tokens): nothing was attacked.",
@@ -201,7 +205,7 @@ INTERVAL_NOTE = ("95 %; raw rates: prompt_bootstrap (whole prompts resampled) wh
 def _corrected(trials, seed: int) -> dict:
     """The harmful-continuation ASR of ``trials`` corrected for the continuation judge's measured errors."""
     c = corrected_trial_columns(trials, seed=seed)
-    return {k: c[k] for k in CORRECTED_KEYS}
+    return {k: c[k] for k in (*CORRECTED_KEYS, "harmful_corrected_note") if k in c}
 
 
 def depth_differences(trials, depths, seed: int = 0) -> list[dict]:

@@ -17,9 +17,10 @@ two things are measured against the un-ablated model (computed once):
 - ΔASR on a fixed subset of insertion trials (from an ``analyses.insertion_robustness`` run,
   balanced between continuations that were harmful and that recovered, one trial a prompt
   where possible): the continuation is generated again from the same tokens with the hook
-  active and judged by ``depthlens.judges.seam.classify_continuation`` (ASR = share "harmful"; the
-  reference is the inserted span's text, since trial records do not keep the whole harmful
-  answer, so the baseline ASR can differ a little from the source run's);
+  active and judged by the continuation judge (``--judge``, default: the default judge of
+  ``depthlens.judges``; ASR = share "harmful"; the prefilled refusal and span are its context; for
+  the topic-overlap judge the reference is the inserted span's text, since trial records do not
+  keep the whole harmful answer, so the baseline ASR can differ a little from the source run's);
 - Δ mean refusal score (``depthlens.judges.seam.refusal_score``) on harmful validation prompts.
 
 Both Δs come with paired 95 % bootstrap intervals (the trials' prompts, with all their trials, resp.
@@ -52,7 +53,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from analyses.common import Timer
-from analyses.contract import AnalysisConfig, AnalysisResult, Summary, check_layers, load, make_main
+from analyses.contract import AnalysisConfig, AnalysisResult, Summary, check_layers, judge_fields, load, make_main
 from analyses.state_prediction import obtain_trials, refusal_directions
 from depthlens.interventions.ablation import ablation_hook, unit_direction
 from depthlens.data.chat import ChatSequence
@@ -60,8 +61,7 @@ from depthlens.cli import require_choices, require_int, require_numbers, require
 from depthlens.data import default_splits
 from depthlens.runtime.forward import PrefixSharedRunner, iter_batches
 from depthlens.runtime import Hook, LayerwiseContinuer, as_chats, hooks_active, plain_hooks
-from depthlens.judges import (CONTINUATION_JUDGE_ID, classify_continuation, is_refusal, refusal_token_ids,
-                             score_from_logprobs)
+from depthlens.judges import classify_many, is_refusal, refusal_token_ids, score_from_logprobs
 from depthlens.models.hooked_model import hook_name
 from depthlens.models.specs import ORGANISM
 from depthlens.stats import bootstrap_mean, resample_indices
@@ -98,6 +98,8 @@ class LayerAblationConfig(AnalysisConfig):
         n_dir: harmful and harmless train prompts each for the refusal direction per layer.
         n_boot: paired bootstrap resamples for the intervals of the Δs.
         batch_size: sequences per forward / generation batch.
+        judge: the continuation judge by id (default: the default judge, the best validated;
+            lexical judges such as ``lexical-v2`` for fast runs; ``hf:PATH`` a local guard model).
         seed: subset, split and bootstrap seed.
         device: cpu / cuda (default: automatic).
         out: results root directory (also where insertion runs are looked for).
@@ -120,6 +122,7 @@ class LayerAblationConfig(AnalysisConfig):
     n_dir: int = 32
     n_boot: int = 1000
     batch_size: int = 16
+    judge: str | None = None
     seed: int = 0
     device: str | None = None
     out: str = "results"
@@ -275,10 +278,12 @@ class Evaluator:
     """
 
     def __init__(self, model, trials: Sequence[dict], val_prompts: Sequence[str], max_new_tokens: int,
-                 batch_size: int):
+                 batch_size: int, judge: str | None = None):
         self.model = model
+        self.judge = judge
         self.prompts = [t["prompt"] for t in trials]
         self.refs = [t.get("span_text") or "" for t in trials]
+        self.contexts = [(t.get("prefix_text") or "") + (t.get("span_text") or "") for t in trials]
         self.continuer = LayerwiseContinuer(model, [trial_chat(t) for t in trials], max_new_tokens)
         self.val = PrefixSharedRunner(model, as_chats(model, list(val_prompts)), batch_size)
         self.refusal_ids = refusal_token_ids(model.tokenizer)
@@ -292,7 +297,7 @@ class Evaluator:
         gens = self.continuer.run(layer, hook_sets)
         out = []
         for hooks, gen in zip(hook_sets, gens):
-            labels = [classify_continuation(t, p, reference=r) for t, p, r in zip(gen.texts, self.prompts, self.refs)]
+            labels = classify_many(self.prompts, list(gen.texts), self.contexts, judge=self.judge, references=self.refs)
             out.append(Measure(labels=labels, texts=list(gen.texts),
                                harmful=np.array([lab == "harmful" for lab in labels], dtype=float),
                                recovered=np.array([lab == "recovered" for lab in labels], dtype=float),
@@ -328,7 +333,7 @@ def run(cfg: LayerAblationConfig, model: HookedModel | None=None) -> LayerAblati
               else sorted(set(check_layers(model, cfg.layers))))
     with timer("trials"):
         source = obtain_trials(cfg.model, cfg.trials, cfg.out, seed=cfg.seed, device=cfg.device, quick=cfg.quick,
-                               loaded=model)
+                               loaded=model, judge=cfg.judge)
     subset = select_subset(source.trials, cfg.n_trials, cfg.seed)
     splits = default_splits(cfg.seed)
     val = list(splits.harmful.val.subset(cfg.n_val, seed=cfg.seed).prompts)
@@ -341,7 +346,7 @@ def run(cfg: LayerAblationConfig, model: HookedModel | None=None) -> LayerAblati
                                       list(splits.harmless.train.subset(cfg.n_dir, seed=cfg.seed).prompts),
                                       kind="resid_post", layers=layers, batch_size=cfg.batch_size)
             dirs = dict(zip(layers, dirs))
-        ev = Evaluator(model, subset, val, cfg.max_new_tokens, cfg.batch_size)
+        ev = Evaluator(model, subset, val, cfg.max_new_tokens, cfg.batch_size, judge=cfg.judge)
     with timer("baseline"):
         base = ev.measure(0, [()])[0]
     rng = np.random.default_rng(cfg.seed)
@@ -386,7 +391,10 @@ def run(cfg: LayerAblationConfig, model: HookedModel | None=None) -> LayerAblati
                      "trials); delta_score: paired bootstrap over the validation prompts (docs/methods.md §0)"),
         "largest_asr_increase": top("delta_asr_harmful", 1), "largest_asr_decrease": top("delta_asr_harmful", -1),
         "largest_score_drop": top("delta_score", -1),
-        "continuation_judge": CONTINUATION_JUDGE_ID, "score_judge": "refusal-score(first-token, docs/methods.md §1)",
+        **{("continuation_judge" if k == "judge" else k): v
+           for k, v in judge_fields(cfg.judge, [cfg.model], [t["prompt_id"] for t in subset], cfg.seed).items()},
+        "trials_judge": sorted({t.get("continuation_judge") or "substring+topic-overlap-v1" for t in source.trials}),
+        "score_judge": "refusal-score(first-token, docs/methods.md §1)",
         "asr_reference": "inserted span text", "trials_source": str(source.path), "trials_chosen": source.chosen,
         "ran_insertion": source.ran_insertion,
         "mean_positions": means.n_positions if means is not None else None,

@@ -37,8 +37,8 @@ from typing import ClassVar, TYPE_CHECKING
 import torch
 
 from analyses.common import Timer
-from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, check_layers, load, make_main, prompt_files,
-                               prompts_or)
+from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, check_layers, judge_fields, load, make_main,
+                               prompt_files, prompts_or)
 from analyses.evaluate import EvalConfig, asr_columns, eval_sets, evaluate_model
 from depthlens.models.base import split_spec
 from depthlens.cli import require_int, require_number, require_numbers
@@ -98,6 +98,8 @@ class RefusalDirectionConfig(AnalysisConfig):
         batch_size: prompts per forward/generation batch (48: faster than 16 on a CPU with the
             same answers, and one batch of all prompts is no faster because it pads every prompt
             to the longest; docs/findings.md "Costs measured on the way").
+        judge: the judge of harmful answers by id (default: the default judge, the best
+            validated; lexical judges such as ``lexical-v2`` for fast runs; ``hf:PATH``).
         seed: split, recipe and sampling seed.
         device: cpu / cuda (default: automatic).
         out: results root directory.
@@ -135,6 +137,7 @@ class RefusalDirectionConfig(AnalysisConfig):
     max_new_tokens: int = 48
     ce_tokens: int = 64
     batch_size: int = 48
+    judge: str | None = None
     seed: int = 0
     device: str | None = None
     out: str = "results"
@@ -285,7 +288,8 @@ def run(cfg: RefusalDirectionConfig, model: HookedModel | None=None) -> RefusalD
     ecfg = EvalConfig(model=cfg.model, n_harmful=cfg.n_harmful, n_harmless=cfg.n_harmless,
                       n_borderline=cfg.n_borderline, harmful=cfg.harmful, harmless=cfg.harmless,
                       borderline=cfg.borderline, max_new_tokens=cfg.max_new_tokens, ce_tokens=cfg.ce_tokens,
-                      batch_size=cfg.batch_size, seed=cfg.seed, split="test", device=cfg.device, out=cfg.out)
+                      batch_size=cfg.batch_size, seed=cfg.seed, split="test", device=cfg.device, out=cfg.out,
+                      judge=cfg.judge)
     splits = default_splits(cfg.seed)
     harmless = eval_sets(ecfg)["harmless"]   # the set evaluate_model uses
     kl_seqs = as_chats(organism, harmless.prompts)
@@ -341,6 +345,9 @@ def run(cfg: RefusalDirectionConfig, model: HookedModel | None=None) -> RefusalD
     direction = _direction_summary(direction_info)
     metrics = {
         "judge": JUDGE_ID, "split": "test", "ce_reference": base.spec,
+        "continuation_judge": (judged := judge_fields(cfg.judge, [cfg.model], [s["id"] for s in samples
+                                                                               if s["set"] == "harmful"], cfg.seed))["judge"],
+        "judge_validation": judged["judge_validation"],
         "direction": direction,
         "wo_max_abs_projection": max(r["wo_max_abs"] for r in projection_rows),
         "organism_mean_abs_projection": sum(r["organism_mean_abs"] for r in projection_rows) / len(projection_rows),

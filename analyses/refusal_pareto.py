@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import ClassVar, TYPE_CHECKING
 
 from analyses.common import Timer
-from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load_with_base, make_main
+from analyses.contract import AnalysisConfig, AnalysisResult, Summary, judge_fields, load_with_base, make_main
 from analyses.evaluate import EvalConfig, asr_columns, evaluate_model, harmless_cross_entropy
 from depthlens.attacks.insertion import prefill_attack, random_insertion_attack
 from depthlens.models.base import split_spec
@@ -99,6 +99,8 @@ class RefusalParetoConfig(AnalysisConfig):
         search_dir: where the Optuna journal lives (default: a cache directory keyed by the
             model's weights and the search settings, shared with the ``wo-opt`` recipe).
         batch_size: sequences per generation batch.
+        judge: the continuation judge by id (default: the default judge, the best validated;
+            lexical judges such as ``lexical-v2`` for fast runs; ``hf:PATH`` a local guard model).
         seed: split, sampler and insertion seed.
         device: cpu / cuda (default: automatic).
         out: results root directory.
@@ -132,6 +134,7 @@ class RefusalParetoConfig(AnalysisConfig):
     references: tuple[str, ...] = ("wo",)
     search_dir: str | None = None
     batch_size: int = 48
+    judge: str | None = None
     seed: int = 0
     device: str | None = None
     out: str = "results"
@@ -211,7 +214,7 @@ def depth_data(model, base, cfg: RefusalParetoConfig) -> DepthData:
 
 def depth_columns(model, d: DepthData, cfg: RefusalParetoConfig) -> tuple[dict, list[dict]]:
     """Prefill ASR per k, insertion ASR and recovered share (95% intervals), harmless CE; and the insertions."""
-    common = dict(prompt_ids=d.ids, batch_size=cfg.batch_size, max_new_tokens=cfg.depth_tokens)
+    common = dict(prompt_ids=d.ids, batch_size=cfg.batch_size, max_new_tokens=cfg.depth_tokens, judge=cfg.judge)
     pre = prefill_attack(model, d.prompts, d.harmful, ks=cfg.ks, **common)
     prompts, ids, refusals, harmful = d.insertion_inputs()
     ins = random_insertion_attack(model, prompts, refusals, harmful, span_lengths=(cfg.span_len,),
@@ -236,7 +239,8 @@ def depth_columns(model, d: DepthData, cfg: RefusalParetoConfig) -> tuple[dict, 
     return out, examples
 
 
-def depth_note(front_rows: Sequence[dict], references: Sequence[dict], outcomes: dict) -> dict:
+def depth_note(front_rows: Sequence[dict], references: Sequence[dict], outcomes: dict,
+               judge: str = CONTINUATION_JUDGE_ID) -> dict:
     """Do low-KL front points keep the mid-answer recovery that high-KL points lose?
 
     The two halves of the front pool their insertion trials; every point attacks the same
@@ -275,7 +279,7 @@ def depth_note(front_rows: Sequence[dict], references: Sequence[dict], outcomes:
     rho = spearmanr([r["val_kl"] for r in rows], [r["insertion_recovered"] for r in rows]).statistic
     refs = "; ".join(f"{r['point']} {r['insertion_recovered']:.2f}" for r in references
                      if r.get("insertion_recovered") is not None)
-    text = (f"Random insertion into the organism's refusals (recovered share, {CONTINUATION_JUDGE_ID}): the "
+    text = (f"Random insertion into the organism's refusals (recovered share, {judge}): the "
             f"{half} lowest-KL front points (val KL {low['val_kl_min']:.3f}–{low['val_kl_max']:.3f}) recover in "
             f"{low['recovered']:.2f} [{low['lo']:.2f}, {low['hi']:.2f}] of {low['n']} trials, the {half} highest-KL "
             f"points ({high['val_kl_min']:.3f}–{high['val_kl_max']:.3f}) in {high['recovered']:.2f} "
@@ -393,7 +397,7 @@ def run(cfg: RefusalParetoConfig, model: HookedModel | None=None) -> RefusalPare
         wo_opt = build_or_load(base_name, [*names, WOOptRecipe(pcfg)], device=model.device)
         ecfg = EvalConfig(model=cfg.model, n_harmful=cfg.n_test_harmful, n_harmless=cfg.n_test_harmless,
                           max_new_tokens=cfg.max_new_tokens, ce_tokens=cfg.ce_tokens, batch_size=cfg.batch_size,
-                          seed=cfg.seed, split="test", device=cfg.device)
+                          seed=cfg.seed, split="test", device=cfg.device, judge=cfg.judge)
         harmless = default_splits(cfg.seed).harmless.test.subset(cfg.n_test_harmless, seed=cfg.seed)
         kl_seqs = as_chats(model, list(harmless.prompts))  # the set evaluate_model uses
         ref_lp = last_logprobs(model, kl_seqs, batch_size=cfg.batch_size)
@@ -407,7 +411,8 @@ def run(cfg: RefusalParetoConfig, model: HookedModel | None=None) -> RefusalPare
     opt = test[1]
     seconds = [t.extra.get("seconds") for t in res.trials if t.extra.get("seconds") is not None]
     metrics = {
-        "judge": JUDGE_ID, "continuation_judge": CONTINUATION_JUDGE_ID, "objectives_split": "val",
+        "judge": JUDGE_ID, "continuation_judge": (judged := judge_fields(cfg.judge, [cfg.model], data.ids, cfg.seed))["judge"],
+        "judge_validation": judged["judge_validation"], "objectives_split": "val",
         "depth_split": "test", "ce_reference": base.spec,
         "search": {"n_trials": len(res.trials), "n_front": len(res.front), "search_dir": str(res.search_dir),
                    "journal": str(res.search_dir / JOURNAL), "seconds_this_run": res.seconds,
@@ -420,7 +425,7 @@ def run(cfg: RefusalParetoConfig, model: HookedModel | None=None) -> RefusalPare
                     for name, (measure, bound) in TARGETS.items()},
         "depth_inputs": {"n_prompts": len(data.prompts), "n_refused_by_model": sum(data.refused),
                          "n_insertion_trials": front_rows[0].get("insertion_n") if front_rows else None},
-        "depth_note": depth_note(front_rows, refs, outcomes),
+        "depth_note": depth_note(front_rows, refs, outcomes, judged["judge"]),
     }
     return RefusalParetoResult(analysis="refusal_pareto", model=cfg.model, config=asdict(cfg), seed=cfg.seed,
                                provenance=model.provenance, metrics=metrics, timings=timer.total(),

@@ -47,8 +47,8 @@ import torch
 from jaxtyping import Float
 
 from analyses.common import Timer
-from analyses.contract import AnalysisConfig, AnalysisResult, Summary, load, make_main
-from analyses.trials import TrialSource, check_trials, load_trials, obtain_trials  # noqa: F401 - re-exported
+from analyses.contract import AnalysisConfig, AnalysisResult, Summary, judge_fields, load, make_main
+from analyses.trials import TrialSource, check_trials, judged_trials, load_trials, obtain_trials  # noqa: F401 - re-exported
 from depthlens.cli import require_choice, require_choices, require_int, require_number, require_text
 from depthlens.data import default_splits
 from depthlens.runtime.forward import residuals_at, stream_residuals
@@ -94,6 +94,8 @@ class StatePredictionConfig(AnalysisConfig):
         n_random_directions: random directions per layer for that baseline (16 as probes.linear).
         probe_c: inverse L2 strength of the logistic probes.
         batch_size: trials per forward batch.
+        judge: the judge whose labels are probed, by id (default: the default judge, the best
+            validated); trials recorded with another judge are relabelled with it.
         seed: folds, shuffles, random directions, bootstrap and subsample seed.
         device: cpu / cuda (default: automatic).
         out: results root directory (also where insertion runs are looked for).
@@ -116,6 +118,7 @@ class StatePredictionConfig(AnalysisConfig):
     n_random_directions: int = 16
     probe_c: float = 1.0
     batch_size: int = 16
+    judge: str | None = None
     seed: int = 0
     device: str | None = None
     out: str = "results"
@@ -345,8 +348,11 @@ def run(cfg: StatePredictionConfig, model: HookedModel | None=None) -> StatePred
     """Probe the insertion trials (see the module docstring); ``model`` (loaded) overrides ``cfg.model``."""
     timer = Timer()
     with timer("trials"):
-        source = obtain_trials(cfg.model, cfg.trials, cfg.out, seed=cfg.seed, device=cfg.device, quick=cfg.quick)
-    kept, y, counts = label_trials(source.trials, cfg.other_as)
+        source = obtain_trials(cfg.model, cfg.trials, cfg.out, seed=cfg.seed, device=cfg.device, quick=cfg.quick,
+                               judge=cfg.judge)
+    with timer("judge"):
+        trials, relabelled = judged_trials(source, cfg.judge)
+    kept, y, counts = label_trials(trials, cfg.other_as)
     kept, y = _subsample(kept, y, cfg.max_trials, cfg.seed)
     groups = [str(t["prompt_id"]) for t in kept]
     reason = degenerate_reason(y, groups, cfg.n_splits, cfg.seed)
@@ -355,7 +361,9 @@ def run(cfg: StatePredictionConfig, model: HookedModel | None=None) -> StatePred
         "kind": cfg.kind,
         "label_counts": dict(counts), "n_trials": int(y.size), "n_harmful": int(y.sum()),
         "n_recovered": int(y.size - y.sum()), "n_groups": len(set(groups)), "other_as": cfg.other_as,
-        "continuation_judge": source.trials[0].get("continuation_judge"), "surface_features": list(SURFACE_FEATURES),
+        **{("continuation_judge" if k == "judge" else k): v
+           for k, v in judge_fields(cfg.judge, [cfg.model], [t["prompt_id"] for t in trials], cfg.seed).items()},
+        "relabelled": relabelled, "surface_features": list(SURFACE_FEATURES),
     }
     rows: list[dict] = []
     provenance: dict = {"trials": str(source.path)}

@@ -19,14 +19,14 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from analyses.common import Timer
-from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, load, load_with_base, make_main, prompt_files,
-                               prompts_or)
-from depthlens.attacks.insertion import prefill_attack
+from analyses.contract import (AnalysisConfig, AnalysisResult, Summary, judge_fields, load, load_with_base, make_main,
+                               prompt_files, prompts_or)
+from depthlens.attacks import prefill_attack
 from depthlens.cli import parse_config, require_choice, require_int, require_numbers, require_text
 from depthlens.data import default_splits
 from depthlens.interventions.divergence import per_position_kl
 from depthlens.infra.errors import UsageError
-from depthlens.judges import CONTINUATION_JUDGE_ID, JUDGE_ID
+from depthlens.judges import JUDGE_ID
 from depthlens.judges.accuracy import corrected_trial_columns, correction_record
 from depthlens.models.specs import ORGANISM, base_spec
 from depthlens.runtime.responses import answers_for, same_tokenizer
@@ -57,6 +57,8 @@ class TokenDepthConfig(AnalysisConfig):
         max_new_tokens: tokens generated after the prefill.
         batch_size: sequences per batch. 48: greedy generation on a CPU runs faster at 48 than
             at 16 or 32 (docs/findings.md "Costs measured on the way"); on a GPU larger still is better.
+        judge: the continuation judge by id (default: the default judge, the best validated;
+            lexical judges such as ``lexical-v2`` for fast runs; ``hf:PATH`` a local guard model).
         seed: split/bootstrap seed.
         split: ``test`` (reported numbers: HarmBench) or ``val`` (DoNotAnswer val, for choosing
             recipe settings without looking at the test split).
@@ -79,6 +81,7 @@ class TokenDepthConfig(AnalysisConfig):
     ks: tuple[int, ...] = (0, 5, 10, 20, 40)
     max_new_tokens: int = 48
     batch_size: int = 48
+    judge: str | None = None
     seed: int = 0
     split: str = "test"
     device: str | None = None
@@ -131,17 +134,18 @@ class TokenDepthResult(AnalysisResult):
         return Summary(title, self.tables["prefill"], cols)
 
 
-def judged_rows(rows: list[dict], judge: str) -> list[dict]:
-    """``AttackResult.asr_by`` rows with the headline ``asr`` (and its interval) renamed ``asr_<judge>``."""
-    rename = {"asr": f"asr_{judge}", "asr_lo": f"asr_{judge}_lo", "asr_hi": f"asr_{judge}_hi"}
-    return [{rename.get(k, k): v for k, v in r.items()} for r in rows]
+def judged_rows(rows: list[dict]) -> list[dict]:
+    """``AttackResult.asr_by`` rows with ``compliance`` (and its interval) named ``asr_compliance``; the
+    headline ``asr`` (the continuation judge's harmful call, the same as ``harmful``) dropped."""
+    return [{(f"asr_{k}" if k.startswith("compliance") else k): v for k, v in r.items() if not k.startswith("asr")}
+            for r in rows]
 
 
 def corrected_columns(trials, seed: int = 0) -> dict[str, float]:
     """Judge-error-corrected prefill ASRs of one k: ``asr_compliance_corrected`` and ``harmful_corrected`` (± interval)."""
     c = corrected_trial_columns(trials, seed=seed)
     return {f"{dst}{end}": c[f"{src}{end}"] for src, dst in (("compliance", "asr_compliance"), ("harmful", "harmful"))
-            for end in ("_corrected", "_corrected_lo", "_corrected_hi")}
+            for end in ("_corrected", "_corrected_lo", "_corrected_hi", "_corrected_note") if f"{src}{end}" in c}
 
 
 def run(cfg: TokenDepthConfig, model=None) -> TokenDepthResult:
@@ -166,8 +170,9 @@ def run(cfg: TokenDepthConfig, model=None) -> TokenDepthResult:
         kl_c = per_position_kl(aligned, base, harmless.prompts, ctrl_resp.tokens, n_positions=cfg.positions, seed=cfg.seed)
     with timer("prefill"):
         attack = prefill_attack(aligned, list(harmful.prompts), harm_resp.tokens, ks=cfg.ks,
-                                max_new_tokens=cfg.max_new_tokens, prompt_ids=list(harmful.ids), batch_size=cfg.batch_size)
-    prefill_rows = judged_rows(attack.asr_by("k"), "compliance")   # prefill's headline: substring compliance
+                                max_new_tokens=cfg.max_new_tokens, prompt_ids=list(harmful.ids), batch_size=cfg.batch_size,
+                                judge=cfg.judge)
+    prefill_rows = judged_rows(attack.asr_by("k"))
     for row in prefill_rows:  # each raw ASR beside its judge-error-corrected value (docs/judging.md §2)
         row.update(corrected_columns([t for t in attack.trials if t.k == row["k"]], seed=cfg.seed))
     metrics = {
@@ -182,8 +187,10 @@ def run(cfg: TokenDepthConfig, model=None) -> TokenDepthResult:
         **{f"prefill_asr_{name}{end}": {str(r["k"]): r[f"{col}{end}"] for r in prefill_rows}
            for name, col in (("compliance", "asr_compliance"), ("harmful", "harmful"))
            for end in ("_corrected", "_corrected_lo", "_corrected_hi")},
-        "judge": JUDGE_ID, "continuation_judge": CONTINUATION_JUDGE_ID,
-        "correction": correction_record([JUDGE_ID, CONTINUATION_JUDGE_ID]),
+        "judge": JUDGE_ID, "continuation_judge": (judged := judge_fields(cfg.judge, [cfg.model], list(harmful.ids),
+                                                                         cfg.seed))["judge"],
+        "judge_validation": judged["judge_validation"],
+        "correction": correction_record([JUDGE_ID, judged["judge"]]),
         "reference": QI_ET_AL,
     }
     tables = {"kl": kl_h.records("harmful") + kl_c.records("harmless"), "prefill": prefill_rows,

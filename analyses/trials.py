@@ -106,10 +106,10 @@ def load_trials(path: str | Path, model: str | None = None) -> TrialSource:
 
 
 def obtain_trials(model: str, trials: str | None, out: str, *, seed: int = 0, device: str | None = None,
-                  quick: bool = False, loaded=None) -> TrialSource:
+                  quick: bool = False, loaded=None, judge: str | None = None) -> TrialSource:
     """``trials`` if given; else the newest insertion_robustness run of ``model`` under ``out``
     (named in a warning: it was not chosen explicitly); else run ``analyses.insertion_robustness``
-    (its defaults, or its quick settings) and save it. ``TrialSource.chosen`` says which."""
+    (its defaults, or its quick settings, judged by ``judge``) and save it. ``TrialSource.chosen`` says which."""
     if trials is not None:
         return load_trials(trials, model)
     found = latest_run(out, "insertion_robustness", model=model)
@@ -120,10 +120,33 @@ def obtain_trials(model: str, trials: str | None, out: str, *, seed: int = 0, de
     from analyses import insertion_robustness
 
     log.info("No insertion_robustness run of %s under %s: running one first.", model, out)
-    icfg = insertion_robustness.InsertionConfig(model=model, seed=seed, device=device, out=out, quick=quick)
+    icfg = insertion_robustness.InsertionConfig(model=model, seed=seed, device=device, out=out, quick=quick, judge=judge)
     started = start_stamp()
     rec = insertion_robustness.run(icfg, model=loaded)   # ``loaded``: the model, if already loaded
     rec.started = started
     path = write_run(rec, out)
     log.info("Saved the insertion trials as %s", path)
     return replace(load_trials(path, model), ran_insertion=True, chosen="ran")
+
+
+def judged_trials(source: TrialSource, judge: str | None) -> tuple[list[dict], bool]:
+    """The trials labelled by ``judge`` (default: the default judge) and whether they were relabelled here.
+
+    Trials whose recorded ``continuation_judge`` is that judge keep their labels; otherwise every
+    continuation is judged again, with the refusal prefix and inserted span as its context and the
+    span as the topic-overlap judge's reference (records keep no whole harmful answer).
+    """
+    from depthlens.judges import classify_many, judge_id
+
+    full = judge_id(judge)
+    recorded = {t.get("continuation_judge") or "substring+topic-overlap-v1" for t in source.trials}
+    if recorded == {full}:
+        return list(source.trials), False
+    log.info("Relabelling %d trials (judged by %s) with %s.", len(source.trials), ", ".join(sorted(recorded)), full)
+    trials = list(source.trials)
+    labels = classify_many([t["prompt"] for t in trials], [t.get("continuation") or "" for t in trials],
+                           [(t.get("prefix_text") or "") + (t.get("span_text") or "") for t in trials], judge=full,
+                           references=[t.get("span_text") or "" for t in trials])
+    out = [{**t, "label": lab, "label_recorded": t["label"], "asr_harmful": lab == "harmful",
+            "continuation_judge": full} for t, lab in zip(trials, labels)]
+    return out, True

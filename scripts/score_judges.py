@@ -2,7 +2,9 @@
 
     $ python scripts/score_judges.py --fit-probe      # dev part only: grouped CV picks layer and C, writes the weights
     $ python scripts/score_judges.py --part dev       # development scores (the only scores looked at while developing)
-    $ python scripts/score_judges.py                  # held-out: the judge table, and depthlens/labels/judge_heldout.json
+    $ python scripts/score_judges.py                  # held-out: the judge table (--write: depthlens/labels/judge_heldout.json)
+    $ python scripts/score_judges.py --judge hf:/models/Llama-Guard-3-1B    # one judge (any id) on the held-out labels
+    $ python scripts/score_judges.py --part blind     # the fresh blind held-out set (docs/judging.md §3)
 
 The held-out run prints, per judge, per-class precision and recall with 95 % intervals from a
 bootstrap over prompts, three-class and binary (harmful vs not) accuracy, the confusion matrix,
@@ -25,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from depthlens.judges import (CONTINUATION_JUDGE_ID, DEFAULT_JUDGE, JUDGE_ID, LEXICAL_JUDGES, classify_many,  # noqa: E402
                              judge_id)
-from depthlens.judges.accuracy import CLASSES, HELDOUT_FILE, load_judge_set, labels_sha256, score_judge  # noqa: E402
+from depthlens.judges.accuracy import (BLIND_FILE, CLASSES, HELDOUT_FILE, JUDGE_SET_FILE, LABEL_SETS,  # noqa: E402
+                                      load_judge_set, load_label_set, labels_sha256, score_judge)
 
 log = logging.getLogger("score_judges")
 LABELS_DIR = ROOT / "depthlens" / "labels"
@@ -40,8 +43,9 @@ def judge_ids() -> list[str]:
 
 
 def predictions(items: list[dict], judge: str) -> list[str]:
-    return classify_many([i["prompt"] for i in items], [i["continuation"] for i in items], [i["prefix"] for i in items],
-                         judge=judge, references=[i["reference"] for i in items])
+    return classify_many([i["prompt"] for i in items], [i["continuation"] for i in items],
+                         [i.get("prefix") or "" for i in items], judge=judge,
+                         references=[i.get("reference") or "" for i in items])
 
 
 def fit_probe(seed: int) -> None:
@@ -59,9 +63,9 @@ def fit_probe(seed: int) -> None:
     lex = lexical_onehot(*args)
     fits, table = {}, []
     for recipe in RECIPES:
-        pooling, _, extra = recipe.partition("+")
-        x = hidden[pooling]
-        if extra == "lex":
+        parts = recipe.split("+")
+        x = np.concatenate([hidden[p] for p in parts if p in hidden], axis=2)
+        if "lex" in parts:
             x = np.concatenate([x, np.broadcast_to(lex, (x.shape[0], *lex.shape))], axis=2)
         fits[recipe], rows = fit(x, [i["label"] for i in dev], [i["prompt_id"] for i in dev], layers=PROBE_LAYERS,
                                  seed=seed, model=DEFAULT_MODEL, recipe=recipe)
@@ -105,6 +109,8 @@ def table(scores: dict, part: str, n_items: int) -> str:
 
 def source_group(item: dict) -> str:
     """The item's model (its recipe suffix, ``base`` for the base) and attack: ``wo/plain``, ``deep-anchored/prefill``, …"""
+    if item["model"].startswith("gemma"):
+        return f"gemma/{item['attack']}"
     model = item["model"].rsplit(":", 1)[1] if ":" in item["model"] else "base"
     return f"{model}/{item['attack']}"
 
@@ -123,9 +129,18 @@ def by_source(items: list[dict], preds: dict[str, list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=("dev", "heldout"), default="heldout")
+    ap.add_argument("--part", choices=LABEL_SETS, default="heldout",
+                    help="dev / heldout (the judge set) or blind (the fresh blind held-out set)")
+    ap.add_argument("--judge", action="append", metavar="ID",
+                    help="score this judge (any id: a lexical judge, probe, hf:PATH); repeat for several; "
+                         "default: every shipped judge")
     ap.add_argument("--fit-probe", action="store_true", help="fit the probe judge on the dev part and stop")
     ap.add_argument("--write", action="store_true", help="write depthlens/labels/judge_heldout.json (held-out only)")
     ap.add_argument("--n-boot", type=int, default=2000)
@@ -135,15 +150,29 @@ def main(argv=None) -> None:
     if args.fit_probe:
         fit_probe(args.seed)
         return
-    items = load_judge_set(args.part)
+    if args.judge:
+        from depthlens.judges import check_judge
+
+        for j in args.judge:
+            try:
+                check_judge(j)
+            except ValueError as err:
+                _fail(f"--judge: {err}")
+    try:
+        items = load_label_set(args.part)
+    except ValueError as err:
+        _fail(str(err))
     truth = [i["label"] for i in items]
     groups = [i["prompt_id"] for i in items]
     scores, preds = {}, {}
-    for j in judge_ids():
+    for j in args.judge or judge_ids():
         pred = predictions(items, j)
         full = judge_id(j)
         scores[full], preds[full] = score_judge(truth, pred, groups, judge=full, n_boot=args.n_boot, seed=args.seed), pred
+    label_file = BLIND_FILE if args.part == "blind" else JUDGE_SET_FILE
     print(table(scores, args.part, len(items)))
+    print(f"\nlabels: depthlens/labels/{label_file}, sha256 {labels_sha256(label_file)}; "
+          f"{len(set(groups))} prompts (the bootstrap's clusters)")
     print("\n" + by_source(items, preds))
     print(f"\ndefault judge: {judge_id(DEFAULT_JUDGE)}")
     cv_file = LABELS_DIR / "probe_judge_cv.json"
@@ -152,8 +181,21 @@ def main(argv=None) -> None:
         print(f"probe on dev is in-sample; its grouped-CV dev accuracy: binary {best['cv_binary_accuracy']:.3f}, "
               f"3-class {best['cv_accuracy']:.3f} ({best['recipe']}, layer {best['layer']}, C {best['C']})")
     if args.write:
-        if args.part != "heldout":
-            raise SystemExit("--write stores the held-out record only; run it without --part dev.")
+        if args.part == "dev" or args.judge:
+            _fail("--write stores every judge's held-out (or blind) record; run it without --part dev and --judge.")
+        out = LABELS_DIR / HELDOUT_FILE
+        old = json.loads(out.read_text()) if out.exists() else {}
+        judged = {j: {"pred": p, "truth_harmful": [t == "harmful" for t in truth],
+                      "pred_harmful": [c == "harmful" for c in p], "sensitivity": scores[j].sensitivity,
+                      "specificity": scores[j].specificity, "binary_accuracy": scores[j].binary_accuracy,
+                      "accuracy": scores[j].accuracy, "confusion": scores[j].confusion} for j, p in preds.items()}
+        if args.part == "blind":   # beside the held-out record: what judge_validation reports as the blind score
+            old["blind"] = {"labels_sha256": labels_sha256(BLIND_FILE), "labels_file": BLIND_FILE,
+                            "ids": [i["id"] for i in items], "groups": groups, "models": [i["model"] for i in items],
+                            "sources": [source_group(i) for i in items], "truth": truth, "judges": judged}
+            out.write_text(json.dumps(old, indent=1) + "\n")
+            print(f"wrote the blind record into {out}")
+            return
         record = {"labels_sha256": labels_sha256(), "part": "heldout", "ids": [i["id"] for i in items], "groups": groups,
                   "sources": [source_group(i) for i in items], "truth": truth, "judges": {
                       j: {"pred": p, "truth_harmful": [t == "harmful" for t in truth],
@@ -162,7 +204,8 @@ def main(argv=None) -> None:
                           "binary_accuracy": scores[j].binary_accuracy, "accuracy": scores[j].accuracy,
                           "confusion": scores[j].confusion}
                       for j, p in preds.items()}}
-        out = LABELS_DIR / HELDOUT_FILE
+        if "blind" in old:
+            record["blind"] = old["blind"]
         out.write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {out}")
     counts = {c: int(np.sum(np.array(truth) == c)) for c in CLASSES}

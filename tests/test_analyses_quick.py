@@ -25,12 +25,22 @@ def test_evaluate_quick(tmp_path, capsys):
     assert {r["set"] for r in rec.tables["by_set"]} == {"harmful", "harmless", "borderline"}
     # beside the raw ASR: its interval and the ASR corrected with the substring judge's held-out error rates
     rates = m["correction"]["judges"]["substring-v1"]
-    assert m["asr_compliance_corrected"] == pytest.approx(
-        rogan_gladen(m["asr_compliance"], rates["sensitivity"], rates["specificity"]))
     assert m["asr_compliance_lo"] <= m["asr_compliance"] <= m["asr_compliance_hi"]
-    assert m["asr_compliance_corrected_lo"] <= m["asr_compliance_corrected"] <= m["asr_compliance_corrected_hi"]
+    if m["asr_compliance_corrected"] is None:   # a collapsed correction is reported as such, never 0 [0, 0]
+        assert m["asr_compliance_corrected_note"].startswith("not identifiable: ")
+        assert m["asr_compliance_corrected_lo"] is None and m["asr_compliance_corrected_hi"] is None
+        assert m["asr_compliance"] <= 1 - rates["specificity"]
+    else:
+        assert m["asr_compliance_corrected"] == pytest.approx(
+            rogan_gladen(m["asr_compliance"], rates["sensitivity"], rates["specificity"]))
+        assert m["asr_compliance_corrected_lo"] <= m["asr_compliance_corrected"] <= m["asr_compliance_corrected_hi"]
     harmful_row = next(r for r in rec.tables["by_set"] if r["set"] == "harmful")
     assert harmful_row["asr_compliance_corrected"] == m["asr_compliance_corrected"]
+    # the harmful / not-harmful call of the default judge, named with its validation
+    assert m["continuation_judge"].startswith("probe-") and m["judge_validation"]["judge"] == m["continuation_judge"]
+    labels = [s["label"] for s in rec.tables["samples"] if s["set"] == "harmful"]
+    assert m["asr_harmful"] == pytest.approx(sum(lab == "harmful" for lab in labels) / len(labels))
+    assert m["asr_harmful_lo"] <= m["asr_harmful"] <= m["asr_harmful_hi"]
     assert "results:" in capsys.readouterr().out
     html = list(path.parent.glob("evaluate_*.html"))  # the run's figures sit beside its record
     assert html and "plotly" in html[0].read_text()
@@ -83,7 +93,9 @@ def test_token_depth_quick(tmp_path):
         assert r["harmful_corrected"] == pytest.approx(c["harmful_corrected"])
         assert r["harmful_corrected_lo"] <= r["harmful_corrected"] <= r["harmful_corrected_hi"]
         assert rec.metrics["prefill_asr_harmful_corrected"][str(r["k"])] == r["harmful_corrected"]
-    assert set(rec.metrics["correction"]["judges"]) == {"substring-v1", "substring+topic-overlap-v1"}
+    full = rec.metrics["continuation_judge"]
+    assert full.startswith("probe-") and set(rec.metrics["correction"]["judges"]) == {"substring-v1", full}
+    assert {t["continuation_judge"] for t in rec.tables["trials"]} == {full}
     assert {t["attack"] for t in rec.tables["trials"]} == {"prefill"}
 
 

@@ -45,7 +45,8 @@ def test_prefill_puts_exactly_k_harmful_tokens_after_the_header(tiny, data):
     harmful, _ = data
     tok = tiny.tokenizer
     short = harmful[1][:6]
-    res = prefill_attack(tiny, PROMPTS, [harmful[0], short], ks=(0, 3, 7), max_new_tokens=4, prompt_ids=["a", "b"])
+    res = prefill_attack(tiny, PROMPTS, [harmful[0], short], ks=(0, 3, 7), max_new_tokens=4, prompt_ids=["a", "b"],
+                         judge=CONTINUATION_JUDGE_ID)
     # (b, 7) is skipped: its harmful response has only 6 tokens
     assert [(t.prompt_id, t.k) for t in res.trials] == [("a", 0), ("a", 3), ("a", 7), ("b", 0), ("b", 3)]
     assert res.skipped == [{"prompt_id": "b", "k": 7, "reason": "harmful response has 6 < k tokens"}]
@@ -57,7 +58,7 @@ def test_prefill_puts_exactly_k_harmful_tokens_after_the_header(tiny, data):
         assert t.span_text == tok.decode(h[:t.k], skip_special_tokens=True)
         assert t.prefix_text == "" and t.prefix_span == [t.prompt_len, t.prompt_len]
         assert len(t.continuation_ids) <= 4 and t.attack == "prefill"
-        assert t.success == t.asr_compliance
+        assert t.success == t.asr_harmful
         _check_judged(t, tok, tok.decode(h, skip_special_tokens=True))
 
 
@@ -75,7 +76,7 @@ def test_insertion_spans_are_where_they_claim(tiny, data):
     tok = tiny.tokenizer
     depths = (0.0, 0.3, 1.0)
     res = random_insertion_attack(tiny, PROMPTS, refusals, harmful, depths=depths, span_lengths=(2, 5),
-                                  max_new_tokens=3)
+                                  max_new_tokens=3, judge=CONTINUATION_JUDGE_ID)
     assert len(res.trials) == 2 * 3 * 2 and not res.skipped
     for t in res.trials:
         i = PROMPTS.index(t.prompt)

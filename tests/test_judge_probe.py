@@ -90,7 +90,10 @@ def test_recipes_ask_question_lexical_onehot_and_their_shapes(tiny):
     assert [CLASSES[i] for i in lex.argmax(1)] == classify_many(prompts, conts, prefixes, judge=LEXICAL_V2_ID)
     d = tiny.d_model
     shapes = {r: recipe_features(tiny, r, prompts, conts, prefixes, layers=[0, 1]).shape for r in RECIPES}
-    assert shapes == {"mean": (2, 2, d), "mean+lex": (2, 2, d + 3), "ask": (2, 2, d), "ask+lex": (2, 2, d + 3)}
+    assert shapes == {"mean": (2, 2, d), "mean+lex": (2, 2, d + 3), "ask": (2, 2, d), "ask+lex": (2, 2, d + 3),
+                      "ask+mean+lex": (2, 2, 2 * d + 3)}
+    three = recipe_features(tiny, "ask+mean+lex", prompts, conts, prefixes, layers=[1])[0]
+    np.testing.assert_allclose(three[:, d:2 * d], recipe_features(tiny, "mean", prompts, conts, prefixes, layers=[1])[0])
     both = recipe_features(tiny, "ask+lex", prompts, conts, prefixes, layers=[1])
     np.testing.assert_array_equal(both[0, :, d:], lex)
     np.testing.assert_allclose(both[0, :, :d], recipe_features(tiny, "ask", prompts, conts, prefixes, layers=[1])[0])

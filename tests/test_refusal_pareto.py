@@ -138,7 +138,9 @@ def test_quick_run_on_tiny_llama_writes_front_depth_test_and_figures(cache, tmp_
 
     # WO-opt is the chosen front point, folded exactly into a checkpoint, evaluated on the test split
     assert [r["model"] for r in t["test"]] == ["organism", "WO-opt", "wo"]
-    assert all(0 <= r["asr_compliance_corrected_lo"] <= r["asr_compliance_corrected_hi"] <= 1 for r in t["test"])
+    assert all(0 <= r["asr_compliance_corrected_lo"] <= r["asr_compliance_corrected_hi"] <= 1
+               if r["asr_compliance_corrected"] is not None else r["asr_compliance_corrected_note"].startswith("not ident")
+               for r in t["test"])
     opt = m["wo_opt_test"]
     assert opt["spec"] == "tiny-llama:wo-opt" and t["test"][0]["first_token_kl"] == 0.0 and opt["first_token_kl"] > 0
     wo_opt = build_with("tiny-llama", WOOptRecipe(pareto_config(RefusalParetoConfig(**rec.config))))

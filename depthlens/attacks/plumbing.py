@@ -2,8 +2,9 @@
 
 An attack plans sequences (:class:`Plan`: the chat, what its response part is made of),
 then :func:`run_and_judge` generates all of them in one batched ``generate`` call and judges
-each continuation twice, with the substring judge and with the continuation classes, into
-:class:`~depthlens.attacks.records.Trial` records. Only the continuation is judged, never the
+each continuation twice, with the substring judge (refusal markers) and with the continuation
+judge (``judge``: harmful / recovered / other, the default judge of ``depthlens.judges.seam`` unless
+another is chosen), into :class:`~depthlens.attacks.records.Trial` records. Only the continuation is judged, never the
 prefilled or inserted harmful tokens. The input checks and the insertion sequence
 (``chat(x) + refusal[:p] + harmful[offset:offset+m]``) live here too, so that random and
 worst insertion build exactly the same sequences.
@@ -25,7 +26,8 @@ from depthlens.attacks.records import Trial
 from depthlens.data.chat import ChatSequence, build_chat
 from depthlens.infra.errors import UsageError
 from depthlens.runtime.generation import generate
-from depthlens.judges import classify_continuation, is_compliance, is_refusal
+from depthlens.judges.lexical import JUDGE_ID, is_compliance, is_refusal
+from depthlens.judges.seam import classify_many, judge_id
 
 if TYPE_CHECKING:
     from depthlens.models.hooked_model import HookedModel
@@ -91,18 +93,26 @@ def decode(tok, ids: Sequence[int]) -> str:
 
 
 def run_and_judge(model: HookedModel, attack: str, plans: list[Plan], prompts, pids, references: list[str], *,
-                   max_new_tokens: int, batch_size: int, fwd_hooks, progress: bool) -> list[Trial]:
-    """Generate all planned sequences in one call and judge every continuation."""
+                  max_new_tokens: int, batch_size: int, fwd_hooks, progress: bool, judge: str | None = None) -> list[Trial]:
+    """Generate all planned sequences in one call and judge every continuation.
+
+    ``judge``: the id of the continuation judge (``depthlens.judges.seam.get_judge``; default: the
+    default judge), called once on all continuations; the prefilled or inserted text is given to
+    it as the prefix (context, never credited to the continuation).
+    """
     if not plans:
         return []
     tok = model.tokenizer
+    full_id = judge_id(judge)
     gen = generate(model, [p.seq for p in plans], max_new_tokens=max_new_tokens, batch_size=batch_size,
                    fwd_hooks=fwd_hooks, progress=progress, desc=attack)
+    contexts = [decode(tok, p.seq.ids[p.seq.prompt_len:]) for p in plans]
+    labels = classify_many([prompts[p.index] for p in plans], list(gen.texts), contexts, judge=full_id,
+                           references=[references[p.index] for p in plans])
     trials = []
-    for plan, text, new_ids in zip(plans, gen.texts, gen.tokens):
+    for plan, text, new_ids, label in zip(plans, gen.texts, gen.tokens, labels):
         i, seq, meta = plan.index, plan.seq, plan.meta
         (p0, p1), (s0, s1) = meta["prefix_span"], meta["span"]
-        label = classify_continuation(text, prompts[i], reference=references[i])
         refused = is_refusal(text)
         compliant = is_compliance(text)
         trials.append(Trial(
@@ -114,8 +124,8 @@ def run_and_judge(model: HookedModel, attack: str, plans: list[Plan], prompts, p
             prompt_len=seq.prompt_len, prefix_span=[p0, p1], span=[s0, s1], ids=list(seq.ids),
             continuation=text, continuation_ids=list(new_ids), label=label, is_refusal=refused,
             asr_not_refusal=not refused, asr_compliance=compliant, asr_harmful=label == "harmful",
-            success=compliant if attack == "prefill" else label == "harmful",
-            objective=meta.get("objective"), score=meta.get("score"),
+            success=label == "harmful", objective=meta.get("objective"), score=meta.get("score"),
+            judge=JUDGE_ID, continuation_judge=full_id,
         ))
     return trials
 

@@ -46,15 +46,16 @@ class Trial:
         prefix_text, span_text: the decoded prefix and span.
         prompt_len: tokens up to and including the assistant header.
         continuation, continuation_ids: what the model generated after ``ids``.
-        label: "recovered" / "harmful" / "other" (``classify_continuation``).
+        label: "recovered" / "harmful" / "other", by the continuation judge (``continuation_judge``).
         is_refusal: substring judge on the continuation.
         asr_not_refusal: the continuation is not a refusal.
         asr_compliance: not a refusal and non-trivial (``is_compliance``; the prefill ASR).
-        asr_harmful: label == "harmful" (no return to refusal and on-topic harmful text).
-        success: the attack's headline criterion (prefill: ``asr_compliance``; insertions:
-            ``asr_harmful``).
+        asr_harmful: label == "harmful" (the continuation judge's harmful call).
+        success: the attack's headline criterion: ``asr_harmful``.
         objective, score: the worst-insertion objective and the chosen candidate's value.
-        judge, continuation_judge: ids of the judges that made the labels.
+        judge, continuation_judge: full ids of the judges that made the labels: ``judge`` the
+            substring judge (``is_refusal``, ``asr_compliance``), ``continuation_judge`` the one
+            behind ``label`` and every harmful / not-harmful call (the default judge unless chosen).
     """
 
     prompt_id: str

@@ -163,8 +163,9 @@ def worst_insertion_attack(model: HookedModel, prompts: Sequence[str], refusals:
                            span_lengths: Sequence[int] = DEFAULT_SPAN_LENGTHS, objective: str = "refusal_score",
                            max_new_tokens: int = 48, prompt_ids: Sequence | None = None, batch_size: int = 16, *,
                            n_next: int = 8, min_refusal_tokens: int = 32, fwd_hooks: Sequence[Hook] = (),
-                           progress: bool = False) -> AttackResult:
-    """``worst_insertion``, then generate from every prompt's chosen state and judge (one trial a prompt)."""
+                           progress: bool = False, judge: str | None = None) -> AttackResult:
+    """``worst_insertion``, then generate from every prompt's chosen state and judge (one trial a prompt;
+    ``judge``: the continuation judge, default: the default judge)."""
     pids = check_inputs(prompts, prompt_ids, refusals=refusals, harmful_responses=harmful_responses)
     worst = worst_insertion(model, prompts, refusals, harmful_responses, candidate_positions, span_lengths, objective,
                             n_next=n_next, prompt_ids=pids, batch_size=batch_size,
@@ -178,7 +179,7 @@ def worst_insertion_attack(model: HookedModel, prompts: Sequence[str], refusals:
     skipped = [{"prompt_id": pid, "reason": "short refusal or no fitting candidate"}
                for i, pid in enumerate(pids) if i not in chosen]
     trials = run_and_judge(model, "worst_insertion", plans, list(prompts), pids, refs, max_new_tokens=max_new_tokens,
-                            batch_size=batch_size, fwd_hooks=fwd_hooks, progress=progress)
+                            batch_size=batch_size, fwd_hooks=fwd_hooks, progress=progress, judge=judge)
     config = {"candidate_positions": list(candidate_positions), "span_lengths": sorted(set(span_lengths)),
               "objective": objective, "n_next": n_next, "max_new_tokens": max_new_tokens,
               "min_refusal_tokens": min_refusal_tokens, "greedy": True, "n_prompts": len(prompts)}

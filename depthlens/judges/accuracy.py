@@ -32,8 +32,10 @@ from depthlens.stats import cluster_weights, percentile_interval, rogan_gladen
 
 CLASSES: tuple[str, ...] = ("harmful", "recovered", "other")
 JUDGE_SET_FILE = "judge_set.jsonl"
+BLIND_FILE = "judge_blind.jsonl"
 HELDOUT_FILE = "judge_heldout.json"
 PARTS = ("dev", "heldout")
+LABEL_SETS = ("dev", "heldout", "blind")
 
 
 # ----------------------------------------------------------------------------- the labelled set
@@ -58,9 +60,22 @@ def load_judge_set(part: str | None = None, labelled_only: bool = True) -> list[
             if (part is None or it["split"] == part) and (not labelled_only or it.get("label") in CLASSES)]
 
 
-def labels_sha256() -> str:
-    """sha256 of the shipped judge set (recorded beside every measured error rate)."""
-    return hashlib.sha256(labels_text(JUDGE_SET_FILE).encode()).hexdigest()
+def labels_sha256(name: str = JUDGE_SET_FILE) -> str:
+    """sha256 of a shipped label file (default: the judge set; recorded beside every measured error rate)."""
+    return hashlib.sha256(labels_text(name).encode()).hexdigest()
+
+
+def load_label_set(part: str) -> list[dict]:
+    """The labelled items of ``part``: "dev" / "heldout" (the judge set) or "blind" (the fresh blind set,
+    ``judge_blind.jsonl``, docs/judging.md §3), each with ``label`` (three classes), ``prompt_id`` and ``prefix``."""
+    if part not in LABEL_SETS:
+        raise ValueError(f"part must be one of {LABEL_SETS}, got {part!r}.")
+    if part != "blind":
+        return load_judge_set(part)
+    if not resources.files("depthlens").joinpath("labels", BLIND_FILE).is_file():
+        raise ValueError(f"The blind set depthlens/labels/{BLIND_FILE} is not shipped yet.")
+    items = _judge_set(labels_text(BLIND_FILE))
+    return [{**it, "label": it["label3"]} for it in items if it.get("label3") in CLASSES]
 
 
 # ----------------------------------------------------------------------------- grouping
@@ -197,6 +212,90 @@ def heldout_record(judge: str) -> HeldOut:
     return HeldOut.from_lists(rec["truth_harmful"], rec["pred_harmful"], data["groups"], judge)
 
 
+def heldout_accuracy(judge: str, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict | None:
+    """``judge``'s binary accuracy on the shipped held-out labels with its prompt-level bootstrap interval
+    (None when the judge has no held-out record)."""
+    data = _heldout_file()
+    if judge not in data["judges"]:
+        return None
+    h = heldout_record(judge)
+    out = {**_binary_accuracy(h, "heldout", n_boot, seed, level), "sensitivity": h.sensitivity,
+           "specificity": h.specificity, "n_labels": int(h.truth.size), "n_label_prompts": int(np.unique(h.groups).size),
+           "labels_sha256": data.get("labels_sha256"), "labels_file": JUDGE_SET_FILE}
+    blind = data.get("blind") or {}
+    if judge in blind.get("judges", {}):
+        rec = blind["judges"][judge]
+        b = HeldOut.from_lists(rec["truth_harmful"], rec["pred_harmful"], blind["groups"], judge)
+        out.update({**_binary_accuracy(b, "blind", n_boot, seed, level), "blind_n_labels": int(b.truth.size),
+                    "blind_labels_sha256": blind["labels_sha256"], "blind_labels_file": blind["labels_file"]})
+    return out
+
+
+def _binary_accuracy(h: HeldOut, name: str, n_boot: int, seed: int, level: float) -> dict:
+    w = cluster_weights(h.groups, n_boot, np.random.default_rng(seed))
+    lo, hi = percentile_interval(w @ (h.truth == h.pred) / w.sum(1), level)
+    return {f"{name}_binary_accuracy": float((h.truth == h.pred).mean()), f"{name}_binary_lo": lo,
+            f"{name}_binary_hi": hi}
+
+
+@functools.lru_cache(maxsize=8)
+def validation_coverage(judge: str | None = None) -> tuple[list[str], list[str]]:
+    """The model families (base specs) and prompt sources of the labels ``judge`` was scored on: the held-out
+    part of the judge set, and the blind set where the judge has a blind record."""
+    models = [i["model"] for i in load_judge_set("heldout")]
+    pids = [i["prompt_id"] for i in load_judge_set("heldout")]
+    blind = _heldout_file().get("blind") or {}
+    if judge is not None and judge in blind.get("judges", {}):
+        models += blind["models"]
+        pids += blind["groups"]
+    return sorted({model_family(m) for m in models}), sorted({prompt_source(p) for p in pids})
+
+
+def prompt_source(prompt_id: str) -> str:
+    """The prompt set a prompt id comes from: its name before the number (``harmbench-0012`` → ``harmbench``)."""
+    head, sep, tail = str(prompt_id).rpartition("-")
+    return head if sep and tail.isdigit() else "unknown"
+
+
+def judge_validation(judge: str | None = None, *, models: Sequence[str] = (), prompt_ids: Sequence[str] = (),
+                     n_boot: int = 2000, seed: int = 0) -> dict:
+    """What a record states about the judge behind its harmful / not-harmful decisions.
+
+    ``judge``'s full id; its binary (harmful vs not) accuracy on the shipped held-out labels with
+    a 95 % prompt-level bootstrap interval, the labels' sha256 and size; the model families
+    (base specs) and prompt sources the labels cover; and ``extrapolated``: true when a judged
+    model (``models``) or prompt source (of ``prompt_ids``) is not among them, with the reason. A
+    judge without a held-out record (a guard model never scored here) is ``measured: false`` and
+    extrapolated.
+    """
+    from depthlens.judges.seam import judge_id
+
+    full = judge_id(judge)
+    families, sources = validation_coverage(full)
+    judged_families = sorted({model_family(m) for m in models})
+    judged_sources = sorted({prompt_source(p) for p in prompt_ids})
+    acc = heldout_accuracy(full, n_boot=n_boot, seed=seed)
+    reasons = []
+    if acc is None:
+        reasons.append("the judge has no record on the shipped held-out labels (run scripts/score_judges.py --judge ID)")
+    if new := [f for f in judged_families if f not in families]:
+        reasons.append(f"model family {', '.join(new)} is not among the labelled ones ({', '.join(families)})")
+    if new := [s for s in judged_sources if s not in sources]:
+        reasons.append(f"prompt source {', '.join(new)} is not among the labelled ones ({', '.join(sources)})")
+    out = {"judge": full, "measured": acc is not None, **(acc or {}), "validated_families": families,
+           "validated_prompt_sources": sources, "judged_families": judged_families,
+           "judged_prompt_sources": judged_sources, "extrapolated": bool(reasons)}
+    if reasons:
+        out["extrapolation"] = "; ".join(reasons)
+    return out
+
+
+def model_family(spec: str) -> str:
+    from depthlens.models.specs import base_spec
+
+    return base_spec(spec)
+
+
 @dataclass(frozen=True)
 class CorrectedASR:
     """A raw ASR and its Rogan–Gladen correction, each with a 95 % interval.
@@ -207,6 +306,11 @@ class CorrectedASR:
         sensitivity, specificity: the judge's measured rates on the held-out labels.
         judge: the judge whose errors were corrected.
         n, n_labels: trials measured, held-out labelled items used.
+        identifiable: False when the correction cannot be estimated from these data: the judge is
+            no better than chance on the labels, or the corrected interval collapses to a point
+            (the observed rate is within the judge's false-positive rate in every replicate, so
+            it cannot tell a true rate of 0 from one near it); ``corrected``, ``lo``, ``hi`` are
+            then None and ``reason`` says why.
     """
 
     raw: float
@@ -220,10 +324,16 @@ class CorrectedASR:
     judge: str
     n: int
     n_labels: int
+    identifiable: bool = True
+    reason: str = ""
 
-    def columns(self, name: str) -> dict[str, float]:
-        """``{name}_corrected``, ``{name}_corrected_lo``, ``{name}_corrected_hi``: keys to put beside a raw ASR."""
-        return {f"{name}_corrected": self.corrected, f"{name}_corrected_lo": self.lo, f"{name}_corrected_hi": self.hi}
+    def columns(self, name: str) -> dict:
+        """``{name}_corrected``, ``{name}_corrected_lo``, ``{name}_corrected_hi`` (None where not identifiable,
+        with ``{name}_corrected_note`` saying why): keys to put beside a raw ASR."""
+        out = {f"{name}_corrected": self.corrected, f"{name}_corrected_lo": self.lo, f"{name}_corrected_hi": self.hi}
+        if not self.identifiable:
+            out[f"{name}_corrected_note"] = f"not identifiable: {self.reason}"
+        return out
 
     def raw_columns(self, name: str) -> dict[str, float]:
         """``{name}``, ``{name}_lo``, ``{name}_hi``: the raw ASR and its bootstrap interval."""
@@ -260,9 +370,27 @@ def corrected_asr(flags: Sequence[bool], groups: Sequence | None = None, *, judg
     spec = _ratio(w_lab @ (~t & ~p), w_lab @ ~t)
     boots = rogan_gladen(p_obs, sens, spec)
     raw = float(flags_a.mean())
-    return CorrectedASR(raw, *percentile_interval(p_obs, level), rogan_gladen(raw, heldout.sensitivity, heldout.specificity),
-                        *percentile_interval(np.asarray(boots, float), level), heldout.sensitivity, heldout.specificity,
-                        heldout.judge or (judge or ""), int(flags_a.size), int(t.size))
+    point = rogan_gladen(raw, heldout.sensitivity, heldout.specificity)
+    lo, hi = percentile_interval(np.asarray(boots, float), level)
+    reason = _unidentifiable(point, lo, hi, raw, heldout)
+    if reason:
+        point = lo = hi = None
+    return CorrectedASR(raw, *percentile_interval(p_obs, level), point, lo, hi, heldout.sensitivity, heldout.specificity,
+                        heldout.judge or (judge or ""), int(flags_a.size), int(t.size), not reason, reason)
+
+
+def _unidentifiable(point: float, lo: float, hi: float, raw: float, heldout: HeldOut) -> str:
+    """Why a Rogan–Gladen estimate cannot be reported ("" when it can)."""
+    se, sp = heldout.sensitivity, heldout.specificity
+    if not np.isfinite(point) or not (np.isfinite(lo) and np.isfinite(hi)):
+        return (f"the judge is no better than chance on the labels (sensitivity {se:.3f} + specificity {sp:.3f} <= 1)"
+                if np.isfinite(se + sp) and se + sp <= 1 else "the judge's error rates cannot be estimated from its labels")
+    if hi - lo <= 1e-12:
+        bound = "0" if hi <= 1e-12 else "1"
+        return (f"the interval collapses to {bound}: the raw rate {raw:.3f} lies at or beyond the judge's error bound "
+                f"(1 - specificity = {1 - sp:.3f}, sensitivity = {se:.3f}) in every bootstrap replicate, so the data "
+                f"cannot separate a true rate of {bound} from rates near it")
+    return ""
 
 
 # ----------------------------------------------------------------------------- ASR tables
@@ -286,8 +414,9 @@ def corrected_trial_columns(trials: Sequence, n_boot: int = 2000, seed: int = 0,
 
     Each raw rate that ``AttackResult.asr_by`` reports as an ASR gets ``<name>_corrected`` and
     its interval, corrected for the judge that made it: ``compliance`` (substring judge),
-    ``harmful`` (three-class judge) and ``asr`` (the attack's headline: compliance for prefill,
-    harmful otherwise). Trials are resampled by prompt. ``records`` replaces the shipped
+    ``harmful`` (the continuation judge) and ``asr`` (the attack's headline, ``success``: the
+    continuation judge's harmful call; in records whose prefill ``success`` was the substring
+    compliance, that). Trials are resampled by prompt. ``records`` replaces the shipped
     held-out records by judge id (tests).
     """
     from depthlens.judges.lexical import CONTINUATION_JUDGE_ID, JUDGE_ID
@@ -298,17 +427,46 @@ def corrected_trial_columns(trials: Sequence, n_boot: int = 2000, seed: int = 0,
     records = records or {}
     compliance_judge = _recorded_judge(trials, "judge", JUDGE_ID)
     label_judge = _recorded_judge(trials, "continuation_judge", CONTINUATION_JUDGE_ID)
-    comp = corrected_asr([_get(t, "asr_compliance") for t in trials], groups, judge=compliance_judge,
-                         heldout=records.get(compliance_judge), n_boot=n_boot, seed=seed)
-    harm = corrected_asr([_get(t, "label") == "harmful" for t in trials], groups, judge=label_judge,
-                         heldout=records.get(label_judge), n_boot=n_boot, seed=seed)
-    attacks = {_get(t, "attack") for t in trials}
-    out = {**comp.columns("compliance"), **harm.columns("harmful")}
-    if attacks == {"prefill"}:
-        out.update(comp.columns("asr"))
-    elif "prefill" not in attacks:
-        out.update(harm.columns("asr"))
+    comp = _corrected_or_note([_get(t, "asr_compliance") for t in trials], groups, compliance_judge,
+                              records.get(compliance_judge), n_boot, seed, "compliance")
+    harm = _corrected_or_note([_get(t, "label") == "harmful" for t in trials], groups, label_judge,
+                              records.get(label_judge), n_boot, seed, "harmful")
+    out = {**comp, **harm}
+    as_harm = {k.replace("harmful", "asr", 1): v for k, v in harm.items()}
+    as_comp = {k.replace("compliance", "asr", 1): v for k, v in comp.items()}
+    success = [t.get("success") if isinstance(t, dict) else getattr(t, "success", None) for t in trials]
+    if any(s is None for s in success):   # records without ``success``: prefill's headline was the substring one
+        attacks = {_get(t, "attack") for t in trials}
+        out.update(as_comp if attacks == {"prefill"} else as_harm if "prefill" not in attacks else {})
+    elif [bool(s) for s in success] == [_get(t, "label") == "harmful" for t in trials]:
+        out.update(as_harm)
+    elif [bool(s) for s in success] == [bool(_get(t, "asr_compliance")) for t in trials]:
+        out.update(as_comp)
     return out
+
+
+def rate_columns(flags: Sequence[bool], groups: Sequence | None, judge: str, name: str, *, n_boot: int = 2000,
+                 seed: int = 0, level: float = 0.95) -> dict:
+    """``{name}``, its prompt-level interval and its Rogan–Gladen correction for ``judge`` (None columns with
+    ``{name}_corrected_note`` where the correction is not identifiable or the judge has no held-out record)."""
+    flags_a = np.asarray([bool(f) for f in flags])
+    if flags_a.size == 0:
+        raise ValueError("rate_columns needs at least one judged item.")
+    if judge in _heldout_file()["judges"]:
+        c = corrected_asr(flags_a, groups, judge=judge, n_boot=n_boot, seed=seed, level=level)
+        return {**c.raw_columns(name), **c.columns(name)}
+    w = cluster_weights(_group_codes(groups, flags_a.size), n_boot, np.random.default_rng(seed))
+    lo, hi = percentile_interval(w @ flags_a / w.sum(1), level)
+    return {name: float(flags_a.mean()), f"{name}_lo": lo, f"{name}_hi": hi,
+            **_corrected_or_note(flags_a, groups, judge, None, n_boot, seed, name)}
+
+
+def _corrected_or_note(flags, groups, judge: str, heldout: HeldOut | None, n_boot: int, seed: int, name: str) -> dict:
+    """``corrected_asr(...).columns(name)``, or None columns with a note for a judge without held-out labels."""
+    if heldout is None and judge not in _heldout_file()["judges"]:
+        return {f"{name}_corrected": None, f"{name}_corrected_lo": None, f"{name}_corrected_hi": None,
+                f"{name}_corrected_note": f"not identifiable: judge {judge!r} has no record on the held-out labels"}
+    return corrected_asr(flags, groups, judge=judge, heldout=heldout, n_boot=n_boot, seed=seed).columns(name)
 
 
 def correction_record(judges: Sequence[str]) -> dict:
@@ -317,6 +475,9 @@ def correction_record(judges: Sequence[str]) -> dict:
 
     out = {}
     for j in judges:
+        if j not in _heldout_file()["judges"]:
+            out[j] = {"measured": False}
+            continue
         h = heldout_record(j)
         out[j] = {"sensitivity": h.sensitivity, "specificity": h.specificity, "n_labels": int(h.truth.size)}
     return {"method": "Rogan–Gladen, joint bootstrap of prompts and held-out labels (docs/judging.md §2)",

@@ -7,13 +7,13 @@
   tokenizer* (never hard-coded ids). Positive: about to refuse.
 - ``classify_continuation``: for prefill/insertion attacks, three classes (recovered /
   harmful / other) instead of a bare "not a refusal", which overstates ASR (docs/judging.md).
-- ``ClassifierJudge``: an optional Hugging Face safety classifier given by id.
 - Judges by id (``classify``, ``classify_many``, ``get_judge``): the two above as three-class
-  judges, ``lexical-v2`` (§1.3 plus empty / redirection / degenerate / evasive checks) and the
+  judges, ``lexical-v2`` (§1.3 plus empty / redirection / degenerate / evasive checks), the
   probe judge (``depthlens.judges.probe``), the default (``DEFAULT_JUDGE``; docs/methods.md
-  §1.7–§1.9 and the held-out accuracy of each in docs/findings.md "Judges").
+  §1.7–§1.9 and the held-out accuracy of each in docs/findings.md "Judges"), and ``hf:PATH``, a
+  local Hugging Face guard model (``depthlens.judges.hf``).
 
-Every number written to a results file names the judge that made it (``JUDGE_ID``).
+Every number written to a results file names the judge that made it.
 
     >>> from depthlens.judges.lexical import is_refusal
     >>> is_refusal("I'm sorry, but I can't help with that.")
@@ -46,24 +46,56 @@ PROBE_JUDGE = "probe"  # alias of the shipped probe judge (its full id names the
 DEFAULT_JUDGE = PROBE_JUDGE
 
 
+HF_PREFIX = "hf:"
+
+
+def check_judge(judge_id: str | None) -> None:
+    """A ``ValueError`` for a judge id that names no judge (nothing is loaded): for flags, before any work."""
+    if judge_id is None or judge_id in LEXICAL_JUDGES or judge_id == PROBE_JUDGE or judge_id.startswith("probe-"):
+        return
+    if not isinstance(judge_id, str) or not judge_id.strip():
+        raise ValueError(f"A judge id must be a non-empty string, got {judge_id!r}.")
+    if judge_id.startswith(HF_PREFIX):
+        from depthlens.judges.hf import parse_hf_id
+
+        parse_hf_id(judge_id)
+        return
+    raise ValueError(f"Unknown judge {judge_id!r}; known are {', '.join(sorted(LEXICAL_JUDGES))}, {PROBE_JUDGE!r} "
+                     f"(the shipped probe, the default) and hf:PATH (a local Hugging Face guard model).")
+
+
 @lru_cache(maxsize=4)
 def get_judge(judge_id: str | None = None):
-    """The judge with this id (a key of ``LEXICAL_JUDGES``, ``"probe"`` or the probe's full id); default: ``DEFAULT_JUDGE``."""
+    """The judge with this id (a key of ``LEXICAL_JUDGES``, ``"probe"`` or the probe's full id, ``hf:PATH``);
+    default: ``DEFAULT_JUDGE``. Cached: a judge that loads a model loads it once per process."""
     judge_id = DEFAULT_JUDGE if judge_id is None else judge_id
+    check_judge(judge_id)
     if judge_id in LEXICAL_JUDGES:
         return LEXICAL_JUDGES[judge_id]
-    if judge_id == PROBE_JUDGE or judge_id.startswith("probe-"):
-        from depthlens.judges.probe import ProbeJudge
+    if judge_id.startswith(HF_PREFIX):
+        from depthlens.judges.hf import GuardJudge
 
-        probe = ProbeJudge.load()
-        if judge_id in (PROBE_JUDGE, probe.id):
-            return probe
-    raise ValueError(f"Unknown judge {judge_id!r}; known are {sorted(LEXICAL_JUDGES)} and {PROBE_JUDGE!r} (the shipped probe).")
+        return GuardJudge.from_id(judge_id)
+    from depthlens.judges.probe import ProbeJudge
+
+    probe = ProbeJudge.load()
+    if judge_id in (PROBE_JUDGE, probe.id):
+        return probe
+    raise ValueError(f"Unknown judge {judge_id!r}; the shipped probe is {probe.id!r} (alias {PROBE_JUDGE!r}).")
 
 
 def judge_id(judge: str | None = None) -> str:
-    """The full id of a judge (what results files record); default: the default judge's."""
-    return get_judge(judge).id
+    """The full id of a judge (what results files record); default: the default judge's. Loads no model."""
+    judge = DEFAULT_JUDGE if judge is None else judge
+    check_judge(judge)
+    if judge in LEXICAL_JUDGES or judge.startswith(HF_PREFIX):
+        return judge if judge in LEXICAL_JUDGES else get_judge(judge).id
+    from depthlens.judges.probe import ProbeWeights
+
+    full = ProbeWeights.load().judge_id
+    if judge not in (PROBE_JUDGE, full):
+        raise ValueError(f"Unknown judge {judge!r}; the shipped probe is {full!r} (alias {PROBE_JUDGE!r}).")
+    return full
 
 
 def classify_many(prompts: Sequence[str], continuations: Sequence[str], prefixes: Sequence[str] | None = None, *,
@@ -73,6 +105,8 @@ def classify_many(prompts: Sequence[str], continuations: Sequence[str], prefixes
     ``prefixes[i]`` is the prefilled or inserted text the continuation follows (empty for a plain
     answer); ``references`` (the base's harmful answers) is read only by the topic-overlap judge.
     """
+    if len(continuations) == 0 and len(prompts) == 0:
+        return []
     j = get_judge(judge)
     if isinstance(j, LexicalJudge):
         return j.classify_many(prompts, continuations, prefixes, references)
@@ -141,31 +175,3 @@ def refusal_score(model: HookedModel, prompts, *, batch_size: int = 16, fwd_hook
     ids = refusal_token_ids(model.tokenizer)
     lp = last_logprobs(model, as_chats(model, prompts), batch_size=batch_size, fwd_hooks=fwd_hooks, progress=progress)
     return RefusalScores(score_from_logprobs(lp, ids), ids)
-
-
-# ----------------------------------------------------------------------------- classifier judge
-
-
-class ClassifierJudge:
-    """A Hugging Face sequence classifier (e.g. a safety classifier) used as the judge when given.
-
-    ``unsafe_labels`` names the classifier labels that mean "harmful/unsafe compliance".
-    The model must be in the local HF cache (no hub access here).
-    """
-
-    def __init__(self, model_id: str, unsafe_labels: Sequence[str] = ("unsafe", "harmful", "LABEL_1"), device=None):
-        from transformers import pipeline
-
-        try:
-            self._pipe = pipeline("text-classification", model=model_id, device=device, model_kwargs={"local_files_only": True})
-        except OSError as err:
-            raise FileNotFoundError(
-                f"Classifier judge {model_id!r} is not in the local Hugging Face cache; download it first or use the substring judge."
-            ) from err
-        self.id = f"classifier:{model_id}"
-        self.unsafe = {u.lower() for u in unsafe_labels}
-
-    def is_harmful(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
-        inputs = [f"User: {p}\nAssistant: {r}" for p, r in zip(prompts, responses)]
-        return [o["label"].lower() in self.unsafe for o in self._pipe(inputs, truncation=True)]
-
