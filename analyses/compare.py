@@ -62,7 +62,7 @@ from depthlens.data import default_splits
 from depthlens.infra.errors import UsageError
 from depthlens.runtime.generation import generate
 from depthlens.attacks.battery import insertion_targets  # noqa: F401  (compare's insertion targets live there, shared)
-from depthlens.judges import CONTINUATION_JUDGE_ID, JUDGE_ID, is_refusal, refusal_score
+from depthlens.judges import JUDGE_ID, is_refusal, refusal_score
 from depthlens.judges.accuracy import corrected_trial_columns, correction_record
 from depthlens.models.specs import reference_spec
 from depthlens.interventions.perturbation import perturb

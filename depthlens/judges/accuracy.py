@@ -72,7 +72,7 @@ def load_label_set(part: str) -> list[dict]:
         raise ValueError(f"part must be one of {LABEL_SETS}, got {part!r}.")
     if part != "blind":
         return load_judge_set(part)
-    if not resources.files("depthlens").joinpath("labels", BLIND_FILE).is_file():
+    if not resources.files("depthlens").joinpath("labels").joinpath(BLIND_FILE).is_file():
         raise ValueError(f"The blind set depthlens/labels/{BLIND_FILE} is not shipped yet.")
     items = _judge_set(labels_text(BLIND_FILE))
     return [{**it, "label": it["label3"]} for it in items if it.get("label3") in CLASSES]
@@ -330,7 +330,8 @@ class CorrectedASR:
     def columns(self, name: str) -> dict:
         """``{name}_corrected``, ``{name}_corrected_lo``, ``{name}_corrected_hi`` (None where not identifiable,
         with ``{name}_corrected_note`` saying why): keys to put beside a raw ASR."""
-        out = {f"{name}_corrected": self.corrected, f"{name}_corrected_lo": self.lo, f"{name}_corrected_hi": self.hi}
+        out: dict[str, float | str | None] = {f"{name}_corrected": self.corrected, f"{name}_corrected_lo": self.lo,
+                                              f"{name}_corrected_hi": self.hi}
         if not self.identifiable:
             out[f"{name}_corrected_note"] = f"not identifiable: {self.reason}"
         return out
@@ -340,7 +341,7 @@ class CorrectedASR:
         return {name: self.raw, f"{name}_lo": self.raw_lo, f"{name}_hi": self.raw_hi}
 
 
-def corrected_asr(flags: Sequence[bool], groups: Sequence | None = None, *, judge: str | None = None,
+def corrected_asr(flags: Sequence[bool] | np.ndarray, groups: Sequence | None = None, *, judge: str | None = None,
                   heldout: HeldOut | None = None, n_boot: int = 2000, seed: int = 0,
                   level: float = 0.95) -> CorrectedASR:
     """Rogan–Gladen-corrected ASR of ``flags`` (one "judged harmful" bool per trial) for the judge that made them.
@@ -473,7 +474,7 @@ def correction_record(judges: Sequence[str]) -> dict:
     """What results files record about a correction: each judge's measured rates, the labels' hash, the default judge."""
     from depthlens.judges.seam import judge_id
 
-    out = {}
+    out: dict[str, dict] = {}
     for j in judges:
         if j not in _heldout_file()["judges"]:
             out[j] = {"measured": False}
