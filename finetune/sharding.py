@@ -39,9 +39,11 @@ LoRA (and QLoRA) runs train a few million adapter weights and stay data-parallel
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import pickle
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -200,7 +202,6 @@ class ShardedCheckpoints:
 
     def load(self) -> bool:
         """Restore the latest complete checkpoint, if any; whether one was found."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         found = self._complete()
@@ -208,7 +209,7 @@ class ShardedCheckpoints:
         if not found:
             return False
         states = self._states()
-        dcp.load(states, checkpoint_id=str(found[-1] / "dcp"))
+        load_sharded(states, found[-1] / "dcp")
         set_model_state_dict(self.run.path, states["model"])
         set_optimizer_state_dict(self.run.path, self.optimizer, states["optim"])
         loop = json.loads((found[-1] / "loop.json").read_text())
@@ -222,3 +223,61 @@ class ShardedCheckpoints:
         if self.run.accelerator.is_main_process and self.root.exists():
             shutil.rmtree(self.root, ignore_errors=True)
         self._barrier()
+
+
+# What DCP's ``.metadata`` pickle may name: its own metadata classes, torch sizes, dtypes and
+# layouts, and paths. Anything else (``os.system``, ``builtins.eval`` …) is refused, because a
+# checkpoint folder may sit in a cache other users can write.
+_METADATA_GLOBALS = {
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: Path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise UsageError(f"{self.path}: a sharded checkpoint's metadata names {module}.{name}, which depthlens never "
+                         "writes there; refusing to unpickle it (delete the folder to train from the start).")
+
+
+def load_sharded(states: dict, folder: Path) -> None:
+    """``dcp.load(states, folder)`` without running code from the folder: the metadata is unpickled
+    against an allow-list of DCP's own classes and non-tensor values load with ``weights_only=True``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import default_planner as dp
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    def read() -> object:
+        path = Path(folder) / ".metadata"
+        with open(path, "rb") as f:
+            return _MetadataUnpickler(f, path).load()
+
+    read()  # refused here, in one sentence, before DCP would wrap the error in its own
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata = read()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(dp.DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                dp.set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    dcp.load(states, storage_reader=Reader(str(folder)), planner=Planner())
