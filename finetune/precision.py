@@ -16,9 +16,9 @@ non-reentrant ``torch.utils.checkpoint`` around each block's ``forward``, inside
 hooks, so FSDP2's all-gather hooks run once): a block keeps only its input for the backward
 pass and recomputes the rest, the same gradients (tested to 1e-6) for about one more forward.
 
-    >>> masters = MasterWeights(params)        # fp32 copies in place of bf16 weights
-    >>> with compute_context(masters.compute_dtype, model.device): loss = ...
-    >>> masters.restore()                      # trained weights back in bf16
+    >>> masters = MasterWeights(params)        # fp32 copies in place of bf16 weights  # a fragment of the training loop  # doctest: +SKIP
+    >>> with compute_context(masters.compute_dtype, model.device): loss = ...  # a fragment of the training loop  # doctest: +SKIP
+    >>> masters.restore()                      # trained weights back in bf16  # a fragment of the training loop  # doctest: +SKIP
 """
 
 from __future__ import annotations

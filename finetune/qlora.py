@@ -17,9 +17,9 @@ adapter was trained against the NF4 weights, so the merged model differs from th
 the adapter saw by the quantization error of the base (the same convention as merging a
 QLoRA adapter into its bf16 base). It runs on CPU (bitsandbytes ships a CPU library) and CUDA.
 
-    >>> base = QuantizedBase(model, torch.float32, workdir)   # model.plain()'s block linears in NF4
-    >>> peft_model = lora.attach(model, settings, seed, module=base.module)
-    >>> base.finish(peft_model, done=True)                    # originals back + the merged update
+    >>> base = QuantizedBase(model, torch.float32, workdir)   # model.plain()'s block linears in NF4  # a fragment of the LoRA path of the training loop  # doctest: +SKIP
+    >>> peft_model = lora.attach(model, settings, seed, module=base.module)  # a fragment of the LoRA path of the training loop  # doctest: +SKIP
+    >>> base.finish(peft_model, done=True)                    # originals back + the merged update  # a fragment of the LoRA path of the training loop  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -32,9 +32,9 @@ is sharded is the training state (fp32 masters, gradients, AdamW moments).
 LoRA (and QLoRA) runs train a few million adapter weights and stay data-parallel
 (``configs/accelerate/ddp.yaml``); under ``--fsdp`` they are refused in one sentence.
 
-    >>> run = ShardedRun(model, accelerator, compute_dtype=None)
-    >>> params = run.shard(params)          # the sharded trainable parameters, for the optimizer
-    >>> run.finish()                        # full weights back in model.hf
+    >>> run = ShardedRun(model, accelerator, compute_dtype=None)  # a fragment of a torchrun-launched training loop  # doctest: +SKIP
+    >>> params = run.shard(params)          # the sharded trainable parameters, for the optimizer  # a fragment of a torchrun-launched training loop  # doctest: +SKIP
+    >>> run.finish()                        # full weights back in model.hf  # a fragment of a torchrun-launched training loop  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -238,14 +238,26 @@ def _check_tensors(path: Path, config: dict, weights: list[Path]) -> None:
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as err:
         raise UsageError(f"{str(path / 'config.json')!r} does not describe a model transformers can build "
                          f"({type(err).__name__}: {str(err).splitlines()[0][:160]}).") from None
+    headers = {}
     for file in weights:
         with open(file, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
+            headers[file] = json.loads(fh.read(n))
+    # transformers writes some tensors under their legacy names (GPT-NeoX's head is ``lm_head`` in
+    # the model, ``embed_out`` on disk): a file tensor the model lacks stands for a model tensor the
+    # files lack when their shapes and last name parts agree
+    on_disk = {name for header in headers.values() for name in header if name != "__metadata__"}
+    absent = [k for k in shapes if k not in on_disk]
+    for file, header in headers.items():
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
             if name not in shapes:
+                twin = next((k for k in absent if shapes[k] == tuple(entry.get("shape", ()))
+                             and k.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]), None)
+                if twin is not None:
+                    absent.remove(twin)
+                    continue
                 raise UsageError(f"{str(file)!r} holds tensor {name!r}, which the model of config.json does not have; "
                                  "the weights and the config come from different models.")
             if tuple(entry.get("shape", ())) != shapes[name]:
